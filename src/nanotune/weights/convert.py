@@ -1,0 +1,265 @@
+"""Key-name and config maps between Hugging Face checkpoints and nanotune's decoder.
+
+nanotune fuses q/k/v into `attn.qkv` and (for SwiGLU) gate/up into `mlp.fc` for both families;
+these maps split and join them. GPT-2's Conv1D stores weights as [in, out]: transposed here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from nanotune.errors import NanotuneError
+from nanotune.models.config import ModelConfig
+
+GPT2_CONV1D = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+
+
+def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> ModelConfig:
+    """ModelConfig from a Hugging Face config.json dict (GPT-2 or Llama architecture)."""
+    model_type = hf.get("model_type")
+    if model_type == "gpt2":
+        return ModelConfig(
+            family="gpt2",
+            vocab_size=hf["vocab_size"],
+            block_size=hf.get("n_positions", 1024),
+            n_layer=hf["n_layer"],
+            n_head=hf["n_head"],
+            n_embd=hf["n_embd"],
+            intermediate_size=hf.get("n_inner"),
+            norm="layernorm",
+            norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+            positions="learned",
+            mlp="gelu",
+            attn_bias=True,
+            mlp_bias=True,
+            tie_embeddings=hf.get("tie_word_embeddings", True),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=hf.get("eos_token_id"),
+        )
+    if model_type == "llama":
+        if hf.get("hidden_act", "silu") != "silu":
+            raise NanotuneError(f"{where}: hidden_act {hf['hidden_act']!r} is not supported (only silu)")
+        eos = hf.get("eos_token_id")
+        return ModelConfig(
+            family="llama",
+            vocab_size=hf["vocab_size"],
+            block_size=hf.get("max_position_embeddings", 2048),
+            n_layer=hf["num_hidden_layers"],
+            n_head=hf["num_attention_heads"],
+            n_kv_head=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+            n_embd=hf["hidden_size"],
+            head_dim=hf.get("head_dim"),
+            intermediate_size=hf["intermediate_size"],
+            norm="rmsnorm",
+            norm_eps=hf.get("rms_norm_eps", 1e-6),
+            positions="rope",
+            rope_theta=hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
+            rope_scaling=_rope_scaling(hf),
+            mlp="swiglu",
+            attn_bias=hf.get("attention_bias", False),
+            mlp_bias=hf.get("mlp_bias", False),
+            tie_embeddings=hf.get("tie_word_embeddings", False),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=eos[0] if isinstance(eos, list) else eos,
+        )
+    raise NanotuneError(
+        f"{where}: model_type {model_type!r} is not supported; nanotune loads GPT-2 and "
+        "Llama-architecture checkpoints (model_type 'gpt2' or 'llama')"
+    )
+
+
+def _rope_scaling(hf: dict[str, Any]) -> dict[str, Any] | None:
+    scaling = hf.get("rope_scaling") or hf.get("rope_parameters")
+    if not scaling:
+        return None
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind in (None, "default"):
+        return None
+    return {k: v for k, v in scaling.items() if k != "rope_theta"}
+
+
+def config_to_hf(config: ModelConfig) -> dict[str, Any]:
+    """A config.json dict that transformers' AutoConfig reads back to the same architecture."""
+    if config.family == "gpt2":
+        return {
+            "architectures": ["GPT2LMHeadModel"],
+            "model_type": "gpt2",
+            "vocab_size": config.vocab_size,
+            "n_positions": config.block_size,
+            "n_ctx": config.block_size,
+            "n_layer": config.n_layer,
+            "n_head": config.n_head,
+            "n_embd": config.n_embd,
+            "n_inner": config.intermediate_size,
+            "activation_function": "gelu_new",
+            "layer_norm_epsilon": config.norm_eps,
+            "resid_pdrop": config.dropout,
+            "embd_pdrop": config.dropout,
+            "attn_pdrop": config.dropout,
+            "tie_word_embeddings": config.tie_embeddings,
+            "bos_token_id": config.bos_token_id,
+            "eos_token_id": config.eos_token_id,
+            "torch_dtype": "float32",
+        }
+    hf = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": config.vocab_size,
+        "max_position_embeddings": config.block_size,
+        "num_hidden_layers": config.n_layer,
+        "num_attention_heads": config.n_head,
+        "num_key_value_heads": config.kv_heads,
+        "hidden_size": config.n_embd,
+        "head_dim": config.hd,
+        "intermediate_size": config.ffn,
+        "hidden_act": "silu",
+        "rms_norm_eps": config.norm_eps,
+        "rope_theta": config.rope_theta,
+        "attention_bias": config.attn_bias,
+        "mlp_bias": config.mlp_bias,
+        "tie_word_embeddings": config.tie_embeddings,
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": config.eos_token_id,
+        "attention_dropout": config.dropout,
+        "torch_dtype": "float32",
+    }
+    if config.rope_scaling:
+        hf["rope_scaling"] = dict(config.rope_scaling)
+    return hf
+
+
+def _strip_prefix(sd: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in sd.items()}
+
+
+def from_hf(sd: dict[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
+    """Hugging Face state dict (any of the usual prefixes) -> nanotune state dict."""
+    out: dict[str, Tensor] = {}
+    if config.family == "gpt2":
+        sd = _strip_prefix(sd, "transformer.")
+        take = _taker(sd)
+        out["wte.weight"] = take("wte.weight")
+        out["wpe.weight"] = take("wpe.weight")
+        for i in range(config.n_layer):
+            p, q = f"h.{i}.", f"blocks.{i}."
+            for hf_norm, norm in (("ln_1", "norm1"), ("ln_2", "norm2")):
+                out[q + norm + ".weight"] = take(p + hf_norm + ".weight")
+                out[q + norm + ".bias"] = take(p + hf_norm + ".bias")
+            for hf_lin, lin in (("attn.c_attn", "attn.qkv"), ("attn.c_proj", "attn.proj"),
+                                ("mlp.c_fc", "mlp.fc"), ("mlp.c_proj", "mlp.proj")):
+                out[q + lin + ".weight"] = take(p + hf_lin + ".weight").t().contiguous()
+                out[q + lin + ".bias"] = take(p + hf_lin + ".bias")
+        out["norm.weight"] = take("ln_f.weight")
+        out["norm.bias"] = take("ln_f.bias")
+        out["lm_head.weight"] = out["wte.weight"] if config.tie_embeddings else take("lm_head.weight")
+        return out
+
+    sd = _strip_prefix(sd, "model.")
+    take = _taker(sd)
+    out["wte.weight"] = take("embed_tokens.weight")
+    for i in range(config.n_layer):
+        p, q = f"layers.{i}.", f"blocks.{i}."
+        out[q + "norm1.weight"] = take(p + "input_layernorm.weight")
+        out[q + "norm2.weight"] = take(p + "post_attention_layernorm.weight")
+        a = p + "self_attn."
+        out[q + "attn.qkv.weight"] = torch.cat([take(a + f"{n}_proj.weight") for n in "qkv"])
+        out[q + "attn.proj.weight"] = take(a + "o_proj.weight")
+        if config.attn_bias:
+            out[q + "attn.qkv.bias"] = torch.cat([take(a + f"{n}_proj.bias") for n in "qkv"])
+            out[q + "attn.proj.bias"] = take(a + "o_proj.bias")
+        m = p + "mlp."
+        out[q + "mlp.fc.weight"] = torch.cat([take(m + "gate_proj.weight"), take(m + "up_proj.weight")])
+        out[q + "mlp.proj.weight"] = take(m + "down_proj.weight")
+        if config.mlp_bias:
+            out[q + "mlp.fc.bias"] = torch.cat([take(m + "gate_proj.bias"), take(m + "up_proj.bias")])
+            out[q + "mlp.proj.bias"] = take(m + "down_proj.bias")
+    out["norm.weight"] = take("norm.weight")
+    out["lm_head.weight"] = out["wte.weight"] if config.tie_embeddings else take("lm_head.weight")
+    return out
+
+
+def _taker(sd: dict[str, Tensor]):
+    def take(key: str) -> Tensor:
+        if key not in sd:
+            raise NanotuneError(
+                f"checkpoint is missing tensor {key!r}; is the file complete and of the architecture "
+                "its config.json names?"
+            )
+        return sd[key]
+
+    return take
+
+
+def to_hf(sd: dict[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
+    """nanotune state dict -> Hugging Face state dict (GPT2LMHeadModel / LlamaForCausalLM names)."""
+    out: dict[str, Tensor] = {}
+    if config.family == "gpt2":
+        out["transformer.wte.weight"] = sd["wte.weight"]
+        out["transformer.wpe.weight"] = sd["wpe.weight"]
+        for i in range(config.n_layer):
+            p, q = f"transformer.h.{i}.", f"blocks.{i}."
+            for hf_norm, norm in (("ln_1", "norm1"), ("ln_2", "norm2")):
+                out[p + hf_norm + ".weight"] = sd[q + norm + ".weight"]
+                out[p + hf_norm + ".bias"] = sd[q + norm + ".bias"]
+            for hf_lin, lin in (("attn.c_attn", "attn.qkv"), ("attn.c_proj", "attn.proj"),
+                                ("mlp.c_fc", "mlp.fc"), ("mlp.c_proj", "mlp.proj")):
+                out[p + hf_lin + ".weight"] = sd[q + lin + ".weight"].t().contiguous()
+                out[p + hf_lin + ".bias"] = sd[q + lin + ".bias"]
+        out["transformer.ln_f.weight"] = sd["norm.weight"]
+        out["transformer.ln_f.bias"] = sd["norm.bias"]
+        if not config.tie_embeddings:
+            out["lm_head.weight"] = sd["lm_head.weight"]
+        return out
+
+    out["model.embed_tokens.weight"] = sd["wte.weight"]
+    qkv = [s[1] - s[0] for s in config.qkv_slices.values()]
+    for i in range(config.n_layer):
+        p, q = f"model.layers.{i}.", f"blocks.{i}."
+        out[p + "input_layernorm.weight"] = sd[q + "norm1.weight"]
+        out[p + "post_attention_layernorm.weight"] = sd[q + "norm2.weight"]
+        for name, w in zip("qkv", sd[q + "attn.qkv.weight"].split(qkv)):
+            out[p + f"self_attn.{name}_proj.weight"] = w.contiguous()
+        out[p + "self_attn.o_proj.weight"] = sd[q + "attn.proj.weight"]
+        if config.attn_bias:
+            for name, b in zip("qkv", sd[q + "attn.qkv.bias"].split(qkv)):
+                out[p + f"self_attn.{name}_proj.bias"] = b.contiguous()
+            out[p + "self_attn.o_proj.bias"] = sd[q + "attn.proj.bias"]
+        gate, up = sd[q + "mlp.fc.weight"].chunk(2)
+        out[p + "mlp.gate_proj.weight"] = gate.contiguous()
+        out[p + "mlp.up_proj.weight"] = up.contiguous()
+        out[p + "mlp.down_proj.weight"] = sd[q + "mlp.proj.weight"]
+        if config.mlp_bias:
+            gb, ub = sd[q + "mlp.fc.bias"].chunk(2)
+            out[p + "mlp.gate_proj.bias"] = gb.contiguous()
+            out[p + "mlp.up_proj.bias"] = ub.contiguous()
+            out[p + "mlp.down_proj.bias"] = sd[q + "mlp.proj.bias"]
+    out["model.norm.weight"] = sd["norm.weight"]
+    if not config.tie_embeddings:
+        out["lm_head.weight"] = sd["lm_head.weight"]
+    return out
+
+
+# Where each Hugging Face module name lives in nanotune: (module path, slice name or None).
+# Used by LoRA targets and the PEFT adapter format.
+HF_MODULES: dict[str, dict[str, tuple[str, str | None]]] = {
+    "gpt2": {
+        "attn.c_attn": ("attn.qkv", None),
+        "attn.c_proj": ("attn.proj", None),
+        "mlp.c_fc": ("mlp.fc", None),
+        "mlp.c_proj": ("mlp.proj", None),
+    },
+    "llama": {
+        "self_attn.q_proj": ("attn.qkv", "q"),
+        "self_attn.k_proj": ("attn.qkv", "k"),
+        "self_attn.v_proj": ("attn.qkv", "v"),
+        "self_attn.o_proj": ("attn.proj", None),
+        "mlp.gate_proj": ("mlp.fc", "gate"),
+        "mlp.up_proj": ("mlp.fc", "up"),
+        "mlp.down_proj": ("mlp.proj", None),
+    },
+}
+
+HF_BLOCK_PREFIX = {"gpt2": "transformer.h.{i}.", "llama": "model.layers.{i}."}
