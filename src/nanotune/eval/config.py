@@ -1,0 +1,83 @@
+"""EvalConfig: what to measure, on which split, and how to generate."""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+
+from nanotune.errors import NanotuneError
+
+# Metric name -> what it needs. LM metrics read batches, generation metrics read model outputs.
+METRICS = {
+    "perplexity": "LM batches: loss and perplexity on the supervised tokens",
+    "accuracy": "classification: accuracy, macro-F1, per-class precision/recall/F1, confusion",
+    "exact_match": "generation: the generation equals the reference (whitespace-trimmed)",
+    "squad": "generation: SQuAD exact match and token F1 (official normalisation)",
+    "tag_f1": "generation: comma-separated tag-set precision/recall/F1 (micro and macro)",
+    "reward": "generation: mean score of a Hugging Face reward model (needs reward_model)",
+}
+GENERATION_METRICS = ("exact_match", "squad", "tag_f1", "reward")
+
+
+@dataclass
+class EvalConfig:
+    """How a model is evaluated (the `eval:` section of a recipe).
+
+    metrics: names from `METRICS` (perplexity, accuracy, exact_match, squad, tag_f1, reward).
+    split: which data split to evaluate on.
+    max_examples: evaluate at most this many examples (None: the whole split).
+    batch_size: examples per forward pass (and per generation batch).
+    max_new_tokens: generation budget per example for the generation metrics.
+    greedy: decode greedily; when False, sample at `temperature` with `seed`.
+    temperature: sampling temperature when not greedy.
+    seed: sampling seed when not greedy (reproducible generations).
+    num_samples: how many (prompt, reference, generations) samples to keep for the report.
+    reward_model: Hugging Face id or local folder of a sequence-classification reward model,
+        required by the `reward` metric.
+    """
+
+    metrics: list[str] = field(default_factory=lambda: ["perplexity"])
+    split: str = "validation"
+    max_examples: int | None = 200
+    batch_size: int = 8
+    max_new_tokens: int = 64
+    greedy: bool = True
+    temperature: float = 0.7
+    seed: int = 0
+    num_samples: int = 5
+    reward_model: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.metrics, str):
+            self.metrics = [self.metrics]
+        for name in self.metrics:
+            if name not in METRICS:
+                close = difflib.get_close_matches(name, METRICS, n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                raise NanotuneError(
+                    f"eval.metrics: unknown metric {name!r}; {hint}valid: {', '.join(METRICS)}"
+                )
+        if not self.metrics:
+            raise NanotuneError(f"eval.metrics: empty; choose from {', '.join(METRICS)}")
+        if self.max_examples is not None and self.max_examples < 1:
+            raise NanotuneError(
+                f"eval.max_examples: {self.max_examples} must be ≥ 1 (or null for all)"
+            )
+        for name in ("batch_size", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise NanotuneError(f"eval.{name}: {getattr(self, name)} must be ≥ 1")
+        if self.num_samples < 0:
+            raise NanotuneError(f"eval.num_samples: {self.num_samples} must be ≥ 0")
+        if not self.greedy and self.temperature <= 0:
+            raise NanotuneError(
+                f"eval.temperature: {self.temperature} must be > 0 when greedy is false"
+            )
+        if "reward" in self.metrics and not self.reward_model:
+            raise NanotuneError(
+                "eval.reward_model: the 'reward' metric needs a reward model "
+                "(a Hugging Face id or a local folder)"
+            )
+
+    @property
+    def generation_metrics(self) -> list[str]:
+        return [m for m in self.metrics if m in GENERATION_METRICS]
