@@ -1,0 +1,287 @@
+"""Text generation: batched left-padded prompts, a KV cache, sampling, stop rules and streaming.
+
+Works on any `Transformer` and any tokenizer with the `nanotune.tokenizer.Tokenizer` interface
+(`encode`, `decode`, `eos_id`, `pad_id`, `special_tokens`, `chat_template`,
+`apply_chat_template`).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from nanotune.errors import NanotuneError
+from nanotune.models.transformer import Transformer
+
+# Special tokens that close a chat turn in the common templates (ChatML, Llama 3, Phi, Gemma).
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """How to pick tokens and when to stop. temperature 0 means greedy decoding.
+
+    top_k 0 and top_p 1.0 disable those filters; repetition_penalty follows Hugging Face
+    (divide positive logits, multiply negative ones, of tokens already in prompt or output).
+    stop_token_ids None means the tokenizer's eos plus its chat end-of-turn token.
+    """
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] | None = None
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise NanotuneError(f"max_new_tokens={self.max_new_tokens} must be at least 1")
+        if self.temperature < 0:
+            raise NanotuneError(f"temperature={self.temperature} must be >= 0 (0 = greedy)")
+        if self.top_k < 0:
+            raise NanotuneError(f"top_k={self.top_k} must be >= 0 (0 = no top-k filter)")
+        if not 0 < self.top_p <= 1:
+            raise NanotuneError(f"top_p={self.top_p} must be in (0, 1] (1 = no nucleus filter)")
+        if self.repetition_penalty <= 0:
+            raise NanotuneError(
+                f"repetition_penalty={self.repetition_penalty} must be > 0 (1 = no penalty)"
+            )
+        if any(not s for s in self.stop):
+            raise NanotuneError("stop strings must not be empty")
+        # Accept lists from callers and keep the dataclass hashable.
+        object.__setattr__(self, "stop", tuple(self.stop))
+        if self.stop_token_ids is not None:
+            object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+
+
+def default_stop_ids(tokenizer: Any) -> list[int]:
+    """The tokenizer's eos and, when it has a chat template, its end-of-turn token."""
+    ids = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
+    if getattr(tokenizer, "chat_template", None):
+        special = tokenizer.special_tokens
+        ids += [special[t] for t in END_OF_TURN_TOKENS if t in special and special[t] not in ids]
+    return ids
+
+
+def chat_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+    """The prompt text for `messages` ({"role", "content"} dicts), ready for the reply."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise NanotuneError(
+            "this model's tokenizer has no chat template; use a plain prompt (--prompt) or a "
+            "chat model such as smollm2-135m-instruct"
+        )
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+
+
+def generate(
+    model: Transformer,
+    tokenizer: Any,
+    prompts: Sequence[str] | Sequence[Sequence[int]],
+    config: GenerationConfig | None = None,
+) -> list[str]:
+    """Completions (without the prompt) for a batch of prompts, as text, stop strings trimmed."""
+    config = config or GenerationConfig()
+    outs = generate_ids(model, [_encode(tokenizer, p) for p in prompts], config, tokenizer)
+    return [_trim(_decode(tokenizer, ids), config.stop) for ids in outs]
+
+
+def generate_ids(
+    model: Transformer,
+    prompts: Sequence[Sequence[int]],
+    config: GenerationConfig | None = None,
+    tokenizer: Any = None,
+) -> list[list[int]]:
+    """Generated token ids per prompt (stop tokens excluded).
+
+    Without a tokenizer only `config.stop_token_ids` stop a row, and stop strings cannot be used.
+    """
+    config = config or GenerationConfig()
+    # Every step yields the same growing lists; only the last state matters here.
+    out, _ = deque(_decode_steps(model, prompts, config, tokenizer), maxlen=1)[0]
+    return out
+
+
+def stream(
+    model: Transformer,
+    tokenizer: Any,
+    prompt: str | Sequence[int],
+    config: GenerationConfig | None = None,
+) -> Iterator[str]:
+    """Yield the completion of one prompt in pieces, each as soon as it is printable.
+
+    The whole completion is decoded at each step, so multi-byte characters split across tokens
+    are never emitted half-done, and text that may begin a stop string is held back.
+    """
+    config = config or GenerationConfig()
+    emitted = 0
+    text = ""
+    for out, _ in _decode_steps(model, [_encode(tokenizer, prompt)], config, tokenizer):
+        text = _trim(_decode(tokenizer, out[0]), config.stop)
+        ready = len(text.rstrip("\ufffd")) - _stop_prefix_len(text, config.stop)
+        if ready > emitted:
+            yield text[emitted:ready]
+            emitted = ready
+    if len(text) > emitted:
+        yield text[emitted:]
+
+
+def _encode(tokenizer: Any, prompt: str | Sequence[int]) -> list[int]:
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise ValueError("text prompts need a tokenizer")
+        return tokenizer.encode(prompt)
+    return list(prompt)
+
+
+def _decode(tokenizer: Any, ids: list[int]) -> str:
+    return tokenizer.decode(ids, skip_special=True)
+
+
+def _trim(text: str, stop: Sequence[str]) -> str:
+    """Cut `text` at the first occurrence of any stop string."""
+    cuts = [i for i in (text.find(s) for s in stop) if i >= 0]
+    return text[: min(cuts)] if cuts else text
+
+
+def _stop_prefix_len(text: str, stop: Sequence[str]) -> int:
+    """Length of the longest end of `text` that could still grow into a stop string."""
+    return max(
+        (k for s in stop for k in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:k])),
+        default=0,
+    )
+
+
+@torch.inference_mode()
+def _decode_steps(
+    model: Transformer, prompts: Sequence[Sequence[int]], config: GenerationConfig, tokenizer: Any
+) -> Iterator[tuple[list[list[int]], list[bool]]]:
+    """Run generation, yielding (generated ids per row, finished per row) after every step."""
+    if not prompts:
+        raise NanotuneError("no prompts given")
+    for i, p in enumerate(prompts):
+        if not p:
+            raise NanotuneError(f"prompt {i} is empty: give at least one token of text")
+    if config.stop and tokenizer is None:
+        raise ValueError("stop strings need a tokenizer to decode the output")
+    if config.stop_token_ids is not None:
+        stop_ids = set(config.stop_token_ids)
+    else:
+        stop_ids = set(default_stop_ids(tokenizer)) if tokenizer is not None else set()
+    pad_id = _pad_id(tokenizer)
+    hit_stop: Callable[[list[int]], bool] | None = None
+    if config.stop:
+
+        def hit_stop(ids: list[int]) -> bool:
+            text = _decode(tokenizer, ids)
+            return any(s in text for s in config.stop)
+
+    B, n_new = len(prompts), config.max_new_tokens
+    lengths = [len(p) for p in prompts]
+    T0 = max(lengths)
+    room = model.config.block_size - n_new
+    if T0 > room:
+        raise NanotuneError(
+            f"prompt of {T0} tokens does not fit: the context is {model.config.block_size} tokens "
+            f"and max_new_tokens={n_new} leaves {max(room, 0)} for the prompt; shorten the prompt "
+            "or lower max_new_tokens"
+        )
+    device = model.device
+    ids = torch.full((B, T0), pad_id, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        ids[i, T0 - len(p) :] = torch.tensor(p, dtype=torch.long, device=device)
+
+    # Left padding needs a key mask and per-row positions; an unpadded batch needs neither. The
+    # mask is allocated once for the whole run: the model reads only its first S columns.
+    mask = positions = next_pos = None
+    if min(lengths) != T0:
+        mask = torch.ones((B, T0 + n_new), dtype=torch.long, device=device)
+        for i, n in enumerate(lengths):
+            mask[i, : T0 - n] = 0
+        positions = (mask[:, :T0].cumsum(-1) - 1).clamp(min=0)
+        next_pos = positions[:, -1:] + 1
+
+    seen = None
+    if config.repetition_penalty != 1.0:
+        seen = torch.zeros((B, model.config.vocab_size), dtype=torch.bool, device=device)
+        for i, p in enumerate(prompts):
+            seen[i, torch.tensor(p, dtype=torch.long, device=device)] = True
+
+    generator = torch.Generator(device=device)
+    if config.seed is not None:
+        generator.manual_seed(config.seed)
+    else:
+        generator.seed()
+
+    was_training = model.training
+    model.eval()
+    try:
+        cache = model.init_cache(B, T0 + n_new)
+        h = model.hidden(ids, positions=positions, attention_mask=mask, cache=cache)
+        logits = model.lm_head(h[:, -1])
+        out: list[list[int]] = [[] for _ in range(B)]
+        done = [False] * B
+        for step in range(n_new):
+            tokens = _pick(logits.float(), seen, config, generator)
+            for i, t in enumerate(tokens.tolist()):
+                if done[i]:
+                    continue
+                if t in stop_ids:
+                    done[i] = True
+                    continue
+                out[i].append(t)
+                if hit_stop is not None and hit_stop(out[i]):
+                    done[i] = True
+            yield out, done
+            if all(done) or step == n_new - 1:
+                return
+            # Finished rows keep running on padding so the batch stays rectangular.
+            tokens = tokens.masked_fill(torch.tensor(done, device=device), pad_id)[:, None]
+            if seen is not None:
+                seen.scatter_(1, tokens, True)
+            h = model.hidden(tokens, positions=next_pos, attention_mask=mask, cache=cache)
+            logits = model.lm_head(h[:, -1])
+            if next_pos is not None:
+                next_pos = next_pos + 1
+    finally:
+        model.train(was_training)
+
+
+def _pad_id(tokenizer: Any) -> int:
+    # Padded positions are masked out, so any valid id will do.
+    if tokenizer is None:
+        return 0
+    for candidate in (tokenizer.pad_id, tokenizer.eos_id):
+        if candidate is not None:
+            return candidate
+    return 0
+
+
+def _pick(
+    logits: Tensor, seen: Tensor | None, config: GenerationConfig, generator: torch.Generator
+) -> Tensor:
+    """Next token per row [B] from last-position logits [B, V]."""
+    if seen is not None:
+        r = config.repetition_penalty
+        logits = torch.where(seen, torch.where(logits > 0, logits / r, logits * r), logits)
+    if config.temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / config.temperature
+    if config.top_k:
+        kth = torch.topk(logits, min(config.top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if config.top_p < 1.0:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # Drop a token when the more likely ones already cover top_p; the first always stays.
+        drop = probs.cumsum(-1) - probs >= config.top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
