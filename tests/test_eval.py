@@ -1,0 +1,505 @@
+"""Evaluation: metric values on hand-checked cases, evaluators against full-logit references,
+the before/after table and the HTML report."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import re
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanotune.errors import NanotuneError
+from nanotune.eval import (
+    EvalConfig,
+    Generations,
+    classification_eval,
+    compare,
+    compare_rows,
+    generate_for_eval,
+    generation_metrics,
+    perplexity,
+    samples,
+    split_prompt,
+    write_report,
+)
+from nanotune.eval.metrics import (
+    classification_metrics,
+    exact_match,
+    normalize_answer,
+    parse_tags,
+    perplexity_from_nll,
+    squad_exact_match,
+    squad_f1,
+    squad_scores,
+    tag_scores,
+)
+from nanotune.eval.reward import compare_rewards
+from nanotune.models import ModelConfig, Transformer
+
+
+def tiny_model(family: str = "gpt2", vocab: int = 97, seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    if family == "gpt2":
+        cfg = ModelConfig(vocab_size=vocab, block_size=64, n_layer=2, n_head=4, n_embd=32)
+    else:
+        cfg = ModelConfig(
+            family="llama",
+            vocab_size=vocab,
+            block_size=64,
+            n_layer=2,
+            n_head=4,
+            n_kv_head=2,
+            n_embd=32,
+            intermediate_size=64,
+            norm="rmsnorm",
+            positions="rope",
+            mlp="swiglu",
+            attn_bias=False,
+            mlp_bias=False,
+            tie_embeddings=False,
+        )
+    model = Transformer(cfg)
+    # Larger weights than the 0.02 init, so logits and losses differ clearly between tokens.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(5.0)
+    return model
+
+
+# --- metrics -----------------------------------------------------------------------------------
+
+
+def test_squad_normalisation_official_examples():
+    assert normalize_answer("The  Eiffel Tower!") == "eiffel tower"
+    assert normalize_answer("An apple, a day.") == "apple day"
+    assert normalize_answer("theater") == "theater"  # articles only as whole words
+    assert normalize_answer("  Denver\tBroncos ") == "denver broncos"
+    assert normalize_answer("it's 1,000") == "its 1000"
+    assert squad_exact_match("the Eiffel tower.", ["Paris", "Eiffel Tower"]) == 1.0
+    assert squad_exact_match("Eiffel", ["Eiffel Tower"]) == 0.0
+
+
+def test_squad_f1_partial_overlap_and_max_over_golds():
+    # pred [big, red, dog], gold [red, dog, barked]: 2 common, P = R = 2/3.
+    assert squad_f1("the big red dog", ["red dog barked"]) == pytest.approx(2 / 3)
+    # vs "Broncos": P 1/2 R 1 -> 2/3; vs "Denver Broncos win": P 1 R 2/3 -> 0.8; max is 0.8.
+    assert squad_f1("Denver Broncos", ["Broncos", "Denver Broncos win"]) == pytest.approx(0.8)
+    # Counts are clipped by the gold multiset: [dog, dog, dog] vs [dog] -> P 1/3, R 1.
+    assert squad_f1("a dog dog dog", ["dog"]) == pytest.approx(0.5)
+    assert squad_f1("", [""]) == 1.0
+    assert squad_f1("the", ["cat"]) == 0.0  # normalises to nothing
+    scores = squad_scores(
+        ["The Eiffel Tower", "big red dog"], [["eiffel tower"], ["red dog barked"]]
+    )
+    assert scores["squad_em"] == pytest.approx(0.5)
+    assert scores["squad_f1"] == pytest.approx((1 + 2 / 3) / 2)
+
+
+def test_exact_match_of_generations_is_strict_but_trims_whitespace():
+    assert exact_match([" yes\n", "No", "maybe"], ["yes", "no", "maybe."]) == pytest.approx(1 / 3)
+
+
+def test_confusion_matrix_and_per_class_scores():
+    labels = [0, 0, 1, 1, 2, 2]
+    preds = [0, 1, 1, 1, 0, 2]
+    m = classification_metrics(preds, labels, ["ham", "spam", "other"])
+    assert m["confusion"] == {
+        "labels": ["ham", "spam", "other"],
+        "matrix": [[1, 1, 0], [0, 2, 0], [1, 0, 1]],
+    }
+    assert m["accuracy"] == pytest.approx(4 / 6)
+    ham, spam, other = (m["per_class"][k] for k in ("ham", "spam", "other"))
+    assert (ham["precision"], ham["recall"], ham["f1"]) == pytest.approx((0.5, 0.5, 0.5))
+    assert (spam["precision"], spam["recall"], spam["f1"]) == pytest.approx((2 / 3, 1.0, 0.8))
+    assert (other["precision"], other["recall"], other["f1"]) == pytest.approx((1.0, 0.5, 2 / 3))
+    assert spam["support"] == 2
+    assert m["macro_f1"] == pytest.approx((0.5 + 0.8 + 2 / 3) / 3)
+
+
+def test_tag_f1_micro_and_macro():
+    assert parse_tags("['Love', ' life ']") == {"love", "life"}
+    assert parse_tags("be-yourself,  ,Humor.") == {"be-yourself", "humor"}
+    s = tag_scores(
+        ["Love, life , Humor", "inspirational"], ["love, life, friendship", "Inspirational."]
+    )
+    # Example 1: 2 of 3 right both ways (F1 2/3); example 2: exact. Pooled: tp 3, fp 1, fn 1.
+    assert s["tag_precision"] == pytest.approx(0.75)
+    assert s["tag_recall"] == pytest.approx(0.75)
+    assert s["tag_f1_micro"] == pytest.approx(0.75)
+    assert s["tag_f1_macro"] == pytest.approx((2 / 3 + 1) / 2)
+
+
+def test_perplexity_from_nll_and_empty():
+    assert perplexity_from_nll(2 * math.log(3.0), 2) == pytest.approx(3.0)
+    with pytest.raises(NanotuneError, match="no supervised tokens"):
+        perplexity_from_nll(0.0, 0)
+
+
+# --- evaluators --------------------------------------------------------------------------------
+
+
+def lm_batch(vocab: int, seed: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch: rows of 12, 9 and 6 real tokens, prompt tokens unsupervised."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (3, 12), generator=g)
+    targets = torch.full((3, 12), -100)
+    for row, (n, prompt) in enumerate([(12, 3), (9, 4), (6, 2)]):
+        ids[row, n:] = 0
+        targets[row, prompt : n - 1] = ids[row, prompt + 1 : n]
+    return {"input_ids": ids, "targets": targets}
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_perplexity_equals_exp_mean_ce_from_full_logits(family):
+    model = tiny_model(family)
+    model.train()
+    batches = [lm_batch(97, 1), lm_batch(97, 2)]
+    result = perplexity(model, batches)
+    assert model.training  # mode restored
+
+    model.eval()
+    with torch.no_grad():
+        logits = torch.cat([model(b["input_ids"]) for b in batches]).flatten(0, 1)
+        targets = torch.cat([b["targets"] for b in batches]).flatten()
+        ce = F.cross_entropy(logits, targets, ignore_index=-100)
+    assert result["tokens"] == int((targets != -100).sum()) == 2 * (8 + 4 + 3)
+    assert result["loss"] == pytest.approx(ce.item(), abs=1e-5)
+    assert result["perplexity"] == pytest.approx(math.exp(ce.item()), rel=1e-5)
+    assert result["perplexity"] > 1.5  # a real, non-trivial loss
+
+
+def test_perplexity_passes_packing_positions_and_doc_ids():
+    model = tiny_model().eval()
+    b = lm_batch(97, 3)
+    b["doc_ids"] = torch.tensor([[0] * 5 + [1] * 7] * 3)
+    b["positions"] = torch.tensor([list(range(5)) + list(range(7))] * 3)
+    with torch.no_grad():
+        logits = model(b["input_ids"], positions=b["positions"], doc_ids=b["doc_ids"])
+        ce = F.cross_entropy(logits.flatten(0, 1), b["targets"].flatten(), ignore_index=-100)
+    assert perplexity(model, [b])["loss"] == pytest.approx(ce.item(), abs=1e-5)
+    assert perplexity(model, [lm_batch(97, 3)])["loss"] != pytest.approx(ce.item(), abs=1e-3)
+
+
+class TinyClassifier(nn.Module):
+    """Reads the last non-pad token's hidden state, as SequenceClassifier does."""
+
+    def __init__(self, body: Transformer, num_labels: int, label_names: list[str]) -> None:
+        super().__init__()
+        self.body, self.label_names = body, label_names
+        self.head = nn.Linear(body.config.n_embd, num_labels)
+
+    def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        h = self.body.hidden(input_ids)
+        return self.head(h[torch.arange(len(lengths)), lengths - 1])
+
+
+def test_classification_eval_on_tiny_classifier():
+    torch.manual_seed(0)
+    model = TinyClassifier(tiny_model(), 3, ["neg", "neu", "pos"])
+    g = torch.Generator().manual_seed(5)
+    batches = []
+    for _ in range(3):
+        lengths = torch.randint(3, 10, (4,), generator=g)
+        ids = torch.randint(1, 97, (4, 10), generator=g)
+        ids[torch.arange(10)[None, :] >= lengths[:, None]] = 0
+        batches.append(
+            {
+                "input_ids": ids,
+                "lengths": lengths,
+                "class_labels": torch.randint(0, 3, (4,), generator=g),
+            }
+        )
+    result = classification_eval(model, batches)
+
+    with torch.no_grad():
+        logits = torch.cat([model(b["input_ids"], b["lengths"]) for b in batches])
+    labels = torch.cat([b["class_labels"] for b in batches])
+    preds = logits.argmax(-1)
+    assert result["accuracy"] == pytest.approx((preds == labels).float().mean().item())
+    assert result["loss"] == pytest.approx(F.cross_entropy(logits, labels).item(), abs=1e-5)
+    matrix = result["confusion"]["matrix"]
+    assert result["confusion"]["labels"] == ["neg", "neu", "pos"]
+    for t, p in zip(labels.tolist(), preds.tolist(), strict=True):
+        matrix[t][p] -= 1
+    assert matrix == [[0] * 3] * 3
+    expected = classification_metrics(preds.tolist(), labels.tolist(), ["neg", "neu", "pos"])
+    assert result["macro_f1"] == pytest.approx(expected["macro_f1"])
+    assert result["f1/pos"] == pytest.approx(expected["per_class"]["pos"]["f1"])
+    with pytest.raises(NanotuneError, match="2 label names"):
+        classification_eval(model, batches, label_names=["a", "b"])
+
+
+class ByteTokenizer:
+    """Bytes 0..255 plus EOS 256: enough of the Tokenizer interface for generation."""
+
+    eos_id = pad_id = 256
+    bos_id = None
+    special_tokens = {"<eos>": 256}
+    chat_template = None
+    vocab_size = 257
+
+    def encode(self, text: str, allow_special: bool = True) -> list[int]:
+        return list(text.encode())
+
+    def decode(self, ids, skip_special: bool = False) -> str:
+        out = bytes(i for i in ids if i < 256).decode(errors="replace")
+        return out if skip_special else out + "<eos>" * sum(i == 256 for i in ids)
+
+
+def test_split_prompt_uses_the_label_mask():
+    ids = [5, 6, 7, 8, 9, 10, 11]
+    labels = [-100, -100, -100, 8, 9, -100, 11]
+    assert split_prompt(ids, labels) == ([5, 6, 7], [8, 9])
+    with pytest.raises(NanotuneError, match="no supervised tokens"):
+        split_prompt(ids, [-100] * 7, "row 3")
+    with pytest.raises(NanotuneError, match="train_on_prompt"):
+        split_prompt(ids, ids)
+
+
+def test_generation_eval_prompts_as_trained_and_scores_exact_answers():
+    from nanotune.data.example import Example
+    from nanotune.generate import GenerationConfig, generate
+
+    tok, model = ByteTokenizer(), tiny_model(vocab=257).eval()
+    cfg = EvalConfig(metrics=["exact_match", "squad", "tag_f1"], batch_size=2, max_new_tokens=6)
+    greedy = GenerationConfig(max_new_tokens=6, temperature=0.0, stop_token_ids=(256,))
+    prompts = ["Q: sky? A:", "Q: grass colour? A:", "2+2="]
+    # Reference 0 and 2 are what the model generates greedily; reference 1 is not.
+    answers = generate(model, tok, prompts, greedy)
+    answers[1] = "green"
+    examples = []
+    for p, a in zip(prompts, answers, strict=True):
+        p_ids, a_ids = tok.encode(p), tok.encode(a) + [256]
+        examples.append(Example(p_ids + a_ids, [-100] * len(p_ids) + a_ids))
+
+    gens = generate_for_eval(model, tok, examples, cfg)
+    assert gens.prompts == prompts
+    assert gens.references == [a.strip() for a in answers]
+    one_by_one = [generate(model, tok, [tok.encode(p)], greedy)[0].strip() for p in prompts]
+    assert gens.outputs == one_by_one  # batched, left-padded generation changes nothing
+    m = generation_metrics(gens, cfg.metrics)
+    assert m["exact_match"] == pytest.approx(2 / 3)
+    assert m["squad_em"] >= 2 / 3
+    assert set(m) == {
+        "exact_match",
+        "squad_em",
+        "squad_f1",
+        "tag_precision",
+        "tag_recall",
+        "tag_f1_micro",
+        "tag_f1_macro",
+    }
+    rows = samples(gens, gens, n=2)
+    assert rows[0] == {
+        "prompt": prompts[0],
+        "reference": gens.references[0],
+        "before": gens.outputs[0],
+        "after": gens.outputs[0],
+    }
+    assert len(rows) == 2
+
+
+def test_generation_metrics_with_several_gold_answers():
+    gens = Generations(
+        prompts=["q1", "q2"], references=["Denver Broncos", "x"], outputs=["Broncos", "the x"]
+    )
+    m = generation_metrics(
+        gens, ["squad", "exact_match"], golds=[["Denver Broncos", "Broncos"], ["x"]]
+    )
+    assert m == {"exact_match": 0.0, "squad_em": 1.0, "squad_f1": 1.0}
+
+
+def test_eval_config_validation():
+    assert EvalConfig(metrics="accuracy").metrics == ["accuracy"]
+    with pytest.raises(NanotuneError, match="did you mean 'accuracy'"):
+        EvalConfig(metrics=["acuracy"])
+    with pytest.raises(NanotuneError, match="reward_model"):
+        EvalConfig(metrics=["reward"])
+    with pytest.raises(NanotuneError, match="eval.batch_size"):
+        EvalConfig(batch_size=0)
+    with pytest.raises(NanotuneError, match="temperature"):
+        EvalConfig(greedy=False, temperature=0.0)
+    assert EvalConfig(
+        metrics=["perplexity", "tag_f1", "reward"], reward_model="rm"
+    ).generation_metrics == ["tag_f1", "reward"]
+
+
+# --- reward ------------------------------------------------------------------------------------
+
+
+class FixedScores:
+    def __init__(self, table: dict[str, float]) -> None:
+        self.table = table
+
+    def score(self, prompts, responses, batch_size=8):
+        return [self.table[r] for r in responses]
+
+
+def test_compare_rewards_means_and_win_rate():
+    rm = FixedScores({"a": 1.0, "b": 2.0, "c": 0.0, "d": 0.0, "e": 3.0, "f": -1.0})
+    before, after = compare_rewards(rm, ["p1", "p2", "p3"], ["a", "c", "e"], ["b", "d", "f"])
+    assert before == {"reward": pytest.approx(4 / 3)}
+    # wins: b>a (1), d=c (0.5), f<e (0)
+    assert after == {"reward": pytest.approx(1 / 3), "reward_win_rate": pytest.approx(0.5)}
+
+
+def test_reward_model_scores_match_unbatched_hf_model(tmp_path, gpt2_tokenizer_dir):
+    import shutil
+
+    from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassification
+
+    from nanotune.eval import RewardModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(
+        vocab_size=50257,
+        n_positions=64,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        num_labels=1,
+        pad_token_id=50256,
+        initializer_range=0.2,
+    )
+    GPT2ForSequenceClassification(cfg).save_pretrained(tmp_path)
+    for f in gpt2_tokenizer_dir.iterdir():
+        shutil.copy2(f, tmp_path / f.name)
+
+    rm = RewardModel(str(tmp_path))
+    prompts = ["How do I boil an egg?", "Say hi."]
+    responses = ["Put it in boiling water for seven minutes.", "hi"]
+    scores = rm.score(prompts, responses, batch_size=2)
+
+    hf = GPT2ForSequenceClassification.from_pretrained(tmp_path).eval()
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    with torch.no_grad():
+        ref = [
+            hf(**tok(p, r, return_tensors="pt")).logits[0, 0].item()
+            for p, r in zip(prompts, responses, strict=True)
+        ]
+    assert scores == pytest.approx(ref, abs=1e-5)
+    assert abs(scores[0] - scores[1]) > 1e-4
+
+    with pytest.raises(NanotuneError, match="could not be loaded"):
+        RewardModel(str(tmp_path / "missing"))
+
+
+# --- comparison table and report ---------------------------------------------------------------
+
+BEFORE = {
+    "loss": 2.0,
+    "perplexity": 7.389,
+    "accuracy": 0.5,
+    "tokens": 1200,
+    "per_class": {"ham": {"f1": 0.4}},
+    "confusion": {"labels": ["ham", "spam"], "matrix": [[3, 1], [2, 4]]},
+}
+AFTER = {
+    "loss": 1.5,
+    "perplexity": 4.4817,
+    "accuracy": 0.75,
+    "tokens": 1200,
+    "reward_win_rate": 0.6,
+    "confusion": {"labels": ["ham", "spam"], "matrix": [[4, 0], [1, 5]]},
+}
+
+
+def test_compare_rows_and_table():
+    rows = {name: (b, a, d) for name, b, a, d in compare_rows(BEFORE, AFTER)}
+    assert list(rows) == ["loss", "perplexity", "accuracy", "tokens", "reward_win_rate"]
+    assert rows["loss"] == (2.0, 1.5, -0.5)
+    assert rows["accuracy"] == (0.5, 0.75, 0.25)
+    assert rows["tokens"] == (1200, 1200, 0)
+    assert rows["reward_win_rate"] == (None, 0.6, None)
+
+    table = compare(BEFORE, AFTER, names=("base", "tuned")).splitlines()
+    assert table[0].split() == ["metric", "base", "tuned", "delta"]
+    line = {ln.split()[0]: ln.split()[1:] for ln in table[2:]}
+    assert line["loss"] == ["2.0000", "1.5000", "-0.5000", "better"]
+    assert line["perplexity"] == ["7.3890", "4.4817", "-2.9073", "better"]
+    assert line["accuracy"] == ["0.5000", "0.7500", "+0.2500", "better"]
+    assert line["tokens"] == ["1,200", "1,200", "+0"]
+    assert line["reward_win_rate"] == ["—", "0.6000", "—"]
+    assert "per_class" not in line and "confusion" not in line
+    worse = compare({"accuracy": 0.9}, {"accuracy": 0.8}).splitlines()[2].split()
+    assert worse[-1] == "worse"
+
+
+def _write_metrics(path):
+    lines = [json.dumps({"step": s, "loss": 3.0 / s, "lr": 1e-3}) for s in range(1, 21)]
+    lines += [
+        json.dumps({"step": s, "eval_loss": 2.5 / s**0.5, "eval_perplexity": 10.0 / s})
+        for s in (5, 10, 15, 20)
+    ]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _pngs(page: str) -> list[bytes]:
+    return [
+        base64.b64decode(m)
+        for m in re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    ]
+
+
+def test_report_has_table_plots_and_escaped_samples(tmp_path):
+    from matplotlib.image import imread
+
+    _write_metrics(tmp_path / "metrics.jsonl")
+    sample = {
+        "prompt": "<script>alert('x')</script> Q:",
+        "reference": "a & b",
+        "before": "<b>bold</b>",
+        "after": "ok",
+    }
+    path = write_report(
+        tmp_path,
+        {"model": {"name": "gpt2"}, "train": {"lr": 1e-4}},
+        tmp_path / "metrics.jsonl",
+        BEFORE,
+        AFTER,
+        [sample],
+    )
+    assert path == tmp_path / "report.html"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl", "report.html"]
+    page = path.read_text()
+
+    assert "<td>accuracy</td><td class=num>0.5000</td><td class=num>0.7500</td>" in page
+    assert '<td class="num better">+0.2500</td>' in page
+    assert "Confusion matrix (after)" in page and "lr: 0.0001" in page
+    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; Q:" in page
+    assert "&lt;b&gt;bold&lt;/b&gt;" in page and "a &amp; b" in page
+    assert "<script>" not in page and "<b>bold" not in page
+
+    pngs = _pngs(page)
+    assert len(pngs) == 2  # training loss, evaluation curves
+    for png in pngs:
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+        img = imread(io.BytesIO(png), format="png")
+        assert img.shape[0] > 200 and img.shape[1] > 500
+        assert img[..., :3].std() > 0.05  # something was drawn
+
+
+def test_report_without_matplotlib_still_renders_tables(tmp_path, monkeypatch):
+    _write_metrics(tmp_path / "metrics.jsonl")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import now raises ImportError
+    page = write_report(tmp_path, {}, tmp_path / "metrics.jsonl", BEFORE, AFTER, []).read_text()
+    assert (
+        "pip install &#x27;nanotune[report]&#x27;" in page
+        or "pip install 'nanotune[report]'" in page
+    )
+    assert _pngs(page) == []
+    assert "<td>loss</td>" in page
+
+
+def test_report_names_bad_metrics_line(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2}\n{"step": 2, "loss"\n')
+    with pytest.raises(NanotuneError, match=r"metrics.jsonl:2: not valid JSON"):
+        write_report(tmp_path, {}, tmp_path / "metrics.jsonl", {}, {}, [])
+    assert not (tmp_path / "report.html").exists()
