@@ -1,0 +1,169 @@
+"""Batches for one epoch: deterministic for (seed, epoch), right-padded to the longest row, or packed.
+
+`epoch_batches` returns the whole epoch as a list, so a trainer can resume at batch k and split a
+global batch across ranks by slicing. Each batch is a dict of tensors (contract in docs/design.md)
+plus python ints under keys starting with ``n_``:
+
+  n_examples    examples in the batch
+  n_real        real (non-pad) tokens
+  n_supervised  positions with a target (LM) or rows with a class label (classification)
+  n_computed    tokens the model computes (B * T)
+
+so n_real / n_computed is the padding efficiency and n_supervised / n_computed the share of
+compute that is trained on (`efficiency` sums them over batches). Move only the tensors to a device.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from nanotune.data.example import IGNORE, ClassExample, Example
+
+MEGA_CHUNK = 50  # batches per sorted chunk in length grouping: enough to group, still shuffled
+OPEN_BINS = 64  # sequences kept open while packing; bounds the first-fit search
+
+
+def _rng(seed: int, epoch: int) -> random.Random:
+    # String seeds hash with sha512: the same order on every machine and Python process.
+    return random.Random(f"nanotune:{seed}:{epoch}")
+
+
+def pack_examples(lengths: Sequence[int], order: Sequence[int], max_length: int) -> list[list[int]]:
+    """Group example indices (in `order`) into sequences of at most `max_length` tokens, first fit."""
+    done: list[list[int]] = []
+    open_bins: list[tuple[int, list[int]]] = []  # (tokens used, indices)
+    for i in order:
+        n = lengths[i]
+        if n > max_length:
+            raise ValueError(f"example {i} has {n} tokens, more than max_length={max_length}")
+        for b, (used, members) in enumerate(open_bins):
+            if used + n <= max_length:
+                members.append(i)
+                open_bins[b] = (used + n, members)
+                break
+        else:
+            open_bins.append((n, [i]))
+            if len(open_bins) > OPEN_BINS:
+                done.append(open_bins.pop(0)[1])
+    return done + [members for _, members in open_bins]
+
+
+def _shifted(labels: list[int]) -> list[int]:
+    # targets[t] is the label of token t+1; the last token of an example predicts nothing.
+    return labels[1:] + [IGNORE]
+
+
+def collate_lm(rows: Sequence[Sequence[Example]], pad_id: int, packed: bool) -> dict[str, Any]:
+    """One LM batch; each row holds one example (padded) or several (packed, with doc_ids)."""
+    T = max(sum(len(e.ids) for e in row) for row in rows)
+    B = len(rows)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    targets = torch.full((B, T), IGNORE, dtype=torch.long)
+    positions = torch.zeros((B, T), dtype=torch.long)
+    doc_ids = torch.full((B, T), -1, dtype=torch.long)  # pads form their own "document"
+    n_real = 0
+    for b, row in enumerate(rows):
+        t = 0
+        for d, ex in enumerate(row):
+            n = len(ex.ids)
+            input_ids[b, t : t + n] = torch.tensor(ex.ids)
+            targets[b, t : t + n] = torch.tensor(_shifted(ex.labels))
+            positions[b, t : t + n] = torch.arange(n)
+            doc_ids[b, t : t + n] = d
+            t += n
+        n_real += t
+    batch: dict[str, Any] = {"input_ids": input_ids, "targets": targets}
+    if packed:
+        batch.update(positions=positions, doc_ids=doc_ids)
+    batch.update(
+        n_examples=sum(len(row) for row in rows),
+        n_real=n_real,
+        n_supervised=int((targets != IGNORE).sum()),
+        n_computed=B * T,
+    )
+    return batch
+
+
+def collate_class(examples: Sequence[ClassExample], pad_id: int) -> dict[str, Any]:
+    """One classification batch: right-padded ids, real lengths, class indices."""
+    T = max(len(e.ids) for e in examples)
+    input_ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    for b, ex in enumerate(examples):
+        input_ids[b, : len(ex.ids)] = torch.tensor(ex.ids)
+    lengths = torch.tensor([len(e.ids) for e in examples])
+    return {
+        "input_ids": input_ids,
+        "lengths": lengths,
+        "class_labels": torch.tensor([e.label for e in examples]),
+        "n_examples": len(examples),
+        "n_real": int(lengths.sum()),
+        "n_supervised": len(examples),
+        "n_computed": input_ids.numel(),
+    }
+
+
+def epoch_batches(
+    examples: Sequence[Example] | Sequence[ClassExample],
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    *,
+    pad_id: int,
+    pack: bool = False,
+    max_length: int | None = None,
+    group_by_length: bool = False,
+    shuffle: bool = True,
+    drop_last: bool = False,
+) -> list[dict[str, Any]]:
+    """Every batch of one epoch, each example exactly once (unless `drop_last` drops a short tail).
+
+    pack: fill rows of up to `max_length` tokens with several examples (`batch_size` rows a batch).
+    group_by_length: sort within chunks of MEGA_CHUNK batches, then shuffle the batch order.
+    shuffle=False keeps the given order (evaluation).
+    """
+    if not examples:
+        raise ValueError("no examples to batch")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    rng = _rng(seed, epoch)
+    order = list(range(len(examples)))
+    if shuffle:
+        rng.shuffle(order)
+    lengths = [len(e.ids) for e in examples]
+    classify = isinstance(examples[0], ClassExample)
+    if pack:
+        if classify or max_length is None:
+            raise ValueError("packing needs LM examples and max_length")
+        groups = pack_examples(lengths, order, max_length)
+        rows = [[examples[i] for i in g] for g in groups]
+        chunks = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
+    else:
+        if group_by_length:
+            mega = batch_size * MEGA_CHUNK
+            order = [
+                i
+                for s in range(0, len(order), mega)
+                for i in sorted(order[s : s + mega], key=lambda i: -lengths[i])
+            ]
+        idx_batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        if group_by_length and shuffle:
+            rng.shuffle(idx_batches)
+        chunks = [[examples[i] for i in ix] for ix in idx_batches]
+    if drop_last and len(chunks) > 1:
+        chunks = [c for c in chunks if len(c) == batch_size]  # at most one is short
+    if classify:
+        return [collate_class(c, pad_id) for c in chunks]
+    return [collate_lm(c if pack else [[e] for e in c], pad_id, pack) for c in chunks]
+
+
+def efficiency(batches: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Share of computed tokens that are real, and that are supervised, over `batches`."""
+    computed = sum(b["n_computed"] for b in batches)
+    return {
+        "real_fraction": sum(b["n_real"] for b in batches) / computed,
+        "supervised_fraction": sum(b["n_supervised"] for b in batches) / computed,
+    }

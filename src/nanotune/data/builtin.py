@@ -1,0 +1,108 @@
+"""Data that ships with nanotune or is generated in code, selectable as ``source: builtin:<name>``.
+
+- ``chatterbot``: ~2,000 question -> answer pairs from the chatterbot-corpus package (BSD), read
+  from the installed package, never copied into this repository.
+- ``reverse_words``: "Reverse the words: a b c" -> "c b a". Exact-match scoring is objective and a
+  135M model learns it in minutes of LoRA on a CPU.
+- ``word_order``: classify a word list as "sorted" (alphabetical) or "shuffled".
+
+Every row carries the fields several formats read (prompt/completion, user/assistant,
+instruction/input/output, text/label), so any matching format works without a column mapping.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import yaml
+
+from nanotune.data.sources import Row
+from nanotune.errors import NanotuneError
+
+# Short, common, single-token-ish words: the task is about order, not vocabulary.
+WORDS = (
+    "apple river stone cloud green table music light water paper house bread glass horse night "
+    "chair dream field smile ocean plant tiger sugar metal storm train honey ghost lemon eagle "
+    "piano robot candle forest garden island jacket kitten ladder mirror orange pencil rabbit "
+    "silver tomato violin window yellow zebra bottle button castle coffee dragon flower guitar"
+).split()
+REVERSE_INSTRUCTION = "Reverse the order of the words."
+N_SYNTHETIC = 2000
+
+
+def chatterbot() -> Iterator[Row]:
+    """Question -> answer pairs; longer conversations become multi-turn `messages`."""
+    spec = importlib.util.find_spec("chatterbot_corpus")
+    if spec is None or not spec.submodule_search_locations:
+        raise NanotuneError(
+            "builtin:chatterbot needs the chatterbot-corpus package; "
+            "pip install --no-deps chatterbot-corpus==1.3.3"
+        )
+    folder = Path(next(iter(spec.submodule_search_locations))) / "data" / "english"
+    for path in sorted(folder.glob("*.yml")):
+        with open(path, encoding="utf-8") as f:
+            conversations = (yaml.safe_load(f) or {}).get("conversations") or []
+        for n, conv in enumerate(conversations):
+            turns = [str(t).strip() for t in conv if t is not None]
+            if len(turns) < 2:
+                continue
+            # A conversation alternates speakers; the last turn is always the bot's.
+            turns = turns[len(turns) % 2 :]
+            messages = [
+                {"role": "user" if i % 2 == 0 else "assistant", "content": t}
+                for i, t in enumerate(turns)
+            ]
+            yield Row(
+                {
+                    "messages": messages,
+                    "prompt": turns[0],
+                    "completion": turns[1],
+                    "question": turns[0],
+                    "answer": turns[1],
+                    "topic": path.stem,
+                },
+                f"chatterbot:{path.name}: conversation {n}",
+            )
+
+
+def reverse_words(n: int = N_SYNTHETIC, seed: int = 0) -> Iterator[Row]:
+    """`n` word lists (3 to 5 words) and their reversal; the same rows for the same seed."""
+    rng = random.Random(seed)
+    for i in range(n):
+        words = rng.sample(WORDS, rng.randint(3, 5))
+        text, answer = " ".join(words), " ".join(reversed(words))
+        yield Row(
+            {
+                "prompt": f"Reverse the words: {text}",
+                "completion": answer,
+                "user": f"Reverse the words: {text}",
+                "assistant": answer,
+                "instruction": REVERSE_INSTRUCTION,
+                "input": text,
+                "output": answer,
+            },
+            f"builtin:reverse_words: row {i}",
+        )
+
+
+def word_order(n: int = N_SYNTHETIC, seed: int = 0) -> Iterator[Row]:
+    """Word lists labelled "sorted" (alphabetical) or "shuffled" (not alphabetical), half each."""
+    rng = random.Random(seed)
+    for i in range(n):
+        words = rng.sample(WORDS, rng.randint(3, 6))
+        if i % 2 == 0:
+            words.sort()
+        elif words == sorted(words):
+            words.reverse()
+        label = "sorted" if words == sorted(words) else "shuffled"
+        yield Row({"text": " ".join(words), "label": label}, f"builtin:word_order: row {i}")
+
+
+BUILTINS: dict[str, Callable[[], Iterator[Row]]] = {
+    "chatterbot": chatterbot,
+    "reverse_words": reverse_words,
+    "word_order": word_order,
+}

@@ -1,0 +1,142 @@
+"""DataConfig: where the data comes from, how rows become examples, how examples are batched."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from nanotune.errors import NanotuneError
+
+FORMATS = ("completion", "chat", "alpaca", "text", "classification")
+CHAT_STYLES = ("auto", "model", "markers")
+TEXT_UNITS = ("file", "paragraph", "line")
+
+
+@dataclass
+class DataConfig:
+    """Every option of the data pipeline; validated on construction (NanotuneError names the field).
+
+    Source strings (``source``, ``val_source``, ``test_source``):
+      - a file (``.jsonl``, ``.json``, ``.csv``, ``.tsv``, ``.parquet``, ``.txt``/``.md``) or a
+        folder of such files (a ``datasets.save_to_disk`` folder is read with ``datasets``);
+      - ``builtin:<name>`` for data generated or shipped with nanotune (see ``data/builtin.py``);
+      - ``hf:<dataset id>[:<split>]`` (or a bare ``owner/name`` that is not a local path) for a
+        Hugging Face dataset, which needs the ``datasets`` extra and the hub or its cache.
+    """
+
+    # Where the rows come from. The train split, or all rows when fractions split them.
+    source: str = ""
+    # Row format: completion | chat | alpaca | text | classification.
+    format: str = "completion"
+    # Canonical field -> column in the data, e.g. {"text": "sms", "label": "category"}. The
+    # canonical names are the ones the format reads (prompt/completion, messages, system/user/
+    # assistant, context/question/answer, instruction/input/output, text, label).
+    columns: dict[str, str] = field(default_factory=dict)
+    # Explicit validation / test data; when unset, fractions of `source` are held out instead.
+    val_source: str | None = None
+    test_source: str | None = None
+    # Fractions of `source` held out as validation / test when no explicit file is given.
+    val_fraction: float = 0.0
+    test_fraction: float = 0.0
+    # Seed of the split (and of class balancing); splits are a pure function of it.
+    seed: int = 0
+    # Classification: keep each class's share equal across splits.
+    stratify: bool = True
+    # Classification: down-sample every class to the size of the smallest before splitting.
+    balance: bool = False
+    # Longest example in tokens (prompt + completion, or one text block).
+    max_length: int = 1024
+    # What to do with an example longer than max_length: drop (counted) | error.
+    truncation: str = "drop"
+    # Left-truncate the prompt (never the supervised part) before applying `truncation`.
+    # For classification: keep the first max_length tokens of the text.
+    truncate_prompt: bool = False
+    # A row that cannot be read or formatted: error (stop, naming file and line) | skip (counted).
+    on_bad_row: str = "error"
+    # Batching: pack several examples per sequence of max_length (LM formats only).
+    pack: bool = False
+    # Batching: put examples of similar length together (less padding), batch order still shuffled.
+    group_by_length: bool = False
+    # Keep at most this many rows per split (after splitting, so splits do not move); None = all.
+    limit: int | None = None
+    # completion: the prompt text, a str.format template over the row's fields.
+    prompt_template: str = "{prompt}"
+    # completion: text between prompt and completion (part of the prompt, never supervised).
+    separator: str = ""
+    # completion: the supervised text, a template over the row's fields; EOS is appended.
+    completion_template: str = "{completion}"
+    # completion / chat / alpaca: also supervise the prompt tokens.
+    train_on_prompt: bool = False
+    # chat: system prompt used when a conversation has none ("" = none).
+    system_prompt: str = ""
+    # chat: the model's chat template (model), nanotune's <|user|>... markers (markers), or model's
+    # when the tokenizer has one (auto).
+    chat_style: str = "auto"
+    # classification: class names in label order; None = the sorted distinct labels of the data.
+    label_names: list[str] | None = None
+    # text: tokens per block when concatenating and chunking documents.
+    block_size: int = 128
+    # text: a plain-text file is one document (file), or one per blank-line paragraph or per line.
+    text_unit: str = "file"
+    # hf: dataset configuration name (the second argument of datasets.load_dataset).
+    hf_config: str | None = None
+
+    def __post_init__(self) -> None:
+        def bad(name: str, why: str) -> NanotuneError:
+            return NanotuneError(f"data.{name}: {why}")
+
+        if not self.source:
+            raise bad(
+                "source",
+                "no data source given; set it to a file, folder, builtin:<name> or hf:<id>",
+            )
+        choices = {
+            "format": FORMATS,
+            "truncation": ("drop", "error"),
+            "on_bad_row": ("error", "skip"),
+            "chat_style": CHAT_STYLES,
+            "text_unit": TEXT_UNITS,
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise bad(name, f"{getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        for name in ("val_fraction", "test_fraction"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
+                raise bad(name, f"{v!r} must be a number in [0, 1)")
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise bad("val_fraction", "val_fraction + test_fraction must leave rows for training")
+        for name in ("max_length", "block_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 2:
+                raise bad(name, f"{v!r} must be an integer >= 2")
+        if self.limit is not None and (not isinstance(self.limit, int) or self.limit < 1):
+            raise bad("limit", f"{self.limit!r} must be a positive integer or null")
+        if not isinstance(self.columns, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in self.columns.items()
+        ):
+            raise bad("columns", "must map field names to column names, e.g. {text: sms}")
+        if self.label_names is not None:
+            names = [str(n) for n in self.label_names]
+            if len(names) < 2 or len(set(names)) != len(names):
+                raise bad(
+                    "label_names", f"{self.label_names!r} must list at least two distinct names"
+                )
+            self.label_names = names
+        if self.format == "text" and self.block_size > self.max_length:
+            raise bad("block_size", f"{self.block_size} exceeds max_length={self.max_length}")
+        if self.pack and self.format == "classification":
+            raise bad("pack", "packing applies to language-model formats, not classification")
+        if self.balance and self.format != "classification":
+            raise bad("balance", "class balancing applies to format: classification only")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DataConfig:
+        """Build from a recipe's `data:` mapping; unknown keys are an error naming them."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise NanotuneError(
+                f"data: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
+        return cls(**d)

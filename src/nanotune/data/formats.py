@@ -1,0 +1,341 @@
+"""Formats: one row -> `Example` (token ids + unshifted labels) or `ClassExample`.
+
+Labels come from token spans: each part of an example (prompt, completion, chat turn) is
+tokenized on its own and the parts are concatenated, so the supervised span is known exactly and
+never found by searching for a template string (which breaks when a template tokenizes differently
+in context).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+from nanotune.data.config import DataConfig
+from nanotune.data.example import IGNORE, ClassExample, Example
+from nanotune.data.sources import BadRow, Row
+from nanotune.errors import NanotuneError
+
+# Turn markers for models without a chat template (GPT-2); added as special tokens.
+ROLE_MARKERS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
+END_MARKER = "<|end|>"
+MARKER_TOKENS = [*ROLE_MARKERS.values(), END_MARKER]
+
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task{extra}. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
+)
+
+
+class TokenizerLike(Protocol):
+    """The part of `nanotune.tokenizer.Tokenizer` the data pipeline uses."""
+
+    eos_id: int
+    special_tokens: dict[str, int]
+    chat_template: str | None
+
+    def encode(self, text: str, allow_special: bool = True) -> list[int]: ...
+
+    def apply_chat_template(
+        self, messages: list[dict[str, str]], add_generation_prompt: bool = False
+    ) -> str: ...
+
+
+class TooLong(NanotuneError):
+    """An example longer than max_length that may not be cut (its supervised part would be)."""
+
+
+Segment = tuple[list[int], bool]  # (token ids, is the supervised "answer" part)
+
+
+def uses_markers(cfg: DataConfig, tokenizer: TokenizerLike) -> bool:
+    """True when chat rows are rendered with nanotune's <|user|>... markers, not the model's template."""
+    if cfg.chat_style == "markers":
+        return True
+    if cfg.chat_style == "model" and not tokenizer.chat_template:
+        raise NanotuneError(
+            "data.chat_style: model, but the tokenizer has no chat template; use markers"
+        )
+    return not tokenizer.chat_template
+
+
+def required_special_tokens(cfg: DataConfig, tokenizer: TokenizerLike) -> list[str]:
+    """Special tokens the format needs that the tokenizer lacks; the caller adds them and resizes the model."""
+    if cfg.format != "chat" or not uses_markers(cfg, tokenizer):
+        return []
+    return [t for t in MARKER_TOKENS if t not in tokenizer.special_tokens]
+
+
+def bos(tokenizer: TokenizerLike) -> list[int]:
+    """[bos_id] for models that expect BOS first (the tokenizer's `add_bos`), else []."""
+    bos_id = getattr(tokenizer, "bos_id", None)
+    return [bos_id] if getattr(tokenizer, "add_bos", False) and bos_id is not None else []
+
+
+def row_field(row: Row, name: str) -> Any:
+    value = row.get(name)
+    if value is None:
+        present = ", ".join(k for k in row if row[k] is not None) or "none"
+        raise BadRow(
+            f"{row.where}: missing column {name!r} (present: {present}); map it with data.columns"
+        )
+    return value
+
+
+def _render(template: str, row: Row, what: str) -> str:
+    class Fields(dict):
+        def __missing__(self, key: str) -> str:
+            return as_text(row_field(row, key))
+
+    try:
+        return template.format_map(Fields())
+    except (ValueError, IndexError, AttributeError) as e:
+        raise NanotuneError(
+            f"data.{what}: bad template {template!r} ({e}); use {{column}} fields"
+        ) from e
+
+
+def as_text(value: Any) -> str:
+    if isinstance(value, list):  # e.g. a list of tags
+        return ", ".join(str(v) for v in value)
+    return str(value)
+
+
+def _assemble(segments: Sequence[Segment], cfg: DataConfig, row: Row) -> Example:
+    """Concatenate segments into an Example, applying train_on_prompt and the truncation policy."""
+    ids: list[int] = []
+    answer: list[bool] = []
+    for seg_ids, is_answer in segments:
+        ids.extend(seg_ids)
+        answer.extend([is_answer] * len(seg_ids))
+    if not any(answer):
+        raise BadRow(f"{row.where}: nothing to train on (no completion/assistant tokens)")
+    excess = len(ids) - cfg.max_length
+    if excess > 0:
+        # Only leading prompt tokens may be cut; the supervised part is never shortened.
+        if cfg.truncate_prompt and not any(answer[:excess]):
+            ids, answer = ids[excess:], answer[excess:]
+        else:
+            raise TooLong(
+                f"{row.where}: example has {len(ids)} tokens, more than data.max_length="
+                f"{cfg.max_length}; raise max_length, set truncation: drop"
+                + ("" if cfg.truncate_prompt else " or truncate_prompt: true")
+            )
+    labels = [t if (a or cfg.train_on_prompt) else IGNORE for t, a in zip(ids, answer, strict=True)]
+    return Example(ids, labels)
+
+
+def format_completion(row: Row, tokenizer: TokenizerLike, cfg: DataConfig) -> Example:
+    prompt = _render(cfg.prompt_template, row, "prompt_template") + cfg.separator
+    completion = _render(cfg.completion_template, row, "completion_template")
+    return _assemble(
+        [
+            (bos(tokenizer) + tokenizer.encode(prompt), False),
+            (tokenizer.encode(completion) + [tokenizer.eos_id], True),
+        ],
+        cfg,
+        row,
+    )
+
+
+def format_alpaca(row: Row, tokenizer: TokenizerLike, cfg: DataConfig) -> Example:
+    extra = str(row.get("input") or "")
+    prompt = ALPACA_PROMPT.format(
+        extra=", paired with an input that provides further context" if extra else "",
+        instruction=as_text(row_field(row, "instruction")),
+        input_block=f"### Input:\n{extra}\n\n" if extra else "",
+    )
+    output = as_text(row_field(row, "output"))
+    return _assemble(
+        [
+            (bos(tokenizer) + tokenizer.encode(prompt), False),
+            (tokenizer.encode(output) + [tokenizer.eos_id], True),
+        ],
+        cfg,
+        row,
+    )
+
+
+def _answer_text(value: Any) -> str:
+    # SQuAD stores answers as {"text": [...], "answer_start": [...]}: train on the first one.
+    if isinstance(value, dict) and "text" in value:
+        value = value["text"]
+    if isinstance(value, list):
+        value = value[0] if value else ""
+    return str(value)
+
+
+def row_messages(row: Row, system_prompt: str = "") -> list[dict[str, str]]:
+    """The conversation in a chat row: `messages`, system/user/assistant, context/question/answer
+    or prompt/completion columns."""
+    if row.get("messages") is not None:
+        raw = row["messages"]
+        if not isinstance(raw, list):
+            raise BadRow(f"{row.where}: 'messages' must be a list of {{role, content}} objects")
+        messages = []
+        for i, m in enumerate(raw):
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise BadRow(f"{row.where}: messages[{i}] needs 'role' and 'content'")
+            messages.append({"role": str(m["role"]), "content": str(m["content"])})
+    elif row.get("user") is not None:
+        messages = [
+            {"role": "user", "content": str(row["user"])},
+            {"role": "assistant", "content": _answer_text(row_field(row, "assistant"))},
+        ]
+        if row.get("system"):
+            messages.insert(0, {"role": "system", "content": str(row["system"])})
+    elif row.get("question") is not None:
+        question = str(row["question"])
+        if row.get("context"):
+            question = f"Context: {row['context']}\n\nQuestion: {question}"
+        messages = [
+            {"role": "user", "content": question},
+            {"role": "assistant", "content": _answer_text(row_field(row, "answer"))},
+        ]
+    elif row.get("prompt") is not None:
+        messages = [
+            {"role": "user", "content": str(row["prompt"])},
+            {"role": "assistant", "content": _answer_text(row_field(row, "completion"))},
+        ]
+    else:
+        raise BadRow(
+            f"{row.where}: no conversation found; a chat row needs 'messages', user/assistant, "
+            "question/answer or prompt/completion columns (map yours with data.columns)"
+        )
+    for i, m in enumerate(messages):
+        if m["role"] not in ROLE_MARKERS:
+            raise BadRow(
+                f"{row.where}: messages[{i}] has role {m['role']!r}; use system, user or assistant"
+            )
+    if system_prompt and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    return messages
+
+
+def _marker_segments(messages: list[dict[str, str]], tokenizer: TokenizerLike) -> list[Segment]:
+    enc = tokenizer.encode
+    segments: list[Segment] = [(bos(tokenizer), False)]
+    for m in messages:
+        head = enc(f"{ROLE_MARKERS[m['role']]}\n")
+        if m["role"] == "assistant":
+            segments += [(head, False), (enc(m["content"] + END_MARKER), True), (enc("\n"), False)]
+        else:
+            segments.append((head + enc(m["content"] + END_MARKER + "\n"), False))
+    return segments
+
+
+def _template_segments(
+    messages: list[dict[str, str]], tokenizer: TokenizerLike, where: str
+) -> list[Segment]:
+    """Render prefix by prefix; each new piece of text is tokenized on its own."""
+
+    def render(msgs: list[dict[str, str]], gen: bool = False) -> str:
+        return tokenizer.apply_chat_template(msgs, add_generation_prompt=gen)
+
+    def piece(before: str, after: str) -> str:
+        if not after.startswith(before):
+            raise NanotuneError(
+                f"{where}: the model's chat template does not render conversations prefix by prefix; "
+                "set data.chat_style: markers"
+            )
+        return after[len(before) :]
+
+    # A turn's supervised span ends at its first special token (the end-of-turn marker); what
+    # follows it (e.g. a newline) belongs to the scaffolding of the next turn.
+    special = set(tokenizer.special_tokens.values()) | {tokenizer.eos_id}
+    segments: list[Segment] = []
+    try:
+        prev = render([])
+    except Exception:  # some templates index messages[0]; an empty conversation renders as nothing
+        prev = ""
+    for k, m in enumerate(messages):
+        if m["role"] == "assistant":
+            head = render(messages[:k], gen=True)
+            segments.append((tokenizer.encode(piece(prev, head)), False))
+            prev = head
+        full = render(messages[: k + 1])
+        ids = tokenizer.encode(piece(prev, full))
+        if m["role"] == "assistant":
+            end = next((i + 1 for i, t in enumerate(ids) if t in special), len(ids))
+            segments += [(ids[:end], True), (ids[end:], False)]
+        else:
+            segments.append((ids, False))
+        prev = full
+    return segments
+
+
+def format_chat(row: Row, tokenizer: TokenizerLike, cfg: DataConfig) -> Example:
+    messages = row_messages(row, cfg.system_prompt)
+    if uses_markers(cfg, tokenizer):
+        missing = [t for t in MARKER_TOKENS if t not in tokenizer.special_tokens]
+        if missing:
+            raise NanotuneError(
+                f"tokenizer lacks chat markers {', '.join(missing)}; add required_special_tokens(cfg, "
+                "tokenizer) with tokenizer.add_special_tokens and resize the model's embeddings"
+            )
+        segments = _marker_segments(messages, tokenizer)
+    else:
+        segments = _template_segments(messages, tokenizer, row.where)
+    return _assemble(segments, cfg, row)
+
+
+def chat_prompt_ids(
+    messages: list[dict[str, str]], tokenizer: TokenizerLike, cfg: DataConfig
+) -> list[int]:
+    """Token ids of a conversation ending where the assistant's reply starts (for generation),
+    rendered exactly as training renders it."""
+    messages = row_messages(Row({"messages": messages}, "chat"), cfg.system_prompt)
+    if uses_markers(cfg, tokenizer):
+        segments = _marker_segments(messages, tokenizer) + [
+            (tokenizer.encode(ROLE_MARKERS["assistant"] + "\n"), False)
+        ]
+    else:
+        rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return tokenizer.encode(rendered)
+    return [t for ids, _ in segments for t in ids]
+
+
+def class_index(value: Any, label_names: list[str], where: str) -> int:
+    """Index of a label given by name or by integer index; anything else is a BadRow."""
+    name = str(value)
+    if name in label_names:
+        return label_names.index(name)
+    if isinstance(value, int) or name.isdigit():
+        i = int(name)
+        if 0 <= i < len(label_names):
+            return i
+    raise BadRow(
+        f"{where}: label {value!r} is not one of {', '.join(label_names)}; fix the row or data.label_names"
+    )
+
+
+def format_classification(
+    row: Row, tokenizer: TokenizerLike, cfg: DataConfig, label_names: list[str]
+) -> ClassExample:
+    ids = bos(tokenizer) + tokenizer.encode(as_text(row_field(row, "text")))
+    label = class_index(row_field(row, "label"), label_names, row.where)
+    if not ids:
+        raise BadRow(f"{row.where}: empty text")
+    if len(ids) > cfg.max_length:
+        if not cfg.truncate_prompt:
+            raise TooLong(
+                f"{row.where}: text has {len(ids)} tokens, more than data.max_length={cfg.max_length}; "
+                "raise max_length, set truncation: drop or truncate_prompt: true"
+            )
+        ids = ids[: cfg.max_length]
+    return ClassExample(ids, label)
+
+
+def chunk_text(docs: list[list[int]], eos_id: int, block_size: int) -> list[Example]:
+    """Concatenate tokenized documents with EOS between them and cut fixed blocks; all supervised."""
+    stream = [t for doc in docs for t in [*doc, eos_id]]
+    blocks = [stream[i : i + block_size] for i in range(0, len(stream), block_size)]
+    return [Example(b, list(b)) for b in blocks if len(b) >= 2]
+
+
+LM_FORMATS: dict[str, Callable[[Row, TokenizerLike, DataConfig], Example]] = {
+    "completion": format_completion,
+    "chat": format_chat,
+    "alpaca": format_alpaca,
+}

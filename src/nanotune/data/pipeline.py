@@ -1,0 +1,210 @@
+"""From a DataConfig and a tokenizer to the examples of each split, with counts of what was left out."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from nanotune.data.config import DataConfig
+from nanotune.data.example import ClassExample, Example
+from nanotune.data.formats import (
+    LM_FORMATS,
+    TokenizerLike,
+    TooLong,
+    as_text,
+    bos,
+    chunk_text,
+    format_classification,
+    required_special_tokens,
+    row_field,
+)
+from nanotune.data.sources import BadRow, Row, balance_rows, iter_source, split_rows
+from nanotune.errors import NanotuneError
+
+
+@dataclass
+class Datasets:
+    """The examples of each split and an account of every row that did not become one.
+
+    `stats[split]` counts rows read, examples made, `skipped_bad_row` (on_bad_row: skip) and
+    `dropped_too_long` (truncation: drop); `problems` keeps the first messages for the report.
+    """
+
+    splits: dict[str, list[Example] | list[ClassExample]]
+    stats: dict[str, Counter] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+    label_names: list[str] | None = None
+    added_tokens: list[str] = field(default_factory=list)
+
+    @property
+    def train(self) -> list[Example] | list[ClassExample]:
+        return self.splits["train"]
+
+    @property
+    def val(self) -> list[Example] | list[ClassExample]:
+        return self.splits.get("val", [])
+
+    def summary(self) -> str:
+        """One line per split: examples kept, rows skipped or dropped."""
+        lines = []
+        for name, c in self.stats.items():
+            line = f"{name}: {c['examples']} examples from {c['rows']} rows"
+            left = [
+                f"{c[k]} {k.replace('_', ' ')}"
+                for k in ("skipped_bad_row", "dropped_too_long")
+                if c[k]
+            ]
+            lines.append(line + (f" ({', '.join(left)})" if left else ""))
+        return "\n".join(lines)
+
+
+MAX_PROBLEMS = 20
+
+
+def _read(spec: str, cfg: DataConfig, stats: Counter, problems: list[str]) -> list[Row]:
+    rows = []
+    for item in iter_source(spec, cfg.text_unit, cfg.hf_config):
+        if isinstance(item, BadRow):
+            _bad(item, cfg, stats, problems)
+            continue
+        try:
+            rows.append(_map_columns(item, cfg))
+        except BadRow as e:
+            _bad(e, cfg, stats, problems)
+    return rows
+
+
+def _bad(e: BadRow, cfg: DataConfig, stats: Counter, problems: list[str]) -> None:
+    if cfg.on_bad_row == "error":
+        raise NanotuneError(f"{e} (or set data.on_bad_row: skip to skip such rows)") from e
+    stats["skipped_bad_row"] += 1
+    if len(problems) < MAX_PROBLEMS:
+        problems.append(str(e))
+
+
+def _map_columns(row: Row, cfg: DataConfig) -> Row:
+    for canonical, column in cfg.columns.items():
+        if column not in row:
+            raise BadRow(
+                f"{row.where}: missing column {column!r} (data.columns.{canonical}); "
+                f"columns present: {', '.join(row)}"
+            )
+        row[canonical] = row[column]
+    if cfg.format == "classification":  # checked at read time so splitting can stratify by label
+        row_field(row, "text")
+        row_field(row, "label")
+    return row
+
+
+def _label_key(row: Row) -> str:
+    return str(row_field(row, "label"))
+
+
+def _label_names(cfg: DataConfig, rows: list[Row]) -> list[str]:
+    if cfg.label_names is not None:
+        return cfg.label_names
+    names = sorted({_label_key(r) for r in rows})
+    if all(n.lstrip("-").isdigit() for n in names):
+        names.sort(key=int)
+    if len(names) < 2:
+        raise NanotuneError(
+            f"{cfg.source}: found {len(names)} distinct label(s) {names}; classification needs at "
+            "least two (or set data.label_names)"
+        )
+    return names
+
+
+def _split(cfg: DataConfig, stats: dict[str, Counter], problems: list[str]) -> dict[str, list[Row]]:
+    stats["train"] = Counter()
+    rows = _read(cfg.source, cfg, stats["train"], problems)
+    stratify = cfg.format == "classification" and cfg.stratify
+    fractions = {}
+    for name, given, frac in (
+        ("val", cfg.val_source, cfg.val_fraction),
+        ("test", cfg.test_source, cfg.test_fraction),
+    ):
+        if given is None and frac > 0:
+            fractions[name] = frac
+    if cfg.balance and rows:
+        try:
+            rows = balance_rows(rows, _label_key, cfg.seed)
+        except BadRow as e:
+            raise NanotuneError(f"{e} (balancing needs a label on every row)") from e
+    out = split_rows(rows, fractions, cfg.seed, _label_key if stratify else None)
+    for name in fractions:
+        stats[name] = Counter()  # their bad rows were counted under train, where they were read
+    for name, given in (("val", cfg.val_source), ("test", cfg.test_source)):
+        if given is not None:
+            stats[name] = Counter()
+            out[name] = _read(given, cfg, stats[name], problems)
+    for name, split_rows_ in out.items():
+        if cfg.limit is not None:
+            out[name] = split_rows_[: cfg.limit]
+        stats[name]["rows"] = len(out[name])
+        if not out[name]:
+            where = {"val": cfg.val_source, "test": cfg.test_source}.get(name) or cfg.source
+            raise NanotuneError(
+                f"{where}: the {name} split is empty; check the file, the fractions or on_bad_row skips"
+            )
+    return out
+
+
+def _examples(
+    rows: list[Row],
+    cfg: DataConfig,
+    tokenizer: TokenizerLike,
+    label_names: list[str] | None,
+    stats: Counter,
+    problems: list[str],
+) -> list[Any]:
+    if cfg.format == "text":
+        docs = []
+        for row in rows:
+            try:
+                docs.append(bos(tokenizer) + tokenizer.encode(as_text(row_field(row, "text"))))
+            except BadRow as e:
+                _bad(e, cfg, stats, problems)
+        return chunk_text(docs, tokenizer.eos_id, cfg.block_size)
+    out = []
+    for row in rows:
+        try:
+            if cfg.format == "classification":
+                out.append(format_classification(row, tokenizer, cfg, label_names or []))
+            else:
+                out.append(LM_FORMATS[cfg.format](row, tokenizer, cfg))
+        except TooLong as e:
+            if cfg.truncation == "error":
+                raise
+            stats["dropped_too_long"] += 1
+            if len(problems) < MAX_PROBLEMS:
+                problems.append(str(e))
+        except BadRow as e:
+            _bad(e, cfg, stats, problems)
+    return out
+
+
+def build_datasets(cfg: DataConfig, tokenizer: TokenizerLike) -> Datasets:
+    """Read, split and format every split. Adds any chat markers the format needs to `tokenizer`
+    (listed in `added_tokens`: the caller must resize the model's embeddings to match)."""
+    stats: dict[str, Counter] = {}
+    problems: list[str] = []
+    rows = _split(cfg, stats, problems)
+    label_names = None
+    if cfg.format == "classification":
+        try:
+            label_names = _label_names(cfg, rows["train"])
+        except BadRow as e:
+            raise NanotuneError(f"{e} (classification needs a label on every row)") from e
+    added = required_special_tokens(cfg, tokenizer)
+    if added:
+        tokenizer.add_special_tokens(added)
+    splits = {}
+    for name, split_rows_ in rows.items():
+        splits[name] = _examples(split_rows_, cfg, tokenizer, label_names, stats[name], problems)
+        stats[name]["examples"] = len(splits[name])
+        if not splits[name]:
+            raise NanotuneError(
+                f"{cfg.source}: no {name} examples left after formatting ({problems[0] if problems else 'no rows'})"
+            )
+    return Datasets(splits, stats, problems, label_names, added)

@@ -1,0 +1,212 @@
+"""Label masks of every format: the supervised tokens decode to exactly the answer and its end token."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from nanotune.data import (
+    IGNORE,
+    DataConfig,
+    build_datasets,
+    chat_prompt_ids,
+    required_special_tokens,
+)
+from nanotune.data.formats import (
+    END_MARKER,
+    format_alpaca,
+    format_chat,
+    format_classification,
+    format_completion,
+)
+from nanotune.data.sources import Row
+from nanotune.errors import NanotuneError
+from nanotune.tokenizer import Tokenizer, gpt2_tokenizer
+
+
+@pytest.fixture
+def gpt2():
+    return gpt2_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def smol(smollm2_gguf):
+    return Tokenizer.from_gguf(smollm2_gguf)
+
+
+def supervised(tok, ex) -> str:
+    return tok.decode([t for t, lab in zip(ex.ids, ex.labels, strict=True) if lab != IGNORE])
+
+
+def prompt_part(tok, ex) -> str:
+    return tok.decode([t for t, lab in zip(ex.ids, ex.labels, strict=True) if lab == IGNORE])
+
+
+def spans(ex) -> int:
+    """Number of separate supervised runs."""
+    sup = [lab != IGNORE for lab in ex.labels]
+    return sum(1 for i, s in enumerate(sup) if s and (i == 0 or not sup[i - 1]))
+
+
+def test_completion_supervises_completion_and_eos_only(gpt2):
+    cfg = DataConfig(
+        source="x", prompt_template="{quote}", separator=" ->: ", completion_template="{tags}"
+    )
+    row = Row(
+        {"quote": "Be yourself; everyone else is taken.", "tags": ["be-yourself", "honesty"]}, "q:1"
+    )
+    ex = format_completion(row, gpt2, cfg)
+    assert supervised(gpt2, ex) == "be-yourself, honesty<|endoftext|>"
+    assert prompt_part(gpt2, ex) == "Be yourself; everyone else is taken. ->: "
+    assert ex.ids[-1] == gpt2.eos_id and ex.labels[-1] == gpt2.eos_id
+    on_prompt = format_completion(
+        row, gpt2, DataConfig(**{**cfg.__dict__, "train_on_prompt": True})
+    )
+    assert on_prompt.labels == on_prompt.ids
+
+
+def test_alpaca_supervises_output_only(gpt2):
+    cfg = DataConfig(source="x", format="alpaca")
+    row = Row({"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"}, "a:1")
+    ex = format_alpaca(row, gpt2, cfg)
+    assert supervised(gpt2, ex) == "5<|endoftext|>"
+    assert "### Input:\n2 and 3" in prompt_part(gpt2, ex)
+    no_input = format_alpaca(Row({"instruction": "Say hi.", "output": "hi"}, "a:2"), gpt2, cfg)
+    assert "### Input" not in prompt_part(gpt2, no_input)
+    assert supervised(gpt2, no_input) == "hi<|endoftext|>"
+
+
+def test_gpt2_chat_markers_multi_turn(gpt2):
+    cfg = DataConfig(source="x", format="chat", system_prompt="Be brief.")
+    assert required_special_tokens(cfg, gpt2) == [
+        "<|system|>",
+        "<|user|>",
+        "<|assistant|>",
+        "<|end|>",
+    ]
+    row = Row(
+        {
+            "messages": [
+                {"role": "user", "content": "Hi there"},
+                {"role": "assistant", "content": "Hello!"},
+                {"role": "user", "content": "2+2?"},
+                {"role": "assistant", "content": "4"},
+            ]
+        },
+        "c:1",
+    )
+    with pytest.raises(NanotuneError, match="lacks chat markers"):
+        format_chat(row, gpt2, cfg)
+    n_before = gpt2.vocab_size
+    gpt2.add_special_tokens(required_special_tokens(cfg, gpt2))
+    assert gpt2.vocab_size == n_before + 4 and required_special_tokens(cfg, gpt2) == []
+    ex = format_chat(row, gpt2, cfg)
+    assert supervised(gpt2, ex) == f"Hello!{END_MARKER}4{END_MARKER}"
+    assert spans(ex) == 2
+    assert prompt_part(gpt2, ex).startswith(
+        "<|system|>\nBe brief.<|end|>\n<|user|>\nHi there<|end|>"
+    )
+    # Each marker is one token, and generation prompts are rendered exactly as in training.
+    assert gpt2.encode("<|assistant|>") == [gpt2.special_tokens["<|assistant|>"]]
+    prompt = chat_prompt_ids(row["messages"][:3], gpt2, cfg)
+    assert ex.ids[: len(prompt)] == prompt
+    assert ex.labels[len(prompt) - 1] == IGNORE and ex.labels[len(prompt)] != IGNORE
+
+
+def test_smollm2_chat_template_multi_turn(smol):
+    cfg = DataConfig(source="x", format="chat")
+    assert required_special_tokens(cfg, smol) == []
+    messages = [
+        {"role": "system", "content": "You answer in one word."},
+        {"role": "user", "content": "Colour of the sky?"},
+        {"role": "assistant", "content": "Blue."},
+        {"role": "user", "content": "And grass?"},
+        {"role": "assistant", "content": "Green."},
+    ]
+    ex = format_chat(Row({"messages": messages}, "c:1"), smol, cfg)
+    assert supervised(smol, ex) == "Blue.<|im_end|>Green.<|im_end|>"
+    assert spans(ex) == 2
+    # The ids are the whole rendered conversation: nothing lost or added between pieces.
+    assert smol.decode(ex.ids) == smol.apply_chat_template(messages)
+    prompt = chat_prompt_ids(messages[:4], smol, cfg)
+    assert ex.ids[: len(prompt)] == prompt and ex.labels[len(prompt)] != IGNORE
+
+
+def test_squad_style_context_question_answer(smol):
+    cfg = DataConfig(source="x", format="chat")
+    row = Row(
+        {
+            "context": "Paris is the capital of France.",
+            "question": "What is the capital of France?",
+            "answers": {"text": ["Paris"], "answer_start": [0]},
+        },
+        "squad: row 0",
+    )
+    row["answer"] = row["answers"]  # what data.columns {answer: answers} does
+    ex = format_chat(row, smol, cfg)
+    assert supervised(smol, ex) == "Paris<|im_end|>"
+    assert (
+        "Context: Paris is the capital of France.\n\nQuestion: What is the capital"
+        in prompt_part(smol, ex)
+    )
+
+
+def test_text_blocks_supervise_every_token_with_eos_between_docs(tmp_path, gpt2):
+    (tmp_path / "a.txt").write_text("The first document is here.")
+    (tmp_path / "b.txt").write_text("A second one follows it, somewhat longer than the first.")
+    data = build_datasets(
+        DataConfig(source=str(tmp_path), format="text", block_size=8, max_length=8), gpt2
+    )
+    blocks = data.train
+    assert all(len(b.ids) <= 8 and b.labels == b.ids for b in blocks)
+    stream = [t for b in blocks for t in b.ids]
+    eos = gpt2.eos_id
+    assert stream.count(eos) == 2 and stream[-1] == eos
+    assert gpt2.decode(stream) == (
+        "The first document is here.<|endoftext|>"
+        "A second one follows it, somewhat longer than the first.<|endoftext|>"
+    )
+
+
+def test_classification_labels_by_name_and_index(gpt2):
+    cfg = DataConfig(source="x", format="classification", label_names=["ham", "spam"])
+    assert (
+        format_classification(
+            Row({"text": "win cash", "label": "spam"}, "s:1"), gpt2, cfg, cfg.label_names
+        ).label
+        == 1
+    )
+    assert (
+        format_classification(
+            Row({"text": "hi mum", "label": 0}, "s:2"), gpt2, cfg, cfg.label_names
+        ).label
+        == 0
+    )
+    with pytest.raises(NanotuneError, match=r"s:3: label 'eggs' is not one of ham, spam"):
+        format_classification(
+            Row({"text": "x", "label": "eggs"}, "s:3"), gpt2, cfg, cfg.label_names
+        )
+
+
+def test_truncation_never_cuts_the_answer(tmp_path, gpt2):
+    long_prompt = "word " * 40
+    rows = [
+        {"prompt": long_prompt, "completion": "short answer"},
+        {"prompt": "hi", "completion": "ok"},
+    ]
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    base = dict(source=str(path), max_length=16)
+    dropped = build_datasets(DataConfig(**base), gpt2)
+    assert len(dropped.train) == 1 and dropped.stats["train"]["dropped_too_long"] == 1
+    assert "dropped too long" in dropped.summary()
+    with pytest.raises(NanotuneError, match=rf"{path}:1: example has \d+ tokens"):
+        build_datasets(DataConfig(**base, truncation="error"), gpt2)
+    cut = build_datasets(DataConfig(**base, truncate_prompt=True), gpt2)
+    assert len(cut.train) == 2 and len(cut.train[0].ids) == 16
+    assert supervised(gpt2, cut.train[0]) == "short answer<|endoftext|>"
+    # An answer longer than max_length cannot be saved by cutting the prompt.
+    path.write_text(json.dumps({"prompt": "hi", "completion": long_prompt}))
+    with pytest.raises(NanotuneError, match=":1: example has"):
+        build_datasets(DataConfig(**base, truncate_prompt=True, truncation="error"), gpt2)
