@@ -1,0 +1,55 @@
+"""Sequence classification head over the decoder, pooling the last real token."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from nanotune.errors import NanotuneError
+from nanotune.models.transformer import Transformer
+
+
+class SequenceClassifier(nn.Module):
+    """`score(hidden at the last non-pad token)`, as Hugging Face's GPT2ForSequenceClassification.
+
+    Rows are right-padded (docs/design.md), so the state at index `lengths - 1` has seen exactly
+    the real tokens: causal attention keeps the pads after it out of its view.
+    """
+
+    def __init__(
+        self, body: Transformer, num_labels: int, label_names: list[str] | None = None
+    ) -> None:
+        super().__init__()
+        if num_labels < 2:
+            raise NanotuneError(
+                f"a classifier needs at least 2 labels, got num_labels={num_labels}"
+            )
+        names = [str(i) for i in range(num_labels)] if label_names is None else list(label_names)
+        if len(names) != num_labels:
+            raise NanotuneError(
+                f"label_names has {len(names)} names for num_labels={num_labels}; give one per label"
+            )
+        self.body = body
+        self.label_names = names
+        self.score = nn.Linear(
+            body.config.n_embd,
+            num_labels,
+            bias=False,
+            device=body.device,
+            dtype=body.wte.weight.dtype,
+        )
+        nn.init.normal_(self.score.weight, std=0.02)
+
+    @property
+    def config(self):
+        return self.body.config
+
+    @property
+    def num_labels(self) -> int:
+        return self.score.out_features
+
+    def forward(self, input_ids: Tensor, lengths: Tensor) -> Tensor:
+        """Logits [B, num_labels]; lengths [B] counts the real tokens of each row (>= 1)."""
+        h = self.body.hidden(input_ids)
+        pooled = h[torch.arange(h.shape[0], device=h.device), lengths.to(h.device) - 1]
+        return self.score(pooled.to(self.score.weight.dtype))

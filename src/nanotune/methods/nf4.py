@@ -1,0 +1,81 @@
+"""NF4 (4-bit NormalFloat) base weights through torchao: quantize, dequantize, measure."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from nanotune.errors import NanotuneError
+
+
+def _torchao_nf4():
+    try:
+        from torchao.quantization import to_nf4
+        from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import NF4Tensor, linear_nf4
+    except ImportError as e:  # optional extra
+        raise NanotuneError(
+            "qlora needs torchao; install it with `pip install 'nanotune[qlora]'`"
+        ) from e
+    return to_nf4, NF4Tensor, linear_nf4
+
+
+def is_nf4(t: Tensor) -> bool:
+    return type(t).__name__ == "NF4Tensor"
+
+
+def quantize_nf4(weight: Tensor, block_size: int, where: str) -> Tensor:
+    """NF4 copy of a 2-D weight; `where` names the layer in errors."""
+    to_nf4, _, _ = _torchao_nf4()
+    n = weight.numel()
+    if n % block_size:
+        raise NanotuneError(
+            f"{where}: {n} weights are not a multiple of method.block_size={block_size}; "
+            "pick a block size that divides every layer (64 fits all GPT-2 and Llama sizes)"
+        )
+    # torchao quantizes the per-block scales again in groups; the group must divide the number
+    # of blocks. 256 is torchao's default, smaller groups only for tiny layers.
+    scaler_block = math.gcd(n // block_size, 256)
+    return to_nf4(
+        weight.detach().contiguous(), block_size=block_size, scaler_block_size=scaler_block
+    )
+
+
+def dequantize(weight: Tensor) -> Tensor:
+    """Plain tensor of a weight that may be NF4."""
+    return weight.get_original_weight() if is_nf4(weight) else weight
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """F.linear that also takes an NF4 weight (dequantized block by block in forward and backward)."""
+    if is_nf4(weight):
+        _, _, linear_nf4 = _torchao_nf4()
+        out = linear_nf4(x, weight)
+        return out if bias is None else out + bias
+    return nn.functional.linear(x, weight, bias)
+
+
+def storage_bytes(t: Tensor) -> int:
+    """Bytes a tensor actually holds: for NF4 the packed codes, the scales and their scales."""
+    if is_nf4(t):
+        names, _ = t.__tensor_flatten__()
+        return sum(storage_bytes(getattr(t, n)) for n in names)
+    return t.numel() * t.element_size()
+
+
+def base_weight_bytes(model: nn.Module) -> tuple[int, int]:
+    """(bytes held by NF4 weights, bytes the same weights take in float32)."""
+    held = fp32 = 0
+    for p in model.parameters():
+        if is_nf4(p):
+            held += storage_bytes(p)
+            fp32 += p.numel() * 4
+    return held, fp32
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """Compute dtype: 'auto' is float32 on CPU (bf16 matmul is slow there) and bfloat16 on GPU."""
+    if name == "auto":
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    return getattr(torch, name)
