@@ -13,8 +13,8 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
+from nanotune.data import ClassExample, Example
 from nanotune.errors import NanotuneError
 from nanotune.eval import (
     EvalConfig,
@@ -22,6 +22,8 @@ from nanotune.eval import (
     classification_eval,
     compare,
     compare_rows,
+    evaluate_before_after,
+    evaluate_model,
     generate_for_eval,
     generation_metrics,
     perplexity,
@@ -41,6 +43,7 @@ from nanotune.eval.metrics import (
     tag_scores,
 )
 from nanotune.eval.reward import compare_rewards
+from nanotune.methods import SequenceClassifier
 from nanotune.models import ModelConfig, Transformer
 
 
@@ -187,22 +190,9 @@ def test_perplexity_passes_packing_positions_and_doc_ids():
     assert perplexity(model, [lm_batch(97, 3)])["loss"] != pytest.approx(ce.item(), abs=1e-3)
 
 
-class TinyClassifier(nn.Module):
-    """Reads the last non-pad token's hidden state, as SequenceClassifier does."""
-
-    def __init__(self, body: Transformer, num_labels: int, label_names: list[str]) -> None:
-        super().__init__()
-        self.body, self.label_names = body, label_names
-        self.head = nn.Linear(body.config.n_embd, num_labels)
-
-    def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        h = self.body.hidden(input_ids)
-        return self.head(h[torch.arange(len(lengths)), lengths - 1])
-
-
 def test_classification_eval_on_tiny_classifier():
     torch.manual_seed(0)
-    model = TinyClassifier(tiny_model(), 3, ["neg", "neu", "pos"])
+    model = SequenceClassifier(tiny_model(), 3, ["neg", "neu", "pos"])
     g = torch.Generator().manual_seed(5)
     batches = []
     for _ in range(3):
@@ -264,7 +254,6 @@ def test_split_prompt_uses_the_label_mask():
 
 
 def test_generation_eval_prompts_as_trained_and_scores_exact_answers():
-    from nanotune.data.example import Example
     from nanotune.generate import GenerationConfig, generate
 
     tok, model = ByteTokenizer(), tiny_model(vocab=257).eval()
@@ -503,3 +492,55 @@ def test_report_names_bad_metrics_line(tmp_path):
     with pytest.raises(NanotuneError, match=r"metrics.jsonl:2: not valid JSON"):
         write_report(tmp_path, {}, tmp_path / "metrics.jsonl", {}, {}, [])
     assert not (tmp_path / "report.html").exists()
+
+
+# --- a whole evaluation, before and after ------------------------------------------------------
+
+
+def qa_examples(tok: ByteTokenizer) -> list[Example]:
+    out = []
+    for q, a in [("sky?", "blue"), ("grass?", "green"), ("snow?", "white"), ("coal?", "black")]:
+        p_ids, a_ids = tok.encode(f"Q: {q} A:"), tok.encode(f" {a}") + [256]
+        out.append(Example(p_ids + a_ids, [-100] * len(p_ids) + a_ids))
+    return out
+
+
+def test_evaluate_before_after_runs_the_same_evaluation_on_both_models():
+    tok = ByteTokenizer()
+    base, tuned = tiny_model(vocab=257, seed=0).eval(), tiny_model(vocab=257, seed=1).eval()
+    examples = qa_examples(tok)
+    cfg = EvalConfig(
+        metrics=["perplexity", "squad", "exact_match"],
+        max_examples=3,
+        batch_size=2,
+        max_new_tokens=4,
+        num_samples=2,
+    )
+    result = evaluate_before_after(base, tok, lambda m: tuned, examples, cfg)
+
+    # Same numbers as evaluating each model alone on the first 3 examples.
+    alone_base, gens_base = evaluate_model(base, tok, examples[:3], cfg)
+    alone_tuned, gens_tuned = evaluate_model(tuned, tok, examples[:3], cfg)
+    assert result.before == alone_base and result.after == alone_tuned
+    # Supervised tokens: " blue"+EOS, " green"+EOS, " white"+EOS = 6 + 7 + 7; the 4th is cut.
+    assert result.before["tokens"] == 20
+    assert result.before["perplexity"] != pytest.approx(result.after["perplexity"], rel=1e-3)
+    assert [s["after"] for s in result.samples] == gens_tuned.outputs[:2]
+    assert [s["before"] for s in result.samples] == gens_base.outputs[:2]
+    assert result.samples[1]["reference"] == "green"
+
+
+def test_evaluate_model_checks_metrics_fit_the_data():
+    tok = ByteTokenizer()
+    model = tiny_model(vocab=257)
+    with pytest.raises(NanotuneError, match="accuracy needs format: classification"):
+        evaluate_model(model, tok, qa_examples(tok), EvalConfig(metrics=["accuracy"]))
+    classifier = SequenceClassifier(model, 2, ["ham", "spam"])
+    data = [ClassExample([1, 2, 3], 0), ClassExample([4, 5], 1), ClassExample([6], 1)]
+    with pytest.raises(NanotuneError, match="perplexity need a language-model format"):
+        evaluate_model(classifier, tok, data, EvalConfig(metrics=["perplexity"]))
+    metrics, gens = evaluate_model(
+        classifier, tok, data, EvalConfig(metrics=["accuracy"], batch_size=2)
+    )
+    assert gens is None and metrics["confusion"]["labels"] == ["ham", "spam"]
+    assert sum(map(sum, metrics["confusion"]["matrix"])) == 3

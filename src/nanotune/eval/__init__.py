@@ -16,8 +16,12 @@ from nanotune.eval.evaluate import (
 )
 from nanotune.eval.report import write_report
 from nanotune.eval.reward import RewardModel, compare_rewards
+from nanotune.eval.run import BeforeAfter, evaluate_before_after, evaluate_model
 
 __all__ = [
+    "BeforeAfter",
+    "evaluate_before_after",
+    "evaluate_model",
     "METRICS",
     "EvalConfig",
     "Generations",

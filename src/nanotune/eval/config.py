@@ -24,7 +24,7 @@ class EvalConfig:
     """How a model is evaluated (the `eval:` section of a recipe).
 
     metrics: names from `METRICS` (perplexity, accuracy, exact_match, squad, tag_f1, reward).
-    split: which data split to evaluate on.
+    split: which data split to evaluate on (train, val or test, as the data pipeline names them).
     max_examples: evaluate at most this many examples (None: the whole split).
     batch_size: examples per forward pass (and per generation batch).
     max_new_tokens: generation budget per example for the generation metrics.
@@ -37,7 +37,7 @@ class EvalConfig:
     """
 
     metrics: list[str] = field(default_factory=lambda: ["perplexity"])
-    split: str = "validation"
+    split: str = "val"
     max_examples: int | None = 200
     batch_size: int = 8
     max_new_tokens: int = 64
