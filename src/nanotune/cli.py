@@ -11,6 +11,304 @@ import sys
 
 from nanotune.errors import NanotuneError
 
+# --- generate, chat, models, export ----------------------------------------------------------
+
+
+def _add_model_args(p: argparse.ArgumentParser, adapter: bool = True) -> None:
+    from nanotune.models import DEFAULT_MODEL
+
+    p.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"preset name, local HF folder or .gguf file, or hub id (default: {DEFAULT_MODEL})",
+    )
+    if adapter:
+        p.add_argument("--adapter", metavar="DIR", help="PEFT/LoRA adapter folder to apply")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-new-tokens", type=int, default=256, metavar="N")
+    g.add_argument(
+        "--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default)"
+    )
+    g.add_argument("--top-k", type=int, default=0, metavar="K", help="0 = off (default)")
+    g.add_argument("--top-p", type=float, default=1.0, metavar="P", help="1.0 = off (default)")
+    g.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=1.0,
+        metavar="R",
+        help="1.0 = off (default); >1 discourages repeats",
+    )
+    g.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        metavar="S",
+        help="stop at this text (repeatable); it is not printed",
+    )
+    g.add_argument("--seed", type=int, metavar="N", help="seed for reproducible sampling")
+
+
+def _generation_config(args: argparse.Namespace):
+    from nanotune.generate import GenerationConfig
+
+    return GenerationConfig(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        stop=tuple(args.stop),
+        seed=args.seed,
+    )
+
+
+def _load(args: argparse.Namespace):
+    """(model, tokenizer) named by --model, with --adapter applied when given."""
+    from nanotune.weights import load_model
+
+    model, tokenizer = load_model(args.model)
+    if getattr(args, "adapter", None):
+        from nanotune.weights.peft import load_adapter
+
+        load_adapter(model, args.adapter)
+    return model.eval(), tokenizer
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="complete a prompt or answer one chat message",
+        description="Generate text from a prompt, or reply to one chat message.",
+    )
+    _add_model_args(p)
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", metavar="TEXT", help="plain text to continue")
+    what.add_argument("--chat", metavar="TEXT", help="user message, through the chat template")
+    p.add_argument("--system", metavar="TEXT", help="system message for --chat")
+    p.add_argument("--stream", action="store_true", help="print text as it is generated")
+    _add_sampling_args(p)
+    p.set_defaults(func=cmd_generate)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from nanotune.generate import chat_prompt, generate, stream
+
+    config = _generation_config(args)  # bad values fail before the model loads
+    if args.system and args.chat is None:
+        raise NanotuneError("--system needs --chat (a plain --prompt has no roles)")
+    model, tokenizer = _load(args)
+    text = args.prompt
+    if args.chat is not None:
+        system = [{"role": "system", "content": args.system}] if args.system else []
+        text = chat_prompt(tokenizer, [*system, {"role": "user", "content": args.chat}])
+    if args.stream:
+        for piece in stream(model, tokenizer, text, config):
+            print(piece, end="", flush=True)
+        print()
+    else:
+        print(generate(model, tokenizer, [text], config)[0])
+    return 0
+
+
+def _add_chat(sub) -> None:
+    p = sub.add_parser(
+        "chat",
+        help="interactive chat in the terminal",
+        description="Chat with a model; /reset clears the history, /exit quits.",
+    )
+    _add_model_args(p)
+    p.add_argument("--system", metavar="TEXT", help="system message")
+    _add_sampling_args(p)
+    p.set_defaults(func=cmd_chat)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from nanotune.generate import chat_prompt, stream
+
+    config = _generation_config(args)
+    model, tokenizer = _load(args)
+    chat_prompt(tokenizer, [{"role": "user", "content": ""}])  # fail now if it has no template
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    room = model.config.block_size - config.max_new_tokens
+    history: list[dict[str, str]] = []
+    print(
+        f"nanotune chat with {args.model}: /reset clears the history, /exit quits", file=sys.stderr
+    )
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            print()
+            return 0
+        if line == "/exit":
+            return 0
+        if line == "/reset":
+            history = []
+            print("(history cleared)")
+            continue
+        if not line:
+            continue
+        history.append({"role": "user", "content": line})
+        prompt = chat_prompt(tokenizer, system + history)
+        # Forget the oldest exchanges rather than overflow the context.
+        while len(tokenizer.encode(prompt)) > room and len(history) > 1:
+            history = history[2:]
+            prompt = chat_prompt(tokenizer, system + history)
+        reply = []
+        try:
+            for piece in stream(model, tokenizer, prompt, config):
+                print(piece, end="", flush=True)
+                reply.append(piece)
+        except NanotuneError as e:
+            print(f"nanotune: error: {e}", file=sys.stderr)
+            history.pop()
+            continue
+        print()
+        history.append({"role": "assistant", "content": "".join(reply)})
+
+
+def _add_models(sub) -> None:
+    p = sub.add_parser("models", help="list the model presets and whether each works offline")
+    p.set_defaults(func=cmd_models)
+
+
+def _offline(preset) -> bool:
+    """Whether the preset's weights are on this machine now (package or hub cache); no network."""
+    import importlib.util
+    from pathlib import Path
+
+    if preset.package:
+        spec = importlib.util.find_spec(preset.package)
+        if spec and spec.submodule_search_locations:
+            folder = Path(next(iter(spec.submodule_search_locations)))
+            if not preset.package_file or (folder / preset.package_file).is_file():
+                return True
+    if preset.hub_id:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(preset.hub_id, "config.json"), str)
+    return False
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from nanotune.models import DEFAULT_MODEL, PRESETS
+
+    rows = [("preset", "description", "source", "offline")]
+    for name, preset in PRESETS.items():
+        sources = [s for s in (preset.hub_id, preset.package and f"package {preset.package}") if s]
+        mark = " (default)" if name == DEFAULT_MODEL else ""
+        rows.append(
+            (
+                name + mark,
+                preset.description,
+                ", ".join(sources),
+                "yes" if _offline(preset) else "no",
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[3])
+    return 0
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser(
+        "export",
+        help="write a model as a Hugging Face folder",
+        description="Write a model (preset, .gguf, folder) as an HF folder: "
+        "config.json, model.safetensors and tokenizer files.",
+    )
+    _add_model_args(p, adapter=False)
+    p.add_argument("out_dir", metavar="OUT_DIR", help="folder to create")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    out = Path(args.out_dir)
+    # Refuse before the (slow) load; save_model checks again and writes atomically.
+    if out.exists() and not args.overwrite:
+        raise NanotuneError(f"{out} already exists; choose another folder or pass --overwrite")
+    from nanotune.weights import save_model
+
+    model, tokenizer = _load(args)
+    save_model(model, tokenizer, out, overwrite=args.overwrite)
+    print(f"wrote {out}")
+    return 0
+
+
+# --- eval ------------------------------------------------------------------------------------
+
+
+def _add_eval(sub) -> None:
+    from nanotune.eval import METRICS
+
+    p = sub.add_parser(
+        "eval",
+        help="evaluate a model, or a base model and its fine-tune side by side",
+        description="Run the same evaluation on the base model and on the fine-tuned one (adapter "
+        "or full folder) and print the metrics side by side with deltas.",
+    )
+    _add_model_args(p, adapter=False)
+    tuned = p.add_mutually_exclusive_group()
+    tuned.add_argument("--adapter", metavar="DIR", help="PEFT/LoRA adapter folder over --model")
+    tuned.add_argument("--finetuned", metavar="DIR", help="fine-tuned full model folder")
+    p.add_argument("--data", metavar="FILE", required=True,
+                   help="data file, folder, builtin:<name> or hf:<id>; every row is evaluated")
+    p.add_argument("--format", default="completion",
+                   help="completion | chat | alpaca | text | classification (default: completion)")
+    p.add_argument("--column", action="append", default=[], metavar="FIELD=COLUMN",
+                   help="map a format field to a data column, e.g. label=category (repeatable)")
+    p.add_argument("--prompt-template", metavar="T", help="completion: prompt template, e.g. '{quote}'")
+    p.add_argument("--separator", metavar="S", help="completion: text between prompt and answer")
+    p.add_argument("--completion-template", metavar="T", help="completion: answer template")
+    p.add_argument("--metrics", metavar="LIST",
+                   help=f"comma-separated: {', '.join(METRICS)} (default: accuracy for "
+                   "classification, perplexity for text, perplexity,squad otherwise)")
+    p.add_argument("--max-examples", type=int, default=200, metavar="N")
+    p.add_argument("--batch-size", type=int, default=8, metavar="N")
+    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N")
+    p.add_argument("--samples", type=int, default=3, metavar="N", help="sample generations to show")
+    p.add_argument("--reward-model", metavar="NAME", help="HF reward model for the reward metric")
+    p.add_argument("--report", metavar="DIR", help="also write DIR/report.html")
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from nanotune.data import DataConfig
+    from nanotune.eval import EvalConfig, compare, write_report
+    from nanotune.eval.compare import metrics_table
+    from nanotune.eval.job import evaluate_job
+
+    columns = dict(c.split("=", 1) for c in args.column if "=" in c)
+    if len(columns) != len(args.column):
+        raise NanotuneError("--column takes FIELD=COLUMN, e.g. --column label=category")
+    templates = {"prompt_template": args.prompt_template, "separator": args.separator,
+                 "completion_template": args.completion_template}
+    data = DataConfig(source=args.data, format=args.format, columns=columns,
+                      **{k: v for k, v in templates.items() if v is not None})
+    default = {"classification": "accuracy", "text": "perplexity"}.get(args.format, "perplexity,squad")
+    metrics = [m.strip() for m in (args.metrics or default).split(",") if m.strip()]
+    cfg = EvalConfig(metrics=metrics, split="train", max_examples=args.max_examples,
+                     batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                     num_samples=args.samples, reward_model=args.reward_model)
+    before, after, samples = evaluate_job(args.model, data, cfg, adapter=args.adapter,
+                                          finetuned=args.finetuned)
+    print(metrics_table(before) if after is None else compare(before, after, ("base", "finetuned")))
+    for s in samples:
+        print("\n" + "\n".join(f"[{k}] {v}" for k, v in s.items()))
+    if args.report:
+        config = {"model": args.model, "adapter": args.adapter, "finetuned": args.finetuned,
+                  "data": vars(data), "eval": vars(cfg)}
+        path = write_report(args.report, config, None, before, after or {}, samples)
+        print(f"\nreport: {path}")
+    return 0
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -18,6 +316,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # Subcommands register themselves here: add_<name>_parser(sub).
+    _add_generate(sub)
+    _add_chat(sub)
+    _add_models(sub)
+    _add_export(sub)
+    _add_eval(sub)
     return parser
 
 
