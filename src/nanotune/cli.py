@@ -177,15 +177,10 @@ def _add_models(sub) -> None:
 
 def _offline(preset) -> bool:
     """Whether the preset's weights are on this machine now (package or hub cache); no network."""
-    import importlib.util
-    from pathlib import Path
+    from nanotune.weights.resolve import package_file
 
-    if preset.package:
-        spec = importlib.util.find_spec(preset.package)
-        if spec and spec.submodule_search_locations:
-            folder = Path(next(iter(spec.submodule_search_locations)))
-            if not preset.package_file or (folder / preset.package_file).is_file():
-                return True
+    if package_file(preset) is not None:
+        return True
     if preset.hub_id:
         from huggingface_hub import try_to_load_from_cache
 
