@@ -243,12 +243,12 @@ def _hub_dataset(dataset_id: str, split: str | None, config: str | None) -> Iter
     datasets = _require_datasets(f"Hugging Face dataset {dataset_id!r}")
     split = split or "train"
     online = _hub_reachable()
-    if not online:
-        # Offline: only a copy already in the local datasets cache can be used.
-        datasets.config.HF_HUB_OFFLINE = True
-        import huggingface_hub.constants
+    import huggingface_hub.constants
 
-        huggingface_hub.constants.HF_HUB_OFFLINE = True
+    flags = datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE
+    if not online:
+        # Offline: only a copy already in the local datasets cache can be used (no retry loops).
+        datasets.config.HF_HUB_OFFLINE = huggingface_hub.constants.HF_HUB_OFFLINE = True
     try:
         ds = datasets.load_dataset(dataset_id, config, split=split)
     except Exception as e:  # datasets raises many types (connection, not found, bad config)
@@ -261,6 +261,8 @@ def _hub_dataset(dataset_id: str, split: str | None, config: str | None) -> Iter
             f"hf:{dataset_id}:{split}: cannot load ({why}); download it where the hub is reachable and "
             "point data.source at local files (.jsonl/.csv/.parquet) or a datasets.save_to_disk folder"
         ) from e
+    finally:
+        datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE = flags
     return _hf_rows(ds, f"hf:{dataset_id}:{split}")
 
 
@@ -312,6 +314,8 @@ def split_rows(
 
     With `stratify_by`, each class is split on its own so every split keeps the class shares.
     """
+    if not fractions:
+        return {"train": rows}  # nothing held out: keep the file order
     groups: dict[Any, list[Row]] = {}
     for row in rows:
         groups.setdefault(stratify_by(row) if stratify_by else None, []).append(row)

@@ -1,0 +1,223 @@
+"""Sources, splits and bad data: every problem names its file and line, or is a counted skip."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+
+from nanotune.data import DataConfig, build_datasets, iter_source
+from nanotune.data.builtin import WORDS
+from nanotune.errors import NanotuneError
+from nanotune.tokenizer import gpt2_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return gpt2_tokenizer()
+
+
+def write_jsonl(path, rows):
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def qa(i: int) -> dict:
+    return {"prompt": f"question {i}", "completion": f"answer {i}"}
+
+
+def test_all_file_formats_give_the_same_rows(tmp_path):
+    rows = [{"text": "hello, world", "label": "a"}, {"text": "tab\there", "label": "b"}]
+    write_jsonl(tmp_path / "d.jsonl", rows)
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    (tmp_path / "d.csv").write_text('text,label\n"hello, world",a\n"tab\there",b\n')
+    (tmp_path / "d.tsv").write_text('text\tlabel\nhello, world\ta\n"tab\there"\tb\n')
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    for name in ("d.jsonl", "d.json", "d.csv", "d.tsv", "d.parquet"):
+        got = list(iter_source(str(tmp_path / name)))
+        assert [dict(r) for r in got] == rows, name
+    assert [r.where for r in iter_source(str(tmp_path / "d.jsonl"))] == [
+        f"{tmp_path / 'd.jsonl'}:1",
+        f"{tmp_path / 'd.jsonl'}:2",
+    ]
+    assert list(iter_source(str(tmp_path / "d.csv")))[1].where == f"{tmp_path / 'd.csv'}:3"
+
+
+def test_text_units(tmp_path):
+    (tmp_path / "t.txt").write_text("para one\nline two\n\npara two\n")
+    assert [r["text"] for r in iter_source(str(tmp_path / "t.txt"), "paragraph")] == [
+        "para one\nline two",
+        "para two",
+    ]
+    assert [r.where.split(":")[-1] for r in iter_source(str(tmp_path / "t.txt"), "line")] == [
+        "1",
+        "2",
+        "4",
+    ]
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ([qa(0), "{not json", qa(2)], r"d\.jsonl:2: malformed JSON"),
+        ([qa(0), {"prompt": "no answer"}], r"d\.jsonl:2: missing column 'completion'"),
+        (
+            [qa(0), qa(1), b'{"prompt": "caf\xe9", "completion": "x"}'],
+            r"d\.jsonl:3: not valid UTF-8",
+        ),
+    ],
+)
+def test_bad_rows_error_or_counted_skip(tmp_path, tok, content, message):
+    path = tmp_path / "d.jsonl"
+    data = b"\n".join(
+        c if isinstance(c, bytes) else (c if isinstance(c, str) else json.dumps(c)).encode()
+        for c in content
+    )
+    path.write_bytes(data)
+    with pytest.raises(NanotuneError, match=message):
+        build_datasets(DataConfig(source=str(path)), tok)
+    data = build_datasets(DataConfig(source=str(path), on_bad_row="skip"), tok)
+    assert data.stats["train"]["skipped_bad_row"] == 1
+    assert len(data.train) == len(content) - 1
+    assert "1 skipped bad row" in data.summary()
+
+
+def test_column_mapping_and_missing_mapped_column(tmp_path, tok):
+    path = write_jsonl(tmp_path / "q.jsonl", [{"quote": "q1", "tags": ["a", "b"]}, {"quote": "q2"}])
+    cfg = dict(source=str(path), columns={"prompt": "quote", "completion": "tags"})
+    with pytest.raises(
+        NanotuneError, match=r"q\.jsonl:2: missing column 'tags' \(data.columns.completion\)"
+    ):
+        build_datasets(DataConfig(**cfg), tok)
+    data = build_datasets(DataConfig(**cfg, on_bad_row="skip"), tok)
+    assert tok.decode(data.train[0].ids) == "q1a, b<|endoftext|>"
+
+
+def test_classification_label_outside_set_names_file_and_row(tmp_path, tok):
+    train = tmp_path / "train.csv"
+    train.write_text("sms,category\nwin cash now,spam\nsee you at six,ham\n")
+    val = tmp_path / "val.csv"
+    val.write_text("sms,category\ncall me,ham\nfree prize,eggs\n")
+    cfg = dict(
+        source=str(train),
+        val_source=str(val),
+        format="classification",
+        columns={"text": "sms", "label": "category"},
+    )
+    with pytest.raises(NanotuneError, match=r"val\.csv:3: label 'eggs' is not one of ham, spam"):
+        build_datasets(DataConfig(**cfg), tok)
+    data = build_datasets(DataConfig(**cfg, on_bad_row="skip"), tok)
+    assert data.label_names == ["ham", "spam"]
+    assert [e.label for e in data.train] == [1, 0] and [e.label for e in data.val] == [0]
+
+
+def test_empty_split_and_missing_source_are_errors(tmp_path, tok):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(NanotuneError, match="empty.jsonl: the train split is empty"):
+        build_datasets(DataConfig(source=str(empty)), tok)
+    good = write_jsonl(tmp_path / "g.jsonl", [qa(0)])
+    with pytest.raises(NanotuneError, match="empty.jsonl: the val split is empty"):
+        build_datasets(DataConfig(source=str(good), val_source=str(empty)), tok)
+    with pytest.raises(NanotuneError, match="nope.jsonl: no such file"):
+        build_datasets(DataConfig(source=str(tmp_path / "nope.jsonl")), tok)
+    # Everything skipped is not a dataset either.
+    bad = write_jsonl(tmp_path / "bad.jsonl", ["{x", "{y"])
+    with pytest.raises(NanotuneError, match="train split is empty"):
+        build_datasets(DataConfig(source=str(bad), on_bad_row="skip"), tok)
+
+
+def test_config_validation_names_the_field():
+    with pytest.raises(NanotuneError, match="data.format: 'poem'"):
+        DataConfig(source="x", format="poem")
+    with pytest.raises(NanotuneError, match="data.val_fraction"):
+        DataConfig(source="x", val_fraction=1.5)
+    with pytest.raises(NanotuneError, match="unknown option.*max_len\\b"):
+        DataConfig.from_dict({"source": "x", "max_len": 5})
+    with pytest.raises(NanotuneError, match="data.source"):
+        DataConfig()
+
+
+def test_fraction_splits_are_seeded_disjoint_and_limited(tmp_path, tok):
+    path = write_jsonl(tmp_path / "d.jsonl", [qa(i) for i in range(100)])
+    cfg = dict(source=str(path), val_fraction=0.1, test_fraction=0.2)
+
+    def prompts(d, split):
+        return sorted(tok.decode(e.ids).split(" answer")[0] for e in d.splits[split])
+
+    a = build_datasets(DataConfig(**cfg, seed=1), tok)
+    b = build_datasets(DataConfig(**cfg, seed=1), tok)
+    c = build_datasets(DataConfig(**cfg, seed=2), tok)
+    assert [len(a.splits[s]) for s in ("train", "val", "test")] == [70, 10, 20]
+    assert all(prompts(a, s) == prompts(b, s) for s in ("train", "val", "test"))
+    assert prompts(a, "val") != prompts(c, "val")
+    assert len(set().union(*(prompts(a, s) for s in ("train", "val", "test")))) == 100
+    limited = build_datasets(DataConfig(**cfg, seed=1, limit=5), tok)
+    assert [len(limited.splits[s]) for s in ("train", "val", "test")] == [5, 5, 5]
+
+
+def test_stratified_split_and_balancing(tmp_path, tok):
+    rows = [{"text": f"msg {i}", "label": "spam" if i % 5 == 0 else "ham"} for i in range(200)]
+    path = write_jsonl(tmp_path / "sms.jsonl", rows)
+    cfg = dict(source=str(path), format="classification", val_fraction=0.2)
+    strat = build_datasets(DataConfig(**cfg), tok)
+    assert Counter(e.label for e in strat.val) == {0: 32, 1: 8}  # ham, spam keep 4:1
+    bal = build_datasets(DataConfig(**cfg, balance=True), tok)
+    assert Counter(e.label for e in bal.train) == {0: 32, 1: 32}
+    assert Counter(e.label for e in bal.val) == {0: 8, 1: 8}
+
+
+def test_builtin_sources(tok):
+    rows = list(iter_source("builtin:reverse_words"))
+    assert len(rows) == 2000 and rows == list(iter_source("builtin:reverse_words"))
+    r = rows[0]
+    words = r["input"].split()
+    assert r["completion"].split() == words[::-1] and set(words) <= set(WORDS)
+    data = build_datasets(
+        DataConfig(source="builtin:reverse_words", val_fraction=0.1, limit=50), tok
+    )
+    assert len(data.train) == 50 and len(data.val) == 50
+    order = Counter(r["label"] for r in iter_source("builtin:word_order"))
+    assert order == {"sorted": 1000, "shuffled": 1000}
+    chat = list(iter_source("builtin:chatterbot"))
+    assert len(chat) > 1000
+    assert all(
+        m["role"] == ("user" if i % 2 == 0 else "assistant")
+        for r in chat
+        for i, m in enumerate(r["messages"])
+    )
+    assert chat[0].where.startswith("chatterbot:ai.yml: conversation 0")
+    with pytest.raises(NanotuneError, match="builtin:nope: no such builtin"):
+        iter_source("builtin:nope")
+
+
+def test_hf_save_to_disk_folder(tmp_path, tok):
+    datasets = pytest.importorskip("datasets")
+    dd = datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_list([qa(i) for i in range(6)]),
+            "validation": datasets.Dataset.from_list([qa(i) for i in range(6, 8)]),
+        }
+    )
+    dd.save_to_disk(str(tmp_path / "ds"))
+    data = build_datasets(
+        DataConfig(source=str(tmp_path / "ds"), val_source=f"{tmp_path / 'ds'}:validation"), tok
+    )
+    assert len(data.train) == 6 and len(data.val) == 2
+    with pytest.raises(NanotuneError, match="no split 'test'"):
+        build_datasets(DataConfig(source=f"{tmp_path / 'ds'}:test"), tok)
+
+
+def test_hf_hub_id_offline_fails_fast_with_advice(tok, monkeypatch, tmp_path):
+    pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(
+        NanotuneError,
+        match=r"hf:nobody/no-such-set:train: cannot load .*point data.source at local",
+    ):
+        build_datasets(DataConfig(source="hf:nobody/no-such-set"), tok)
