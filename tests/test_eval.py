@@ -544,3 +544,88 @@ def test_evaluate_model_checks_metrics_fit_the_data():
     )
     assert gens is None and metrics["confusion"]["labels"] == ["ham", "spam"]
     assert sum(map(sum, metrics["confusion"]["matrix"])) == 3
+
+
+# --- the eval command --------------------------------------------------------------------------
+
+
+def _lora_adapter(tiny_gpt2_dir, out):
+    """A LoRA adapter on c_attn with non-zero B, saved as PEFT; returns the adapted model."""
+    from nanotune.methods import MethodConfig, apply_method
+    from nanotune.weights import load_model
+    from nanotune.weights.peft import save_adapter
+
+    model, _ = load_model(str(tiny_gpt2_dir))
+    apply_method(model, MethodConfig(name="lora", r=4, alpha=8.0, targets=["c_attn"]))
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    save_adapter(model, out, base_model=str(tiny_gpt2_dir))
+    return model.eval()
+
+
+def test_eval_command_base_vs_adapter(tmp_path, tiny_gpt2_dir, capsys):
+    from nanotune.cli import main
+    from nanotune.data import DataConfig, build_datasets
+    from nanotune.weights import load_model
+
+    rows = [
+        {"prompt": f"Q: {q}?", "completion": f" {a}"}
+        for q, a in [
+            ("sky", "blue"),
+            ("grass", "green"),
+            ("snow", "white"),
+            ("coal", "black"),
+            ("sun", "hot"),
+        ]
+    ]
+    data_file = tmp_path / "qa.jsonl"
+    data_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tuned = _lora_adapter(tiny_gpt2_dir, tmp_path / "adapter")
+
+    argv = [
+        "eval",
+        "--model",
+        str(tiny_gpt2_dir),
+        "--adapter",
+        str(tmp_path / "adapter"),
+        "--data",
+        str(data_file),
+        "--metrics",
+        "perplexity,exact_match",
+        "--max-new-tokens",
+        "3",
+        "--samples",
+        "2",
+        "--report",
+        str(tmp_path / "run"),
+    ]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    table = {ln.split()[0]: ln.split()[1:] for ln in out.splitlines()[2:6] if ln.strip()}
+
+    # The same numbers computed directly: base model, then the in-memory adapted model.
+    base, tok = load_model(str(tiny_gpt2_dir))
+    examples = build_datasets(DataConfig(source=str(data_file)), tok).train
+    cfg = EvalConfig(metrics=["perplexity"])
+    want_base = evaluate_model(base, tok, examples, cfg)[0]["perplexity"]
+    want_tuned = evaluate_model(tuned, tok, examples, cfg)[0]["perplexity"]
+    assert abs(want_base - want_tuned) > 1e-2  # the adapter changes the model
+    assert float(table["perplexity"][0]) == pytest.approx(want_base, abs=1e-4)
+    assert float(table["perplexity"][1]) == pytest.approx(want_tuned, abs=1e-4)
+    assert "exact_match" in table and "[prompt] Q: sky?" in out
+    page = (tmp_path / "run" / "report.html").read_text()
+    assert "<td>perplexity</td>" in page and "Q: grass?" in page
+
+
+def test_eval_command_errors_are_one_line(tmp_path, tiny_gpt2_dir, capsys):
+    from nanotune.cli import main
+
+    (tmp_path / "d.jsonl").write_text('{"prompt": "a", "completion": " b"}\n')
+    argv = ["eval", "--model", str(tiny_gpt2_dir), "--data", str(tmp_path / "d.jsonl")]
+    assert main([*argv, "--metrics", "perplexty"]) == 2
+    assert "did you mean 'perplexity'" in capsys.readouterr().err
+    assert main([*argv, "--metrics", "accuracy"]) == 2
+    assert "accuracy needs format: classification" in capsys.readouterr().err

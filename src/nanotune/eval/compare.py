@@ -74,3 +74,10 @@ def compare(
         lines.append("  ".join(cells + [r[4]]).rstrip())
     lines.insert(1, "  ".join("-" * w for w in widths[:4]))
     return "\n".join(lines)
+
+
+def metrics_table(metrics: dict[str, Any]) -> str:
+    """A plain-text table of one model's scalar metrics."""
+    rows = [(name, fmt(v)) for name, _, v, _ in compare_rows({}, metrics)]
+    width = max((len(n) for n, _ in rows), default=0)
+    return "\n".join(f"{n.ljust(width)}  {v}" for n, v in rows)
