@@ -31,8 +31,13 @@ class Adapter:
     end: int
     r: int
     a_offset: int
-    scale: float
+    alpha: float
+    rslora: bool
     dora: bool
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / math.sqrt(self.r) if self.rslora else self.alpha / self.r
 
 
 class LoRALinear(nn.Module):
@@ -85,8 +90,7 @@ class LoRALinear(nn.Module):
         old = self.lora_A.data if self.lora_A is not None else new_a[:0]
         self.lora_A = nn.Parameter(torch.cat([old, new_a]))
         self.lora_B[name] = nn.Parameter(torch.zeros(end - start, r, device=dev, dtype=dt))
-        scale = alpha / math.sqrt(r) if rslora else alpha / r
-        adapter = Adapter(name, start, end, r, old.shape[0], scale, dora)
+        adapter = Adapter(name, start, end, r, old.shape[0], alpha, rslora, dora)
         self.adapters.append(adapter)
         if dora:
             # Magnitude = row norms of W + scale*B@A; B is zero, so the norms of W.

@@ -1,0 +1,254 @@
+"""PEFT LoRA adapter folders (adapter_config.json + adapter_model.safetensors), in and out.
+
+PEFT keeps lora_A [r, in] and lora_B [out, r] in nn.Linear orientation even for GPT-2's Conv1D
+(`fan_in_fan_out` only transposes the base weight), so A/B copy across unchanged. What PEFT cannot
+name, separate pairs on slices of GPT-2's fused c_attn, is written exactly as one c_attn LoRA of
+rank sum(r): A stacked, B block-structured with zeros, its alpha set by `alpha_pattern` so the
+scale is kept.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections import Counter
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from nanotune.errors import NanotuneError
+from nanotune.methods import nf4
+from nanotune.methods.classifier import SequenceClassifier
+from nanotune.methods.lora import Adapter, LoRALinear, lora_layers, module_rows, wrap_linear
+from nanotune.models.config import ModelConfig
+from nanotune.weights.convert import HF_BLOCK_PREFIX, HF_MODULES
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+_KEY = re.compile(
+    r"^(?:transformer\.h|model\.layers)\.(\d+)\.(.+)\.(lora_A\.weight|lora_B\.weight|lora_magnitude_vector(?:\.weight)?)$"
+)
+
+
+def _hf_names(config: ModelConfig) -> dict[tuple[str, str | None], str]:
+    return {v: k for k, v in HF_MODULES[config.family].items()}
+
+
+def _body(model: nn.Module) -> nn.Module:
+    return model.body if isinstance(model, SequenceClassifier) else model
+
+
+def _export_layer(
+    layer: LoRALinear, config: ModelConfig, module: str
+) -> list[tuple[str, int, float, Tensor, Tensor, Tensor | None]]:
+    """(hf module name, r, alpha, A, B, magnitude) for one LoRALinear, in PEFT's terms."""
+    names = _hf_names(config)
+    ads = layer.adapters
+    direct = [names.get((module, None if a.name == "all" else a.name)) for a in ads]
+    if all(direct):
+        return [
+            (
+                n,
+                a.r,
+                a.alpha,
+                layer.a_of(a),
+                layer.lora_B[a.name],
+                layer.lora_magnitude[a.name] if a.dora else None,
+            )
+            for n, a in zip(direct, ads, strict=True)
+        ]
+    # Slices PEFT cannot name: one exact whole-matrix LoRA of rank sum(r) with the first scale.
+    hf = names[(module, None)]
+    rank = sum(a.r for a in ads)
+    scale = ads[0].scale
+    alpha = scale * (math.sqrt(rank) if ads[0].rslora else rank)
+    B = torch.zeros(layer.out_features, rank, dtype=layer.lora_dtype, device=layer.weight.device)
+    A = torch.cat([layer.a_of(a) for a in ads])
+    col = 0
+    for a in ads:
+        B[a.start : a.end, col : col + a.r] = layer.lora_B[a.name] * (a.scale / scale)
+        col += a.r
+    mag = None
+    if ads[0].dora:
+        # Rows without an adapter keep their own norm, so PEFT's m/|W| factor is 1 there.
+        mag = torch.linalg.norm(nf4.dequantize(layer.weight).to(layer.lora_dtype), dim=1)
+        for a in ads:
+            mag[a.start : a.end] = layer.lora_magnitude[a.name]
+    return [(hf, rank, alpha, A, B, mag)]
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model: str) -> Path:
+    """Write the model's LoRA/DoRA adapters (and a classifier's `score`) as a PEFT folder that
+    `peft.PeftModel.from_pretrained(transformers_model, directory)` loads."""
+    body = _body(model)
+    config: ModelConfig = body.config
+    layers = {p: m for p, m in lora_layers(body).items() if m.adapters}
+    if not layers:
+        raise NanotuneError(
+            "save_adapter: the model has no LoRA adapters; save the full model with save_model"
+        )
+    if body.wte.weight.requires_grad:
+        raise NanotuneError(
+            "save_adapter: the token embedding was trained (train_embeddings), which a LoRA adapter "
+            "does not carry; merge the adapters and save the full model instead (nanotune merge)"
+        )
+    all_ads = [a for m in layers.values() for a in m.adapters]
+    rslora, dora = all_ads[0].rslora, all_ads[0].dora
+    if any(a.rslora != rslora or a.dora != dora for a in all_ads):
+        raise NanotuneError(
+            "save_adapter: adapters mix LoRA/DoRA or rsLoRA scalings; PEFT needs one kind per folder"
+        )
+    tensors: dict[str, Tensor] = {}
+    ranks: dict[str, tuple[int, float]] = {}
+    for path, layer in layers.items():
+        _, i, module = path.split(".", 2)
+        for hf, r, alpha, A, B, mag in _export_layer(layer, config, module):
+            full = HF_BLOCK_PREFIX[config.family].format(i=i) + hf
+            tensors[f"{PREFIX}{full}.lora_A.weight"] = A.detach().contiguous()
+            tensors[f"{PREFIX}{full}.lora_B.weight"] = B.detach().contiguous()
+            if mag is not None:
+                tensors[f"{PREFIX}{full}.lora_magnitude_vector"] = mag.detach().contiguous()
+            ranks[full] = (r, alpha)
+    (r, alpha), _ = Counter(ranks.values()).most_common(1)[0]
+    seq_cls = isinstance(model, SequenceClassifier)
+    if seq_cls:
+        tensors[f"{PREFIX}score.weight"] = model.score.weight.detach().contiguous()
+    dropout = next(
+        (m.lora_dropout.p for m in layers.values() if isinstance(m.lora_dropout, nn.Dropout)), 0.0
+    )
+    cfg = {
+        "peft_type": "LORA",
+        "task_type": "SEQ_CLS" if seq_cls else "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": dropout,
+        "target_modules": sorted({k.split(".", 3)[3] for k in ranks}),
+        "rank_pattern": {k: v[0] for k, v in ranks.items() if v[0] != r},
+        "alpha_pattern": {k: v[1] for k, v in ranks.items() if v[1] != alpha},
+        "fan_in_fan_out": config.family == "gpt2",  # GPT-2's Conv1D stores weights [in, out]
+        "use_rslora": rslora,
+        "use_dora": dora,
+        "bias": "none",
+        "modules_to_save": ["score"] if seq_cls else None,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    # Each file is written beside its final name and renamed: a reader never sees half a file.
+    tmp = out / (WEIGHTS_FILE + ".tmp")
+    save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, out / WEIGHTS_FILE)
+    tmp = out / (CONFIG_FILE + ".tmp")
+    tmp.write_text(json.dumps(cfg, indent=2) + "\n")
+    os.replace(tmp, out / CONFIG_FILE)
+    return out
+
+
+def read_adapter_config(directory: str | os.PathLike) -> dict:
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise NanotuneError(
+            f"{path}: no such file; an adapter folder holds {CONFIG_FILE} and {WEIGHTS_FILE}"
+        )
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise NanotuneError(f"{path}: not valid JSON ({e}); re-save the adapter") from e
+    if cfg.get("peft_type") != "LORA":
+        raise NanotuneError(
+            f"{path}: peft_type {cfg.get('peft_type')!r} is not supported; nanotune loads LORA adapters"
+        )
+    return cfg
+
+
+def _pattern(patterns: dict, name: str, default):
+    # PEFT's get_pattern_key: the first key matching a dotted suffix of the module name.
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Load a PEFT LoRA/DoRA adapter (from peft or nanotune) onto a nanotune model in place."""
+    cfg = read_adapter_config(directory)
+    wpath = Path(directory) / WEIGHTS_FILE
+    if not wpath.is_file():
+        raise NanotuneError(f"{wpath}: no such file; nanotune reads adapters saved as safetensors")
+    body = _body(model)
+    config: ModelConfig = body.config
+    tensors = {k.removeprefix(PREFIX): v for k, v in load_file(str(wpath)).items()}
+    modules = HF_MODULES[config.family]
+    grouped: dict[tuple[int, str], dict[str, Tensor]] = {}
+    for key, t in tensors.items():
+        if key == "score.weight":
+            continue
+        m = _KEY.match(key)
+        if not m or m.group(2) not in modules or int(m.group(1)) >= config.n_layer:
+            raise NanotuneError(
+                f"{wpath}: tensor {key!r} targets no linear of this {config.family} model with "
+                f"{config.n_layer} blocks (adaptable: {', '.join(modules)}); is it the right base model?"
+            )
+        grouped.setdefault((int(m.group(1)), m.group(2)), {})[m.group(3).split(".")[0]] = t
+    if not grouped:
+        raise NanotuneError(f"{wpath}: holds no lora_A/lora_B tensors")
+    score = tensors.get("score.weight")
+    if score is not None and (
+        not isinstance(model, SequenceClassifier) or model.score.weight.shape != score.shape
+    ):
+        raise NanotuneError(
+            f"{wpath}: holds a classification head of shape {tuple(score.shape)}; "
+            "load it onto a SequenceClassifier with that many labels"
+        )
+    rslora, dora = bool(cfg.get("use_rslora")), bool(cfg.get("use_dora"))
+    plan = []
+    # Check every tensor before touching the model: a bad folder leaves it as it was.
+    for (i, hf), parts in sorted(grouped.items()):
+        full = HF_BLOCK_PREFIX[config.family].format(i=i) + hf
+        if (
+            "lora_A" not in parts
+            or "lora_B" not in parts
+            or (dora and "lora_magnitude_vector" not in parts)
+        ):
+            raise NanotuneError(
+                f"{wpath}: {full} lacks lora_A, lora_B or (DoRA) lora_magnitude_vector"
+            )
+        A, B = parts["lora_A"], parts["lora_B"]
+        module, part = modules[hf]
+        path = f"blocks.{i}.{module}"
+        base = body.get_submodule(path)
+        rows = module_rows(config, module, part, base.out_features)
+        r = A.shape[0]
+        if A.shape != (r, base.in_features) or B.shape != (rows[1] - rows[0], r):
+            raise NanotuneError(
+                f"{wpath}: {full} has lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)}, but this base "
+                f"model needs [r, {base.in_features}] and [{rows[1] - rows[0]}, r]; it was made for another base model"
+            )
+        alpha = _pattern(cfg.get("alpha_pattern") or {}, full, cfg.get("lora_alpha", 8))
+        plan.append((path, part, rows, r, alpha, A, B, parts.get("lora_magnitude_vector")))
+    dropout = float(cfg.get("lora_dropout") or 0.0)
+    for path, part, rows, r, alpha, A, B, mag in plan:
+        layer = wrap_linear(body, path)
+        adapter = layer.add_adapter(
+            part or "all", rows, r, alpha, rslora=rslora, dora=dora, dropout=dropout
+        )
+        _fill(layer, adapter, A, B, mag)
+    if score is not None:
+        with torch.no_grad():
+            model.score.weight.copy_(score)
+    return model
+
+
+def _fill(layer: LoRALinear, adapter: Adapter, A: Tensor, B: Tensor, mag: Tensor | None) -> None:
+    with torch.no_grad():
+        layer.a_of(adapter).copy_(A)
+        layer.lora_B[adapter.name].copy_(B)
+        if mag is not None:
+            layer.lora_magnitude[adapter.name].copy_(mag)

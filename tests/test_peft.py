@@ -1,0 +1,262 @@
+"""PEFT adapter format: nanotune <-> peft interop on tiny random GPT-2 and Llama models."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import (
+    GPT2Config,
+    GPT2ForSequenceClassification,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaForSequenceClassification,
+)
+
+from nanotune.errors import NanotuneError
+from nanotune.methods import MethodConfig, SequenceClassifier, apply_method, lora_layers
+from nanotune.models import Transformer
+from nanotune.weights import convert
+from nanotune.weights.peft import load_adapter, save_adapter
+
+warnings.filterwarnings("ignore")
+PAD = 0
+
+
+def hf_model(family: str, num_labels: int | None = None, seed: int = 0, layers: int = 2):
+    torch.manual_seed(seed)
+    if family == "gpt2":
+        cfg = GPT2Config(
+            n_layer=layers,
+            n_embd=64,
+            n_head=4,
+            vocab_size=96,
+            n_positions=32,
+            bos_token_id=1,
+            eos_token_id=1,
+            pad_token_id=PAD,
+        )
+        cls = GPT2ForSequenceClassification if num_labels else GPT2LMHeadModel
+    else:
+        cfg = LlamaConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=96,
+            max_position_embeddings=32,
+            tie_word_embeddings=False,
+            bos_token_id=1,
+            eos_token_id=1,
+            pad_token_id=PAD,
+        )
+    if family == "llama":
+        cls = LlamaForSequenceClassification if num_labels else LlamaForCausalLM
+    if num_labels:
+        cfg.num_labels = num_labels
+    return cls(cfg).eval()
+
+
+def nanotune_from(hf) -> Transformer:
+    config = convert.config_from_hf(hf.config.to_dict())
+    model = Transformer(config)
+    sd = {k: v for k, v in hf.state_dict().items() if not k.startswith("score.")}
+    if "lm_head.weight" not in sd:  # sequence classifiers have no LM head
+        sd["lm_head.weight"] = sd.get("transformer.wte.weight", sd.get("model.embed_tokens.weight"))
+    model.load_state_dict(convert.from_hf(sd, config), strict=False)
+    return model.eval()
+
+
+def nanotune_classifier_from(hf) -> SequenceClassifier:
+    clf = SequenceClassifier(nanotune_from(hf), hf.config.num_labels)
+    with torch.no_grad():
+        clf.score.weight.copy_(hf.score.weight)
+    return clf.eval()
+
+
+IDS = torch.randint(1, 96, (3, 12), generator=torch.Generator().manual_seed(5))
+LENGTHS = torch.tensor([12, 7, 3])
+
+
+def padded_ids() -> torch.Tensor:
+    ids = IDS.clone()
+    for b, n in enumerate(LENGTHS.tolist()):
+        ids[b, n:] = PAD
+    return ids
+
+
+def logits(model, clf: bool) -> torch.Tensor:
+    with torch.no_grad():
+        if isinstance(model, SequenceClassifier):
+            return model(padded_ids(), LENGTHS)
+        if clf:
+            return model(input_ids=padded_ids()).logits
+        out = model(IDS)
+        return out if isinstance(out, torch.Tensor) else out.logits
+
+
+def randomise(model, seed: int = 7) -> None:
+    """B starts at zero (and DoRA's magnitude at |W|): perturb both so parity means something."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+            elif "lora_magnitude" in n:
+                p.mul_(1 + 0.2 * torch.randn(p.shape, generator=g))
+
+
+EXPORT_CASES = {
+    "gpt2-whole-lora": ("gpt2", dict(targets=["c_attn", "c_proj", "c_fc"]), None),
+    "gpt2-qv-lora": ("gpt2", dict(targets=["c_attn.q", "c_attn.v", "mlp.c_proj"]), None),
+    "gpt2-qv-dora-rslora": (
+        "gpt2",
+        dict(targets=["c_attn.q", "c_attn.v"], dora=True, rslora=True),
+        None,
+    ),
+    "gpt2-dora-cls": ("gpt2", dict(targets=["c_attn"], dora=True), 3),
+    "llama-all-lora-rslora": ("llama", dict(targets="all-linear", rslora=True), None),
+    "llama-qv-dora": ("llama", dict(targets=["q_proj", "v_proj", "gate_proj"], dora=True), None),
+    "llama-cls": ("llama", dict(targets=["q_proj", "v_proj"]), 2),
+}
+
+
+@pytest.mark.parametrize("case", list(EXPORT_CASES))
+def test_nanotune_adapter_loads_in_peft_with_same_logits(case, tmp_path):
+    family, method, labels = EXPORT_CASES[case]
+    hf = hf_model(family, labels)
+    ref_hf = logits(hf, bool(labels))
+    model = nanotune_classifier_from(hf) if labels else nanotune_from(hf)
+    assert (logits(model, bool(labels)) - ref_hf).abs().max() < 1e-4  # bases agree before adapting
+    apply_method(model, MethodConfig(name="lora", r=4, alpha=8, **method))
+    randomise(model)
+    model.eval()
+    ours = logits(model, bool(labels))
+    assert (ours - ref_hf).abs().max() > 1e-2  # the adapters change the output
+    save_adapter(model, tmp_path, base_model="tiny")
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert cfg["fan_in_fan_out"] == (family == "gpt2")
+    assert cfg["task_type"] == ("SEQ_CLS" if labels else "CAUSAL_LM")
+    peft_model = PeftModel.from_pretrained(hf, str(tmp_path)).eval()
+    assert (logits(peft_model, bool(labels)) - ours).abs().max() < 1e-4
+    # And back: a fresh nanotune model reading the folder gives the same logits.
+    fresh = (
+        nanotune_classifier_from(hf_model(family, labels))
+        if labels
+        else nanotune_from(hf_model(family))
+    )
+    load_adapter(fresh, tmp_path)
+    assert (logits(fresh.eval(), bool(labels)) - ours).abs().max() < 1e-5
+
+
+def test_qv_slices_are_stored_as_one_exact_c_attn_lora(tmp_path):
+    model = nanotune_from(hf_model("gpt2"))
+    apply_method(
+        model,
+        MethodConfig(name="lora", r=2, alpha=6, targets=["c_attn.q", "c_attn.v", "c_fc", "c_proj"]),
+    )
+    randomise(model)
+    save_adapter(model, tmp_path, base_model="tiny")
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert cfg["target_modules"] == ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
+    assert (cfg["r"], cfg["lora_alpha"]) == (2, 6)
+    assert cfg["rank_pattern"]["transformer.h.0.attn.c_attn"] == 4
+    assert cfg["alpha_pattern"]["transformer.h.0.attn.c_attn"] == pytest.approx(
+        12.0
+    )  # scale 3 kept
+    from safetensors.torch import load_file
+
+    t = load_file(str(tmp_path / "adapter_model.safetensors"))
+    B = t["base_model.model.transformer.h.0.attn.c_attn.lora_B.weight"]
+    assert B.shape == (192, 4)
+    assert not B[64:128].any() and not B[:64, 2:].any() and not B[128:, :2].any()
+
+
+PEFT_CASES = {
+    "gpt2-conv1d-dora": (
+        "gpt2",
+        dict(target_modules=["c_attn", "c_proj"], fan_in_fan_out=True, use_dora=True),
+        None,
+    ),
+    "gpt2-cls": (
+        "gpt2",
+        dict(target_modules=["c_attn"], fan_in_fan_out=True, task_type="SEQ_CLS"),
+        3,
+    ),
+    "llama-rslora-patterns": (
+        "llama",
+        dict(
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"],
+            use_rslora=True,
+            rank_pattern={"k_proj": 2},
+            alpha_pattern={"model.layers.1.self_attn.o_proj": 3},
+        ),
+        None,
+    ),
+    "llama-dora-mlp": (
+        "llama",
+        dict(target_modules=["gate_proj", "up_proj", "v_proj"], use_dora=True),
+        None,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(PEFT_CASES))
+def test_peft_adapter_loads_in_nanotune_with_same_logits(case, tmp_path):
+    family, kwargs, labels = PEFT_CASES[case]
+    hf = hf_model(family, labels)
+    peft_model = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, **kwargs))
+    randomise(peft_model)
+    if labels:
+        with torch.no_grad():
+            peft_model.base_model.model.score.modules_to_save["default"].weight.normal_()
+    peft_model.eval()
+    ref = logits(peft_model, bool(labels))
+    peft_model.save_pretrained(str(tmp_path))
+    base = hf_model(family, labels)
+    model = nanotune_classifier_from(base) if labels else nanotune_from(base)
+    assert (logits(model, bool(labels)) - ref).abs().max() > 1e-2
+    load_adapter(model, tmp_path)
+    assert (logits(model.eval(), bool(labels)) - ref).abs().max() < 1e-4
+
+
+def test_bad_adapters_raise(tmp_path):
+    model = nanotune_from(hf_model("gpt2"))
+    with pytest.raises(NanotuneError, match="adapter_config.json"):
+        load_adapter(model, tmp_path / "missing")
+    # An adapter for a wider model.
+    big = GPT2LMHeadModel(
+        GPT2Config(
+            n_layer=2,
+            n_embd=128,
+            n_head=4,
+            vocab_size=96,
+            n_positions=32,
+            bos_token_id=1,
+            eos_token_id=1,
+        )
+    )
+    get_peft_model(
+        big, LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True)
+    ).save_pretrained(str(tmp_path / "big"))
+    with pytest.raises(NanotuneError, match="another base model"):
+        load_adapter(model, tmp_path / "big")
+    # An adapter on a module nanotune does not adapt (the LM head).
+    hf = hf_model("gpt2")
+    get_peft_model(
+        hf, LoraConfig(r=2, target_modules=["c_attn", "lm_head"], fan_in_fan_out=True)
+    ).save_pretrained(str(tmp_path / "head"))
+    with pytest.raises(NanotuneError, match="lm_head"):
+        load_adapter(nanotune_from(hf_model("gpt2")), tmp_path / "head")
+    (tmp_path / "nosafe").mkdir()
+    (tmp_path / "nosafe" / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    with pytest.raises(NanotuneError, match="adapter_model.safetensors"):
+        load_adapter(model, tmp_path / "nosafe")
+    with pytest.raises(NanotuneError, match="no LoRA adapters"):
+        save_adapter(model, tmp_path / "out", base_model="tiny")
+    assert not lora_layers(model)
