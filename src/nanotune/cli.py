@@ -253,18 +253,35 @@ def _add_eval(sub) -> None:
     tuned = p.add_mutually_exclusive_group()
     tuned.add_argument("--adapter", metavar="DIR", help="PEFT/LoRA adapter folder over --model")
     tuned.add_argument("--finetuned", metavar="DIR", help="fine-tuned full model folder")
-    p.add_argument("--data", metavar="FILE", required=True,
-                   help="data file, folder, builtin:<name> or hf:<id>; every row is evaluated")
-    p.add_argument("--format", default="completion",
-                   help="completion | chat | alpaca | text | classification (default: completion)")
-    p.add_argument("--column", action="append", default=[], metavar="FIELD=COLUMN",
-                   help="map a format field to a data column, e.g. label=category (repeatable)")
-    p.add_argument("--prompt-template", metavar="T", help="completion: prompt template, e.g. '{quote}'")
+    p.add_argument(
+        "--data",
+        metavar="FILE",
+        required=True,
+        help="data file, folder, builtin:<name> or hf:<id>; every row is evaluated",
+    )
+    p.add_argument(
+        "--format",
+        default="completion",
+        help="completion | chat | alpaca | text | classification (default: completion)",
+    )
+    p.add_argument(
+        "--column",
+        action="append",
+        default=[],
+        metavar="FIELD=COLUMN",
+        help="map a format field to a data column, e.g. label=category (repeatable)",
+    )
+    p.add_argument(
+        "--prompt-template", metavar="T", help="completion: prompt template, e.g. '{quote}'"
+    )
     p.add_argument("--separator", metavar="S", help="completion: text between prompt and answer")
     p.add_argument("--completion-template", metavar="T", help="completion: answer template")
-    p.add_argument("--metrics", metavar="LIST",
-                   help=f"comma-separated: {', '.join(METRICS)} (default: accuracy for "
-                   "classification, perplexity for text, perplexity,squad otherwise)")
+    p.add_argument(
+        "--metrics",
+        metavar="LIST",
+        help=f"comma-separated: {', '.join(METRICS)} (default: accuracy for "
+        "classification, perplexity for text, perplexity,squad otherwise)",
+    )
     p.add_argument("--max-examples", type=int, default=200, metavar="N")
     p.add_argument("--batch-size", type=int, default=8, metavar="N")
     p.add_argument("--max-new-tokens", type=int, default=64, metavar="N")
@@ -283,23 +300,44 @@ def cmd_eval(args: argparse.Namespace) -> int:
     columns = dict(c.split("=", 1) for c in args.column if "=" in c)
     if len(columns) != len(args.column):
         raise NanotuneError("--column takes FIELD=COLUMN, e.g. --column label=category")
-    templates = {"prompt_template": args.prompt_template, "separator": args.separator,
-                 "completion_template": args.completion_template}
-    data = DataConfig(source=args.data, format=args.format, columns=columns,
-                      **{k: v for k, v in templates.items() if v is not None})
-    default = {"classification": "accuracy", "text": "perplexity"}.get(args.format, "perplexity,squad")
+    templates = {
+        "prompt_template": args.prompt_template,
+        "separator": args.separator,
+        "completion_template": args.completion_template,
+    }
+    data = DataConfig(
+        source=args.data,
+        format=args.format,
+        columns=columns,
+        **{k: v for k, v in templates.items() if v is not None},
+    )
+    default = {"classification": "accuracy", "text": "perplexity"}.get(
+        args.format, "perplexity,squad"
+    )
     metrics = [m.strip() for m in (args.metrics or default).split(",") if m.strip()]
-    cfg = EvalConfig(metrics=metrics, split="train", max_examples=args.max_examples,
-                     batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                     num_samples=args.samples, reward_model=args.reward_model)
-    before, after, samples = evaluate_job(args.model, data, cfg, adapter=args.adapter,
-                                          finetuned=args.finetuned)
+    cfg = EvalConfig(
+        metrics=metrics,
+        split="train",
+        max_examples=args.max_examples,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        num_samples=args.samples,
+        reward_model=args.reward_model,
+    )
+    before, after, samples = evaluate_job(
+        args.model, data, cfg, adapter=args.adapter, finetuned=args.finetuned
+    )
     print(metrics_table(before) if after is None else compare(before, after, ("base", "finetuned")))
     for s in samples:
         print("\n" + "\n".join(f"[{k}] {v}" for k, v in s.items()))
     if args.report:
-        config = {"model": args.model, "adapter": args.adapter, "finetuned": args.finetuned,
-                  "data": vars(data), "eval": vars(cfg)}
+        config = {
+            "model": args.model,
+            "adapter": args.adapter,
+            "finetuned": args.finetuned,
+            "data": vars(data),
+            "eval": vars(cfg),
+        }
         path = write_report(args.report, config, None, before, after or {}, samples)
         print(f"\nreport: {path}")
     return 0
