@@ -146,6 +146,17 @@ def tiny_llama_tied_dir(tmp_path_factory, smollm2_tokenizer_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_llama_factory(tmp_path_factory, smollm2_tokenizer_dir):
+    """Callable(**LlamaConfig overrides) -> folder of a new random tiny Llama (+ tokenizer)."""
+
+    def make(seed: int = 0, **overrides) -> Path:
+        out = tmp_path_factory.mktemp("tiny_llama_custom")
+        return save_tiny_llama(out, smollm2_tokenizer_dir, seed=seed, **overrides)
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def smollm2(smollm2_gguf):
     """(Transformer, Tokenizer) of the real SmolLM2-135M-Instruct, loaded once per session."""
     from nanotune.weights import load_model

@@ -220,11 +220,11 @@ def to_hf(sd: dict[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
         p, q = f"model.layers.{i}.", f"blocks.{i}."
         out[p + "input_layernorm.weight"] = sd[q + "norm1.weight"]
         out[p + "post_attention_layernorm.weight"] = sd[q + "norm2.weight"]
-        for name, w in zip("qkv", sd[q + "attn.qkv.weight"].split(qkv)):
+        for name, w in zip("qkv", sd[q + "attn.qkv.weight"].split(qkv), strict=True):
             out[p + f"self_attn.{name}_proj.weight"] = w.contiguous()
         out[p + "self_attn.o_proj.weight"] = sd[q + "attn.proj.weight"]
         if config.attn_bias:
-            for name, b in zip("qkv", sd[q + "attn.qkv.bias"].split(qkv)):
+            for name, b in zip("qkv", sd[q + "attn.qkv.bias"].split(qkv), strict=True):
                 out[p + f"self_attn.{name}_proj.bias"] = b.contiguous()
             out[p + "self_attn.o_proj.bias"] = sd[q + "attn.proj.bias"]
         gate, up = sd[q + "mlp.fc.weight"].chunk(2)

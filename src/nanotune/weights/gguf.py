@@ -1,0 +1,150 @@
+"""llama.cpp GGUF files (Llama architecture): dequantized into a float Transformer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import GGUFReader
+from gguf.quants import dequantize
+from torch import Tensor
+
+from nanotune.errors import NanotuneError
+from nanotune.models.config import ModelConfig
+from nanotune.models.transformer import Transformer
+from nanotune.weights import convert
+from nanotune.weights.build import build_model
+
+# llama.cpp tensor names (after `blk.N.`) -> Hugging Face Llama names (after `model.layers.N.`).
+BLOCK_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+
+
+def open_gguf(path: str | Path) -> GGUFReader:
+    try:
+        return GGUFReader(path)
+    except FileNotFoundError:
+        raise NanotuneError(f"GGUF file {path} does not exist") from None
+    except Exception as e:  # the reader raises ValueError/struct errors/IndexError on bad bytes
+        raise NanotuneError(
+            f"{path} is not a readable GGUF file ({type(e).__name__}: {e}); re-download it"
+        ) from None
+
+
+def _field(reader: GGUFReader, key: str, default: Any = None) -> Any:
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def config_from_gguf(reader: GGUFReader, where: str) -> ModelConfig:
+    """ModelConfig from a GGUF's `llama.*` metadata; untied when an `output.weight` exists."""
+    arch = _field(reader, "general.architecture")
+    if arch != "llama":
+        raise NanotuneError(f"{where}: GGUF architecture {arch!r} is not supported (llama only)")
+    names = {t.name for t in reader.tensors}
+    if "rope_freqs.weight" in names:
+        raise NanotuneError(
+            f"{where}: per-frequency RoPE factors (rope_freqs, Llama 3.1 style) are not supported "
+            "in GGUF; load the model's Hugging Face folder instead"
+        )
+
+    def need(key: str) -> Any:
+        value = _field(reader, f"llama.{key}")
+        if value is None:
+            raise NanotuneError(f"{where}: GGUF metadata 'llama.{key}' is missing; re-convert it")
+        return value
+
+    n_embd, n_head = need("embedding_length"), need("attention.head_count")
+    embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    rope_scaling = None
+    if _field(reader, "llama.rope.scaling.type", "none") == "linear":
+        rope_scaling = {
+            "rope_type": "linear",
+            "factor": _field(reader, "llama.rope.scaling.factor"),
+        }
+    return ModelConfig(
+        family="llama",
+        vocab_size=int(embd.shape[1]),  # ggml shapes are [n_embd, n_vocab]
+        block_size=need("context_length"),
+        n_layer=need("block_count"),
+        n_head=n_head,
+        n_kv_head=_field(reader, "llama.attention.head_count_kv", n_head),
+        n_embd=n_embd,
+        head_dim=_field(reader, "llama.attention.key_length", n_embd // n_head),
+        intermediate_size=need("feed_forward_length"),
+        norm="rmsnorm",
+        norm_eps=float(_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        positions="rope",
+        rope_theta=float(_field(reader, "llama.rope.freq_base", 10000.0)),
+        rope_scaling=rope_scaling,
+        mlp="swiglu",
+        attn_bias="blk.0.attn_q.bias" in names,
+        mlp_bias=False,
+        tie_embeddings="output.weight" not in names,
+        bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
+        eos_token_id=_field(reader, "tokenizer.ggml.eos_token_id"),
+    )
+
+
+def _hf_name(name: str) -> str | None:
+    stem, _, kind = name.rpartition(".")  # kind: weight or bias
+    if stem.startswith("blk."):
+        _, layer, part = stem.split(".", 2)
+        hf = BLOCK_NAMES.get(part)
+        return f"model.layers.{layer}.{hf}.{kind}" if hf else None
+    hf = TOP_NAMES.get(stem)
+    return f"{hf}.{kind}" if hf else None
+
+
+def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's Q/K row order: it interleaves each head's two rotary halves
+    (convert_hf_to_gguf `permute`); Hugging Face keeps them as halves (rotate_half)."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def read_gguf_state_dict(reader: GGUFReader, config: ModelConfig, where: str) -> dict[str, Tensor]:
+    """Dequantized tensors with Hugging Face Llama names, tensor by tensor."""
+    sd: dict[str, Tensor] = {}
+    for t in reader.tensors:
+        name = _hf_name(t.name)
+        if name is None:
+            raise NanotuneError(f"{where}: unexpected tensor {t.name!r} for a llama GGUF")
+        try:
+            w = dequantize(t.data, t.tensor_type)
+        except NotImplementedError:
+            raise NanotuneError(
+                f"{where}: tensor {t.name!r} uses GGUF type {t.tensor_type.name}, which the gguf "
+                "package cannot dequantize; use a Q4_0/Q4_1/Q8_0/F16/BF16/F32 file"
+            ) from None
+        if name.endswith(("q_proj.weight", "q_proj.bias")):
+            w = _unpermute(w, config.n_head)
+        elif name.endswith(("k_proj.weight", "k_proj.bias")):
+            w = _unpermute(w, config.kv_heads)
+        w = np.ascontiguousarray(w, dtype=np.float32)
+        if not w.flags.writeable:  # F32 tensors come back as views of the read-only file map
+            w = w.copy()
+        sd[name] = torch.from_numpy(w)
+    return sd
+
+
+def load_gguf_model(
+    path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> Transformer:
+    """A float Transformer from a llama GGUF file (quantized tensors are dequantized)."""
+    reader = open_gguf(path)
+    config = config_from_gguf(reader, str(path))
+    sd = convert.from_hf(read_gguf_state_dict(reader, config, str(path)), config)
+    return build_model(config, sd, dtype=dtype, device=device)

@@ -1,0 +1,83 @@
+"""Hugging Face hub downloads: safe files only, the shared cache, and a fast clear failure offline."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from nanotune.errors import NanotuneError
+
+# Config, safetensors weights and tokenizer files; never pickles, ONNX or other formats.
+ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.txt", "tokenizer*", "*.jinja"]
+ETAG_TIMEOUT_S = 5.0  # a hung network should fail in seconds, not minutes
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def _cache_dir() -> Path | None:
+    """The hub cache as the environment says now (huggingface_hub reads it once, at import)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]) / "hub"
+    return None
+
+
+def download(hub_id: str, *, name: str | None = None) -> Path:
+    """Local snapshot folder of `hub_id` (from the cache, or downloaded when online).
+
+    `name` is what the user typed (a preset name, say), used in error messages.
+    """
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    shown = name or hub_id
+    offline = _env_true("HF_HUB_OFFLINE") or constants.HF_HUB_OFFLINE
+    unreachable = (
+        f"model {shown!r} is not in the local Hugging Face cache and the hub is unreachable"
+        + (" (HF_HUB_OFFLINE is set)" if offline else "")
+        + "; download it once online, or pass a local folder with config.json + "
+        "model.safetensors (e.g. --model ./my-gpt2)"
+    )
+    try:
+        path = snapshot_download(
+            hub_id,
+            cache_dir=_cache_dir(),
+            allow_patterns=ALLOW_PATTERNS,
+            local_files_only=offline,
+            etag_timeout=ETAG_TIMEOUT_S,
+        )
+    except GatedRepoError:
+        raise NanotuneError(
+            f"hub repository {hub_id!r} is gated; accept its licence on huggingface.co and log in "
+            "(hf auth login)"
+        ) from None
+    except RepositoryNotFoundError:
+        raise NanotuneError(
+            f"hub repository {hub_id!r} does not exist or is private; check the id, or log in "
+            "(hf auth login)"
+        ) from None
+    except RevisionNotFoundError:
+        raise NanotuneError(f"hub repository {hub_id!r} has no 'main' revision") from None
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled):
+        raise NanotuneError(unreachable) from None
+    except HfHubHTTPError as e:
+        raise NanotuneError(f"downloading {hub_id!r} from the hub failed: {e}") from None
+    except OSError as e:  # e.g. a disk or cache-lock failure after the repository was found
+        raise NanotuneError(f"downloading {hub_id!r} failed: {e}") from None
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise NanotuneError(
+            f"hub repository {hub_id!r} has no config.json with safetensors weights; nanotune "
+            "loads Hugging Face transformers checkpoints (or a local .gguf file)"
+        )
+    return path

@@ -1,0 +1,340 @@
+"""Weights in and out: HF folders, GGUF, name resolution, save round trips.
+
+Parity is against transformers loading the same files (fp32, max abs logit diff <= 1e-4).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from nanotune.errors import NanotuneError
+from nanotune.models.config import PRESETS
+from nanotune.weights import load_model, resolve, save_model
+
+TEXT = "Hello world! Fine-tuning small models: 3 tests, 2 cores, <|endoftext|> and more."
+ATOL = 1e-4
+
+
+def _hf_logits(path: Path, ids: torch.Tensor, **kwargs) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs).eval()
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def _assert_parity(path: Path, ids: torch.Tensor | None = None) -> None:
+    model, tokenizer = load_model(path)
+    if ids is None:
+        ids = torch.tensor([tokenizer.encode(TEXT)])
+    with torch.no_grad():
+        ours = model(ids)
+    theirs = _hf_logits(path, ids)
+    assert ours.shape == theirs.shape
+    assert (ours - theirs).abs().max().item() <= ATOL
+
+
+# --- parity with transformers on folders it wrote -------------------------------------------------
+
+
+def test_gpt2_folder_parity(tiny_gpt2_dir):
+    _assert_parity(tiny_gpt2_dir)
+
+
+def test_llama_gqa_untied_parity(tiny_llama_dir):
+    model, _ = load_model(tiny_llama_dir)
+    assert not model.config.tie_embeddings and model.config.kv_heads == 2
+    _assert_parity(tiny_llama_dir)
+
+
+def test_llama_gqa_tied_parity(tiny_llama_tied_dir):
+    model, _ = load_model(tiny_llama_tied_dir)
+    assert model.lm_head.weight is model.wte.weight  # one tensor, so training keeps them tied
+    _assert_parity(tiny_llama_tied_dir)
+
+
+def test_llama3_rope_scaling_parity(tiny_llama_factory):
+    scaling = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16,
+    }
+    path = tiny_llama_factory(seed=3, rope_scaling=scaling, rope_theta=500000.0)
+    model, _ = load_model(path)
+    assert model.config.rope_scaling["rope_type"] == "llama3"
+    # Positions well past original_max_position_embeddings, where the scaling matters.
+    ids = torch.randint(0, 49152, (2, 100), generator=torch.Generator().manual_seed(0))
+    _assert_parity(path, ids)
+
+
+def test_sharded_safetensors_parity(tiny_gpt2_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir)
+    ref.save_pretrained(tmp_path, max_shard_size="1MB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    assert not (tmp_path / "model.safetensors").exists()
+    _assert_parity(tmp_path, torch.tensor([[464, 2068, 7586, 21831, 18045, 625, 262]]))
+
+
+def test_pytorch_bin_parity(tiny_llama_dir, tmp_path):
+    shutil.copy(tiny_llama_dir / "config.json", tmp_path / "config.json")
+    shutil.copy(tiny_llama_dir / "tokenizer.json", tmp_path / "tokenizer.json")
+    torch.save(load_file(tiny_llama_dir / "model.safetensors"), tmp_path / "pytorch_model.bin")
+    _assert_parity(tmp_path)
+
+
+def test_dtype_and_tied_head(tiny_gpt2_dir):
+    model, _ = load_model(tiny_gpt2_dir, dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model.lm_head.weight is model.wte.weight
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_gpt2_folder_without_tokenizer_uses_gpt2_bpe(tiny_gpt2_dir, tmp_path):
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_gpt2_dir / name, tmp_path / name)
+    _, tokenizer = load_model(tmp_path)
+    assert tokenizer.encode("Hello world") == [15496, 995]
+
+
+@pytest.mark.real_model
+def test_smollm2_gguf_parity_with_transformers(smollm2, smollm2_gguf):
+    model, tokenizer = smollm2
+    assert model.config.n_layer == 30 and model.config.kv_heads == 3
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+    ids = torch.tensor([tokenizer.encode(TEXT)])
+    with torch.no_grad():
+        ours = model(ids)
+    theirs = _hf_logits(smollm2_gguf.parent, ids, gguf_file=smollm2_gguf.name)
+    assert (ours - theirs).abs().max().item() <= ATOL
+
+
+# --- save_model round trips -----------------------------------------------------------------------
+
+
+def _assert_round_trip(model, tokenizer, out: Path) -> None:
+    from transformers import AutoTokenizer
+
+    save_model(model, tokenizer, out)
+    assert {"config.json", "model.safetensors", "generation_config.json"} <= {
+        p.name for p in out.iterdir()
+    }
+    ids = torch.tensor([tokenizer.encode(TEXT)])
+    with torch.no_grad():
+        ours = model(ids)
+    assert (ours - _hf_logits(out, ids)).abs().max().item() <= ATOL
+    hf_tok = AutoTokenizer.from_pretrained(out)
+    assert hf_tok.encode(TEXT, add_special_tokens=False) == tokenizer.encode(TEXT)
+    # No leftover temporary folders beside the result.
+    assert [p.name for p in out.parent.iterdir() if p.name.startswith(".")] == []
+
+
+def test_save_round_trip_gpt2(tiny_gpt2_dir, tmp_path):
+    model, tokenizer = load_model(tiny_gpt2_dir)
+    out = tmp_path / "saved"
+    _assert_round_trip(model, tokenizer, out)
+    sd = load_file(out / "model.safetensors")
+    assert "lm_head.weight" not in sd  # tied head stored once, as transformers does
+    reloaded, _ = load_model(out)
+    for (k, a), b in zip(model.state_dict().items(), reloaded.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+
+
+def test_save_round_trip_untied_llama(tiny_llama_dir, tmp_path):
+    model, tokenizer = load_model(tiny_llama_dir)
+    _assert_round_trip(model, tokenizer, tmp_path / "saved")
+
+
+@pytest.mark.real_model
+def test_save_round_trip_smollm2(smollm2, tmp_path):
+    model, tokenizer = smollm2
+    _assert_round_trip(model, tokenizer, tmp_path / "smollm2")
+
+
+def test_save_refuses_non_empty_dir_and_leaves_it(tiny_gpt2_dir, tmp_path):
+    model, tokenizer = load_model(tiny_gpt2_dir)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(NanotuneError, match="not empty"):
+        save_model(model, tokenizer, out)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    assert (out / "notes.txt").read_text() == "keep me"
+    save_model(model, tokenizer, out, overwrite=True)
+    assert (out / "model.safetensors").exists() and not (out / "notes.txt").exists()
+
+
+def test_save_refuses_unmerged_extra_weights(tiny_gpt2_dir, tmp_path):
+    model, tokenizer = load_model(tiny_gpt2_dir)
+    model.blocks[0].attn.lora_A = torch.nn.Parameter(torch.zeros(2, 32))
+    with pytest.raises(NanotuneError, match="merge the adapters"):
+        save_model(model, tokenizer, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- resolution -----------------------------------------------------------------------------------
+
+
+def test_resolve_presets_aliases_and_package(smollm2_gguf):
+    gpt2 = resolve("gpt2")
+    assert (gpt2.kind, gpt2.hub_id, gpt2.preset.name) == ("hub", "openai-community/gpt2", "gpt2")
+    assert resolve("openai-community/gpt2").preset.name == "gpt2"
+    assert resolve("GPT2-Medium").preset.name == "gpt2-medium"
+    for name in ("smollm2", "smollm2-135m-instruct", "HuggingFaceTB/SmolLM2-135M-Instruct"):
+        found = resolve(name)
+        assert (found.kind, found.path, found.is_gguf) == ("package", smollm2_gguf, True)
+
+
+def test_resolve_preset_without_package_falls_back_to_hub(monkeypatch):
+    preset = PRESETS["smollm2-135m-instruct"]
+    monkeypatch.setitem(
+        PRESETS, preset.name, dataclasses.replace(preset, package="no_such_package_nanotune")
+    )
+    found = resolve("smollm2")
+    assert (found.kind, found.hub_id) == ("hub", "HuggingFaceTB/SmolLM2-135M-Instruct")
+
+
+def test_resolve_preset_before_local_path(tiny_gpt2_dir, tmp_path, monkeypatch):
+    shutil.copytree(tiny_gpt2_dir, tmp_path / "gpt2")
+    monkeypatch.chdir(tmp_path)
+    assert resolve("gpt2").kind == "hub"  # a preset name always means the preset
+    local = resolve("./gpt2")
+    assert (local.kind, local.path) == ("path", Path("gpt2"))
+    assert resolve(str(tiny_gpt2_dir)).path == tiny_gpt2_dir
+
+
+def test_resolve_local_gguf_and_hub_id(smollm2_gguf):
+    found = resolve(str(smollm2_gguf))
+    assert (found.kind, found.is_gguf, found.preset) == ("path", True, None)
+    hub = resolve("someone/some-model.v2")
+    assert (hub.kind, hub.hub_id, hub.path) == ("hub", "someone/some-model.v2", None)
+
+
+def test_unknown_name_suggests_presets():
+    with pytest.raises(NanotuneError, match=r"unknown model 'gtp2'.*did you mean 'gpt2'"):
+        resolve("gtp2")
+    with pytest.raises(NanotuneError, match="smollm2"):
+        resolve("smolm2")
+
+
+def test_bad_local_paths(tmp_path):
+    with pytest.raises(NanotuneError, match="does not exist"):
+        resolve(str(tmp_path / "missing.gguf"))
+    with pytest.raises(NanotuneError, match="has no config.json"):
+        resolve(str(tmp_path))
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    with pytest.raises(NanotuneError, match="not a .gguf"):
+        resolve(str(tmp_path / "weights.bin"))
+
+
+def _offline(monkeypatch, home: Path) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+
+
+def test_hub_id_offline_not_cached_fails_fast(monkeypatch, tmp_path):
+    _offline(monkeypatch, tmp_path)
+    start = time.monotonic()
+    with pytest.raises(NanotuneError) as err:
+        load_model("gpt2")
+    message = str(err.value)
+    assert (
+        "model 'gpt2' is not in the local Hugging Face cache and the hub is unreachable" in message
+    )
+    assert "--model ./my-gpt2" in message and "\n" not in message
+    with pytest.raises(
+        NanotuneError, match="'someone/tiny' is not in the local Hugging Face cache"
+    ):
+        load_model("someone/tiny")
+    assert time.monotonic() - start < 30  # a guard against retry loops, far above the real time
+
+
+def test_hub_id_offline_served_from_cache(monkeypatch, tmp_path, tiny_gpt2_dir):
+    _offline(monkeypatch, tmp_path)
+    # The layout huggingface_hub writes: refs/main names the snapshot folder.
+    repo = tmp_path / "hub" / "models--someone--tiny-gpt2"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    shutil.copytree(tiny_gpt2_dir, repo / "snapshots" / ("0" * 40))
+    model, tokenizer = load_model("someone/tiny-gpt2")
+    reference, _ = load_model(tiny_gpt2_dir)
+    assert torch.equal(model.wte.weight, reference.wte.weight)
+    assert tokenizer.encode("Hello world") == [15496, 995]
+
+
+# --- broken files ---------------------------------------------------------------------------------
+
+
+def _copy_without_weights(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors"))
+    return dst
+
+
+def test_missing_weights_file(tiny_gpt2_dir, tmp_path):
+    d = _copy_without_weights(tiny_gpt2_dir, tmp_path / "m")
+    with pytest.raises(NanotuneError, match="no weights in .*model.safetensors"):
+        load_model(d)
+
+
+def test_truncated_safetensors(tiny_gpt2_dir, tmp_path):
+    d = _copy_without_weights(tiny_gpt2_dir, tmp_path / "m")
+    data = (tiny_gpt2_dir / "model.safetensors").read_bytes()
+    (d / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(NanotuneError, match=r"model\.safetensors is truncated or corrupt"):
+        load_model(d)
+
+
+def test_missing_tensor(tiny_llama_dir, tmp_path):
+    d = _copy_without_weights(tiny_llama_dir, tmp_path / "m")
+    sd = load_file(tiny_llama_dir / "model.safetensors")
+    del sd["model.layers.1.mlp.up_proj.weight"]
+    save_file(sd, d / "model.safetensors")
+    with pytest.raises(NanotuneError, match="missing tensor 'layers.1.mlp.up_proj.weight'"):
+        load_model(d)
+
+
+def test_shard_listed_but_missing(tiny_gpt2_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir).save_pretrained(
+        tmp_path, max_shard_size="1MB"
+    )
+    shard = sorted(tmp_path.glob("model-*.safetensors"))[-1]
+    shard.unlink()
+    with pytest.raises(NanotuneError, match=f"{shard.name} is missing"):
+        load_model(tmp_path)
+
+
+def test_gguf_of_unsupported_architecture(tmp_path):
+    import gguf
+    import numpy as np
+
+    path = tmp_path / "falcon.gguf"
+    writer = gguf.GGUFWriter(str(path), "falcon")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(NanotuneError, match="GGUF architecture 'falcon' is not supported"):
+        load_model(path)
+
+
+def test_corrupt_gguf(tmp_path):
+    path = tmp_path / "broken.gguf"
+    path.write_bytes(b"GGUF" + b"\x00" * 20)
+    with pytest.raises(NanotuneError, match="broken.gguf"):
+        load_model(path)
