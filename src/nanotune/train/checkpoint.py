@@ -1,0 +1,158 @@
+"""Atomic, complete checkpoints: trainable weights, optimizer, step, data position, RNG, config.
+
+A checkpoint directory is written under a temporary name, fsynced and renamed, so a run killed
+at any moment leaves either a whole checkpoint or none.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from nanotune.errors import NanotuneError
+
+WEIGHTS = "trainable.safetensors"
+STATE = "state.pt"
+CONFIG = "config.json"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def trainable_state(model: nn.Module) -> dict[str, Tensor]:
+    """Parameters that train: the whole model for full fine-tuning, adapters and heads otherwise.
+
+    Frozen base weights are not stored: they come back from the base model on resume.
+    """
+    return {
+        n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad
+    }
+
+
+def load_trainable(model: nn.Module, weights: dict[str, Tensor], where: Path) -> None:
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(params) != set(weights):
+        missing, extra = sorted(set(params) - set(weights)), sorted(set(weights) - set(params))
+        raise NanotuneError(
+            f"{where}: checkpoint does not match the model's trainable parameters "
+            f"(missing {missing[:3]}, unexpected {extra[:3]}); resume with the run's own config"
+        )
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(weights[n])
+
+
+def rng_state() -> dict[str, Any]:
+    version, mt, gauss = random.getstate()
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": [version, list(mt), gauss],
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_dir(directory: Path, write: Any) -> Path:
+    """Call `write(tmp_dir)`, fsync what it wrote, then move it to `directory` in one rename."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = directory.parent / f".tmp-{directory.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        write(tmp)
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                _fsync(f)
+        _fsync(tmp)
+        if directory.exists():  # replace: move the old one aside first, rename cannot overwrite
+            old = directory.parent / f".old-{directory.name}-{os.getpid()}"
+            directory.rename(old)
+            tmp.rename(directory)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(directory)
+        _fsync(directory.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def save_checkpoint(
+    directory: Path,
+    weights: dict[str, Tensor],
+    state: dict[str, Any],
+    config: dict[str, Any] | None = None,
+) -> Path:
+    """Write weights (safetensors), loop state (optimizer, step, data position, RNG) and config."""
+
+    def write(tmp: Path) -> None:
+        save_file(weights, tmp / WEIGHTS)
+        torch.save(state, tmp / STATE)
+        if config is not None:
+            (tmp / CONFIG).write_text(json.dumps(config, indent=2, default=str))
+
+    return atomic_dir(directory, write)
+
+
+def load_checkpoint(directory: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    directory = Path(directory)
+    try:
+        weights = load_file(directory / WEIGHTS)
+        state = torch.load(directory / STATE, weights_only=True)
+    except (OSError, RuntimeError) as e:
+        raise NanotuneError(
+            f"{directory}: unreadable checkpoint ({e}); delete it to resume from an earlier one"
+        ) from e
+    return weights, state
+
+
+def step_dirs(checkpoints: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary directories never match)."""
+    if not checkpoints.is_dir():
+        return []
+    found = [(int(m[1]), p) for p in checkpoints.iterdir() if (m := _STEP_DIR.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(checkpoints: Path) -> Path | None:
+    dirs = step_dirs(checkpoints)
+    return dirs[-1] if dirs else None
+
+
+def prune(checkpoints: Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` checkpoints, and leftovers of interrupted writes."""
+    for p in step_dirs(checkpoints)[:-keep_last]:
+        shutil.rmtree(p)
+    for p in checkpoints.glob(".tmp-*"):
+        shutil.rmtree(p, ignore_errors=True)

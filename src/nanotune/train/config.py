@@ -1,0 +1,121 @@
+"""TrainConfig: every knob of the training loop, validated on construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from nanotune.errors import NanotuneError
+
+
+@dataclass
+class TrainConfig:
+    """How to train: optimizer, schedule, batching, evaluation, checkpoints, precision.
+
+    The optimizer step sees `micro_batch_size * grad_accum` rows (the global batch); under
+    torch.distributed each rank runs `grad_accum // world_size` micro-steps, so the global batch
+    and the data order do not depend on the number of processes.
+    """
+
+    lr: float = 2e-4
+    """Peak learning rate of AdamW."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay; never applied to norms, biases (1-D tensors) or embeddings."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW moment coefficients."""
+    eps: float = 1e-8
+    """AdamW denominator epsilon."""
+    warmup_steps: int = 0
+    """Optimizer steps of linear warm-up; ignored when `warmup_ratio` is set."""
+    warmup_ratio: float | None = None
+    """Warm-up as a fraction of the total steps (0..1); overrides `warmup_steps`."""
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after warm-up, from `lr` towards `lr * min_lr_ratio`."""
+    min_lr_ratio: float = 0.1
+    """Floor of the decay as a fraction of `lr` (cosine and linear)."""
+    max_grad_norm: float | None = 1.0
+    """Clip the global gradient norm to this; null disables clipping."""
+    micro_batch_size: int = 8
+    """Rows per forward/backward pass (per process)."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step (over all processes)."""
+    max_steps: int | None = None
+    """Optimizer steps to run; overrides `epochs` when set."""
+    epochs: int = 1
+    """Passes over the training set when `max_steps` is not set."""
+    eval_every: int = 0
+    """Evaluate on the validation set every N optimizer steps (0: only at the end)."""
+    eval_batches: int | None = None
+    """Cap on validation batches per evaluation (null: the whole validation set)."""
+    early_stopping_patience: int | None = None
+    """Stop after this many evaluations without a better validation loss (null: never)."""
+    keep_best: bool = True
+    """Restore the weights of the best evaluation before the run ends."""
+    save_every: int = 0
+    """Write a resumable checkpoint every N optimizer steps (0: never)."""
+    keep_last: int = 2
+    """Checkpoints kept on disk; older ones are deleted."""
+    seed: int = 1337
+    """Seeds torch, python and numpy, and the data order of every epoch."""
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    """Compute precision: auto = bf16 autocast on CUDA when supported, fp32 otherwise."""
+    compile: bool = False
+    """Compile the loss computation with torch.compile."""
+    gradient_checkpointing: bool = False
+    """Recompute block activations in the backward pass to save memory."""
+    log_every: int = 1
+    """Write a metrics line every N optimizer steps."""
+    device: str = "auto"
+    """'auto' (cuda if available, else cpu), 'cpu', 'cuda' or 'cuda:N'."""
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)  # YAML gives lists
+        positive = {
+            "lr": self.lr,
+            "eps": self.eps,
+            "micro_batch_size": self.micro_batch_size,
+            "grad_accum": self.grad_accum,
+            "epochs": self.epochs,
+            "log_every": self.log_every,
+            "keep_last": self.keep_last,
+        }
+        for name, value in positive.items():
+            if value <= 0:
+                raise NanotuneError(f"train.{name}: must be > 0, got {value}")
+        non_negative = {
+            "weight_decay": self.weight_decay,
+            "warmup_steps": self.warmup_steps,
+            "eval_every": self.eval_every,
+            "save_every": self.save_every,
+        }
+        for name, value in non_negative.items():
+            if value < 0:
+                raise NanotuneError(f"train.{name}: must be >= 0, got {value}")
+        for name, value in {
+            "max_steps": self.max_steps,
+            "eval_batches": self.eval_batches,
+            "early_stopping_patience": self.early_stopping_patience,
+            "max_grad_norm": self.max_grad_norm,
+        }.items():
+            if value is not None and value <= 0:
+                raise NanotuneError(f"train.{name}: must be > 0 or null, got {value}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise NanotuneError(f"train.betas: need two values in [0, 1), got {list(self.betas)}")
+        if self.warmup_ratio is not None and not 0 <= self.warmup_ratio < 1:
+            raise NanotuneError(f"train.warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise NanotuneError(f"train.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
+        if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise NanotuneError(
+                f"train.device: unknown device {self.device!r}; use auto, cpu, cuda or cuda:N"
+            )
+
+    @property
+    def batch_size(self) -> int:
+        """Rows per optimizer step (the global batch)."""
+        return self.micro_batch_size * self.grad_accum
+
+    def warmup_for(self, total_steps: int) -> int:
+        if self.warmup_ratio is not None:
+            return int(self.warmup_ratio * total_steps)
+        return self.warmup_steps

@@ -1,0 +1,74 @@
+"""Run logging on rank 0 only: metrics.jsonl, a tqdm bar, TensorBoard when it is installed."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from nanotune.train.dist import is_main
+
+
+class RunLogger:
+    """The one place that writes run output; every method is a no-op off rank 0."""
+
+    def __init__(self, run_dir: Path, total_steps: int, start_step: int, progress: bool) -> None:
+        self.main = is_main()
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.bar = None
+        self.tb = None
+        if not self.main:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._truncate_after(start_step)
+        self.bar = tqdm(
+            total=total_steps,
+            initial=start_step,
+            disable=not progress,
+            unit="step",
+            dynamic_ncols=True,
+        )
+        try:  # optional: never required
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=start_step + 1)
+        except ImportError:
+            self.tb = None
+
+    def _truncate_after(self, step: int) -> None:
+        """A resumed run repeats the steps after its checkpoint: drop their old lines."""
+        if not self.path.exists():
+            return
+        lines = self.path.read_text().splitlines()
+        kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(ln + "\n" for ln in kept))
+        tmp.replace(self.path)
+
+    def info(self, message: str) -> None:
+        if self.main:
+            tqdm.write(message)
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.main:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(k.replace("eval_", "eval/"), v, record["step"])
+
+    def progress(self, step: int, postfix: dict[str, str]) -> None:
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix(postfix, refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()

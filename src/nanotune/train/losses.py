@@ -1,0 +1,121 @@
+"""Objectives: summed losses, label counts and evaluation metrics over the batch contract.
+
+Losses are sums; the trainer divides by the label count of the whole accumulated batch, so
+micro-batches with few labels are not over-weighted (transformers#35203).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+Batch = dict[str, object]
+IGNORE = -100
+
+
+class Objective(Protocol):
+    """What the trainer needs to know about a task, and nothing about the model family."""
+
+    name: str
+
+    def loss_sum(self, model: nn.Module, batch: Batch) -> Tensor: ...
+
+    def count(self, batch: Batch) -> int: ...
+
+    def eval_sums(self, model: nn.Module, batch: Batch) -> dict[str, float]: ...
+
+    def summarize(self, sums: dict[str, float]) -> dict[str, float]: ...
+
+
+def lm_loss_sum(model: nn.Module, batch: Batch) -> Tensor:
+    """Summed next-token cross-entropy, computing the LM head only on rows with a target.
+
+    `batch` follows the LM contract: `input_ids`, shifted `targets` (-100: no loss) and, for
+    packed batches, `positions` and `doc_ids`. Prompt and padding positions never pay for a
+    vocabulary-sized matmul.
+    """
+    targets = batch["targets"]
+    h = model.hidden(
+        batch["input_ids"], positions=batch.get("positions"), doc_ids=batch.get("doc_ids")
+    )
+    keep = targets != IGNORE
+    logits = model.lm_head(h[keep])
+    return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+
+
+class LMObjective:
+    """Causal language modelling: loss and perplexity per supervised token."""
+
+    name = "lm"
+
+    def loss_sum(self, model: nn.Module, batch: Batch) -> Tensor:
+        return lm_loss_sum(model, batch)
+
+    def count(self, batch: Batch) -> int:
+        return int((batch["targets"] != IGNORE).sum())
+
+    def eval_sums(self, model: nn.Module, batch: Batch) -> dict[str, float]:
+        return {"loss": float(lm_loss_sum(model, batch)), "n": self.count(batch)}
+
+    def summarize(self, sums: dict[str, float]) -> dict[str, float]:
+        loss = sums["loss"] / max(1, sums["n"])
+        return {"loss": loss, "ppl": math.exp(min(loss, 50.0))}
+
+
+class ClassificationObjective:
+    """Sequence classification: `model(input_ids, lengths)` gives logits [B, num_labels]."""
+
+    name = "classification"
+
+    def loss_sum(self, model: nn.Module, batch: Batch) -> Tensor:
+        logits = model(batch["input_ids"], batch["lengths"])
+        return F.cross_entropy(logits.float(), batch["class_labels"], reduction="sum")
+
+    def count(self, batch: Batch) -> int:
+        return len(batch["class_labels"])
+
+    def eval_sums(self, model: nn.Module, batch: Batch) -> dict[str, float]:
+        logits = model(batch["input_ids"], batch["lengths"]).float()
+        labels = batch["class_labels"]
+        return {
+            "loss": float(F.cross_entropy(logits, labels, reduction="sum")),
+            "correct": int((logits.argmax(-1) == labels).sum()),
+            "n": len(labels),
+        }
+
+    def summarize(self, sums: dict[str, float]) -> dict[str, float]:
+        n = max(1, sums["n"])
+        return {"loss": sums["loss"] / n, "accuracy": sums["correct"] / n}
+
+
+def objective_for(batch: Batch) -> Objective:
+    """The objective a batch calls for, by its contract keys."""
+    if "class_labels" in batch:
+        return ClassificationObjective()
+    if "targets" in batch:
+        return LMObjective()
+    raise ValueError(f"batch has neither 'targets' nor 'class_labels': keys {sorted(batch)}")
+
+
+@torch.no_grad()
+def trim_padding(batch: Batch) -> Batch:
+    """Drop trailing columns that cannot change the loss (rows are right-padded, attention causal).
+
+    Slicing a padded global batch into micro-batches leaves columns that are padding in every
+    row of the slice; cutting them recovers per-micro-batch dynamic padding.
+    """
+    ids = batch["input_ids"]
+    if "lengths" in batch:
+        end = int(batch["lengths"].max())
+    else:
+        cols = (batch["targets"] != IGNORE).any(0).nonzero()
+        end = int(cols[-1]) + 1 if len(cols) else 1
+    if end >= ids.shape[1]:
+        return batch
+    return {
+        k: v[:, :end] if isinstance(v, Tensor) and v.dim() == 2 else v for k, v in batch.items()
+    }
