@@ -629,3 +629,51 @@ def test_eval_command_errors_are_one_line(tmp_path, tiny_gpt2_dir, capsys):
     assert "did you mean 'perplexity'" in capsys.readouterr().err
     assert main([*argv, "--metrics", "accuracy"]) == 2
     assert "accuracy needs format: classification" in capsys.readouterr().err
+
+
+def test_eval_command_classifier_adapter(tmp_path, tiny_gpt2_dir, capsys):
+    from nanotune.cli import main
+    from nanotune.data import DataConfig, build_datasets
+    from nanotune.methods import MethodConfig, apply_method
+    from nanotune.weights import load_model
+    from nanotune.weights.peft import save_adapter
+
+    rows = [
+        {"text": t, "label": lab}
+        for t, lab in [
+            ("win cash now", "spam"),
+            ("see you at lunch", "ham"),
+            ("free prize call", "spam"),
+            ("meeting moved to 3", "ham"),
+            ("claim your reward", "spam"),
+            ("thanks, mum", "ham"),
+        ]
+    ]
+    data_file = tmp_path / "sms.jsonl"
+    data_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    body, tok = load_model(str(tiny_gpt2_dir))
+    torch.manual_seed(4)
+    clf = SequenceClassifier(body, 2, ["ham", "spam"])
+    apply_method(clf, MethodConfig(name="lora", r=4, targets=["c_attn"]))
+    with torch.no_grad():
+        clf.score.weight.normal_(0, 1.0)
+    save_adapter(clf, tmp_path / "adapter", base_model=str(tiny_gpt2_dir))
+
+    argv = [
+        "eval",
+        "--model",
+        str(tiny_gpt2_dir),
+        "--adapter",
+        str(tmp_path / "adapter"),
+        "--data",
+        str(data_file),
+        "--format",
+        "classification",
+    ]
+    assert main(argv) == 0
+    table = {ln.split()[0]: ln.split()[1:] for ln in capsys.readouterr().out.splitlines()[2:]}
+    examples = build_datasets(DataConfig(source=str(data_file), format="classification"), tok).train
+    want = evaluate_model(clf.eval(), tok, examples, EvalConfig(metrics=["accuracy"]))[0]
+    assert float(table["loss"][1]) == pytest.approx(want["loss"], abs=1e-4)
+    assert float(table["accuracy"][1]) == pytest.approx(want["accuracy"], abs=1e-4)
+    assert {"macro_f1", "f1/ham", "f1/spam"} <= set(table)
