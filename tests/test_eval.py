@@ -529,6 +529,24 @@ def test_evaluate_before_after_runs_the_same_evaluation_on_both_models():
     assert [s["before"] for s in result.samples] == gens_base.outputs[:2]
     assert result.samples[1]["reference"] == "green"
 
+    class LengthReward:  # longer responses score higher
+        def score(self, prompts, responses, batch_size=8):
+            return [float(len(r)) for r in responses]
+
+    cfg.metrics.append("reward")
+    cfg.reward_model = "unused"
+    rewarded = evaluate_before_after(
+        base, tok, lambda m: tuned, examples, cfg, reward=LengthReward()
+    )
+    n_before = [len(s) for s in gens_base.outputs]
+    n_after = [len(s) for s in gens_tuned.outputs]
+    assert rewarded.before["reward"] == pytest.approx(sum(n_before) / 3)
+    assert rewarded.after["reward"] == pytest.approx(sum(n_after) / 3)
+    wins = sum(
+        1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(n_after, n_before, strict=True)
+    )
+    assert rewarded.after["reward_win_rate"] == pytest.approx(wins / 3)
+
 
 def test_evaluate_model_checks_metrics_fit_the_data():
     tok = ByteTokenizer()

@@ -12,6 +12,7 @@ from nanotune.data import DataConfig, build_datasets
 from nanotune.errors import NanotuneError
 from nanotune.eval.config import EvalConfig
 from nanotune.eval.evaluate import samples
+from nanotune.eval.reward import RewardModel
 from nanotune.eval.run import BeforeAfter, evaluate_before_after, evaluate_model
 
 
@@ -61,7 +62,13 @@ def evaluate_job(
     model.eval()
     if not adapter and not finetuned:
         metrics, gens = evaluate_model(model, tokenizer, examples, cfg)
-        return metrics, None, samples(gens, None, cfg.num_samples) if gens else []
+        if gens is None:
+            return metrics, None, []
+        if "reward" in cfg.metrics:
+            rm = RewardModel(cfg.reward_model)
+            scores = rm.score(gens.prompts, gens.outputs, cfg.batch_size)
+            metrics["reward"] = sum(scores) / len(scores)
+        return metrics, None, samples(gens, None, cfg.num_samples)
 
     def finetune(base: nn.Module) -> nn.Module:
         if adapter:

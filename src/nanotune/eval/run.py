@@ -78,9 +78,13 @@ def evaluate_before_after(
     examples: Sequence[Any],
     cfg: EvalConfig,
     label_names: Sequence[str] | None = None,
+    reward: Any = None,
 ) -> BeforeAfter:
     """Evaluate `model`, then `finetune(model)` (which may change it in place, e.g. load an
     adapter, or return another model), with the same config, examples and prompts.
+
+    The `reward` metric scores both models' responses with `reward` (anything with
+    `score(prompts, responses, batch_size)`), by default a `RewardModel(cfg.reward_model)`.
     """
     before, gens_before = evaluate_model(model, tokenizer, examples, cfg, label_names)
     tuned = finetune(model)
@@ -88,7 +92,7 @@ def evaluate_before_after(
     if gens_before is None or gens_after is None:
         return BeforeAfter(before, after)
     if "reward" in cfg.metrics:
-        rm = RewardModel(cfg.reward_model, device=next(tuned.parameters()).device)
+        rm = reward or RewardModel(cfg.reward_model, device=next(tuned.parameters()).device)
         rb, ra = compare_rewards(
             rm, gens_before.prompts, gens_before.outputs, gens_after.outputs, cfg.batch_size
         )
