@@ -121,6 +121,30 @@ def test_generate_stop_option_trims(tiny_gpt2, tiny_gpt2_dir, capsys):
     assert capsys.readouterr().out == full[: full.index(stop)] + "\n"
 
 
+def test_generate_applies_an_adapter(tiny_gpt2_dir, tmp_path, capsys):
+    import torch
+
+    from nanotune.methods import MethodConfig, apply_method
+    from nanotune.weights import load_model
+    from nanotune.weights.peft import save_adapter
+
+    model, tok = load_model(str(tiny_gpt2_dir))
+    cfg = GenerationConfig(max_new_tokens=12)
+    base = generate(model, tok, ["Hello"], cfg)[0]
+    apply_method(model, MethodConfig(name="lora", targets=["c_attn"], r=4))
+    torch.manual_seed(0)
+    with torch.no_grad():  # LoRA B starts at zero; give the adapter a visible effect
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.5)
+    tuned = generate(model, tok, ["Hello"], cfg)[0]
+    assert tuned != base
+    save_adapter(model, tmp_path / "adapter", base_model=str(tiny_gpt2_dir))
+    argv = ["generate", "--model", str(tiny_gpt2_dir), "--prompt", "Hello", "--max-new-tokens"]
+    assert main([*argv, "12", "--adapter", str(tmp_path / "adapter")]) == 0
+    assert capsys.readouterr().out == tuned + "\n"
+
+
 def test_chat_repl_keeps_history_resets_and_exits_on_eof(tiny_llama_dir, monkeypatch, capsys):
     from nanotune.weights import load_model
 
