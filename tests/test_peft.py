@@ -260,3 +260,105 @@ def test_bad_adapters_raise(tmp_path):
     with pytest.raises(NanotuneError, match="no LoRA adapters"):
         save_adapter(model, tmp_path / "out", base_model="tiny")
     assert not lora_layers(model)
+
+
+def gpt2_folder(path) -> tuple:
+    """A tiny GPT-2 with the real 50,257-token BPE, saved as an HF folder."""
+    from nanotune.tokenizer import gpt2_tokenizer
+    from nanotune.weights import save_model
+
+    hf = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=32))
+    model, tok = nanotune_from(hf), gpt2_tokenizer()
+    save_model(model, tok, path)
+    return model, tok
+
+
+def test_merge_cli_writes_a_folder_with_the_adapted_logits(tmp_path):
+    from nanotune.cli import main
+    from nanotune.weights import load_model
+
+    model, _ = gpt2_folder(tmp_path / "base")
+    apply_method(
+        model, MethodConfig(name="dora", r=4, alpha=8, targets=["c_attn.q", "c_attn.v", "c_fc"])
+    )
+    randomise(model)
+    save_adapter(model, tmp_path / "adapter", base_model=str(tmp_path / "base"))
+    ids = torch.randint(0, 50257, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model.eval()(ids)
+    assert (
+        main(
+            [
+                "merge",
+                "--model",
+                str(tmp_path / "base"),
+                "--adapter",
+                str(tmp_path / "adapter"),
+                str(tmp_path / "out"),
+            ]
+        )
+        == 0
+    )
+    merged, _ = load_model(tmp_path / "out")
+    assert not lora_layers(merged)
+    with torch.no_grad():
+        assert (merged(ids) - ref).abs().max() < 1e-5
+    # A second merge into the same folder is refused rather than overwriting it.
+    assert (
+        main(
+            [
+                "merge",
+                "--model",
+                str(tmp_path / "base"),
+                "--adapter",
+                str(tmp_path / "adapter"),
+                str(tmp_path / "out"),
+            ]
+        )
+        == 2
+    )
+
+
+@pytest.mark.parametrize("fmt", ["adapter", "full"])
+def test_classifier_save_load_and_classify_cli(fmt, tmp_path, capsys):
+    from nanotune.cli import main
+    from nanotune.methods.classifier import classify, load_classifier, save_classifier
+
+    body, tok = gpt2_folder(tmp_path / "base")
+    clf = SequenceClassifier(body, 3, ["neg", "neu", "pos"])
+    apply_method(clf, MethodConfig(name="lora", r=4, alpha=8, targets=["c_attn", "c_proj"]))
+    randomise(clf)
+    with torch.no_grad():
+        clf.score.weight.mul_(50)  # make the labels clearly apart
+    clf.eval()
+    base = str(tmp_path / "base") if fmt == "adapter" else None
+    save_classifier(clf, tmp_path / "clf", tok, base_model=base)
+    assert (
+        tmp_path / "clf" / ("adapter_config.json" if fmt == "adapter" else "config.json")
+    ).is_file()
+    loaded, tok2 = load_classifier(tmp_path / "clf")
+    assert loaded.label_names == ["neg", "neu", "pos"]
+    text = "a tiny model reads this sentence"
+    want, got = classify(clf, tok, text), classify(loaded, tok2, text)
+    assert max(abs(want[k] - got[k]) for k in want) < 1e-5
+    assert main(["classify", "--model", str(tmp_path / "clf"), "--text", text]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == max(want, key=want.get)
+    assert out[1].startswith("  neg: ")
+    if fmt == "adapter":  # merging a classifier adapter gives a full classifier folder
+        assert (
+            main(
+                [
+                    "merge",
+                    "--model",
+                    base,
+                    "--adapter",
+                    str(tmp_path / "clf"),
+                    str(tmp_path / "merged"),
+                ]
+            )
+            == 0
+        )
+        merged, _ = load_classifier(tmp_path / "merged")
+        got = classify(merged, tok, text)
+        assert max(abs(want[k] - got[k]) for k in want) < 1e-5

@@ -343,6 +343,55 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- merge, classify ---------------------------------------------------------------------------
+
+
+def _add_merge(sub) -> None:
+    p = sub.add_parser(
+        "merge",
+        help="fold a LoRA/DoRA adapter into its base model and write an HF folder",
+        description="Load --model, apply the PEFT adapter folder --adapter, merge it into the "
+        "base weights and write a plain Hugging Face folder (a classifier folder for SEQ_CLS).",
+    )
+    p.add_argument("--model", required=True, help="base model: preset, HF folder, .gguf or hub id")
+    p.add_argument("--adapter", required=True, metavar="DIR", help="PEFT adapter folder")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="folder to create")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    p.set_defaults(func=cmd_merge)
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from nanotune.weights.peft import merge_adapter
+
+    out = merge_adapter(args.model, args.adapter, args.out_dir, overwrite=args.overwrite)
+    print(f"wrote {out}")
+    return 0
+
+
+def _add_classify(sub) -> None:
+    p = sub.add_parser(
+        "classify",
+        help="label a text with a fine-tuned classifier",
+        description="Print the predicted label of --text and the probability of every label.",
+    )
+    p.add_argument(
+        "--model", required=True, metavar="DIR", help="classifier folder (save_classifier)"
+    )
+    p.add_argument("--text", required=True, help="text to classify")
+    p.set_defaults(func=cmd_classify)
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    from nanotune.methods.classifier import classify, load_classifier
+
+    model, tokenizer = load_classifier(args.model)
+    probs = classify(model, tokenizer, args.text)
+    print(max(probs, key=probs.get))
+    for name, p in probs.items():
+        print(f"  {name}: {p:.4f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nanotune", description="Fine-tune GPT-2 and other small language models."
@@ -354,6 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_models(sub)
     _add_export(sub)
     _add_eval(sub)
+    _add_merge(sub)
+    _add_classify(sub)
     return parser
 
 

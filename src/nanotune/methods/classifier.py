@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from nanotune.errors import NanotuneError
@@ -53,3 +61,90 @@ class SequenceClassifier(nn.Module):
         h = self.body.hidden(input_ids)
         pooled = h[torch.arange(h.shape[0], device=h.device), lengths.to(h.device) - 1]
         return self.score(pooled.to(self.score.weight.dtype))
+
+
+CLASSIFIER_FILE = "classifier.json"
+HEAD_FILE = "classifier.safetensors"
+
+
+def save_classifier(
+    model: SequenceClassifier,
+    directory: str | Path,
+    tokenizer,
+    base_model: str | None = None,
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """Write a classifier folder atomically, with `classifier.json` naming its labels.
+
+    With `base_model` and LoRA adapters in the body: a PEFT SEQ_CLS adapter folder (head in
+    modules_to_save). Otherwise: the body (adapters merged) as an HF folder via `save_model`, plus
+    the head in `classifier.safetensors`.
+    """
+    from nanotune.methods.lora import lora_layers, merge
+    from nanotune.weights import save_model
+    from nanotune.weights.peft import save_adapter
+
+    target = Path(directory)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
+        raise NanotuneError(f"{target} already exists; choose another folder or pass overwrite")
+    as_adapter = base_model is not None and bool(lora_layers(model.body))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        if as_adapter:
+            save_adapter(model, tmp, base_model)
+            tokenizer.save(tmp)
+        else:
+            body = merge(copy.deepcopy(model.body)) if lora_layers(model.body) else model.body
+            save_model(body, tokenizer, tmp, overwrite=True)
+            save_file(
+                {"score.weight": model.score.weight.detach().cpu().contiguous()},
+                str(tmp / HEAD_FILE),
+            )
+        meta = {
+            "format": "adapter" if as_adapter else "full",
+            "base_model": base_model,
+            "num_labels": model.num_labels,
+            "label_names": model.label_names,
+        }
+        (tmp / CLASSIFIER_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        if target.exists():
+            shutil.rmtree(target)
+        os.rename(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def load_classifier(directory: str | Path):
+    """(SequenceClassifier, Tokenizer) from a folder written by `save_classifier`."""
+    from nanotune.weights import load_model
+    from nanotune.weights.peft import load_adapter
+
+    path = Path(directory) / CLASSIFIER_FILE
+    if not path.is_file():
+        raise NanotuneError(f"{path}: no such file; is {directory} a classifier saved by nanotune?")
+    meta = json.loads(path.read_text())
+    if meta.get("format") == "adapter":
+        body, tokenizer = load_model(meta["base_model"])
+        clf = SequenceClassifier(body, meta["num_labels"], meta["label_names"])
+        load_adapter(clf, directory)
+        return clf.eval(), tokenizer
+    body, tokenizer = load_model(directory)
+    clf = SequenceClassifier(body, meta["num_labels"], meta["label_names"])
+    with torch.no_grad():
+        clf.score.weight.copy_(load_file(str(Path(directory) / HEAD_FILE))["score.weight"])
+    return clf.eval(), tokenizer
+
+
+def classify(model: SequenceClassifier, tokenizer, text: str) -> dict[str, float]:
+    """Label probabilities for one text, in label order."""
+    ids = tokenizer.encode(text)[-model.config.block_size :]
+    if not ids:
+        raise NanotuneError("classify: the text is empty; give some text to classify")
+    with torch.no_grad():
+        logits = model(torch.tensor([ids], device=model.body.device), torch.tensor([len(ids)]))
+    probs = torch.softmax(logits.float(), -1)[0].tolist()
+    return dict(zip(model.label_names, probs, strict=True))
