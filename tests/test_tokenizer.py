@@ -241,6 +241,9 @@ def test_tiny_gguf_matches_transformers_gguf_converter(tmp_path, pre):
     texts = CORPUS + ["<|eot|>hi<|eot|>"]
     assert tok.encode_batch(texts) == [ref.encode(t, add_special_tokens=False).ids for t in texts]
     assert tok.apply_chat_template([{"role": "user", "content": "x"}]) == "<|endoftext|>x<|eot|>"
+    plain = tok.encode_batch(["<|eot|>"], allow_special=False)[0]
+    assert len(plain) > 1 and tok.decode(plain) == "<|eot|>"
+    assert tok.encode("<|eot|>") == [1]  # the plain-text setting does not stick
 
 
 def test_gguf_errors_name_the_file(tmp_path):

@@ -11,7 +11,9 @@ import hashlib
 import importlib.util
 import json
 import os
+import threading
 from collections.abc import Iterable
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
@@ -172,6 +174,8 @@ class _TokenizersBackend:
 
     def __init__(self, tok: HFTokenizer):
         self.tok = tok
+        # `encode_special_tokens` is a setting on the shared Rust object: hold it per call.
+        self._lock = threading.Lock()
 
     @property
     def vocab_size(self) -> int:
@@ -181,19 +185,24 @@ class _TokenizersBackend:
         return self.tok.token_to_id(token)
 
     def encode(self, text: str, allow_special: bool) -> list[int]:
-        # `encode_special_tokens` makes special tokens plain text; reset so the default stays on.
-        self.tok.encode_special_tokens = not allow_special
-        try:
+        with self._special_as_text(not allow_special):
             return self.tok.encode(text, add_special_tokens=False).ids
-        finally:
-            self.tok.encode_special_tokens = False
 
     def encode_batch(self, texts: list[str], allow_special: bool) -> list[list[int]]:
-        self.tok.encode_special_tokens = not allow_special
-        try:
-            return [e.ids for e in self.tok.encode_batch_fast(texts, add_special_tokens=False)]
-        finally:
-            self.tok.encode_special_tokens = False
+        with self._special_as_text(not allow_special):
+            encodings = self.tok.encode_batch_fast(texts, add_special_tokens=False)
+        return [e.ids for e in encodings]
+
+    @contextmanager
+    def _special_as_text(self, as_text: bool):
+        """`encode_special_tokens` (special strings as plain text) for one call, then off again,
+        so other users of the object (post-processor checks, saving) see the default."""
+        with self._lock:
+            self.tok.encode_special_tokens = as_text
+            try:
+                yield
+            finally:
+                self.tok.encode_special_tokens = False
 
     def decode(self, ids: list[int], skip_special: bool) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special)
