@@ -317,6 +317,108 @@ def test_shard_listed_but_missing(tiny_gpt2_dir, tmp_path):
         load_model(tmp_path)
 
 
+# llama.cpp names and tensor types of the tiny GGUF below: every supported type appears once.
+GGUF_BLOCK = {
+    "self_attn.q_proj": ("attn_q", "Q8_0"),
+    "self_attn.k_proj": ("attn_k", "BF16"),
+    "self_attn.v_proj": ("attn_v", "Q4_0"),
+    "self_attn.o_proj": ("attn_output", "Q4_1"),
+    "mlp.gate_proj": ("ffn_gate", "F16"),
+    "mlp.up_proj": ("ffn_up", "F16"),
+    "mlp.down_proj": ("ffn_down", "F32"),
+    "input_layernorm": ("attn_norm", "F32"),
+    "post_attention_layernorm": ("ffn_norm", "F32"),
+}
+
+
+def _llama_cpp_permute(w, n_head):
+    """convert_hf_to_gguf's Q/K row order (interleaved rotary halves), as llama.cpp writes it."""
+    return (
+        w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
+
+
+def _write_tiny_llama_gguf(path: Path, tensor_types: dict[str, str] | None = None) -> None:
+    """A 2-layer untied Llama GGUF, written the way llama.cpp's converter does."""
+    import gguf
+    import numpy as np
+    from gguf.quants import quantize
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        rms_norm_eps=1e-5, initializer_range=0.1, tie_word_embeddings=False,
+    )  # fmt: skip
+    sd = {k: v.numpy() for k, v in LlamaForCausalLM(cfg).state_dict().items()}
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(64)
+    w.add_embedding_length(32)
+    w.add_block_count(2)
+    w.add_feed_forward_length(64)
+    w.add_head_count(4)
+    w.add_head_count_kv(2)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(10000.0)
+    w.add_rope_dimension_count(8)
+    w.add_vocab_size(256)  # transformers sizes its embedding from this, not the tensor
+
+    def add(name: str, array, qtype: str) -> None:
+        q = gguf.GGMLQuantizationType[qtype]
+        if q == gguf.GGMLQuantizationType.F32:
+            w.add_tensor(name, array)
+        elif q == gguf.GGMLQuantizationType.Q8_1:  # gguf cannot quantize it either: zero bytes
+            block, size = gguf.GGML_QUANT_SIZES[q]
+            raw = np.zeros((array.shape[0], array.shape[1] // block * size), dtype=np.uint8)
+            w.add_tensor(name, raw, raw_dtype=q)
+        else:
+            w.add_tensor(name, quantize(array, q), raw_dtype=q)
+
+    add("token_embd.weight", sd.pop("model.embed_tokens.weight"), "Q8_0")
+    add("output.weight", sd.pop("lm_head.weight"), "F16")
+    add("output_norm.weight", sd.pop("model.norm.weight"), "F32")
+    for key, array in sd.items():
+        _, _, layer, *module, _ = key.split(".")
+        short, qtype = GGUF_BLOCK[".".join(module)]
+        if short == "attn_q":
+            array = _llama_cpp_permute(array, 4)
+        elif short == "attn_k":
+            array = _llama_cpp_permute(array, 2)
+        name = f"blk.{layer}.{short}.weight"
+        add(name, array, (tensor_types or {}).get(name, qtype))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_tiny_gguf_all_types_parity_with_transformers(tmp_path):
+    from nanotune.weights.gguf import load_gguf_model
+
+    path = tmp_path / "tiny.gguf"
+    _write_tiny_llama_gguf(path)
+    model = load_gguf_model(path)
+    assert not model.config.tie_embeddings and model.config.kv_heads == 2
+    ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = model(ids)
+    theirs = _hf_logits(tmp_path, ids, gguf_file=path.name)
+    assert ours.std() > 0.3
+    assert (ours - theirs).abs().max().item() <= ATOL
+
+
+def test_gguf_unsupported_tensor_type(tmp_path):
+    from nanotune.weights.gguf import load_gguf_model
+
+    path = tmp_path / "q81.gguf"
+    _write_tiny_llama_gguf(path, {"blk.1.ffn_up.weight": "Q8_1"})
+    with pytest.raises(NanotuneError, match="'blk.1.ffn_up.weight' uses GGUF type Q8_1"):
+        load_gguf_model(path)
+
+
 def test_gguf_of_unsupported_architecture(tmp_path):
     import gguf
     import numpy as np
