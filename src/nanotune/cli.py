@@ -392,6 +392,24 @@ def cmd_classify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="fine-tune a model from a YAML config or packaged recipe")
+    p.add_argument("config", help="config YAML file or packaged recipe name")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.lr=1e-4 method.r=8")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="delete an existing run directory")
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from nanotune.workflow import train
+
+    result = train(args.config, overrides=args.overrides, resume=args.resume,
+                   overwrite=args.overwrite)
+    print(f"done: {result.step} steps; final model in {result.final_dir}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nanotune", description="Fine-tune GPT-2 and other small language models."
@@ -405,6 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_merge(sub)
     _add_classify(sub)
+    _add_train(sub)
     return parser
 
 

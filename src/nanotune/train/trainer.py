@@ -211,8 +211,9 @@ class Trainer:
         }
         if grad_norm is not None:
             stats["grad_norm"] = grad_norm
-        if "n_real" in batch:
-            stats["padding_efficiency"] = batch["n_real"] / stats["tokens"]
+        stats["supervised_fraction"] = n_labels / max(1.0, stats["tokens"])
+        if "n_real" in batch and "n_computed" in batch:  # the batch's own figure, before trimming
+            stats["padding_efficiency"] = batch["n_real"] / max(1, batch["n_computed"])
         return stats
 
     @torch.no_grad()

@@ -1,0 +1,286 @@
+"""RunConfig: one fine-tuning job as typed sections, read from and written to YAML.
+
+Sections are dataclasses; one generic loader checks every section the same way: unknown keys
+(with the closest valid name), value types, then the section's own `__post_init__` checks.
+Overrides `train.lr=1e-4 method.r=8` are parsed with YAML scalar rules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from nanotune.data.config import DataConfig
+from nanotune.errors import NanotuneError
+from nanotune.eval.config import EvalConfig
+from nanotune.methods.config import MethodConfig
+from nanotune.models.config import DEFAULT_MODEL
+from nanotune.train.config import TrainConfig
+
+
+@dataclass
+class ModelSection:
+    """Which base model to start from."""
+
+    name: str = DEFAULT_MODEL
+    """Preset, alias, local HF folder, .gguf file or hub id (see `nanotune.weights.load_model`)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype of the loaded weights (float32 on CPU)."""
+    special_tokens: list[str] = field(default_factory=list)
+    """Extra special tokens to add; the embedding (and tied head) grows to hold them."""
+
+
+@dataclass
+class RunConfig:
+    """A whole run: model, method, data, training, evaluation and where to write the results."""
+
+    data: DataConfig
+    model: ModelSection = field(default_factory=ModelSection)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output_dir: str = "runs/run"
+    """The run directory: config.yaml, metrics.jsonl, checkpoints/, final/."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the resolved config atomically."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(self.to_yaml())
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def from_dict(cls, data: Any, overrides: list[str] = ()) -> RunConfig:
+        data = apply_overrides(data if data is not None else {}, overrides)
+        return load_dataclass(cls, data, "")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: list[str] = ()) -> RunConfig:
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except OSError as e:
+            raise NanotuneError(f"{path}: cannot read the config ({e.strerror})") from e
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark else str(path)
+            raise NanotuneError(f"{where}: not valid YAML ({getattr(e, 'problem', e)})") from e
+        try:
+            return cls.from_dict(data, overrides)
+        except NanotuneError as e:
+            raise NanotuneError(f"{path}: {e}") from e
+
+
+def _plain(value: Any) -> Any:
+    """YAML-safe: tuples become lists, paths strings."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def apply_overrides(data: Any, overrides: list[str]) -> dict[str, Any]:
+    """Set `a.b=value` pairs in a copy of `data`; values follow YAML scalar rules."""
+    if not isinstance(data, dict):
+        raise NanotuneError(f"config: the top level must be a mapping, got {type(data).__name__}")
+    data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise NanotuneError(f"override {item!r}: expected KEY=VALUE, e.g. train.lr=1e-4")
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError as e:
+            raise NanotuneError(f"override {item!r}: value is not valid YAML ({e})") from e
+        *parents, leaf = key.split(".")
+        node = data
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise NanotuneError(f"override {item!r}: {part} is not a section")
+            node[part] = child = dict(child)
+            node = child
+        node[leaf] = value
+    return data
+
+
+def load_dataclass(cls: type, data: Any, where: str) -> Any:
+    """Build dataclass `cls` from a mapping, checking keys and types; `where` names the section."""
+    prefix = f"{where}." if where else ""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise NanotuneError(
+            f"{where or 'config'}: expected a mapping of options, got {type(data).__name__}"
+        )
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            hint = _suggest(str(key), names)
+            raise NanotuneError(f"{prefix}{key}: unknown key; {hint}")
+        kwargs[key] = _check(hints[key], value, f"{prefix}{key}")
+    missing = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.init
+        and f.name not in kwargs
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise NanotuneError(f"{prefix}{missing[0]}: required; add a '{missing[0]}:' section")
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise NanotuneError(f"{where or 'config'}: {e}") from e
+
+
+# Names users bring from transformers/peft/trl, mapped to ours, so a typo of either is caught.
+ALIASES = {
+    "learning_rate": "lr",
+    "lr_scheduler_type": "schedule",
+    "scheduler": "schedule",
+    "gradient_accumulation_steps": "grad_accum",
+    "per_device_train_batch_size": "micro_batch_size",
+    "batch_size": "micro_batch_size",
+    "num_train_epochs": "epochs",
+    "warmup": "warmup_steps",
+    "lora_r": "r",
+    "rank": "r",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "target_modules": "targets",
+    "model_name_or_path": "name",
+    "output": "output_dir",
+}
+
+
+def _suggest(key: str, names: list[str]) -> str:
+    candidates = {n: n for n in names}
+    candidates.update({a: n for a, n in ALIASES.items() if n in names})
+    close = difflib.get_close_matches(key, list(candidates), n=1, cutoff=0.6)
+    if close:
+        return f"did you mean {candidates[close[0]]!r}?"
+    return f"valid keys: {', '.join(names)}"
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _check(tp: Any, value: Any, key: str) -> Any:
+    """`value` converted to type `tp`, or a NanotuneError naming `key` and what was expected."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return load_dataclass(tp, value, key)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _check(arg, value, key)
+            except NanotuneError as e:
+                errors.append(e)
+        raise (
+            errors[0]
+            if len(errors) == 1
+            else NanotuneError(
+                f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}"
+            )
+        )
+    if origin is Literal:
+        if value not in args:
+            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise NanotuneError(f"{key}: {value!r} is not one of {', '.join(map(str, args))}{hint}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise NanotuneError(f"{key}: expected a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise NanotuneError(f"{key}: expected {len(args)} values, got {len(value)}")
+            return tuple(
+                _check(a, v, f"{key}[{i}]")
+                for i, (a, v) in enumerate(zip(args, value, strict=True))
+            )
+        item = args[0] if args else Any
+        out = [_check(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise NanotuneError(f"{key}: expected a mapping, got {value!r}")
+        kt, vt = args or (Any, Any)
+        return {_check(kt, k, key): _check(vt, v, f"{key}.{k}") for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise NanotuneError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise NanotuneError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        # YAML 1.1 reads `1e-4` (no dot) as a string; accept what float() reads as a number.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise NanotuneError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise NanotuneError(f"{key}: expected a string, got {value!r}")
+        return value
+    if tp is Path:
+        if not isinstance(value, (str, Path)):
+            raise NanotuneError(f"{key}: expected a path, got {value!r}")
+        return Path(value)
+    raise TypeError(f"{key}: the config loader does not handle type {tp!r}")
+
+
+def load_config(name_or_path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    """RunConfig from a YAML file, or from a packaged recipe by name (`nanotune/recipes/*.yaml`)."""
+    from importlib import resources
+
+    if Path(name_or_path).is_file():
+        return RunConfig.from_yaml(name_or_path, overrides)
+    packaged = resources.files("nanotune") / "recipes"
+    names = sorted(
+        f.name.removesuffix(".yaml") for f in packaged.iterdir() if f.name.endswith(".yaml")
+    )
+    if str(name_or_path) not in names:
+        close = difflib.get_close_matches(str(name_or_path), names, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise NanotuneError(
+            f"{name_or_path}: no such config file or packaged recipe; {hint}"
+            f"packaged recipes: {', '.join(names) or 'none'}"
+        )
+    with resources.as_file(packaged / f"{name_or_path}.yaml") as path:
+        return RunConfig.from_yaml(path, overrides)

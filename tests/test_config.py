@@ -1,0 +1,139 @@
+"""RunConfig loading/validation/overrides, and the `train` workflow's run-directory guards."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from nanotune.cli import main
+from nanotune.config import RunConfig
+from nanotune.errors import NanotuneError
+
+DATA = {"source": "data.jsonl"}
+
+
+def load(extra: dict, overrides: list[str] = ()) -> RunConfig:
+    return RunConfig.from_dict({"data": DATA, **extra}, overrides)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ({"train": {"lerning_rate": 1e-3}}, "train.lerning_rate: unknown key; did you mean 'lr'?"),
+        ({"trian": {}}, "trian: unknown key; did you mean 'train'?"),
+        ({"method": {"rank": 4}}, "method.rank: unknown key; did you mean 'r'?"),
+        ({"train": {"lr": "fast"}}, "train.lr: expected a number, got 'fast'"),
+        ({"train": {"max_steps": 2.5}}, "train.max_steps: expected an integer, got 2.5"),
+        ({"train": {"compile": "yes"}}, "train.compile: expected true or false, got 'yes'"),
+        ({"train": {"lr": 0}}, "train.lr: must be > 0, got 0.0"),
+        ({"train": {"lr": -1e-4}}, "train.lr: must be > 0"),
+        ({"train": {"schedule": "cosin"}}, "did you mean 'cosine'?"),
+        ({"train": {"betas": [0.9]}}, "train.betas: expected 2 values, got 1"),
+        ({"train": "fast"}, "train: expected a mapping of options"),
+        ({"method": {"name": "lorax"}}, "method.name 'lorax' is unknown"),
+    ],
+)
+def test_bad_values_give_one_clear_error(extra, message):
+    with pytest.raises(NanotuneError) as e:
+        load(extra)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_missing_data_section():
+    with pytest.raises(NanotuneError, match="data: required"):
+        RunConfig.from_dict({"train": {"lr": 1e-3}})
+
+
+def test_overrides_use_yaml_scalars_and_round_trip(tmp_path):
+    cfg = load(
+        {"train": {"lr": "1e-3"}},  # YAML 1.1 reads 1e-3 as a string: still a number here
+        [
+            "train.lr=1e-4",
+            "method.r=4",
+            "method.targets=[c_attn, c_proj]",
+            "train.max_grad_norm=null",
+            "train.compile=true",
+            "output_dir=out/x",
+        ],
+    )
+    assert cfg.train.lr == 1e-4 and isinstance(cfg.train.lr, float)
+    assert cfg.method.r == 4 and cfg.method.targets == ["c_attn", "c_proj"]
+    assert cfg.train.max_grad_norm is None and cfg.train.compile is True
+    assert cfg.output_dir == "out/x"
+    path = cfg.save(tmp_path / "config.yaml")
+    assert RunConfig.from_yaml(path) == cfg
+    assert RunConfig.from_yaml(path, ["train.lr=5e-5"]).train.lr == 5e-5
+    with pytest.raises(NanotuneError, match="override 'train.lr': expected KEY=VALUE"):
+        load({}, ["train.lr"])
+    with pytest.raises(NanotuneError, match="train.lr: expected a number"):
+        load({}, ["train.lr=[1]"])
+
+
+def test_yaml_errors_name_the_file_and_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data:\n  source: x\ntrain: [unclosed\n")
+    with pytest.raises(NanotuneError, match=r"bad.yaml:\d+: not valid YAML"):
+        RunConfig.from_yaml(bad)
+
+
+def test_unknown_config_file_exits_2(tmp_path, capsys):
+    assert main(["train", str(tmp_path / "missing.yaml")]) == 2
+    assert "no such config file or packaged recipe" in capsys.readouterr().err
+
+
+@pytest.fixture
+def recipe(tmp_path, tiny_gpt2_dir):
+    rows = [
+        {"prompt": f"say {w} ->", "completion": f" {w} {w}"}
+        for w in ["cat", "dog", "sun", "sea", "red", "sky", "one", "two"]
+    ]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = {
+        "model": {"name": str(tiny_gpt2_dir)},
+        "method": {"name": "lora", "r": 2, "targets": ["c_attn"]},
+        "data": {"source": str(data), "val_fraction": 0.25, "max_length": 32},
+        "train": {
+            "lr": 1e-2,
+            "max_steps": 4,
+            "micro_batch_size": 2,
+            "grad_accum": 2,
+            "save_every": 2,
+            "device": "cpu",
+        },
+        "output_dir": str(tmp_path / "run"),
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_train_cli_guards_the_run_directory(recipe, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", str(recipe)]) == 0
+    assert (run / "final" / "adapter_config.json").is_file()
+    assert (run / "checkpoints" / "step-4").is_dir()
+    metrics = (run / "metrics.jsonl").read_text()
+    assert [json.loads(x)["step"] for x in metrics.splitlines() if "loss" in x][-1] == 4
+    snapshot = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+
+    capsys.readouterr()
+    assert main(["train", str(recipe)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("nanotune: error:") and "already exists" in err and "\n" not in err
+
+    assert main(["train", str(recipe), "method.r=4", "train.seed=1", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot resume" in err and "method.r (2 -> 4)" in err and "train.seed" in err
+
+    assert main(["train", str(recipe), "train.lr=0", "--overwrite"]) == 2
+    assert "train.lr: must be > 0" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == snapshot
+
+    # A compatible resume (more steps) continues from step 4 instead of starting over.
+    assert main(["train", str(recipe), "train.max_steps=6", "--resume"]) == 2  # schedule changed
+    assert "checkpoint was made for 4 steps" in capsys.readouterr().err
+    assert main(["train", str(recipe), "--overwrite", "train.max_steps=2"]) == 0
+    assert not (run / "checkpoints" / "step-4").exists()
