@@ -158,7 +158,10 @@ def tiny_llama_factory(tmp_path_factory, smollm2_tokenizer_dir):
 
 @pytest.fixture(scope="session")
 def smollm2(smollm2_gguf):
-    """(Transformer, Tokenizer) of the real SmolLM2-135M-Instruct, loaded once per session."""
+    """(Transformer, Tokenizer) of the real SmolLM2-135M-Instruct, loaded once per session.
+
+    Shared by every test: never modify it in place (LoRA, resize, training); load your own copy.
+    """
     from nanotune.weights import load_model
 
     model, tokenizer = load_model(str(smollm2_gguf))

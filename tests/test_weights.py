@@ -108,8 +108,14 @@ def test_gpt2_folder_without_tokenizer_uses_gpt2_bpe(tiny_gpt2_dir, tmp_path):
 
 
 @pytest.mark.real_model
-def test_smollm2_gguf_parity_with_transformers(smollm2, smollm2_gguf):
+def test_smollm2_gguf_parity_with_transformers(smollm2, smollm2_gguf, smollm2_tokenizer_dir):
+    from transformers import AutoTokenizer
+
     model, tokenizer = smollm2
+    hf_tok = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)  # transformers' GGUF reading
+    chat = "<|im_start|>user\nHi there!<|im_end|>\n<|im_start|>assistant\n"
+    for text in (TEXT, chat):
+        assert tokenizer.encode(text) == hf_tok.encode(text, add_special_tokens=False)
     assert model.config.n_layer == 30 and model.config.kv_heads == 3
     assert sum(p.numel() for p in model.parameters()) == 134_515_008
     ids = torch.tensor([tokenizer.encode(TEXT)])

@@ -410,6 +410,32 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- bench -----------------------------------------------------------------------------------
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="time nanotune against transformers + peft; write BENCHMARKS.md")
+    p.add_argument("--quick", action="store_true", help="tiny shapes: a smoke test in seconds")
+    p.add_argument("--cases", help="comma-separated case names (default: all)")
+    p.add_argument("--output", default="BENCHMARKS.md", help="markdown report to write")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from nanotune import bench
+
+    names = bench.select(args.cases)
+    command = ["nanotune bench"] + ["--quick"] * args.quick
+    command += [f"--cases {args.cases}"] * bool(args.cases)
+    command += [f"--output {args.output}", f"--device {args.device}"]
+    results = bench.run(names, quick=args.quick, device=args.device, output=args.output,
+                        command=" ".join(command))
+    print(f"wrote {args.output}")
+    failed = [c for c, sides in results.items() if any(r.error for r in sides.values())]
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nanotune", description="Fine-tune GPT-2 and other small language models."
@@ -423,6 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_merge(sub)
     _add_classify(sub)
+    _add_bench(sub)
     _add_train(sub)
     return parser
 
