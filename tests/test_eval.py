@@ -695,3 +695,26 @@ def test_eval_command_classifier_adapter(tmp_path, tiny_gpt2_dir, capsys):
     assert float(table["loss"][1]) == pytest.approx(want["loss"], abs=1e-4)
     assert float(table["accuracy"][1]) == pytest.approx(want["accuracy"], abs=1e-4)
     assert {"macro_f1", "f1/ham", "f1/spam"} <= set(table)
+
+
+def test_eval_command_with_a_recipe_and_overrides(tmp_path, tiny_gpt2_dir, capsys):
+    import yaml
+
+    from nanotune.cli import main
+
+    rows = [{"prompt": f"Q{i}:", "completion": f" answer {i}"} for i in range(8)]
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = {
+        "model": {"name": str(tiny_gpt2_dir)},
+        "data": {"source": str(tmp_path / "qa.jsonl"), "val_fraction": 0.5},
+        "eval": {"metrics": ["perplexity"], "split": "val", "max_examples": 3},
+    }
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["eval", "--recipe", str(tmp_path / "r.yaml")]) == 0
+    three = dict(ln.split() for ln in capsys.readouterr().out.splitlines())
+    assert main(["eval", "--recipe", str(tmp_path / "r.yaml"), "--set", "eval.max_examples=1"]) == 0
+    one = dict(ln.split() for ln in capsys.readouterr().out.splitlines())
+    # " answer N" + EOS: 3 supervised tokens per example under the GPT-2 BPE.
+    assert (int(three["tokens"]), int(one["tokens"])) == (9, 3)
+    assert main(["eval", "--recipe", "no-such-recipe"]) == 2
+    assert "no such file or packaged recipe" in capsys.readouterr().err

@@ -250,93 +250,124 @@ def _add_eval(sub) -> None:
         "or full folder) and print the metrics side by side with deltas.",
     )
     _add_model_args(p, adapter=False)
+    p.set_defaults(model=None)  # None: the recipe's model, else the default model
     tuned = p.add_mutually_exclusive_group()
     tuned.add_argument("--adapter", metavar="DIR", help="PEFT/LoRA adapter folder over --model")
     tuned.add_argument("--finetuned", metavar="DIR", help="fine-tuned full model folder")
-    p.add_argument(
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument(
         "--data",
         metavar="FILE",
-        required=True,
         help="data file, folder, builtin:<name> or hf:<id>; every row is evaluated",
     )
+    source.add_argument(
+        "--recipe",
+        metavar="NAME",
+        help="recipe YAML or packaged recipe: its model, data and eval sections (split included)",
+    )
     p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe value, e.g. --set eval.max_examples=50 (repeatable)",
+    )
+    g = p.add_argument_group("data (with --data)")
+    g.add_argument(
         "--format",
         default="completion",
         help="completion | chat | alpaca | text | classification (default: completion)",
     )
-    p.add_argument(
+    g.add_argument(
         "--column",
         action="append",
         default=[],
         metavar="FIELD=COLUMN",
         help="map a format field to a data column, e.g. label=category (repeatable)",
     )
-    p.add_argument(
+    g.add_argument(
         "--prompt-template", metavar="T", help="completion: prompt template, e.g. '{quote}'"
     )
-    p.add_argument("--separator", metavar="S", help="completion: text between prompt and answer")
-    p.add_argument("--completion-template", metavar="T", help="completion: answer template")
-    p.add_argument(
+    g.add_argument("--separator", metavar="S", help="completion: text between prompt and answer")
+    g.add_argument("--completion-template", metavar="T", help="completion: answer template")
+    g = p.add_argument_group("evaluation (override the recipe's eval section)")
+    g.add_argument(
         "--metrics",
         metavar="LIST",
-        help=f"comma-separated: {', '.join(METRICS)} (default: accuracy for "
+        help=f"comma-separated: {', '.join(METRICS)} (default with --data: accuracy for "
         "classification, perplexity for text, perplexity,squad otherwise)",
     )
-    p.add_argument("--max-examples", type=int, default=200, metavar="N")
-    p.add_argument("--batch-size", type=int, default=8, metavar="N")
-    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N")
-    p.add_argument("--samples", type=int, default=3, metavar="N", help="sample generations to show")
-    p.add_argument("--reward-model", metavar="NAME", help="HF reward model for the reward metric")
+    g.add_argument(
+        "--split", help="split to evaluate (default: the recipe's; all rows with --data)"
+    )
+    g.add_argument("--max-examples", type=int, metavar="N")
+    g.add_argument("--batch-size", type=int, metavar="N")
+    g.add_argument("--max-new-tokens", type=int, metavar="N")
+    g.add_argument("--samples", type=int, metavar="N", help="sample generations to show")
+    g.add_argument("--reward-model", metavar="NAME", help="HF reward model for the reward metric")
     p.add_argument("--report", metavar="DIR", help="also write DIR/report.html")
     p.set_defaults(func=cmd_eval)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from nanotune.data import DataConfig
     from nanotune.eval import EvalConfig, compare, write_report
     from nanotune.eval.compare import metrics_table
-    from nanotune.eval.job import evaluate_job
+    from nanotune.eval.job import evaluate_job, load_recipe
+    from nanotune.models import DEFAULT_MODEL
 
-    columns = dict(c.split("=", 1) for c in args.column if "=" in c)
-    if len(columns) != len(args.column):
-        raise NanotuneError("--column takes FIELD=COLUMN, e.g. --column label=category")
-    templates = {
-        "prompt_template": args.prompt_template,
-        "separator": args.separator,
-        "completion_template": args.completion_template,
+    if args.recipe:
+        recipe = load_recipe(args.recipe, args.set)
+        model, data, cfg = args.model or recipe.model.name, recipe.data, recipe.eval
+    else:
+        if args.set:
+            raise NanotuneError("--set overrides recipe values; it needs --recipe")
+        columns = dict(c.split("=", 1) for c in args.column if "=" in c)
+        if len(columns) != len(args.column):
+            raise NanotuneError("--column takes FIELD=COLUMN, e.g. --column label=category")
+        templates = {
+            "prompt_template": args.prompt_template,
+            "separator": args.separator,
+            "completion_template": args.completion_template,
+        }
+        data = DataConfig(
+            source=args.data,
+            format=args.format,
+            columns=columns,
+            **{k: v for k, v in templates.items() if v is not None},
+        )
+        default = {"classification": "accuracy", "text": "perplexity"}.get(
+            args.format, "perplexity,squad"
+        )
+        model, cfg = (
+            args.model or DEFAULT_MODEL,
+            EvalConfig(metrics=default.split(","), split="train"),
+        )
+    given = {
+        "metrics": args.metrics and [m.strip() for m in args.metrics.split(",") if m.strip()],
+        "split": args.split,
+        "max_examples": args.max_examples,
+        "batch_size": args.batch_size,
+        "max_new_tokens": args.max_new_tokens,
+        "num_samples": args.samples,
+        "reward_model": args.reward_model,
     }
-    data = DataConfig(
-        source=args.data,
-        format=args.format,
-        columns=columns,
-        **{k: v for k, v in templates.items() if v is not None},
-    )
-    default = {"classification": "accuracy", "text": "perplexity"}.get(
-        args.format, "perplexity,squad"
-    )
-    metrics = [m.strip() for m in (args.metrics or default).split(",") if m.strip()]
-    cfg = EvalConfig(
-        metrics=metrics,
-        split="train",
-        max_examples=args.max_examples,
-        batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens,
-        num_samples=args.samples,
-        reward_model=args.reward_model,
-    )
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in given.items() if v is not None})
     before, after, samples = evaluate_job(
-        args.model, data, cfg, adapter=args.adapter, finetuned=args.finetuned
+        model, data, cfg, adapter=args.adapter, finetuned=args.finetuned
     )
     print(metrics_table(before) if after is None else compare(before, after, ("base", "finetuned")))
     for s in samples:
         print("\n" + "\n".join(f"[{k}] {v}" for k, v in s.items()))
     if args.report:
         config = {
-            "model": args.model,
+            "model": model,
             "adapter": args.adapter,
             "finetuned": args.finetuned,
-            "data": vars(data),
-            "eval": vars(cfg),
+            "data": dataclasses.asdict(data),
+            "eval": dataclasses.asdict(cfg),
         }
         path = write_report(args.report, config, None, before, after or {}, samples)
         print(f"\nreport: {path}")
