@@ -302,6 +302,22 @@ def test_truncated_safetensors(tiny_gpt2_dir, tmp_path):
         load_model(d)
 
 
+def test_corrupt_config_json(tiny_gpt2_dir, tmp_path):
+    d = _copy_without_weights(tiny_gpt2_dir, tmp_path / "m")
+    (d / "config.json").write_text('{"model_type": "gpt2",')
+    with pytest.raises(NanotuneError, match=r"config\.json is not valid JSON"):
+        load_model(d)
+
+
+def test_truncated_pytorch_bin(tiny_gpt2_dir, tmp_path):
+    d = _copy_without_weights(tiny_gpt2_dir, tmp_path / "m")
+    torch.save(load_file(tiny_gpt2_dir / "model.safetensors"), d / "pytorch_model.bin")
+    data = (d / "pytorch_model.bin").read_bytes()
+    (d / "pytorch_model.bin").write_bytes(data[: len(data) // 3])
+    with pytest.raises(NanotuneError, match=r"pytorch_model\.bin could not be read"):
+        load_model(d)
+
+
 def test_missing_tensor(tiny_llama_dir, tmp_path):
     d = _copy_without_weights(tiny_llama_dir, tmp_path / "m")
     sd = load_file(tiny_llama_dir / "model.safetensors")
