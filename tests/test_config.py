@@ -135,5 +135,17 @@ def test_train_cli_guards_the_run_directory(recipe, tmp_path, capsys):
     # A compatible resume (more steps) continues from step 4 instead of starting over.
     assert main(["train", str(recipe), "train.max_steps=6", "--resume"]) == 2  # schedule changed
     assert "checkpoint was made for 4 steps" in capsys.readouterr().err
-    assert main(["train", str(recipe), "--overwrite", "train.max_steps=2"]) == 0
+    assert main(["train", str(recipe), "train.max_steps=2", "--overwrite"]) == 0
     assert not (run / "checkpoints" / "step-4").exists()
+
+
+def test_import_is_light_and_nanotune_train_is_the_workflow():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, nanotune; assert 'torch' not in sys.modules; "
+        "import nanotune.workflow as w; t = nanotune.train; "
+        "assert callable(t) and t.TrainConfig and w.train"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -272,9 +272,9 @@ def load_config(name_or_path: str | Path, overrides: list[str] = ()) -> RunConfi
     if Path(name_or_path).is_file():
         return RunConfig.from_yaml(name_or_path, overrides)
     packaged = resources.files("nanotune") / "recipes"
-    names = sorted(
-        f.name.removesuffix(".yaml") for f in packaged.iterdir() if f.name.endswith(".yaml")
-    )
+    # An empty recipes folder is not in git, so a source checkout may lack it.
+    found = packaged.iterdir() if packaged.is_dir() else []
+    names = sorted(f.name.removesuffix(".yaml") for f in found if f.name.endswith(".yaml"))
     if str(name_or_path) not in names:
         close = difflib.get_close_matches(str(name_or_path), names, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
