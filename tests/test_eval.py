@@ -717,4 +717,4 @@ def test_eval_command_with_a_recipe_and_overrides(tmp_path, tiny_gpt2_dir, capsy
     # " answer N" + EOS: 3 supervised tokens per example under the GPT-2 BPE.
     assert (int(three["tokens"]), int(one["tokens"])) == (9, 3)
     assert main(["eval", "--recipe", "no-such-recipe"]) == 2
-    assert "no such file or packaged recipe" in capsys.readouterr().err
+    assert "no such config file or packaged recipe" in capsys.readouterr().err

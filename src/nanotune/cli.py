@@ -312,14 +312,15 @@ def _add_eval(sub) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     import dataclasses
 
+    from nanotune.config import load_config
     from nanotune.data import DataConfig
     from nanotune.eval import EvalConfig, compare, write_report
     from nanotune.eval.compare import metrics_table
-    from nanotune.eval.job import evaluate_job, load_recipe
+    from nanotune.eval.job import evaluate_job
     from nanotune.models import DEFAULT_MODEL
 
     if args.recipe:
-        recipe = load_recipe(args.recipe, args.set)
+        recipe = load_config(args.recipe, args.set)
         model, data, cfg = args.model or recipe.model.name, recipe.data, recipe.eval
     else:
         if args.set:

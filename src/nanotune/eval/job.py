@@ -16,27 +16,6 @@ from nanotune.eval.reward import RewardModel
 from nanotune.eval.run import BeforeAfter, evaluate_before_after, evaluate_model
 
 
-def load_recipe(name_or_path: str, overrides: list[str] = ()) -> Any:
-    """RunConfig from a YAML path, or a packaged recipe by name (`nanotune/recipes/<name>.yaml`)."""
-    from importlib import resources
-    from pathlib import Path
-
-    from nanotune.config import RunConfig
-
-    if Path(name_or_path).is_file():
-        return RunConfig.from_yaml(name_or_path, overrides)
-    packaged = resources.files("nanotune") / "recipes"
-    names = sorted(
-        f.name.removesuffix(".yaml") for f in packaged.iterdir() if f.name.endswith(".yaml")
-    )
-    if name_or_path not in names:
-        raise NanotuneError(
-            f"recipe {name_or_path!r}: no such file or packaged recipe (packaged: {', '.join(names) or 'none'})"
-        )
-    with resources.as_file(packaged / f"{name_or_path}.yaml") as path:
-        return RunConfig.from_yaml(path, overrides)
-
-
 def _grow_vocab(model: nn.Module, tokenizer: Any) -> None:
     # Chat markers the data added to the tokenizer need embedding rows (mean-initialised).
     body = getattr(model, "body", model)
