@@ -67,13 +67,18 @@ def config_from_gguf(reader: GGUFReader, where: str) -> ModelConfig:
         return value
 
     n_embd, n_head = need("embedding_length"), need("attention.head_count")
-    embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    if embd is None:
+        raise NanotuneError(f"{where}: GGUF has no 'token_embd.weight' tensor; re-convert it")
+    scaling = _field(reader, "llama.rope.scaling.type", "none")
+    if scaling not in ("none", "linear"):
+        raise NanotuneError(
+            f"{where}: GGUF RoPE scaling {scaling!r} is not supported (none or linear); "
+            "load the model's Hugging Face folder instead"
+        )
     rope_scaling = None
-    if _field(reader, "llama.rope.scaling.type", "none") == "linear":
-        rope_scaling = {
-            "rope_type": "linear",
-            "factor": _field(reader, "llama.rope.scaling.factor"),
-        }
+    if scaling == "linear":
+        rope_scaling = {"rope_type": "linear", "factor": need("rope.scaling.factor")}
     return ModelConfig(
         family="llama",
         vocab_size=int(embd.shape[1]),  # ggml shapes are [n_embd, n_vocab]
