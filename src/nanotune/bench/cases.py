@@ -1,0 +1,270 @@
+"""The benchmark cases: shapes, the synthetic data both sides consume, and FLOP counts.
+
+Everything here is side-neutral: nanotune and the transformers + peft peer build their batches
+from the same `items` (same token ids, same order) and are credited with the same useful tokens
+and FLOPs per step, so every ratio in the table is a ratio of wall-clock times.
+
+Token ids are random (seeded): with random weights the FLOPs, shapes and padding are what a real
+dataset of the same lengths would give, and no third-party text is needed.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+from nanotune.models.config import PRESETS, ModelConfig
+
+# A GPT-2 shape small enough that --quick runs every case in seconds.
+QUICK_GPT2 = PRESETS["gpt2"].config.with_(n_layer=2, n_head=4, n_embd=64, block_size=256)
+QUICK_LLAMA = PRESETS["smollm2-135m-instruct"].config.with_(
+    n_layer=2, n_head=4, n_kv_head=2, n_embd=64, intermediate_size=128, block_size=256
+)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One workload. `kind` picks the data and the code on each side."""
+
+    name: str
+    kind: str  # sft | lm | classify | generate
+    model: str  # gpt2 | smollm2
+    method: str  # lora | full | last_n | qlora | none
+    description: str
+    r: int = 0
+    targets: tuple[str, ...] = ()
+    batch: int = 8
+    target_ratio: float | None = None  # useful tokens/s wanted, as a multiple of the peer's
+    extra: dict[str, Any] = field(default_factory=dict, hash=False)
+
+
+CASES: dict[str, Case] = {
+    c.name: c
+    for c in [
+        Case(
+            "lora-sft",
+            "sft",
+            "gpt2",
+            "lora",
+            "GPT-2 124M, LoRA r16 on c_attn, completion-only "
+            "loss on prompts of 20-60 + answers of 10-20 tokens",
+            r=16,
+            targets=("c_attn",),
+            target_ratio=2.5,
+        ),
+        Case(
+            "full-lm",
+            "lm",
+            "gpt2",
+            "full",
+            "GPT-2 124M full fine-tuning on 128-token chunks",
+            target_ratio=1.3,
+        ),
+        Case(
+            "classify",
+            "classify",
+            "gpt2",
+            "last_n",
+            "GPT-2 124M, last block + final norm + 2-class head, texts of 20-120 tokens",
+            target_ratio=1.3,
+        ),
+        Case(
+            "qlora",
+            "sft",
+            "gpt2",
+            "qlora",
+            "GPT-2 124M, NF4 base + LoRA r32 on c_attn, c_proj (same data as lora-sft)",
+            r=32,
+            targets=("c_attn", "c_proj"),
+        ),
+        Case(
+            "generate-b1",
+            "generate",
+            "gpt2",
+            "none",
+            "GPT-2 124M, 32-token prompt, 128 new tokens, greedy, KV cache, batch 1",
+            batch=1,
+            target_ratio=2.0,
+        ),
+        Case(
+            "generate-b8",
+            "generate",
+            "gpt2",
+            "none",
+            "GPT-2 124M, 32-token prompts, 128 new tokens, greedy, KV cache, batch 8",
+            batch=8,
+            target_ratio=2.0,
+        ),
+        Case(
+            "smollm2-lora",
+            "sft",
+            "smollm2",
+            "lora",
+            "SmolLM2-135M (real weights), LoRA r16 on all linear layers, same data as lora-sft",
+            r=16,
+            targets=("all-linear",),
+            target_ratio=2.0,
+        ),
+    ]
+}
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How much work a run does: full size for the table, tiny for --quick."""
+
+    warmup: int
+    timed: int
+    chunk: int  # tokens per full-lm row
+    prompt: tuple[int, int]  # sft prompt length range
+    answer: tuple[int, int]  # sft answer length range (EOS included)
+    text: tuple[int, int]  # classify text length range
+    gen_prompt: int
+    gen_new: int
+
+
+FULL = Sizes(
+    warmup=2,
+    timed=5,
+    chunk=128,
+    prompt=(20, 60),
+    answer=(10, 20),
+    text=(20, 120),
+    gen_prompt=32,
+    gen_new=128,
+)
+QUICK = Sizes(
+    warmup=1,
+    timed=2,
+    chunk=32,
+    prompt=(8, 16),
+    answer=(4, 8),
+    text=(8, 24),
+    gen_prompt=8,
+    gen_new=8,
+)
+
+
+def sizes(quick: bool) -> Sizes:
+    return QUICK if quick else FULL
+
+
+def model_config(case: Case, quick: bool) -> ModelConfig:
+    """The architecture both sides build (SmolLM2 full size comes from the real checkpoint)."""
+    if case.model == "smollm2":
+        return QUICK_LLAMA if quick else PRESETS["smollm2-135m-instruct"].config
+    return QUICK_GPT2 if quick else PRESETS["gpt2"].config
+
+
+def batch_size(case: Case, quick: bool) -> int:
+    return min(case.batch, 2) if quick else case.batch
+
+
+def items(case: Case, quick: bool) -> list[Any]:
+    """One item per step (warm-up first): the raw rows of a batch, or generation prompts.
+
+    sft: list of (prompt ids, answer ids), the answer ending in EOS.
+    lm: list of token-id rows of equal length.
+    classify: list of (ids, class).
+    generate: list of prompts of equal length.
+    """
+    s, cfg, B = sizes(quick), model_config(case, quick), batch_size(case, quick)
+    rng = random.Random(f"{case.kind}-{case.model}-{quick}")
+    eos = cfg.eos_token_id if cfg.eos_token_id is not None else cfg.vocab_size - 1
+    # Never draw EOS (GPT-2's pad): the peer's classifier finds the last real token by pad id.
+    top = cfg.vocab_size - 1 - (eos == cfg.vocab_size - 1)
+
+    def ids(n: int) -> list[int]:
+        return [rng.randint(3, top) for _ in range(n)]
+
+    steps = s.warmup + s.timed
+    if case.kind == "sft":
+        return [
+            [
+                (ids(rng.randint(*s.prompt)), ids(rng.randint(*s.answer) - 1) + [eos])
+                for _ in range(B)
+            ]
+            for _ in range(steps)
+        ]
+    if case.kind == "lm":
+        return [[ids(s.chunk) for _ in range(B)] for _ in range(steps)]
+    if case.kind == "classify":
+        return [
+            [(ids(rng.randint(*s.text)), rng.randint(0, 1)) for _ in range(B)] for _ in range(steps)
+        ]
+    return [[ids(s.gen_prompt) for _ in range(B)] for _ in range(steps)]
+
+
+# ----- FLOPs ---------------------------------------------------------------------------------
+
+
+def block_matmul_params(cfg: ModelConfig) -> int:
+    """Weights of one block's linears (biases and norms are not matmul work)."""
+    d, hd = cfg.n_embd, cfg.hd
+    qkv = d * (cfg.n_head + 2 * cfg.kv_heads) * hd
+    fc = d * (2 if cfg.mlp == "swiglu" else 1) * cfg.ffn
+    return qkv + cfg.n_head * hd * d + fc + cfg.ffn * d
+
+
+def lora_params(case: Case, cfg: ModelConfig) -> int:
+    """Adapter weights (A and B) over all blocks, as PEFT counts them."""
+    d, hd, f = cfg.n_embd, cfg.hd, cfg.ffn
+    q, kv = cfg.n_head * hd, cfg.kv_heads * hd
+    per = {  # (in, out) of every HF module a target name can match
+        "c_attn": [(d, q + 2 * kv)],
+        "c_proj": [(q, d), (f, d)],
+        "all-linear": [(d, q), (d, kv), (d, kv), (q, d), (d, f), (d, f), (f, d)],
+    }
+    return cfg.n_layer * sum(case.r * (i + o) for t in case.targets for i, o in per[t])
+
+
+def train_flops(case: Case, cfg: ModelConfig, lengths: list[int], head_tokens: int) -> float:
+    """FLOPs of one training step, counting only useful work.
+
+    The 6·N·tokens rule split into its parts, so frozen weights are not credited with gradients:
+      forward 2·N·T; input gradients 2·N·T through every block the gradient crosses; weight
+      gradients 2·N_trainable·T; LoRA adapters 6·P·T. T counts real tokens only (padding is
+      waste), and the LM head (2·V·C per token forward, as much again backward, plus its weight
+      gradient when trained) counts only tokens that have a target.
+    Attention (causal, counted as the half the mask keeps): 2·H·D·len² per layer forward per row,
+    twice that backward.
+    """
+    N, L = cfg.n_layer * block_matmul_params(cfg), cfg.n_layer
+    T = sum(lengths)
+    attn = 2 * L * cfg.n_head * cfg.hd * sum(n * n for n in lengths)
+    head = 2 * cfg.vocab_size * cfg.n_embd * head_tokens
+    forward = 2 * N * T + attn + head
+    if case.method == "last_n":  # gradients flow through the last block only
+        return forward + (2 * N * T + 2 * attn) / L + 2 * N * T / L
+    input_grads = 2 * N * T + 2 * attn + head
+    if case.method == "full":
+        return forward + input_grads + 2 * N * T + head
+    return forward + input_grads + 6 * lora_params(case, cfg) * T
+
+
+def generate_flops(cfg: ModelConfig, batch: int, prompt: int, new: int) -> float:
+    """Prefill of the prompt, then one token at a time against the cache; head on new tokens only."""
+    N = cfg.n_layer * block_matmul_params(cfg)
+    hdim = cfg.n_head * cfg.hd
+    head = 2 * cfg.vocab_size * cfg.n_embd
+    prefill = 2 * N * prompt + 2 * cfg.n_layer * hdim * prompt * prompt
+    decode = sum(2 * N + 4 * cfg.n_layer * hdim * (prompt + t + 1) for t in range(new - 1))
+    return batch * (prefill + decode + new * head)
+
+
+def step_stats(case: Case, quick: bool, item: Any) -> tuple[int, float]:
+    """(useful tokens, FLOPs) of one step: the same for both sides."""
+    cfg = model_config(case, quick)
+    if case.kind == "sft":
+        lengths = [len(p) + len(a) for p, a in item]
+        useful = sum(len(a) for _, a in item)  # supervised tokens
+        return useful, train_flops(case, cfg, lengths, useful)
+    if case.kind == "lm":
+        lengths = [len(r) for r in item]
+        return sum(lengths), train_flops(case, cfg, lengths, sum(n - 1 for n in lengths))
+    if case.kind == "classify":
+        lengths = [len(ids) for ids, _ in item]
+        return sum(lengths), train_flops(case, cfg, lengths, 0)
+    s = sizes(quick)
+    return len(item) * s.gen_new, generate_flops(cfg, len(item), s.gen_prompt, s.gen_new)

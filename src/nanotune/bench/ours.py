@@ -1,0 +1,105 @@
+"""The nanotune side, through the library's own code paths.
+
+Model `nanotune.models.Transformer` (SmolLM2 through `nanotune.weights.load_model`), methods
+`nanotune.methods.apply_method`, batches `nanotune.data`'s collate functions (what
+`epoch_batches` returns), losses `nanotune.train.losses`, the trainer's optimizer
+(`build_optimizer`) and its gradient clipping, generation `nanotune.generate.generate_ids`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from nanotune.bench.cases import Case, model_config, sizes
+from nanotune.bench.workload import LR, Workload
+
+MAX_GRAD_NORM = 1.0  # the trainer's default, and transformers Trainer's
+
+
+def import_libraries(case: Case) -> None:
+    """Import the stack before the memory baseline, so libraries are not counted as the case's."""
+    import nanotune.data.batching  # noqa: F401
+    import nanotune.generate  # noqa: F401
+    import nanotune.methods  # noqa: F401
+    import nanotune.train.trainer  # noqa: F401
+
+    if case.method == "qlora":
+        import torchao  # noqa: F401
+
+
+def _model(case: Case, quick: bool, device: str, source: str | None):
+    from nanotune.models import Transformer
+
+    if case.model == "smollm2":
+        from nanotune.weights import load_model
+
+        model, _ = load_model(source, device=device)
+        return model
+    return Transformer(model_config(case, quick)).to(device)
+
+
+def _method(case: Case, device: str):
+    from nanotune.methods import MethodConfig
+
+    if case.method == "last_n":
+        return MethodConfig(name="last_n", last_n=1)
+    if case.method == "full":
+        return MethodConfig(name="full")
+    targets = "all-linear" if case.targets == ("all-linear",) else list(case.targets)
+    # float32 compute on every device, as on the peer side.
+    return MethodConfig(
+        name=case.method,
+        r=case.r,
+        alpha=2 * case.r,
+        dropout=0.0,
+        targets=targets,
+        compute_dtype="float32",
+    )
+
+
+def build(case: Case, quick: bool, device: str, items: list[Any], source: str | None) -> Workload:
+    from nanotune.data.batching import collate_class, collate_lm
+    from nanotune.data.example import ClassExample, Example
+    from nanotune.methods import SequenceClassifier, apply_method
+    from nanotune.train.config import TrainConfig
+    from nanotune.train.losses import ClassificationObjective, LMObjective
+    from nanotune.train.trainer import build_optimizer
+
+    cfg = model_config(case, quick)
+    pad = cfg.eos_token_id if cfg.eos_token_id is not None else 0
+    model = _model(case, quick, device, source)
+    if case.kind == "generate":
+        from nanotune.generate import GenerationConfig, generate_ids
+
+        model.eval()
+        # No stop tokens: every row generates exactly max_new_tokens, as on the peer side.
+        gen = GenerationConfig(max_new_tokens=sizes(quick).gen_new, stop_token_ids=())
+        return Workload(lambda prompts: generate_ids(model, prompts, gen), items)
+
+    if case.kind == "classify":
+        model = SequenceClassifier(model, 2)
+        objective = ClassificationObjective()
+        batches = [collate_class([ClassExample(ids, y) for ids, y in item], pad) for item in items]
+    else:
+        objective = LMObjective()
+        if case.kind == "sft":
+            rows = [[[Example(p + a, [-100] * len(p) + a)] for p, a in item] for item in items]
+        else:
+            rows = [[[Example(r, list(r))] for r in item] for item in items]
+        batches = [collate_lm(r, pad, packed=False) for r in rows]
+    model = apply_method(model, _method(case, device)).to(device).train()
+    batches = [
+        {k: v.to(device) for k, v in b.items() if isinstance(v, torch.Tensor)} for b in batches
+    ]
+    opt = build_optimizer(model, TrainConfig(lr=LR, weight_decay=0.0))
+    params = [p for g in opt.param_groups for p in g["params"]]
+
+    def step(batch: dict[str, torch.Tensor]) -> None:
+        (objective.loss_sum(model, batch) / objective.count(batch)).backward()
+        torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return Workload(step, batches)

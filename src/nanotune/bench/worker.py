@@ -1,0 +1,126 @@
+"""One case on one side, in a fresh process: `python -m nanotune.bench.worker CASE SIDE ...`.
+
+A fresh process per case and side keeps the memory figures apart: peak memory is the resident
+set's high-water mark over the baseline taken after imports, reset (Linux `clear_refs`) once the
+model is built, so loading transients are left out and weights, activations, gradients and
+optimizer state are in. On CUDA it is `torch.cuda.max_memory_allocated` over the same span.
+Prints one line `RESULT <json>` on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from nanotune.bench import cases
+from nanotune.bench.workload import NotApplicable
+
+MARK = "RESULT "
+
+
+def _rss(field: str) -> int | None:
+    """A /proc/self/status memory field in bytes (VmRSS, VmHWM), or None off Linux."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak(device: str) -> str:
+    """Start a new peak-memory span; returns how the peak will be read."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return "cuda max_memory_allocated"
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+        return "RSS high-water mark"
+    except OSError:
+        return "maxrss (includes loading)"
+
+
+def _peak(device: str, how: str, baseline: int) -> int:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated()
+    if how == "RSS high-water mark":
+        return (_rss("VmHWM") or 0) - baseline
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
+
+
+def _import_lazy_modules(device: str) -> None:
+    """The first fused AdamW imports torch's compiler stack (~70 MB): do it before the baseline
+    on both sides so neither is charged for it."""
+    p = torch.nn.Parameter(torch.zeros(2, device=device))
+    p.grad = torch.zeros_like(p)
+    torch.optim.AdamW([p], fused=True).step()
+
+
+def measure(case_name: str, side: str, quick: bool, device: str, source: str | None) -> dict:
+    case = cases.CASES[case_name]
+    if side == "nanotune":
+        from nanotune.bench import ours as impl
+    else:
+        from nanotune.bench import peer as impl
+    impl.import_libraries(case)
+    _import_lazy_modules(device)
+    gc.collect()
+    baseline = _rss("VmRSS") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if device == "cuda":
+        baseline = torch.cuda.memory_allocated()
+    items = cases.items(case, quick)
+    try:
+        work = impl.build(case, quick, device, items, source)
+    except NotApplicable as e:
+        return {"na": str(e)}
+    gc.collect()
+    how = _reset_peak(device)
+    warmup = cases.sizes(quick).warmup
+    ms = []
+    for x in work.inputs:
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        work.step(x)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        ms.append((time.perf_counter() - t0) * 1e3)
+    stats = [cases.step_stats(case, quick, item) for item in items]
+    timed = list(zip(ms, stats, strict=True))[warmup:]
+    return {
+        "ms_per_step": statistics.median(t for t, _ in timed),
+        # Median over steps of each step's rate: robust to a noisy step, fair to uneven batches.
+        "useful_per_s": statistics.median(u / (t / 1e3) for t, (u, _) in timed),
+        "flops_per_s": statistics.median(f / (t / 1e3) for t, (_, f) in timed),
+        "peak_bytes": _peak(device, how, baseline),
+        "peak_kind": how,
+        "steps": len(timed),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m nanotune.bench.worker")
+    p.add_argument("case", choices=sorted(cases.CASES))
+    p.add_argument("side", choices=["nanotune", "peer"])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--source", help="SmolLM2 checkpoint (.gguf file or HF folder)")
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    result = measure(args.case, args.side, args.quick, args.device, args.source)
+    print(MARK + json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

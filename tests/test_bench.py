@@ -1,0 +1,98 @@
+"""`nanotune bench --quick`: every case runs on both sides and the report holds sane numbers.
+
+No timing assertions: the numbers come from a shared machine. What must hold is that every
+case produced a row for each side with positive rates and memory, and that the FLOP counts the
+rates are built on are right.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from nanotune.bench import cases, select
+from nanotune.cli import main
+from nanotune.errors import NanotuneError
+from nanotune.models import Transformer
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "BENCHMARKS.md"
+    rc = main(["bench", "--quick", "--output", str(out)])
+    return rc, out.read_text()
+
+
+def _rows(text: str) -> dict[tuple[str, str], list[str]]:
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 9 and cells[1] in ("nanotune", "peer"):
+            rows[(cells[0], cells[1])] = cells
+    return rows
+
+
+def _num(cell: str) -> float:
+    return float(re.sub(r"[,%×]", "", cell))
+
+
+def test_quick_bench_reports_every_case_on_both_sides(report):
+    rc, text = report
+    assert rc == 0, text
+    rows = _rows(text)
+    assert {c for c, _ in rows} == set(cases.CASES)
+    for (case, side), cells in rows.items():
+        if case == "qlora" and side == "peer" and not torch.cuda.is_available():
+            assert cells[8].startswith("n/a on CPU"), cells  # bitsandbytes is CUDA-only
+            continue
+        tok_s, ms, mib, gflops, frac = (_num(cells[i]) for i in (2, 4, 5, 6, 7))
+        assert tok_s > 0 and ms > 0 and mib > 0 and gflops > 0 and frac > 0, cells
+        if side == "nanotune" and case != "qlora":
+            assert _num(cells[3]) > 0, cells  # ratio to the peer
+
+
+def test_report_names_machine_command_and_targets(report):
+    _, text = report
+    assert "command: `nanotune bench --quick --output" in text
+    assert "matmul peak" in text and "torch " in text and "date: " in text
+    assert "## Targets" in text and "lora-sft | ≥ 2.5× peer tokens/s" in text
+
+
+def test_unknown_case_is_one_clear_error():
+    with pytest.raises(NanotuneError, match="unknown case 'nope'.*lora-sft"):
+        select("lora-sft,nope")
+    assert select("generate-b1,lora-sft") == ["lora-sft", "generate-b1"]
+
+
+def test_block_matmul_params_match_the_model():
+    for cfg in (cases.QUICK_GPT2, cases.QUICK_LLAMA):
+        model = Transformer(cfg)
+        weights = sum(
+            m.weight.numel() for m in model.blocks.modules() if isinstance(m, torch.nn.Linear)
+        )
+        assert cfg.n_layer * cases.block_matmul_params(cfg) == weights
+
+
+def test_training_flops_follow_the_6nt_rule():
+    cfg = cases.QUICK_GPT2
+    N = cfg.n_layer * cases.block_matmul_params(cfg)
+    head = 2 * cfg.vocab_size * cfg.n_embd
+    attn = 2 * cfg.n_layer * cfg.n_head * cfg.hd * 10 * 10
+    full = cases.train_flops(cases.CASES["full-lm"], cfg, [10], head_tokens=9)
+    assert full == 6 * N * 10 + 3 * attn + 3 * head * 9
+    # LoRA: frozen base weights get no weight gradient; the adapters cost 6 per parameter.
+    lora_case = cases.CASES["lora-sft"]
+    lora = cases.train_flops(lora_case, cfg, [10], head_tokens=4)
+    P = cfg.n_layer * lora_case.r * (cfg.n_embd + 3 * cfg.n_embd)
+    assert cases.lora_params(lora_case, cfg) == P
+    assert lora == 4 * N * 10 + 3 * attn + 2 * head * 4 + 6 * P * 10
+
+
+def test_both_sides_see_the_same_data():
+    for case in cases.CASES.values():
+        a, b = cases.items(case, True), cases.items(case, True)
+        assert a == b and len(a) == cases.QUICK.warmup + cases.QUICK.timed
+        useful = [cases.step_stats(case, True, item)[0] for item in a]
+        assert all(u > 0 for u in useful)
