@@ -146,10 +146,18 @@ def read_gguf_state_dict(reader: GGUFReader, config: ModelConfig, where: str) ->
 
 
 def load_gguf_model(
-    path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    path: str | Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    reader: GGUFReader | None = None,
 ) -> Transformer:
-    """A float Transformer from a llama GGUF file (quantized tensors are dequantized)."""
-    reader = open_gguf(path)
+    """A float Transformer from a llama GGUF file (quantized tensors are dequantized).
+
+    `reader`: the file already open (parsing its metadata takes seconds), e.g. shared with the
+    tokenizer.
+    """
+    reader = reader or open_gguf(path)
     config = config_from_gguf(reader, str(path))
     sd = convert.from_hf(read_gguf_state_dict(reader, config, str(path)), config)
     return build_model(config, sd, dtype=dtype, device=device)
