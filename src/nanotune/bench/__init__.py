@@ -22,7 +22,7 @@ import torch
 
 from nanotune.bench.cases import CASES, QUICK_LLAMA
 from nanotune.bench.report import render
-from nanotune.bench.worker import MARK
+from nanotune.bench.workload import MARK
 from nanotune.errors import NanotuneError
 from nanotune.models.config import PRESETS
 
@@ -87,19 +87,14 @@ def smollm2_gguf() -> Path:
 
 
 def _tiny_llama(directory: Path) -> Path:
-    """A random SmolLM2-shaped checkpoint for --quick, written by transformers (with the real
-    tokenizer, read from the GGUF by nanotune) so both sides load it from files."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+    """A random SmolLM2-shaped HF folder for --quick, with the real tokenizer from the GGUF, so
+    both sides load it from files (nanotune's `load_model`, transformers' `from_pretrained`)."""
+    from nanotune.models import Transformer
     from nanotune.tokenizer import Tokenizer
-    from nanotune.weights.convert import config_to_hf
+    from nanotune.weights import save_model
 
-    hf = config_to_hf(QUICK_LLAMA)
-    hf.pop("model_type")
     torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(**hf)).save_pretrained(directory)
-    Tokenizer.from_gguf(smollm2_gguf()).save(directory)
-    return directory
+    return save_model(Transformer(QUICK_LLAMA), Tokenizer.from_gguf(smollm2_gguf()), directory)
 
 
 def run_side(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import importlib.metadata
 import os
 import platform
 from pathlib import Path
@@ -35,9 +36,9 @@ def machine(device: str) -> str:
 def _versions() -> str:
     parts = [f"torch {torch.__version__}"]
     for name in ("transformers", "peft", "torchao"):
-        try:
-            parts.append(f"{name} {__import__(name).__version__}")
-        except ImportError:
+        try:  # metadata only: importing transformers here would cost seconds
+            parts.append(f"{name} {importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
             continue
     return ", ".join(parts)
 

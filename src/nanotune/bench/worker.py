@@ -21,9 +21,7 @@ from pathlib import Path
 import torch
 
 from nanotune.bench import cases
-from nanotune.bench.workload import NotApplicable
-
-MARK = "RESULT "
+from nanotune.bench.workload import MARK, NotApplicable
 
 
 def _rss(field: str) -> int | None:

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+MARK = "RESULT "  # prefix of the one stdout line a worker reports on
 LR = 1e-4  # AdamW learning rate, the same on both sides (other settings: torch defaults)
 
 
