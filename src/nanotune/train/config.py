@@ -12,9 +12,9 @@ from nanotune.errors import NanotuneError
 class TrainConfig:
     """How to train: optimizer, schedule, batching, evaluation, checkpoints, precision.
 
-    The optimizer step sees `micro_batch_size * grad_accum` rows (the global batch); under
-    torch.distributed each rank runs `grad_accum // world_size` micro-steps, so the global batch
-    and the data order do not depend on the number of processes.
+    The optimizer step sees `micro_batch_size * grad_accum * world_size` rows (the global
+    batch): under torchrun every process runs `grad_accum` micro-steps of `micro_batch_size`
+    rows, and 2 processes x micro-batch 2 train exactly as 1 process x micro-batch 4.
     """
 
     lr: float = 2e-4
@@ -38,7 +38,7 @@ class TrainConfig:
     micro_batch_size: int = 8
     """Rows per forward/backward pass (per process)."""
     grad_accum: int = 1
-    """Micro-batches accumulated per optimizer step (over all processes)."""
+    """Micro-batches accumulated per optimizer step (by each process)."""
     max_steps: int | None = None
     """Optimizer steps to run; overrides `epochs` when set."""
     epochs: int = 1
@@ -66,7 +66,13 @@ class TrainConfig:
     log_every: int = 1
     """Write a metrics line every N optimizer steps."""
     device: str = "auto"
-    """'auto' (cuda if available, else cpu), 'cpu', 'cuda' or 'cuda:N'."""
+    """'auto' (cuda if available, else cpu), 'cpu', 'cuda' or 'cuda:N'; under torchrun, auto
+    and cuda mean cuda:LOCAL_RANK."""
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto"
+    """With several processes (torchrun): ddp replicates the model, fsdp shards it (FSDP2,
+    for models that do not fit one device); auto = ddp. Ignored in a single process."""
+    dist_timeout: float = 300.0
+    """Seconds a collective waits for the other processes before the run fails (not hangs)."""
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # YAML gives lists
@@ -78,6 +84,7 @@ class TrainConfig:
             "epochs": self.epochs,
             "log_every": self.log_every,
             "keep_last": self.keep_last,
+            "dist_timeout": self.dist_timeout,
         }
         for name, value in positive.items():
             if value <= 0:
@@ -112,7 +119,7 @@ class TrainConfig:
 
     @property
     def batch_size(self) -> int:
-        """Rows per optimizer step (the global batch)."""
+        """Rows per optimizer step in one process (times the world size: the global batch)."""
         return self.micro_batch_size * self.grad_accum
 
     def warmup_for(self, total_steps: int) -> int:
