@@ -133,17 +133,28 @@ def train(
         two, e.g. ["train.lr=1e-4"]).
     resume: continue the run in `output_dir` from its latest checkpoint (same model/method/data).
     overwrite: delete an existing `output_dir` and start over.
+
+    Under torchrun every process runs this with the same arguments (see docs/distributed.md);
+    rank 0 alone writes the run directory.
     """
+    from nanotune.train import dist
+
+    if not isinstance(config, RunConfig):
+        config = load_config(config, overrides)
+    with dist.session(config.train.device, config.train.dist_timeout):
+        return _train(config, resume=resume, overwrite=overwrite, progress=progress)
+
+
+def _train(config: RunConfig, *, resume: bool, overwrite: bool, progress: bool) -> RunResult:
     from nanotune.data.batching import epoch_batches
     from nanotune.data.pipeline import build_datasets
     from nanotune.methods import SequenceClassifier, apply_method
     from nanotune.train import Trainer, seed_everything
-    from nanotune.train.dist import is_main
+    from nanotune.train.dist import is_main, on_main, world_size
     from nanotune.weights import load_model
 
-    if not isinstance(config, RunConfig):
-        config = load_config(config, overrides)
-    run_dir = prepare_run_dir(config, resume=resume, overwrite=overwrite)
+    # Rank 0 alone checks and creates the run directory; its refusal stops every rank.
+    run_dir = on_main(lambda: prepare_run_dir(config, resume=resume, overwrite=overwrite))
     tc = config.train
     seed_everything(tc.seed)  # model init (LoRA A, heads) depends on it
     model, tokenizer = load_model(config.model.name, dtype=getattr(torch, config.model.dtype))
@@ -172,7 +183,7 @@ def train(
     def train_batches(epoch: int) -> list[dict]:
         return epoch_batches(
             data.train,
-            tc.batch_size,
+            tc.batch_size * world_size(),  # the global batch; each rank takes its rows
             tc.seed,
             epoch,
             group_by_length=config.data.group_by_length,
@@ -180,7 +191,9 @@ def train(
         )
 
     val = (
-        epoch_batches(data.val, tc.micro_batch_size, tc.seed, 0, shuffle=False, **batching)
+        epoch_batches(
+            data.val, tc.micro_batch_size * world_size(), tc.seed, 0, shuffle=False, **batching
+        )
         if data.val
         else []
     )
@@ -195,8 +208,8 @@ def train(
     )
     result = trainer.fit(resume=resume)
     final = run_dir / "final"
-    if is_main():
-        _save_final(trainer.model, tokenizer, config, final)
+    with trainer.full_model() as trained:  # FSDP2: whole weights on every rank while saving
+        on_main(lambda: _save_final(trained, tokenizer, config, final))
     return RunResult(
         run_dir=run_dir,
         final_dir=final,

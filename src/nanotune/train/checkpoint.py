@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from nanotune.errors import NanotuneError
+from nanotune.train.dist import full_tensor, like
 
 WEIGHTS = "trainable.safetensors"
 STATE = "state.pt"
@@ -30,10 +31,13 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 def trainable_state(model: nn.Module) -> dict[str, Tensor]:
     """Parameters that train: the whole model for full fine-tuning, adapters and heads otherwise.
 
-    Frozen base weights are not stored: they come back from the base model on resume.
+    Frozen base weights are not stored: they come back from the base model on resume. FSDP2
+    shards are gathered to whole tensors, so every rank must call this (rank 0 writes them).
     """
     return {
-        n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad
+        n: full_tensor(p.detach()).cpu().contiguous()
+        for n, p in model.named_parameters()
+        if p.requires_grad
     }
 
 
@@ -47,7 +51,29 @@ def load_trainable(model: nn.Module, weights: dict[str, Tensor], where: Path) ->
         )
     with torch.no_grad():
         for n, p in params.items():
-            p.copy_(weights[n])
+            p.copy_(like(weights[n], p))
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """`optimizer.state_dict()` with whole tensors: FSDP2 shards of the moments are gathered,
+    so every rank must call this and the result fits any sharding on resume."""
+    sd = optimizer.state_dict()
+    sd["state"] = {
+        i: {k: full_tensor(v).cpu() if isinstance(v, Tensor) else v for k, v in s.items()}
+        for i, s in sd["state"].items()
+    }
+    return sd
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, sd: dict[str, Any]) -> None:
+    """Inverse of `optimizer_state`: per-parameter tensors take their parameter's layout."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for i, s in sd["state"].items():
+        p = params[i]
+        for k, v in s.items():
+            if isinstance(v, Tensor) and v.shape == p.shape:
+                s[k] = like(v, p)
+    optimizer.load_state_dict(sd)
 
 
 def rng_state() -> dict[str, Any]:

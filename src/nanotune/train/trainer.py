@@ -10,7 +10,7 @@ import contextlib
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,10 +21,17 @@ from torch import Tensor, nn
 
 from nanotune.errors import NanotuneError
 from nanotune.train import checkpoint as ckpt
+from nanotune.train import dist
 from nanotune.train.config import TrainConfig
-from nanotune.train.dist import all_reduce_sum, barrier, is_main, no_sync, rank_rows, world_size
+from nanotune.train.dist import all_reduce_sum, barrier, is_main, rank_rows, world_size
 from nanotune.train.logger import RunLogger
-from nanotune.train.losses import Batch, Objective, objective_for, trim_padding
+from nanotune.train.losses import (
+    Batch,
+    ClassificationObjective,
+    Objective,
+    objective_for,
+    trim_padding,
+)
 from nanotune.train.schedule import lr_at
 
 BatchesForEpoch = Callable[[int], Sequence[Batch]]
@@ -40,16 +47,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise NanotuneError(
-            f"train.device: {name!r} requested but CUDA is not available; use device: cpu or auto"
-        )
-    return torch.device(name)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -111,6 +108,10 @@ class Trainer:
         (`targets` → language modelling, `class_labels` → classification).
     val_batches: fixed validation batches (any size; split into micro-batches here).
     resolved_config: the full run config, stored in every checkpoint.
+
+    Under torch.distributed (a process group set up, e.g. by `dist.session`) the model is
+    wrapped per `config.strategy` (DDP or FSDP2); every rank must construct the Trainer and call
+    `fit` with the same arguments.
     """
 
     def __init__(
@@ -126,7 +127,7 @@ class Trainer:
         progress: bool = True,
     ) -> None:
         self.config = config
-        self.device = resolve_device(config.device)
+        self.device = dist.device_for(config.device)
         self.model = model.to(self.device)
         self.train_batches = train_batches
         self.val_batches = list(val_batches)
@@ -151,8 +152,18 @@ class Trainer:
                 raise NanotuneError("train.gradient_checkpointing: this model does not support it")
             for m in modules:
                 m.gradient_checkpointing = True
+        # A classifier's body keeps an LM head that takes no part in its loss.
+        unused = isinstance(self.objective, ClassificationObjective)
+        self.engine = dist.wrap(self.model, config.strategy, self.device, find_unused=unused)
+        # After wrapping: FSDP2 replaces the parameters with sharded ones.
         self.optimizer = build_optimizer(self.model, config)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+
+    @contextlib.contextmanager
+    def full_model(self) -> Iterator[nn.Module]:
+        """The model with whole parameters (FSDP2 shards gathered); every rank must enter."""
+        with dist.full_params(self.engine):
+            yield self.model
 
     def _autocast(self) -> Callable[[], contextlib.AbstractContextManager]:
         dtype = self.config.dtype
@@ -191,16 +202,17 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         tokens = 0
         for i, mb in enumerate(micro):
-            with no_sync(self.model, skip=i < len(micro) - 1), self.autocast():
-                loss = self.loss_fn(self.model, mb) * scale
-            loss.backward()
+            # Gradients cross ranks once per step: on the last micro-step only.
+            with dist.grad_sync(self.engine, sync=i == len(micro) - 1):
+                with self.autocast():
+                    loss = self.engine(self.loss_fn, mb) * scale
+                loss.backward()
             loss_sum += loss.detach()
             tokens += mb["input_ids"].numel()
         grad_norm = None
         if self.config.max_grad_norm is not None:
-            grad_norm = float(
-                torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
-            )
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
+            grad_norm = float(dist.full_tensor(norm))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         totals = all_reduce_sum(torch.stack([loss_sum.float().cpu(), torch.tensor(float(tokens))]))
@@ -226,7 +238,7 @@ class Trainer:
         for batch in batches:
             for mb in self._micro_batches(batch):
                 with self.autocast():
-                    for k, v in self.objective.eval_sums(self.model, mb).items():
+                    for k, v in self.engine(self.objective.eval_sums, mb).items():
                         sums[k] = sums.get(k, 0.0) + v
         keys = sorted(sums)
         reduced = all_reduce_sum(torch.tensor([sums[k] for k in keys], dtype=torch.float64))
@@ -238,17 +250,18 @@ class Trainer:
             "step": step,
             "epoch": epoch,
             "batch_index": batch_index,  # next batch of `epoch` to train on
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": ckpt.optimizer_state(self.optimizer),
             "schedule": {"total_steps": self.total_steps},  # lr is a pure function of the step
-            "rng": ckpt.rng_state(),
+            "rng": dist.gather_objects(ckpt.rng_state()),  # per rank: dropout differs by rank
             "best": best,
             "world_size": world_size(),
         }
 
     def _save(self, step: int, epoch: int, batch_index: int, best: dict[str, Any]) -> None:
+        # Gathering (FSDP2) involves every rank; only rank 0 writes.
+        state = self._state(step, epoch, batch_index, best)
+        weights = ckpt.trainable_state(self.model)
         if is_main():
-            state = self._state(step, epoch, batch_index, best)
-            weights = ckpt.trainable_state(self.model)
             ckpt.save_checkpoint(
                 self.ckpt_dir / f"step-{step}", weights, state, self.resolved_config
             )
@@ -260,14 +273,22 @@ class Trainer:
         if path is None:
             return None
         weights, state = ckpt.load_checkpoint(path)
+        saved_world = state.get("world_size", 1)
+        if saved_world != world_size():
+            raise NanotuneError(
+                f"{path}: the checkpoint was made by {saved_world} process(es) but this run has "
+                f"{world_size()}; the data order depends on the global batch, so resume with "
+                f"{saved_world} (torchrun --nproc-per-node ... for {saved_world} ranks in all)"
+            )
         if state["schedule"]["total_steps"] != self.total_steps:
             raise NanotuneError(
                 f"{path}: the checkpoint was made for {state['schedule']['total_steps']} steps but "
                 f"this config gives {self.total_steps}; resume with the run's own config"
             )
         ckpt.load_trainable(self.model, weights, path)
-        self.optimizer.load_state_dict(state["optimizer"])
-        ckpt.set_rng_state(state["rng"])
+        ckpt.load_optimizer_state(self.optimizer, state["optimizer"])
+        rng = state["rng"]
+        ckpt.set_rng_state(rng[dist.rank()] if isinstance(rng, list) else rng)
         return state["step"], state["epoch"], state["batch_index"], state["best"]
 
     def fit(self, resume: bool = False) -> TrainResult:
@@ -347,12 +368,12 @@ class Trainer:
         best_loss = best["eval"].get("loss", math.inf)
         if metrics["loss"] < best_loss:
             best.update(step=step, eval=metrics, bad_evals=0)
-            if self.config.keep_best and is_main():
-                ckpt.save_checkpoint(
-                    self.ckpt_dir / "best",
-                    ckpt.trainable_state(self.model),
-                    {"step": step, "eval": metrics},
-                )
+            if self.config.keep_best:
+                weights = ckpt.trainable_state(self.model)  # a gather under FSDP2: all ranks
+                if is_main():
+                    ckpt.save_checkpoint(
+                        self.ckpt_dir / "best", weights, {"step": step, "eval": metrics}
+                    )
             barrier()
             return False
         best["bad_evals"] += 1
