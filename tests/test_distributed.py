@@ -210,7 +210,7 @@ def test_two_ranks_equal_one_rank_with_twice_the_micro_batch(launches, tmp_path)
         start = ckpt.trainable_state(tiny(*SCENARIOS[name][::2]))
         for k in want:
             moved = (want[k] - start[k]).abs().max()
-            assert moved > 1e-3, f"{name}: {k} barely trained ({moved})"
+            assert moved > 1e-4, f"{name}: {k} barely trained ({moved})"
             torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=0, msg=f"{name} {k}")
     # NF4 parts that cannot split over 2 ranks: one clear error on every rank, no hang.
     for r in (0, 1):

@@ -436,9 +436,12 @@ def _add_train(sub) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from nanotune.workflow import train
 
+    from nanotune.train.dist import is_main
+
     result = train(args.config, overrides=args.overrides, resume=args.resume,
                    overwrite=args.overwrite)
-    print(f"done: {result.step} steps; final model in {result.final_dir}")
+    if is_main():  # under torchrun every rank returns here; one report is enough
+        print(f"done: {result.step} steps; final model in {result.final_dir}")
     return 0
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -37,8 +38,8 @@ def world_size() -> int:
 
 
 def is_main() -> bool:
-    """Only rank 0 logs and writes files."""
-    return rank() == 0
+    """Only rank 0 logs and writes files (under torchrun also before and after the group)."""
+    return rank() == 0 if _active() else os.environ.get("RANK", "0") == "0"
 
 
 def launched() -> bool:
@@ -87,7 +88,9 @@ def session(device: str = "auto", timeout_s: float = 300.0) -> Iterator[None]:
         raise
     except (td.DistError, RuntimeError) as e:
         if world_size() > 1 and _peer_lost(e):
-            first = str(e).strip().splitlines()[0][:200]
+            # gloo's text starts with a source location and ends in generic advice.
+            first = re.sub(r"^\[[^\]]*\] ", "", str(e).strip().splitlines()[0])
+            first = first.split(". ")[0][:200]
             raise NanotuneError(
                 f"rank {rank()}: lost contact with the other processes ({first}); another rank "
                 "failed or was killed (see its error); continue from the last checkpoint with "
