@@ -166,7 +166,7 @@ def recipe(tmp_path_factory, tiny_gpt2_dir) -> Path:
     cfg = {
         "model": {"name": str(tiny_gpt2_dir)},
         "method": {"name": "lora", "r": 2, "targets": ["c_attn", "c_fc"]},
-        "data": {"source": str(root / "data.jsonl"), "max_length": 32},
+        "data": {"source": str(root / "data.jsonl"), "max_length": 32, "val_fraction": 0.25},
         "train": {
             "lr": 1e-2,
             "max_steps": 6,
@@ -175,6 +175,9 @@ def recipe(tmp_path_factory, tiny_gpt2_dir) -> Path:
             "save_every": 2,
             "device": "cpu",
             "dist_timeout": 60,
+            # FSDP2 end to end: sharded evaluation, gathered checkpoints and final adapter.
+            "strategy": "fsdp",
+            "eval_every": 2,
         },
         "output_dir": str(root / "run"),
     }

@@ -270,17 +270,38 @@ def grad_sync(engine: nn.Module, sync: bool) -> Iterator[None]:
 
 @contextlib.contextmanager
 def full_params(engine: nn.Module) -> Iterator[None]:
-    """Inside, FSDP2-sharded parameters are whole plain tensors on every rank (a collective:
-    every rank enters); a no-op otherwise."""
-    from torch.distributed.fsdp import FSDPModule
+    """Inside, rank 0's model holds whole plain parameters on the CPU (FSDP2 shards gathered,
+    e.g. to save the final model; every rank must enter, the others hold nothing extra).
+    A no-op without FSDP2."""
+    from torch.distributed.tensor import DTensor
 
-    sharded = [m for m in engine.modules() if isinstance(m, FSDPModule)]
-    for m in sharded:
-        m.unshard()
+    reshard(engine)
+    swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
+    whole: dict[int, nn.Parameter] = {}
+    for module in engine.modules():
+        for name, p in list(module._parameters.items()):
+            if not isinstance(p, DTensor):
+                continue
+            if id(p) not in whole:  # a tied tensor is gathered once, in the same order everywhere
+                full = p.detach().full_tensor().cpu()
+                whole[id(p)] = nn.Parameter(full, requires_grad=p.requires_grad) if is_main() else p
+            if is_main():
+                swapped.append((module, name, p))
+                module._parameters[name] = whole[id(p)]
     try:
         yield
     finally:
-        for m in sharded:
+        for module, name, p in swapped:
+            module._parameters[name] = p
+
+
+def reshard(engine: nn.Module) -> None:
+    """Return FSDP2 modules to their sharded parameters. A forward without backward (evaluation)
+    leaves the root's parameters gathered in a buffer that later passes may free."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in engine.modules():
+        if isinstance(m, FSDPModule):
             m.reshard()
 
 

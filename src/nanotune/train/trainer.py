@@ -242,6 +242,7 @@ class Trainer:
                         sums[k] = sums.get(k, 0.0) + v
         keys = sorted(sums)
         reduced = all_reduce_sum(torch.tensor([sums[k] for k in keys], dtype=torch.float64))
+        dist.reshard(self.engine)  # checkpoints and weight restores expect sharded parameters
         self.model.train(was_training)
         return self.objective.summarize(dict(zip(keys, reduced.tolist(), strict=True)))
 
