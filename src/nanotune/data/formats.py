@@ -8,6 +8,7 @@ in context).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -166,10 +167,33 @@ def _answer_text(value: Any) -> str:
     return str(value)
 
 
+TRANSCRIPT_ROLES = {"Human": "user", "Assistant": "assistant"}
+_TRANSCRIPT_TURN = re.compile(r"\n\n(Human|Assistant): ?")
+
+
+def transcript_messages(text: str, where: str) -> list[dict[str, str]]:
+    """Turns of an Anthropic HH-RLHF style transcript, "\n\nHuman: …\n\nAssistant: …"."""
+    parts = _TRANSCRIPT_TURN.split("\n\n" + text.lstrip("\n"))
+    if parts[0].strip() or len(parts) < 3:
+        raise BadRow(
+            f"{where}: a dialogue must be turns starting with '\\n\\nHuman: ' or "
+            "'\\n\\nAssistant: '"
+        )
+    return [
+        {"role": TRANSCRIPT_ROLES[speaker], "content": content.strip()}
+        for speaker, content in zip(parts[1::2], parts[2::2], strict=True)
+    ]
+
+
 def row_messages(row: Row, system_prompt: str = "") -> list[dict[str, str]]:
-    """The conversation in a chat row: `messages`, system/user/assistant, context/question/answer
-    or prompt/completion columns."""
-    if row.get("messages") is not None:
+    """The conversation in a chat row: `messages`, a `dialogue` transcript (HH-RLHF's
+    "\n\nHuman: …\n\nAssistant: …"), system/user/assistant, context/question/answer or
+    prompt/completion columns."""
+    if row.get("dialogue") is not None:
+        messages = transcript_messages(str(row["dialogue"]), row.where)
+        if messages[-1]["role"] != "assistant" or not messages[-1]["content"]:
+            raise BadRow(f"{row.where}: the dialogue does not end with an assistant reply")
+    elif row.get("messages") is not None:
         raw = row["messages"]
         if not isinstance(raw, list):
             raise BadRow(f"{row.where}: 'messages' must be a list of {{role, content}} objects")

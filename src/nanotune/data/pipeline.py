@@ -85,16 +85,27 @@ def _bad(e: BadRow, cfg: DataConfig, stats: Counter, problems: list[str]) -> Non
 
 def _map_columns(row: Row, cfg: DataConfig) -> Row:
     for canonical, column in cfg.columns.items():
-        if column not in row:
-            raise BadRow(
-                f"{row.where}: missing column {column!r} (data.columns.{canonical}); "
-                f"columns present: {', '.join(row)}"
-            )
-        row[canonical] = row[column]
+        row[canonical] = _column(row, column, canonical)
     if cfg.format == "classification":  # checked at read time so splitting can stratify by label
         row_field(row, "text")
         row_field(row, "label")
     return row
+
+
+def _column(row: Row, column: str, canonical: str) -> Any:
+    """`row[column]`; a dotted name reaches into nested records (`answers.text`, as in
+    Hugging Face datasets' flattened column names)."""
+    if column in row:
+        return row[column]
+    value: Any = row
+    for part in column.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise BadRow(
+                f"{row.where}: missing column {column!r} (data.columns.{canonical}); "
+                f"columns present: {', '.join(row)}"
+            )
+        value = value[part]
+    return value
 
 
 def _label_key(row: Row) -> str:
@@ -162,7 +173,10 @@ def _examples(
         docs = []
         for row in rows:
             try:
-                docs.append(bos(tokenizer) + tokenizer.encode(as_text(row_field(row, "text"))))
+                text = row_field(row, "text")
+                # Several texts in one row (e.g. all answers to a question) form one document.
+                text = " ".join(map(str, text)) if isinstance(text, list) else as_text(text)
+                docs.append(bos(tokenizer) + tokenizer.encode(text))
             except BadRow as e:
                 _bad(e, cfg, stats, problems)
         return chunk_text(docs, tokenizer.eos_id, cfg.block_size)
