@@ -68,6 +68,8 @@ class RunConfig:
     @classmethod
     def from_dict(cls, data: Any, overrides: list[str] = ()) -> RunConfig:
         data = apply_overrides(data if data is not None else {}, overrides)
+        if isinstance(data.get("model"), str):  # `model: gpt2` / `model=./folder` name the model
+            data["model"] = {"name": data["model"]}
         return load_dataclass(cls, data, "")
 
     @classmethod
