@@ -6,7 +6,6 @@ directory (never overwritten by accident, resumed only with a compatible config)
 
 from __future__ import annotations
 
-import copy
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +39,14 @@ class RunResult:
     eval: dict[str, float] = field(default_factory=dict)
     best_step: int | None = None
     stopped_early: bool = False
+    before: dict[str, Any] = field(default_factory=dict)
+    """The `eval:` metrics of the model before training, on `eval.split` (empty without it)."""
+    after: dict[str, Any] = field(default_factory=dict)
+    """The same metrics of the fine-tuned model, on the same examples."""
+    samples: list[dict[str, str]] = field(default_factory=list)
+    """Prompt, reference, before and after generations of the first examples."""
+    report: Path | None = None
+    """report.html in the run directory, when there was a split to evaluate."""
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -114,9 +121,49 @@ def _save_final(model: Any, tokenizer: Any, config: RunConfig, final: Path) -> N
         atomic_dir(final, write)
         return
     # Full and last_n runs, and LoRA that also trained the embeddings (no adapter can hold
-    # those): a whole HF model.
-    body = merge(copy.deepcopy(model)) if lora_layers(model) else model
+    # those): a whole HF model. The run is over, so adapters are folded in place: a copy would
+    # double the memory, and torchao re-quantizes copied NF4 weights with a scaler block that
+    # small layers do not divide.
+    body = merge(model) if lora_layers(model) else model
     save_model(body, tokenizer, final, overwrite=True)
+
+
+def _evaluate(model: Any, tokenizer: Any, examples: list, config: RunConfig, labels: Any) -> tuple:
+    from nanotune.eval import evaluate_model
+
+    if not examples:
+        return {}, None
+    return evaluate_model(model, tokenizer, examples, config.eval, labels)
+
+
+def _write_results(
+    run_dir: Path, config: RunConfig, before: tuple, after: tuple
+) -> tuple[dict, dict, list, Path]:
+    """Score rewards (they compare two sets of responses), then write eval.json and report.html."""
+    import json
+
+    from nanotune.eval import RewardModel, compare, compare_rewards, samples, write_report
+
+    (b, gens_b), (a, gens_a) = before, after
+    shown: list[dict[str, str]] = []
+    if gens_b is not None and gens_a is not None:
+        if "reward" in config.eval.metrics:
+            rb, ra = compare_rewards(
+                RewardModel(config.eval.reward_model),
+                gens_b.prompts,
+                gens_b.outputs,
+                gens_a.outputs,
+                config.eval.batch_size,
+            )
+            b, a = b | rb, a | ra
+        shown = samples(gens_b, gens_a, config.eval.num_samples)
+    results = {"split": config.eval.split, "before": b, "after": a, "samples": shown}
+    tmp = run_dir / ".eval.json.tmp"
+    tmp.write_text(json.dumps(results, indent=1, default=str))
+    tmp.replace(run_dir / "eval.json")
+    report = write_report(run_dir, config.to_dict(), run_dir / "metrics.jsonl", b, a, shown)
+    print(f"\n{config.eval.split} split, before and after fine-tuning:\n{compare(b, a)}")
+    return b, a, shown, report
 
 
 def train(
@@ -149,7 +196,7 @@ def _train(config: RunConfig, *, resume: bool, overwrite: bool, progress: bool) 
     from nanotune.data.batching import epoch_batches
     from nanotune.data.pipeline import build_datasets
     from nanotune.methods import SequenceClassifier, apply_method
-    from nanotune.train import Trainer, seed_everything
+    from nanotune.train import Trainer, dist, seed_everything
     from nanotune.train.dist import is_main, on_main, world_size
     from nanotune.weights import load_model
 
@@ -157,7 +204,10 @@ def _train(config: RunConfig, *, resume: bool, overwrite: bool, progress: bool) 
     run_dir = on_main(lambda: prepare_run_dir(config, resume=resume, overwrite=overwrite))
     tc = config.train
     seed_everything(tc.seed)  # model init (LoRA A, heads) depends on it
-    model, tokenizer = load_model(config.model.name, dtype=getattr(torch, config.model.dtype))
+    try:
+        model, tokenizer = load_model(config.model.name, dtype=getattr(torch, config.model.dtype))
+    except NanotuneError as e:  # its hint names the CLI flag; a run config sets model=
+        raise NanotuneError(f"{e}; in a run config: model=./folder") from e
     if config.model.special_tokens:
         tokenizer.add_special_tokens(config.model.special_tokens)
     data = build_datasets(config.data, tokenizer)
@@ -175,6 +225,13 @@ def _train(config: RunConfig, *, resume: bool, overwrite: bool, progress: bool) 
     if is_main():
         config.save(run_dir / "config.yaml")
         print(data.summary())
+    # The recipe's metrics before training (every rank, so none waits in a collective), then
+    # after training on the same examples (rank 0).
+    examples = data.splits.get(config.eval.split, [])
+    if not examples and is_main():
+        print(f"note: no {config.eval.split!r} split, so no before/after evaluation (eval.split)")
+    model.to(dist.device_for(tc.device))
+    before = _evaluate(model, tokenizer, examples, config, data.label_names)
 
     batching = dict(
         pad_id=tokenizer.pad_id, pack=config.data.pack, max_length=config.data.max_length
@@ -208,8 +265,15 @@ def _train(config: RunConfig, *, resume: bool, overwrite: bool, progress: bool) 
     )
     result = trainer.fit(resume=resume)
     final = run_dir / "final"
-    with trainer.full_model() as trained:  # FSDP2: whole weights on every rank while saving
-        on_main(lambda: _save_final(trained, tokenizer, config, final))
+
+    def finish(trained: Any) -> tuple:
+        after = _evaluate(trained, tokenizer, examples, config, data.label_names)
+        _save_final(trained, tokenizer, config, final)
+        return _write_results(run_dir, config, before, after) if examples else ({}, {}, [], None)
+
+    # FSDP2: rank 0 holds the whole weights in here; it evaluates, saves and reports.
+    with trainer.full_model() as trained:
+        evaluated = on_main(lambda: finish(trained))
     return RunResult(
         run_dir=run_dir,
         final_dir=final,
@@ -218,4 +282,8 @@ def _train(config: RunConfig, *, resume: bool, overwrite: bool, progress: bool) 
         eval=result.eval,
         best_step=result.best_step,
         stopped_early=result.stopped_early,
+        before=evaluated[0],
+        after=evaluated[1],
+        samples=evaluated[2],
+        report=evaluated[3],
     )
