@@ -1,0 +1,214 @@
+"""Every packaged recipe end to end on a small local stand-in for its dataset and a tiny random
+model of its architecture, through the same path as the real run: the packaged YAML with only
+`model`, the data sources and sizes overridden."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from nanotune.cli import main
+from nanotune.errors import NanotuneError
+from nanotune.recipes import list_recipes, load_recipe, recipe_names, recipe_text
+from nanotune.workflow import train
+
+WORDS = "love life hope time truth art mind heart dream friends".split()
+RECIPES = ["demo", "eli5-full", "hh-rlhf-lora", "quotes-lora", "spam-classify", "squad-qlora"]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def run(name: str, tmp_path: Path, model: Path, *overrides: str):
+    """The packaged recipe with the test's overrides; the run's result and directory."""
+    out = tmp_path / "run"
+    config = load_recipe(name, [f"model={model}", f"output_dir={out}", *overrides])
+    result = train(config, progress=False)
+    assert (out / "config.yaml").is_file() and (out / "metrics.jsonl").is_file()
+    assert (out / "report.html").is_file()
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    packaged = yaml.safe_load(recipe_text(name))["method"]
+    assert {k: saved["method"][k] for k in packaged} == packaged  # the recipe's own method
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("loss" in r for r in records)
+    results = json.loads((out / "eval.json").read_text())
+    assert results["before"] == result.before and results["after"] == result.after
+    return result, out
+
+
+def test_every_recipe_is_listed_with_a_description_and_a_source():
+    assert recipe_names() == RECIPES
+    for name, description in list_recipes():
+        assert description, name
+        text = recipe_text(name)
+        assert "https://" in text, f"{name}: the header cites no published source"
+        load_recipe(name)  # valid as packaged
+
+
+def test_cli_lists_recipes(capsys):
+    assert main(["recipes"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == RECIPES
+
+
+def test_unknown_recipe_is_one_clear_error(capsys):
+    assert main(["train", "--recipe", "quotes-lroa"]) == 2
+    err = capsys.readouterr().err
+    assert "did you mean 'quotes-lora'" in err and err.count("\n") == 1
+
+
+def test_offline_hub_recipe_stops_naming_the_dataset(tmp_path, tiny_gpt2_dir, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config = load_recipe("quotes-lora", [f"model={tiny_gpt2_dir}", f"output_dir={tmp_path / 'r'}"])
+    with pytest.raises(NanotuneError, match=r"Abirate/english_quotes.*data\.source"):
+        train(config, progress=False)
+
+
+def test_offline_hub_model_names_the_local_fix(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config = load_recipe("spam-classify", [f"output_dir={tmp_path / 'r'}"])
+    with pytest.raises(NanotuneError, match=r"'gpt2'.*model=\./folder"):
+        train(config, progress=False)
+
+
+def test_quotes_lora(tmp_path, tiny_gpt2_dir):
+    rows = [
+        {"quote": f"The {a} of {b} is all we need.", "author": "Anon", "tags": [a, b]}
+        for a in WORDS[:6]
+        for b in WORDS[6:]
+    ]
+    data = write_jsonl(tmp_path / "quotes.jsonl", rows)
+    result, out = run(
+        "quotes-lora",
+        tmp_path,
+        tiny_gpt2_dir,
+        f"data.source={data}",
+        "train.max_steps=3",
+        "eval.max_new_tokens=6",
+    )
+    assert (out / "final" / "adapter_config.json").is_file()
+    assert {"tag_f1_micro", "tag_f1_macro"} <= set(result.after)
+    assert result.samples and " ->: " in result.samples[0]["prompt"]
+
+
+def squad_rows(n: int) -> list[dict]:
+    rows = []
+    for i in range(n):
+        w = WORDS[i % len(WORDS)]
+        context = f"The {w} festival takes place in town {i} every spring."
+        rows.append(
+            {
+                "id": f"q{i}",
+                "title": "Festivals",
+                "context": context,
+                "question": f"Where does the {w} festival take place?",
+                "answers": {"text": [f"town {i}"], "answer_start": [context.index("town")]},
+            }
+        )
+    return rows
+
+
+def test_squad_qlora(tmp_path, tiny_gpt2_dir):
+    train_file = write_jsonl(tmp_path / "train.jsonl", squad_rows(24))
+    val_file = write_jsonl(tmp_path / "dev.jsonl", squad_rows(6))
+    result, out = run(
+        "squad-qlora",
+        tmp_path,
+        tiny_gpt2_dir,
+        f"data.source={train_file}",
+        f"data.val_source={val_file}",
+        "data.max_length=128",
+        "train.max_steps=2",
+        "eval.max_new_tokens=6",
+    )
+    assert (out / "final").is_dir() and any((out / "final").iterdir())
+    assert {"squad_em", "squad_f1"} <= set(result.after)
+    prompt = result.samples[0]["prompt"]
+    assert "<|system|>" in prompt and "<|user|>" in prompt and prompt.rstrip().endswith("<|assistant|>")
+    assert "Context: The" in prompt and "Question: Where" in prompt
+
+
+def test_eli5_full(tmp_path, tiny_gpt2_dir):
+    rows = [
+        {
+            "q_id": f"q{i}",
+            "title": f"Why is the sky {i} blue?",
+            "selftext": "",
+            "category": "Physics",
+            "subreddit": "explainlikeimfive",
+            "answers": {
+                "a_id": [f"a{i}", f"b{i}"],
+                "text": [f"Light scatters off air number {i}.", "Blue light scatters the most."],
+                "score": [5, 3],
+                "text_urls": [[], []],
+            },
+            "title_urls": [],
+            "selftext_urls": [],
+        }
+        for i in range(40)
+    ]
+    data = write_jsonl(tmp_path / "eli5.jsonl", rows)
+    result, out = run(
+        "eli5-full", tmp_path, tiny_gpt2_dir, f"data.source={data}", "train.max_steps=3"
+    )
+    assert (out / "final" / "config.json").is_file()  # a whole model
+    assert result.after["perplexity"] < result.before["perplexity"]  # full FT at lr 2e-5 moves it
+
+
+def test_spam_classify(tmp_path, tiny_gpt2_dir):
+    rows = [{"sms": f"Hi, see you at {i} tonight?", "label": 0} for i in range(40)]
+    rows += [{"sms": f"WIN a FREE prize {i}! Call now", "label": 1} for i in range(15)]
+    data = write_jsonl(tmp_path / "sms.jsonl", rows)
+    result, out = run(
+        "spam-classify", tmp_path, tiny_gpt2_dir, f"data.source={data}", "train.max_steps=3"
+    )
+    assert any((out / "final").iterdir())
+    assert 0.0 <= result.after["accuracy"] <= 1.0
+    # Balanced (15 + 15) and split 70/10/20: the test split holds 3 of each class.
+    assert sum(sum(row) for row in result.after["confusion"]["matrix"]) == 6
+
+
+@pytest.fixture(scope="module")
+def tiny_reward_dir(tmp_path_factory, gpt2_tokenizer_dir) -> Path:
+    """A random one-output GPT-2 sequence classifier: the shape of an HF reward model."""
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassification
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_positions=256, n_embd=32, n_layer=1, n_head=2, num_labels=1)
+    config.pad_token_id = 50256
+    out = tmp_path_factory.mktemp("reward")
+    GPT2ForSequenceClassification(config).save_pretrained(out)
+    AutoTokenizer.from_pretrained(gpt2_tokenizer_dir).save_pretrained(out)
+    return out
+
+
+def test_hh_rlhf_lora(tmp_path, tiny_gpt2_dir, tiny_reward_dir):
+    def dialogue(i: int) -> str:
+        return (
+            f"\n\nHuman: What is a good name for pet {i}?\n\nAssistant: How about {WORDS[i % 10]}?"
+            f"\n\nHuman: Another one?\n\nAssistant: Maybe {WORDS[(i + 3) % 10]}."
+        )
+
+    rows = [{"chosen": dialogue(i), "rejected": dialogue(i + 1)} for i in range(30)]
+    train_file = write_jsonl(tmp_path / "hh.jsonl", rows[:24])
+    test_file = write_jsonl(tmp_path / "hh-test.jsonl", rows[24:])
+    result, out = run(
+        "hh-rlhf-lora",
+        tmp_path,
+        tiny_gpt2_dir,
+        f"data.source={train_file}",
+        f"data.val_source={test_file}",
+        "data.max_length=128",
+        f"eval.reward_model={tiny_reward_dir}",
+        "train.max_steps=2",
+        "eval.max_new_tokens=6",
+    )
+    assert any((out / "final").iterdir())
+    assert {"reward"} <= set(result.before) and {"reward", "reward_win_rate"} <= set(result.after)
+    assert "<|user|>" in result.samples[0]["prompt"]
