@@ -426,8 +426,9 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="fine-tune a model from a YAML config or packaged recipe")
-    p.add_argument("config", help="config YAML file or packaged recipe name")
+    p.add_argument("config", nargs="?", help="config YAML file or packaged recipe name")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.lr=1e-4 method.r=8")
+    p.add_argument("--recipe", metavar="NAME", help="packaged recipe (see `nanotune recipes`)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="delete an existing run directory")
     p.set_defaults(func=cmd_train)
@@ -438,8 +439,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from nanotune.train.dist import is_main
 
-    result = train(args.config, overrides=args.overrides, resume=args.resume,
-                   overwrite=args.overwrite)
+    config, overrides = args.config, args.overrides
+    if args.recipe:  # argparse hands the first KEY=VALUE to the optional positional
+        config, overrides = args.recipe, [*filter(None, [args.config]), *overrides]
+    elif config is None:
+        raise NanotuneError("train: give a config YAML or --recipe NAME (see `nanotune recipes`)")
+    result = train(config, overrides=overrides, resume=args.resume, overwrite=args.overwrite)
     if is_main():  # under torchrun every rank returns here; one report is enough
         print(f"done: {result.step} steps; final model in {result.final_dir}")
     return 0
@@ -471,6 +476,58 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+# --- recipes, demo ----------------------------------------------------------------------------
+
+
+def _add_recipes(sub) -> None:
+    p = sub.add_parser(
+        "recipes",
+        help="list the packaged recipes, or print one",
+        description="List the packaged recipes with a one-line description; with NAME, print "
+        "its YAML (run it with `nanotune train --recipe NAME [KEY=VALUE ...]`).",
+    )
+    p.add_argument("name", nargs="?", help="recipe to print")
+    p.set_defaults(func=cmd_recipes)
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    from nanotune.recipes import list_recipes, recipe_text
+
+    if args.name:
+        print(recipe_text(args.name), end="")
+        return 0
+    rows = list_recipes()
+    width = max(len(name) for name, _ in rows)
+    for name, description in rows:
+        print(f"{name.ljust(width)}  {description}")
+    return 0
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="fine-tune the embedded SmolLM2 with LoRA offline, before/after report",
+        description="Run the packaged demo recipe: LoRA on SmolLM2-135M-Instruct learning to "
+        "reverse word lists (a few minutes on a laptop CPU), evaluated before and after on "
+        "held-out lists; prints the table and samples and writes report.html.",
+    )
+    p.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="recipe values, e.g. train.max_steps=30"
+    )
+    p.add_argument(
+        "--output-dir", metavar="DIR", help="run directory (default: a new runs/demo-<time>)"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output-dir")
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from nanotune.demo import run_demo
+
+    run_demo(args.output_dir, overwrite=args.overwrite, overrides=args.overrides)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nanotune", description="Fine-tune GPT-2 and other small language models."
@@ -486,6 +543,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_classify(sub)
     _add_bench(sub)
     _add_train(sub)
+    _add_recipes(sub)
+    _add_demo(sub)
     return parser
 
 
