@@ -129,7 +129,11 @@ def test_squad_qlora(tmp_path, tiny_gpt2_dir):
     assert (out / "final").is_dir() and any((out / "final").iterdir())
     assert {"squad_em", "squad_f1"} <= set(result.after)
     prompt = result.samples[0]["prompt"]
-    assert "<|system|>" in prompt and "<|user|>" in prompt and prompt.rstrip().endswith("<|assistant|>")
+    assert (
+        "<|system|>" in prompt
+        and "<|user|>" in prompt
+        and prompt.rstrip().endswith("<|assistant|>")
+    )
     assert "Context: The" in prompt and "Question: Where" in prompt
 
 
