@@ -216,3 +216,20 @@ def test_hh_rlhf_lora(tmp_path, tiny_gpt2_dir, tiny_reward_dir):
     assert any((out / "final").iterdir())
     assert {"reward"} <= set(result.before) and {"reward", "reward_win_rate"} <= set(result.after)
     assert "<|user|>" in result.samples[0]["prompt"]
+
+
+def test_hh_transcripts_become_alternating_turns():
+    from nanotune.data.formats import row_messages
+    from nanotune.data.sources import BadRow, Row
+
+    text = "\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: Name a color.\n\nAssistant: Blue."
+    assert row_messages(Row({"dialogue": text}, "hh.jsonl:1")) == [
+        {"role": "user", "content": "Hi there"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Name a color."},
+        {"role": "assistant", "content": "Blue."},
+    ]
+    with pytest.raises(BadRow, match=r"hh.jsonl:2: a dialogue must be turns"):
+        row_messages(Row({"dialogue": "just text"}, "hh.jsonl:2"))
+    with pytest.raises(BadRow, match=r"hh.jsonl:3: the dialogue does not end with an assistant"):
+        row_messages(Row({"dialogue": "\n\nHuman: Hi\n\nAssistant: Yo\n\nHuman: ?"}, "hh.jsonl:3"))

@@ -29,8 +29,10 @@ class DataConfig:
     # Row format: completion | chat | alpaca | text | classification.
     format: str = "completion"
     # Canonical field -> column in the data, e.g. {"text": "sms", "label": "category"}. The
-    # canonical names are the ones the format reads (prompt/completion, messages, system/user/
-    # assistant, context/question/answer, instruction/input/output, text, label).
+    # canonical names are the ones the format reads (prompt/completion, messages, dialogue (an
+    # HH-RLHF "\n\nHuman: …\n\nAssistant: …" transcript), system/user/assistant,
+    # context/question/answer, instruction/input/output, text, label). A dotted column name
+    # (answers.text) reads a field of a nested record.
     columns: dict[str, str] = field(default_factory=dict)
     # Explicit validation / test data; when unset, fractions of `source` are held out instead.
     val_source: str | None = None
