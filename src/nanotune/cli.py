@@ -447,6 +447,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = train(config, overrides=overrides, resume=args.resume, overwrite=args.overwrite)
     if is_main():  # under torchrun every rank returns here; one report is enough
         print(f"done: {result.step} steps; final model in {result.final_dir}")
+        if result.report:
+            print(f"report: {result.report}")
     return 0
 
 
