@@ -225,8 +225,8 @@ def _train(config: RunConfig, *, resume: bool, overwrite: bool, progress: bool) 
     if is_main():
         config.save(run_dir / "config.yaml")
         print(data.summary())
-    # The recipe's metrics before training (every rank, so none waits in a collective), then
-    # after training on the same examples (rank 0).
+    # The recipe's metrics before training, and after it on the same examples (every rank
+    # evaluates, so none waits alone in a collective; rank 0 writes the results).
     examples = data.splits.get(config.eval.split, [])
     if not examples and is_main():
         print(f"note: no {config.eval.split!r} split, so no before/after evaluation (eval.split)")
@@ -265,15 +265,20 @@ def _train(config: RunConfig, *, resume: bool, overwrite: bool, progress: bool) 
     )
     result = trainer.fit(resume=resume)
     final = run_dir / "final"
-
-    def finish(trained: Any) -> tuple:
-        after = _evaluate(trained, tokenizer, examples, config, data.label_names)
-        _save_final(trained, tokenizer, config, final)
-        return _write_results(run_dir, config, before, after) if examples else ({}, {}, [], None)
-
-    # FSDP2: rank 0 holds the whole weights in here; it evaluates, saves and reports.
-    with trainer.full_model() as trained:
-        evaluated = on_main(lambda: finish(trained))
+    # Every rank runs the same passes, through the engine's forward as the trainer's own
+    # evaluation does (DDP and FSDP2 act there), without gradients.
+    with torch.no_grad():
+        after = trainer.engine(
+            lambda m, _: _evaluate(m, tokenizer, examples, config, data.label_names), None
+        )
+    dist.reshard(trainer.engine)
+    with trainer.full_model() as trained:  # FSDP2: whole weights on rank 0 while saving
+        on_main(lambda: _save_final(trained, tokenizer, config, final))
+    evaluated = (
+        on_main(lambda: _write_results(run_dir, config, before, after))
+        if examples
+        else ({}, {}, [], None)
+    )
     return RunResult(
         run_dir=run_dir,
         final_dir=final,
