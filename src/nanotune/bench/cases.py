@@ -36,6 +36,9 @@ class Case:
     targets: tuple[str, ...] = ()
     batch: int = 8
     target_ratio: float | None = None  # useful tokens/s wanted, as a multiple of the peer's
+    # nanotune packs the step's examples into rows of `PACK_LENGTH` tokens (its `data.pack`);
+    # the peer pads the same examples as usual. Same examples, same useful tokens per step.
+    pack: bool = False
     extra: dict[str, Any] = field(default_factory=dict, hash=False)
 
 
@@ -52,6 +55,17 @@ CASES: dict[str, Case] = {
             r=16,
             targets=("c_attn",),
             target_ratio=2.5,
+        ),
+        Case(
+            "lora-sft-packed",
+            "sft",
+            "gpt2",
+            "lora",
+            "lora-sft's examples, packed by nanotune into 128-token rows (peer: padded)",
+            r=16,
+            targets=("c_attn",),
+            target_ratio=2.5,
+            pack=True,
         ),
         Case(
             "full-lm",
@@ -106,8 +120,21 @@ CASES: dict[str, Case] = {
             targets=("all-linear",),
             target_ratio=2.0,
         ),
+        Case(
+            "smollm2-lora-packed",
+            "sft",
+            "smollm2",
+            "lora",
+            "smollm2-lora's examples, packed by nanotune into 128-token rows (peer: padded)",
+            r=16,
+            targets=("all-linear",),
+            target_ratio=2.0,
+            pack=True,
+        ),
     ]
 }
+
+PACK_LENGTH = 128
 
 
 @dataclass(frozen=True)

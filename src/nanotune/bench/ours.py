@@ -59,6 +59,17 @@ def _method(case: Case, device: str):
     )
 
 
+def _packed(examples: list[Any], pad: int, quick: bool) -> dict[str, torch.Tensor]:
+    """The step's examples packed into rows, as `data.pack: true` batches them."""
+    from nanotune.bench.cases import PACK_LENGTH
+    from nanotune.data.batching import collate_lm, pack_examples
+
+    lengths = [len(e.ids) for e in examples]
+    max_length = max(max(lengths), PACK_LENGTH if not quick else 0)
+    bins = pack_examples(lengths, range(len(examples)), max_length)
+    return collate_lm([[examples[i] for i in b] for b in bins], pad, packed=True)
+
+
 def build(case: Case, quick: bool, device: str, items: list[Any], source: str | None) -> Workload:
     from nanotune.data.batching import collate_class, collate_lm
     from nanotune.data.example import ClassExample, Example
@@ -85,10 +96,13 @@ def build(case: Case, quick: bool, device: str, items: list[Any], source: str | 
     else:
         objective = LMObjective()
         if case.kind == "sft":
-            rows = [[[Example(p + a, [-100] * len(p) + a)] for p, a in item] for item in items]
+            examples = [[Example(p + a, [-100] * len(p) + a) for p, a in item] for item in items]
         else:
-            rows = [[[Example(r, list(r))] for r in item] for item in items]
-        batches = [collate_lm(r, pad, packed=False) for r in rows]
+            examples = [[Example(r, list(r)) for r in item] for item in items]
+        if case.pack:
+            batches = [_packed(exs, pad, quick) for exs in examples]
+        else:
+            batches = [collate_lm([[e] for e in exs], pad, packed=False) for exs in examples]
     model = apply_method(model, _method(case, device)).to(device).train()
     batches = [
         {k: v.to(device) for k, v in b.items() if isinstance(v, torch.Tensor)} for b in batches
