@@ -427,7 +427,9 @@ def cmd_classify(args: argparse.Namespace) -> int:
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="fine-tune a model from a YAML config or packaged recipe")
     p.add_argument("config", nargs="?", help="config YAML file or packaged recipe name")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.lr=1e-4 method.r=8")
+    p.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.lr=1e-4 method.r=8"
+    )
     p.add_argument("--recipe", metavar="NAME", help="packaged recipe (see `nanotune recipes`)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="delete an existing run directory")
@@ -435,9 +437,8 @@ def _add_train(sub) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from nanotune.workflow import train
-
     from nanotune.train.dist import is_main
+    from nanotune.workflow import train
 
     config, overrides = args.config, args.overrides
     if args.recipe:  # argparse hands the first KEY=VALUE to the optional positional
@@ -456,7 +457,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="time nanotune against transformers + peft; write BENCHMARKS.md")
+    p = sub.add_parser(
+        "bench", help="time nanotune against transformers + peft; write BENCHMARKS.md"
+    )
     p.add_argument("--quick", action="store_true", help="tiny shapes: a smoke test in seconds")
     p.add_argument("--cases", help="comma-separated case names (default: all)")
     p.add_argument("--output", default="BENCHMARKS.md", help="markdown report to write")
@@ -471,8 +474,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     command = ["nanotune bench"] + ["--quick"] * args.quick
     command += [f"--cases {args.cases}"] * bool(args.cases)
     command += [f"--output {args.output}", f"--device {args.device}"]
-    results = bench.run(names, quick=args.quick, device=args.device, output=args.output,
-                        command=" ".join(command))
+    results = bench.run(
+        names, quick=args.quick, device=args.device, output=args.output, command=" ".join(command)
+    )
     print(f"wrote {args.output}")
     failed = [c for c, sides in results.items() if any(r.error for r in sides.values())]
     return 1 if failed else 0

@@ -116,16 +116,33 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in [
-        Preset("gpt2", _gpt2(12, 12, 768), hub_id="openai-community/gpt2",
-               description="GPT-2 124M"),
-        Preset("distilgpt2", _gpt2(6, 12, 768), hub_id="distilbert/distilgpt2",
-               description="DistilGPT-2 82M"),
-        Preset("gpt2-medium", _gpt2(24, 16, 1024), hub_id="openai-community/gpt2-medium",
-               description="GPT-2 355M"),
-        Preset("gpt2-large", _gpt2(36, 20, 1280), hub_id="openai-community/gpt2-large",
-               description="GPT-2 774M"),
-        Preset("gpt2-xl", _gpt2(48, 25, 1600), hub_id="openai-community/gpt2-xl",
-               description="GPT-2 1.5B"),
+        Preset(
+            "gpt2", _gpt2(12, 12, 768), hub_id="openai-community/gpt2", description="GPT-2 124M"
+        ),
+        Preset(
+            "distilgpt2",
+            _gpt2(6, 12, 768),
+            hub_id="distilbert/distilgpt2",
+            description="DistilGPT-2 82M",
+        ),
+        Preset(
+            "gpt2-medium",
+            _gpt2(24, 16, 1024),
+            hub_id="openai-community/gpt2-medium",
+            description="GPT-2 355M",
+        ),
+        Preset(
+            "gpt2-large",
+            _gpt2(36, 20, 1280),
+            hub_id="openai-community/gpt2-large",
+            description="GPT-2 774M",
+        ),
+        Preset(
+            "gpt2-xl",
+            _gpt2(48, 25, 1600),
+            hub_id="openai-community/gpt2-xl",
+            description="GPT-2 1.5B",
+        ),
         Preset(
             "smollm2-135m-instruct",
             ModelConfig(

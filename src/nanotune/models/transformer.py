@@ -67,8 +67,14 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 class KVCache:
     """Preallocated keys and values for every layer; `length` tokens are filled."""
 
-    def __init__(self, config: ModelConfig, batch_size: int, max_len: int,
-                 device: torch.device | str, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        batch_size: int,
+        max_len: int,
+        device: torch.device | str,
+        dtype: torch.dtype,
+    ) -> None:
         shape = (batch_size, config.kv_heads, max_len, config.hd)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
@@ -91,8 +97,14 @@ class Attention(nn.Module):
         self.proj = nn.Linear(config.n_head * config.hd, config.n_embd, bias=config.attn_bias)
         self.dropout = config.dropout
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, mask: Tensor | None,
-                cache: KVCache | None, layer: int) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor] | None,
+        mask: Tensor | None,
+        cache: KVCache | None,
+        layer: int,
+    ) -> Tensor:
         B, T, _ = x.shape
         H, K, D = self.config.n_head, self.config.kv_heads, self.config.hd
         q, k, v = self.qkv(x).split([H * D, K * D, K * D], dim=-1)
@@ -141,8 +153,14 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.drop = nn.Dropout(config.dropout)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, mask: Tensor | None,
-                cache: KVCache | None, layer: int) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor] | None,
+        mask: Tensor | None,
+        cache: KVCache | None,
+        layer: int,
+    ) -> Tensor:
         x = x + self.drop(self.attn(self.norm1(x), rope, mask, cache, layer))
         return x + self.drop(self.mlp(self.norm2(x)))
 
@@ -157,7 +175,11 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.positions == "learned" else None
+        self.wpe = (
+            nn.Embedding(config.block_size, config.n_embd)
+            if config.positions == "learned"
+            else None
+        )
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm = make_norm(config)
@@ -182,13 +204,23 @@ class Transformer(nn.Module):
     def device(self) -> torch.device:
         return self.wte.weight.device
 
-    def init_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
+    def init_cache(
+        self, batch_size: int, max_len: int, dtype: torch.dtype | None = None
+    ) -> KVCache:
         max_len = min(max_len, self.config.block_size)
-        return KVCache(self.config, batch_size, max_len, self.device, dtype or self.wte.weight.dtype)
+        return KVCache(
+            self.config, batch_size, max_len, self.device, dtype or self.wte.weight.dtype
+        )
 
-    def hidden(self, input_ids: Tensor, *, positions: Tensor | None = None,
-               attention_mask: Tensor | None = None, doc_ids: Tensor | None = None,
-               cache: KVCache | None = None) -> Tensor:
+    def hidden(
+        self,
+        input_ids: Tensor,
+        *,
+        positions: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        doc_ids: Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> Tensor:
         """Final-normed hidden states [B, T, C].
 
         positions: [B, T] absolute positions (default: cache length + 0..T-1). Left-padded
@@ -222,8 +254,14 @@ class Transformer(nn.Module):
         return self.norm(x)
 
     @staticmethod
-    def _mask(B: int, T: int, offset: int, attention_mask: Tensor | None, doc_ids: Tensor | None,
-              device: torch.device) -> Tensor | None:
+    def _mask(
+        B: int,
+        T: int,
+        offset: int,
+        attention_mask: Tensor | None,
+        doc_ids: Tensor | None,
+        device: torch.device,
+    ) -> Tensor | None:
         """Boolean [B, 1, T, S] mask (True = may attend), or None for plain causal attention."""
         if attention_mask is None and doc_ids is None and (offset == 0 or T == 1):
             return None
@@ -256,11 +294,15 @@ class Transformer(nn.Module):
             wte.weight[n_old:] = old.mean(0, keepdim=True)
         self.wte = wte
         if self.config.tie_embeddings:
-            self.lm_head = nn.Linear(old.shape[1], vocab_size, bias=False, device=old.device, dtype=old.dtype)
+            self.lm_head = nn.Linear(
+                old.shape[1], vocab_size, bias=False, device=old.device, dtype=old.dtype
+            )
             self.lm_head.weight = self.wte.weight
         else:
             head_old = self.lm_head.weight
-            head = nn.Linear(old.shape[1], vocab_size, bias=False, device=old.device, dtype=old.dtype)
+            head = nn.Linear(
+                old.shape[1], vocab_size, bias=False, device=old.device, dtype=old.dtype
+            )
             with torch.no_grad():
                 head.weight[:n_old] = head_old
                 head.weight[n_old:] = head_old.mean(0, keepdim=True)

@@ -41,7 +41,9 @@ def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> ModelConfi
         )
     if model_type == "llama":
         if hf.get("hidden_act", "silu") != "silu":
-            raise NanotuneError(f"{where}: hidden_act {hf['hidden_act']!r} is not supported (only silu)")
+            raise NanotuneError(
+                f"{where}: hidden_act {hf['hidden_act']!r} is not supported (only silu)"
+            )
         eos = hf.get("eos_token_id")
         return ModelConfig(
             family="llama",
@@ -56,7 +58,9 @@ def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> ModelConfi
             norm="rmsnorm",
             norm_eps=hf.get("rms_norm_eps", 1e-6),
             positions="rope",
-            rope_theta=hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
+            rope_theta=hf.get(
+                "rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+            ),
             rope_scaling=_rope_scaling(hf),
             mlp="swiglu",
             attn_bias=hf.get("attention_bias", False),
@@ -132,7 +136,7 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
 
 
 def _strip_prefix(sd: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
-    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in sd.items()}
+    return {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in sd.items()}
 
 
 def from_hf(sd: dict[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
@@ -148,13 +152,19 @@ def from_hf(sd: dict[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
             for hf_norm, norm in (("ln_1", "norm1"), ("ln_2", "norm2")):
                 out[q + norm + ".weight"] = take(p + hf_norm + ".weight")
                 out[q + norm + ".bias"] = take(p + hf_norm + ".bias")
-            for hf_lin, lin in (("attn.c_attn", "attn.qkv"), ("attn.c_proj", "attn.proj"),
-                                ("mlp.c_fc", "mlp.fc"), ("mlp.c_proj", "mlp.proj")):
+            for hf_lin, lin in (
+                ("attn.c_attn", "attn.qkv"),
+                ("attn.c_proj", "attn.proj"),
+                ("mlp.c_fc", "mlp.fc"),
+                ("mlp.c_proj", "mlp.proj"),
+            ):
                 out[q + lin + ".weight"] = take(p + hf_lin + ".weight").t().contiguous()
                 out[q + lin + ".bias"] = take(p + hf_lin + ".bias")
         out["norm.weight"] = take("ln_f.weight")
         out["norm.bias"] = take("ln_f.bias")
-        out["lm_head.weight"] = out["wte.weight"] if config.tie_embeddings else take("lm_head.weight")
+        out["lm_head.weight"] = (
+            out["wte.weight"] if config.tie_embeddings else take("lm_head.weight")
+        )
         return out
 
     sd = _strip_prefix(sd, "model.")
@@ -171,10 +181,14 @@ def from_hf(sd: dict[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
             out[q + "attn.qkv.bias"] = torch.cat([take(a + f"{n}_proj.bias") for n in "qkv"])
             out[q + "attn.proj.bias"] = take(a + "o_proj.bias")
         m = p + "mlp."
-        out[q + "mlp.fc.weight"] = torch.cat([take(m + "gate_proj.weight"), take(m + "up_proj.weight")])
+        out[q + "mlp.fc.weight"] = torch.cat(
+            [take(m + "gate_proj.weight"), take(m + "up_proj.weight")]
+        )
         out[q + "mlp.proj.weight"] = take(m + "down_proj.weight")
         if config.mlp_bias:
-            out[q + "mlp.fc.bias"] = torch.cat([take(m + "gate_proj.bias"), take(m + "up_proj.bias")])
+            out[q + "mlp.fc.bias"] = torch.cat(
+                [take(m + "gate_proj.bias"), take(m + "up_proj.bias")]
+            )
             out[q + "mlp.proj.bias"] = take(m + "down_proj.bias")
     out["norm.weight"] = take("norm.weight")
     out["lm_head.weight"] = out["wte.weight"] if config.tie_embeddings else take("lm_head.weight")
@@ -204,8 +218,12 @@ def to_hf(sd: dict[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
             for hf_norm, norm in (("ln_1", "norm1"), ("ln_2", "norm2")):
                 out[p + hf_norm + ".weight"] = sd[q + norm + ".weight"]
                 out[p + hf_norm + ".bias"] = sd[q + norm + ".bias"]
-            for hf_lin, lin in (("attn.c_attn", "attn.qkv"), ("attn.c_proj", "attn.proj"),
-                                ("mlp.c_fc", "mlp.fc"), ("mlp.c_proj", "mlp.proj")):
+            for hf_lin, lin in (
+                ("attn.c_attn", "attn.qkv"),
+                ("attn.c_proj", "attn.proj"),
+                ("mlp.c_fc", "mlp.fc"),
+                ("mlp.c_proj", "mlp.proj"),
+            ):
                 out[p + hf_lin + ".weight"] = sd[q + lin + ".weight"].t().contiguous()
                 out[p + hf_lin + ".bias"] = sd[q + lin + ".bias"]
         out["transformer.ln_f.weight"] = sd["norm.weight"]
