@@ -19,6 +19,7 @@ demo: $(STAMP)
 	$(VENV)/bin/nanotune demo
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check src tests
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
