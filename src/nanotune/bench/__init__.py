@@ -136,7 +136,7 @@ def run(
     results: dict[str, dict[str, SideResult]] = {}
     with tempfile.TemporaryDirectory(prefix="nanotune-bench-") as tmp:
         source = None
-        if "smollm2-lora" in cases:
+        if any(CASES[c].model == "smollm2" for c in cases):
             source = _tiny_llama(Path(tmp) / "tiny-llama") if quick else smollm2_gguf()
         jobs = [(case, side) for case in cases for side in SIDES]
 
@@ -158,7 +158,10 @@ def run(
                         else (r.na or f"FAILED: {r.error}")
                     )
                 )
-    text = render(results, peak=peak, quick=quick, device=device, command=command)
+    # The hand-written notes live beside the report (the repository's benchmarks/NOTES.md).
+    notes_path = output.parent / "benchmarks" / "NOTES.md"
+    notes = notes_path.read_text() if notes_path.is_file() else None
+    text = render(results, peak=peak, quick=quick, device=device, command=command, notes=notes)
     tmp_out = output.with_name(output.name + ".tmp")
     tmp_out.write_text(text)
     tmp_out.replace(output)

@@ -101,7 +101,9 @@ def render(
     quick: bool,
     device: str,
     command: str,
+    notes: str | None = None,
 ) -> str:
+    """The markdown report; `notes` (benchmarks/NOTES.md, hand-written) is appended verbatim."""
     s = QUICK if quick else FULL
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     kinds = sorted({r.peak_kind for sides in results.values() for r in sides.values() if r.ok})
@@ -160,4 +162,7 @@ def render(
         "process per case and side, reset once the model is built (loading transients are not "
         "counted; weights, activations, gradients and optimizer state are).",
     ]
+    if notes:
+        body = notes.split("\n", 1)[1] if notes.startswith("# ") else notes
+        out += ["", "## Why targets are missed, and what next (benchmarks/NOTES.md)", body.strip()]
     return "\n".join(out) + "\n"
