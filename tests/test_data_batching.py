@@ -7,9 +7,10 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny import tiny_config
 
 from nanotune.data import IGNORE, ClassExample, Example, efficiency, epoch_batches
-from nanotune.models import ModelConfig, Transformer
+from nanotune.models import Transformer
 
 PAD = 0
 EOS = 7
@@ -29,26 +30,7 @@ def lm_examples(n: int, seed: int = 0, lo: int = 3, hi: int = 20) -> list[Exampl
 @pytest.fixture(scope="module", params=["gpt2", "llama"])
 def model(request) -> Transformer:
     torch.manual_seed(0)
-    if request.param == "gpt2":
-        cfg = ModelConfig(
-            family="gpt2", vocab_size=64, block_size=64, n_layer=2, n_head=4, n_embd=32
-        )
-    else:
-        cfg = ModelConfig(
-            family="llama",
-            vocab_size=64,
-            block_size=64,
-            n_layer=2,
-            n_head=4,
-            n_kv_head=2,
-            n_embd=32,
-            norm="rmsnorm",
-            positions="rope",
-            mlp="swiglu",
-            attn_bias=False,
-            mlp_bias=False,
-            intermediate_size=64,
-        )
+    cfg = tiny_config(request.param, vocab_size=64, tie_embeddings=True)
     return Transformer(cfg).eval()
 
 

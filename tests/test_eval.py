@@ -13,6 +13,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny import tiny_config
 
 from nanotune.data import ClassExample, Example
 from nanotune.errors import NanotuneError
@@ -44,30 +45,12 @@ from nanotune.eval.metrics import (
 )
 from nanotune.eval.reward import compare_rewards
 from nanotune.methods import SequenceClassifier
-from nanotune.models import ModelConfig, Transformer
+from nanotune.models import Transformer
 
 
 def tiny_model(family: str = "gpt2", vocab: int = 97, seed: int = 0) -> Transformer:
     torch.manual_seed(seed)
-    if family == "gpt2":
-        cfg = ModelConfig(vocab_size=vocab, block_size=64, n_layer=2, n_head=4, n_embd=32)
-    else:
-        cfg = ModelConfig(
-            family="llama",
-            vocab_size=vocab,
-            block_size=64,
-            n_layer=2,
-            n_head=4,
-            n_kv_head=2,
-            n_embd=32,
-            intermediate_size=64,
-            norm="rmsnorm",
-            positions="rope",
-            mlp="swiglu",
-            attn_bias=False,
-            mlp_bias=False,
-            tie_embeddings=False,
-        )
+    cfg = tiny_config(family, vocab_size=vocab)
     model = Transformer(cfg)
     # Larger weights than the 0.02 init, so logits and losses differ clearly between tokens.
     with torch.no_grad():

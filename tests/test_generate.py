@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny import tiny_config
 
 from nanotune.errors import NanotuneError
 from nanotune.generate import (
@@ -62,25 +63,7 @@ class ByteTokenizer:
 
 def tiny(family: str = "gpt2", seed: int = 0, **kw) -> Transformer:
     torch.manual_seed(seed)
-    if family == "gpt2":
-        cfg = ModelConfig(vocab_size=VOCAB, block_size=96, n_layer=2, n_head=4, n_embd=32)
-    else:
-        cfg = ModelConfig(
-            family="llama",
-            vocab_size=VOCAB,
-            block_size=96,
-            n_layer=2,
-            n_head=4,
-            n_kv_head=2,
-            n_embd=32,
-            intermediate_size=64,
-            norm="rmsnorm",
-            positions="rope",
-            mlp="swiglu",
-            attn_bias=False,
-            mlp_bias=False,
-            tie_embeddings=False,
-        )
+    cfg = tiny_config(family, vocab_size=VOCAB, block_size=96)
     model = Transformer(cfg.with_(**kw))
     # Larger weights than the 0.02 init: decisive logits, so argmax never hangs on a near-tie.
     with torch.no_grad():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny import tiny_config
 
 from nanotune.errors import NanotuneError
 from nanotune.methods import (
@@ -20,23 +21,8 @@ from nanotune.methods import (
 )
 from nanotune.models import ModelConfig, Transformer
 
-GPT2 = ModelConfig(family="gpt2", vocab_size=96, block_size=32, n_layer=2, n_head=4, n_embd=64)
-LLAMA = ModelConfig(
-    family="llama",
-    vocab_size=96,
-    block_size=32,
-    n_layer=2,
-    n_head=4,
-    n_kv_head=2,
-    n_embd=64,
-    intermediate_size=128,
-    norm="rmsnorm",
-    positions="rope",
-    mlp="swiglu",
-    attn_bias=False,
-    mlp_bias=False,
-    tie_embeddings=False,
-)
+GPT2 = tiny_config("gpt2", block_size=32, n_embd=64)
+LLAMA = tiny_config("llama", block_size=32, n_embd=64, intermediate_size=128)
 
 
 def make(config: ModelConfig, seed: int = 0) -> Transformer:
