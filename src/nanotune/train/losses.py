@@ -43,9 +43,6 @@ def lm_loss_sum(model: nn.Module, batch: Batch) -> Tensor:
         batch["input_ids"], positions=batch.get("positions"), doc_ids=batch.get("doc_ids")
     )
     keep = targets != IGNORE
-    if bool(keep.all()):  # plain LM on full blocks: a gather would only copy [B*T, C] twice
-        logits = model.lm_head(h).flatten(0, 1)
-        return F.cross_entropy(logits.float(), targets.flatten(), reduction="sum")
     logits = model.lm_head(h[keep])
     return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
 
