@@ -57,6 +57,17 @@ def _read_text(path: Path) -> str:
         ) from e
 
 
+def _object_row(obj: object, where: str, expected: str) -> Row | BadRow:
+    """A JSON value as a row: it must be an object whose strings are valid UTF-8."""
+    if not isinstance(obj, dict):
+        return BadRow(f"{where}: expected {expected}, got {type(obj).__name__}")
+    try:
+        _check_utf8(obj, where)
+    except BadRow as e:
+        return e
+    return Row(obj, where)
+
+
 def _jsonl(path: Path) -> Iterator[Row | BadRow]:
     for n, line in enumerate(_read_text(path).splitlines(), start=1):
         if not line.strip():
@@ -69,15 +80,7 @@ def _jsonl(path: Path) -> Iterator[Row | BadRow]:
                 f"{where}: malformed JSON ({e.msg} at column {e.colno}); fix or remove the line"
             )
             continue
-        if not isinstance(obj, dict):
-            yield BadRow(f"{where}: expected a JSON object per line, got {type(obj).__name__}")
-            continue
-        try:
-            _check_utf8(obj, where)
-        except BadRow as e:
-            yield e
-            continue
-        yield Row(obj, where)
+        yield _object_row(obj, where, "a JSON object per line")
 
 
 def _json(path: Path) -> Iterator[Row | BadRow]:
@@ -94,16 +97,7 @@ def _json(path: Path) -> Iterator[Row | BadRow]:
             f"{path}: expected a JSON list of objects; use .jsonl for one object per line"
         )
     for n, obj in enumerate(data):
-        where = f"{path}: item {n}"
-        if not isinstance(obj, dict):
-            yield BadRow(f"{where}: expected an object, got {type(obj).__name__}")
-            continue
-        try:
-            _check_utf8(obj, where)
-        except BadRow as e:
-            yield e
-            continue
-        yield Row(obj, where)
+        yield _object_row(obj, f"{path}: item {n}", "an object")
 
 
 def _csv(path: Path) -> Iterator[Row | BadRow]:
