@@ -53,9 +53,14 @@ def _row(case: str, side: str, r: SideResult, peer: SideResult, peak: float) -> 
     ratio = f"{r.useful_per_s / peer.useful_per_s:.2f}×" if side == "nanotune" and peer.ok else ""
     return (
         f"| {case} | {side} | {r.useful_per_s:,.0f} | {ratio} | {r.ms_per_step:,.1f} | "
-        f"{_mib(r.peak_bytes)} | {r.flops_per_s / 1e9:,.1f} | {100 * r.flops_per_s / peak:.1f}% "
-        "| |"
+        f"{_mib(r.peak_bytes)} | {_small(r.flops_per_s / 1e9)} | "
+        f"{_small(100 * r.flops_per_s / peak)}% | |"
     )
+
+
+def _small(x: float) -> str:
+    """One decimal, but significant digits below 1 (--quick shapes give tiny rates, not zero)."""
+    return f"{x:,.1f}" if x >= 1 else f"{x:.2g}"
 
 
 def _targets(results: dict[str, dict[str, SideResult]]) -> list[str]:
