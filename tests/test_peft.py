@@ -286,37 +286,21 @@ def test_merge_cli_writes_a_folder_with_the_adapted_logits(tmp_path):
     ids = torch.randint(0, 50257, (2, 10), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = model.eval()(ids)
-    assert (
-        main(
-            [
-                "merge",
-                "--model",
-                str(tmp_path / "base"),
-                "--adapter",
-                str(tmp_path / "adapter"),
-                str(tmp_path / "out"),
-            ]
-        )
-        == 0
-    )
+    argv = [
+        "merge",
+        "--model",
+        str(tmp_path / "base"),
+        "--adapter",
+        str(tmp_path / "adapter"),
+        str(tmp_path / "out"),
+    ]
+    assert main(argv) == 0
     merged, _ = load_model(tmp_path / "out")
     assert not lora_layers(merged)
     with torch.no_grad():
         assert (merged(ids) - ref).abs().max() < 1e-5
     # A second merge into the same folder is refused rather than overwriting it.
-    assert (
-        main(
-            [
-                "merge",
-                "--model",
-                str(tmp_path / "base"),
-                "--adapter",
-                str(tmp_path / "adapter"),
-                str(tmp_path / "out"),
-            ]
-        )
-        == 2
-    )
+    assert main(argv) == 2
 
 
 @pytest.mark.parametrize("fmt", ["adapter", "full"])
