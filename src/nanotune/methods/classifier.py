@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from nanotune.errors import NanotuneError
+from nanotune.models.linear import Linear
 from nanotune.models.transformer import Transformer
 
 
@@ -39,7 +40,7 @@ class SequenceClassifier(nn.Module):
             )
         self.body = body
         self.label_names = names
-        self.score = nn.Linear(
+        self.score = Linear(
             body.config.n_embd,
             num_labels,
             bias=False,

@@ -13,12 +13,12 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nanotune.errors import NanotuneError
 from nanotune.methods import nf4
 from nanotune.models.config import ModelConfig
+from nanotune.models.linear import Linear, linear
 from nanotune.weights.convert import HF_MODULES
 
 
@@ -118,21 +118,24 @@ class LoRALinear(nn.Module):
             return out
         dropped = self.training and isinstance(self.lora_dropout, nn.Dropout)
         xd = self.lora_dropout(x) if dropped else x
-        h = F.linear(xd.to(self.lora_dtype), self.lora_A)  # every adapter's A in one matmul
-        deltas = []
-        for a in self.adapters:
-            lora = F.linear(h[..., a.a_offset : a.a_offset + a.r], self.lora_B[a.name])
+        h = linear(xd.to(self.lora_dtype), self.lora_A)  # every adapter's A in one matmul
+        # One tensor of every adapter's rows (zeros between slices), added out of place: the
+        # base product may come from a custom autograd Function, whose outputs are not
+        # modified in place.
+        pieces, pos = [], 0
+        for a in sorted(self.adapters, key=lambda a: a.start):
+            lora = linear(h[..., a.a_offset : a.a_offset + a.r], self.lora_B[a.name])
             if a.dora:
                 lora = self._dora(a, xd if dropped else None, out, lora)
             else:
                 lora = lora * a.scale
-            deltas.append(lora.to(out.dtype))
-        if len(deltas) == 1 and self.adapters[0].end - self.adapters[0].start == self.out_features:
-            return out + deltas[0]
-        # Slices: add into the rows in place (the linear's backward does not need its output).
-        for a, d in zip(self.adapters, deltas, strict=True):
-            out[..., a.start : a.end] += d
-        return out
+            if a.start > pos:
+                pieces.append(out.new_zeros(*out.shape[:-1], a.start - pos))
+            pieces.append(lora.to(out.dtype))
+            pos = a.end
+        if pos < self.out_features:
+            pieces.append(out.new_zeros(*out.shape[:-1], self.out_features - pos))
+        return out + (pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1))
 
     def _dora(self, a: Adapter, xd: Tensor | None, out: Tensor, lora: Tensor) -> Tensor:
         """PEFT's DoraLinearLayer.forward: (m/|W+dW| - 1) * W x + m/|W+dW| * scale * B A x."""
@@ -142,7 +145,7 @@ class LoRALinear(nn.Module):
             base = base - self.bias[a.start : a.end] if self.bias is not None else base.clone()
         else:  # dropout active: PEFT recomputes the base product on the dropped-out input
             w = nf4.dequantize(self.weight)[a.start : a.end]
-            base = F.linear(xd, w.to(xd.dtype))
+            base = linear(xd, w.to(xd.dtype))
         return (mag_scale - 1) * base.to(lora.dtype) + mag_scale * lora * a.scale
 
     def merged_weight(self) -> Tensor:
@@ -159,7 +162,7 @@ class LoRALinear(nn.Module):
 
     def to_linear(self) -> nn.Linear:
         w = self.merged_weight()
-        lin = nn.Linear(
+        lin = Linear(
             self.in_features,
             self.out_features,
             bias=self.bias is not None,

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from nanotune.errors import NanotuneError
+from nanotune.models.linear import linear as dense_linear
 
 
 def _torchao_nf4():
@@ -48,12 +49,12 @@ def dequantize(weight: Tensor) -> Tensor:
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """F.linear that also takes an NF4 weight (dequantized block by block in forward and backward)."""
+    """`models.linear.linear` that also takes an NF4 weight (dequantized block by block in forward and backward)."""
     if is_nf4(weight):
         _, _, linear_nf4 = _torchao_nf4()
         out = linear_nf4(x, weight)
         return out if bias is None else out + bias
-    return nn.functional.linear(x, weight, bias)
+    return dense_linear(x, weight, bias)
 
 
 def storage_bytes(t: Tensor) -> int:

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from nanotune.models.config import ModelConfig
+from nanotune.models.linear import Linear
 
 
 class RMSNorm(nn.Module):
@@ -93,8 +94,8 @@ class Attention(nn.Module):
         super().__init__()
         self.config = config
         qkv_out = (config.n_head + 2 * config.kv_heads) * config.hd
-        self.qkv = nn.Linear(config.n_embd, qkv_out, bias=config.attn_bias)
-        self.proj = nn.Linear(config.n_head * config.hd, config.n_embd, bias=config.attn_bias)
+        self.qkv = Linear(config.n_embd, qkv_out, bias=config.attn_bias)
+        self.proj = Linear(config.n_head * config.hd, config.n_embd, bias=config.attn_bias)
         self.dropout = config.dropout
 
     def forward(
@@ -133,8 +134,8 @@ class MLP(nn.Module):
         super().__init__()
         self.swiglu = config.mlp == "swiglu"
         fc_out = 2 * config.ffn if self.swiglu else config.ffn
-        self.fc = nn.Linear(config.n_embd, fc_out, bias=config.mlp_bias)
-        self.proj = nn.Linear(config.ffn, config.n_embd, bias=config.mlp_bias)
+        self.fc = Linear(config.n_embd, fc_out, bias=config.mlp_bias)
+        self.proj = Linear(config.ffn, config.n_embd, bias=config.mlp_bias)
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.fc(x)
@@ -183,7 +184,7 @@ class Transformer(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm = make_norm(config)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
         if config.positions == "rope":
@@ -294,15 +295,13 @@ class Transformer(nn.Module):
             wte.weight[n_old:] = old.mean(0, keepdim=True)
         self.wte = wte
         if self.config.tie_embeddings:
-            self.lm_head = nn.Linear(
+            self.lm_head = Linear(
                 old.shape[1], vocab_size, bias=False, device=old.device, dtype=old.dtype
             )
             self.lm_head.weight = self.wte.weight
         else:
             head_old = self.lm_head.weight
-            head = nn.Linear(
-                old.shape[1], vocab_size, bias=False, device=old.device, dtype=old.dtype
-            )
+            head = Linear(old.shape[1], vocab_size, bias=False, device=old.device, dtype=old.dtype)
             with torch.no_grad():
                 head.weight[:n_old] = head_old
                 head.weight[n_old:] = head_old.mean(0, keepdim=True)

@@ -1,0 +1,104 @@
+"""The linear layer every nanotune matmul goes through, with oneDNN for float32 on CPU.
+
+PyTorch's CPU `F.linear` runs float32 through MKL's sgemm. On CPUs where MKL does not use the
+full vector width (AMD Zen 4/5 among them) oneDNN's matmul is about twice as fast at the same
+IEEE float32 precision, and its matrix-vector product (decoding at batch 1) about 2.8× - measured
+in `benchmarks/NOTES.md`. `linear()` sends float32 CPU products of plain tensors to oneDNN
+(forward, input gradient and weight gradient alike) and everything else to `F.linear`, so GPU,
+reduced precision, autocast, NF4 and tensor subclasses are untouched.
+
+`NANOTUNE_ONEDNN=0` turns the oneDNN path off (read once, at import).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def _onednn_available() -> bool:
+    if os.environ.get("NANOTUNE_ONEDNN", "1") == "0":
+        return False
+    if not torch.backends.mkldnn.is_available():
+        return False
+    op = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
+    if op is None:
+        return False
+    try:  # the op exists on every build with oneDNN; probe that it runs here
+        x, w = torch.ones(2, 3), torch.ones(4, 3)
+        return bool(torch.equal(_mm(x, w), x @ w.T))
+    except RuntimeError:
+        return False
+
+
+def _mm(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x @ weight.T (+ bias) by oneDNN; x [..., in], weight [out, in] (any strides)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        # Keep only what backward will use: a frozen weight needs no input, a frozen input
+        # (the first layer's) no weight.
+        ctx.save_for_backward(
+            x if weight.requires_grad else None, weight if x.requires_grad else None
+        )
+        ctx.has_bias = bias is not None
+        return _mm(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, weight = ctx.saved_tensors
+        grad = grad.contiguous()
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = _mm(grad, weight.t())  # grad @ weight
+        if ctx.needs_input_grad[1]:
+            g2 = grad.reshape(-1, grad.shape[-1])
+            dw = _mm(g2.t(), x.reshape(-1, x.shape[-1]).t())  # grad^T @ x
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = grad.reshape(-1, grad.shape[-1]).sum(0)
+        return dx, dw, db
+
+
+def _use_onednn(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    return (
+        ONEDNN
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and type(weight) in (Tensor, nn.Parameter)
+        and type(x) is Tensor
+        and (bias is None or bias.dtype == torch.float32)
+        and x.numel() > 0
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()
+    )
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """`F.linear(x, weight, bias)`, through oneDNN where that is the faster exact float32 path."""
+    if not _use_onednn(x, weight, bias):
+        return F.linear(x, weight, bias)
+    if not x.is_contiguous():
+        x = x.contiguous()
+    needs_grad = torch.is_grad_enabled() and (
+        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    )
+    if needs_grad:
+        return _OneDNNLinear.apply(x, weight, bias)
+    return _mm(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """`nn.Linear` whose product goes through `linear()`."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+ONEDNN = _onednn_available()
