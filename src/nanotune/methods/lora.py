@@ -119,9 +119,13 @@ class LoRALinear(nn.Module):
         dropped = self.training and isinstance(self.lora_dropout, nn.Dropout)
         xd = self.lora_dropout(x) if dropped else x
         h = linear(xd.to(self.lora_dtype), self.lora_A)  # every adapter's A in one matmul
-        # One tensor of every adapter's rows (zeros between slices), added out of place: the
-        # base product may come from a custom autograd Function, whose outputs are not
-        # modified in place.
+        if not any(a.dora for a in self.adapters):
+            # Every B, scaled, at its rows and rank columns of one [out, r_all] matrix: one
+            # matmul adds all adapters (the zero blocks add exact zeros).
+            return out + linear(h, self.scaled_b()).to(out.dtype)
+        # DoRA rescales each slice by its own magnitude: one product per adapter, joined (with
+        # zeros between slices) and added out of place, since the base product may come from a
+        # custom autograd Function, whose outputs are not modified in place.
         pieces, pos = [], 0
         for a in sorted(self.adapters, key=lambda a: a.start):
             lora = linear(h[..., a.a_offset : a.a_offset + a.r], self.lora_B[a.name])
@@ -136,6 +140,16 @@ class LoRALinear(nn.Module):
         if pos < self.out_features:
             pieces.append(out.new_zeros(*out.shape[:-1], self.out_features - pos))
         return out + (pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1))
+
+    def scaled_b(self) -> Tensor:
+        """[out, r_all]: each adapter's scale * B at its output rows and its columns of A."""
+        first = self.adapters[0]
+        if len(self.adapters) == 1 and (first.start, first.end) == (0, self.out_features):
+            return self.lora_B[first.name] * first.scale
+        b = self.lora_A.new_zeros(self.out_features, self.lora_A.shape[0])
+        for a in self.adapters:
+            b[a.start : a.end, a.a_offset : a.a_offset + a.r] = self.lora_B[a.name] * a.scale
+        return b
 
     def _dora(self, a: Adapter, xd: Tensor | None, out: Tensor, lora: Tensor) -> Tensor:
         """PEFT's DoraLinearLayer.forward: (m/|W+dW| - 1) * W x + m/|W+dW| * scale * B A x."""

@@ -58,8 +58,14 @@ class _OneDNNLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dx = _mm(grad, weight.t())  # grad @ weight
         if ctx.needs_input_grad[1]:
-            g2 = grad.reshape(-1, grad.shape[-1])
-            dw = _mm(g2.t(), x.reshape(-1, x.shape[-1]).t())  # grad^T @ x
+            g2, x2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
+            # oneDNN copies a transposed input (not a transposed weight) to contiguous, so
+            # transpose whichever of grad and x is narrower: a LoRA B gradient copies the
+            # [tokens, r] input instead of the [tokens, out] gradient.
+            if g2.shape[1] <= x2.shape[1]:
+                dw = _mm(g2.t(), x2.t())  # grad^T @ x
+            else:
+                dw = _mm(x2.t(), g2.t()).t().contiguous()  # (x^T @ grad)^T
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = grad.reshape(-1, grad.shape[-1]).sum(0)
         return dx, dw, db

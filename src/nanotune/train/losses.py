@@ -31,6 +31,38 @@ class Objective(Protocol):
     def summarize(self, sums: dict[str, float]) -> dict[str, float]: ...
 
 
+class _CrossEntropySum(torch.autograd.Function):
+    """Summed cross-entropy of [N, V] logits against N targets (none ignored).
+
+    Same value as `F.cross_entropy(..., reduction="sum")` with two fewer vocabulary-sized
+    passes: forward keeps log-sum-exp per row instead of writing log-probabilities, and backward
+    turns the logits' own buffer into softmax - one_hot instead of allocating, zero-filling and
+    scattering a new one. The logits must be this loss's alone (the LM head's output is: a
+    linear's backward never reads its output), and the graph is backpropagated once.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, targets: Tensor) -> Tensor:
+        lse = torch.logsumexp(logits, dim=-1)
+        ctx.save_for_backward(logits, targets, lse)
+        return (lse - logits.gather(1, targets[:, None]).squeeze(1)).sum()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        logits, targets, lse = ctx.saved_tensors
+        probs = logits.sub_(lse[:, None]).exp_()
+        probs[torch.arange(len(targets), device=probs.device), targets] -= 1
+        return probs.mul_(grad), None
+
+
+def cross_entropy_sum(logits: Tensor, targets: Tensor) -> Tensor:
+    """Summed cross-entropy in float32; fused (see `_CrossEntropySum`) when it is trained."""
+    logits = logits.float()
+    if torch.is_grad_enabled() and logits.requires_grad and logits.numel():
+        return _CrossEntropySum.apply(logits, targets)
+    return F.cross_entropy(logits, targets, reduction="sum")
+
+
 def lm_loss_sum(model: nn.Module, batch: Batch) -> Tensor:
     """Summed next-token cross-entropy, computing the LM head only on rows with a target.
 
@@ -44,7 +76,7 @@ def lm_loss_sum(model: nn.Module, batch: Batch) -> Tensor:
     )
     keep = targets != IGNORE
     logits = model.lm_head(h[keep])
-    return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+    return cross_entropy_sum(logits, targets[keep])
 
 
 class LMObjective:
