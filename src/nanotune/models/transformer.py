@@ -23,6 +23,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dtype == self.weight.dtype == torch.float32:  # one fused kernel, same values
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         # Normalise in fp32, as Llama does, then cast back.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -117,15 +119,20 @@ class Attention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)
-        if K != H:  # grouped-query attention: each kv head serves H // K query heads
+        # Grouped-query attention (each kv head serves H // K query heads): the CPU kernels
+        # take it natively; elsewhere the fast kernels want the heads repeated.
+        gqa = K != H and q.device.type == "cpu"
+        if K != H and not gqa:
             k = k.repeat_interleave(H // K, dim=1)
             v = v.repeat_interleave(H // K, dim=1)
         p = self.dropout if self.training else 0.0
         if mask is None:
             # Only reached without a cache offset, so plain causal attention is exact.
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=T > 1)
+            y = F.scaled_dot_product_attention(
+                q, k, v, dropout_p=p, is_causal=T > 1, enable_gqa=gqa
+            )
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, enable_gqa=gqa)
         return self.proj(y.transpose(1, 2).reshape(B, T, H * D))
 
 
