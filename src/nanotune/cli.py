@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from nanotune.errors import NanotuneError
+from nanotune.runtime import keep_freed_memory
 
 # --- generate, chat, models, export ----------------------------------------------------------
 
@@ -557,6 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    keep_freed_memory()
     try:
         return args.func(args) or 0
     except NanotuneError as e:
