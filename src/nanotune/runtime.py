@@ -1,7 +1,8 @@
 """Process-wide settings that nanotune's own commands apply before heavy work.
 
-Library code never calls these: changing the allocator is the program's decision, so the CLI
-(`nanotune.cli.main`) and the benchmark's nanotune side do, and a Python program may too.
+Library code never calls these: changing the allocator is the program's decision, so the
+training commands (`nanotune train`, `nanotune demo`) and the benchmark's nanotune training
+cases do, and a Python program may too.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ def keep_freed_memory() -> bool:
     step) with fresh `mmap`s and returns them on free, so every step page-faults its working
     set back in: measured 15-20% of a GPT-2 full fine-tuning step on CPU
     (`benchmarks/NOTES.md`). Raising the mmap and trim thresholds lets the heap keep those
-    pages; the resident peak stays about the same (a step's allocations repeat). No-op off
-    glibc, or with `NANOTUNE_KEEP_FREED_MEMORY=0`.
+    pages; the training peak stays about the same (a step's allocations repeat). Not for
+    generation: it churns little, and memory freed after loading would stay resident. No-op
+    off glibc, or with `NANOTUNE_KEEP_FREED_MEMORY=0`.
     """
     if os.environ.get("NANOTUNE_KEEP_FREED_MEMORY", "1") == "0" or not sys.platform.startswith(
         "linux"

@@ -70,7 +70,8 @@ def measure(case_name: str, side: str, quick: bool, device: str, source: str | N
         from nanotune.bench import ours as impl
         from nanotune.runtime import keep_freed_memory
 
-        keep_freed_memory()  # as the nanotune CLI does
+        if case.kind != "generate":
+            keep_freed_memory()  # as `nanotune train` does
     else:
         from nanotune.bench import peer as impl
     impl.import_libraries(case)
