@@ -256,3 +256,19 @@ def test_dora_with_dropout_trains_and_dropout_is_off_in_eval():
         assert not torch.equal(model(ids), model(ids))  # dropout on the LoRA input
         model.eval()
         assert torch.equal(model(ids), model(ids))
+
+
+def test_nf4_linear_matches_dense_on_dequantized_weight():
+    from nanotune.methods import nf4
+
+    torch.manual_seed(0)
+    w = nf4.quantize_nf4(torch.randn(96, 64), 64, "test")
+    x = torch.randn(3, 5, 64, requires_grad=True)
+    grad = torch.randn(3, 5, 96)
+    nf4.linear(x, w, None).backward(grad)
+    got, x.grad = x.grad, None
+    dense = nf4.dequantize(w)
+    out = torch.nn.functional.linear(x, dense)
+    out.backward(grad)
+    torch.testing.assert_close(nf4.linear(x, w, None), out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, x.grad, rtol=1e-5, atol=1e-5)

@@ -10,7 +10,6 @@ import argparse
 import sys
 
 from nanotune.errors import NanotuneError
-from nanotune.runtime import keep_freed_memory
 
 # --- generate, chat, models, export ----------------------------------------------------------
 
@@ -446,7 +445,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         config, overrides = args.recipe, [*filter(None, [args.config]), *overrides]
     elif config is None:
         raise NanotuneError("train: give a config YAML or --recipe NAME (see `nanotune recipes`)")
-    keep_freed_memory()
     result = train(config, overrides=overrides, resume=args.resume, overwrite=args.overwrite)
     if is_main():  # under torchrun every rank returns here; one report is enough
         print(f"done: {result.step} steps; final model in {result.final_dir}")
@@ -532,7 +530,6 @@ def _add_demo(sub) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     from nanotune.demo import run_demo
 
-    keep_freed_memory()
     run_demo(args.output_dir, overwrite=args.overwrite, overrides=args.overrides)
     return 0
 

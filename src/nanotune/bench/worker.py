@@ -68,10 +68,6 @@ def measure(case_name: str, side: str, quick: bool, device: str, source: str | N
     case = cases.CASES[case_name]
     if side == "nanotune":
         from nanotune.bench import ours as impl
-        from nanotune.runtime import keep_freed_memory
-
-        if case.kind != "generate":
-            keep_freed_memory()  # as `nanotune train` does
     else:
         from nanotune.bench import peer as impl
     impl.import_libraries(case)

@@ -14,12 +14,11 @@ from nanotune.models.linear import linear as dense_linear
 def _torchao_nf4():
     try:
         from torchao.quantization import to_nf4
-        from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import NF4Tensor, linear_nf4
     except ImportError as e:  # optional extra
         raise NanotuneError(
             "qlora needs torchao; install it with `pip install 'nanotune[qlora]'`"
         ) from e
-    return to_nf4, NF4Tensor, linear_nf4
+    return to_nf4
 
 
 def is_nf4(t: Tensor) -> bool:
@@ -28,7 +27,7 @@ def is_nf4(t: Tensor) -> bool:
 
 def quantize_nf4(weight: Tensor, block_size: int, where: str) -> Tensor:
     """NF4 copy of a 2-D weight; `where` names the layer in errors."""
-    to_nf4, _, _ = _torchao_nf4()
+    to_nf4 = _torchao_nf4()
     n = weight.numel()
     if n % block_size:
         raise NanotuneError(
@@ -48,11 +47,27 @@ def dequantize(weight: Tensor) -> Tensor:
     return weight.get_original_weight() if is_nf4(weight) else weight
 
 
+class _NF4Linear(torch.autograd.Function):
+    """x @ W^T for a frozen NF4 W: dequantized in forward and again in backward, never kept.
+
+    torchao's `linear_nf4` does the same through `F.linear`; this one multiplies through
+    `models.linear` (oneDNN for float32 on CPU).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor) -> Tensor:
+        ctx.weight = weight  # the packed codes only: the dequantized copy is dropped
+        return dense_linear(x, dequantize(weight).to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return dense_linear(grad, dequantize(ctx.weight).to(grad.dtype).t()), None
+
+
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """`models.linear.linear` that also takes an NF4 weight (dequantized block by block in forward and backward)."""
+    """`models.linear.linear` that also takes a frozen NF4 weight."""
     if is_nf4(weight):
-        _, _, linear_nf4 = _torchao_nf4()
-        out = linear_nf4(x, weight)
+        out = _NF4Linear.apply(x, weight)
         return out if bias is None else out + bias
     return dense_linear(x, weight, bias)
 
