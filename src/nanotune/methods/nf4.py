@@ -91,7 +91,8 @@ def base_weight_bytes(model: nn.Module) -> tuple[int, int]:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """Compute dtype: 'auto' is float32 on CPU (bf16 matmul is slow there) and bfloat16 on GPU."""
+    """Compute dtype: 'auto' is float32 on CPU (the reference numerics; bf16 is opt-in, and only
+    fast where the CPU has AVX512-BF16/AMX) and bfloat16 on GPU."""
     if name == "auto":
         return torch.float32 if device.type == "cpu" else torch.bfloat16
     return getattr(torch, name)

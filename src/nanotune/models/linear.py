@@ -54,11 +54,12 @@ class _OneDNNLinear(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         x, weight = ctx.saved_tensors
         grad = grad.contiguous()
+        g2 = grad.reshape(-1, grad.shape[-1])  # [tokens, out]
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
             dx = _mm(grad, weight.t())  # grad @ weight
         if ctx.needs_input_grad[1]:
-            g2, x2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
+            x2 = x.reshape(-1, x.shape[-1])
             # oneDNN copies a transposed input (not a transposed weight) to contiguous, so
             # transpose whichever of grad and x is narrower: a LoRA B gradient copies the
             # [tokens, r] input instead of the [tokens, out] gradient.
@@ -67,7 +68,7 @@ class _OneDNNLinear(torch.autograd.Function):
             else:
                 dw = _mm(x2.t(), g2.t()).t().contiguous()  # (x^T @ grad)^T
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            db = grad.reshape(-1, grad.shape[-1]).sum(0)
+            db = g2.sum(0)
         return dx, dw, db
 
 
@@ -90,8 +91,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """`F.linear(x, weight, bias)`, through oneDNN where that is the faster exact float32 path."""
     if not _use_onednn(x, weight, bias):
         return F.linear(x, weight, bias)
-    if not x.is_contiguous():
-        x = x.contiguous()
+    x = x.contiguous()  # oneDNN reads its input densely (a no-op when it already is)
     needs_grad = torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     )
