@@ -49,8 +49,18 @@ def test_demo_cli_refuses_an_existing_run_dir(tmp_path, tiny_llama_dir, capsys):
     assert main(args) == 2
     assert "already exists" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "mine"
-    assert main([*args, "--overwrite"]) == 0
-    assert (out / "report.html").is_file() and not (out / "keep.txt").exists()
+    # --overwrite never deletes what nanotune did not write
+    assert main([*args, "--overwrite"]) == 2
+    assert "did not write" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    # ... but replaces its own run
+    mine = [*args[:-1], str(tmp_path / "mine")]
+    assert main(mine) == 0
+    (tmp_path / "mine" / "report.html").write_text("old")
+    assert main([*mine, "--overwrite"]) == 0
+    assert (tmp_path / "mine" / "report.html").read_text() != "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo", "mine"]
 
 
 def test_sample_rendering_shows_the_user_turn_not_the_template():

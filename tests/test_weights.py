@@ -177,8 +177,17 @@ def test_save_refuses_non_empty_dir_and_leaves_it(tiny_gpt2_dir, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
     assert (out / "notes.txt").read_text() == "keep me"
-    save_model(model, tokenizer, out, overwrite=True)
-    assert (out / "model.safetensors").exists() and not (out / "notes.txt").exists()
+    # --overwrite replaces only what nanotune wrote: the user's file is never deleted.
+    with pytest.raises(NanotuneError, match="did not write"):
+        save_model(model, tokenizer, out, overwrite=True)
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    mine = tmp_path / "mine"
+    save_model(model, tokenizer, mine)
+    with pytest.raises(NanotuneError, match="not empty"):
+        save_model(model, tokenizer, mine)
+    save_model(model, tokenizer, mine, overwrite=True)
+    assert (mine / "model.safetensors").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "out"]  # no temp leftovers
 
 
 def test_save_refuses_unmerged_extra_weights(tiny_gpt2_dir, tmp_path):

@@ -218,21 +218,26 @@ def _add_export(sub) -> None:
     )
     _add_model_args(p, adapter=False)
     p.add_argument("out_dir", metavar="OUT_DIR", help="folder to create")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace OUT_DIR if nanotune wrote it (never a folder with other files)",
+    )
     p.set_defaults(func=cmd_export)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    out = Path(args.out_dir)
-    # Refuse before the (slow) load; save_model checks again and writes atomically.
-    if out.exists() and not args.overwrite:
-        raise NanotuneError(f"{out} already exists; choose another folder or pass --overwrite")
     from nanotune.weights import save_model
+    from nanotune.weights.atomic import check_target
 
+    out = Path(args.out_dir)
+    inputs = [p for p in (args.model,) if Path(p).exists()]
+    # Refuse before the (slow) load; save_model checks again and writes atomically.
+    check_target(out, overwrite=args.overwrite, inputs=inputs)
     model, tokenizer = _load(args)
-    save_model(model, tokenizer, out, overwrite=args.overwrite)
+    save_model(model, tokenizer, out, overwrite=args.overwrite, inputs=inputs)
     print(f"wrote {out}")
     return 0
 
@@ -388,7 +393,11 @@ def _add_merge(sub) -> None:
     p.add_argument("--model", required=True, help="base model: preset, HF folder, .gguf or hub id")
     p.add_argument("--adapter", required=True, metavar="DIR", help="PEFT adapter folder")
     p.add_argument("out_dir", metavar="OUT_DIR", help="folder to create")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace OUT_DIR if nanotune wrote it (never a folder with other files)",
+    )
     p.set_defaults(func=cmd_merge)
 
 
@@ -432,7 +441,12 @@ def _add_train(sub) -> None:
     )
     p.add_argument("--recipe", metavar="NAME", help="packaged recipe (see `nanotune recipes`)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="delete an existing run directory")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing run directory (only one nanotune wrote; the old run is kept "
+        "until the new one has a checkpoint)",
+    )
     p.set_defaults(func=cmd_train)
 
 

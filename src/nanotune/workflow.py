@@ -6,7 +6,6 @@ directory (never overwritten by accident, resumed only with a compatible config)
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ import yaml
 
 from nanotune.config import RunConfig, load_config
 from nanotune.errors import NanotuneError
+from nanotune.weights.atomic import RunDir, atomic_write, check_target
 
 # What a resumed run must share with the original: the model, the method, the data and what
 # fixes the data order; training knobs such as eval_every may change.
@@ -77,35 +77,60 @@ def _check_resumable(run_dir: Path, config: RunConfig) -> None:
         )
 
 
-def prepare_run_dir(config: RunConfig, *, resume: bool, overwrite: bool) -> Path:
-    """The run directory, checked: refuse an existing one unless resuming (compatibly) or
-    overwriting. Nothing is deleted before every check has passed."""
-    run_dir = Path(config.output_dir)
-    exists = run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir()))
+# Everything a run writes at the top of its directory: `--overwrite` replaces a run directory
+# only when it holds nothing else.
+RUN_ENTRIES = (
+    "config.yaml",
+    "metrics.jsonl",
+    "checkpoints",
+    "final",
+    "eval.json",
+    "report.html",
+    "tensorboard",
+)
+
+
+def run_inputs(config: RunConfig, config_path: str | Path | None = None) -> list[Path]:
+    """The local files and folders a run reads: an overwrite must never remove one of them."""
+    candidates = [config_path, config.model.name, config.eval.reward_model]
+    for spec in (config.data.source, config.data.val_source, config.data.test_source):
+        if spec:
+            candidates += [spec, spec.rsplit(":", 1)[0]]  # `folder:split` names a saved dataset
+    found = []
+    for c in candidates:
+        if c and Path(c).expanduser().exists():
+            found.append(Path(c).expanduser())
+    return found
+
+
+def check_run_dir(
+    config: RunConfig, *, resume: bool, overwrite: bool, inputs: list[Path] = ()
+) -> None:
+    """Refuse a run directory that cannot be used, before anything slow happens; writes nothing."""
+    run_dir = Path(config.output_dir).expanduser()
     if resume and overwrite:
         raise NanotuneError("--resume and --overwrite exclude each other; choose one")
     if resume:
-        if not exists:
+        if not run_dir.is_dir() or not any(run_dir.iterdir()):
             raise NanotuneError(f"{run_dir}: nothing to resume; start without --resume")
         _check_resumable(run_dir, config)
-    elif exists:
-        if not overwrite:
-            raise NanotuneError(
-                f"{run_dir} already exists; pass --resume to continue it, --overwrite to start "
-                "over, or set output_dir to a new folder"
-            )
-        if not run_dir.is_dir():
-            raise NanotuneError(f"{run_dir} exists and is not a folder; choose another output_dir")
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
+        return
+    try:
+        check_target(run_dir, overwrite=overwrite, inputs=inputs, what="output_dir")
+    except NanotuneError as e:
+        if overwrite or not run_dir.is_dir():
+            raise
+        raise NanotuneError(
+            f"{run_dir} already exists; pass --resume to continue it, --overwrite to start "
+            "over, or set output_dir to a new folder"
+        ) from e
 
 
 def _save_final(model: Any, tokenizer: Any, config: RunConfig, final: Path) -> None:
     from nanotune.methods import SequenceClassifier, lora_layers, merge
     from nanotune.methods.classifier import save_classifier
-    from nanotune.train.checkpoint import atomic_dir
     from nanotune.weights import save_model
+    from nanotune.weights.atomic import atomic_dir
     from nanotune.weights.peft import save_adapter
 
     if isinstance(model, SequenceClassifier):
@@ -118,7 +143,7 @@ def _save_final(model: Any, tokenizer: Any, config: RunConfig, final: Path) -> N
             save_adapter(model, tmp, config.model.name)
             tokenizer.save(tmp)
 
-        atomic_dir(final, write)
+        atomic_dir(final, write, kind="adapter")
         return
     # Full and last_n runs, and LoRA that also trained the embeddings (no adapter can hold
     # those): a whole HF model. The run is over, so adapters are folded in place: a copy would
@@ -137,19 +162,19 @@ def _evaluate(model: Any, tokenizer: Any, examples: list, config: RunConfig, lab
 
 
 def _write_results(
-    run_dir: Path, config: RunConfig, before: tuple, after: tuple
+    run_dir: Path, config: RunConfig, before: tuple, after: tuple, reward_model: Any
 ) -> tuple[dict, dict, list, Path]:
     """Score rewards (they compare two sets of responses), then write eval.json and report.html."""
     import json
 
-    from nanotune.eval import RewardModel, compare, compare_rewards, samples, write_report
+    from nanotune.eval import compare, compare_rewards, samples, write_report
 
     (b, gens_b), (a, gens_a) = before, after
     shown: list[dict[str, str]] = []
     if gens_b is not None and gens_a is not None:
-        if "reward" in config.eval.metrics:
+        if reward_model is not None:
             rb, ra = compare_rewards(
-                RewardModel(config.eval.reward_model),
+                reward_model,
                 gens_b.prompts,
                 gens_b.outputs,
                 gens_a.outputs,
@@ -158,9 +183,7 @@ def _write_results(
             b, a = b | rb, a | ra
         shown = samples(gens_b, gens_a, config.eval.num_samples)
     results = {"split": config.eval.split, "before": b, "after": a, "samples": shown}
-    tmp = run_dir / ".eval.json.tmp"
-    tmp.write_text(json.dumps(results, indent=1, default=str))
-    tmp.replace(run_dir / "eval.json")
+    atomic_write(run_dir / "eval.json", json.dumps(results, indent=1, default=str))
     report = write_report(run_dir, config.to_dict(), run_dir / "metrics.jsonl", b, a, shown)
     print(f"\n{config.eval.split} split, before and after fine-tuning:\n{compare(b, a)}")
     return b, a, shown, report
@@ -179,31 +202,69 @@ def train(
     config: a RunConfig, a YAML path or a packaged recipe name (`overrides` apply to the last
         two, e.g. ["train.lr=1e-4"]).
     resume: continue the run in `output_dir` from its latest checkpoint (same model/method/data).
-    overwrite: delete an existing `output_dir` and start over.
+    overwrite: replace an existing `output_dir` that nanotune wrote; the old run is removed only
+        once the new one has a checkpoint, and never a folder holding user files or inputs.
 
     Under torchrun every process runs this with the same arguments (see docs/distributed.md);
     rank 0 alone writes the run directory.
     """
     from nanotune.train import dist
 
+    path = None if isinstance(config, RunConfig) else config
     if not isinstance(config, RunConfig):
         config = load_config(config, overrides)
+    inputs = run_inputs(config, path if path is not None and Path(path).is_file() else None)
     with dist.session(config.train.device, config.train.dist_timeout):
-        return _train(config, resume=resume, overwrite=overwrite, progress=progress)
+        return _train(config, resume=resume, overwrite=overwrite, progress=progress, inputs=inputs)
 
 
-def _train(config: RunConfig, *, resume: bool, overwrite: bool, progress: bool) -> RunResult:
-    from nanotune.data.batching import epoch_batches
+def _train(
+    config: RunConfig, *, resume: bool, overwrite: bool, progress: bool, inputs: list[Path]
+) -> RunResult:
+    from nanotune.train.dist import is_main, on_main
+
+    # Every check and every input first (the run directory, model, data, method, reward
+    # model): a run that cannot start writes nothing and removes nothing.
+    on_main(lambda: check_run_dir(config, resume=resume, overwrite=overwrite, inputs=inputs))
+    setup = _setup(config)
+    run = RunDir(config.output_dir, RUN_ENTRIES)
+    if resume:
+        run_dir = run.path
+    else:
+        run_dir = on_main(lambda: run.open(overwrite=overwrite, inputs=inputs))
+    try:
+        result = _fit(config, setup, run_dir, resume=resume, progress=progress)
+    except BaseException:
+        # A new run that has nothing to resume from is removed again, and the run it was to
+        # replace is put back; one with a checkpoint stays, to be resumed.
+        if is_main() and not resume:
+            from nanotune.train.checkpoint import latest_checkpoint
+
+            run.close(keep_new=latest_checkpoint(run_dir / "checkpoints") is not None)
+        raise
+    if is_main() and not resume:
+        run.close(keep_new=True)
+    return result
+
+
+@dataclass
+class _Setup:
+    """What a run needs before its directory exists: all of it checked and loaded."""
+
+    model: Any
+    tokenizer: Any
+    data: Any
+    reward_model: Any
+
+
+def _setup(config: RunConfig) -> _Setup:
     from nanotune.data.pipeline import build_datasets
     from nanotune.methods import SequenceClassifier, apply_method
-    from nanotune.train import Trainer, dist, seed_everything
-    from nanotune.train.dist import is_main, on_main, world_size
+    from nanotune.train import seed_everything
+    from nanotune.train.dist import is_main
     from nanotune.weights import load_model
 
-    # Rank 0 alone checks and creates the run directory; its refusal stops every rank.
-    run_dir = on_main(lambda: prepare_run_dir(config, resume=resume, overwrite=overwrite))
-    tc = config.train
-    seed_everything(tc.seed)  # model init (LoRA A, heads) depends on it
+    seed_everything(config.train.seed)  # model init (LoRA A, heads) depends on it
     try:
         model, tokenizer = load_model(config.model.name, dtype=getattr(torch, config.model.dtype))
     except NanotuneError as e:  # its hint names the CLI flag; a run config sets model=
@@ -211,17 +272,32 @@ def _train(config: RunConfig, *, resume: bool, overwrite: bool, progress: bool) 
     if config.model.special_tokens:
         tokenizer.add_special_tokens(config.model.special_tokens)
     data = build_datasets(config.data, tokenizer)
-    if tokenizer.vocab_size > model.config.vocab_size:
+    added = tokenizer.vocab_size - model.config.vocab_size
+    if added > 0:
         model.resize_token_embeddings(tokenizer.vocab_size)
-        if not config.method.train_embeddings and config.method.name != "full":
+        if not config.method.train_embeddings and config.method.name != "full" and is_main():
             print(
-                f"note: {tokenizer.vocab_size - model.config.vocab_size} tokens were added but "
-                "their embeddings stay at their initial value; set method.train_embeddings: "
-                "true to learn them"
+                f"note: {added} tokens were added but their embeddings stay at their initial "
+                "value; set method.train_embeddings: true to learn them"
             )
     if data.label_names is not None:
         model = SequenceClassifier(model, len(data.label_names), data.label_names)
     model = apply_method(model, config.method)
+    reward_model = None
+    if "reward" in config.eval.metrics and data.splits.get(config.eval.split):
+        from nanotune.eval import RewardModel
+
+        reward_model = RewardModel(config.eval.reward_model)
+    return _Setup(model, tokenizer, data, reward_model)
+
+
+def _fit(config: RunConfig, setup: _Setup, run_dir: Path, *, resume: bool, progress: bool):
+    from nanotune.data.batching import epoch_batches
+    from nanotune.train import Trainer, dist
+    from nanotune.train.dist import is_main, on_main, world_size
+
+    tc = config.train
+    model, tokenizer, data = setup.model, setup.tokenizer, setup.data
     if is_main():
         config.save(run_dir / "config.yaml")
         print(data.summary())
@@ -275,7 +351,7 @@ def _train(config: RunConfig, *, resume: bool, overwrite: bool, progress: bool) 
     with trainer.full_model() as trained:  # FSDP2: whole weights on rank 0 while saving
         on_main(lambda: _save_final(trained, tokenizer, config, final))
     evaluated = (
-        on_main(lambda: _write_results(run_dir, config, before, after))
+        on_main(lambda: _write_results(run_dir, config, before, after, setup.reward_model))
         if examples
         else ({}, {}, [], None)
     )

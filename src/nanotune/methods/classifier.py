@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import shutil
-import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -75,6 +73,7 @@ def save_classifier(
     base_model: str | None = None,
     *,
     overwrite: bool = False,
+    inputs: Iterable[str | Path] = (),
 ) -> Path:
     """Write a classifier folder atomically, with `classifier.json` naming its labels.
 
@@ -83,22 +82,19 @@ def save_classifier(
     the head in `classifier.safetensors`.
     """
     from nanotune.methods.lora import lora_layers, merge
-    from nanotune.weights import save_model
+    from nanotune.weights.atomic import atomic_dir
+    from nanotune.weights.hf import write_model
     from nanotune.weights.peft import save_adapter
 
-    target = Path(directory)
-    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
-        raise NanotuneError(f"{target} already exists; choose another folder or pass overwrite")
     as_adapter = base_model is not None and bool(lora_layers(model.body))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         if as_adapter:
             save_adapter(model, tmp, base_model)
             tokenizer.save(tmp)
         else:
             body = merge(copy.deepcopy(model.body)) if lora_layers(model.body) else model.body
-            save_model(body, tokenizer, tmp, overwrite=True)
+            write_model(body, tokenizer, tmp)
             save_file(
                 {"score.weight": model.score.weight.detach().cpu().contiguous()},
                 str(tmp / HEAD_FILE),
@@ -110,13 +106,8 @@ def save_classifier(
             "label_names": model.label_names,
         }
         (tmp / CLASSIFIER_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        if target.exists():
-            shutil.rmtree(target)
-        os.rename(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+
+    return atomic_dir(directory, write, kind="classifier", overwrite=overwrite, inputs=inputs)
 
 
 def load_classifier(directory: str | Path):

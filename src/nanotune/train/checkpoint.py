@@ -7,7 +7,6 @@ at any moment leaves either a whole checkpoint or none.
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
@@ -21,6 +20,7 @@ from torch import Tensor, nn
 
 from nanotune.errors import NanotuneError
 from nanotune.train.dist import full_tensor, like
+from nanotune.weights.atomic import atomic_dir
 
 WEIGHTS = "trainable.safetensors"
 STATE = "state.pt"
@@ -99,41 +99,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_dir(directory: Path, write: Any) -> Path:
-    """Call `write(tmp_dir)`, fsync what it wrote, then move it to `directory` in one rename."""
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = directory.parent / f".tmp-{directory.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        write(tmp)
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                _fsync(f)
-        _fsync(tmp)
-        if directory.exists():  # replace: move the old one aside first, rename cannot overwrite
-            old = directory.parent / f".old-{directory.name}-{os.getpid()}"
-            directory.rename(old)
-            tmp.rename(directory)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(directory)
-        _fsync(directory.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return directory
-
-
 def save_checkpoint(
     directory: Path,
     weights: dict[str, Tensor],
@@ -148,7 +113,7 @@ def save_checkpoint(
         if config is not None:
             (tmp / CONFIG).write_text(json.dumps(config, indent=2, default=str))
 
-    return atomic_dir(directory, write)
+    return atomic_dir(directory, write, kind="checkpoint")
 
 
 def load_checkpoint(directory: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:

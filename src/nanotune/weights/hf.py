@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +16,7 @@ from nanotune.errors import NanotuneError
 from nanotune.models.config import ModelConfig
 from nanotune.models.transformer import Transformer
 from nanotune.weights import convert
+from nanotune.weights.atomic import atomic_dir
 from nanotune.weights.build import build_model
 
 if TYPE_CHECKING:
@@ -115,21 +114,29 @@ def load_hf_model(
 
 
 def save_model(
-    model: Transformer, tokenizer: Tokenizer, directory: str | Path, *, overwrite: bool = False
+    model: Transformer,
+    tokenizer: Tokenizer,
+    directory: str | Path,
+    *,
+    overwrite: bool = False,
+    inputs: Iterable[str | Path] = (),
 ) -> Path:
     """Write an HF folder (config, safetensors, generation config, tokenizer) atomically.
 
-    Everything is written to a temporary folder beside `directory` and renamed into place, so a
-    failure leaves no partial folder. An existing non-empty `directory` is refused unless
-    `overwrite=True`.
+    An existing non-empty `directory` is refused unless `overwrite=True`, and even then only when
+    nanotune wrote it and it is none of `inputs` (see `weights.atomic.check_target`).
     """
-    target = Path(directory)
-    if target.exists() and not target.is_dir():
-        raise NanotuneError(f"{target} exists and is not a folder; choose another output path")
-    if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise NanotuneError(
-            f"{target} already exists and is not empty; choose another folder or pass overwrite"
-        )
+    return atomic_dir(
+        directory,
+        lambda tmp: write_model(model, tokenizer, tmp),
+        kind="model",
+        overwrite=overwrite,
+        inputs=inputs,
+    )
+
+
+def write_model(model: Transformer, tokenizer: Tokenizer, directory: Path) -> None:
+    """The files of an HF folder, into the existing `directory` (`save_model` makes it atomic)."""
     config = model.config
     sd = model.state_dict()
     extra = sorted(set(sd) - _plain_keys(config))
@@ -148,38 +155,15 @@ def save_model(
     bos = tokenizer.bos_id if tokenizer.bos_id is not None else config.bos_token_id
     eos = tokenizer.eos_id if tokenizer.eos_id is not None else config.eos_token_id
     generation = {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": tokenizer.pad_id}
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    try:
-        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
-        (tmp / "generation_config.json").write_text(
-            json.dumps(generation, indent=2) + "\n", encoding="utf-8"
-        )
-        save_file(hf_sd, str(tmp / SAFETENSORS), metadata={"format": "pt"})
-        tokenizer.save(tmp)
-        _replace_dir(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+    d = Path(directory)
+    (d / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
+    (d / "generation_config.json").write_text(
+        json.dumps(generation, indent=2) + "\n", encoding="utf-8"
+    )
+    save_file(hf_sd, str(d / SAFETENSORS), metadata={"format": "pt"})
+    tokenizer.save(d)
 
 
 def _plain_keys(config: ModelConfig) -> set[str]:
     with torch.device("meta"):
         return set(Transformer(config).state_dict())
-
-
-def _replace_dir(src: Path, target: Path) -> None:
-    """Move the finished folder `src` to `target`, swapping out an old one only at the end."""
-    if not target.exists():
-        os.rename(src, target)
-        return
-    old = target.with_name(f".{target.name}.{os.getpid()}.old")
-    os.rename(target, old)
-    try:
-        os.rename(src, target)
-    except BaseException:
-        os.rename(old, target)
-        raise
-    shutil.rmtree(old, ignore_errors=True)

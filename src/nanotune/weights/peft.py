@@ -262,16 +262,17 @@ def merge_adapter(
     from nanotune.methods.classifier import CLASSIFIER_FILE, save_classifier
     from nanotune.methods.lora import merge
     from nanotune.weights import load_model, save_model
+    from nanotune.weights.atomic import check_target
 
     cfg = read_adapter_config(adapter)
     target = Path(out)
+    inputs = [p for p in (base, adapter) if Path(p).exists()]
     # Refuse before the (slow) load; the savers check again and write atomically.
-    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
-        raise NanotuneError(f"{target} already exists; choose another folder or pass --overwrite")
+    check_target(target, overwrite=overwrite, inputs=inputs)
     model, tokenizer = load_model(base)
     if cfg.get("task_type") != "SEQ_CLS":
         load_adapter(model, adapter)
-        return save_model(merge(model), tokenizer, target, overwrite=overwrite)
+        return save_model(merge(model), tokenizer, target, overwrite=overwrite, inputs=inputs)
     meta_path = Path(adapter) / CLASSIFIER_FILE
     if meta_path.is_file():
         names = json.loads(meta_path.read_text())["label_names"]
@@ -284,4 +285,4 @@ def merge_adapter(
         names = [str(i) for i in range(score.shape[0])]
     clf = load_adapter(SequenceClassifier(model, len(names), names), adapter)
     clf.body = merge(clf.body)
-    return save_classifier(clf, target, tokenizer, overwrite=overwrite)
+    return save_classifier(clf, target, tokenizer, overwrite=overwrite, inputs=inputs)

@@ -1,0 +1,300 @@
+"""The one writer: every artifact nanotune writes appears whole or not at all.
+
+- `atomic_write(path, data)`: a file, written beside its name, fsynced, renamed over it.
+- `atomic_dir(directory, write, ...)`: a folder, filled by `write(tmp)` in a temporary folder and
+  swapped in at the end; the old folder stays whole until the new one is complete.
+- `RunDir`: the long-lived run directory, replaced under `--overwrite` only once the new run has
+  something to keep.
+
+Every folder nanotune owns carries a `.nanotune` marker naming its kind and the entries it may
+hold. `--overwrite` replaces only such folders, and only when they hold nothing else; it never
+touches the current folder, a parent of it, the home folder or a folder holding the run's own
+inputs (`check_target`). Nothing is removed before every check has passed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from nanotune.errors import NanotuneError
+
+MARKER = ".nanotune"
+_TMP = ".tmp-"  # temporary siblings: .tmp-<pid>-<name>-<random>
+_OLD = ".old-"  # an old folder during a swap, or a run kept until its replacement ends: .old-<pid>-<name>
+_LEFTOVER = re.compile(r"^\.(tmp|old)-(\d+)-(.+?)(-[a-z0-9_]{8})?$")
+
+
+# --- files -----------------------------------------------------------------------------------
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _no_space(e: OSError, path: Path) -> NanotuneError:
+    return NanotuneError(
+        f"no space left on the device holding {path.parent} while writing {path.name}; "
+        "free some space and run again (the previous version is intact)"
+    )
+
+
+def atomic_write(path: str | os.PathLike, data: str | bytes, *, mode: int = 0o644) -> Path:
+    """Write `data` to `path` so that a reader sees the old file or the new one, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{_TMP}{os.getpid()}-{path.name}-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)  # mkstemp creates 0600; artifacts are meant to be shared
+        os.replace(tmp, path)
+    except BaseException as e:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            raise _no_space(e, path) from e
+        raise
+    return path
+
+
+# --- ownership and overwrite checks ----------------------------------------------------------
+
+
+def write_marker(directory: Path, kind: str, owns: Iterable[str]) -> None:
+    from nanotune import __version__
+
+    meta = {"nanotune": __version__, "kind": kind, "owns": sorted(set(owns) | {MARKER})}
+    atomic_write(directory / MARKER, json.dumps(meta, indent=1) + "\n")
+
+
+def read_marker(directory: Path) -> dict[str, Any] | None:
+    """The folder's marker, or None when nanotune did not write the folder."""
+    try:
+        meta = json.loads((directory / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) and isinstance(meta.get("owns"), list) else None
+
+
+def _foreign(directory: Path, meta: dict[str, Any]) -> list[str]:
+    """Entries of `directory` that nanotune did not write there (its own temp files aside)."""
+    owns = set(meta["owns"])
+    return sorted(
+        p.name
+        for p in directory.iterdir()
+        if p.name not in owns and not p.name.startswith((_TMP, _OLD))
+    )
+
+
+def _is_within(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def check_target(
+    target: str | os.PathLike,
+    *,
+    overwrite: bool,
+    inputs: Iterable[str | os.PathLike] = (),
+    what: str = "output folder",
+    flag: str = "--overwrite",
+) -> bool:
+    """Check that writing `target` loses nothing of the user's; True when it already exists.
+
+    A missing or empty folder is always fine. An existing one needs `overwrite`, must carry
+    nanotune's marker, must hold nothing nanotune did not write, and must not be (or contain) the
+    current folder, the home folder or any of `inputs` (the run's config, data, model, adapter).
+    """
+    target = Path(target).expanduser()
+    if target.exists() and not target.is_dir():
+        raise NanotuneError(f"{target} exists and is not a folder; choose another {what}")
+    if not target.exists() or not any(target.iterdir()):
+        return False
+    if not overwrite:
+        raise NanotuneError(
+            f"{target} already exists and is not empty; choose another {what} or pass {flag}"
+        )
+    real = target.resolve()
+    guarded = [(Path.cwd().resolve(), "the current folder"), (Path.home().resolve(), "your home")]
+    guarded += [(Path(p).expanduser().resolve(), f"the input {p}") for p in inputs]
+    for path, name in guarded:
+        if _is_within(path, real):
+            raise NanotuneError(
+                f"{target}: refusing to overwrite, it holds {name}; choose another {what}"
+            )
+    meta = read_marker(target)
+    if meta is None:
+        raise NanotuneError(
+            f"{target}: refusing to overwrite a folder nanotune did not write (it has no "
+            f"{MARKER} marker); choose another {what}, or empty or delete it yourself"
+        )
+    foreign = _foreign(target, meta)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (" …" if len(foreign) > 3 else "")
+        raise NanotuneError(
+            f"{target}: refusing to overwrite, it holds files nanotune did not write ({shown}); "
+            f"move them out or choose another {what}"
+        )
+    return True
+
+
+# --- folders ---------------------------------------------------------------------------------
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(a))
+
+
+def _swap_in(tmp: Path, directory: Path) -> None:
+    """Move the finished `tmp` to `directory`; an old `directory` goes only after that."""
+    if not directory.exists():
+        os.rename(tmp, directory)
+        return
+    if _exchange(tmp, directory):
+        shutil.rmtree(tmp)  # now the old folder
+        return
+    # No atomic exchange on this filesystem: the old folder is moved aside for one rename.
+    old = directory.parent / f"{_OLD}{os.getpid()}-{directory.name}"
+    os.rename(directory, old)
+    try:
+        os.rename(tmp, directory)
+    except BaseException:
+        os.rename(old, directory)
+        raise
+    shutil.rmtree(old)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _leftovers(directory: Path, kind: str) -> list[Path]:
+    """Siblings `.<kind>-<pid>-<name>[-random]` of `directory` whose writer process is gone."""
+    if not directory.parent.is_dir():
+        return []
+    found = []
+    for p in directory.parent.iterdir():
+        m = _LEFTOVER.match(p.name)
+        if m and m[1] == kind and m[3] == directory.name and not _alive(int(m[2])):
+            found.append(p)
+    return found
+
+
+def clean_leftovers(directory: Path) -> None:
+    """Remove the temporary siblings of `directory` that a killed writer left, and put back an
+    old folder that a killed swap had moved aside."""
+    for p in _leftovers(directory, "tmp"):
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    for p in _leftovers(directory, "old"):
+        if not directory.exists():
+            os.rename(p, directory)
+        else:
+            print(f"note: {p} holds an earlier {directory.name} replaced by an interrupted run")
+
+
+def atomic_dir(
+    directory: str | os.PathLike,
+    write: Callable[[Path], None],
+    *,
+    kind: str,
+    overwrite: bool = True,
+    inputs: Iterable[str | os.PathLike] = (),
+) -> Path:
+    """Call `write(tmp)` on an empty temporary folder, fsync it, then make it `directory`.
+
+    `kind` names what it is ("checkpoint", "model", "adapter", "classifier") in the marker. An
+    existing `directory` is replaced only as `check_target` allows (without `overwrite` it is
+    refused); it stays whole until the new folder is complete.
+    """
+    directory = Path(directory).expanduser()
+    check_target(directory, overwrite=overwrite, inputs=inputs)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    clean_leftovers(directory)
+    tmp = Path(
+        tempfile.mkdtemp(prefix=f"{_TMP}{os.getpid()}-{directory.name}-", dir=directory.parent)
+    )
+    try:
+        write(tmp)
+        write_marker(tmp, kind, (p.name for p in tmp.iterdir()))
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                _fsync(f)
+        os.chmod(tmp, 0o755)  # mkdtemp creates 0700
+        _fsync(tmp)
+        _swap_in(tmp, directory)
+        _fsync(directory.parent)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            raise _no_space(e, directory / "…") from e
+        raise
+    return directory
+
+
+class RunDir:
+    """A run directory that `--overwrite` replaces without losing the old run to a failure.
+
+    `open()` creates the folder (moving an existing nanotune run aside), `close(keep_new)` ends
+    the attempt: with `keep_new` the old run is deleted, else this attempt's folder is removed and
+    the old run put back. A new run is kept once it has anything to resume from.
+    """
+
+    def __init__(self, path: str | os.PathLike, owns: Iterable[str]):
+        self.path = Path(path).expanduser()
+        self.owns = list(owns)
+        self.previous: Path | None = None
+        self.created = False
+
+    def open(self, *, overwrite: bool, inputs: Iterable[str | os.PathLike] = ()) -> Path:
+        exists = check_target(self.path, overwrite=overwrite, inputs=inputs, what="output_dir")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        clean_leftovers(self.path)
+        if exists:
+            self.previous = self.path.parent / f"{_OLD}{os.getpid()}-{self.path.name}"
+            os.rename(self.path, self.previous)
+        self.created = not self.path.exists()
+        self.path.mkdir(exist_ok=True)
+        write_marker(self.path, "run", self.owns)
+        return self.path
+
+    def close(self, *, keep_new: bool) -> None:
+        if keep_new:
+            if self.previous is not None:
+                shutil.rmtree(self.previous, ignore_errors=True)
+        else:
+            if self.created:
+                shutil.rmtree(self.path, ignore_errors=True)
+            if self.previous is not None:
+                os.rename(self.previous, self.path)
+        self.previous = None
