@@ -69,11 +69,18 @@ def test_offline_hub_recipe_stops_naming_the_dataset(tmp_path, tiny_gpt2_dir, mo
         train(config, progress=False)
 
 
-def test_offline_hub_model_names_the_local_fix(tmp_path, monkeypatch):
+def test_offline_hub_model_names_the_local_fix(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     config = load_recipe("spam-classify", [f"output_dir={tmp_path / 'r'}"])
-    with pytest.raises(NanotuneError, match=r"'gpt2'.*model=\./folder"):
+    with pytest.raises(NanotuneError, match=r"'gpt2'.*model=\./model-folder"):
         train(config, progress=False)
+    # By recipe name, the whole offline run line of that recipe, and how to get a GPT-2 folder.
+    assert main(["train", "spam-classify", f"output_dir={tmp_path / 'r'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("nanotune: error: ")
+    assert "nanotune train spam-classify data.source=./sms.csv model=./gpt2-folder" in err
+    assert "nanotune export --model gpt2 ./gpt2-folder" in err
+    assert not (tmp_path / "r").exists()
 
 
 def test_quotes_lora(tmp_path, tiny_gpt2_dir):

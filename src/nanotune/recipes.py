@@ -48,6 +48,14 @@ def recipe_description(name: str) -> str:
     return ""
 
 
+def recipe_offline_line(name: str) -> str | None:
+    """The recipe's `# Offline: nanotune train …` comment: the same run from local files."""
+    for line in recipe_text(name).splitlines():
+        if line.startswith("# Offline:"):
+            return line.split(":", 1)[1].strip()
+    return None
+
+
 def list_recipes() -> list[tuple[str, str]]:
     """(name, one-line description) of every packaged recipe."""
     return [(name, recipe_description(name)) for name in recipe_names()]

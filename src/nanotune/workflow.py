@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from nanotune.config import RunConfig, load_config
-from nanotune.errors import NanotuneError
+from nanotune.errors import NanotuneError, OfflineError
 from nanotune.weights.atomic import RunDir, atomic_write, check_target
 
 # What a resumed run must share with the original: the model, the method, the data and what
@@ -213,9 +213,27 @@ def train(
     path = None if isinstance(config, RunConfig) else config
     if not isinstance(config, RunConfig):
         config = load_config(config, overrides)
-    inputs = run_inputs(config, path if path is not None and Path(path).is_file() else None)
-    with dist.session(config.train.device, config.train.dist_timeout):
-        return _train(config, resume=resume, overwrite=overwrite, progress=progress, inputs=inputs)
+    recipe = path if path is not None and not Path(path).is_file() else None
+    inputs = run_inputs(config, path if recipe is None else None)
+    try:
+        with dist.session(config.train.device, config.train.dist_timeout):
+            return _train(
+                config, resume=resume, overwrite=overwrite, progress=progress, inputs=inputs
+            )
+    except OfflineError as e:
+        raise OfflineError(e.reason, _offline_fix(recipe)) from e
+
+
+def _offline_fix(recipe: str | Path | None) -> str:
+    """How to run the same job from local files, in `nanotune train` syntax."""
+    from nanotune.recipes import recipe_offline_line
+
+    line = recipe_offline_line(str(recipe)) if recipe is not None else None
+    line = line or "nanotune train CONFIG model=./model-folder data.source=./data.jsonl"
+    return (
+        f"run it from local files: {line} (a local GPT-2 folder: `nanotune export --model gpt2 "
+        "./gpt2-folder` once where the hub is reachable; see the README's Offline section)"
+    )
 
 
 def _train(
@@ -265,10 +283,7 @@ def _setup(config: RunConfig) -> _Setup:
     from nanotune.weights import load_model
 
     seed_everything(config.train.seed)  # model init (LoRA A, heads) depends on it
-    try:
-        model, tokenizer = load_model(config.model.name, dtype=getattr(torch, config.model.dtype))
-    except NanotuneError as e:  # its hint names the CLI flag; a run config sets model=
-        raise NanotuneError(f"{e}; in a run config: model=./folder") from e
+    model, tokenizer = load_model(config.model.name, dtype=getattr(torch, config.model.dtype))
     if config.model.special_tokens:
         tokenizer.add_special_tokens(config.model.special_tokens)
     data = build_datasets(config.data, tokenizer)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from nanotune.errors import NanotuneError
+from nanotune.errors import NanotuneError, OfflineError
 
 # Config, safetensors weights and tokenizer files; never pickles, ONNX or other formats.
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.txt", "tokenizer*", "*.jinja"]
@@ -45,8 +45,10 @@ def download(hub_id: str, *, name: str | None = None) -> Path:
     unreachable = (
         f"model {shown!r} is not in the local Hugging Face cache and the hub is unreachable"
         + (" (HF_HUB_OFFLINE is set)" if offline else "")
-        + "; download it once online, or pass a local folder with config.json + "
-        "model.safetensors (e.g. --model ./my-gpt2)"
+    )
+    fix = (
+        "download it once online, or pass a local folder with config.json + model.safetensors "
+        "(e.g. --model ./my-gpt2)"
     )
     try:
         path = snapshot_download(
@@ -69,7 +71,7 @@ def download(hub_id: str, *, name: str | None = None) -> Path:
     except RevisionNotFoundError:
         raise NanotuneError(f"hub repository {hub_id!r} has no 'main' revision") from None
     except (LocalEntryNotFoundError, OfflineModeIsEnabled):
-        raise NanotuneError(unreachable) from None
+        raise OfflineError(unreachable, fix) from None
     except HfHubHTTPError as e:
         raise NanotuneError(f"downloading {hub_id!r} from the hub failed: {e}") from None
     except OSError as e:  # e.g. a disk or cache-lock failure after the repository was found
