@@ -574,7 +574,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args) or 0
     except NanotuneError as e:
-        print(f"nanotune: error: {e}", file=sys.stderr)
+        # One line, whatever a library put into the message it wraps.
+        print(f"nanotune: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("nanotune: interrupted", file=sys.stderr)

@@ -44,18 +44,28 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _no_space(e: OSError, path: Path) -> NanotuneError:
-    return NanotuneError(
-        f"no space left on the device holding {path.parent} while writing {path.name}; "
-        "free some space and run again (the previous version is intact)"
-    )
+def _write_error(e: OSError, path: Path) -> NanotuneError | None:
+    """The one-line error for a write that failed for a reason the user can fix, else None."""
+    if e.errno == errno.ENOSPC:
+        return NanotuneError(
+            f"no space left on the device holding {path.parent} while writing {path.name}; "
+            "free some space and run again (the previous version is intact)"
+        )
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return NanotuneError(
+            f"cannot write {path} ({e.strerror}); choose a folder you can write to"
+        )
+    return None
 
 
 def atomic_write(path: str | os.PathLike, data: str | bytes, *, mode: int = 0o644) -> Path:
     """Write `data` to `path` so that a reader sees the old file or the new one, never half."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{_TMP}{os.getpid()}-{path.name}-")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{_TMP}{os.getpid()}-{path.name}-")
+    except OSError as e:
+        raise (_write_error(e, path) or e) from e
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode("utf-8") if isinstance(data, str) else data)
@@ -65,8 +75,8 @@ def atomic_write(path: str | os.PathLike, data: str | bytes, *, mode: int = 0o64
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-            raise _no_space(e, path) from e
+        if isinstance(e, OSError) and (clear := _write_error(e, path)):
+            raise clear from e
         raise
     return path
 
@@ -239,11 +249,14 @@ def atomic_dir(
     """
     directory = Path(directory).expanduser()
     check_target(directory, overwrite=overwrite, inputs=inputs)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    clean_leftovers(directory)
-    tmp = Path(
-        tempfile.mkdtemp(prefix=f"{_TMP}{os.getpid()}-{directory.name}-", dir=directory.parent)
-    )
+    try:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        clean_leftovers(directory)
+        tmp = Path(
+            tempfile.mkdtemp(prefix=f"{_TMP}{os.getpid()}-{directory.name}-", dir=directory.parent)
+        )
+    except OSError as e:
+        raise (_write_error(e, directory) or e) from e
     try:
         write(tmp)
         write_marker(tmp, kind, (p.name for p in tmp.iterdir()))
@@ -256,8 +269,8 @@ def atomic_dir(
         _fsync(directory.parent)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-            raise _no_space(e, directory / "…") from e
+        if isinstance(e, OSError) and (clear := _write_error(e, directory)):
+            raise clear from e
         raise
     return directory
 
@@ -278,13 +291,17 @@ class RunDir:
 
     def open(self, *, overwrite: bool, inputs: Iterable[str | os.PathLike] = ()) -> Path:
         exists = check_target(self.path, overwrite=overwrite, inputs=inputs, what="output_dir")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        clean_leftovers(self.path)
-        if exists:
-            self.previous = self.path.parent / f"{_OLD}{os.getpid()}-{self.path.name}"
-            os.rename(self.path, self.previous)
-        self.created = not self.path.exists()
-        self.path.mkdir(exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            clean_leftovers(self.path)
+            if exists:
+                self.previous = self.path.parent / f"{_OLD}{os.getpid()}-{self.path.name}"
+                os.rename(self.path, self.previous)
+            self.created = not self.path.exists()
+            self.path.mkdir(exist_ok=True)
+        except OSError as e:
+            self.close(keep_new=False)
+            raise (_write_error(e, self.path) or e) from e
         write_marker(self.path, "run", self.owns)
         return self.path
 
