@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import string
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -118,6 +119,8 @@ class DataConfig:
             isinstance(k, str) and isinstance(v, str) for k, v in self.columns.items()
         ):
             raise bad("columns", "must map field names to column names, e.g. {text: sms}")
+        for name in ("prompt_template", "completion_template"):
+            _check_template(getattr(self, name), name)
         if self.label_names is not None:
             names = [str(n) for n in self.label_names]
             if len(names) < 2 or len(set(names)) != len(names):
@@ -142,3 +145,15 @@ class DataConfig:
                 f"data: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
             )
         return cls(**d)
+
+
+def _check_template(template: str, name: str) -> None:
+    """A template is str.format text over row columns: every `{field}` must name one."""
+    try:
+        fields_ = [f for _, f, spec, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as e:
+        raise NanotuneError(
+            f"data.{name}: bad template {template!r} ({e}); write {{column}} fields, {{{{ }}}} for braces"
+        ) from e
+    if "" in fields_:
+        raise NanotuneError(f"data.{name}: {template!r} has an empty {{}}; name a column: {{text}}")
