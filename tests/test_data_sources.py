@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from collections import Counter
 
 import pytest
@@ -11,6 +12,7 @@ from nanotune.config import RunConfig
 from nanotune.data import DataConfig, build_datasets, iter_source
 from nanotune.data.builtin import WORDS
 from nanotune.errors import NanotuneError
+from nanotune.recipes import load_recipe, recipe_text
 from nanotune.tokenizer import gpt2_tokenizer
 
 
@@ -94,6 +96,20 @@ def test_sms_spam_collection_every_line_one_row_with_its_label(tmp_path, tok):
     path.write_text("label\ttext\n" + path.read_text())
     with pytest.raises(NanotuneError, match=r"SMSSpamCollection:1: the header has tabs.*: tsv"):
         build_datasets(DataConfig(**{**cfg, "file_format": "csv", "header": True}), tok)
+
+
+def test_spam_recipe_reads_the_shipped_file_with_its_documented_overrides(
+    tmp_path, tok, monkeypatch
+):
+    command = "nanotune train spam-classify data.source=./SMSSpamCollection"
+    (line,) = [line for line in recipe_text("spam-classify").splitlines() if command in line]
+    overrides = [a for a in shlex.split(line.lstrip("# ")) if a.startswith("data.")]
+    monkeypatch.chdir(tmp_path)
+    lines = sms_collection(tmp_path / "SMSSpamCollection", n=80)
+    data = build_datasets(load_recipe("spam-classify", overrides).data, tok)
+    n_spam = sum(label == "spam" for label, _ in lines)
+    counts = Counter(e.label for split in data.splits.values() for e in split)
+    assert counts == {0: n_spam, 1: n_spam}  # balanced: ham down-sampled to the spam count
 
 
 def test_a_field_spanning_lines_is_an_error_unless_multiline(tmp_path, tok):
