@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -64,6 +65,29 @@ def test_completion_supervises_completion_and_eos_only(gpt2):
         row, gpt2, DataConfig(**{**cfg.__dict__, "train_on_prompt": True})
     )
     assert on_prompt.labels == on_prompt.ids
+
+
+def test_templates_reach_row_values_only(gpt2):
+    row = Row({"quote": "hi", "2": "second column", "a.b": "dotted column"}, "q:7")
+
+    def prompt(template: str) -> str:
+        return prompt_part(gpt2, format_completion(row, gpt2, cfg(template)))
+
+    def cfg(template: str) -> DataConfig:
+        return DataConfig(source="x", prompt_template=template, completion_template="{quote}")
+
+    # The whole {...} is a column name: positions (header: false) and dotted names included.
+    assert prompt("{2} / {a.b} / {quote!r:>6}") == "second column / dotted column /   'hi'"
+    # No attribute or index lookups: {quote.__class__} names a column that is not there.
+    for template in ("{quote.__class__}", "{quote.upper}", "{quote[0]}"):
+        with pytest.raises(
+            NanotuneError, match=rf"q:7: missing column '{re.escape(template[1:-1])}'"
+        ):
+            prompt(template)
+    with pytest.raises(NanotuneError, match="data.prompt_template: bad template '{quote'"):
+        cfg("{quote")
+    with pytest.raises(NanotuneError, match=r"data.prompt_template: .* empty \{\}"):
+        cfg("{} {quote}")
 
 
 def test_alpaca_supervises_output_only(gpt2):

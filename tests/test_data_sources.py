@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import shlex
 from collections import Counter
 
 import pytest
 
+from nanotune.config import RunConfig
 from nanotune.data import DataConfig, build_datasets, iter_source
 from nanotune.data.builtin import WORDS
 from nanotune.errors import NanotuneError
+from nanotune.recipes import load_recipe, recipe_text
 from nanotune.tokenizer import gpt2_tokenizer
 
 
@@ -27,24 +30,169 @@ def qa(i: int) -> dict:
     return {"prompt": f"question {i}", "completion": f"answer {i}"}
 
 
-def test_all_file_formats_give_the_same_rows(tmp_path):
+def test_all_file_formats_give_the_same_rows(tmp_path, tok):
     rows = [{"text": "hello, world", "label": "a"}, {"text": "tab\there", "label": "b"}]
     write_jsonl(tmp_path / "d.jsonl", rows)
-    (tmp_path / "d.json").write_text(json.dumps(rows))
     (tmp_path / "d.csv").write_text('text,label\n"hello, world",a\n"tab\there",b\n')
     (tmp_path / "d.tsv").write_text('text\tlabel\nhello, world\ta\n"tab\there"\tb\n')
+    (tmp_path / "d-bom.csv").write_bytes(b"\xef\xbb\xbf" + (tmp_path / "d.csv").read_bytes())
+    (tmp_path / "d.json").write_text(json.dumps(rows, indent=1))
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
 
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
-    for name in ("d.jsonl", "d.json", "d.csv", "d.tsv", "d.parquet"):
+    for name in ("d.jsonl", "d.json", "d.csv", "d-bom.csv", "d.parquet"):
         got = list(iter_source(str(tmp_path / name)))
         assert [dict(r) for r in got] == rows, name
+    # A tab inside a tsv field needs quoting, which tsv files are read without unless asked.
+    assert [dict(r) for r in iter_source(str(tmp_path / "d.tsv"), quoting="csv")] == rows
+    with pytest.raises(NanotuneError, match=r"d\.tsv:3: 3 fields but the header has 2"):
+        build_datasets(DataConfig(source=str(tmp_path / "d.tsv")), tok)
     assert [r.where for r in iter_source(str(tmp_path / "d.jsonl"))] == [
         f"{tmp_path / 'd.jsonl'}:1",
         f"{tmp_path / 'd.jsonl'}:2",
     ]
     assert list(iter_source(str(tmp_path / "d.csv")))[1].where == f"{tmp_path / 'd.csv'}:3"
+    # A .json list names each item by the line it starts on.
+    assert [r.where for r in iter_source(str(tmp_path / "d.json"))] == [
+        f"{tmp_path / 'd.json'}:2",
+        f"{tmp_path / 'd.json'}:6",
+    ]
+
+
+def sms_collection(path, n=40):
+    """The UCI SMS Spam Collection's layout: "label<TAB>message" per line, no header, no
+    extension, quotes as plain text; message 3 opens a quote it never closes."""
+    lines = []
+    for i in range(n):
+        label = "spam" if i % 4 == 1 else "ham"
+        text = f'WIN a "free" prize {i}, txt NOW' if label == "spam" else f"see you at {i}, ok?"
+        if i == 3:
+            text = '"Ok lar... Joking wif u oni...'
+        lines.append((label, text))
+    path.write_text("".join(f"{label}\t{text}\n" for label, text in lines))
+    return lines
+
+
+def test_sms_spam_collection_every_line_one_row_with_its_label(tmp_path, tok):
+    path = tmp_path / "SMSSpamCollection"
+    lines = sms_collection(path)
+    cfg = dict(source=str(path), format="classification", label_names=["ham", "spam"])
+    with pytest.raises(
+        NanotuneError, match=r"SMSSpamCollection: no extension; set data.file_format"
+    ):
+        build_datasets(DataConfig(**cfg), tok)
+    cfg.update(file_format="tsv", header=False, columns={"label": 1, "text": 2})
+    data = build_datasets(DataConfig(**cfg), tok)
+    assert data.stats["train"]["rows"] == len(lines) == len(data.train)
+    assert [e.label for e in data.train] == [["ham", "spam"].index(label) for label, _ in lines]
+    assert [tok.decode(e.ids) for e in data.train] == [text for _, text in lines]
+    # Quoting it anyway stops at the unclosed quote instead of merging the lines after it.
+    with pytest.raises(NanotuneError, match=r"SMSSpamCollection:4: a '\"' .* does not close"):
+        build_datasets(DataConfig(**cfg, quoting="csv"), tok)
+    # Read as comma-separated, the tabs are named with the fix.
+    with pytest.raises(NanotuneError, match=r"SMSSpamCollection:4: 1 fields .*file_format: tsv"):
+        build_datasets(DataConfig(**{**cfg, "file_format": "csv"}), tok)
+    path.write_text("label\ttext\n" + path.read_text())
+    with pytest.raises(NanotuneError, match=r"SMSSpamCollection:1: the header has tabs.*: tsv"):
+        build_datasets(DataConfig(**{**cfg, "file_format": "csv", "header": True}), tok)
+
+
+def test_spam_recipe_reads_the_shipped_file_with_its_documented_overrides(
+    tmp_path, tok, monkeypatch
+):
+    command = "nanotune train spam-classify data.source=./SMSSpamCollection"
+    (line,) = [line for line in recipe_text("spam-classify").splitlines() if command in line]
+    overrides = [a for a in shlex.split(line.lstrip("# ")) if a.startswith("data.")]
+    monkeypatch.chdir(tmp_path)
+    lines = sms_collection(tmp_path / "SMSSpamCollection", n=80)
+    data = build_datasets(load_recipe("spam-classify", overrides).data, tok)
+    n_spam = sum(label == "spam" for label, _ in lines)
+    counts = Counter(e.label for split in data.splits.values() for e in split)
+    assert counts == {0: n_spam, 1: n_spam}  # balanced: ham down-sampled to the spam count
+
+
+def test_a_field_spanning_lines_is_an_error_unless_multiline(tmp_path, tok):
+    path = tmp_path / "d.csv"
+    path.write_text('prompt,completion\nq1,"one line"\nq2,"two\nlines"\nq3,a3\n')
+    with pytest.raises(
+        NanotuneError,
+        match=r"d\.csv:3: a quoted field starting on this line runs to line 4.*quoting: multiline",
+    ):
+        build_datasets(DataConfig(source=str(path)), tok)
+    rows = list(iter_source(str(path), quoting="multiline"))
+    assert [r["completion"] for r in rows] == ["one line", "two\nlines", "a3"]
+    assert [r.where.rsplit(":", 1)[1] for r in rows] == ["2", "3", "5"]
+    # Quotes as plain text: every line is a row, and the cut one is a bad row naming its line.
+    with pytest.raises(NanotuneError, match=r"d\.csv:4: 1 fields but the header has 2"):
+        build_datasets(DataConfig(source=str(path), quoting="none"), tok)
+
+
+def test_folder_skips_hidden_files_and_file_format_reads_any_name(tmp_path):
+    (tmp_path / "a.jsonl").write_text(json.dumps(qa(0)) + "\n")
+    (tmp_path / ".ipynb_checkpoints").mkdir()
+    (tmp_path / ".ipynb_checkpoints" / "a-checkpoint.jsonl").write_text(json.dumps(qa(9)) + "\n")
+    (tmp_path / "part-0001").write_text(json.dumps(qa(1)) + "\n")
+    assert [r["prompt"] for r in iter_source(str(tmp_path))] == ["question 0"]
+    got = iter_source(str(tmp_path), file_format="jsonl")
+    assert [r["prompt"] for r in got] == ["question 0", "question 1"]
+
+
+def bad_files(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist([qa(i) for i in range(50)]), tmp_path / "whole.parquet")
+    whole = (tmp_path / "whole.parquet").read_bytes()
+    (tmp_path / "fake.parquet").write_text("prompt,completion\nq,a\n")
+    (tmp_path / "cut.parquet").write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "cut.json").write_text('[{"prompt": "q", "completion": "a"},\n {"prompt": ')
+    (tmp_path / "img.csv").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
+    (tmp_path / "wide.txt").write_text("hello\nworld\n", encoding="utf-16")
+    (tmp_path / "zero.jsonl").write_bytes(b"")
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "notes.pdf").write_bytes(b"%PDF")
+    (tmp_path / "data.v2").write_text("x")
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("fake.parquet", r"fake\.parquet: not a readable Parquet file"),
+        ("cut.parquet", r"cut\.parquet: not a readable Parquet file"),
+        ("cut.json", r"cut\.json:2: malformed JSON"),
+        ("img.csv", r"img\.csv:3: binary data \(a NUL byte\), not csv text"),
+        ("wide.txt", r"wide\.txt: UTF-16 text; re-encode it as UTF-8"),
+        ("zero.jsonl", r"zero\.jsonl: the file is empty"),
+        ("docs", r"docs: folder has no data files .*data\.file_format"),
+        ("data.v2", r"data\.v2: unknown extension '\.v2'; set data\.file_format"),
+    ],
+)
+def test_unreadable_files_are_one_line_naming_the_file(tmp_path, tok, name, message):
+    bad_files(tmp_path)
+    with pytest.raises(NanotuneError, match=message) as e:
+        build_datasets(DataConfig(source=str(tmp_path / name), on_bad_row="skip"), tok)
+    assert "\n" not in str(e.value)
+
+
+def test_bad_lines_name_file_and_line(tmp_path, tok):
+    (tmp_path / "t.txt").write_bytes(b"fine\n\npara one\ncaf\xe9 two\n")
+    for unit in ("file", "paragraph", "line"):
+        with pytest.raises(NanotuneError, match=r"t\.txt:4: not valid UTF-8"):
+            build_datasets(
+                DataConfig(source=str(tmp_path / "t.txt"), format="text", text_unit=unit), tok
+            )
+    (tmp_path / "l.json").write_text(
+        '[\n  {"prompt": "q", "completion": "a"},\n  ["not", "a row"]\n]'
+    )
+    with pytest.raises(NanotuneError, match=r"l\.json:3: expected an object, got list"):
+        build_datasets(DataConfig(source=str(tmp_path / "l.json")), tok)
+    (tmp_path / "d.csv").write_text("prompt,completion\nq1,a1\nq2,a2,extra\n")
+    with pytest.raises(NanotuneError, match=r"d\.csv:3: 3 fields but the header has 2; quote"):
+        build_datasets(DataConfig(source=str(tmp_path / "d.csv")), tok)
+    (tmp_path / "dup.csv").write_text("text,text\na,b\n")
+    with pytest.raises(NanotuneError, match=r"dup\.csv:1: the header names column\(s\) 'text'"):
+        build_datasets(DataConfig(source=str(tmp_path / "dup.csv")), tok)
 
 
 def test_text_units(tmp_path):
@@ -140,6 +288,18 @@ def test_config_validation_names_the_field():
         DataConfig.from_dict({"source": "x", "max_len": 5})
     with pytest.raises(NanotuneError, match="data.source"):
         DataConfig()
+    with pytest.raises(NanotuneError, match=r"data.file_format: 'tvs' .*did you mean 'tsv'"):
+        DataConfig(source="x", file_format="tvs")
+    with pytest.raises(NanotuneError, match=r"data.file_format: 'tvs' .*did you mean 'tsv'"):
+        RunConfig.from_dict({"data": {"source": "x", "file_format": "tvs"}})
+    with pytest.raises(NanotuneError, match=r"data.quoting: 'multi' .*did you mean 'multiline'"):
+        RunConfig.from_dict({"data": {"source": "x", "quoting": "multi"}})
+    with pytest.raises(NanotuneError, match="data.header: applies to csv/tsv files"):
+        DataConfig(source="x", file_format="jsonl", header=False)
+    with pytest.raises(NanotuneError, match="data.columns: .*positions count from 1"):
+        DataConfig(source="x", header=False, columns={"label": 0, "text": 1})
+    cfg = RunConfig.from_dict({"data": {"source": "x", "header": False, "columns": {"text": 2}}})
+    assert cfg.data.columns == {"text": "2"}
 
 
 def test_fraction_splits_are_seeded_disjoint_and_limited(tmp_path, tok):

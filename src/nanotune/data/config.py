@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import difflib
+import string
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Literal, get_args
 
 from nanotune.errors import NanotuneError
 
 FORMATS = ("completion", "chat", "alpaca", "text", "classification")
 CHAT_STYLES = ("auto", "model", "markers")
 TEXT_UNITS = ("file", "paragraph", "line")
+FileFormat = Literal["csv", "tsv", "jsonl", "json", "parquet", "text"]
+Quoting = Literal["none", "csv", "multiline"]
 
 
 @dataclass
@@ -17,8 +21,9 @@ class DataConfig:
     """Every option of the data pipeline; validated on construction (NanotuneError names the field).
 
     Source strings (``source``, ``val_source``, ``test_source``):
-      - a file (``.jsonl``, ``.json``, ``.csv``, ``.tsv``, ``.parquet``, ``.txt``/``.md``) or a
-        folder of such files (a ``datasets.save_to_disk`` folder is read with ``datasets``);
+      - a file (``.jsonl``, ``.json``, ``.csv``, ``.tsv``, ``.parquet``, ``.txt``/``.md``, or any
+        name with ``file_format`` set) or a folder of such files (hidden ones skipped; a
+        ``datasets.save_to_disk`` folder is read with ``datasets``);
       - ``builtin:<name>`` for data generated or shipped with nanotune (see ``data/builtin.py``);
       - ``hf:<dataset id>[:<split>]`` (or a bare ``owner/name`` that is not a local path) for a
         Hugging Face dataset, which needs the ``datasets`` extra and the hub or its cache.
@@ -32,8 +37,22 @@ class DataConfig:
     # canonical names are the ones the format reads (prompt/completion, messages, dialogue (an
     # HH-RLHF "\n\nHuman: …\n\nAssistant: …" transcript), system/user/assistant,
     # context/question/answer, instruction/input/output, text, label). A dotted column name
-    # (answers.text) reads a field of a nested record.
-    columns: dict[str, str] = field(default_factory=dict)
+    # (answers.text) reads a field of a nested record. With header: false the columns of a
+    # csv/tsv file are named by position from 1: {label: 1, text: 2}.
+    columns: dict[str, str | int] = field(default_factory=dict)
+    # How local files are read: csv | tsv | jsonl | json | parquet | text; null = by extension.
+    # Set it for a file with no or another extension (the SMS Spam Collection ships as a
+    # tab-separated `SMSSpamCollection`); a folder is then read whole, every file in this format.
+    file_format: FileFormat | None = None
+    # csv/tsv: the first line names the columns (true), or there is no header line (false) and the
+    # columns are named by position, "1", "2", ... (map them with `columns`).
+    header: bool = True
+    # csv/tsv: how '"' is read. none: plain text, one row per line; csv: a quoted field may hold
+    # the delimiter and "" for a quote; multiline: as csv, and a quoted field may also span lines
+    # (as pandas' to_csv writes text with line breaks). null = csv for csv files, none for tsv.
+    # Unless multiline, a field that spans lines is an error: it is almost always an unclosed
+    # quote that swallowed the lines after it.
+    quoting: Quoting | None = None
     # Explicit validation / test data; when unset, fractions of `source` are held out instead.
     val_source: str | None = None
     test_source: str | None = None
@@ -98,10 +117,22 @@ class DataConfig:
             "on_bad_row": ("error", "skip"),
             "chat_style": CHAT_STYLES,
             "text_unit": TEXT_UNITS,
+            "file_format": (None, *get_args(FileFormat)),
+            "quoting": (None, *get_args(Quoting)),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise bad(name, f"{getattr(self, name)!r} is not one of {', '.join(allowed)}")
+                named = [a for a in allowed if a is not None]
+                close = difflib.get_close_matches(str(getattr(self, name)), named, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise bad(name, f"{getattr(self, name)!r} is not one of {', '.join(named)}{hint}")
+        for name in ("header", "quoting"):
+            if getattr(self, name) not in (True, None) and self.file_format not in (
+                None,
+                "csv",
+                "tsv",
+            ):
+                raise bad(name, f"applies to csv/tsv files, not file_format: {self.file_format}")
         for name in ("val_fraction", "test_fraction"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
@@ -115,9 +146,17 @@ class DataConfig:
         if self.limit is not None and (not isinstance(self.limit, int) or self.limit < 1):
             raise bad("limit", f"{self.limit!r} must be a positive integer or null")
         if not isinstance(self.columns, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in self.columns.items()
+            isinstance(k, str) and isinstance(v, (str, int)) and not isinstance(v, bool)
+            for k, v in self.columns.items()
         ):
             raise bad("columns", "must map field names to column names, e.g. {text: sms}")
+        self.columns = {k: str(v) for k, v in self.columns.items()}  # positions are names "1", "2"
+        if not self.header and "0" in self.columns.values():
+            raise bad(
+                "columns", "with header: false positions count from 1 (the first column is 1)"
+            )
+        for name in ("prompt_template", "completion_template"):
+            _check_template(getattr(self, name), name)
         if self.label_names is not None:
             names = [str(n) for n in self.label_names]
             if len(names) < 2 or len(set(names)) != len(names):
@@ -142,3 +181,15 @@ class DataConfig:
                 f"data: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
             )
         return cls(**d)
+
+
+def _check_template(template: str, name: str) -> None:
+    """A template is str.format text over row columns: every `{field}` must name one."""
+    try:
+        fields_ = [f for _, f, spec, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as e:
+        raise NanotuneError(
+            f"data.{name}: bad template {template!r} ({e}); write {{column}} fields, {{{{ }}}} for braces"
+        ) from e
+    if "" in fields_:
+        raise NanotuneError(f"data.{name}: {template!r} has an empty {{}}; name a column: {{text}}")

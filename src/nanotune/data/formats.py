@@ -9,6 +9,7 @@ in context).
 from __future__ import annotations
 
 import re
+import string
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -85,13 +86,15 @@ def row_field(row: Row, name: str) -> Any:
 
 
 def _render(template: str, row: Row, what: str) -> str:
-    class Fields(dict):
-        def __missing__(self, key: str) -> str:
-            return as_text(row_field(row, key))
+    class Fields(string.Formatter):
+        # The whole `{...}` name is a column: str.format's attribute and index lookups
+        # (`{text.__class__}`, `{x[0]}`) never run, so a template reaches only row values.
+        def get_field(self, field_name: str, args: Any, kwargs: Any) -> tuple[str, str]:
+            return as_text(row_field(row, field_name)), field_name
 
     try:
-        return template.format_map(Fields())
-    except (ValueError, IndexError, AttributeError) as e:
+        return Fields().vformat(template, (), {})
+    except ValueError as e:
         raise NanotuneError(
             f"data.{what}: bad template {template!r} ({e}); use {{column}} fields"
         ) from e

@@ -64,7 +64,15 @@ MAX_PROBLEMS = 20
 
 def _read(spec: str, cfg: DataConfig, stats: Counter, problems: list[str]) -> list[Row]:
     rows = []
-    for item in iter_source(spec, cfg.text_unit, cfg.hf_config):
+    items = iter_source(
+        spec,
+        cfg.text_unit,
+        cfg.hf_config,
+        file_format=cfg.file_format,
+        header=cfg.header,
+        quoting=cfg.quoting,
+    )
+    for item in items:
         if isinstance(item, BadRow):
             _bad(item, cfg, stats, problems)
             continue

@@ -1,17 +1,21 @@
 """Sources: files, folders, builtin and Hugging Face datasets -> rows that remember where they came from.
 
-A row is a plain dict (`Row`) with a `where` attribute such as ``"train.jsonl:12"`` so every later
+A row is a plain dict (`Row`) with a `where` attribute such as ``"train.jsonl:12"`` (a 1-based
+line; parquet and datasets rows are named by 0-based index, ``"x.parquet: row 0"``) so every later
 error can name the file and line. Reading is strict: a row that cannot be read raises `BadRow`,
-which the pipeline turns into an error or a counted skip (`on_bad_row`).
+which the pipeline turns into an error or a counted skip (`on_bad_row`); a file that cannot be
+read at all, or whose rows cannot be told apart (a quote that swallows lines), is a NanotuneError.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import importlib.util
 import json
 import os
 import random
+import re
 import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,8 +23,18 @@ from typing import Any
 
 from nanotune.errors import NanotuneError
 
-TEXT_SUFFIXES = {".txt", ".md", ".text"}
-TABLE_SUFFIXES = {".jsonl", ".json", ".csv", ".tsv", ".parquet"}
+# Extension -> file_format; `data.file_format` names the format of any other file.
+SUFFIX_FORMATS = {
+    ".jsonl": "jsonl",
+    ".json": "json",
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".parquet": "parquet",
+    ".txt": "text",
+    ".md": "text",
+    ".text": "text",
+}
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of undecodable bytes
 
 
 class Row(dict):
@@ -38,7 +52,7 @@ class BadRow(NanotuneError):
 def _check_utf8(value: Any, where: str) -> None:
     # Files are decoded with surrogateescape so a bad byte fails its own row, not the whole file.
     if isinstance(value, str):
-        if any("\udc80" <= ch <= "\udcff" for ch in value):
+        if _NOT_UTF8.search(value):
             raise BadRow(f"{where}: not valid UTF-8; re-encode the file as UTF-8")
     elif isinstance(value, dict):
         for v in value.values():
@@ -48,9 +62,34 @@ def _check_utf8(value: Any, where: str) -> None:
             _check_utf8(v, where)
 
 
-def _read_text(path: Path) -> str:
+def _check_file(path: Path, fmt: str) -> None:
+    """One clear error for a file that holds no `fmt` rows at all: empty, UTF-16, or binary."""
     try:
-        return path.read_text(encoding="utf-8", errors="surrogateescape")
+        with open(path, "rb") as f:
+            head = f.read(8192)
+    except OSError as e:
+        raise NanotuneError(
+            f"{path}: cannot read ({e.strerror}); check the data source path"
+        ) from e
+    if not head:
+        raise NanotuneError(f"{path}: the file is empty; check data.source")
+    if fmt == "parquet":
+        return
+    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):  # also UTF-32 LE's BOM
+        raise NanotuneError(
+            f"{path}: UTF-16 text; re-encode it as UTF-8 (iconv -f UTF-16 -t UTF-8 in > out)"
+        )
+    if b"\0" in head:
+        line = head.count(b"\n", 0, head.index(b"\0")) + 1
+        raise NanotuneError(
+            f"{path}:{line}: binary data (a NUL byte), not {fmt} text; check data.source, or set "
+            "data.file_format to the file's real format"
+        )
+
+
+def _read_text(path: Path) -> str:
+    try:  # utf-8-sig: a BOM (Excel, Notepad) is not part of the first column's name
+        return path.read_text(encoding="utf-8-sig", errors="surrogateescape")
     except OSError as e:
         raise NanotuneError(
             f"{path}: cannot read ({e.strerror}); check the data source path"
@@ -83,41 +122,120 @@ def _jsonl(path: Path) -> Iterator[Row | BadRow]:
         yield _object_row(obj, where, "a JSON object per line")
 
 
+_JSON_SPACE = re.compile(r"[ \t\n\r]*")
+
+
+def _item_lines(text: str, wrapped: bool) -> list[int]:
+    """The 1-based line where each item of the (valid) JSON list in `text` starts; `wrapped`: the
+    list is the one value of a top-level object."""
+    decode = json.JSONDecoder().raw_decode
+    i = _JSON_SPACE.match(text).end()
+    if wrapped:  # skip '{', the key and ':'
+        _, i = decode(text, _JSON_SPACE.match(text, i + 1).end())
+        i = _JSON_SPACE.match(text, _JSON_SPACE.match(text, i).end() + 1).end()
+    i += 1  # '['
+    lines, line, counted = [], 1, 0
+    while True:
+        i = _JSON_SPACE.match(text, i).end()
+        if text[i] == "]":
+            return lines
+        line += text.count("\n", counted, i)
+        counted = i
+        lines.append(line)
+        _, i = decode(text, i)
+        i = _JSON_SPACE.match(text, i).end()
+        if text[i] == ",":
+            i += 1
+
+
 def _json(path: Path) -> Iterator[Row | BadRow]:
+    text = _read_text(path)
     try:
-        data = json.loads(_read_text(path))
+        data = json.loads(text)
     except json.JSONDecodeError as e:
         raise NanotuneError(
             f"{path}:{e.lineno}: malformed JSON ({e.msg}); a .json source must be one valid list of objects"
         ) from e
-    if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
+    wrapped = (
+        isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list)
+    )
+    if wrapped:
         data = next(iter(data.values()))  # {"data": [...]} wrappers are common
     if not isinstance(data, list):
         raise NanotuneError(
             f"{path}: expected a JSON list of objects; use .jsonl for one object per line"
         )
-    for n, obj in enumerate(data):
-        yield _object_row(obj, f"{path}: item {n}", "an object")
+    for line, obj in zip(_item_lines(text, wrapped), data, strict=True):
+        yield _object_row(obj, f"{path}:{line}", "an object")
 
 
-def _csv(path: Path) -> Iterator[Row | BadRow]:
-    delimiter = "\t" if path.suffix == ".tsv" else ","
-    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
-        reader = csv.reader(f, delimiter=delimiter)
-        header = next(reader, None)
-        if header is None:
-            return
-        for record in reader:
-            where = f"{path}:{reader.line_num}"
+def _csv(path: Path, delimiter: str, header: bool, quoting: str) -> Iterator[Row | BadRow]:
+    """Rows of a csv/tsv file; with `header` false, columns are named "1", "2", ..."""
+    sep = "tab" if delimiter == "\t" else "comma"
+    tsv_hint = " if the file is tab-separated set data.file_format: tsv;" if sep == "comma" else ""
+    with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
+        reader = csv.reader(
+            f,
+            delimiter=delimiter,
+            quoting=csv.QUOTE_NONE if quoting == "none" else csv.QUOTE_MINIMAL,
+            strict=True,  # text after a closing quote is an error, not glued into the field
+        )
+        names = None
+        while True:
+            n = reader.line_num + 1  # the line this record starts on
+            try:
+                record = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as e:
+                if quoting == "none":  # nothing is quoted: only a field over csv's size limit
+                    raise NanotuneError(f"{path}:{n}: {e}") from e
+                raise NanotuneError(
+                    f"{path}:{n}: a '\"' in the row starting on this line does not close its field "
+                    f"({e}), so the lines after it would merge into one row;{tsv_hint} if '\"' is "
+                    "plain text set data.quoting: none, else fix the quote"
+                ) from e
+            if reader.line_num > n and quoting != "multiline":
+                # A field spans lines: almost always an unclosed quote merging the rows after it.
+                raise NanotuneError(
+                    f"{path}:{n}: a quoted field starting on this line runs to line "
+                    f"{reader.line_num}, merging {reader.line_num - n + 1} lines into one row;"
+                    f"{tsv_hint} if '\"' is plain text set data.quoting: none; if fields really "
+                    "contain line breaks set data.quoting: multiline"
+                )
             if not any(cell.strip() for cell in record):
                 continue
-            if len(record) != len(header):
+            where = f"{path}:{n}"
+            tabs = sep == "comma" and any("\t" in cell for cell in record)
+            if names is None:
+                if header and tabs:  # no real header names a column with a tab in it
+                    raise NanotuneError(
+                        f"{where}: the header has tabs inside column names; for a tab-separated "
+                        "file set data.file_format: tsv"
+                    )
+                names = record if header else [str(i) for i in range(1, len(record) + 1)]
+                twice = sorted({c for c in names if names.count(c) > 1})
+                if twice:
+                    raise NanotuneError(
+                        f"{where}: the header names column(s) {', '.join(map(repr, twice))} more "
+                        "than once; rename them"
+                    )
+                if header:
+                    continue
+            if len(record) != len(names):
+                fix = (
+                    f"quote fields that contain a {sep}"
+                    if quoting != "none"
+                    else f"a field holding a {sep} must be quoted, with data.quoting: csv"
+                )
+                if tabs:
+                    fix += "; if the file is tab-separated set data.file_format: tsv"
                 yield BadRow(
-                    f"{where}: {len(record)} fields but the header has {len(header)}; "
-                    "quote fields that contain the delimiter"
+                    f"{where}: {len(record)} fields but the "
+                    f"{'header' if header else 'first row'} has {len(names)}; {fix}"
                 )
                 continue
-            row = Row(dict(zip(header, record, strict=True)), where)
+            row = Row(dict(zip(names, record, strict=True)), where)
             try:
                 _check_utf8(row, where)
             except BadRow as e:
@@ -131,9 +249,18 @@ def _parquet(path: Path) -> Iterator[Row | BadRow]:
         raise NanotuneError(
             f"{path}: reading parquet needs pyarrow; pip install 'nanotune[datasets]'"
         )
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    for n, obj in enumerate(pq.read_table(path).to_pylist()):
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise NanotuneError(
+            f"{path}: not a readable Parquet file ({why}); check the file, or set data.file_format "
+            "to its real format"
+        ) from e
+    for n, obj in enumerate(table.to_pylist()):
         yield Row(obj, f"{path}: row {n}")
 
 
@@ -156,13 +283,12 @@ def _text(path: Path, unit: str) -> Iterator[Row | BadRow]:
     for n, piece in pieces:
         if not piece.strip():
             continue
-        where = f"{path}:{n}"
-        try:
-            _check_utf8(piece, where)
-        except BadRow as e:
-            yield e
+        bad = _NOT_UTF8.search(piece)
+        if bad:  # name the line of the bad byte, not the first line of the document
+            line = n + piece.count("\n", 0, bad.start())
+            yield BadRow(f"{path}:{line}: not valid UTF-8; re-encode the file as UTF-8")
             continue
-        yield Row({"text": piece}, where)
+        yield Row({"text": piece}, f"{path}:{n}")
 
 
 def _is_saved_dataset(path: Path) -> bool:
@@ -171,21 +297,30 @@ def _is_saved_dataset(path: Path) -> bool:
     )
 
 
-def _file_rows(path: Path, text_unit: str) -> Iterator[Row | BadRow]:
+def _file_format(path: Path, file_format: str | None) -> str:
+    if file_format is not None:
+        return file_format
     suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        return _jsonl(path)
-    if suffix == ".json":
-        return _json(path)
-    if suffix in (".csv", ".tsv"):
-        return _csv(path)
-    if suffix == ".parquet":
-        return _parquet(path)
-    if suffix in TEXT_SUFFIXES:
-        return _text(path, text_unit)
+    if suffix in SUFFIX_FORMATS:
+        return SUFFIX_FORMATS[suffix]
+    what = f"unknown extension {suffix!r}" if suffix else "no extension"
     raise NanotuneError(
-        f"{path}: unknown file type {suffix!r}; use .jsonl, .json, .csv, .tsv, .parquet or .txt"
+        f"{path}: {what}; set data.file_format to one of csv, tsv, jsonl, json, parquet, text "
+        "(or rename it to .csv, .tsv, .jsonl, .json, .parquet or .txt)"
     )
+
+
+def _file_rows(
+    path: Path, file_format: str | None, text_unit: str, header: bool, quoting: str | None
+) -> Iterator[Row | BadRow]:
+    fmt = _file_format(path, file_format)
+    _check_file(path, fmt)
+    if fmt in ("csv", "tsv"):
+        # Tab-separated files rarely quote: a stray '"' there is text, not a quote.
+        quoting = quoting or ("csv" if fmt == "csv" else "none")
+        return _csv(path, "," if fmt == "csv" else "\t", header, quoting)
+    readers = {"jsonl": _jsonl, "json": _json, "parquet": _parquet}
+    return readers[fmt](path) if fmt in readers else _text(path, text_unit)
 
 
 def _split_suffix(spec: str) -> tuple[str, str | None]:
@@ -261,9 +396,16 @@ def _hub_dataset(dataset_id: str, split: str | None, config: str | None) -> Iter
 
 
 def iter_source(
-    spec: str, text_unit: str = "file", hf_config: str | None = None
+    spec: str,
+    text_unit: str = "file",
+    hf_config: str | None = None,
+    *,
+    file_format: str | None = None,
+    header: bool = True,
+    quoting: str | None = None,
 ) -> Iterator[Row | BadRow]:
-    """Rows of one source string (see `DataConfig`); unreadable rows are yielded as `BadRow`s."""
+    """Rows of one source string; the options are `DataConfig`'s fields of the same names.
+    Unreadable rows are yielded as `BadRow`s."""
     if spec.startswith("builtin:"):
         from nanotune.data.builtin import BUILTINS
 
@@ -286,16 +428,24 @@ def iter_source(
         raise NanotuneError(f"{spec}: no such file or folder; check data.source (or write hf:<id>)")
     if _is_saved_dataset(path):
         return _saved_dataset(path, None)
+    options = (file_format, text_unit, header, quoting)
     if path.is_dir():
+        # Hidden files and folders (.ipynb_checkpoints, .DS_Store) are never data; with a
+        # file_format every other file is read in it, else files with a known extension.
         files = sorted(
             p
             for p in path.rglob("*")
-            if p.is_file() and p.suffix.lower() in TABLE_SUFFIXES | TEXT_SUFFIXES
+            if p.is_file()
+            and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            and (file_format is not None or p.suffix.lower() in SUFFIX_FORMATS)
         )
         if not files:
-            raise NanotuneError(f"{path}: folder has no .jsonl/.json/.csv/.tsv/.parquet/.txt files")
-        return (row for f in files for row in _file_rows(f, text_unit))
-    return _file_rows(path, text_unit)
+            raise NanotuneError(
+                f"{path}: folder has no data files (.jsonl, .json, .csv, .tsv, .parquet, .txt, "
+                ".md); point data.source at a file, or set data.file_format to read other names"
+            )
+        return (row for f in files for row in _file_rows(f, *options))
+    return _file_rows(path, *options)
 
 
 def split_rows(
