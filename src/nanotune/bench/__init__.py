@@ -25,6 +25,7 @@ from nanotune.bench.report import render
 from nanotune.bench.workload import MARK
 from nanotune.errors import NanotuneError
 from nanotune.models.config import PRESETS
+from nanotune.weights.atomic import atomic_write
 
 SIDES = ("nanotune", "peer")
 
@@ -169,7 +170,5 @@ def run(
     notes_path = output.parent / "benchmarks" / "NOTES.md"
     notes = notes_path.read_text() if notes_path.is_file() else None
     text = render(results, peak=peak, quick=quick, device=device, command=command, notes=notes)
-    tmp_out = output.with_name(output.name + ".tmp")
-    tmp_out.write_text(text)
-    tmp_out.replace(output)
+    atomic_write(output, text)
     return results
