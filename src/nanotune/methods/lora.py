@@ -19,7 +19,7 @@ from nanotune.errors import NanotuneError
 from nanotune.methods import nf4
 from nanotune.models.config import ModelConfig
 from nanotune.models.linear import Linear, linear
-from nanotune.weights.convert import HF_MODULES
+from nanotune.models.names import HF_MODULES
 
 
 @dataclass

@@ -258,26 +258,3 @@ def to_hf(sd: dict[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
     if not config.tie_embeddings:
         out["lm_head.weight"] = sd["lm_head.weight"]
     return out
-
-
-# Where each Hugging Face module name lives in nanotune: (module path, slice name or None).
-# Used by LoRA targets and the PEFT adapter format.
-HF_MODULES: dict[str, dict[str, tuple[str, str | None]]] = {
-    "gpt2": {
-        "attn.c_attn": ("attn.qkv", None),
-        "attn.c_proj": ("attn.proj", None),
-        "mlp.c_fc": ("mlp.fc", None),
-        "mlp.c_proj": ("mlp.proj", None),
-    },
-    "llama": {
-        "self_attn.q_proj": ("attn.qkv", "q"),
-        "self_attn.k_proj": ("attn.qkv", "k"),
-        "self_attn.v_proj": ("attn.qkv", "v"),
-        "self_attn.o_proj": ("attn.proj", None),
-        "mlp.gate_proj": ("mlp.fc", "gate"),
-        "mlp.up_proj": ("mlp.fc", "up"),
-        "mlp.down_proj": ("mlp.proj", None),
-    },
-}
-
-HF_BLOCK_PREFIX = {"gpt2": "transformer.h.{i}.", "llama": "model.layers.{i}."}

@@ -25,7 +25,7 @@ from nanotune.methods import nf4
 from nanotune.methods.classifier import SequenceClassifier
 from nanotune.methods.lora import Adapter, LoRALinear, lora_layers, module_rows, wrap_linear
 from nanotune.models.config import ModelConfig
-from nanotune.weights.convert import HF_BLOCK_PREFIX, HF_MODULES
+from nanotune.models.names import HF_BLOCK_PREFIX, HF_MODULES
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
