@@ -346,3 +346,90 @@ def test_classifier_save_load_and_classify_cli(fmt, tmp_path, capsys):
         merged, _ = load_classifier(tmp_path / "merged")
         got = classify(merged, tok, text)
         assert max(abs(want[k] - got[k]) for k in want) < 1e-5
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])  # tied and untied LM head
+def test_trained_embeddings_travel_in_the_adapter(family, tmp_path):
+    model = nanotune_from(hf_model(family))
+    model.resize_token_embeddings(100)  # four added tokens
+    targets = ["c_attn"] if family == "gpt2" else ["q_proj", "v_proj"]
+    apply_method(
+        model, MethodConfig(name="lora", r=4, alpha=8, targets=targets, train_embeddings=True)
+    )
+    randomise(model)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        model.wte.weight.add_(torch.randn(model.wte.weight.shape, generator=g))
+        if family == "llama":
+            model.lm_head.weight.add_(torch.randn(model.lm_head.weight.shape, generator=g))
+    ids = torch.randint(1, 100, (3, 12), generator=g)
+    ids[:, 0] = 98  # an added token in every row
+    with torch.no_grad():
+        ours = model.eval()(ids)
+    save_adapter(model, tmp_path, base_model="tiny")
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert cfg["modules_to_save"] == ["wte" if family == "gpt2" else "embed_tokens", "lm_head"]
+    assert cfg.get("ensure_weight_tying", False) == (family == "gpt2")
+    fresh = nanotune_from(hf_model(family))
+    load_adapter(fresh, tmp_path)
+    assert fresh.config.vocab_size == 100
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(ids), ours)
+    hf = hf_model(family)
+    hf.resize_token_embeddings(100)
+    peft_model = PeftModel.from_pretrained(hf, str(tmp_path)).eval()
+    with torch.no_grad():
+        assert (peft_model(ids).logits - ours).abs().max() < 1e-4
+
+
+def test_an_adapter_head_apart_from_a_tied_embedding_is_refused(tmp_path):
+    hf = hf_model("gpt2")
+    peft_model = get_peft_model(
+        hf,
+        LoraConfig(
+            r=2, target_modules=["c_attn"], fan_in_fan_out=True, modules_to_save=["lm_head"]
+        ),
+    )
+    with torch.no_grad():
+        peft_model.base_model.model.lm_head.modules_to_save["default"].weight.add_(1.0)
+    peft_model.save_pretrained(str(tmp_path))
+    model = nanotune_from(hf_model("gpt2"))
+    with pytest.raises(NanotuneError, match="ties the two"):
+        load_adapter(model, tmp_path)
+    assert not lora_layers(model)  # refused before touching the model
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_run_with_added_chat_markers_saves_an_adapter_peft_loads(method, tmp_path, tiny_gpt2_dir):
+    from peft import AutoPeftModelForCausalLM
+
+    from nanotune.config import RunConfig
+    from nanotune.tokenizer import Tokenizer
+    from nanotune.weights import load_model
+    from nanotune.workflow import train
+
+    rows = [{"user": f"say {w}", "assistant": f"{w} {w}"} for w in "red green blue gold".split()]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows * 3))
+    config = RunConfig.from_dict(
+        {
+            "model": str(tiny_gpt2_dir),
+            "method": {"name": method, "r": 4, "alpha": 8, "train_embeddings": True},
+            "data": {"source": str(tmp_path / "chat.jsonl"), "format": "chat"},
+            "train": {"max_steps": 2, "micro_batch_size": 4, "lr": 1e-2},
+            "output_dir": str(tmp_path / "run"),
+        }
+    )
+    final = train(config, progress=False).final_dir
+    assert (final / "adapter_config.json").is_file() and not (final / "config.json").exists()
+    tokenizer = Tokenizer.from_dir(final)
+    assert tokenizer.vocab_size == 50257 + 4  # the chat markers
+    ids = torch.tensor([tokenizer.encode("<|user|>\nsay red<|end|>\n<|assistant|>\n")])
+    base, _ = load_model(tiny_gpt2_dir)
+    original = base.wte.weight.detach().clone()
+    load_adapter(base, final)
+    assert not torch.equal(base.wte.weight[:50257], original)  # the trained embedding
+    with torch.no_grad():
+        ours = base(ids)
+    hf = AutoPeftModelForCausalLM.from_pretrained(str(final)).eval()  # resizes to the tokenizer
+    with torch.no_grad():
+        assert (hf(ids).logits - ours).abs().max() < 1e-4

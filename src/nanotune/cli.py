@@ -66,14 +66,16 @@ def _generation_config(args: argparse.Namespace):
 
 
 def _load(args: argparse.Namespace):
-    """(model, tokenizer) named by --model, with --adapter applied when given."""
+    """(model, tokenizer) named by --model, with --adapter (and the tokenizer saved with it,
+    which holds the run's added tokens and chat template) applied when given."""
     from nanotune.weights import load_model
 
     model, tokenizer = load_model(args.model)
     if getattr(args, "adapter", None):
-        from nanotune.weights.peft import load_adapter
+        from nanotune.weights.peft import adapter_tokenizer, load_adapter
 
         load_adapter(model, args.adapter)
+        tokenizer = adapter_tokenizer(args.adapter, tokenizer)
     return model.eval(), tokenizer
 
 
