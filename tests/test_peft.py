@@ -403,6 +403,7 @@ def test_an_adapter_head_apart_from_a_tied_embedding_is_refused(tmp_path):
 def test_run_with_added_chat_markers_saves_an_adapter_peft_loads(method, tmp_path, tiny_gpt2_dir):
     from peft import AutoPeftModelForCausalLM
 
+    from nanotune.cli import main
     from nanotune.config import RunConfig
     from nanotune.tokenizer import Tokenizer
     from nanotune.weights import load_model
@@ -423,7 +424,9 @@ def test_run_with_added_chat_markers_saves_an_adapter_peft_loads(method, tmp_pat
     assert (final / "adapter_config.json").is_file() and not (final / "config.json").exists()
     tokenizer = Tokenizer.from_dir(final)
     assert tokenizer.vocab_size == 50257 + 4  # the chat markers
-    ids = torch.tensor([tokenizer.encode("<|user|>\nsay red<|end|>\n<|assistant|>\n")])
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "say red"}], True)
+    assert text == "<|user|>\nsay red<|end|>\n<|assistant|>\n"  # the markers' template, saved
+    ids = torch.tensor([tokenizer.encode(text)])
     base, _ = load_model(tiny_gpt2_dir)
     original = base.wte.weight.detach().clone()
     load_adapter(base, final)
@@ -433,3 +436,5 @@ def test_run_with_added_chat_markers_saves_an_adapter_peft_loads(method, tmp_pat
     hf = AutoPeftModelForCausalLM.from_pretrained(str(final)).eval()  # resizes to the tokenizer
     with torch.no_grad():
         assert (hf(ids).logits - ours).abs().max() < 1e-4
+    chat = ["generate", "--model", str(tiny_gpt2_dir), "--adapter", str(final), "--chat", "hi"]
+    assert main([*chat, "--max-new-tokens", "2"]) == 0
