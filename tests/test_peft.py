@@ -438,3 +438,74 @@ def test_run_with_added_chat_markers_saves_an_adapter_peft_loads(method, tmp_pat
         assert (hf(ids).logits - ours).abs().max() < 1e-4
     chat = ["generate", "--model", str(tiny_gpt2_dir), "--adapter", str(final), "--chat", "hi"]
     assert main([*chat, "--max-new-tokens", "2"]) == 0
+
+
+def test_classifier_adapter_carries_trained_embeddings_and_added_tokens(tmp_path):
+    from nanotune.methods.classifier import load_classifier, save_classifier
+
+    body, tok = gpt2_folder(tmp_path / "base")
+    tok.add_special_tokens(["<|sep|>"])
+    body.resize_token_embeddings(tok.vocab_size)
+    clf = SequenceClassifier(body, 2, ["no", "yes"])
+    apply_method(clf, MethodConfig(name="lora", r=4, alpha=8, train_embeddings=True))
+    randomise(clf)
+    with torch.no_grad():
+        body.wte.weight.add_(torch.randn(body.wte.weight.shape) * 0.5)
+    ids = torch.tensor([tok.encode("is this<|sep|> right")])
+    with torch.no_grad():
+        ours = clf.eval()(ids, torch.tensor([ids.shape[1]]))
+    save_classifier(clf, tmp_path / "clf", tok, base_model=str(tmp_path / "base"))
+    cfg = json.loads((tmp_path / "clf" / "adapter_config.json").read_text())
+    assert cfg["modules_to_save"] == ["score", "wte"]
+    loaded, tok2 = load_classifier(tmp_path / "clf")
+    assert tok2.encode("is this<|sep|> right") == ids[0].tolist()  # the adapter's tokenizer
+    with torch.no_grad():
+        assert torch.equal(loaded(ids, torch.tensor([ids.shape[1]])), ours)
+    hf = GPT2ForSequenceClassification.from_pretrained(tmp_path / "base", num_labels=2)
+    hf.resize_token_embeddings(tok.vocab_size)
+    peft_model = PeftModel.from_pretrained(hf, str(tmp_path / "clf")).eval()
+    with torch.no_grad():
+        assert (peft_model(input_ids=ids).logits - ours).abs().max() < 1e-4
+
+
+def test_classify_batches_and_the_cli_takes_several_texts_and_files(tmp_path, capsys):
+    from nanotune.cli import main
+    from nanotune.methods.classifier import classify, classify_batch, save_classifier
+
+    body, tok = gpt2_folder(tmp_path / "base")
+    clf = SequenceClassifier(body, 3, ["neg", "neu", "pos"])
+    apply_method(clf, MethodConfig(name="lora", r=4, alpha=8))
+    randomise(clf)
+    with torch.no_grad():
+        clf.score.weight.mul_(50)
+    clf.eval()
+    save_classifier(clf, tmp_path / "clf", tok)
+    texts = ["a tiny model reads this sentence", "WIN a FREE prize, text now", "ok", "so so"]
+    want = [classify(clf, tok, t) for t in texts]
+    for got, w in zip(classify_batch(clf, tok, texts, batch_size=3), want, strict=True):
+        assert max(abs(got[k] - w[k]) for k in w) < 1e-5  # padding changes nothing
+
+    def table(argv) -> list[list[str]]:
+        assert main(["classify", "--model", str(tmp_path / "clf"), *argv]) == 0
+        header, *rows = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
+        assert header == ["label", "neg", "neu", "pos", "text"]
+        return rows
+
+    rows = table(["--text", texts[0], "--text", texts[1]])
+    assert [r[0] for r in rows] == [max(w, key=w.get) for w in want[:2]]
+    assert [float(p) for p in rows[1][1:4]] == pytest.approx(list(want[1].values()), abs=1e-4)
+    assert rows[0][4] == texts[0]
+    (tmp_path / "texts.txt").write_text(f"{texts[2]}\n\n{texts[3]}\r\n")
+    assert [r[4] for r in table(["--file", str(tmp_path / "texts.txt")])] == texts[2:]
+    lines = [json.dumps({"text": "two\nlines\u2028"}), "", json.dumps({"text": texts[2]})]
+    (tmp_path / "texts.jsonl").write_text("\n".join(lines) + "\n")
+    rows = table(["--file", str(tmp_path / "texts.jsonl"), "--text", texts[3]])
+    assert [r[4] for r in rows] == [texts[3], "two lines", texts[2]]
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"label": 1}\n')
+    assert (
+        main(["classify", "--model", str(tmp_path / "clf"), "--file", str(tmp_path / "bad.jsonl")])
+        == 2
+    )
+    assert "bad.jsonl:2" in capsys.readouterr().err
+    assert main(["classify", "--model", str(tmp_path / "clf")]) == 2
+    assert "--text" in capsys.readouterr().err
