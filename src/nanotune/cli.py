@@ -585,11 +585,32 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """The top-level parser. argparse fills a nargs="*" positional from one run of positionals
+    only, so `train my.yaml --resume train.lr=1e-4` would leave train.lr=1e-4 unrecognised: the
+    subcommands in `intermixed` (those taking KEY=VALUE overrides) take them among their flags."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.intermixed: dict[str, argparse.ArgumentParser] = {}
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        sub = self.intermixed.get(args[0]) if args else None
+        if sub is None:
+            return super().parse_known_args(args, namespace)
+        namespace = argparse.Namespace() if namespace is None else namespace
+        namespace.command = args[0]
+        return sub.parse_known_intermixed_args(args[1:], namespace)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="nanotune", description="Fine-tune GPT-2 and other small language models."
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=argparse.ArgumentParser
+    )
     # Subcommands register themselves here: add_<name>_parser(sub).
     _add_generate(sub)
     _add_chat(sub)
@@ -602,6 +623,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_recipes(sub)
     _add_demo(sub)
+    parser.intermixed = {name: sub.choices[name] for name in ("train", "demo")}
     return parser
 
 
