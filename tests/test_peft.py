@@ -438,6 +438,12 @@ def test_run_with_added_chat_markers_saves_an_adapter_peft_loads(method, tmp_pat
         assert (hf(ids).logits - ours).abs().max() < 1e-4
     chat = ["generate", "--model", str(tiny_gpt2_dir), "--adapter", str(final), "--chat", "hi"]
     assert main([*chat, "--max-new-tokens", "2"]) == 0
+    merge = ["merge", "--model", str(tiny_gpt2_dir), "--adapter", str(final)]
+    assert main([*merge, str(tmp_path / "merged")]) == 0
+    merged, merged_tokenizer = load_model(tmp_path / "merged")
+    assert merged_tokenizer.vocab_size == tokenizer.vocab_size and merged_tokenizer.chat_template
+    with torch.no_grad():
+        assert (merged(ids) - ours).abs().max() < 1e-5
 
 
 def test_classifier_adapter_carries_trained_embeddings_and_added_tokens(tmp_path):
