@@ -515,3 +515,20 @@ def test_classify_batches_and_the_cli_takes_several_texts_and_files(tmp_path, ca
     assert "bad.jsonl:2" in capsys.readouterr().err
     assert main(["classify", "--model", str(tmp_path / "clf")]) == 2
     assert "--text" in capsys.readouterr().err
+
+
+def test_added_tokens_that_did_not_train_grow_as_in_training(tmp_path):
+    from nanotune.weights import load_model
+
+    model, tok = gpt2_folder(tmp_path / "base")
+    tok.add_special_tokens(["<|x|>"])
+    model.resize_token_embeddings(tok.vocab_size)  # the new row starts at the mean embedding
+    apply_method(model, MethodConfig(name="lora", r=4, alpha=8))
+    randomise(model)
+    save_adapter(model, tmp_path / "adapter", base_model=str(tmp_path / "base"))
+    tok.save(tmp_path / "adapter")
+    ids = torch.tensor([tok.encode("a<|x|> b")])
+    fresh, _ = load_model(tmp_path / "base")
+    load_adapter(fresh, tmp_path / "adapter")  # grows to the adapter's tokenizer
+    with torch.no_grad():
+        assert torch.equal(fresh(ids), model.eval()(ids))
