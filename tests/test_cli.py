@@ -224,3 +224,37 @@ def test_real_model_knows_the_capital_of_france(capsys):
     ]
     assert main(argv) == 0
     assert "Paris" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, config, overrides",
+    [
+        (["train", "my.yaml", "--resume", "train.lr=1e-4"], "my.yaml", ["train.lr=1e-4"]),
+        (["train", "my.yaml", "a=1", "--resume", "b=2"], "my.yaml", ["a=1", "b=2"]),
+        (["train", "--resume", "my.yaml", "a=1"], "my.yaml", ["a=1"]),
+    ],
+)
+def test_train_takes_overrides_after_flags(argv, config, overrides, monkeypatch, capsys):
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    seen = {}
+
+    def train(config, **kwargs):
+        seen.update(config=config, **kwargs)
+        return SimpleNamespace(step=0, final_dir=Path("final"), report=None)
+
+    monkeypatch.setattr("nanotune.workflow.train", train)
+    assert main(argv) == 0
+    assert (seen["config"], seen["overrides"], seen["resume"]) == (config, overrides, True)
+
+
+def test_recipe_and_demo_take_overrides_among_flags():
+    parser = build_parser()
+    args = parser.parse_args(["train", "--recipe", "demo", "--overwrite", "a=1", "--resume", "b=2"])
+    assert (args.recipe, args.config, args.overrides) == ("demo", "a=1", ["b=2"])
+    assert args.overwrite and args.resume
+    args = parser.parse_args(["demo", "a=1", "--output-dir", "out", "b=2", "--overwrite"])
+    assert (args.overrides, args.output_dir, args.overwrite) == (["a=1", "b=2"], "out", True)
+    with pytest.raises(SystemExit):  # an unknown flag is still refused
+        parser.parse_args(["train", "my.yaml", "--resme", "a=1"])

@@ -138,6 +138,46 @@ def test_gpt2_chat_markers_multi_turn(gpt2):
     assert ex.labels[len(prompt) - 1] == IGNORE and ex.labels[len(prompt)] != IGNORE
 
 
+MARKER_CHATS = [
+    [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"}],
+    [
+        {"role": "system", "content": "Reply in French."},
+        {"role": "user", "content": " two  spaces\nand a line"},
+        {"role": "assistant", "content": "Bonjour"},
+        {"role": "user", "content": "<|end|> inside"},
+        {"role": "assistant", "content": "d'accord"},
+    ],
+]
+# Quotes, jinja syntax, a backslash, non-ASCII and a newline survive the template's literal.
+NASTY_SYSTEM = 'Say "hi" {{ x }} {% raw %} \\ é 😀\nthen stop.'
+
+
+@pytest.mark.parametrize("add_bos", [False, True])
+def test_markers_chat_template_renders_the_training_text(add_bos, tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = gpt2_tokenizer()
+    tok.add_bos = add_bos
+    rows = [{"messages": chat} for chat in MARKER_CHATS]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = DataConfig(source=str(tmp_path / "chat.jsonl"), format="chat", system_prompt=NASTY_SYSTEM)
+    data = build_datasets(cfg, tok)  # chat_style auto: GPT-2 has no template, so markers
+    assert tok.chat_template and data.added_tokens
+    tok.save(tmp_path / "saved")
+    hf = AutoTokenizer.from_pretrained(tmp_path / "saved")
+    for chat, ex in zip(MARKER_CHATS, data.train, strict=True):
+        text = tok.apply_chat_template(chat)
+        assert text == tok.decode(ex.ids) and tok.encode(text) == ex.ids
+        assert text.startswith("<|endoftext|>" if add_bos else "<|")
+        assert hf.apply_chat_template(chat, tokenize=False) == text
+        for k in range(1, len(chat), 2):  # each reply's prompt, as generation renders it
+            prompt = tok.apply_chat_template(chat[:k], add_generation_prompt=True)
+            assert prompt.endswith("<|assistant|>\n")
+            assert tok.encode(prompt) == chat_prompt_ids(chat[:k], tok, cfg)
+    with pytest.raises(NanotuneError, match="role tool"):
+        tok.apply_chat_template([{"role": "tool", "content": "x"}])
+
+
 def test_smollm2_chat_template_multi_turn(smol):
     cfg = DataConfig(source="x", format="chat")
     assert required_special_tokens(cfg, smol) == []

@@ -346,3 +346,189 @@ def test_classifier_save_load_and_classify_cli(fmt, tmp_path, capsys):
         merged, _ = load_classifier(tmp_path / "merged")
         got = classify(merged, tok, text)
         assert max(abs(want[k] - got[k]) for k in want) < 1e-5
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])  # tied and untied LM head
+def test_trained_embeddings_travel_in_the_adapter(family, tmp_path):
+    model = nanotune_from(hf_model(family))
+    model.resize_token_embeddings(100)  # four added tokens
+    targets = ["c_attn"] if family == "gpt2" else ["q_proj", "v_proj"]
+    apply_method(
+        model, MethodConfig(name="lora", r=4, alpha=8, targets=targets, train_embeddings=True)
+    )
+    randomise(model)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        model.wte.weight.add_(torch.randn(model.wte.weight.shape, generator=g))
+        if family == "llama":
+            model.lm_head.weight.add_(torch.randn(model.lm_head.weight.shape, generator=g))
+    ids = torch.randint(1, 100, (3, 12), generator=g)
+    ids[:, 0] = 98  # an added token in every row
+    with torch.no_grad():
+        ours = model.eval()(ids)
+    save_adapter(model, tmp_path, base_model="tiny")
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert cfg["modules_to_save"] == ["wte" if family == "gpt2" else "embed_tokens", "lm_head"]
+    assert cfg.get("ensure_weight_tying", False) == (family == "gpt2")
+    fresh = nanotune_from(hf_model(family))
+    load_adapter(fresh, tmp_path)
+    assert fresh.config.vocab_size == 100
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(ids), ours)
+    hf = hf_model(family)
+    hf.resize_token_embeddings(100)
+    peft_model = PeftModel.from_pretrained(hf, str(tmp_path)).eval()
+    with torch.no_grad():
+        assert (peft_model(ids).logits - ours).abs().max() < 1e-4
+
+
+def test_an_adapter_head_apart_from_a_tied_embedding_is_refused(tmp_path):
+    hf = hf_model("gpt2")
+    peft_model = get_peft_model(
+        hf,
+        LoraConfig(
+            r=2, target_modules=["c_attn"], fan_in_fan_out=True, modules_to_save=["lm_head"]
+        ),
+    )
+    with torch.no_grad():
+        peft_model.base_model.model.lm_head.modules_to_save["default"].weight.add_(1.0)
+    peft_model.save_pretrained(str(tmp_path))
+    model = nanotune_from(hf_model("gpt2"))
+    with pytest.raises(NanotuneError, match="ties the two"):
+        load_adapter(model, tmp_path)
+    assert not lora_layers(model)  # refused before touching the model
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_run_with_added_chat_markers_saves_an_adapter_peft_loads(method, tmp_path, tiny_gpt2_dir):
+    from peft import AutoPeftModelForCausalLM
+
+    from nanotune.cli import main
+    from nanotune.config import RunConfig
+    from nanotune.tokenizer import Tokenizer
+    from nanotune.weights import load_model
+    from nanotune.workflow import train
+
+    rows = [{"user": f"say {w}", "assistant": f"{w} {w}"} for w in "red green blue gold".split()]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows * 3))
+    config = RunConfig.from_dict(
+        {
+            "model": str(tiny_gpt2_dir),
+            "method": {"name": method, "r": 4, "alpha": 8, "train_embeddings": True},
+            "data": {"source": str(tmp_path / "chat.jsonl"), "format": "chat"},
+            "train": {"max_steps": 2, "micro_batch_size": 4, "lr": 1e-2},
+            "output_dir": str(tmp_path / "run"),
+        }
+    )
+    final = train(config, progress=False).final_dir
+    assert (final / "adapter_config.json").is_file() and not (final / "config.json").exists()
+    tokenizer = Tokenizer.from_dir(final)
+    assert tokenizer.vocab_size == 50257 + 4  # the chat markers
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "say red"}], True)
+    assert text == "<|user|>\nsay red<|end|>\n<|assistant|>\n"  # the markers' template, saved
+    ids = torch.tensor([tokenizer.encode(text)])
+    base, _ = load_model(tiny_gpt2_dir)
+    original = base.wte.weight.detach().clone()
+    load_adapter(base, final)
+    assert not torch.equal(base.wte.weight[:50257], original)  # the trained embedding
+    with torch.no_grad():
+        ours = base(ids)
+    hf = AutoPeftModelForCausalLM.from_pretrained(str(final)).eval()  # resizes to the tokenizer
+    with torch.no_grad():
+        assert (hf(ids).logits - ours).abs().max() < 1e-4
+    chat = ["generate", "--model", str(tiny_gpt2_dir), "--adapter", str(final), "--chat", "hi"]
+    assert main([*chat, "--max-new-tokens", "2"]) == 0
+    merge = ["merge", "--model", str(tiny_gpt2_dir), "--adapter", str(final)]
+    assert main([*merge, str(tmp_path / "merged")]) == 0
+    merged, merged_tokenizer = load_model(tmp_path / "merged")
+    assert merged_tokenizer.vocab_size == tokenizer.vocab_size and merged_tokenizer.chat_template
+    with torch.no_grad():
+        assert (merged(ids) - ours).abs().max() < 1e-5
+
+
+def test_classifier_adapter_carries_trained_embeddings_and_added_tokens(tmp_path):
+    from nanotune.methods.classifier import load_classifier, save_classifier
+
+    body, tok = gpt2_folder(tmp_path / "base")
+    tok.add_special_tokens(["<|sep|>"])
+    body.resize_token_embeddings(tok.vocab_size)
+    clf = SequenceClassifier(body, 2, ["no", "yes"])
+    apply_method(clf, MethodConfig(name="lora", r=4, alpha=8, train_embeddings=True))
+    randomise(clf)
+    with torch.no_grad():
+        body.wte.weight.add_(torch.randn(body.wte.weight.shape) * 0.5)
+    ids = torch.tensor([tok.encode("is this<|sep|> right")])
+    with torch.no_grad():
+        ours = clf.eval()(ids, torch.tensor([ids.shape[1]]))
+    save_classifier(clf, tmp_path / "clf", tok, base_model=str(tmp_path / "base"))
+    cfg = json.loads((tmp_path / "clf" / "adapter_config.json").read_text())
+    assert cfg["modules_to_save"] == ["score", "wte"]
+    loaded, tok2 = load_classifier(tmp_path / "clf")
+    assert tok2.encode("is this<|sep|> right") == ids[0].tolist()  # the adapter's tokenizer
+    with torch.no_grad():
+        assert torch.equal(loaded(ids, torch.tensor([ids.shape[1]])), ours)
+    hf = GPT2ForSequenceClassification.from_pretrained(tmp_path / "base", num_labels=2)
+    hf.resize_token_embeddings(tok.vocab_size)
+    peft_model = PeftModel.from_pretrained(hf, str(tmp_path / "clf")).eval()
+    with torch.no_grad():
+        assert (peft_model(input_ids=ids).logits - ours).abs().max() < 1e-4
+
+
+def test_classify_batches_and_the_cli_takes_several_texts_and_files(tmp_path, capsys):
+    from nanotune.cli import main
+    from nanotune.methods.classifier import classify, classify_batch, save_classifier
+
+    body, tok = gpt2_folder(tmp_path / "base")
+    clf = SequenceClassifier(body, 3, ["neg", "neu", "pos"])
+    apply_method(clf, MethodConfig(name="lora", r=4, alpha=8))
+    randomise(clf)
+    with torch.no_grad():
+        clf.score.weight.mul_(50)
+    clf.eval()
+    save_classifier(clf, tmp_path / "clf", tok)
+    texts = ["a tiny model reads this sentence", "WIN a FREE prize, text now", "ok", "so so"]
+    want = [classify(clf, tok, t) for t in texts]
+    for got, w in zip(classify_batch(clf, tok, texts, batch_size=3), want, strict=True):
+        assert max(abs(got[k] - w[k]) for k in w) < 1e-5  # padding changes nothing
+
+    def table(argv) -> list[list[str]]:
+        assert main(["classify", "--model", str(tmp_path / "clf"), *argv]) == 0
+        header, *rows = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
+        assert header == ["label", "neg", "neu", "pos", "text"]
+        return rows
+
+    rows = table(["--text", texts[0], "--text", texts[1]])
+    assert [r[0] for r in rows] == [max(w, key=w.get) for w in want[:2]]
+    assert [float(p) for p in rows[1][1:4]] == pytest.approx(list(want[1].values()), abs=1e-4)
+    assert rows[0][4] == texts[0]
+    (tmp_path / "texts.txt").write_text(f"{texts[2]}\n\n{texts[3]}\r\n")
+    assert [r[4] for r in table(["--file", str(tmp_path / "texts.txt")])] == texts[2:]
+    lines = [json.dumps({"text": "two\nlines\u2028"}), "", json.dumps({"text": texts[2]})]
+    (tmp_path / "texts.jsonl").write_text("\n".join(lines) + "\n")
+    rows = table(["--file", str(tmp_path / "texts.jsonl"), "--text", texts[3]])
+    assert [r[4] for r in rows] == [texts[3], "two lines", texts[2]]
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"label": 1}\n')
+    assert (
+        main(["classify", "--model", str(tmp_path / "clf"), "--file", str(tmp_path / "bad.jsonl")])
+        == 2
+    )
+    assert "bad.jsonl:2" in capsys.readouterr().err
+    assert main(["classify", "--model", str(tmp_path / "clf")]) == 2
+    assert "--text" in capsys.readouterr().err
+
+
+def test_added_tokens_that_did_not_train_grow_as_in_training(tmp_path):
+    from nanotune.weights import load_model
+
+    model, tok = gpt2_folder(tmp_path / "base")
+    tok.add_special_tokens(["<|x|>"])
+    model.resize_token_embeddings(tok.vocab_size)  # the new row starts at the mean embedding
+    apply_method(model, MethodConfig(name="lora", r=4, alpha=8))
+    randomise(model)
+    save_adapter(model, tmp_path / "adapter", base_model=str(tmp_path / "base"))
+    tok.save(tmp_path / "adapter")
+    ids = torch.tensor([tok.encode("a<|x|> b")])
+    fresh, _ = load_model(tmp_path / "base")
+    load_adapter(fresh, tmp_path / "adapter")  # grows to the adapter's tokenizer
+    with torch.no_grad():
+        assert torch.equal(fresh(ids), model.eval()(ids))

@@ -277,6 +277,25 @@ def test_file_errors_name_the_file(tmp_path):
         Tokenizer.from_dir(tmp_path)
 
 
+@pytest.mark.parametrize("vocab", ["{}", "[]"])
+def test_an_empty_vocab_json_is_refused_naming_it(vocab, tmp_path):
+    (tmp_path / "vocab.json").write_text(vocab)
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    with pytest.raises(NanotuneError, match=r"vocab\.json: holds no vocabulary"):
+        Tokenizer.from_dir(tmp_path)
+
+
+def test_a_tokenizer_json_with_an_empty_vocab_is_refused_naming_it(tmp_path):
+    from tokenizers import AddedToken, models
+    from tokenizers import Tokenizer as HFTokenizer
+
+    empty = HFTokenizer(models.BPE(vocab={}, merges=[]))
+    empty.add_special_tokens([AddedToken("<|endoftext|>", special=True)])  # added tokens only
+    empty.save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(NanotuneError, match=r"tokenizer\.json: its model\.vocab is empty"):
+        Tokenizer.from_dir(tmp_path)
+
+
 # --- SmolLM2 (the real GGUF) ------------------------------------------------------------------------
 
 

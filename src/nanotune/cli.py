@@ -66,14 +66,16 @@ def _generation_config(args: argparse.Namespace):
 
 
 def _load(args: argparse.Namespace):
-    """(model, tokenizer) named by --model, with --adapter applied when given."""
+    """(model, tokenizer) named by --model, with --adapter (and the tokenizer saved with it,
+    which holds the run's added tokens and chat template) applied when given."""
     from nanotune.weights import load_model
 
     model, tokenizer = load_model(args.model)
     if getattr(args, "adapter", None):
-        from nanotune.weights.peft import load_adapter
+        from nanotune.weights.peft import adapter_tokenizer, load_adapter
 
         load_adapter(model, args.adapter)
+        tokenizer = adapter_tokenizer(args.adapter, tokenizer)
     return model.eval(), tokenizer
 
 
@@ -412,24 +414,73 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def _add_classify(sub) -> None:
     p = sub.add_parser(
         "classify",
-        help="label a text with a fine-tuned classifier",
-        description="Print the predicted label of --text and the probability of every label.",
+        help="label texts with a fine-tuned classifier",
+        description="Print the predicted label of each text and the probability of every label: "
+        "for one --text as a short list, otherwise one tab-separated line per text under a header.",
     )
     p.add_argument(
         "--model", required=True, metavar="DIR", help="classifier folder (save_classifier)"
     )
-    p.add_argument("--text", required=True, help="text to classify")
+    p.add_argument(
+        "--text", action="append", default=[], metavar="TEXT", help="text to classify (repeatable)"
+    )
+    p.add_argument(
+        "--file",
+        metavar="PATH",
+        help="texts to classify: one per line, or a .jsonl file of objects with a text field",
+    )
     p.set_defaults(func=cmd_classify)
 
 
-def cmd_classify(args: argparse.Namespace) -> int:
-    from nanotune.methods.classifier import classify, load_classifier
+def _read_texts(path: str) -> list[str]:
+    """The texts of a --file: one per non-blank line, or the `text` field of each .jsonl line."""
+    import json
+    from pathlib import Path
 
+    p = Path(path)
+    try:
+        # Split on newlines only: str.splitlines also breaks at U+2028 inside a JSON string.
+        lines = [line.rstrip("\r") for line in p.read_text(encoding="utf-8").split("\n")]
+    except (OSError, UnicodeDecodeError) as e:
+        raise NanotuneError(f"{p}: cannot read the texts ({e}); give a UTF-8 text file") from e
+    texts = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if p.suffix != ".jsonl":
+            texts.append(line)
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise NanotuneError(f"{p}:{n}: not valid JSON ({e}); one object per line") from e
+        text = row.get("text") if isinstance(row, dict) else None
+        if not isinstance(text, str) or not text:
+            raise NanotuneError(f'{p}:{n}: needs a non-empty string field "text"')
+        texts.append(text)
+    if not texts:
+        raise NanotuneError(f"{p}: holds no texts; put one text per line")
+    return texts
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    from nanotune.methods.classifier import classify_batch, load_classifier
+
+    texts = [*args.text, *(_read_texts(args.file) if args.file else [])]
+    if not texts:
+        raise NanotuneError("classify: give --text TEXT (repeatable) or --file PATH")
     model, tokenizer = load_classifier(args.model)
-    probs = classify(model, tokenizer, args.text)
-    print(max(probs, key=probs.get))
-    for name, p in probs.items():
-        print(f"  {name}: {p:.4f}")
+    results = classify_batch(model, tokenizer, texts)
+    if len(texts) == 1 and not args.file:
+        (probs,) = results
+        print(max(probs, key=probs.get))
+        for name, p in probs.items():
+            print(f"  {name}: {p:.4f}")
+        return 0
+    print("\t".join(["label", *model.label_names, "text"]))
+    for text, probs in zip(texts, results, strict=True):
+        shown = " ".join(text.split())  # one line per text, whatever whitespace it holds
+        print("\t".join([max(probs, key=probs.get), *(f"{p:.4f}" for p in probs.values()), shown]))
     return 0
 
 
@@ -548,11 +599,32 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """The top-level parser. argparse fills a nargs="*" positional from one run of positionals
+    only, so `train my.yaml --resume train.lr=1e-4` would leave train.lr=1e-4 unrecognised: the
+    subcommands in `intermixed` (those taking KEY=VALUE overrides) take them among their flags."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.intermixed: dict[str, argparse.ArgumentParser] = {}
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        sub = self.intermixed.get(args[0]) if args else None
+        if sub is None:
+            return super().parse_known_args(args, namespace)
+        namespace = argparse.Namespace() if namespace is None else namespace
+        namespace.command = args[0]
+        return sub.parse_known_intermixed_args(args[1:], namespace)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="nanotune", description="Fine-tune GPT-2 and other small language models."
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=argparse.ArgumentParser
+    )
     # Subcommands register themselves here: add_<name>_parser(sub).
     _add_generate(sub)
     _add_chat(sub)
@@ -565,6 +637,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_recipes(sub)
     _add_demo(sub)
+    parser.intermixed = {name: sub.choices[name] for name in ("train", "demo")}
     return parser
 
 

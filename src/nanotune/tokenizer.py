@@ -249,6 +249,11 @@ class Tokenizer:
             if not p.is_file():
                 raise NanotuneError(f"{p}: file not found; GPT-2 BPE needs encoder.json+vocab.bpe")
         encoder = _read_json(encoder_path)
+        if not isinstance(encoder, dict) or not encoder:
+            raise NanotuneError(
+                f"{encoder_path}: holds no vocabulary (expected a non-empty JSON object of "
+                "token -> id); replace it with the model's vocab.json"
+            )
         merges = _read_merges(merges_path)
         backend = _gpt2_backend(encoder_path, merges_path, encoder, merges)
         eos = backend.token_to_id(ENDOFTEXT)
@@ -268,6 +273,11 @@ class Tokenizer:
                     f"{d / 'tokenizer.json'}: not a valid tokenizer.json ({e}); re-save it with "
                     "transformers or replace it"
                 ) from e
+            if hf.get_vocab_size(with_added_tokens=False) == 0:
+                raise NanotuneError(
+                    f"{d / 'tokenizer.json'}: its model.vocab is empty; replace the file with the "
+                    "model's own tokenizer.json"
+                )
             tok = cls(_TokenizersBackend(hf), name=str(d))
         elif (d / "vocab.json").is_file() and (d / "merges.txt").is_file():
             tok = cls.from_gpt2_files(d / "vocab.json", d / "merges.txt")

@@ -127,7 +127,7 @@ def check_run_dir(
 
 
 def _save_final(model: Any, tokenizer: Any, config: RunConfig, final: Path) -> None:
-    from nanotune.methods import SequenceClassifier, lora_layers, merge
+    from nanotune.methods import SequenceClassifier, lora_layers
     from nanotune.methods.classifier import save_classifier
     from nanotune.weights import save_model
     from nanotune.weights.atomic import atomic_dir
@@ -137,7 +137,7 @@ def _save_final(model: Any, tokenizer: Any, config: RunConfig, final: Path) -> N
         base = config.model.name if lora_layers(model.body) else None
         save_classifier(model, final, tokenizer, base, overwrite=True)
         return
-    if lora_layers(model) and not model.wte.weight.requires_grad:
+    if lora_layers(model):  # trained embeddings travel in the adapter (modules_to_save)
 
         def write(tmp: Path) -> None:
             save_adapter(model, tmp, config.model.name)
@@ -145,12 +145,9 @@ def _save_final(model: Any, tokenizer: Any, config: RunConfig, final: Path) -> N
 
         atomic_dir(final, write, kind="adapter")
         return
-    # Full and last_n runs, and LoRA that also trained the embeddings (no adapter can hold
-    # those): a whole HF model. The run is over, so adapters are folded in place: a copy would
-    # double the memory, and torchao re-quantizes copied NF4 weights with a scaler block that
-    # small layers do not divide.
-    body = merge(model) if lora_layers(model) else model
-    save_model(body, tokenizer, final, overwrite=True)
+    # Full and last_n runs: a whole HF model. LoRA never gets here: merged onto a QLoRA run's
+    # NF4-rounded base, every weight the run never touched would be saved rounded.
+    save_model(model, tokenizer, final, overwrite=True)
 
 
 def _evaluate(model: Any, tokenizer: Any, examples: list, config: RunConfig, labels: Any) -> tuple:

@@ -8,6 +8,7 @@ in context).
 
 from __future__ import annotations
 
+import json
 import re
 import string
 from collections.abc import Callable, Sequence
@@ -51,6 +52,10 @@ class TooLong(NanotuneError):
 Segment = tuple[list[int], bool]  # (token ids, is the supervised "answer" part)
 
 
+# The first line of the chat template that renders the markers (markers_chat_template).
+MARKERS_TEMPLATE_TAG = "{# nanotune chat markers (data.chat_style: markers) #}"
+
+
 def uses_markers(cfg: DataConfig, tokenizer: TokenizerLike) -> bool:
     """True when chat rows are rendered with nanotune's <|user|>... markers, not the model's template."""
     if cfg.chat_style == "markers":
@@ -59,7 +64,46 @@ def uses_markers(cfg: DataConfig, tokenizer: TokenizerLike) -> bool:
         raise NanotuneError(
             "data.chat_style: model, but the tokenizer has no chat template; use markers"
         )
-    return not tokenizer.chat_template
+    # A markers template (set by a markers run and saved with its tokenizer) renders the same
+    # text; the markers path also keeps the token pieces exactly as they trained.
+    template = tokenizer.chat_template
+    return not template or template.startswith(MARKERS_TEMPLATE_TAG)
+
+
+def markers_chat_template(cfg: DataConfig, tokenizer: TokenizerLike) -> str:
+    """A jinja chat template rendering exactly the text the markers format trains on: BOS when
+    the model expects it, data.system_prompt when a conversation has no system turn, each turn
+    as `<|role|>\\n` content `<|end|>\\n`, and `<|assistant|>\\n` as the generation prompt."""
+
+    def literal(value) -> str:  # JSON literals read back the same as jinja literals
+        return json.dumps(value, ensure_ascii=False)
+
+    return "".join(
+        [
+            MARKERS_TEMPLATE_TAG,
+            "{% set MARKERS = " + literal(ROLE_MARKERS) + " %}",
+            "{% set END = " + literal(END_MARKER) + " %}",
+            "{% set SYSTEM = " + literal(cfg.system_prompt) + " %}",
+            "{{ bos_token }}" if bos(tokenizer) else "",
+            "{% if SYSTEM and messages and messages[0]['role'] != 'system' %}",
+            "{{ MARKERS['system'] + '\\n' + SYSTEM + END + '\\n' }}",
+            "{% endif %}",
+            "{% for message in messages %}",
+            "{% if message['role'] not in MARKERS %}",
+            "{{ raise_exception('role ' + message['role'] + ' is not system, user or assistant') }}",
+            "{% endif %}",
+            "{{ MARKERS[message['role']] + '\\n' + message['content'] + END + '\\n' }}",
+            "{% endfor %}",
+            "{% if add_generation_prompt %}{{ MARKERS['assistant'] + '\\n' }}{% endif %}",
+        ]
+    )
+
+
+def use_markers_template(cfg: DataConfig, tokenizer: TokenizerLike) -> None:
+    """Give a markers chat format's tokenizer the template that renders it, so the tokenizer
+    saved with the fine-tune chats (`nanotune chat`, `generate --chat`) as it trained."""
+    if cfg.format == "chat" and uses_markers(cfg, tokenizer):
+        tokenizer.chat_template = markers_chat_template(cfg, tokenizer)
 
 
 def required_special_tokens(cfg: DataConfig, tokenizer: TokenizerLike) -> list[str]:

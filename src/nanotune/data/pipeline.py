@@ -18,6 +18,7 @@ from nanotune.data.formats import (
     format_classification,
     required_special_tokens,
     row_field,
+    use_markers_template,
 )
 from nanotune.data.sources import BadRow, Row, balance_rows, iter_source, split_rows
 from nanotune.errors import NanotuneError
@@ -221,6 +222,7 @@ def build_datasets(cfg: DataConfig, tokenizer: TokenizerLike) -> Datasets:
     added = required_special_tokens(cfg, tokenizer)
     if added:
         tokenizer.add_special_tokens(added)
+    use_markers_template(cfg, tokenizer)
     splits = {}
     for name, split_rows_ in rows.items():
         splits[name] = _examples(split_rows_, cfg, tokenizer, label_names, stats[name], problems)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -113,7 +113,7 @@ def save_classifier(
 def load_classifier(directory: str | Path):
     """(SequenceClassifier, Tokenizer) from a folder written by `save_classifier`."""
     from nanotune.weights import load_model
-    from nanotune.weights.peft import load_adapter
+    from nanotune.weights.peft import adapter_tokenizer, load_adapter
 
     path = Path(directory) / CLASSIFIER_FILE
     if not path.is_file():
@@ -123,7 +123,7 @@ def load_classifier(directory: str | Path):
         body, tokenizer = load_model(meta["base_model"])
         clf = SequenceClassifier(body, meta["num_labels"], meta["label_names"])
         load_adapter(clf, directory)
-        return clf.eval(), tokenizer
+        return clf.eval(), adapter_tokenizer(directory, tokenizer)  # holds any added tokens
     body, tokenizer = load_model(directory)
     clf = SequenceClassifier(body, meta["num_labels"], meta["label_names"])
     with torch.no_grad():
@@ -133,10 +133,37 @@ def load_classifier(directory: str | Path):
 
 def classify(model: SequenceClassifier, tokenizer, text: str) -> dict[str, float]:
     """Label probabilities for one text, in label order."""
-    ids = tokenizer.encode(text)[-model.config.block_size :]
-    if not ids:
-        raise NanotuneError("classify: the text is empty; give some text to classify")
+    return classify_batch(model, tokenizer, [text])[0]
+
+
+def classify_batch(
+    model: SequenceClassifier, tokenizer, texts: Sequence[str], batch_size: int = 32
+) -> list[dict[str, float]]:
+    """Label probabilities for each text, in label order, `batch_size` texts per forward pass.
+
+    Each text is encoded as training encodes classification rows (BOS first when the model
+    expects it); one longer than the context keeps its last tokens.
+    """
+    from nanotune.data.formats import bos
+
+    block = model.config.block_size
+    rows = [(bos(tokenizer) + ids)[-block:] for ids in tokenizer.encode_batch(texts)]
+    for i, (text, ids) in enumerate(zip(texts, rows, strict=True)):
+        if not text or not ids:
+            raise NanotuneError(f"classify: text {i + 1} is empty; give some text to classify")
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    # Similar lengths share a batch (less padding); rows are right-padded, and the pooled
+    # last real token never sees the pads after it.
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    probs: list[list[float]] = [[] for _ in rows]
+    device = model.body.device
     with torch.no_grad():
-        logits = model(torch.tensor([ids], device=model.body.device), torch.tensor([len(ids)]))
-    probs = torch.softmax(logits.float(), -1)[0].tolist()
-    return dict(zip(model.label_names, probs, strict=True))
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            width = max(len(rows[i]) for i in chunk)
+            ids = torch.tensor([rows[i] + [pad] * (width - len(rows[i])) for i in chunk])
+            lengths = torch.tensor([len(rows[i]) for i in chunk])
+            logits = model(ids.to(device), lengths)
+            for i, row in zip(chunk, torch.softmax(logits.float(), -1).tolist(), strict=True):
+                probs[i] = row
+    return [dict(zip(model.label_names, row, strict=True)) for row in probs]

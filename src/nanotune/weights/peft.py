@@ -5,6 +5,10 @@ PEFT keeps lora_A [r, in] and lora_B [out, r] in nn.Linear orientation even for 
 name, separate pairs on slices of GPT-2's fused c_attn, is written exactly as one c_attn LoRA of
 rank sum(r): A stacked, B block-structured with zeros, its alpha set by `alpha_pattern` so the
 scale is kept.
+
+A run that trained the token embedding (`train_embeddings`, e.g. for added chat markers) keeps
+it in the adapter as PEFT's `modules_to_save`: the whole embedding and, for a language model,
+the LM head (PEFT ties a tied head back to the embedding only when both are listed and saved).
 """
 
 from __future__ import annotations
@@ -26,10 +30,14 @@ from nanotune.methods.classifier import SequenceClassifier
 from nanotune.methods.lora import Adapter, LoRALinear, lora_layers, module_rows, wrap_linear
 from nanotune.models.config import ModelConfig
 from nanotune.models.names import HF_BLOCK_PREFIX, HF_MODULES
+from nanotune.tokenizer import Tokenizer
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
+# The full-weight modules an adapter may carry, under their Hugging Face names.
+EMBEDDING = {"gpt2": "transformer.wte", "llama": "model.embed_tokens"}
+HEAD = "lm_head"
 _KEY = re.compile(
     r"^(?:transformer\.h|model\.layers)\.(\d+)\.(.+)\.(lora_A\.weight|lora_B\.weight|lora_magnitude_vector(?:\.weight)?)$"
 )
@@ -92,11 +100,6 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model: str
         raise NanotuneError(
             "save_adapter: the model has no LoRA adapters; save the full model with save_model"
         )
-    if body.wte.weight.requires_grad:
-        raise NanotuneError(
-            "save_adapter: the token embedding was trained (train_embeddings), which a LoRA adapter "
-            "does not carry; merge the adapters and save the full model instead (nanotune merge)"
-        )
     all_ads = [a for m in layers.values() for a in m.adapters]
     rslora, dora = all_ads[0].rslora, all_ads[0].dora
     if any(a.rslora != rslora or a.dora != dora for a in all_ads):
@@ -116,8 +119,20 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model: str
             ranks[full] = (r, alpha)
     (r, alpha), _ = Counter(ranks.values()).most_common(1)[0]
     seq_cls = isinstance(model, SequenceClassifier)
+    to_save = []
     if seq_cls:
         tensors[f"{PREFIX}score.weight"] = model.score.weight.detach().contiguous()
+        to_save.append("score")
+    embeddings = body.wte.weight.requires_grad  # trained: train_embeddings
+    if embeddings:
+        tensors[f"{PREFIX}{EMBEDDING[config.family]}.weight"] = (
+            body.wte.weight.detach().contiguous()
+        )
+        to_save.append(EMBEDDING[config.family].rsplit(".", 1)[1])
+        if not seq_cls:  # a classifier never uses the LM head
+            # A copy even when tied: safetensors refuses two names for one storage.
+            tensors[f"{PREFIX}{HEAD}.weight"] = body.lm_head.weight.detach().clone()
+            to_save.append(HEAD)
     dropout = next(
         (m.lora_dropout.p for m in layers.values() if isinstance(m.lora_dropout, nn.Dropout)), 0.0
     )
@@ -135,10 +150,12 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model: str
         "use_rslora": rslora,
         "use_dora": dora,
         "bias": "none",
-        "modules_to_save": ["score"] if seq_cls else None,
+        "modules_to_save": to_save or None,
         "init_lora_weights": True,
         "inference_mode": True,
     }
+    if embeddings and not seq_cls and config.tie_embeddings:
+        cfg["ensure_weight_tying"] = True  # PEFT keeps its head copy tied to the embedding
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     # Each file is written beside its final name and renamed: a reader never sees half a file.
@@ -176,8 +193,21 @@ def _pattern(patterns: dict, name: str, default):
     return default
 
 
+def adapter_tokenizer(directory: str | os.PathLike, fallback: Tokenizer | None) -> Tokenizer | None:
+    """The tokenizer saved beside an adapter (it holds the tokens the run added and its chat
+    template), else `fallback` (the base model's)."""
+    d = Path(directory)
+    if (d / "tokenizer.json").is_file() or (d / "vocab.json").is_file():
+        return Tokenizer.from_dir(d)
+    return fallback
+
+
 def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
-    """Load a PEFT LoRA/DoRA adapter (from peft or nanotune) onto a nanotune model in place."""
+    """Load a PEFT LoRA/DoRA adapter (from peft or nanotune) onto a nanotune model in place.
+
+    The vocabulary grows first to the adapter's embedding, or to its tokenizer when it saved no
+    embedding (added tokens that did not train start where training started them: at the mean).
+    """
     cfg = read_adapter_config(directory)
     wpath = Path(directory) / WEIGHTS_FILE
     if not wpath.is_file():
@@ -186,9 +216,10 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     config: ModelConfig = body.config
     tensors = {k.removeprefix(PREFIX): v for k, v in load_file(str(wpath)).items()}
     modules = HF_MODULES[config.family]
+    emb_key, head_key = f"{EMBEDDING[config.family]}.weight", f"{HEAD}.weight"
     grouped: dict[tuple[int, str], dict[str, Tensor]] = {}
     for key, t in tensors.items():
-        if key == "score.weight":
+        if key in ("score.weight", emb_key, head_key):
             continue
         m = _KEY.match(key)
         if not m or m.group(2) not in modules or int(m.group(1)) >= config.n_layer:
@@ -207,6 +238,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
             f"{wpath}: holds a classification head of shape {tuple(score.shape)}; "
             "load it onto a SequenceClassifier with that many labels"
         )
+    vocab = _adapter_vocab(body, directory, wpath, tensors.get(emb_key), tensors.get(head_key))
     rslora, dora = bool(cfg.get("use_rslora")), bool(cfg.get("use_dora"))
     plan = []
     # Check every tensor before touching the model: a bad folder leaves it as it was.
@@ -240,10 +272,54 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
             part or "all", rows, r, alpha, rslora=rslora, dora=dora, dropout=dropout
         )
         _fill(layer, adapter, A, B, mag)
-    if score is not None:
-        with torch.no_grad():
+    if vocab > config.vocab_size:
+        body.resize_token_embeddings(vocab)
+    with torch.no_grad():
+        if score is not None:
             model.score.weight.copy_(score)
+        if emb_key in tensors:
+            body.wte.weight.copy_(tensors[emb_key])
+        if head_key in tensors and not config.tie_embeddings:
+            body.lm_head.weight.copy_(tensors[head_key])
     return model
+
+
+def _adapter_vocab(
+    body: nn.Module,
+    directory: str | os.PathLike,
+    wpath: Path,
+    emb: Tensor | None,
+    head: Tensor | None,
+) -> int:
+    """The vocabulary size the model needs for this adapter, its embedding and head checked."""
+    config: ModelConfig = body.config
+    for key, t in ((EMBEDDING[config.family], emb), (HEAD, head)):
+        if t is not None and (
+            t.ndim != 2 or t.shape[1] != config.n_embd or t.shape[0] < config.vocab_size
+        ):
+            raise NanotuneError(
+                f"{wpath}: {key}.weight has shape {tuple(t.shape)}, but this base model needs "
+                f"[>= {config.vocab_size}, {config.n_embd}]; it was made for another base model"
+            )
+    if emb is not None and head is not None and emb.shape != head.shape:
+        raise NanotuneError(
+            f"{wpath}: its embedding {tuple(emb.shape)} and lm_head {tuple(head.shape)} differ in "
+            "vocabulary; re-save the adapter"
+        )
+    if config.tie_embeddings and head is not None and (emb is None or not torch.equal(emb, head)):
+        raise NanotuneError(
+            f"{wpath}: its lm_head was trained apart from the embedding, but this model ties the "
+            "two; train with the embedding in modules_to_save and ensure_weight_tying"
+        )
+    tokenizer = adapter_tokenizer(directory, None)
+    saved = emb if emb is not None else head
+    if saved is not None and tokenizer is not None and saved.shape[0] < tokenizer.vocab_size:
+        raise NanotuneError(
+            f"{wpath}: its embedding has {saved.shape[0]} rows but the tokenizer beside it has "
+            f"{tokenizer.vocab_size} tokens; re-save the adapter with its own tokenizer"
+        )
+    rows = saved.shape[0] if saved is not None else 0
+    return max(config.vocab_size, rows, tokenizer.vocab_size if tokenizer is not None else 0)
 
 
 def _fill(layer: LoRALinear, adapter: Adapter, A: Tensor, B: Tensor, mag: Tensor | None) -> None:
@@ -270,6 +346,7 @@ def merge_adapter(
     # Refuse before the (slow) load; the savers check again and write atomically.
     check_target(target, overwrite=overwrite, inputs=inputs)
     model, tokenizer = load_model(base)
+    tokenizer = adapter_tokenizer(adapter, tokenizer)
     if cfg.get("task_type") != "SEQ_CLS":
         load_adapter(model, adapter)
         return save_model(merge(model), tokenizer, target, overwrite=overwrite, inputs=inputs)
