@@ -10,13 +10,22 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train import LMObjective, TrainConfig, Trainer, params, tiny, uneven_batch
+from test_train import (
+    LMObjective,
+    ScriptedEval,
+    TrainConfig,
+    Trainer,
+    params,
+    tiny,
+    uneven_batch,
+)
 
 from nanotune.errors import NanotuneError
 from nanotune.eval.report import read_metrics
@@ -152,6 +161,25 @@ def test_second_sigint_stops_at_once_leaving_checkpoints_intact(script, tmp_path
     assert not list((run / "checkpoints").glob(".tmp-*"))
 
 
+def test_fit_off_the_main_thread_restores_the_signal_handlers(tmp_path):
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    failed = []
+
+    def run() -> None:  # Python refuses signal handlers here: training goes on without them
+        try:
+            trainer(tmp_path / "thread", max_steps=1).fit()
+        except BaseException as e:
+            failed.append(e)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    assert not failed and (tmp_path / "thread" / "checkpoints" / "step-1").is_dir()
+    with pytest.raises(NanotuneError, match="training loss is nan"):
+        trainer(tmp_path / "main", objective=NanFrom(1)).fit()
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
 def test_cli_exit_code_and_one_line_for_an_interrupted_run(monkeypatch, capsys):
     from nanotune.cli import main
 
@@ -170,11 +198,19 @@ def batches_for(epoch: int) -> list[dict]:
     return [uneven_batch(s) for s in range(4)]
 
 
-def trainer(run: Path, model=None, **overrides) -> Trainer:
+def trainer(run: Path, model=None, objective=None, val=(), **overrides) -> Trainer:
     cfg = dict(lr=1e-2, max_steps=6, micro_batch_size=4, grad_accum=2, save_every=2, keep_last=3)
     cfg.update(overrides)
     model = model or tiny()
-    return Trainer(model, TrainConfig(**cfg), batches_for, run, progress=False)
+    return Trainer(
+        model,
+        TrainConfig(**cfg),
+        batches_for,
+        run,
+        val_batches=val,
+        objective=objective,
+        progress=False,
+    )
 
 
 def test_resume_without_checkpoint_says_so(tmp_path):
@@ -230,6 +266,23 @@ def test_every_checkpoint_damaged_and_unhashed_truncation(tmp_path):
         load_checkpoint(step2)
     with pytest.raises(NanotuneError, match=r"no intact checkpoint to resume from .*step-2"):
         trainer(run, max_steps=2).fit(resume=True)
+
+
+def test_damaged_best_keeps_the_last_weights(tmp_path, capsys):
+    run = tmp_path / "run"
+    val = [uneven_batch(9)]
+    trainer(run, max_steps=4, eval_every=2, objective=ScriptedEval([1.0, 2.0]), val=val).fit()
+    _flip_byte(run / "checkpoints" / "best" / "trainable.safetensors")
+    capsys.readouterr()
+    # The run is complete: resuming only restores the best weights, which are damaged now.
+    again = trainer(run, max_steps=4, eval_every=2, objective=ScriptedEval([]), val=val)
+    again.fit(resume=True)
+    assert (
+        f"{run / 'checkpoints' / 'best'} is damaged (trainable.safetensors: sha256 differs from "
+        "the one written): keeping the last weights, not the best"
+    ) in capsys.readouterr().out
+    last, _ = load_checkpoint(run / "checkpoints" / "step-4")
+    assert all(torch.equal(p, last[n]) for n, p in params(again.model).items())
 
 
 # --- a non-finite loss ---------------------------------------------------------------------------
@@ -312,6 +365,12 @@ def test_full_disk_while_checkpointing(small_disk, big):
     )
     assert sorted(p.name for p in small_disk.iterdir()) == ["step-1"]  # no temporary folder
     assert torch.equal(load_checkpoint(small_disk / "step-1")[0]["w"], small["w"])
+
+
+def test_unwritable_checkpoint_folder(tmp_path):
+    (tmp_path / "checkpoints").write_text("a file where the folder should be")
+    with pytest.raises(NanotuneError, match=r"cannot write checkpoint .*step-1 \(File exists: "):
+        save_checkpoint(tmp_path / "checkpoints" / "step-1", {"w": torch.ones(2)}, {})
 
 
 # --- metrics.jsonl cut short -------------------------------------------------------------------

@@ -157,16 +157,20 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def _no_space(e: BaseException) -> bool:
-    """A write failed because the disk is full. torch.save reports it as a RuntimeError whose
-    context is the OSError of the file object; safetensors only in its message."""
-    while e is not None:
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        if f"(os error {errno.ENOSPC})" in str(e) or os.strerror(errno.ENOSPC) in str(e):
-            return True
+def _os_error(e: BaseException | None) -> OSError | None:
+    """The OSError behind a failed write: torch.save reports one as a RuntimeError whose
+    context is the OSError of the file object."""
+    while e is not None and not isinstance(e, OSError):
         e = e.__cause__ or e.__context__
-    return False
+    return e
+
+
+def _no_space(e: BaseException) -> bool:
+    """A write failed because the disk is full (safetensors says so only in its message)."""
+    cause = _os_error(e)
+    if cause is not None:
+        return cause.errno in (errno.ENOSPC, errno.EDQUOT)
+    return f"(os error {errno.ENOSPC})" in str(e)
 
 
 def _mount_point(path: Path) -> Path:
@@ -200,12 +204,19 @@ def save_checkpoint(
     try:
         return atomic_dir(directory, write)
     except (OSError, RuntimeError, SafetensorError) as e:
-        if not _no_space(e):
+        if _no_space(e):
+            raise NanotuneError(
+                f"no space left on {_mount_point(directory.parent)} while writing checkpoint "
+                f"{directory}; the previous checkpoint is intact; free some space (or lower "
+                "train.keep_last) and continue with --resume"
+            ) from e
+        cause = _os_error(e)
+        if cause is None:
             raise
         raise NanotuneError(
-            f"no space left on {_mount_point(directory.parent)} while writing checkpoint "
-            f"{directory}; the previous checkpoint is intact; free some space (or lower "
-            "train.keep_last) and continue with --resume"
+            f"cannot write checkpoint {directory} ({cause.strerror or cause}: {cause.filename}); "
+            f"the previous checkpoint is intact; make {directory.parent} a writable folder and "
+            "continue with --resume"
         ) from e
 
 

@@ -502,14 +502,22 @@ class Trainer:
                     )
             result.stopped_early = pos.stopped_early
             if cfg.keep_best and best["step"] is not None and best["step"] != pos.step:
-                weights, _ = ckpt.load_checkpoint(self.ckpt_dir / "best")
-                ckpt.load_trainable(self.model, weights, self.ckpt_dir / "best")
-                result.eval = dict(best["eval"])
-                log.info(f"restored the best weights (step {best['step']})")
+                self._restore_best(best, log, result)
         finally:
             log.close()
         result.best_step, result.best_eval = best["step"], dict(best["eval"])
         return result
+
+    def _restore_best(self, best: dict[str, Any], log: RunLogger, result: TrainResult) -> None:
+        path = self.ckpt_dir / "best"
+        try:
+            weights, _ = ckpt.load_checkpoint(path)
+        except ckpt.DamagedCheckpoint as e:  # the run's own weights are still good ones
+            log.info(f"{path} is damaged ({e.reason}): keeping the last weights, not the best")
+            return
+        ckpt.load_trainable(self.model, weights, path)
+        result.eval = dict(best["eval"])
+        log.info(f"restored the best weights (step {best['step']})")
 
     def _eval_and_track(
         self, step: int, best: dict[str, Any], log: RunLogger, result: TrainResult
