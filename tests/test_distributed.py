@@ -112,11 +112,11 @@ def _worker(argv: list[str]) -> int:
     if mode == "kill":  # rank 1 dies by SIGKILL in step 3, after the checkpoint of step 2
         step = T._train_step
 
-        def dying_step(self, batch, lr):
+        def dying_step(self, *args):
             self.calls = getattr(self, "calls", 0) + 1
             if dist.rank() == 1 and self.calls == 3:
                 os.kill(os.getpid(), signal.SIGKILL)
-            return step(self, batch, lr)
+            return step(self, *args)
 
         T._train_step = dying_step
     if mode == "raise":  # rank 1 meets a corrupt token id in step 2: an exception in forward

@@ -206,19 +206,26 @@ def test_early_stopping_restores_best(tmp_path):
 
 def test_checkpoints_pruned_and_complete(tmp_path):
     batches = [uneven_batch(s) for s in range(3)]
-    cfg = TrainConfig(lr=1e-2, max_steps=7, save_every=2, keep_last=2, micro_batch_size=8)
-    fit(tiny(), cfg, batches, tmp_path, resolved_config={"train": {"lr": 1e-2}})
-    dirs = step_dirs(tmp_path / "checkpoints")
-    assert [d.name for d in dirs] == ["step-4", "step-6"]
-    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
-    state = torch.load(dirs[-1] / "state.pt", weights_only=True)
-    assert (state["step"], state["epoch"], state["batch_index"]) == (
-        6,
-        1,
-        3,
-    )  # epoch 1 fully consumed
-    assert json.loads((dirs[-1] / "config.json").read_text()) == {"train": {"lr": 1e-2}}
-    assert set(load_file(dirs[-1] / "trainable.safetensors")) == set(params(tiny()))
+    cfg = TrainConfig(lr=1e-2, max_steps=7, save_every=2, keep_last=3, micro_batch_size=8)
+    fit(tiny(), cfg, batches, tmp_path / "a", resolved_config={"train": {"lr": 1e-2}})
+    # Every 2 steps, at each end of epoch (3 batches) and at the end: 2, 3, 4, 6, 7; 3 kept.
+    dirs = step_dirs(tmp_path / "a" / "checkpoints")
+    assert [d.name for d in dirs] == ["step-4", "step-6", "step-7"]
+    assert not list((tmp_path / "a" / "checkpoints").glob(".tmp-*"))
+    state = torch.load(dirs[1] / "state.pt", weights_only=True)
+    assert (state["step"], state["epoch"], state["batch_index"]) == (6, 1, 3)  # epoch 1 done
+    assert json.loads((dirs[1] / "config.json").read_text()) == {"train": {"lr": 1e-2}}
+    assert set(load_file(dirs[1] / "trainable.safetensors")) == set(params(tiny()))
+    sums = json.loads((dirs[1] / "checksums.json").read_text())
+    assert sorted(sums) == ["config.json", "state.pt", "trainable.safetensors"]
+    # Without save_every a run still leaves resumable checkpoints: each epoch's and the last.
+    cfg.save_every = 0
+    fit(tiny(), cfg, batches, tmp_path / "b")
+    assert [d.name for d in step_dirs(tmp_path / "b" / "checkpoints")] == [
+        "step-3",
+        "step-6",
+        "step-7",
+    ]
 
 
 class TinyClassifier(nn.Module):

@@ -650,9 +650,9 @@ def main(argv: list[str] | None = None) -> int:
         # One line, whatever a library put into the message it wraps.
         print(f"nanotune: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("nanotune: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # train's Interrupted says what it saved and its signal
+        print(f"nanotune: {str(e) or 'interrupted'}", file=sys.stderr)
+        return getattr(e, "exit_code", 130)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,8 @@ def read_metrics(path: str | os.PathLike | None) -> list[dict[str, Any]]:
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError as e:
+                if not line.endswith("\n"):
+                    break  # the last line, cut short by a kill while it was being written
                 raise NanotuneError(
                     f"{path}:{line_no}: not valid JSON ({e.msg}); fix or remove the line"
                 ) from e

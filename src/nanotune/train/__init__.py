@@ -18,6 +18,7 @@ from nanotune.train.losses import (
 )
 from nanotune.train.schedule import lr_at
 from nanotune.train.trainer import (
+    Interrupted,
     Trainer,
     TrainResult,
     build_optimizer,
@@ -28,6 +29,7 @@ from nanotune.train.trainer import (
 
 __all__ = [
     "ClassificationObjective",
+    "Interrupted",
     "LMObjective",
     "Objective",
     "TrainConfig",

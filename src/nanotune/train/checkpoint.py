@@ -1,12 +1,18 @@
 """Atomic, complete checkpoints: trainable weights, optimizer, step, data position, RNG, config.
 
 A checkpoint directory is written under a temporary name, fsynced and renamed, so a run killed
-at any moment leaves either a whole checkpoint or none.
+at any moment leaves either a whole checkpoint or none. The sha256 of each file is stored
+beside them, so a checkpoint damaged later (a bad disk, a copy cut short) is refused by name
+instead of resuming from garbage.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
+import os
+import pickle
 import random
 import re
 import shutil
@@ -15,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -25,6 +32,7 @@ from nanotune.weights.atomic import atomic_dir
 WEIGHTS = "trainable.safetensors"
 STATE = "state.pt"
 CONFIG = "config.json"
+CHECKSUMS = "checksums.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -99,32 +107,117 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class DamagedCheckpoint(NanotuneError):
+    """A checkpoint whose files are missing, cut short or differ from what was written."""
+
+    def __init__(self, directory: Path, reason: str) -> None:
+        self.directory, self.reason = directory, reason
+        super().__init__(
+            f"checkpoint {directory} is damaged ({reason}); resume from an earlier one: move "
+            f"this folder out of {directory.parent} and run again with --resume"
+        )
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _os_error(e: BaseException | None) -> OSError | None:
+    """The OSError behind a failed write: torch.save reports one as a RuntimeError whose
+    context is the OSError of the file object."""
+    while e is not None and not isinstance(e, OSError):
+        e = e.__cause__ or e.__context__
+    return e
+
+
+def _no_space(e: BaseException) -> bool:
+    """A write failed because the disk is full (safetensors says so only in its message)."""
+    cause = _os_error(e)
+    if cause is not None:
+        return cause.errno in (errno.ENOSPC, errno.EDQUOT)
+    return f"(os error {errno.ENOSPC})" in str(e)
+
+
+def _mount_point(path: Path) -> Path:
+    path = path.resolve()
+    while not os.path.ismount(path):
+        path = path.parent
+    return path
+
+
 def save_checkpoint(
     directory: Path,
     weights: dict[str, Tensor],
     state: dict[str, Any],
     config: dict[str, Any] | None = None,
 ) -> Path:
-    """Write weights (safetensors), loop state (optimizer, step, data position, RNG) and config."""
+    """Write weights (safetensors), loop state (optimizer, step, data position, RNG), config
+    and the checksums of all three."""
+    directory = Path(directory)
 
     def write(tmp: Path) -> None:
         save_file(weights, tmp / WEIGHTS)
-        torch.save(state, tmp / STATE)
+        # Through a Python file: a full disk then surfaces as OSError(ENOSPC), not only as
+        # torch's "unexpected pos".
+        with open(tmp / STATE, "wb") as f:
+            torch.save(state, f)
         if config is not None:
             (tmp / CONFIG).write_text(json.dumps(config, indent=2, default=str))
+        sums = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
+        (tmp / CHECKSUMS).write_text(json.dumps(sums, indent=1))
 
-    return atomic_dir(directory, write, kind="checkpoint")
+    try:
+        return atomic_dir(directory, write, kind="checkpoint")
+    except (OSError, RuntimeError, SafetensorError) as e:
+        if _no_space(e):
+            raise NanotuneError(
+                f"no space left on {_mount_point(directory.parent)} while writing checkpoint "
+                f"{directory}; the previous checkpoint is intact; free some space (or lower "
+                "train.keep_last) and continue with --resume"
+            ) from e
+        cause = _os_error(e)
+        if cause is None:
+            raise
+        raise NanotuneError(
+            f"cannot write checkpoint {directory} ({cause.strerror or cause}: {cause.filename}); "
+            f"the previous checkpoint is intact; make {directory.parent} a writable folder and "
+            "continue with --resume"
+        ) from e
+
+
+def verify_checkpoint(directory: Path) -> None:
+    """Raise DamagedCheckpoint unless every file matches the checksum written with it.
+
+    Checkpoints from before checksums were stored have none to compare and pass; their files
+    are still checked for being readable when loaded.
+    """
+    sums_file = directory / CHECKSUMS
+    if not sums_file.exists():
+        return
+    try:
+        sums = json.loads(sums_file.read_text())
+    except (OSError, ValueError) as e:
+        raise DamagedCheckpoint(directory, f"{CHECKSUMS}: unreadable ({e})") from e
+    for name, want in sums.items():
+        path = directory / name
+        if not path.is_file():
+            raise DamagedCheckpoint(directory, f"{name} is missing")
+        if _sha256(path) != want:
+            raise DamagedCheckpoint(directory, f"{name}: sha256 differs from the one written")
 
 
 def load_checkpoint(directory: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """(trainable weights, loop state) of a verified checkpoint; DamagedCheckpoint otherwise."""
     directory = Path(directory)
+    verify_checkpoint(directory)
+    name = WEIGHTS
     try:
         weights = load_file(directory / WEIGHTS)
+        name = STATE
         state = torch.load(directory / STATE, weights_only=True)
-    except (OSError, RuntimeError) as e:
-        raise NanotuneError(
-            f"{directory}: unreadable checkpoint ({e}); delete it to resume from an earlier one"
-        ) from e
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, SafetensorError) as e:
+        raise DamagedCheckpoint(directory, f"{name}: {str(e).splitlines()[0][:200]}") from e
     return weights, state
 
 

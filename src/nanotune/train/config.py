@@ -52,9 +52,10 @@ class TrainConfig:
     keep_best: bool = True
     """Restore the weights of the best evaluation before the run ends."""
     save_every: int = 0
-    """Write a resumable checkpoint every N optimizer steps (0: never)."""
+    """Also write a resumable checkpoint every N optimizer steps (0: only the ones always
+    written: at the end of each epoch, at the end of training and when stopped by a signal)."""
     keep_last: int = 2
-    """Checkpoints kept on disk; older ones are deleted."""
+    """Resumable checkpoints (checkpoints/step-N) kept on disk; older ones are deleted."""
     seed: int = 1337
     """Seeds torch, python and numpy, and the data order of every epoch."""
     dtype: Literal["auto", "fp32", "bf16"] = "auto"

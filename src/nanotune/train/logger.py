@@ -9,6 +9,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from nanotune.errors import NanotuneError
 from nanotune.train.dist import is_main
 
 
@@ -39,11 +40,27 @@ class RunLogger:
             self.tb = None
 
     def _truncate_after(self, step: int) -> None:
-        """A resumed run repeats the steps after its checkpoint: drop their old lines."""
+        """A resumed run repeats the steps after its checkpoint: drop their old lines, and a
+        last line cut short when the run was killed while writing it."""
         if not self.path.exists():
             return
-        lines = self.path.read_text().splitlines()
-        kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        text = self.path.read_text()
+        lines = text.splitlines()
+        kept = []
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                if n == len(lines) and not text.endswith("\n"):
+                    break  # every record is written whole with its newline: this one was cut
+                raise NanotuneError(
+                    f"{self.path}:{n}: not valid JSON ({e.msg}); fix or remove the line, then "
+                    "resume again"
+                ) from e
+            if record.get("step", 0) <= step:
+                kept.append(line)
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(ln + "\n" for ln in kept))
         tmp.replace(self.path)

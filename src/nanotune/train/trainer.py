@@ -2,16 +2,23 @@
 
 The trainer sees a model, an objective and batches in the contract of docs/design.md; it knows
 no model family and no prompt format.
+
+A resumable checkpoint (`checkpoints/step-N`) is written at the end of every epoch, every
+`save_every` steps, at the end of training and when SIGINT or SIGTERM stops the run, so
+`--resume` always has a recent state to continue from.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import os
 import random
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +93,75 @@ def trainable_summary(model: nn.Module) -> str:
         total += p.numel()
         trainable += p.numel() if p.requires_grad else 0
     return f"trainable {trainable:,} / {total:,} ({100 * trainable / max(1, total):.2f}%)"
+
+
+RESUME_HINT = "continue with: nanotune train CONFIG --resume"
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped training; the message says what was saved and how to resume.
+
+    A KeyboardInterrupt, so `except Exception` does not swallow a request to stop.
+    """
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        """The shell's code for death by this signal: 130 for SIGINT, 143 for SIGTERM."""
+        return 128 + self.signum
+
+
+class _StopSignals:
+    """While entered (on the main thread only: Python allows handlers nowhere else), the first
+    SIGINT or SIGTERM sets `signum` for the loop to stop after the current step; a second one
+    raises Interrupted at once. The previous handlers come back on exit."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)  # None: set in C
+
+    def _handle(self, signum: int, frame: object) -> None:
+        name = signal.Signals(signum).name
+        if self.signum is not None:
+            # Checkpoints are renamed into place whole, so stopping mid-write loses only it.
+            raise Interrupted(
+                signum,
+                f"stopped at once by a second {name}; the checkpoints written before are "
+                f"intact; {RESUME_HINT}",
+            )
+        self.signum = signum
+        if is_main():  # os.write: print() may be inside a write to the same stream right now
+            os.write(
+                2, f"\n{name}: stopping after this step ({name} again stops at once)\n".encode()
+            )
+
+
+@dataclass
+class _Position:
+    """Where the loop is; stored in every checkpoint's state."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_index: int = 0
+    """Next batch of `epoch` to train on."""
+    best: dict[str, Any] = field(default_factory=lambda: {"step": None, "eval": {}, "bad_evals": 0})
+    evaluated_at: int | None = None
+    stopped_early: bool = False
 
 
 @dataclass
@@ -190,7 +266,11 @@ class Trainer:
             out.append({k: v.to(self.device, non_blocking=True) for k, v in part.items()})
         return out
 
-    def _train_step(self, batch: Batch, lr: float) -> dict[str, float]:
+    def _train_step(
+        self, batch: Batch, lr: float, step: int, stop_requested: bool
+    ) -> tuple[dict[str, float], bool]:
+        """One optimizer step (number `step`); also whether any rank was asked to stop, so
+        every rank stops after the same step."""
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         # Every rank holds the global batch, so this count is already global: each label
@@ -209,24 +289,44 @@ class Trainer:
                 loss.backward()
             loss_sum += loss.detach()
             tokens += mb["input_ids"].numel()
-        grad_norm = None
-        if self.config.max_grad_norm is not None:
-            norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
-            grad_norm = float(dist.full_tensor(norm))
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        totals = all_reduce_sum(torch.stack([loss_sum.float().cpu(), torch.tensor(float(tokens))]))
+        totals = torch.stack(
+            [
+                loss_sum.float().cpu(),
+                torch.tensor(float(tokens)),
+                torch.tensor(float(stop_requested)),
+            ]
+        )
+        totals = all_reduce_sum(totals)
         stats = {
             "loss": float(totals[0]) / world_size(),
             "tokens": float(totals[1]),
             "labels": n_labels,
         }
-        if grad_norm is not None:
-            stats["grad_norm"] = grad_norm
+        # Checked before the update, on reduced values every rank shares: a poisoned step
+        # reaches neither the weights nor a checkpoint.
+        if not math.isfinite(stats["loss"]):
+            raise self._non_finite(step, "loss", stats["loss"])
+        if self.config.max_grad_norm is not None:
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
+            stats["grad_norm"] = float(dist.full_tensor(norm))
+            if not math.isfinite(stats["grad_norm"]):
+                raise self._non_finite(step, "gradient norm", stats["grad_norm"])
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
         stats["supervised_fraction"] = n_labels / max(1.0, stats["tokens"])
         if "n_real" in batch and "n_computed" in batch:  # the batch's own figure, before trimming
             stats["padding_efficiency"] = batch["n_real"] / max(1, batch["n_computed"])
-        return stats
+        return stats, bool(totals[2] > 0)
+
+    def _non_finite(self, step: int, what: str, value: float) -> NanotuneError:
+        self.optimizer.zero_grad(set_to_none=True)
+        last = ckpt.latest_checkpoint(self.ckpt_dir)
+        kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+        return NanotuneError(
+            f"step {step}: training {what} is {value}, so the run stopped before applying it "
+            f"({kept}); lower train.lr (now {self.config.lr:g}) or check the data for broken "
+            "examples, then run again (--resume continues from the last checkpoint)"
+        )
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -246,34 +346,51 @@ class Trainer:
         self.model.train(was_training)
         return self.objective.summarize(dict(zip(keys, reduced.tolist(), strict=True)))
 
-    def _state(self, step: int, epoch: int, batch_index: int, best: dict[str, Any]) -> dict:
+    def _state(self, pos: _Position) -> dict:
         return {
-            "step": step,
-            "epoch": epoch,
-            "batch_index": batch_index,  # next batch of `epoch` to train on
+            **asdict(pos),
             "optimizer": ckpt.optimizer_state(self.optimizer),
             "schedule": {"total_steps": self.total_steps},  # lr is a pure function of the step
             "rng": dist.gather_objects(ckpt.rng_state()),  # per rank: dropout differs by rank
-            "best": best,
             "world_size": world_size(),
         }
 
-    def _save(self, step: int, epoch: int, batch_index: int, best: dict[str, Any]) -> None:
+    def _save(self, pos: _Position) -> Path:
         # Gathering (FSDP2) involves every rank; only rank 0 writes.
-        state = self._state(step, epoch, batch_index, best)
+        path = self.ckpt_dir / f"step-{pos.step}"
+        state = self._state(pos)
         weights = ckpt.trainable_state(self.model)
         if is_main():
-            ckpt.save_checkpoint(
-                self.ckpt_dir / f"step-{step}", weights, state, self.resolved_config
-            )
+            ckpt.save_checkpoint(path, weights, state, self.resolved_config)
             ckpt.prune(self.ckpt_dir, self.config.keep_last)
         barrier()
+        return path
 
-    def _resume(self) -> tuple[int, int, int, dict[str, Any]] | None:
-        path = ckpt.latest_checkpoint(self.ckpt_dir)
-        if path is None:
-            return None
-        weights, state = ckpt.load_checkpoint(path)
+    def _resume(self) -> tuple[_Position, list[str]]:
+        """Load the newest intact checkpoint; also notes on damaged newer ones passed over."""
+        dirs = ckpt.step_dirs(self.ckpt_dir)
+        if not dirs:
+            raise NanotuneError(
+                f"{self.ckpt_dir}: no checkpoint to resume from (the run stopped before its "
+                "first one; they are written at the end of each epoch, every train.save_every "
+                "steps and on Ctrl-C); start over with --overwrite"
+            )
+        damaged: list[ckpt.DamagedCheckpoint] = []
+        for path in reversed(dirs):
+            try:
+                weights, state = ckpt.load_checkpoint(path)
+                break
+            except ckpt.DamagedCheckpoint as e:
+                damaged.append(e)
+        else:
+            raise NanotuneError(
+                f"no intact checkpoint to resume from in {self.ckpt_dir} (the newest, "
+                f"{damaged[0].directory.name}: {damaged[0].reason}); start over with --overwrite"
+            )
+        notes = [
+            f"checkpoint {e.directory} is damaged ({e.reason}); resuming from {path} instead"
+            for e in damaged
+        ]
         saved_world = state.get("world_size", 1)
         if saved_world != world_size():
             raise NanotuneError(
@@ -290,73 +407,117 @@ class Trainer:
         ckpt.load_optimizer_state(self.optimizer, state["optimizer"])
         rng = state["rng"]
         ckpt.set_rng_state(rng[dist.rank()] if isinstance(rng, list) else rng)
-        return state["step"], state["epoch"], state["batch_index"], state["best"]
+        known = {f.name for f in fields(_Position)}  # older checkpoints lack the newer fields
+        return _Position(**{k: v for k, v in state.items() if k in known}), notes
 
     def fit(self, resume: bool = False) -> TrainResult:
         """Train to `total_steps` (or an early stop); with `resume`, continue from the latest
-        checkpoint in run_dir, ending with the same weights as an uninterrupted run."""
+        intact checkpoint in run_dir, ending with the same weights as an uninterrupted run.
+
+        SIGINT/SIGTERM stop it after the current step with a checkpoint (raising Interrupted).
+        """
         cfg = self.config
-        step, epoch, batch_index = 0, 0, 0
-        best: dict[str, Any] = {"step": None, "eval": {}, "bad_evals": 0}
-        resumed = self._resume() if resume else None
-        if resumed is not None:
-            step, epoch, batch_index, best = resumed
-        else:
+        pos, notes = self._resume() if resume else (_Position(), [])
+        if not resume:
             seed_everything(cfg.seed)
-        log = RunLogger(self.run_dir, self.total_steps, step, self.progress)
+        log = RunLogger(self.run_dir, self.total_steps, pos.step, self.progress)
         log.info(trainable_summary(self.model))
-        if resumed is not None:
-            log.info(f"resumed from step {step} (epoch {epoch}, batch {batch_index})")
+        for note in notes:
+            log.info(note)
+        if resume:
+            log.info(f"resumed from step {pos.step} (epoch {pos.epoch}, batch {pos.batch_index})")
         self.model.train()
+        best = pos.best
         result = TrainResult(
-            step=step, train_loss=None, best_step=best["step"], best_eval=best["eval"]
+            step=pos.step,
+            train_loss=None,
+            best_step=best["step"],
+            best_eval=best["eval"],
+            stopped_early=pos.stopped_early,
         )
         window_tokens, window_start = 0.0, time.perf_counter()
-        evaluated_at = None
+        saved_at = pos.step if resume else None
+        interrupted = False
         try:
-            while step < self.total_steps:
-                batches = self._epoch(epoch)
-                if batch_index >= len(batches):
-                    epoch, batch_index = epoch + 1, 0
-                    continue
-                lr = lr_at(step, self.total_steps, cfg)
-                stats = self._train_step(batches[batch_index], lr)
-                step, batch_index = step + 1, batch_index + 1
-                result.step, result.train_loss = step, stats["loss"]
-                window_tokens += stats["tokens"]
-                if step % cfg.log_every == 0 or step == self.total_steps:
-                    elapsed = time.perf_counter() - window_start
-                    tps = window_tokens / max(elapsed, 1e-9)
-                    log.log({"step": step, "epoch": epoch, "lr": lr, **stats, "tokens_per_s": tps})
-                    log.progress(
-                        step,
-                        {"loss": f"{stats['loss']:.4f}", "lr": f"{lr:.2e}", "tok/s": f"{tps:,.0f}"},
+            with _StopSignals() as signals:
+                while pos.step < self.total_steps and not pos.stopped_early:
+                    batches = self._epoch(pos.epoch)
+                    if pos.batch_index >= len(batches):
+                        pos.epoch, pos.batch_index = pos.epoch + 1, 0
+                        continue
+                    lr = lr_at(pos.step, self.total_steps, cfg)
+                    batch = batches[pos.batch_index]
+                    stats, interrupted = self._train_step(
+                        batch, lr, pos.step + 1, signals.signum is not None
                     )
-                    window_tokens, window_start = 0.0, time.perf_counter()
-                stop = False
-                if self.val_batches and cfg.eval_every and step % cfg.eval_every == 0:
-                    stop = self._eval_and_track(step, best, log, result)
-                    evaluated_at = step
-                if cfg.save_every and step % cfg.save_every == 0:
-                    self._save(step, epoch, batch_index, best)
-                if stop:
-                    result.stopped_early = True
-                    log.info(
-                        f"early stop at step {step}: no better eval loss in "
-                        f"{cfg.early_stopping_patience} evaluations"
+                    pos.step, pos.batch_index = pos.step + 1, pos.batch_index + 1
+                    step = pos.step
+                    result.step, result.train_loss = step, stats["loss"]
+                    window_tokens += stats["tokens"]
+                    if step % cfg.log_every == 0 or step == self.total_steps:
+                        elapsed = time.perf_counter() - window_start
+                        tps = window_tokens / max(elapsed, 1e-9)
+                        record = {"step": step, "epoch": pos.epoch, "lr": lr, **stats}
+                        log.log({**record, "tokens_per_s": tps})
+                        log.progress(
+                            step,
+                            {
+                                "loss": f"{stats['loss']:.4f}",
+                                "lr": f"{lr:.2e}",
+                                "tok/s": f"{tps:,.0f}",
+                            },
+                        )
+                        window_tokens, window_start = 0.0, time.perf_counter()
+                    if self.val_batches and cfg.eval_every and step % cfg.eval_every == 0:
+                        pos.stopped_early = self._eval_and_track(step, best, log, result)
+                        pos.evaluated_at = step
+                    if pos.stopped_early:
+                        log.info(
+                            f"early stop at step {step}: no better eval loss in "
+                            f"{cfg.early_stopping_patience} evaluations"
+                        )
+                    if pos.stopped_early or interrupted:
+                        break
+                    # The last step's checkpoint comes after the final evaluation, below.
+                    epoch_end = pos.batch_index >= len(batches)
+                    periodic = cfg.save_every and step % cfg.save_every == 0
+                    if step < self.total_steps and (epoch_end or periodic):
+                        self._save(pos)
+                        saved_at = step
+                if not interrupted:
+                    if self.val_batches and pos.evaluated_at != pos.step:
+                        self._eval_and_track(pos.step, best, log, result)
+                        pos.evaluated_at, saved_at = pos.step, None
+                    if saved_at != pos.step:
+                        self._save(pos)
+                if interrupted or signals.signum is not None:
+                    path = self._save(pos) if interrupted else self.ckpt_dir / f"step-{pos.step}"
+                    # A rank can learn of the stop from another one: it then reports SIGTERM,
+                    # what torchrun sends its workers.
+                    signum = signals.signum or signal.SIGTERM
+                    raise Interrupted(
+                        signum,
+                        f"stopped by {signal.Signals(signum).name} after step {pos.step} of "
+                        f"{self.total_steps}; saved checkpoint {path}; {RESUME_HINT}",
                     )
-                    break
-            if self.val_batches and evaluated_at != step:
-                self._eval_and_track(step, best, log, result)
-            if cfg.keep_best and best["step"] is not None and best["step"] != step:
-                weights, _ = ckpt.load_checkpoint(self.ckpt_dir / "best")
-                ckpt.load_trainable(self.model, weights, self.ckpt_dir / "best")
-                result.eval = dict(best["eval"])
-                log.info(f"restored the best weights (step {best['step']})")
+            result.stopped_early = pos.stopped_early
+            if cfg.keep_best and best["step"] is not None and best["step"] != pos.step:
+                self._restore_best(best, log, result)
         finally:
             log.close()
         result.best_step, result.best_eval = best["step"], dict(best["eval"])
         return result
+
+    def _restore_best(self, best: dict[str, Any], log: RunLogger, result: TrainResult) -> None:
+        path = self.ckpt_dir / "best"
+        try:
+            weights, _ = ckpt.load_checkpoint(path)
+        except ckpt.DamagedCheckpoint as e:  # the run's own weights are still good ones
+            log.info(f"{path} is damaged ({e.reason}): keeping the last weights, not the best")
+            return
+        ckpt.load_trainable(self.model, weights, path)
+        result.eval = dict(best["eval"])
+        log.info(f"restored the best weights (step {best['step']})")
 
     def _eval_and_track(
         self, step: int, best: dict[str, Any], log: RunLogger, result: TrainResult
