@@ -71,7 +71,7 @@ from pathlib import Path
 from nanotune.models.config import ModelConfig
 from nanotune.models.transformer import Transformer
 from nanotune.tokenizer import gpt2_tokenizer
-from nanotune.train.checkpoint import save_checkpoint
+from nanotune.training.checkpoint import save_checkpoint
 from nanotune.weights import save_model
 from nanotune.weights.atomic import atomic_dir
 from nanotune.weights.peft import save_adapter
@@ -145,7 +145,7 @@ def _expected(kind: str):
 def test_sigkill_while_writing_leaves_a_whole_artifact(kind, tmp_path):
     """Killed at random moments while rewriting an export, a final/ adapter or a checkpoint, the
     folder always loads whole, and the next write removes what the killed one left."""
-    from nanotune.train.checkpoint import load_checkpoint
+    from nanotune.training.checkpoint import load_checkpoint
     from nanotune.weights import load_model
     from nanotune.weights.peft import read_adapter_config
 

@@ -244,7 +244,7 @@ def test_train_takes_overrides_after_flags(argv, config, overrides, monkeypatch,
         seen.update(config=config, **kwargs)
         return SimpleNamespace(step=0, final_dir=Path("final"), report=None)
 
-    monkeypatch.setattr("nanotune.workflow.train", train)
+    monkeypatch.setattr("nanotune.jobs.finetune.train", train)
     assert main(argv) == 0
     assert (seen["config"], seen["overrides"], seen["resume"]) == (config, overrides, True)
 

@@ -10,8 +10,8 @@ import re
 import pytest
 
 from nanotune.cli import main
-from nanotune.demo import format_samples, last_user_text, run_demo
 from nanotune.errors import NanotuneError
+from nanotune.jobs.demo import format_samples, last_user_text, run_demo
 
 SIZES = ["train.max_steps=4", "train.eval_every=2", "eval.max_examples=8", "eval.max_new_tokens=8"]
 

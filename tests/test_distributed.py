@@ -22,8 +22,8 @@ from nanotune.errors import NanotuneError
 from nanotune.methods import apply_method
 from nanotune.methods.config import MethodConfig
 from nanotune.models import ModelConfig, Transformer
-from nanotune.train import TrainConfig, Trainer, dist, seed_everything
-from nanotune.train import checkpoint as ckpt
+from nanotune.training import TrainConfig, Trainer, dist, seed_everything
+from nanotune.training import checkpoint as ckpt
 
 V = 64
 STEPS = 3
@@ -89,7 +89,7 @@ def train_scenario(name: str, micro_batch_size: int, out: Path) -> dict[str, tor
 def _worker(argv: list[str]) -> int:
     """`MODE OUT train ...`: inject MODE's fault (or run the parity scenarios), then the CLI."""
     from nanotune.cli import main
-    from nanotune.train.trainer import Trainer as T
+    from nanotune.training.trainer import Trainer as T
 
     torch.set_num_threads(1)
     mode, out, cli_args = argv[0], Path(argv[1]), argv[2:]

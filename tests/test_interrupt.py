@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train import (
+from test_training import (
     LMObjective,
     ScriptedEval,
     TrainConfig,
@@ -29,9 +29,9 @@ from test_train import (
 
 from nanotune.errors import NanotuneError
 from nanotune.eval.report import read_metrics
-from nanotune.train import Interrupted
-from nanotune.train.checkpoint import load_checkpoint, save_checkpoint, step_dirs
-from nanotune.train.logger import RunLogger
+from nanotune.training import Interrupted
+from nanotune.training.checkpoint import load_checkpoint, save_checkpoint, step_dirs
+from nanotune.training.logger import RunLogger
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -49,9 +49,9 @@ SCRIPT = textwrap.dedent(
     import os, sys, time, torch
     from safetensors.torch import save_file
     sys.path.insert(0, os.path.dirname(__file__))
-    from test_train import LMObjective, TrainConfig, Trainer, tiny, uneven_batch
-    from nanotune.train import Interrupted
-    from nanotune.train.checkpoint import trainable_state
+    from test_training import LMObjective, TrainConfig, Trainer, tiny, uneven_batch
+    from nanotune.training import Interrupted
+    from nanotune.training.checkpoint import trainable_state
 
     class Slow(LMObjective):  # gives the parent process time to signal us mid-run
         def loss_sum(self, model, batch):
@@ -186,7 +186,7 @@ def test_cli_exit_code_and_one_line_for_an_interrupted_run(monkeypatch, capsys):
     def stopped(*args, **kwargs):
         raise Interrupted(signal.SIGTERM, "stopped by SIGTERM after step 3 of 9; saved ...")
 
-    monkeypatch.setattr("nanotune.workflow.train", stopped)
+    monkeypatch.setattr("nanotune.jobs.finetune.train", stopped)
     assert main(["train", "run.yaml"]) == 143
     assert capsys.readouterr().err == "nanotune: stopped by SIGTERM after step 3 of 9; saved ...\n"
 

@@ -108,7 +108,7 @@ def test_overwrite_replaces_its_own_run_and_nothing_else(sandbox, capsys):
 
 
 def test_a_failed_overwrite_puts_the_previous_run_back(sandbox, monkeypatch):
-    from nanotune.train import Trainer
+    from nanotune.training import Trainer
 
     assert train() == 0
     run = sandbox / "runs" / "run"
@@ -125,7 +125,7 @@ def test_a_failed_overwrite_puts_the_previous_run_back(sandbox, monkeypatch):
 
 
 def test_a_failed_first_run_leaves_no_debris(sandbox, monkeypatch, capsys):
-    from nanotune.train import Trainer
+    from nanotune.training import Trainer
 
     assert train("model=./no-such-model") == 2
     one_line_error(capsys)

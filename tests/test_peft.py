@@ -18,7 +18,7 @@ from transformers import (
 )
 
 from nanotune.errors import NanotuneError
-from nanotune.methods import MethodConfig, SequenceClassifier, apply_method, lora_layers
+from nanotune.methods import MethodConfig, SequenceClassifier, apply_method, lora_layers, merge
 from nanotune.models import Transformer
 from nanotune.weights import convert
 from nanotune.weights.peft import load_adapter, save_adapter
@@ -305,8 +305,9 @@ def test_merge_cli_writes_a_folder_with_the_adapted_logits(tmp_path):
 
 @pytest.mark.parametrize("fmt", ["adapter", "full"])
 def test_classifier_save_load_and_classify_cli(fmt, tmp_path, capsys):
+    from nanotune.classify import classify
     from nanotune.cli import main
-    from nanotune.methods.classifier import classify, load_classifier, save_classifier
+    from nanotune.weights.classifier import load_classifier, save_classifier
 
     body, tok = gpt2_folder(tmp_path / "base")
     clf = SequenceClassifier(body, 3, ["neg", "neu", "pos"])
@@ -316,6 +317,10 @@ def test_classifier_save_load_and_classify_cli(fmt, tmp_path, capsys):
         clf.score.weight.mul_(50)  # make the labels clearly apart
     clf.eval()
     base = str(tmp_path / "base") if fmt == "adapter" else None
+    if fmt == "full":  # a LoRA classifier is saved as an adapter; merged, as a full folder
+        with pytest.raises(NanotuneError, match="merge the adapters first"):
+            save_classifier(clf, tmp_path / "clf", tok)
+        clf.body = merge(clf.body)
     save_classifier(clf, tmp_path / "clf", tok, base_model=base)
     assert (
         tmp_path / "clf" / ("adapter_config.json" if fmt == "adapter" else "config.json")
@@ -405,9 +410,9 @@ def test_run_with_added_chat_markers_saves_an_adapter_peft_loads(method, tmp_pat
 
     from nanotune.cli import main
     from nanotune.config import RunConfig
+    from nanotune.jobs.finetune import train
     from nanotune.tokenizer import Tokenizer
     from nanotune.weights import load_model
-    from nanotune.workflow import train
 
     rows = [{"user": f"say {w}", "assistant": f"{w} {w}"} for w in "red green blue gold".split()]
     (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows * 3))
@@ -447,7 +452,7 @@ def test_run_with_added_chat_markers_saves_an_adapter_peft_loads(method, tmp_pat
 
 
 def test_classifier_adapter_carries_trained_embeddings_and_added_tokens(tmp_path):
-    from nanotune.methods.classifier import load_classifier, save_classifier
+    from nanotune.weights.classifier import load_classifier, save_classifier
 
     body, tok = gpt2_folder(tmp_path / "base")
     tok.add_special_tokens(["<|sep|>"])
@@ -475,8 +480,9 @@ def test_classifier_adapter_carries_trained_embeddings_and_added_tokens(tmp_path
 
 
 def test_classify_batches_and_the_cli_takes_several_texts_and_files(tmp_path, capsys):
+    from nanotune.classify import classify, classify_batch
     from nanotune.cli import main
-    from nanotune.methods.classifier import classify, classify_batch, save_classifier
+    from nanotune.weights.classifier import save_classifier
 
     body, tok = gpt2_folder(tmp_path / "base")
     clf = SequenceClassifier(body, 3, ["neg", "neu", "pos"])
@@ -485,7 +491,7 @@ def test_classify_batches_and_the_cli_takes_several_texts_and_files(tmp_path, ca
     with torch.no_grad():
         clf.score.weight.mul_(50)
     clf.eval()
-    save_classifier(clf, tmp_path / "clf", tok)
+    save_classifier(clf, tmp_path / "clf", tok, base_model=str(tmp_path / "base"))
     texts = ["a tiny model reads this sentence", "WIN a FREE prize, text now", "ok", "so so"]
     want = [classify(clf, tok, t) for t in texts]
     for got, w in zip(classify_batch(clf, tok, texts, batch_size=3), want, strict=True):

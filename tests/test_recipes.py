@@ -12,8 +12,8 @@ import yaml
 
 from nanotune.cli import main
 from nanotune.errors import NanotuneError
+from nanotune.jobs.finetune import train
 from nanotune.recipes import list_recipes, load_recipe, recipe_names, recipe_text
-from nanotune.workflow import train
 
 WORDS = "love life hope time truth art mind heart dream friends".split()
 RECIPES = ["demo", "eli5-full", "hh-rlhf-lora", "quotes-lora", "spam-classify", "squad-qlora"]

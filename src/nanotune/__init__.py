@@ -1,16 +1,23 @@
 """nanotune: fine-tune GPT-2 and other small language models."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from nanotune.errors import NanotuneError
+
+if TYPE_CHECKING:
+    from nanotune.jobs.finetune import RunResult
 
 __all__ = ["NanotuneError", "train"]
 __version__ = "0.1.0"
 
 
-def __getattr__(name: str):
-    # `nanotune.train("recipe.yaml")` without importing torch at `import nanotune`: the train
-    # package loads on first use and is itself callable (see nanotune/train/__init__.py).
-    if name == "train":
-        import importlib
+def train(config: Any, **kwargs: Any) -> RunResult:
+    """Run one fine-tuning job: `nanotune.train("recipe.yaml")`; see `nanotune.jobs.finetune.train`.
 
-        return importlib.import_module("nanotune.train")
-    raise AttributeError(f"module 'nanotune' has no attribute {name!r}")
+    Imports torch on first use only, so `import nanotune` stays light.
+    """
+    from nanotune.jobs.finetune import train as run
+
+    return run(config, **kwargs)

@@ -19,8 +19,8 @@ def _add_model_args(p: argparse.ArgumentParser, adapter: bool = True) -> None:
 
     p.add_argument(
         "--model",
-        default=DEFAULT_MODEL,
-        help=f"preset name, local HF folder or .gguf file, or hub id (default: {DEFAULT_MODEL})",
+        help="preset name, local HF folder or .gguf file, hub id, or a run's final/ folder "
+        f"(default: the adapter's base model, else {DEFAULT_MODEL})",
     )
     if adapter:
         p.add_argument("--adapter", metavar="DIR", help="PEFT/LoRA adapter folder to apply")
@@ -68,15 +68,9 @@ def _generation_config(args: argparse.Namespace):
 def _load(args: argparse.Namespace):
     """(model, tokenizer) named by --model, with --adapter (and the tokenizer saved with it,
     which holds the run's added tokens and chat template) applied when given."""
-    from nanotune.weights import load_model
+    from nanotune.jobs import artifacts
 
-    model, tokenizer = load_model(args.model)
-    if getattr(args, "adapter", None):
-        from nanotune.weights.peft import adapter_tokenizer, load_adapter
-
-        load_adapter(model, args.adapter)
-        tokenizer = adapter_tokenizer(args.adapter, tokenizer)
-    return model.eval(), tokenizer
+    return artifacts.load(args.model, getattr(args, "adapter", None))
 
 
 def _add_generate(sub) -> None:
@@ -137,7 +131,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
     room = model.config.block_size - config.max_new_tokens
     history: list[dict[str, str]] = []
     print(
-        f"nanotune chat with {args.model}: /reset clears the history, /exit quits", file=sys.stderr
+        f"nanotune chat with {args.model or args.adapter or 'the default model'}: /reset clears "
+        "the history, /exit quits",
+        file=sys.stderr,
     )
     while True:
         try:
@@ -235,7 +231,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from nanotune.weights.atomic import check_target
 
     out = Path(args.out_dir)
-    inputs = [p for p in (args.model,) if Path(p).exists()]
+    inputs = [p for p in (args.model,) if p and Path(p).exists()]
     # Refuse before the (slow) load; save_model checks again and writes atomically.
     check_target(out, overwrite=args.overwrite, inputs=inputs)
     model, tokenizer = _load(args)
@@ -323,7 +319,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from nanotune.data import DataConfig
     from nanotune.eval import EvalConfig, compare, write_report
     from nanotune.eval.compare import metrics_table
-    from nanotune.eval.job import evaluate_job
+    from nanotune.jobs.evaluate import evaluate_job
     from nanotune.models import DEFAULT_MODEL
 
     if args.recipe:
@@ -392,7 +388,10 @@ def _add_merge(sub) -> None:
         description="Load --model, apply the PEFT adapter folder --adapter, merge it into the "
         "base weights and write a plain Hugging Face folder (a classifier folder for SEQ_CLS).",
     )
-    p.add_argument("--model", required=True, help="base model: preset, HF folder, .gguf or hub id")
+    p.add_argument(
+        "--model",
+        help="base model: preset, HF folder, .gguf or hub id (default: the adapter's base model)",
+    )
     p.add_argument("--adapter", required=True, metavar="DIR", help="PEFT adapter folder")
     p.add_argument("out_dir", metavar="OUT_DIR", help="folder to create")
     p.add_argument(
@@ -404,9 +403,9 @@ def _add_merge(sub) -> None:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from nanotune.weights.peft import merge_adapter
+    from nanotune.jobs import artifacts
 
-    out = merge_adapter(args.model, args.adapter, args.out_dir, overwrite=args.overwrite)
+    out = artifacts.merge(args.model, args.adapter, args.out_dir, overwrite=args.overwrite)
     print(f"wrote {out}")
     return 0
 
@@ -418,9 +417,7 @@ def _add_classify(sub) -> None:
         description="Print the predicted label of each text and the probability of every label: "
         "for one --text as a short list, otherwise one tab-separated line per text under a header.",
     )
-    p.add_argument(
-        "--model", required=True, metavar="DIR", help="classifier folder (save_classifier)"
-    )
+    p.add_argument("--model", required=True, metavar="DIR", help="a classifier run's final/ folder")
     p.add_argument(
         "--text", action="append", default=[], metavar="TEXT", help="text to classify (repeatable)"
     )
@@ -464,12 +461,19 @@ def _read_texts(path: str) -> list[str]:
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
-    from nanotune.methods.classifier import classify_batch, load_classifier
+    from nanotune.classify import classify_batch
+    from nanotune.jobs import artifacts
+    from nanotune.methods import SequenceClassifier
 
     texts = [*args.text, *(_read_texts(args.file) if args.file else [])]
     if not texts:
         raise NanotuneError("classify: give --text TEXT (repeatable) or --file PATH")
-    model, tokenizer = load_classifier(args.model)
+    model, tokenizer = artifacts.load(args.model)
+    if not isinstance(model, SequenceClassifier):
+        raise NanotuneError(
+            f"{args.model}: not a classifier (no classifier.json); give the final/ folder of a "
+            "classification run"
+        )
     results = classify_batch(model, tokenizer, texts)
     if len(texts) == 1 and not args.file:
         (probs,) = results
@@ -502,8 +506,8 @@ def _add_train(sub) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from nanotune.train.dist import is_main
-    from nanotune.workflow import train
+    from nanotune.jobs.finetune import train
+    from nanotune.training.dist import is_main
 
     config, overrides = args.config, args.overrides
     if args.recipe:  # argparse hands the first KEY=VALUE to the optional positional
@@ -593,7 +597,7 @@ def _add_demo(sub) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from nanotune.demo import run_demo
+    from nanotune.jobs.demo import run_demo
 
     run_demo(args.output_dir, overwrite=args.overwrite, overrides=args.overrides)
     return 0

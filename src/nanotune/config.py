@@ -23,7 +23,7 @@ from nanotune.errors import NanotuneError
 from nanotune.eval.config import EvalConfig
 from nanotune.methods.config import MethodConfig
 from nanotune.models.config import DEFAULT_MODEL
-from nanotune.train.config import TrainConfig
+from nanotune.training.config import TrainConfig
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 Model `nanotune.models.Transformer` (SmolLM2 through `nanotune.weights.load_model`), methods
 `nanotune.methods.apply_method`, batches `nanotune.data`'s collate functions (what
-`epoch_batches` returns), losses `nanotune.train.losses`, the trainer's optimizer
+`epoch_batches` returns), losses `nanotune.training.losses`, the trainer's optimizer
 (`build_optimizer`) and its gradient clipping, generation `nanotune.generate.generate_ids`.
 """
 
@@ -23,7 +23,7 @@ def import_libraries(case: Case) -> None:
     import nanotune.data.batching  # noqa: F401
     import nanotune.generate  # noqa: F401
     import nanotune.methods  # noqa: F401
-    import nanotune.train.trainer  # noqa: F401
+    import nanotune.training.trainer  # noqa: F401
 
     if case.method == "qlora":
         import torchao  # noqa: F401
@@ -74,9 +74,9 @@ def build(case: Case, quick: bool, device: str, items: list[Any], source: str | 
     from nanotune.data.batching import collate_class, collate_lm
     from nanotune.data.example import ClassExample, Example
     from nanotune.methods import SequenceClassifier, apply_method
-    from nanotune.train.config import TrainConfig
-    from nanotune.train.losses import ClassificationObjective, LMObjective
-    from nanotune.train.trainer import build_optimizer
+    from nanotune.training.config import TrainConfig
+    from nanotune.training.losses import ClassificationObjective, LMObjective
+    from nanotune.training.trainer import build_optimizer
 
     cfg = model_config(case, quick)
     pad = cfg.eos_token_id if cfg.eos_token_id is not None else 0

@@ -159,7 +159,7 @@ def render(
         "the longest row, labels -100 on prompt and padding, `model.train()`; SmolLM2 loaded with "
         "`from_pretrained(..., gguf_file=...)`; generation `model.generate(do_sample=False)` with "
         "`min_new_tokens` = `max_new_tokens`. nanotune: `Transformer`, `apply_method`, "
-        "`nanotune.data` collate, `nanotune.train.losses`, the trainer's `build_optimizer`, "
+        "`nanotune.data` collate, `nanotune.training.losses`, the trainer's `build_optimizer`, "
         "`nanotune.generate.generate_ids` with no stop tokens.",
         "- Useful tokens: supervised (answer) tokens for SFT cases, non-pad tokens for full-lm "
         "and classify, generated tokens for generation. tokens/s is the median over timed steps "

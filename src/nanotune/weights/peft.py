@@ -328,38 +328,3 @@ def _fill(layer: LoRALinear, adapter: Adapter, A: Tensor, B: Tensor, mag: Tensor
         layer.lora_B[adapter.name].copy_(B)
         if mag is not None:
             layer.lora_magnitude[adapter.name].copy_(mag)
-
-
-def merge_adapter(
-    base: str, adapter: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False
-) -> Path:
-    """Load `base`, apply the PEFT adapter folder, fold it into the weights and write an HF folder
-    (a classifier folder for SEQ_CLS adapters)."""
-    from nanotune.methods.classifier import CLASSIFIER_FILE, save_classifier
-    from nanotune.methods.lora import merge
-    from nanotune.weights import load_model, save_model
-    from nanotune.weights.atomic import check_target
-
-    cfg = read_adapter_config(adapter)
-    target = Path(out)
-    inputs = [p for p in (base, adapter) if Path(p).exists()]
-    # Refuse before the (slow) load; the savers check again and write atomically.
-    check_target(target, overwrite=overwrite, inputs=inputs)
-    model, tokenizer = load_model(base)
-    tokenizer = adapter_tokenizer(adapter, tokenizer)
-    if cfg.get("task_type") != "SEQ_CLS":
-        load_adapter(model, adapter)
-        return save_model(merge(model), tokenizer, target, overwrite=overwrite, inputs=inputs)
-    meta_path = Path(adapter) / CLASSIFIER_FILE
-    if meta_path.is_file():
-        names = json.loads(meta_path.read_text())["label_names"]
-    else:  # a peft-made classifier: labels are only numbered
-        score = load_file(str(Path(adapter) / WEIGHTS_FILE)).get(f"{PREFIX}score.weight")
-        if score is None:
-            raise NanotuneError(
-                f"{adapter}: a SEQ_CLS adapter without {PREFIX}score.weight; save the head with it"
-            )
-        names = [str(i) for i in range(score.shape[0])]
-    clf = load_adapter(SequenceClassifier(model, len(names), names), adapter)
-    clf.body = merge(clf.body)
-    return save_classifier(clf, target, tokenizer, overwrite=overwrite, inputs=inputs)

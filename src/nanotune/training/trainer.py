@@ -27,19 +27,19 @@ import torch
 from torch import Tensor, nn
 
 from nanotune.errors import NanotuneError
-from nanotune.train import checkpoint as ckpt
-from nanotune.train import dist
-from nanotune.train.config import TrainConfig
-from nanotune.train.dist import all_reduce_sum, barrier, is_main, rank_rows, world_size
-from nanotune.train.logger import RunLogger
-from nanotune.train.losses import (
+from nanotune.training import checkpoint as ckpt
+from nanotune.training import dist
+from nanotune.training.config import TrainConfig
+from nanotune.training.dist import all_reduce_sum, barrier, is_main, rank_rows, world_size
+from nanotune.training.logger import RunLogger
+from nanotune.training.losses import (
     Batch,
     ClassificationObjective,
     Objective,
     objective_for,
     trim_padding,
 )
-from nanotune.train.schedule import lr_at
+from nanotune.training.schedule import lr_at
 
 BatchesForEpoch = Callable[[int], Sequence[Batch]]
 """epoch -> that epoch's global batches (each `TrainConfig.batch_size` rows or fewer), in order.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from nanotune.train.config import TrainConfig
+from nanotune.training.config import TrainConfig
 
 
 def lr_at(step: int, total_steps: int, config: TrainConfig) -> float:

@@ -11,8 +11,8 @@ import re
 import time
 from pathlib import Path
 
+from nanotune.jobs.finetune import RunResult, train
 from nanotune.recipes import load_recipe
-from nanotune.workflow import RunResult, train
 
 DEMO_RECIPE = "demo"
 _MARKER = re.compile(r"<\|[^|<>]*\|>")

@@ -10,7 +10,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from nanotune.errors import NanotuneError
-from nanotune.train.dist import is_main
+from nanotune.training.dist import is_main
 
 
 class RunLogger:

@@ -15,6 +15,7 @@ import yaml
 
 from nanotune.config import RunConfig, load_config
 from nanotune.errors import NanotuneError, OfflineError
+from nanotune.jobs import artifacts
 from nanotune.weights.atomic import RunDir, atomic_write, check_target
 
 # What a resumed run must share with the original: the model, the method, the data and what
@@ -126,30 +127,6 @@ def check_run_dir(
         ) from e
 
 
-def _save_final(model: Any, tokenizer: Any, config: RunConfig, final: Path) -> None:
-    from nanotune.methods import SequenceClassifier, lora_layers
-    from nanotune.methods.classifier import save_classifier
-    from nanotune.weights import save_model
-    from nanotune.weights.atomic import atomic_dir
-    from nanotune.weights.peft import save_adapter
-
-    if isinstance(model, SequenceClassifier):
-        base = config.model.name if lora_layers(model.body) else None
-        save_classifier(model, final, tokenizer, base, overwrite=True)
-        return
-    if lora_layers(model):  # trained embeddings travel in the adapter (modules_to_save)
-
-        def write(tmp: Path) -> None:
-            save_adapter(model, tmp, config.model.name)
-            tokenizer.save(tmp)
-
-        atomic_dir(final, write, kind="adapter")
-        return
-    # Full and last_n runs: a whole HF model. LoRA never gets here: merged onto a QLoRA run's
-    # NF4-rounded base, every weight the run never touched would be saved rounded.
-    save_model(model, tokenizer, final, overwrite=True)
-
-
 def _evaluate(model: Any, tokenizer: Any, examples: list, config: RunConfig, labels: Any) -> tuple:
     from nanotune.eval import evaluate_model
 
@@ -205,7 +182,7 @@ def train(
     Under torchrun every process runs this with the same arguments (see docs/distributed.md);
     rank 0 alone writes the run directory.
     """
-    from nanotune.train import dist
+    from nanotune.training import dist
 
     path = None if isinstance(config, RunConfig) else config
     if not isinstance(config, RunConfig):
@@ -236,7 +213,7 @@ def _offline_fix(recipe: str | Path | None) -> str:
 def _train(
     config: RunConfig, *, resume: bool, overwrite: bool, progress: bool, inputs: list[Path]
 ) -> RunResult:
-    from nanotune.train.dist import is_main, on_main
+    from nanotune.training.dist import is_main, on_main
 
     # Every check and every input first (the run directory, model, data, method, reward
     # model): a run that cannot start writes nothing and removes nothing.
@@ -253,7 +230,7 @@ def _train(
         # A new run that has nothing to resume from is removed again, and the run it was to
         # replace is put back; one with a checkpoint stays, to be resumed.
         if is_main() and not resume:
-            from nanotune.train.checkpoint import latest_checkpoint
+            from nanotune.training.checkpoint import latest_checkpoint
 
             run.close(keep_new=latest_checkpoint(run_dir / "checkpoints") is not None)
         raise
@@ -275,8 +252,8 @@ class _Setup:
 def _setup(config: RunConfig) -> _Setup:
     from nanotune.data.pipeline import build_datasets
     from nanotune.methods import SequenceClassifier, apply_method
-    from nanotune.train import seed_everything
-    from nanotune.train.dist import is_main
+    from nanotune.training import seed_everything
+    from nanotune.training.dist import is_main
     from nanotune.weights import load_model
 
     seed_everything(config.train.seed)  # model init (LoRA A, heads) depends on it
@@ -305,8 +282,8 @@ def _setup(config: RunConfig) -> _Setup:
 
 def _fit(config: RunConfig, setup: _Setup, run_dir: Path, *, resume: bool, progress: bool):
     from nanotune.data.batching import epoch_batches
-    from nanotune.train import Trainer, dist
-    from nanotune.train.dist import is_main, on_main, world_size
+    from nanotune.training import Trainer, dist
+    from nanotune.training.dist import is_main, on_main, world_size
 
     tc = config.train
     model, tokenizer, data = setup.model, setup.tokenizer, setup.data
@@ -361,7 +338,7 @@ def _fit(config: RunConfig, setup: _Setup, run_dir: Path, *, resume: bool, progr
         )
     dist.reshard(trainer.engine)
     with trainer.full_model() as trained:  # FSDP2: whole weights on rank 0 while saving
-        on_main(lambda: _save_final(trained, tokenizer, config, final))
+        on_main(lambda: artifacts.save_final(trained, tokenizer, config.model.name, final))
     evaluated = (
         on_main(lambda: _write_results(run_dir, config, before, after, setup.reward_model))
         if examples

@@ -1,23 +1,19 @@
 """The training loop: knows batches, objectives and checkpoints; no model families or formats.
 
-`nanotune.train` is also callable: `nanotune.train("recipe.yaml")` runs one fine-tuning job
-(`nanotune.workflow.train`), so the package and the one-call entry point share the short name.
+One whole fine-tuning job is `nanotune.train(...)` (`nanotune.jobs.finetune.train`).
 """
 
-import sys
-import types
-
-from nanotune.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from nanotune.train.config import TrainConfig
-from nanotune.train.losses import (
+from nanotune.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from nanotune.training.config import TrainConfig
+from nanotune.training.losses import (
     ClassificationObjective,
     LMObjective,
     Objective,
     lm_loss_sum,
     objective_for,
 )
-from nanotune.train.schedule import lr_at
-from nanotune.train.trainer import (
+from nanotune.training.schedule import lr_at
+from nanotune.training.trainer import (
     Interrupted,
     Trainer,
     TrainResult,
@@ -46,13 +42,3 @@ __all__ = [
     "seed_everything",
     "trainable_summary",
 ]
-
-
-class _CallableModule(types.ModuleType):
-    def __call__(self, *args, **kwargs):
-        from nanotune.workflow import train
-
-        return train(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

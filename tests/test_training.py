@@ -20,7 +20,7 @@ from torch import nn
 
 from nanotune.errors import NanotuneError
 from nanotune.models import ModelConfig, Transformer
-from nanotune.train import (
+from nanotune.training import (
     LMObjective,
     TrainConfig,
     Trainer,
@@ -29,7 +29,7 @@ from nanotune.train import (
     lr_at,
     objective_for,
 )
-from nanotune.train.checkpoint import step_dirs
+from nanotune.training.checkpoint import step_dirs
 
 V = 64
 
@@ -273,8 +273,8 @@ SCRIPT = textwrap.dedent(
     import os, sys, time, torch
     from safetensors.torch import save_file
     sys.path.insert(0, os.path.dirname(__file__))
-    from test_train import LMObjective, TrainConfig, Trainer, tiny, uneven_batch
-    from nanotune.train.checkpoint import trainable_state
+    from test_training import LMObjective, TrainConfig, Trainer, tiny, uneven_batch
+    from nanotune.training.checkpoint import trainable_state
 
     class Slow(LMObjective):  # gives the parent process time to kill us mid-run
         def loss_sum(self, model, batch):
@@ -330,7 +330,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
 
 
 def test_fused_cross_entropy_equals_torch():
-    from nanotune.train.losses import cross_entropy_sum
+    from nanotune.training.losses import cross_entropy_sum
 
     torch.manual_seed(0)
     x = torch.randn(37, 1000, requires_grad=True)

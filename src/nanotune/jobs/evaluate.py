@@ -14,6 +14,7 @@ from nanotune.eval.config import EvalConfig
 from nanotune.eval.evaluate import samples
 from nanotune.eval.reward import RewardModel
 from nanotune.eval.run import BeforeAfter, evaluate_before_after, evaluate_model
+from nanotune.jobs import artifacts
 
 
 def _grow_vocab(model: nn.Module, tokenizer: Any) -> None:
@@ -72,10 +73,8 @@ def evaluate_job(
 
     def finetune(base: nn.Module) -> nn.Module:
         if adapter:
-            from nanotune.weights.peft import load_adapter
-
-            return load_adapter(base, adapter).eval()
-        tuned, _ = load_model(finetuned)
+            return artifacts.apply_adapter(base, tokenizer, adapter)[0].eval()
+        tuned, _ = artifacts.load(finetuned)
         _grow_vocab(tuned, tokenizer)
         return tuned.eval()
 

@@ -1,0 +1,121 @@
+"""What a run writes to `final/`, and how any nanotune output is loaded back.
+
+The one place that decides both, so the writer and every reader (generate, chat, classify, eval,
+merge, export) agree:
+
+| run | `final/` | loaded back as |
+|---|---|---|
+| LoRA, DoRA, QLoRA (added tokens and trained embeddings included) | PEFT adapter + tokenizer | base model + adapter |
+| classifier, LoRA body | `classifier.json` + PEFT SEQ_CLS adapter (head inside) | base + adapter + head |
+| classifier, full or last_n body | `classifier.json` + HF folder + `classifier.safetensors` | folder + head |
+| full, last_n | HF model folder | the folder |
+
+A LoRA run is never merged on save: merged onto a QLoRA run's NF4-rounded base, every weight the
+run never touched would be written rounded. `merge` folds an adapter in when asked.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from torch import nn
+
+from nanotune.errors import NanotuneError
+from nanotune.methods import SequenceClassifier, lora_layers
+from nanotune.methods.lora import merge as merge_lora
+from nanotune.models import DEFAULT_MODEL
+from nanotune.tokenizer import Tokenizer
+from nanotune.weights import load_model, save_model
+from nanotune.weights.atomic import atomic_dir, check_target
+from nanotune.weights.classifier import (
+    CLASSIFIER_FILE,
+    adapter_labels,
+    load_classifier,
+    save_classifier,
+)
+from nanotune.weights.peft import (
+    CONFIG_FILE,
+    adapter_tokenizer,
+    load_adapter,
+    read_adapter_config,
+    save_adapter,
+)
+
+Loaded = tuple[nn.Module, Tokenizer]
+
+
+def save_final(model: nn.Module, tokenizer: Tokenizer, base_model: str, final: Path) -> Path:
+    """Write a trained model to `final/` in its form from the table above, atomically."""
+    if isinstance(model, SequenceClassifier):
+        return save_classifier(model, final, tokenizer, base_model, overwrite=True)
+    if lora_layers(model):
+
+        def write(tmp: Path) -> None:
+            save_adapter(model, tmp, base_model)
+            tokenizer.save(tmp)
+
+        return atomic_dir(final, write, kind="adapter")
+    return save_model(model, tokenizer, final, overwrite=True)
+
+
+def base_of(adapter: str | os.PathLike) -> str:
+    """The base model an adapter folder names (`base_model_name_or_path`)."""
+    base = read_adapter_config(adapter).get("base_model_name_or_path")
+    if not base:
+        raise NanotuneError(
+            f"{Path(adapter) / CONFIG_FILE}: names no base_model_name_or_path; pass --model"
+        )
+    return base
+
+
+def apply_adapter(model: nn.Module, tokenizer: Tokenizer, adapter: str | os.PathLike) -> Loaded:
+    """`model` with the adapter folder loaded onto it, and the tokenizer saved with the adapter
+    (it holds the run's added tokens and chat template)."""
+    load_adapter(model, adapter)
+    return model, adapter_tokenizer(adapter, tokenizer)
+
+
+def load(model: str | None = None, adapter: str | os.PathLike | None = None) -> Loaded:
+    """Any nanotune output, ready for inference: a model name or folder, a run's `final/`
+    (adapter or classifier folder), or a base with `adapter`.
+
+    Without `model`, the base comes from the adapter's config (else the default model).
+    """
+    if adapter is None and model is not None and (Path(model) / CLASSIFIER_FILE).is_file():
+        return load_classifier(model)
+    if adapter is None and model is not None and (Path(model) / CONFIG_FILE).is_file():
+        model, adapter = None, model  # a LoRA run's final/ passed as the model
+    if adapter is not None and (Path(adapter) / CLASSIFIER_FILE).is_file():
+        return load_classifier(adapter)
+    if model is None:
+        model = base_of(adapter) if adapter is not None else DEFAULT_MODEL
+    loaded, tokenizer = load_model(model)
+    if adapter is not None:
+        loaded, tokenizer = apply_adapter(loaded, tokenizer, adapter)
+    return loaded.eval(), tokenizer
+
+
+def merge(
+    base: str | None,
+    adapter: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """Fold the adapter folder into its base and write a plain HF folder (a classifier folder
+    with the head for SEQ_CLS adapters). The base defaults to the adapter's own."""
+    base = base or base_of(adapter)
+    target = Path(out)
+    inputs = [p for p in (base, adapter) if Path(p).exists()]
+    # Refuse before the (slow) load; the savers check again and write atomically.
+    check_target(target, overwrite=overwrite, inputs=inputs)
+    model, tokenizer = load_model(base)
+    tokenizer = adapter_tokenizer(adapter, tokenizer)
+    if read_adapter_config(adapter).get("task_type") != "SEQ_CLS":
+        load_adapter(model, adapter)
+        return save_model(merge_lora(model), tokenizer, target, overwrite=overwrite, inputs=inputs)
+    names = adapter_labels(adapter)
+    clf = load_adapter(SequenceClassifier(model, len(names), names), adapter)
+    clf.body = merge_lora(clf.body)
+    return save_classifier(clf, target, tokenizer, overwrite=overwrite, inputs=inputs)

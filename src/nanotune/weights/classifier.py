@@ -1,0 +1,103 @@
+"""Classifier folders: `classifier.json` (labels, format) beside a PEFT SEQ_CLS adapter or an HF
+model folder plus `classifier.safetensors` (the head)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from nanotune.errors import NanotuneError
+from nanotune.methods.classifier import SequenceClassifier
+from nanotune.methods.lora import lora_layers
+from nanotune.weights import load_model
+from nanotune.weights.atomic import atomic_dir
+from nanotune.weights.hf import write_model
+from nanotune.weights.peft import (
+    PREFIX,
+    WEIGHTS_FILE,
+    adapter_tokenizer,
+    load_adapter,
+    save_adapter,
+)
+
+CLASSIFIER_FILE = "classifier.json"
+HEAD_FILE = "classifier.safetensors"
+
+
+def save_classifier(
+    model: SequenceClassifier,
+    directory: str | Path,
+    tokenizer,
+    base_model: str | None = None,
+    *,
+    overwrite: bool = False,
+    inputs: Iterable[str | Path] = (),
+) -> Path:
+    """Write a classifier folder atomically, with `classifier.json` naming its labels.
+
+    With LoRA adapters in the body: a PEFT SEQ_CLS adapter folder over `base_model` (head in
+    modules_to_save). Otherwise: the body as an HF folder plus the head in
+    `classifier.safetensors` (merge the adapters first for that, `jobs.artifacts.merge`).
+    """
+    as_adapter = bool(lora_layers(model.body))
+    if as_adapter and base_model is None:
+        raise NanotuneError(
+            "save_classifier: a classifier with LoRA adapters is saved as an adapter over its "
+            "base model; pass base_model, or merge the adapters first"
+        )
+
+    def write(tmp: Path) -> None:
+        if as_adapter:
+            save_adapter(model, tmp, base_model)
+            tokenizer.save(tmp)
+        else:
+            write_model(model.body, tokenizer, tmp)
+            save_file(
+                {"score.weight": model.score.weight.detach().cpu().contiguous()},
+                str(tmp / HEAD_FILE),
+            )
+        meta = {
+            "format": "adapter" if as_adapter else "full",
+            "base_model": base_model,
+            "num_labels": model.num_labels,
+            "label_names": model.label_names,
+        }
+        (tmp / CLASSIFIER_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+    return atomic_dir(directory, write, kind="classifier", overwrite=overwrite, inputs=inputs)
+
+
+def load_classifier(directory: str | Path):
+    """(SequenceClassifier, Tokenizer) from a folder written by `save_classifier`."""
+    path = Path(directory) / CLASSIFIER_FILE
+    if not path.is_file():
+        raise NanotuneError(f"{path}: no such file; is {directory} a classifier saved by nanotune?")
+    meta = json.loads(path.read_text())
+    if meta.get("format") == "adapter":
+        body, tokenizer = load_model(meta["base_model"])
+        clf = SequenceClassifier(body, meta["num_labels"], meta["label_names"])
+        load_adapter(clf, directory)
+        return clf.eval(), adapter_tokenizer(directory, tokenizer)  # holds any added tokens
+    body, tokenizer = load_model(directory)
+    clf = SequenceClassifier(body, meta["num_labels"], meta["label_names"])
+    with torch.no_grad():
+        clf.score.weight.copy_(load_file(str(Path(directory) / HEAD_FILE))["score.weight"])
+    return clf.eval(), tokenizer
+
+
+def adapter_labels(adapter: str | Path) -> list[str]:
+    """Label names of a SEQ_CLS adapter folder: from nanotune's `classifier.json`, else (a
+    peft-made classifier) numbered by the rows of its head."""
+    meta_path = Path(adapter) / CLASSIFIER_FILE
+    if meta_path.is_file():
+        return json.loads(meta_path.read_text())["label_names"]
+    score = load_file(str(Path(adapter) / WEIGHTS_FILE)).get(f"{PREFIX}score.weight")
+    if score is None:
+        raise NanotuneError(
+            f"{adapter}: a SEQ_CLS adapter without {PREFIX}score.weight; save the head with it"
+        )
+    return [str(i) for i in range(score.shape[0])]
