@@ -14,6 +14,7 @@ from nanotune.data import (
     chat_prompt_ids,
     required_special_tokens,
 )
+from nanotune.data.example import Row
 from nanotune.data.formats import (
     END_MARKER,
     format_alpaca,
@@ -21,7 +22,6 @@ from nanotune.data.formats import (
     format_classification,
     format_completion,
 )
-from nanotune.data.sources import Row
 from nanotune.errors import NanotuneError
 from nanotune.tokenizer import Tokenizer, gpt2_tokenizer
 

@@ -226,8 +226,8 @@ def test_hh_rlhf_lora(tmp_path, tiny_gpt2_dir, tiny_reward_dir):
 
 
 def test_hh_transcripts_become_alternating_turns():
+    from nanotune.data.example import BadRow, Row
     from nanotune.data.formats import row_messages
-    from nanotune.data.sources import BadRow, Row
 
     text = "\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: Name a color.\n\nAssistant: Blue."
     assert row_messages(Row({"dialogue": text}, "hh.jsonl:1")) == [

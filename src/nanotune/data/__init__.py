@@ -2,7 +2,7 @@
 
 from nanotune.data.batching import collate_class, collate_lm, efficiency, epoch_batches
 from nanotune.data.config import DataConfig
-from nanotune.data.example import IGNORE, ClassExample, Example
+from nanotune.data.example import IGNORE, ClassExample, Example, Row
 from nanotune.data.formats import (
     END_MARKER,
     MARKER_TOKENS,
@@ -11,7 +11,7 @@ from nanotune.data.formats import (
     row_messages,
 )
 from nanotune.data.pipeline import Datasets, build_datasets
-from nanotune.data.sources import Row, iter_source
+from nanotune.data.sources import iter_source
 
 __all__ = [
     "END_MARKER",

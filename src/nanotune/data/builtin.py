@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from nanotune.data.sources import Row
+from nanotune.data.example import Row
 from nanotune.errors import NanotuneError
 
 # Short, common, single-token-ish words: the task is about order, not vocabulary.

@@ -1,8 +1,11 @@
-"""The plain objects that leave the data pipeline (contract in docs/design.md)."""
+"""The plain objects of the data pipeline: rows in, examples out (contract in docs/design.md)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
+from nanotune.errors import NanotuneError
 
 IGNORE = -100  # label of a token that is not supervised (Hugging Face / PyTorch convention)
 
@@ -25,3 +28,15 @@ class ClassExample:
 
     ids: list[int]
     label: int
+
+
+class Row(dict):
+    """One record: its fields, plus `where` (file and line/row) for error messages."""
+
+    def __init__(self, fields: dict[str, Any], where: str) -> None:
+        super().__init__(fields)
+        self.where = where
+
+
+class BadRow(NanotuneError):
+    """A row that cannot be read or formatted; the message starts with its file and line/row."""

@@ -15,8 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from nanotune.data.config import DataConfig
-from nanotune.data.example import IGNORE, ClassExample, Example
-from nanotune.data.sources import BadRow, Row
+from nanotune.data.example import IGNORE, BadRow, ClassExample, Example, Row
 from nanotune.errors import NanotuneError
 
 # Turn markers for models without a chat template (GPT-2); added as special tokens.

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nanotune.data.config import DataConfig
-from nanotune.data.example import ClassExample, Example
+from nanotune.data.example import BadRow, ClassExample, Example, Row
 from nanotune.data.formats import (
     LM_FORMATS,
     TokenizerLike,
@@ -20,7 +20,7 @@ from nanotune.data.formats import (
     row_field,
     use_markers_template,
 )
-from nanotune.data.sources import BadRow, Row, balance_rows, iter_source, split_rows
+from nanotune.data.sources import balance_rows, iter_source, split_rows
 from nanotune.errors import NanotuneError
 
 

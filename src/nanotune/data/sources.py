@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from nanotune.data.example import BadRow, Row
 from nanotune.errors import NanotuneError
 
 # Extension -> file_format; `data.file_format` names the format of any other file.
@@ -35,18 +36,6 @@ SUFFIX_FORMATS = {
     ".text": "text",
 }
 _NOT_UTF8 = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of undecodable bytes
-
-
-class Row(dict):
-    """One record: its fields, plus `where` (file and line/row) for error messages."""
-
-    def __init__(self, fields: dict[str, Any], where: str) -> None:
-        super().__init__(fields)
-        self.where = where
-
-
-class BadRow(NanotuneError):
-    """A row that cannot be read or formatted; the message starts with its file and line/row."""
 
 
 def _check_utf8(value: Any, where: str) -> None:
