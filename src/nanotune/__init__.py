@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from nanotune.errors import NanotuneError
+from nanotune.version import __version__
 
 if TYPE_CHECKING:
     from nanotune.jobs.finetune import RunResult
 
-__all__ = ["NanotuneError", "train"]
-__version__ = "0.1.0"
+__all__ = ["NanotuneError", "__version__", "train"]
 
 
 def train(config: Any, **kwargs: Any) -> RunResult:

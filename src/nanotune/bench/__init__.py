@@ -15,37 +15,18 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from nanotune.bench.cases import CASES, QUICK_LLAMA
-from nanotune.bench.report import render
+from nanotune.bench.report import SideResult, render
 from nanotune.bench.workload import MARK
 from nanotune.errors import NanotuneError
 from nanotune.models.config import PRESETS
 from nanotune.weights.atomic import atomic_write
 
 SIDES = ("nanotune", "peer")
-
-
-@dataclass
-class SideResult:
-    """One case on one side: the worker's numbers, or why there are none."""
-
-    ms_per_step: float = 0.0
-    useful_per_s: float = 0.0
-    flops_per_s: float = 0.0
-    peak_bytes: int = 0
-    peak_kind: str = ""
-    steps: int = 0
-    na: str | None = None  # not applicable here (reason)
-    error: str | None = None  # the run failed (last line of its stderr)
-
-    @property
-    def ok(self) -> bool:
-        return self.na is None and self.error is None
 
 
 def select(cases: str | None) -> list[str]:

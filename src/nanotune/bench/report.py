@@ -6,17 +6,32 @@ import datetime
 import importlib.metadata
 import os
 import platform
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from nanotune.bench.cases import CASES, FULL, QUICK
 
-if TYPE_CHECKING:
-    from nanotune.bench import SideResult
-
 MEMORY_TARGET = "peak memory ≤ peer"
+
+
+@dataclass
+class SideResult:
+    """One case on one side: the worker's numbers, or why there are none."""
+
+    ms_per_step: float = 0.0
+    useful_per_s: float = 0.0
+    flops_per_s: float = 0.0
+    peak_bytes: int = 0
+    peak_kind: str = ""
+    steps: int = 0
+    na: str | None = None  # not applicable here (reason)
+    error: str | None = None  # the run failed (last line of its stderr)
+
+    @property
+    def ok(self) -> bool:
+        return self.na is None and self.error is None
 
 
 def machine(device: str) -> str:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from nanotune.errors import NanotuneError
+from nanotune.version import __version__
 
 MARKER = ".nanotune"
 _TMP = ".tmp-"  # temporary siblings: .tmp-<pid>-<name>-<random>
@@ -85,8 +86,6 @@ def atomic_write(path: str | os.PathLike, data: str | bytes, *, mode: int = 0o64
 
 
 def write_marker(directory: Path, kind: str, owns: Iterable[str]) -> None:
-    from nanotune import __version__
-
     meta = {"nanotune": __version__, "kind": kind, "owns": sorted(set(owns) | {MARKER})}
     atomic_write(directory / MARKER, json.dumps(meta, indent=1) + "\n")
 

@@ -1,0 +1,136 @@
+"""The import graph of src/nanotune: no circles, and no import from a lower part to a higher one.
+
+Every import counts, also those inside functions (a lazy import is still a dependency). The rule
+table is the one in docs/design.md ("Layers").
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).parents[1] / "src" / "nanotune"
+
+# What each part may import from nanotune, besides itself. Entries are parts ("models") or single
+# modules ("weights.atomic"). Everything above `jobs` (the entry points) may import anything below.
+ALLOWED: dict[str, set[str]] = {
+    "errors": set(),
+    "version": set(),
+    "models": {"errors"},
+    "tokenizer": {"errors"},
+    "methods": {"errors", "models"},
+    "weights": {"errors", "version", "models", "tokenizer", "methods"},
+    "data": {"errors"},
+    # The loop knows nothing of families or formats; it writes checkpoints with the one writer.
+    "training": {"errors", "weights.atomic"},
+    "generate": {"errors", "models"},
+    "classify": {"errors", "data", "methods"},
+    "eval": {"errors", "data", "generate"},
+    "config": {"errors", "data", "eval", "methods", "models", "training"},
+    "recipes": {"errors", "config"},
+}
+BELOW_JOBS = set(ALLOWED)
+ALLOWED["jobs"] = BELOW_JOBS
+ALLOWED["bench"] = BELOW_JOBS
+ALLOWED["cli"] = BELOW_JOBS | {"jobs", "bench", "nanotune", "version"}
+ALLOWED["__main__"] = {"cli"}
+ALLOWED["nanotune"] = {"errors", "version", "jobs"}  # the root package: nanotune.train()
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out[".".join(parts)] = path
+    return out
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> the nanotune modules it imports (a package's __init__ only when named itself)."""
+    modules = _modules()
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        targets: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join([*up, *([node.module] if node.module else [])])
+                for alias in node.names:
+                    sub = f"{base}.{alias.name}"
+                    targets.add(sub if sub in modules else base)
+        graph[name] = {t for t in targets if t in modules and t != name}
+    return graph
+
+
+def _part(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "nanotune"
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_circles():
+    assert _cycles(import_graph()) == []
+
+
+def test_every_part_is_in_the_rule_table():
+    assert {_part(m) for m in import_graph()} <= set(ALLOWED)
+
+
+def test_no_import_runs_back_up():
+    wrong = []
+    for module, targets in sorted(import_graph().items()):
+        part = _part(module)
+        for target in sorted(targets):
+            other = _part(target)
+            short = target.removeprefix("nanotune.")
+            if other != part and other not in ALLOWED[part] and short not in ALLOWED[part]:
+                wrong.append(f"{module} -> {target}")
+    assert wrong == []
+
+
+def test_the_checker_sees_circles_and_wrong_directions():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == [["a", "b", "c"]]
+    graph = import_graph()
+    assert "nanotune.weights.atomic" in graph["nanotune.training.checkpoint"]
+    assert "nanotune.models.transformer" in graph["nanotune.weights.hf"]
