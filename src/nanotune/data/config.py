@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import string
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -125,6 +126,10 @@ class DataConfig:
                     "label_names", f"{self.label_names!r} must list at least two distinct names"
                 )
             self.label_names = names
+        for name in ("prompt_template", "completion_template"):
+            why = _template_problem(getattr(self, name))
+            if why:
+                raise bad(name, f"{getattr(self, name)!r}: {why}")
         if self.format == "text" and self.block_size > self.max_length:
             raise bad("block_size", f"{self.block_size} exceeds max_length={self.max_length}")
         if self.pack and self.format == "classification":
@@ -142,3 +147,31 @@ class DataConfig:
                 f"data: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
             )
         return cls(**d)
+
+
+def _template_problem(template: str) -> str | None:
+    """Why a row template is refused, or None: fields must name whole columns.
+
+    str.format would follow `{quote.__class__}` or `{quote[0]}` into the value's attributes and
+    items; a template has no business there (nested records are reached with data.columns).
+    """
+    try:
+        names = _field_names(template)
+    except ValueError as e:
+        return f"not a valid template ({e}); write fields as {{column}} and literal braces as {{{{ }}}}"
+    for name in names:
+        if not name or "." in name or "[" in name:
+            return (
+                f"field {{{name}}} does not name a column; use whole columns like {{quote}}, and "
+                "map nested fields with data.columns (e.g. columns: {answer: answers.text})"
+            )
+    return None
+
+
+def _field_names(template: str) -> list[str]:
+    """Every replacement field of a str.format template, those nested in format specs too."""
+    names = []
+    for _, name, spec, _ in string.Formatter().parse(template):
+        if name is not None:
+            names += [name, *_field_names(spec or "")]
+    return names
