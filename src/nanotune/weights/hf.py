@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -62,6 +63,14 @@ def read_config(directory: str | Path) -> ModelConfig:
             isinstance(value, bool) or not isinstance(value, int) or value < 1
         ):
             raise NanotuneError(f"{path}: {name} must be a positive integer, got {value!r}")
+    for name in ("norm_eps", "rope_theta"):  # JSON allows NaN and Infinity
+        value = getattr(config, name)
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not 0 < value < math.inf
+        ):
+            raise NanotuneError(f"{path}: {name} must be a positive finite number, got {value!r}")
     return config
 
 

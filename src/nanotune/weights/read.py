@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -80,10 +82,18 @@ def read_torch_pickle(path: str | os.PathLike, what: str, fix: str = REFETCH) ->
     """
     path = Path(path)
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        # mmap needs torch's zip format; the legacy bare-pickle format is read whole.
+        mmap = zipfile.is_zipfile(path)
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except FileNotFoundError:
         raise NanotuneError(f"{path} is missing: {what} should be there; {fix}") from None
-    except Exception as e:  # torch raises many types for bad pickles/zips and refused globals
+    except pickle.UnpicklingError:  # torch's own text advises weights_only=False: not repeated
+        raise NanotuneError(
+            f"{path} could not be read as a weights-only PyTorch checkpoint ({what}): it holds "
+            "Python objects besides tensors, which could run code when loaded; convert a copy "
+            "you trust to safetensors"
+        ) from None
+    except Exception as e:  # torch raises many types for bad pickles and zips
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise NanotuneError(
             f"{path} could not be read as a weights-only PyTorch checkpoint ({what}: {reason}); "
