@@ -30,6 +30,11 @@ class Payload:
         return (Path.touch, (self.marker,))
 
 
+REFUSED = (
+    r"pytorch_model\.bin could not be read as a weights-only .*: it asks for .*, which could run"
+)
+
+
 def test_pickle_weights_cannot_run_code(tiny_gpt2_dir, tmp_path):
     from safetensors.torch import load_file
 
@@ -38,7 +43,7 @@ def test_pickle_weights_cannot_run_code(tiny_gpt2_dir, tmp_path):
     marker = tmp_path / "pwned"
     sd = load_file(tiny_gpt2_dir / "model.safetensors")
     torch.save({**sd, "payload": Payload(marker)}, d / "pytorch_model.bin")
-    with pytest.raises(NanotuneError, match=r"pytorch_model\.bin .* holds Python objects besides"):
+    with pytest.raises(NanotuneError, match=REFUSED):
         load_model(d)
     assert not marker.exists()
     # The payload is real: an unrestricted unpickler runs it.
@@ -52,7 +57,7 @@ def test_plain_pickle_weights_cannot_run_code(tiny_gpt2_dir, tmp_path):
     shutil.copytree(tiny_gpt2_dir, d, ignore=shutil.ignore_patterns("*.safetensors"))
     marker = tmp_path / "pwned"
     (d / "pytorch_model.bin").write_bytes(pickle.dumps({"payload": Payload(marker)}, protocol=2))
-    with pytest.raises(NanotuneError, match=r"pytorch_model\.bin .* holds Python objects besides"):
+    with pytest.raises(NanotuneError, match=REFUSED):
         load_model(d)
     assert not marker.exists()
     pickle.loads((d / "pytorch_model.bin").read_bytes())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -87,13 +88,16 @@ def read_torch_pickle(path: str | os.PathLike, what: str, fix: str = REFETCH) ->
         sd = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except FileNotFoundError:
         raise NanotuneError(f"{path} is missing: {what} should be there; {fix}") from None
-    except pickle.UnpicklingError:  # torch's own text advises weights_only=False: not repeated
-        raise NanotuneError(
-            f"{path} could not be read as a weights-only PyTorch checkpoint ({what}): it holds "
-            "Python objects besides tensors, which could run code when loaded; convert a copy "
-            "you trust to safetensors"
-        ) from None
     except Exception as e:  # torch raises many types for bad pickles and zips
+        if isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in str(e):
+            # Not torch's text: it advises retrying with weights_only=False.
+            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+            asks = f"asks for {found[1]}" if found else "holds Python objects besides tensors"
+            raise NanotuneError(
+                f"{path} could not be read as a weights-only PyTorch checkpoint ({what}): it "
+                f"{asks}, which could run code when loaded; convert a copy you trust to "
+                "safetensors (or re-download it if it is damaged)"
+            ) from None
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise NanotuneError(
             f"{path} could not be read as a weights-only PyTorch checkpoint ({what}: {reason}); "
