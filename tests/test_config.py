@@ -149,3 +149,68 @@ def test_import_is_light_and_nanotune_train_is_the_workflow():
         "import nanotune.jobs.finetune as w; assert w.train and train.__module__ == 'nanotune'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --- values YAML reads in ways the user did not mean ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.lr=.inf", "train.lr: expected a finite number, got inf"),
+        ("train.lr=.nan", "train.lr: expected a finite number, got nan"),
+        ("train.lr=nan", "train.lr: expected a finite number, got nan"),  # a string float() reads
+        ("train.betas=[0.9, .nan]", "train.betas[1]: expected a finite number, got nan"),
+        ("train.warmup_ratio=.nan", "train.warmup_ratio: expected a finite number, got nan"),
+        ("method.alpha=-.inf", "method.alpha: expected a finite number, got -inf"),
+        ("data.val_fraction=.nan", "data.val_fraction: expected a finite number, got nan"),
+        ("eval.temperature=.inf", "eval.temperature: expected a finite number, got inf"),
+    ],
+)
+def test_non_finite_floats_are_refused_naming_the_field(override, message):
+    with pytest.raises(NanotuneError) as e:
+        load({}, [override])
+    assert str(e.value) == message
+
+
+def test_train_cli_refuses_nan_lr_before_writing_anything(recipe, tmp_path, capsys):
+    assert main(["train", str(recipe), "train.lr=.nan"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("train.lr: expected a finite number, got nan") and "\n" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_braced_override_for_a_string_field_says_how_to_quote_it(tmp_path):
+    with pytest.raises(NanotuneError) as e:
+        load({}, ["data.prompt_template={quote}"])
+    message = str(e.value)
+    assert message.startswith("data.prompt_template: expected a string, got {'quote': None}")
+    assert "\"data.prompt_template='{quote}'\"" in message and "\n" not in message
+    with pytest.raises(
+        NanotuneError, match=r"as a list: quote it, e.g. \"data.separator='\[x\]'\""
+    ):
+        load({}, ["data.separator=[x]"])
+    # Quoted as the hint says, it is the text; list and mapping fields still take YAML values.
+    cfg = load({}, ["data.prompt_template='{quote}'", "data.columns={quote: text}"])
+    assert cfg.data.prompt_template == "{quote}" and cfg.data.columns == {"quote": "text"}
+    assert cfg.to_yaml()  # overrides leave plain YAML-safe values behind
+    # The same slip in a file gets the hint too.
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  source: x.jsonl\n  prompt_template: {quote}\n")
+    with pytest.raises(NanotuneError, match=r"c\.yaml: data\.prompt_template: .* quote it"):
+        RunConfig.from_yaml(path)
+
+
+def test_home_is_expanded_in_output_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = load({}, ["output_dir=~/runs/x", "eval.reward_model=~/reward"])
+    assert cfg.output_dir == str(tmp_path / "runs" / "x")
+    assert cfg.eval.reward_model == str(tmp_path / "reward")
+    assert RunConfig.from_yaml(cfg.save(tmp_path / "config.yaml")) == cfg
+
+
+def test_override_yaml_errors_are_one_line():
+    with pytest.raises(NanotuneError) as e:
+        load({}, ["train.lr=[1"])
+    assert str(e.value).startswith("override 'train.lr=[1': value is not valid YAML")
+    assert "\n" not in str(e.value)

@@ -315,11 +315,35 @@ def test_chat_prompt_uses_the_template():
         ({"top_k": -1}, "top_k"),
         ({"max_new_tokens": 0}, "max_new_tokens"),
         ({"repetition_penalty": 0.0}, "repetition_penalty"),
+        ({"temperature": float("nan")}, "temperature=nan must be a finite number"),
+        ({"temperature": float("inf")}, "temperature=inf must be a finite number"),
+        ({"top_p": float("nan")}, "top_p=nan must be a finite number"),
+        ({"repetition_penalty": float("inf")}, "repetition_penalty=inf must be a finite number"),
+        ({"temperature": "0.7"}, "temperature='0.7' must be a number"),
+        ({"max_new_tokens": 2.5}, "max_new_tokens=2.5 must be an integer"),
     ],
 )
 def test_invalid_config_values_raise(kw, field):
     with pytest.raises(NanotuneError, match=field):
         GenerationConfig(**kw)
+
+
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("--temperature", "nan"),
+        ("--temperature", "inf"),
+        ("--top-p", "nan"),
+        ("--repetition-penalty", "inf"),
+    ],
+)
+def test_cli_refuses_non_finite_sampling_flags(flag, value, capsys):
+    from nanotune.cli import main
+
+    # Checked before the model loads: the missing model would be a different error.
+    assert main(["generate", "--model", "./no-such-model", "--prompt", "hi", flag, value]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(f"{value} must be a finite number") and "\n" not in err
 
 
 def test_prompt_longer_than_context_names_both_lengths():

@@ -262,6 +262,87 @@ def test_bad_adapters_raise(tmp_path):
     assert not lora_layers(model)
 
 
+def peft_adapter(path, r: int = 2, **lora) -> None:
+    """A peft-made LoRA adapter (rank `r` on c_attn) of hf_model("gpt2") saved to `path`."""
+    config = LoraConfig(r=r, target_modules=["c_attn"], fan_in_fan_out=True, **lora)
+    get_peft_model(hf_model("gpt2"), config).save_pretrained(str(path))
+
+
+def edit_config(path, **changes) -> None:
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    (path / "adapter_config.json").write_text(json.dumps({**cfg, **changes}))
+
+
+def test_adapter_whose_config_rank_differs_from_its_tensors_is_refused(tmp_path):
+    peft_adapter(tmp_path / "a", r=2)
+    edit_config(tmp_path / "a", r=4)
+    model = nanotune_from(hf_model("gpt2"))
+    with pytest.raises(NanotuneError) as e:
+        load_adapter(model, tmp_path / "a")
+    message = str(e.value)
+    assert (
+        "a/adapter_model.safetensors: transformer.h.0.attn.c_attn has LoRA tensors of rank 2"
+        in (message)
+    )
+    assert "adapter_config.json declares r=4" in message
+    assert not lora_layers(model)  # checked before the model is touched
+    # rank_pattern is what PEFT uses per module: a matching one makes the same folder load.
+    edit_config(tmp_path / "a", rank_pattern={"c_attn": 2})
+    load_adapter(model, tmp_path / "a")
+    assert lora_layers(model)
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("truncate", r"adapter_model\.safetensors is truncated or corrupt"),
+        ("list", r"adapter_config\.json should hold a JSON object .*not a JSON list"),
+        ("json", r"adapter_config\.json is not valid JSON"),
+        ("dropout", r"adapter_config\.json: lora_dropout must be a number in \[0, 1\), got 'x'"),
+        ("alpha", r"adapter_config\.json: lora_alpha must be a finite number, got 'NaN'"),
+        ("nan", r"adapter_model\.safetensors: tensor '.*c_attn\.lora_A\.weight' holds NaN"),
+    ],
+)
+def test_broken_adapter_files_are_one_clear_error(tmp_path, damage, message):
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path / "a"
+    peft_adapter(d)
+    weights = d / "adapter_model.safetensors"
+    if damage == "truncate":
+        weights.write_bytes(weights.read_bytes()[:100])
+    elif damage == "list":
+        (d / "adapter_config.json").write_text("[]")
+    elif damage == "json":
+        (d / "adapter_config.json").write_text('{"peft_type": "LORA",')
+    elif damage == "dropout":
+        edit_config(d, lora_dropout="x")
+    elif damage == "alpha":
+        edit_config(d, lora_alpha="NaN")
+    else:
+        tensors = load_file(weights)
+        next(t for k, t in tensors.items() if "lora_A" in k)[0, 0] = float("nan")
+        save_file(tensors, weights)
+    with pytest.raises(NanotuneError, match=message):
+        load_adapter(nanotune_from(hf_model("gpt2")), d)
+
+
+def test_merge_cli_refuses_a_rank_mismatch_in_one_line(tmp_path, capsys):
+    from nanotune.cli import main
+
+    gpt2_folder(tmp_path / "base")
+    get_peft_model(
+        GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=32)),
+        LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True),
+    ).save_pretrained(str(tmp_path / "a"))
+    edit_config(tmp_path / "a", r=8)
+    argv = ["merge", "--model", str(tmp_path / "base"), "--adapter", str(tmp_path / "a")]
+    assert main([*argv, str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "rank 2 but adapter_config.json declares r=8" in err and "\n" not in err
+    assert not (tmp_path / "out").exists()
+
+
 def gpt2_folder(path) -> tuple:
     """A tiny GPT-2 with the real 50,257-token BPE, saved as an HF folder."""
     from nanotune.tokenizer import gpt2_tokenizer

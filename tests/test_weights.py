@@ -6,6 +6,7 @@ Parity is against transformers loading the same files (fp32, max abs logit diff 
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 import time
 from pathlib import Path
@@ -348,6 +349,113 @@ def test_shard_listed_but_missing(tiny_gpt2_dir, tmp_path):
         load_model(tmp_path)
 
 
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("[1, 2]", r"config\.json should hold a JSON object .*, not a JSON list"),
+        ('{"model_type": "gpt2"}', r"config\.json: required key 'vocab_size' is missing"),
+        (
+            '{"model_type": "gpt2", "vocab_size": 50257, "n_layer": "2", "n_head": 4, "n_embd": 32}',
+            r"config\.json: n_layer must be a positive integer, got '2'",
+        ),
+        (
+            '{"model_type": "gpt2", "vocab_size": 50257, "n_layer": 2, "n_head": 0, "n_embd": 32}',
+            r"config\.json: inconsistent or mistyped sizes",
+        ),
+        (
+            '{"model_type": "gpt2", "vocab_size": 50257, "n_layer": 2, "n_head": 4, "n_embd": 32, '
+            '"layer_norm_epsilon": NaN}',
+            r"config\.json: norm_eps must be a positive finite number, got nan",
+        ),
+    ],
+)
+def test_config_json_of_the_wrong_shape(tiny_gpt2_dir, tmp_path, text, message):
+    d = _copy_without_weights(tiny_gpt2_dir, tmp_path / "m")
+    (d / "config.json").write_text(text)
+    with pytest.raises(NanotuneError, match=message):
+        load_model(d)
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_naming_the_tensor(tiny_gpt2_dir, tmp_path, fmt, bad):
+    d = _copy_without_weights(tiny_gpt2_dir, tmp_path / "m")
+    sd = load_file(tiny_gpt2_dir / "model.safetensors")
+    sd["transformer.h.1.mlp.c_fc.weight"][3, 5] = bad
+    if fmt == "bin":
+        torch.save(sd, d / "pytorch_model.bin")
+    else:
+        save_file(sd, d / "model.safetensors")
+    kind = "NaN" if bad != bad else "inf"
+    match = rf"{fmt}: tensor 'transformer.h.1.mlp.c_fc.weight' holds {kind} values"
+    with pytest.raises(NanotuneError, match=match):
+        load_model(d)
+
+
+@pytest.mark.parametrize(
+    "fixture, key", [("tiny_gpt2_dir", "n_layer"), ("tiny_llama_dir", "num_hidden_layers")]
+)
+def test_config_with_fewer_layers_than_the_weights_is_refused(request, tmp_path, fixture, key):
+    src = request.getfixturevalue(fixture)
+    d = tmp_path / "m"
+    shutil.copytree(src, d)
+    config = json.loads((d / "config.json").read_text())
+    config[key] = 1
+    (d / "config.json").write_text(json.dumps(config))
+    with pytest.raises(NanotuneError) as e:
+        load_model(d)
+    message = str(e.value)
+    assert "have no place in the 1-layer" in message and "\n" not in message
+    assert ("'h.1." if fixture == "tiny_gpt2_dir" else "'layers.1.") in message
+
+
+def test_config_sizes_that_do_not_fit_the_weights(tiny_gpt2_dir, tmp_path):
+    d = tmp_path / "m"
+    shutil.copytree(tiny_gpt2_dir, d)
+    config = json.loads((d / "config.json").read_text())
+    config["n_inner"] = 64  # the weights have 4 * 32 = 128
+    (d / "config.json").write_text(json.dumps(config))
+    with pytest.raises(
+        NanotuneError,
+        match=r"blocks\.0\.mlp\.fc\.weight is \[128, 32\] where the config needs \[64, 32\]",
+    ):
+        load_model(d)
+
+
+def test_broken_tokenizer_files_name_the_file(tiny_gpt2_dir, tmp_path):
+    d = tmp_path / "m"
+    shutil.copytree(tiny_gpt2_dir, d)
+    (d / "tokenizer_config.json").write_text('{"bos_token": ')
+    with pytest.raises(NanotuneError, match=r"tokenizer_config\.json is not valid JSON .*line 1"):
+        load_model(d)
+    (d / "tokenizer_config.json").write_text('["not", "an", "object"]')
+    with pytest.raises(NanotuneError, match=r"tokenizer_config\.json should hold a JSON object"):
+        load_model(d)
+    (d / "tokenizer_config.json").write_text("{}")
+    (d / "chat_template.jinja").write_bytes(b"\xff\xfe{{ messages }}")
+    with pytest.raises(NanotuneError, match=r"chat_template\.jinja is not UTF-8 text"):
+        load_model(d)
+    (d / "chat_template.jinja").unlink()
+    (d / "tokenizer.json").write_text("{")
+    with pytest.raises(NanotuneError, match=r"tokenizer\.json: not a valid tokenizer\.json"):
+        load_model(d)
+
+
+def test_truncated_shard_names_the_shard(tiny_gpt2_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir).save_pretrained(
+        tmp_path, max_shard_size="1MB"
+    )
+    shard = sorted(tmp_path.glob("model-*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:1000])
+    with pytest.raises(NanotuneError, match=rf"{shard.name} is truncated or corrupt"):
+        load_model(tmp_path)
+    (tmp_path / "model.safetensors.index.json").write_text('{"weight_map": ')
+    with pytest.raises(NanotuneError, match=r"index\.json is not valid JSON"):
+        load_model(tmp_path)
+
+
 # llama.cpp names and tensor types of the tiny GGUF below: every supported type appears once.
 GGUF_BLOCK = {
     "self_attn.q_proj": ("attn_q", "Q8_0"),
@@ -371,8 +479,11 @@ def _llama_cpp_permute(w, n_head):
     )
 
 
-def _write_tiny_llama_gguf(path: Path, tensor_types: dict[str, str] | None = None) -> None:
-    """A 2-layer untied Llama GGUF, written the way llama.cpp's converter does."""
+def _write_tiny_llama_gguf(
+    path: Path, tensor_types: dict[str, str] | None = None, poison: str | None = None
+) -> None:
+    """A 2-layer untied Llama GGUF, written the way llama.cpp's converter does; `poison` names a
+    tensor given a NaN."""
     import gguf
     import numpy as np
     from gguf.quants import quantize
@@ -398,6 +509,9 @@ def _write_tiny_llama_gguf(path: Path, tensor_types: dict[str, str] | None = Non
     w.add_vocab_size(256)  # transformers sizes its embedding from this, not the tensor
 
     def add(name: str, array, qtype: str) -> None:
+        if name == poison:
+            array = array.copy()
+            array.flat[7] = np.nan
         q = gguf.GGMLQuantizationType[qtype]
         if q == gguf.GGMLQuantizationType.F32:
             w.add_tensor(name, array)
@@ -471,3 +585,13 @@ def test_corrupt_gguf(tmp_path):
     path.write_bytes(b"GGUF" + b"\x00" * 20)
     with pytest.raises(NanotuneError, match="broken.gguf"):
         load_model(path)
+
+
+@pytest.mark.parametrize("name", ["blk.1.ffn_down.weight", "output.weight"])  # F32 and F16
+def test_gguf_with_nan_is_refused_naming_the_tensor(tmp_path, name):
+    from nanotune.weights.gguf import load_gguf_model
+
+    path = tmp_path / "nan.gguf"
+    _write_tiny_llama_gguf(path, poison=name)
+    with pytest.raises(NanotuneError, match=rf"nan\.gguf: tensor '{name}' holds NaN values"):
+        load_gguf_model(path)

@@ -2,13 +2,15 @@
 
 Sections are dataclasses; one generic loader checks every section the same way: unknown keys
 (with the closest valid name), value types, then the section's own `__post_init__` checks.
-Overrides `train.lr=1e-4 method.r=8` are parsed with YAML scalar rules.
+Overrides `train.lr=1e-4 method.r=8` are parsed with YAML scalar rules. Float fields must be
+finite: YAML reads `.inf` and `.nan` as numbers, which would train on garbage.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -49,6 +51,13 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     output_dir: str = "runs/run"
     """The run directory: config.yaml, metrics.jsonl, checkpoints/, final/."""
+
+    def __post_init__(self) -> None:
+        # `~` is expanded only by a shell, and not inside YAML or `key=~/x`. Data sources and
+        # model names expand it where they are read; these two are handed on as they are.
+        self.output_dir = os.path.expanduser(self.output_dir)
+        if self.eval.reward_model and self.eval.reward_model.startswith("~"):
+            self.eval.reward_model = os.path.expanduser(self.eval.reward_model)
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
@@ -112,7 +121,11 @@ def apply_overrides(data: Any, overrides: list[str]) -> dict[str, Any]:
         try:
             value = yaml.safe_load(raw) if raw else ""
         except yaml.YAMLError as e:
-            raise NanotuneError(f"override {item!r}: value is not valid YAML ({e})") from e
+            why = getattr(e, "problem", None) or str(e).splitlines()[0]  # one line, not the mark
+            raise NanotuneError(f"override {item!r}: value is not valid YAML ({why})") from e
+        if isinstance(value, (dict, list)) and raw.lstrip().startswith(("{", "[")):
+            value = (_FlowDict if isinstance(value, dict) else _FlowList)(value)
+            value.raw = raw
         *parents, leaf = key.split(".")
         node = data
         for part in parents:
@@ -125,6 +138,30 @@ def apply_overrides(data: Any, overrides: list[str]) -> dict[str, Any]:
     return data
 
 
+class _Flow:
+    """A mapping or list YAML made of an override's `{...}` / `[...]` text, which it keeps: a
+    string field given one (`data.prompt_template={quote}`) can then show how to quote it."""
+
+    raw: str
+
+
+class _FlowDict(dict, _Flow):
+    pass
+
+
+class _FlowList(list, _Flow):
+    pass
+
+
+def _quote_hint(key: str, value: dict | list) -> str:
+    kind = "a mapping" if isinstance(value, dict) else "a list"
+    if isinstance(value, _Flow):
+        example = f"\"{key}='{value.raw}'\" (the outer quotes are for the shell)"
+    else:
+        example = f"{key.rpartition('.')[2]}: '{{name}}'"
+    return f"; YAML reads text starting with {{ or [ as {kind}: quote it, e.g. {example}"
+
+
 def load_dataclass(cls: type, data: Any, where: str) -> Any:
     """Build dataclass `cls` from a mapping, checking keys and types; `where` names the section."""
     prefix = f"{where}." if where else ""
@@ -132,7 +169,8 @@ def load_dataclass(cls: type, data: Any, where: str) -> Any:
         data = {}
     if not isinstance(data, dict):
         raise NanotuneError(
-            f"{where or 'config'}: expected a mapping of options, got {type(data).__name__}"
+            f"{where or 'config'}: expected a mapping of options, got "
+            f"{'list' if isinstance(data, list) else type(data).__name__}"
         )
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls) if f.init]
@@ -248,17 +286,21 @@ def _check(tp: Any, value: Any, key: str) -> Any:
         return value
     if tp is float:
         # YAML 1.1 reads `1e-4` (no dot) as a string; accept what float() reads as a number.
+        number = value
         if isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(number, bool) or not isinstance(number, (int, float)):
             raise NanotuneError(f"{key}: expected a number, got {value!r}")
-        return float(value)
+        if not math.isfinite(number):
+            raise NanotuneError(f"{key}: expected a finite number, got {number}")
+        return float(number)
     if tp is str:
         if not isinstance(value, str):
-            raise NanotuneError(f"{key}: expected a string, got {value!r}")
+            hint = _quote_hint(key, value) if isinstance(value, (dict, list)) else ""
+            raise NanotuneError(f"{key}: expected a string, got {value!r}{hint}")
         return value
     if tp is Path:
         if not isinstance(value, (str, Path)):

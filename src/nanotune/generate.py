@@ -7,6 +7,7 @@ Works on any `Transformer` and any tokenizer with the `nanotune.tokenizer.Tokeni
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -41,6 +42,17 @@ class GenerationConfig:
     seed: int | None = None
 
     def __post_init__(self) -> None:
+        # Every float first: NaN passes every comparison below, and inf is no setting either.
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise NanotuneError(f"{name}={value!r} must be a number")
+            if not math.isfinite(value):
+                raise NanotuneError(f"{name}={value} must be a finite number")
+        for name in ("max_new_tokens", "top_k"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise NanotuneError(f"{name}={value!r} must be an integer")
         if self.max_new_tokens < 1:
             raise NanotuneError(f"max_new_tokens={self.max_new_tokens} must be at least 1")
         if self.temperature < 0:

@@ -73,11 +73,20 @@ def _spell(token: bytes) -> str:
     return "".join(spelling[b] for b in token)
 
 
+TOKENIZER_FIX = "re-save the tokenizer (save_pretrained) or replace the file"
+
+
 def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise NanotuneError(f"{path}: cannot read JSON ({e}); fix or replace the file") from e
+    # Imported here: nanotune.weights imports this module.
+    from nanotune.weights.read import read_json_object
+
+    return read_json_object(path, "a tokenizer file", TOKENIZER_FIX)
+
+
+def _read_text(path: Path, what: str) -> str:
+    from nanotune.weights.read import read_text
+
+    return read_text(path, what, TOKENIZER_FIX)
 
 
 def _byte_level_tokenizer(
@@ -244,7 +253,7 @@ class Tokenizer:
     @classmethod
     def from_gpt2_files(cls, encoder_json: str | Path, vocab_bpe: str | Path) -> Tokenizer:
         """GPT-2 BPE from an `encoder.json`/`vocab.json` and `vocab.bpe`/`merges.txt` pair."""
-        encoder_path, merges_path = Path(encoder_json), Path(vocab_bpe)
+        encoder_path, merges_path = Path(encoder_json).expanduser(), Path(vocab_bpe).expanduser()
         for p in (encoder_path, merges_path):
             if not p.is_file():
                 raise NanotuneError(f"{p}: file not found; GPT-2 BPE needs encoder.json+vocab.bpe")
@@ -262,7 +271,7 @@ class Tokenizer:
     @classmethod
     def from_dir(cls, path: str | Path) -> Tokenizer:
         """An HF tokenizer folder: tokenizer.json (or vocab.json+merges.txt) plus its configs."""
-        d = Path(path)
+        d = Path(path).expanduser()
         if not d.is_dir():
             raise NanotuneError(f"{d}: not a directory; pass a folder holding tokenizer.json")
         if (d / "tokenizer.json").is_file():
@@ -295,16 +304,10 @@ class Tokenizer:
         `reader`: a `gguf.GGUFReader` already open on `path` (parsing the metadata takes seconds;
         a weights loader that has one can share it).
         """
-        import gguf
+        from nanotune.weights.gguf import open_gguf
 
-        p = Path(path)
-        if reader is None:
-            if not p.is_file():
-                raise NanotuneError(f"{p}: GGUF file not found")
-            try:
-                reader = gguf.GGUFReader(str(p))
-            except (ValueError, OSError) as e:
-                raise NanotuneError(f"{p}: not a readable GGUF file ({e})") from e
+        p = Path(path).expanduser()
+        reader = reader or open_gguf(p)
 
         def field(key: str, default=None):
             f = reader.fields.get(key)
@@ -484,10 +487,7 @@ def gpt2_tokenizer() -> Tokenizer:
 
 
 def _read_merges(path: Path) -> list[tuple[str, str]]:
-    try:
-        lines = path.read_text(encoding="utf-8").split("\n")
-    except (OSError, UnicodeDecodeError) as e:
-        raise NanotuneError(f"{path}: cannot read merges ({e})") from e
+    lines = _read_text(path, "the BPE merges").split("\n")
     merges = []
     for n, line in enumerate(lines, 1):
         if not line or line.startswith("#version"):
@@ -556,6 +556,11 @@ def _configure_from_dir(tok: Tokenizer, d: Path) -> Tokenizer:
     )
 
     decoder = config.get("added_tokens_decoder") or {}
+    if not isinstance(decoder, dict) or not all(str(k).isdigit() for k in decoder):
+        raise NanotuneError(
+            f"{d / 'tokenizer_config.json'}: added_tokens_decoder must map token ids to tokens; "
+            f"{TOKENIZER_FIX}"
+        )
     for token_id, spec in sorted(decoder.items(), key=lambda kv: int(kv[0])):
         content = _token_content(spec)
         if content is None or tok.token_to_id(content) is not None:
@@ -590,7 +595,7 @@ def _configure_from_dir(tok: Tokenizer, d: Path) -> Tokenizer:
     if isinstance(template, list):  # named templates: HF uses "default"
         template = {t.get("name"): t.get("template") for t in template}.get("default")
     if (d / "chat_template.jinja").is_file():
-        template = (d / "chat_template.jinja").read_text(encoding="utf-8")
+        template = _read_text(d / "chat_template.jinja", "the chat template")
     tok.chat_template = template or tok.chat_template
 
     if "add_bos_token" in config:

@@ -155,8 +155,6 @@ class DataConfig:
             raise bad(
                 "columns", "with header: false positions count from 1 (the first column is 1)"
             )
-        for name in ("prompt_template", "completion_template"):
-            _check_template(getattr(self, name), name)
         if self.label_names is not None:
             names = [str(n) for n in self.label_names]
             if len(names) < 2 or len(set(names)) != len(names):
@@ -164,6 +162,10 @@ class DataConfig:
                     "label_names", f"{self.label_names!r} must list at least two distinct names"
                 )
             self.label_names = names
+        for name in ("prompt_template", "completion_template"):
+            why = _template_problem(getattr(self, name))
+            if why:
+                raise bad(name, f"{getattr(self, name)!r}: {why}")
         if self.format == "text" and self.block_size > self.max_length:
             raise bad("block_size", f"{self.block_size} exceeds max_length={self.max_length}")
         if self.pack and self.format == "classification":
@@ -183,13 +185,29 @@ class DataConfig:
         return cls(**d)
 
 
-def _check_template(template: str, name: str) -> None:
-    """A template is str.format text over row columns: every `{field}` must name one."""
+def _template_problem(template: str) -> str | None:
+    """Why a row template is refused, or None: fields must name whole columns.
+
+    str.format would follow `{quote.__class__}` or `{quote[0]}` into the value's attributes and
+    items; a template has no business there (nested records are reached with data.columns).
+    """
     try:
-        fields_ = [f for _, f, spec, _ in string.Formatter().parse(template) if f is not None]
+        names = _field_names(template)
     except ValueError as e:
-        raise NanotuneError(
-            f"data.{name}: bad template {template!r} ({e}); write {{column}} fields, {{{{ }}}} for braces"
-        ) from e
-    if "" in fields_:
-        raise NanotuneError(f"data.{name}: {template!r} has an empty {{}}; name a column: {{text}}")
+        return f"not a valid template ({e}); write fields as {{column}} and literal braces as {{{{ }}}}"
+    for name in names:
+        if not name or "." in name or "[" in name:
+            return (
+                f"field {{{name}}} does not name a column; use whole columns like {{quote}}, and "
+                "map nested fields with data.columns (e.g. columns: {answer: answers.text})"
+            )
+    return None
+
+
+def _field_names(template: str) -> list[str]:
+    """Every replacement field of a str.format template, those nested in format specs too."""
+    names = []
+    for _, name, spec, _ in string.Formatter().parse(template):
+        if name is not None:
+            names += [name, *_field_names(spec or "")]
+    return names

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from nanotune.errors import NanotuneError
 from nanotune.methods.classifier import SequenceClassifier
@@ -17,12 +17,14 @@ from nanotune.weights import load_model
 from nanotune.weights.atomic import atomic_dir
 from nanotune.weights.hf import write_model
 from nanotune.weights.peft import (
+    ADAPTER_FIX,
     PREFIX,
-    WEIGHTS_FILE,
     adapter_tokenizer,
     load_adapter,
+    read_adapter_tensors,
     save_adapter,
 )
+from nanotune.weights.read import read_json_object, read_safetensors
 
 CLASSIFIER_FILE = "classifier.json"
 HEAD_FILE = "classifier.safetensors"
@@ -76,28 +78,47 @@ def load_classifier(directory: str | Path):
     path = Path(directory) / CLASSIFIER_FILE
     if not path.is_file():
         raise NanotuneError(f"{path}: no such file; is {directory} a classifier saved by nanotune?")
-    meta = json.loads(path.read_text())
-    if meta.get("format") == "adapter":
+    meta = _read_meta(path)
+    if meta["format"] == "adapter":
         body, tokenizer = load_model(meta["base_model"])
-        clf = SequenceClassifier(body, meta["num_labels"], meta["label_names"])
+        clf = SequenceClassifier(body, len(meta["label_names"]), meta["label_names"])
         load_adapter(clf, directory)
         return clf.eval(), adapter_tokenizer(directory, tokenizer)  # holds any added tokens
     body, tokenizer = load_model(directory)
-    clf = SequenceClassifier(body, meta["num_labels"], meta["label_names"])
+    clf = SequenceClassifier(body, len(meta["label_names"]), meta["label_names"])
+    head = read_safetensors(Path(directory) / HEAD_FILE, "the classifier head", ADAPTER_FIX)
+    if "score.weight" not in head or head["score.weight"].shape != clf.score.weight.shape:
+        raise NanotuneError(
+            f"{Path(directory) / HEAD_FILE}: needs score.weight of shape "
+            f"{tuple(clf.score.weight.shape)}; {ADAPTER_FIX}"
+        )
     with torch.no_grad():
-        clf.score.weight.copy_(load_file(str(Path(directory) / HEAD_FILE))["score.weight"])
+        clf.score.weight.copy_(head["score.weight"])
     return clf.eval(), tokenizer
 
 
 def adapter_labels(adapter: str | Path) -> list[str]:
     """Label names of a SEQ_CLS adapter folder: from nanotune's `classifier.json`, else (a
     peft-made classifier) numbered by the rows of its head."""
-    meta_path = Path(adapter) / CLASSIFIER_FILE
+    meta_path = Path(adapter).expanduser() / CLASSIFIER_FILE
     if meta_path.is_file():
-        return json.loads(meta_path.read_text())["label_names"]
-    score = load_file(str(Path(adapter) / WEIGHTS_FILE)).get(f"{PREFIX}score.weight")
+        return _read_meta(meta_path)["label_names"]
+    score = read_adapter_tensors(adapter).get("score.weight")
     if score is None:
         raise NanotuneError(
             f"{adapter}: a SEQ_CLS adapter without {PREFIX}score.weight; save the head with it"
         )
     return [str(i) for i in range(score.shape[0])]
+
+
+def _read_meta(path: Path) -> dict:
+    """classifier.json, checked: labels, their count and the folder's format."""
+    meta = read_json_object(path, "a nanotune classifier's labels", ADAPTER_FIX)
+    names = meta.get("label_names")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise NanotuneError(f"{path}: label_names must be a list of strings; {ADAPTER_FIX}")
+    if meta.get("num_labels", len(names)) != len(names):
+        raise NanotuneError(f"{path}: num_labels differs from label_names; {ADAPTER_FIX}")
+    if meta.get("format") not in ("adapter", "full"):
+        raise NanotuneError(f"{path}: format must be 'adapter' or 'full'; {ADAPTER_FIX}")
+    return meta

@@ -139,12 +139,18 @@ def _strip_prefix(sd: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
     return {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in sd.items()}
 
 
-def from_hf(sd: dict[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
-    """Hugging Face state dict (any of the usual prefixes) -> nanotune state dict."""
+def from_hf(
+    sd: dict[str, Tensor], config: ModelConfig, where: str = "checkpoint"
+) -> dict[str, Tensor]:
+    """Hugging Face state dict (any of the usual prefixes) -> nanotune state dict.
+
+    Every tensor must be used: one the config has no place for (a config.json naming fewer
+    layers than the weights hold) is an error naming it, not silently dropped.
+    """
     out: dict[str, Tensor] = {}
     if config.family == "gpt2":
         sd = _strip_prefix(sd, "transformer.")
-        take = _taker(sd)
+        take, used = _taker(sd, where)
         out["wte.weight"] = take("wte.weight")
         out["wpe.weight"] = take("wpe.weight")
         for i in range(config.n_layer):
@@ -165,10 +171,10 @@ def from_hf(sd: dict[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
         out["lm_head.weight"] = (
             out["wte.weight"] if config.tie_embeddings else take("lm_head.weight")
         )
-        return out
+        return _all_used(out, sd, used, config, where)
 
     sd = _strip_prefix(sd, "model.")
-    take = _taker(sd)
+    take, used = _taker(sd, where)
     out["wte.weight"] = take("embed_tokens.weight")
     for i in range(config.n_layer):
         p, q = f"layers.{i}.", f"blocks.{i}."
@@ -192,19 +198,45 @@ def from_hf(sd: dict[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
             out[q + "mlp.proj.bias"] = take(m + "down_proj.bias")
     out["norm.weight"] = take("norm.weight")
     out["lm_head.weight"] = out["wte.weight"] if config.tie_embeddings else take("lm_head.weight")
-    return out
+    return _all_used(out, sd, used, config, where)
 
 
-def _taker(sd: dict[str, Tensor]):
+def _taker(sd: dict[str, Tensor], where: str):
+    """take(key) -> tensor, and the set of keys taken so far."""
+    used: set[str] = set()
+
     def take(key: str) -> Tensor:
         if key not in sd:
             raise NanotuneError(
-                f"checkpoint is missing tensor {key!r}; is the file complete and of the architecture "
+                f"{where}: missing tensor {key!r}; is the file complete and of the architecture "
                 "its config.json names?"
             )
+        used.add(key)
         return sd[key]
 
-    return take
+    return take, used
+
+
+# Buffers some checkpoints carry that the model rebuilds itself (causal masks, RoPE frequencies).
+DERIVED = ("attn.bias", "attn.masked_bias", "rotary_emb.inv_freq")
+
+
+def _all_used(
+    out: dict[str, Tensor], sd: dict[str, Tensor], used: set[str], config: ModelConfig, where: str
+) -> dict[str, Tensor]:
+    unused = sorted(
+        k
+        for k in set(sd) - used
+        if not k.endswith(DERIVED) and not (k == "lm_head.weight" and config.tie_embeddings)
+    )
+    if unused:
+        shown = ", ".join(repr(k) for k in unused[:3]) + (", ..." if len(unused) > 3 else "")
+        raise NanotuneError(
+            f"{where}: {len(unused)} tensor(s) have no place in the {config.n_layer}-layer "
+            f"{config.family} model its config describes, e.g. {shown}; the config does not "
+            "match the weights (re-download or re-save the model)"
+        )
+    return out
 
 
 def to_hf(sd: dict[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:

@@ -16,6 +16,7 @@ from nanotune.models.config import ModelConfig
 from nanotune.models.transformer import Transformer
 from nanotune.weights import convert
 from nanotune.weights.build import build_model
+from nanotune.weights.read import check_finite
 
 # llama.cpp tensor names (after `blk.N.`) -> Hugging Face Llama names (after `model.layers.N.`).
 BLOCK_NAMES = {
@@ -33,6 +34,7 @@ TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "o
 
 
 def open_gguf(path: str | Path) -> GGUFReader:
+    path = Path(path).expanduser()
     try:
         return GGUFReader(path)
     except FileNotFoundError:
@@ -142,6 +144,7 @@ def read_gguf_state_dict(reader: GGUFReader, config: ModelConfig, where: str) ->
         if not w.flags.writeable:  # F32 tensors come back as views of the read-only file map
             w = w.copy()
         sd[name] = torch.from_numpy(w)
+        check_finite({t.name: sd[name]}, where)
     return sd
 
 
@@ -158,6 +161,7 @@ def load_gguf_model(
     tokenizer.
     """
     reader = reader or open_gguf(path)
-    config = config_from_gguf(reader, str(path))
-    sd = convert.from_hf(read_gguf_state_dict(reader, config, str(path)), config)
-    return build_model(config, sd, dtype=dtype, device=device)
+    where = str(path)
+    config = config_from_gguf(reader, where)
+    sd = convert.from_hf(read_gguf_state_dict(reader, config, where), config, where=where)
+    return build_model(config, sd, dtype=dtype, device=device, where=where)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 
 from nanotune.errors import NanotuneError
@@ -18,6 +18,12 @@ from nanotune.models.transformer import Transformer
 from nanotune.weights import convert
 from nanotune.weights.atomic import atomic_dir
 from nanotune.weights.build import build_model
+from nanotune.weights.read import (
+    check_finite,
+    read_json_object,
+    read_safetensors,
+    read_torch_pickle,
+)
 
 if TYPE_CHECKING:
     from nanotune.tokenizer import Tokenizer
@@ -26,78 +32,88 @@ SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE = "pytorch_model.bin"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise NanotuneError(f"{path} is missing; an HF model folder needs config.json") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise NanotuneError(f"{path} is not valid JSON ({e}); re-download or re-save it") from None
-    if not isinstance(data, dict):
-        raise NanotuneError(f"{path} should hold a JSON object")
-    return data
+MODEL_FIX = "re-download or re-save the model"
+# ModelConfig sizes read from config.json; a string or 0 there would fail deep inside torch.
+SIZES = (
+    "vocab_size",
+    "block_size",
+    "n_layer",
+    "n_head",
+    "n_kv_head",
+    "n_embd",
+    "head_dim",
+    "intermediate_size",
+)
 
 
 def read_config(directory: str | Path) -> ModelConfig:
-    path = Path(directory) / "config.json"
-    return convert.config_from_hf(read_json(path), where=str(path))
+    path = Path(directory).expanduser() / "config.json"
+    hf = read_json_object(path, "an HF model folder's config.json", MODEL_FIX)
+    try:
+        config = convert.config_from_hf(hf, where=str(path))
+    except KeyError as e:
+        raise NanotuneError(f"{path}: required key {e} is missing; {MODEL_FIX}") from None
+    except (ValueError, TypeError, ZeroDivisionError) as e:
+        # ModelConfig's own checks (heads dividing the width), run on whatever the file holds.
+        raise NanotuneError(f"{path}: inconsistent or mistyped sizes ({e}); {MODEL_FIX}") from None
+    for name in SIZES:
+        value = getattr(config, name)
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 1
+        ):
+            raise NanotuneError(f"{path}: {name} must be a positive integer, got {value!r}")
+    for name in ("norm_eps", "rope_theta"):  # JSON allows NaN and Infinity
+        value = getattr(config, name)
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not 0 < value < math.inf
+        ):
+            raise NanotuneError(f"{path}: {name} must be a positive finite number, got {value!r}")
+    return config
 
 
 def _load_safetensors(path: Path) -> dict[str, Tensor]:
-    try:
-        return load_file(path)
-    except FileNotFoundError:
-        raise NanotuneError(f"{path} is missing; re-download or re-save the model") from None
-    except (SafetensorError, OSError) as e:
-        raise NanotuneError(
-            f"{path} is truncated or corrupt ({e}); re-download or re-save the model"
-        ) from None
+    return read_safetensors(path, "model weights", MODEL_FIX)
 
 
 def _load_pickle(path: Path) -> dict[str, Tensor]:
-    # weights_only=True: a checkpoint must not be able to run code on load.
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except FileNotFoundError:
-        raise NanotuneError(f"{path} is missing; re-download or re-save the model") from None
-    except Exception as e:  # torch raises many types for bad pickles/zips
-        raise NanotuneError(
-            f"{path} could not be read as a weights-only PyTorch checkpoint ({e}); "
-            "re-download it or convert it to safetensors"
-        ) from None
-    if not isinstance(sd, dict) or not all(isinstance(v, Tensor) for v in sd.values()):
-        raise NanotuneError(f"{path} does not hold a plain state dict of tensors")
-    return sd
+    return read_torch_pickle(path, "model weights", MODEL_FIX)
 
 
 def _load_sharded(index_path: Path, load_one) -> dict[str, Tensor]:
-    weight_map = read_json(index_path).get("weight_map")
-    if not isinstance(weight_map, dict):
-        raise NanotuneError(f"{index_path} has no 'weight_map'; re-download the model")
+    weight_map = read_json_object(index_path, "a sharded model's index", MODEL_FIX).get(
+        "weight_map"
+    )
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise NanotuneError(f"{index_path} has no 'weight_map' of shard files; {MODEL_FIX}")
     sd: dict[str, Tensor] = {}
     for shard in sorted(set(weight_map.values())):
         sd.update(load_one(index_path.parent / shard))
     missing = sorted(set(weight_map) - set(sd))
     if missing:
         raise NanotuneError(
-            f"{index_path} lists tensors no shard holds (e.g. {missing[0]!r}); re-download the model"
+            f"{index_path} lists tensors no shard holds (e.g. {missing[0]!r}); {MODEL_FIX}"
         )
     return sd
 
 
 def read_state_dict(directory: str | Path) -> dict[str, Tensor]:
-    """HF-named tensors from model.safetensors, its sharded index, or pytorch_model.bin."""
-    d = Path(directory)
-    if (d / SAFETENSORS).exists():
-        return _load_safetensors(d / SAFETENSORS)
-    if (d / SAFETENSORS_INDEX).exists():
-        return _load_sharded(d / SAFETENSORS_INDEX, _load_safetensors)
-    if (d / PICKLE).exists():
-        return _load_pickle(d / PICKLE)
-    if (d / PICKLE_INDEX).exists():
-        return _load_sharded(d / PICKLE_INDEX, _load_pickle)
+    """HF-named tensors from model.safetensors, its sharded index, or pytorch_model.bin.
+
+    Weights holding NaN or inf are refused, naming the tensor.
+    """
+    d = Path(directory).expanduser()
+    for name, load in (
+        (SAFETENSORS, _load_safetensors),
+        (SAFETENSORS_INDEX, lambda p: _load_sharded(p, _load_safetensors)),
+        (PICKLE, _load_pickle),
+        (PICKLE_INDEX, lambda p: _load_sharded(p, _load_pickle)),
+    ):
+        if (d / name).exists():
+            sd = load(d / name)
+            check_finite(sd, d / name, MODEL_FIX)
+            return sd
     raise NanotuneError(
         f"no weights in {d}: expected {SAFETENSORS}, {SAFETENSORS_INDEX} or {PICKLE}; "
         "save the model there (save_pretrained) or pass another folder"
@@ -108,9 +124,10 @@ def load_hf_model(
     directory: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ) -> Transformer:
     """A Transformer with the weights of an HF GPT-2 or Llama folder."""
+    directory = Path(directory).expanduser()
     config = read_config(directory)
-    sd = convert.from_hf(read_state_dict(directory), config)
-    return build_model(config, sd, dtype=dtype, device=device)
+    sd = convert.from_hf(read_state_dict(directory), config, where=str(directory))
+    return build_model(config, sd, dtype=dtype, device=device, where=str(directory))
 
 
 def save_model(

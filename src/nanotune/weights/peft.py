@@ -21,7 +21,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from nanotune.errors import NanotuneError
@@ -31,6 +31,7 @@ from nanotune.methods.lora import Adapter, LoRALinear, lora_layers, module_rows,
 from nanotune.models.config import ModelConfig
 from nanotune.models.names import HF_BLOCK_PREFIX, HF_MODULES
 from nanotune.tokenizer import Tokenizer
+from nanotune.weights.read import check_finite, read_json_object, read_safetensors
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -38,6 +39,7 @@ PREFIX = "base_model.model."
 # The full-weight modules an adapter may carry, under their Hugging Face names.
 EMBEDDING = {"gpt2": "transformer.wte", "llama": "model.embed_tokens"}
 HEAD = "lm_head"
+PEFT_DEFAULT_R = 8  # LoraConfig's r when adapter_config.json has none
 _KEY = re.compile(
     r"^(?:transformer\.h|model\.layers)\.(\d+)\.(.+)\.(lora_A\.weight|lora_B\.weight|lora_magnitude_vector(?:\.weight)?)$"
 )
@@ -168,21 +170,63 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model: str
     return out
 
 
+ADAPTER_FIX = "re-save the adapter (nanotune train, or PEFT save_pretrained)"
+
+
 def read_adapter_config(directory: str | os.PathLike) -> dict:
-    path = Path(directory) / CONFIG_FILE
+    """adapter_config.json, with the fields nanotune reads checked for type."""
+    path = Path(directory).expanduser() / CONFIG_FILE
     if not path.is_file():
         raise NanotuneError(
             f"{path}: no such file; an adapter folder holds {CONFIG_FILE} and {WEIGHTS_FILE}"
         )
-    try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise NanotuneError(f"{path}: not valid JSON ({e}); re-save the adapter") from e
+    cfg = read_json_object(path, "a PEFT adapter config", ADAPTER_FIX)
     if cfg.get("peft_type") != "LORA":
         raise NanotuneError(
             f"{path}: peft_type {cfg.get('peft_type')!r} is not supported; nanotune loads LORA adapters"
         )
+
+    def bad(key: str, want: str) -> NanotuneError:
+        return NanotuneError(f"{path}: {key} must be {want}, got {cfg[key]!r}; {ADAPTER_FIX}")
+
+    if "r" in cfg and not _is_int(cfg["r"], 1):
+        raise bad("r", "a positive integer")
+    if "lora_alpha" in cfg and not _is_number(cfg["lora_alpha"]):
+        raise bad("lora_alpha", "a finite number")
+    dropout = cfg.get("lora_dropout")
+    if dropout is not None and not (_is_number(dropout) and 0 <= dropout < 1):
+        raise bad("lora_dropout", "a number in [0, 1)")
+    for key, check, want in (
+        ("rank_pattern", lambda v: _is_int(v, 1), "positive integers"),
+        ("alpha_pattern", _is_number, "finite numbers"),
+    ):
+        value = cfg.get(key)
+        if value is not None and not (
+            isinstance(value, dict) and all(check(v) for v in value.values())
+        ):
+            raise bad(key, f"a mapping of module names to {want}")
+    for key in ("use_rslora", "use_dora"):
+        if cfg.get(key) is not None and not isinstance(cfg[key], bool):
+            raise bad(key, "true or false")
     return cfg
+
+
+def _is_int(value, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def read_adapter_tensors(directory: str | os.PathLike) -> dict[str, Tensor]:
+    """adapter_model.safetensors with PEFT's `base_model.model.` prefix removed; NaN/inf refused."""
+    path = Path(directory).expanduser() / WEIGHTS_FILE
+    if not path.is_file():
+        raise NanotuneError(f"{path}: no such file; nanotune reads adapters saved as safetensors")
+    tensors = read_safetensors(path, "the adapter weights", ADAPTER_FIX)
+    check_finite(tensors, path, ADAPTER_FIX)
+    return {k.removeprefix(PREFIX): v for k, v in tensors.items()}
 
 
 def _pattern(patterns: dict, name: str, default):
@@ -209,12 +253,10 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     embedding (added tokens that did not train start where training started them: at the mean).
     """
     cfg = read_adapter_config(directory)
-    wpath = Path(directory) / WEIGHTS_FILE
-    if not wpath.is_file():
-        raise NanotuneError(f"{wpath}: no such file; nanotune reads adapters saved as safetensors")
+    wpath = Path(directory).expanduser() / WEIGHTS_FILE
+    tensors = read_adapter_tensors(directory)
     body = _body(model)
     config: ModelConfig = body.config
-    tensors = {k.removeprefix(PREFIX): v for k, v in load_file(str(wpath)).items()}
     modules = HF_MODULES[config.family]
     emb_key, head_key = f"{EMBEDDING[config.family]}.weight", f"{HEAD}.weight"
     grouped: dict[tuple[int, str], dict[str, Tensor]] = {}
@@ -257,14 +299,28 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         path = f"blocks.{i}.{module}"
         base = body.get_submodule(path)
         rows = module_rows(config, module, part, base.out_features)
-        r = A.shape[0]
+        r = A.shape[0] if A.dim() == 2 else -1  # -1: no rank, and the shapes below differ
         if A.shape != (r, base.in_features) or B.shape != (rows[1] - rows[0], r):
             raise NanotuneError(
                 f"{wpath}: {full} has lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)}, but this base "
                 f"model needs [r, {base.in_features}] and [{rows[1] - rows[0]}, r]; it was made for another base model"
             )
+        # The scale is alpha / r of the config: tensors of another rank would load with a
+        # silently wrong scale (PEFT itself refuses such a folder).
+        declared = _pattern(cfg.get("rank_pattern") or {}, full, cfg.get("r", PEFT_DEFAULT_R))
+        if r != declared:
+            raise NanotuneError(
+                f"{wpath}: {full} has LoRA tensors of rank {r} but {CONFIG_FILE} declares r="
+                f"{declared} for it; the two files do not belong together ({ADAPTER_FIX})"
+            )
+        mag = parts.get("lora_magnitude_vector")
+        if mag is not None and tuple(mag.shape) != (rows[1] - rows[0],):
+            raise NanotuneError(
+                f"{wpath}: {full} has a DoRA magnitude of shape {tuple(mag.shape)}, but this base "
+                f"model needs [{rows[1] - rows[0]}]; it was made for another base model"
+            )
         alpha = _pattern(cfg.get("alpha_pattern") or {}, full, cfg.get("lora_alpha", 8))
-        plan.append((path, part, rows, r, alpha, A, B, parts.get("lora_magnitude_vector")))
+        plan.append((path, part, rows, r, alpha, A, B, mag))
     dropout = float(cfg.get("lora_dropout") or 0.0)
     for path, part, rows, r, alpha, A, B, mag in plan:
         layer = wrap_linear(body, path)
