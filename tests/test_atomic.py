@@ -1,4 +1,4 @@
-"""weights/atomic.py: files and folders appear whole or not at all, even under SIGKILL."""
+"""files/atomic.py: files and folders appear whole or not at all, even under SIGKILL."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from nanotune.errors import NanotuneError
-from nanotune.weights.atomic import MARKER, atomic_dir, atomic_write, check_target, read_marker
+from nanotune.files.atomic import MARKER, atomic_dir, atomic_write, check_target, read_marker
 
 
 def test_atomic_write_replaces_whole_and_leaves_no_temp(tmp_path):
@@ -73,7 +73,7 @@ from nanotune.models.transformer import Transformer
 from nanotune.tokenizer import gpt2_tokenizer
 from nanotune.training.checkpoint import save_checkpoint
 from nanotune.weights import save_model
-from nanotune.weights.atomic import atomic_dir
+from nanotune.files.atomic import atomic_dir
 from nanotune.weights.peft import save_adapter
 from nanotune.methods import apply_method
 from nanotune.methods.config import MethodConfig

@@ -227,8 +227,8 @@ def _add_export(sub) -> None:
 def cmd_export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from nanotune.files.atomic import check_target
     from nanotune.weights import save_model
-    from nanotune.weights.atomic import check_target
 
     out = Path(args.out_dir)
     inputs = [p for p in (args.model,) if p and Path(p).exists()]

@@ -78,13 +78,13 @@ TOKENIZER_FIX = "re-save the tokenizer (save_pretrained) or replace the file"
 
 def _read_json(path: Path) -> dict:
     # Imported here: nanotune.weights imports this module.
-    from nanotune.weights.read import read_json_object
+    from nanotune.files.read import read_json_object
 
     return read_json_object(path, "a tokenizer file", TOKENIZER_FIX)
 
 
 def _read_text(path: Path, what: str) -> str:
-    from nanotune.weights.read import read_text
+    from nanotune.files.read import read_text
 
     return read_text(path, what, TOKENIZER_FIX)
 

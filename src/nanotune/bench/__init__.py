@@ -23,8 +23,8 @@ from nanotune.bench.cases import CASES, QUICK_LLAMA
 from nanotune.bench.report import SideResult, render
 from nanotune.bench.workload import MARK
 from nanotune.errors import NanotuneError
+from nanotune.files.atomic import atomic_write
 from nanotune.models.config import PRESETS
-from nanotune.weights.atomic import atomic_write
 
 SIDES = ("nanotune", "peer")
 

@@ -22,12 +22,12 @@ from pathlib import Path
 from torch import nn
 
 from nanotune.errors import NanotuneError
+from nanotune.files.atomic import atomic_dir, check_target
 from nanotune.methods import SequenceClassifier, lora_layers
 from nanotune.methods.lora import merge as merge_lora
 from nanotune.models import DEFAULT_MODEL
 from nanotune.tokenizer import Tokenizer
 from nanotune.weights import load_model, save_model
-from nanotune.weights.atomic import atomic_dir, check_target
 from nanotune.weights.classifier import (
     CLASSIFIER_FILE,
     adapter_labels,

@@ -15,8 +15,8 @@ import yaml
 
 from nanotune.config import RunConfig, load_config
 from nanotune.errors import NanotuneError, OfflineError
+from nanotune.files.atomic import RunDir, atomic_write, check_target
 from nanotune.jobs import artifacts
-from nanotune.weights.atomic import RunDir, atomic_write, check_target
 
 # What a resumed run must share with the original: the model, the method, the data and what
 # fixes the data order; training knobs such as eval_every may change.

@@ -26,8 +26,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from nanotune.errors import NanotuneError
+from nanotune.files.atomic import atomic_dir
 from nanotune.training.dist import full_tensor, like
-from nanotune.weights.atomic import atomic_dir
 
 WEIGHTS = "trainable.safetensors"
 STATE = "state.pt"

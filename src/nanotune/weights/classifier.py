@@ -11,10 +11,11 @@ import torch
 from safetensors.torch import save_file
 
 from nanotune.errors import NanotuneError
+from nanotune.files.atomic import atomic_dir
+from nanotune.files.read import read_json_object, read_safetensors
 from nanotune.methods.classifier import SequenceClassifier
 from nanotune.methods.lora import lora_layers
 from nanotune.weights import load_model
-from nanotune.weights.atomic import atomic_dir
 from nanotune.weights.hf import write_model
 from nanotune.weights.peft import (
     ADAPTER_FIX,
@@ -24,7 +25,6 @@ from nanotune.weights.peft import (
     read_adapter_tensors,
     save_adapter,
 )
-from nanotune.weights.read import read_json_object, read_safetensors
 
 CLASSIFIER_FILE = "classifier.json"
 HEAD_FILE = "classifier.safetensors"

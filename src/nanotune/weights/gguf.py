@@ -12,11 +12,11 @@ from gguf.quants import dequantize
 from torch import Tensor
 
 from nanotune.errors import NanotuneError
+from nanotune.files.read import check_finite
 from nanotune.models.config import ModelConfig
 from nanotune.models.transformer import Transformer
 from nanotune.weights import convert
 from nanotune.weights.build import build_model
-from nanotune.weights.read import check_finite
 
 # llama.cpp tensor names (after `blk.N.`) -> Hugging Face Llama names (after `model.layers.N.`).
 BLOCK_NAMES = {

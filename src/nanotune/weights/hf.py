@@ -13,17 +13,17 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from nanotune.errors import NanotuneError
-from nanotune.models.config import ModelConfig
-from nanotune.models.transformer import Transformer
-from nanotune.weights import convert
-from nanotune.weights.atomic import atomic_dir
-from nanotune.weights.build import build_model
-from nanotune.weights.read import (
+from nanotune.files.atomic import atomic_dir
+from nanotune.files.read import (
     check_finite,
     read_json_object,
     read_safetensors,
     read_torch_pickle,
 )
+from nanotune.models.config import ModelConfig
+from nanotune.models.transformer import Transformer
+from nanotune.weights import convert
+from nanotune.weights.build import build_model
 
 if TYPE_CHECKING:
     from nanotune.tokenizer import Tokenizer

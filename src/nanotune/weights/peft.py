@@ -25,13 +25,13 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from nanotune.errors import NanotuneError
+from nanotune.files.read import check_finite, read_json_object, read_safetensors
 from nanotune.methods import nf4
 from nanotune.methods.classifier import SequenceClassifier
 from nanotune.methods.lora import Adapter, LoRALinear, lora_layers, module_rows, wrap_linear
 from nanotune.models.config import ModelConfig
 from nanotune.models.names import HF_BLOCK_PREFIX, HF_MODULES
 from nanotune.tokenizer import Tokenizer
-from nanotune.weights.read import check_finite, read_json_object, read_safetensors
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
