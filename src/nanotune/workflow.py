@@ -137,12 +137,13 @@ def _evaluate(model: Any, tokenizer: Any, examples: list, config: RunConfig, lab
 
 
 def _write_results(
-    run_dir: Path, config: RunConfig, before: tuple, after: tuple
+    run_dir: Path, config: RunConfig, before: tuple, after: tuple, data_stats: dict
 ) -> tuple[dict, dict, list, Path]:
     """Score rewards (they compare two sets of responses), then write eval.json and report.html."""
     import json
 
     from nanotune.eval import RewardModel, compare, compare_rewards, samples, write_report
+    from nanotune.eval.report import RunSummary
 
     (b, gens_b), (a, gens_a) = before, after
     shown: list[dict[str, str]] = []
@@ -161,7 +162,8 @@ def _write_results(
     tmp = run_dir / ".eval.json.tmp"
     tmp.write_text(json.dumps(results, indent=1, default=str))
     tmp.replace(run_dir / "eval.json")
-    report = write_report(run_dir, config.to_dict(), run_dir / "metrics.jsonl", b, a, shown)
+    summary = RunSummary(config.to_dict(), b, a, shown, run_dir / "metrics.jsonl", data_stats)
+    report = write_report(run_dir, summary)
     print(f"\n{config.eval.split} split, before and after fine-tuning:\n{compare(b, a)}")
     return b, a, shown, report
 
@@ -275,7 +277,7 @@ def _train(config: RunConfig, *, resume: bool, overwrite: bool, progress: bool) 
     with trainer.full_model() as trained:  # FSDP2: whole weights on rank 0 while saving
         on_main(lambda: _save_final(trained, tokenizer, config, final))
     evaluated = (
-        on_main(lambda: _write_results(run_dir, config, before, after))
+        on_main(lambda: _write_results(run_dir, config, before, after, data.stats))
         if examples
         else ({}, {}, [], None)
     )

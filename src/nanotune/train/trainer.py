@@ -80,11 +80,17 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
         return torch.optim.AdamW(groups, **kwargs)
 
 
-def trainable_summary(model: nn.Module) -> str:
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters; a tied tensor counts once."""
     total = trainable = 0
     for p in model.parameters():  # parameters() visits a tied tensor once
         total += p.numel()
         trainable += p.numel() if p.requires_grad else 0
+    return trainable, total
+
+
+def trainable_summary(model: nn.Module) -> str:
+    trainable, total = parameter_counts(model)
     return f"trainable {trainable:,} / {total:,} ({100 * trainable / max(1, total):.2f}%)"
 
 
@@ -305,13 +311,17 @@ class Trainer:
             seed_everything(cfg.seed)
         log = RunLogger(self.run_dir, self.total_steps, step, self.progress)
         log.info(trainable_summary(self.model))
+        # The first record of each process carries the counts, for the report's headline.
+        trainable, total = parameter_counts(self.model)
+        once = {"trainable_params": trainable, "total_params": total}
         if resumed is not None:
             log.info(f"resumed from step {step} (epoch {epoch}, batch {batch_index})")
         self.model.train()
         result = TrainResult(
             step=step, train_loss=None, best_step=best["step"], best_eval=best["eval"]
         )
-        window_tokens, window_start = 0.0, time.perf_counter()
+        started = window_start = time.perf_counter()
+        window_tokens = 0.0
         evaluated_at = None
         try:
             while step < self.total_steps:
@@ -325,9 +335,12 @@ class Trainer:
                 result.step, result.train_loss = step, stats["loss"]
                 window_tokens += stats["tokens"]
                 if step % cfg.log_every == 0 or step == self.total_steps:
-                    elapsed = time.perf_counter() - window_start
-                    tps = window_tokens / max(elapsed, 1e-9)
-                    log.log({"step": step, "epoch": epoch, "lr": lr, **stats, "tokens_per_s": tps})
+                    now = time.perf_counter()
+                    tps = window_tokens / max(now - window_start, 1e-9)
+                    # elapsed_s: seconds of this process's loop so far (evaluations included).
+                    record = {"step": step, "epoch": epoch, "lr": lr, **stats, "tokens_per_s": tps}
+                    log.log(record | {"elapsed_s": now - started} | once)
+                    once = {}
                     log.progress(
                         step,
                         {"loss": f"{stats['loss']:.4f}", "lr": f"{lr:.2e}", "tok/s": f"{tps:,.0f}"},
