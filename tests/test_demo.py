@@ -30,11 +30,17 @@ def test_demo_writes_report_with_table_curves_and_samples(tmp_path, tiny_llama_d
     page = result.report.read_text()
     assert "<th>before</th><th>after</th>" in page and "exact_match" in page
     images = re.findall(r'alt="([^"]+)" src="data:image/png;base64,([^"]+)"', page)
-    assert {alt for alt, _ in images} == {"training loss curve", "evaluation curve"}
+    assert {alt for alt, _ in images} == {
+        "training and evaluation loss",
+        "learning rate",
+        "eval_ppl curve",
+    }
     for _, data in images:
         png = base64.b64decode(data)
         assert png.startswith(b"\x89PNG") and len(png) > 5000
     assert "Reverse the words:" in page  # samples
+    # The run's own figures, from metrics.jsonl and the data counts.
+    assert "trainable parameters" in page and "tokens/s" in page and "examples</th>" in page
 
     results = json.loads((out / "eval.json").read_text())
     assert results["split"] == "test" and set(results["before"]) == {"exact_match"}

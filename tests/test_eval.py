@@ -20,6 +20,7 @@ from nanotune.errors import NanotuneError
 from nanotune.eval import (
     EvalConfig,
     Generations,
+    RunSummary,
     classification_eval,
     compare,
     compare_rows,
@@ -405,75 +406,125 @@ def test_compare_rows_and_table():
 
 
 def _write_metrics(path):
-    lines = [json.dumps({"step": s, "loss": 3.0 / s, "lr": 1e-3}) for s in range(1, 21)]
-    lines += [
-        json.dumps({"step": s, "eval_loss": 2.5 / s**0.5, "eval_perplexity": 10.0 / s})
-        for s in (5, 10, 15, 20)
-    ]
-    path.write_text("\n".join(lines) + "\n")
+    """A run resumed at step 10: `elapsed_s` restarts, the counts come again with the first
+    record of each process; evaluations every 5 steps (few points: drawn as markers)."""
+    counts = {"trainable_params": 1000, "total_params": 40000}
+    records = []
+    for s in range(1, 21):
+        resumed = s > 10
+        r = {"step": s, "loss": 3.0 / s, "lr": 1e-3 * s / 20, "padding_efficiency": 0.9}
+        r |= {"tokens_per_s": 300.0 if resumed else 100.0, "elapsed_s": 0.5 * (s - 10 * resumed)}
+        records.append(r | (counts if s in (1, 11) else {}))
+        if s % 5 == 0:
+            records.append({"step": s, "eval_loss": 2.5 / s**0.5, "eval_perplexity": 10.0 / s})
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
 def _pngs(page: str) -> list[bytes]:
-    return [
-        base64.b64decode(m)
-        for m in re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
-    ]
+    """The images of the page; each must be an embedded PNG."""
+    sources = re.findall(r'<img [^>]*src="([^"]*)"', page)
+    assert len(sources) == page.count("<img")
+    prefix = "data:image/png;base64,"
+    assert all(src.startswith(prefix) for src in sources)
+    return [base64.b64decode(src[len(prefix) :], validate=True) for src in sources]
 
 
-def test_report_has_table_plots_and_escaped_samples(tmp_path):
+def _assert_drawn_png(png: bytes) -> None:
     from matplotlib.image import imread
 
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    img = imread(io.BytesIO(png), format="png")
+    assert img.shape[0] > 200 and img.shape[1] > 400
+    assert img[..., :3].std() > 0.05  # something was drawn
+
+
+CONFIG = {"model": {"name": "gpt2"}, "method": {"name": "lora"}, "eval": {"split": "val"}}
+STATS = {
+    "train": {"rows": 30, "examples": 28, "dropped_too_long": 2},
+    "val": {"rows": 6, "examples": 6},
+}
+
+
+def test_report_opens_with_the_result_then_curves_samples_and_folded_config(tmp_path):
     _write_metrics(tmp_path / "metrics.jsonl")
+    before = {"loss": 2.0, "accuracy": 0.5, "f1": 0.8}
+    after = {"loss": 1.5, "accuracy": 0.75, "f1": 0.7}
+    sample = {"prompt": "Q: sky?", "reference": "blue", "before": "green", "after": "blue"}
+    config = CONFIG | {"train": {"lr": 1e-4}}
+    summary = RunSummary(config, before, after, [sample], tmp_path / "metrics.jsonl", STATS)
+    page = write_report(tmp_path, summary).read_text()
+
+    body = page[page.index("<body>") :]
+    result = body.index("<table class=result>")
+    assert result < body.index("<img") and result < body.index("<details>")
+    assert (
+        body.index("<table class=result>")
+        < body.index("Sample generations")
+        < body.index("<details>")
+    )
+    # The headline: before, after, the change marked by the direction each metric improves.
+    assert '<td class="num better">-0.5000</td><td class=better>▲ better</td>' in page  # loss
+    assert '<td class="num better">+0.2500</td><td class=better>▲ better</td>' in page
+    assert '<td class="num worse">-0.1000</td><td class=worse>▼ worse</td>' in page  # f1
+    text = re.sub(r"<[^>]+>", " ", body[: body.index("<img")])
+    text = " ".join(text.split())
+    assert "model gpt2 · method lora · evaluated on the val split (6 examples)" in text
+    assert "optimizer steps 20" in text
+    assert "training time 10.0 s" in text  # two segments of 5 s: elapsed_s restarts on resume
+    assert "throughput 200 tokens/s" in text  # 5 s at 100, 5 s at 300
+    assert "trainable parameters 1,000 of 40,000 (2.50%)" in text
+    assert "examples train 28 · val 6" in text and "rows left out train: 2 too long" in text
+    assert "padding efficiency 90.0%" in text
+
+    pngs = _pngs(page)
+    assert len(pngs) == 3  # loss (training and evaluation), lr, eval_perplexity
+    for png in pngs:
+        _assert_drawn_png(png)
+
+    # The configuration once, folded.
+    assert page.count("lr: 0.0001") == 1
+    assert re.search(r"<details><summary>[^<]+</summary><pre class=config>[^<]*lr: 0.0001", page)
+
+
+def test_report_confusion_matrices_and_escaped_samples(tmp_path):
     sample = {
         "prompt": "<script>alert('x')</script> Q:",
         "reference": "a & b",
         "before": "<b>bold</b>",
         "after": "ok",
     }
-    path = write_report(
-        tmp_path,
-        {"model": {"name": "gpt2"}, "train": {"lr": 1e-4}},
-        tmp_path / "metrics.jsonl",
-        BEFORE,
-        AFTER,
-        [sample],
-    )
+    path = write_report(tmp_path, RunSummary(CONFIG, BEFORE, AFTER, [sample]))
     assert path == tmp_path / "report.html"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl", "report.html"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.html"]
     page = path.read_text()
-
     assert "<td>accuracy</td><td class=num>0.5000</td><td class=num>0.7500</td>" in page
-    assert '<td class="num better">+0.2500</td>' in page
-    assert "Confusion matrix (after)" in page and "lr: 0.0001" in page
+    assert "Confusion matrix (before)" in page and "Confusion matrix (after)" in page
     assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; Q:" in page
     assert "&lt;b&gt;bold&lt;/b&gt;" in page and "a &amp; b" in page
     assert "<script>" not in page and "<b>bold" not in page
+    assert "<img" not in page and "Training curves" not in page  # no metrics.jsonl
 
-    pngs = _pngs(page)
-    assert len(pngs) == 2  # training loss, evaluation curves
-    for png in pngs:
-        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
-        img = imread(io.BytesIO(png), format="png")
-        assert img.shape[0] > 200 and img.shape[1] > 500
-        assert img[..., :3].std() > 0.05  # something was drawn
+
+def test_report_of_one_model_has_one_column_and_no_run_figures(tmp_path):
+    page = write_report(tmp_path, RunSummary(CONFIG, {"accuracy": 0.5})).read_text()
+    assert "<tr><th>metric</th><th>value</th></tr><tr><td>accuracy</td>" in page
+    assert "The run" not in page and "before" not in page
 
 
 def test_report_without_matplotlib_still_renders_tables(tmp_path, monkeypatch):
     _write_metrics(tmp_path / "metrics.jsonl")
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import now raises ImportError
-    page = write_report(tmp_path, {}, tmp_path / "metrics.jsonl", BEFORE, AFTER, []).read_text()
-    assert (
-        "pip install &#x27;nanotune[report]&#x27;" in page
-        or "pip install 'nanotune[report]'" in page
-    )
-    assert _pngs(page) == []
-    assert "<td>loss</td>" in page
+    summary = RunSummary(CONFIG, BEFORE, AFTER, metrics_path=tmp_path / "metrics.jsonl")
+    page = write_report(tmp_path, summary).read_text()
+    assert "pip install &#x27;nanotune[report]&#x27;" in page or "nanotune[report]" in page
+    assert "<img" not in page
+    assert "<td>loss</td>" in page and "training time" in page
 
 
 def test_report_names_bad_metrics_line(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2}\n{"step": 2, "loss"\n')
     with pytest.raises(NanotuneError, match=r"metrics.jsonl:2: not valid JSON"):
-        write_report(tmp_path, {}, tmp_path / "metrics.jsonl", {}, {}, [])
+        write_report(tmp_path, RunSummary({}, {}, metrics_path=tmp_path / "metrics.jsonl"))
     assert not (tmp_path / "report.html").exists()
 
 

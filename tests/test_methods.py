@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -175,6 +180,39 @@ def test_qlora_nf4_memory_and_merge():
         ref = model(ids)
         out = merge(model)(ids)
     assert (out - ref).abs().max() < 1e-5
+
+
+QLORA_IN_A_FRESH_PROCESS = """
+import sys
+import nanotune, nanotune.cli, nanotune.jobs.demo, nanotune.jobs.finetune, nanotune.eval
+import nanotune.training.trainer
+import nanotune.data.pipeline, nanotune.weights.gguf
+assert "torchao" not in sys.modules, "torchao was imported before any NF4 weight"
+from tiny import tiny_config
+from nanotune.methods import MethodConfig, apply_method, nf4
+from nanotune.models import Transformer
+model = apply_method(Transformer(tiny_config("gpt2", n_embd=64)), MethodConfig(name="qlora"))
+assert nf4.is_nf4(model.blocks[0].attn.qkv.weight)
+"""
+
+
+def test_torchao_is_imported_only_for_nf4_and_quietly():
+    """torchao logs failed CUDA extension loads and a torch deprecation when imported; users of
+    the other methods never import it, and a QLoRA user sees none of that."""
+    import nanotune
+
+    paths = [str(Path(nanotune.__file__).parents[1]), str(Path(__file__).parent)]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    done = subprocess.run(
+        [sys.executable, "-c", QLORA_IN_A_FRESH_PROCESS],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
 
 
 def test_classifier_pools_last_real_token_and_combines_with_lora():

@@ -134,6 +134,12 @@ def test_loss_falls_and_metrics_written(tmp_path):
     assert [r["step"] for r in lines] == list(range(1, 31))
     assert lines[0]["labels"] == LMObjective().count(batch)
     assert {"loss", "lr", "tokens_per_s", "grad_norm"} <= set(lines[0])
+    # The report's figures: parameter counts once, loop seconds on every record.
+    total = sum(p.numel() for p in model.parameters())
+    assert lines[0]["trainable_params"] == lines[0]["total_params"] == total
+    assert not any("trainable_params" in r for r in lines[1:])
+    elapsed = [r["elapsed_s"] for r in lines]
+    assert 0 < elapsed[0] and elapsed == sorted(elapsed)
 
 
 def test_schedules_numerically():

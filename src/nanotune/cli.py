@@ -317,7 +317,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from nanotune.config import load_config
     from nanotune.data import DataConfig
-    from nanotune.eval import EvalConfig, compare, write_report
+    from nanotune.eval import EvalConfig, RunSummary, compare, write_report
     from nanotune.eval.compare import metrics_table
     from nanotune.jobs.evaluate import evaluate_job
     from nanotune.models import DEFAULT_MODEL
@@ -373,7 +373,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
             "data": dataclasses.asdict(data),
             "eval": dataclasses.asdict(cfg),
         }
-        path = write_report(args.report, config, None, before, after or {}, samples)
+        title = "nanotune evaluation report"
+        path = write_report(
+            args.report, RunSummary(config, before, after or {}, samples, title=title)
+        )
         print(f"\nreport: {path}")
     return 0
 

@@ -14,7 +14,7 @@ from nanotune.eval.evaluate import (
     samples,
     split_prompt,
 )
-from nanotune.eval.report import write_report
+from nanotune.eval.report import RunSummary, write_report
 from nanotune.eval.reward import RewardModel, compare_rewards
 from nanotune.eval.run import BeforeAfter, evaluate_before_after, evaluate_model
 
@@ -26,6 +26,7 @@ __all__ = [
     "EvalConfig",
     "Generations",
     "RewardModel",
+    "RunSummary",
     "classification_eval",
     "compare",
     "compare_rewards",

@@ -1,8 +1,9 @@
-"""report.html: one self-contained page (inline CSS, PNG plots embedded as base64).
+"""report.html: one self-contained page (inline CSS, PNG plots embedded as base64, no JS).
 
-matplotlib is optional (`pip install nanotune[report]`): without it the page still has every
-table and says how to get the plots. Plots use the Agg canvas directly, never pyplot, so no
-global backend state changes.
+Top to bottom: the result (before/after metrics, run figures), the curves, sample generations,
+then the configuration folded away. matplotlib is optional (`pip install nanotune[report]`):
+without it the page still has every table and says how to get the plots. Plots use the Agg
+canvas directly, never pyplot, so no global backend state changes.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import io
 import json
 import os
 import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,14 +25,48 @@ from nanotune.errors import NanotuneError
 from nanotune.eval.compare import compare_rows, fmt, verdict
 
 _CSS = """
-body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222;padding:0 1em}
-h1{font-size:1.6em}h2{font-size:1.2em;margin-top:1.6em;border-bottom:1px solid #ddd}
-table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.3em .6em;
-vertical-align:top}th{background:#f4f4f4}td.num{text-align:right;font-variant-numeric:tabular-nums}
-.better{color:#1a7f37}.worse{color:#c62828}pre{background:#f7f7f7;padding:.8em;overflow:auto}
-td.text{white-space:pre-wrap;max-width:28em;font-family:ui-monospace,monospace;font-size:.85em}
-.note{color:#666;font-style:italic}img{max-width:100%}
+body{font:15px/1.45 system-ui,sans-serif;margin:1.5em auto;max-width:1100px;color:#222;
+padding:0 1em}
+h1{font-size:1.5em;margin:0 0 .2em}h2{font-size:1.15em;margin:1.8em 0 .6em;
+border-bottom:1px solid #ddd;padding-bottom:.2em}h3{font-size:1em;margin:1em 0 .3em}
+.sub{color:#555;margin:0 0 1.2em}
+.row{display:flex;flex-wrap:wrap;gap:1.5em;align-items:flex-start}
+table{border-collapse:collapse}td,th{border:1px solid #d6d6d6;padding:.3em .65em;
+vertical-align:top;text-align:left}th{background:#f3f3f3;font-weight:600}
+td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+table.result{font-size:1.05em}table.result td.num{min-width:5.5em}
+.better{color:#1a7f37;font-weight:600}.worse{color:#c62828;font-weight:600}
+.facts th{background:none;color:#555;font-weight:normal}
+.plots{display:grid;grid-template-columns:repeat(auto-fill,minmax(480px,1fr));gap:1em}
+.plots img{width:100%;border:1px solid #eee}
+.sample{margin:0 0 1.2em}.sample table{width:100%;table-layout:fixed}
+.prompt,.gen{white-space:pre-wrap;font:.85em/1.4 ui-monospace,monospace;margin:0}
+.prompt{background:#f7f7f7;padding:.5em .7em;border:1px solid #e4e4e4;border-bottom:0;
+max-height:9em;overflow:auto;color:#444}
+details{margin-top:2em}summary{cursor:pointer;font-weight:600}
+pre.config{background:#f7f7f7;padding:.8em;overflow:auto;font-size:.85em}
+.note{color:#666;font-style:italic}
 """
+
+# Fewer points than this are drawn as markers alone: a line through two evaluations suggests a
+# trend that was never measured.
+_FEW_POINTS = 5
+
+
+@dataclass
+class RunSummary:
+    """What report.html shows. Training figures (wall time, tokens/s, trainable parameters,
+    padding) are read from `metrics_path` (the run's metrics.jsonl), when there is one."""
+
+    config: dict[str, Any]
+    before: dict[str, Any]
+    after: dict[str, Any] = field(default_factory=dict)
+    """Empty for an evaluation of one model: the table then has one column."""
+    samples: list[dict[str, Any]] = field(default_factory=list)
+    metrics_path: str | os.PathLike | None = None
+    data_stats: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+    """Per split: rows, examples, skipped_bad_row, dropped_too_long (`Datasets.stats`)."""
+    title: str = "nanotune run report"
 
 
 def read_metrics(path: str | os.PathLike | None) -> list[dict[str, Any]]:
@@ -52,45 +89,92 @@ def read_metrics(path: str | os.PathLike | None) -> list[dict[str, Any]]:
     return records
 
 
-def curves(records: list[dict[str, Any]]) -> tuple[dict[str, list], dict[str, list]]:
-    """(training, evaluation) series {name: [(step, value)]} from metrics records.
+def _number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
 
-    Training: `loss` (or `train_loss`). Evaluation: numeric keys starting with `eval` or `val`.
-    """
-    train: dict[str, list] = {}
-    evals: dict[str, list] = {}
+
+def curves(records: list[dict[str, Any]]) -> dict[str, list[tuple[float, float]]]:
+    """{name: [(step, value)]} from metrics records: `loss` (training), `lr`, and every numeric
+    key starting with `eval` or `val`."""
+    out: dict[str, list] = {}
     for r in records:
         step = r.get("step")
-        if not isinstance(step, int | float):
+        if not _number(step):
             continue
         for key, value in r.items():
-            if isinstance(value, bool) or not isinstance(value, int | float):
+            if not _number(value):
                 continue
-            if key in ("loss", "train_loss"):
-                train.setdefault("train loss", []).append((step, value))
-            elif key.startswith(("eval", "val")):
-                evals.setdefault(key, []).append((step, value))
-    return train, evals
+            if key == "train_loss":
+                key = "loss"
+            if key in ("loss", "lr") or key.startswith(("eval", "val")):
+                out.setdefault(key, []).append((step, value))
+    return out
 
 
-def _plot(series: dict[str, list], title: str, log_y: bool = False) -> bytes:
-    """PNG bytes of the series, one subplot per name unless they share a scale (losses)."""
+def training_figures(records: list[dict[str, Any]]) -> dict[str, float]:
+    """Wall time, tokens/s, parameter counts and mean padding efficiency of a run's records.
+
+    `elapsed_s` restarts in a resumed process, so wall time sums the segments; tokens/s is the
+    time-weighted mean of the logged windows.
+    """
+    figures: dict[str, float] = {}
+    wall = tokens = prev = 0.0
+    padding = []
+    for r in records:
+        if _number(r.get("elapsed_s")):
+            dt = r["elapsed_s"] - prev if r["elapsed_s"] >= prev else r["elapsed_s"]
+            prev = r["elapsed_s"]
+            wall += dt
+            tokens += r.get("tokens_per_s", 0.0) * dt
+        if _number(r.get("padding_efficiency")):
+            padding.append(r["padding_efficiency"])
+        for key in ("trainable_params", "total_params"):
+            if _number(r.get(key)):
+                figures[key] = r[key]  # the last process's counts
+        if _number(r.get("loss")):
+            figures["steps"] = r["step"]
+    if wall > 0:
+        figures |= {"wall_s": wall, "tokens_per_s": tokens / wall}
+    if padding:
+        figures["padding_efficiency"] = sum(padding) / len(padding)
+    return figures
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, s = divmod(round(seconds), 60)
+    return (
+        f"{minutes} min {s:02d} s" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
+    )
+
+
+def _plot(name: str, points: list[tuple[float, float]], extra: Any = None) -> bytes:
+    """PNG bytes of one series against the step; `extra` = (label, points) on the same axes."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    names = list(series)
-    fig = Figure(figsize=(7, 3.2 * len(names)) if len(names) > 1 else (7, 3.6), dpi=100)
+    fig = Figure(figsize=(5.6, 3.2), dpi=110)
     FigureCanvasAgg(fig)
-    axes = fig.subplots(len(names), 1, squeeze=False)[:, 0]
-    for ax, name in zip(axes, names, strict=True):
-        steps, values = zip(*series[name], strict=True)
-        ax.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3)
-        ax.set_title(f"{title}: {name}" if len(names) > 1 else f"{title}")
-        ax.set_xlabel("step")
-        ax.set_ylabel(name)
-        if log_y and min(values) > 0:
-            ax.set_yscale("log")
-        ax.grid(alpha=0.3)
+    ax = fig.subplots()
+    series = [(name, points, "C0")] + ([(extra[0], extra[1], "C1")] if extra else [])
+    for label, pts, color in series:
+        steps, values = zip(*pts, strict=True)
+        if len(pts) < _FEW_POINTS:
+            ax.plot(steps, values, "o", color=color, markersize=6, label=label)
+            for x, y in pts:
+                ax.annotate(f"{y:.4g}", (x, y), textcoords="offset points", xytext=(5, 5))
+        else:
+            marker = "o" if len(pts) < 30 else None
+            ax.plot(steps, values, color=color, marker=marker, markersize=3, label=label)
+    ax.set_title("learning rate" if name == "lr" else name)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    ax.margins(x=0.08, y=0.15)
+    if name == "lr":
+        ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+    if extra:
+        ax.legend(frameon=False)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
@@ -102,15 +186,80 @@ def _img(png: bytes, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
 
 
-def _metric_table(before: dict[str, Any], after: dict[str, Any]) -> str:
-    rows = ["<tr><th>metric</th><th>before</th><th>after</th><th>delta</th></tr>"]
+def _result_table(before: dict[str, Any], after: dict[str, Any]) -> str:
+    if not after:  # one model evaluated
+        rows = ["<tr><th>metric</th><th>value</th></tr>"]
+        for name, b, _, _ in compare_rows(before, {}):
+            rows.append(f"<tr><td>{html.escape(name)}</td><td class=num>{fmt(b)}</td></tr>")
+        return "<table class=result>" + "".join(rows) + "</table>"
+    rows = ["<tr><th>metric</th><th>before</th><th>after</th><th>change</th><th></th></tr>"]
     for name, b, a, d in compare_rows(before, after):
         cls = verdict(name, d)
+        mark = {"better": "▲ better", "worse": "▼ worse"}.get(cls, "")
         rows.append(
             f"<tr><td>{html.escape(name)}</td><td class=num>{fmt(b)}</td><td class=num>{fmt(a)}</td>"
-            f'<td class="num {cls}">{fmt(d, signed=True)}</td></tr>'
+            f'<td class="num {cls}">{fmt(d, signed=True)}</td><td class={cls or "same"}>{mark}</td>'
+            "</tr>"
         )
-    return "<table>" + "".join(rows) + "</table>"
+    return "<table class=result>" + "".join(rows) + "</table>"
+
+
+def _data_lines(stats: Mapping[str, Mapping[str, int]]) -> list[tuple[str, str]]:
+    if not stats:
+        return []
+    kept = " · ".join(f"{name} {c.get('examples', 0):,}" for name, c in stats.items())
+    left = []
+    for name, c in stats.items():
+        parts = [
+            f"{c[k]:,} {what}"
+            for k, what in (
+                ("skipped_bad_row", "bad rows skipped"),
+                ("dropped_too_long", "too long"),
+            )
+            if c.get(k)
+        ]
+        if parts:
+            left.append(f"{name}: {', '.join(parts)}")
+    return [("examples", kept), ("rows left out", "; ".join(left) or "none")]
+
+
+def _facts_table(figures: dict[str, float], stats: Mapping[str, Mapping[str, int]]) -> str:
+    lines: list[tuple[str, str]] = []
+    if "steps" in figures:
+        lines.append(("optimizer steps", f"{figures['steps']:,}"))
+    if "wall_s" in figures:
+        lines.append(("training time", f"{_duration(figures['wall_s'])} (evaluations included)"))
+        lines.append(("throughput", f"{figures['tokens_per_s']:,.0f} tokens/s"))
+    if "trainable_params" in figures and "total_params" in figures:
+        t, n = figures["trainable_params"], figures["total_params"]
+        lines.append(("trainable parameters", f"{t:,} of {n:,} ({100 * t / max(n, 1):.2f}%)"))
+    lines += _data_lines(stats)
+    if "padding_efficiency" in figures:
+        share = f"{100 * figures['padding_efficiency']:.1f}%"
+        lines.append(("padding efficiency", f"{share} of computed tokens are real"))
+    if not lines:
+        return ""
+    rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in lines)
+    return f"<table class=facts>{rows}</table>"
+
+
+def _subtitle(config: dict[str, Any], stats: Mapping[str, Mapping[str, int]]) -> str:
+    """'model X · method Y · evaluated on the Z split (N examples)', from what the config has."""
+    parts = []
+    for section in ("model", "method"):
+        value = config.get(section)
+        value = value.get("name") if isinstance(value, dict) else value
+        if value:
+            parts.append(f"{section} <b>{html.escape(str(value))}</b>")
+    ev = config.get("eval")
+    if isinstance(ev, dict) and ev.get("split"):
+        text = f"evaluated on the <b>{html.escape(str(ev['split']))}</b> split"
+        n = stats.get(ev["split"], {}).get("examples")
+        if n:
+            n = min(n, ev["max_examples"]) if ev.get("max_examples") else n
+            text += f" ({n:,} examples)"
+        parts.append(text)
+    return f"<p class=sub>{' · '.join(parts)}</p>" if parts else ""
 
 
 def _confusion(title: str, confusion: dict[str, Any]) -> str:
@@ -120,85 +269,94 @@ def _confusion(title: str, confusion: dict[str, Any]) -> str:
         f"<tr><th>{labels[i]}</th>" + "".join(f"<td class=num>{c}</td>" for c in row) + "</tr>"
         for i, row in enumerate(confusion["matrix"])
     )
-    return f"<h3>{html.escape(title)}</h3><table>{head}{body}</table>"
+    return f"<div><h3>{html.escape(title)}</h3><table>{head}{body}</table></div>"
 
 
-def _samples_table(samples: list[dict[str, Any]]) -> str:
-    columns = [
-        c for c in ("prompt", "reference", "before", "after") if any(c in s for s in samples)
-    ]
-    columns += [c for s in samples for c in s if c not in columns]
-    head = "<tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in columns) + "</tr>"
-    body = "".join(
-        "<tr>"
-        + "".join(f"<td class=text>{html.escape(str(s.get(c, '')))}</td>" for c in columns)
-        + "</tr>"
-        for s in samples
-    )
-    return f"<table>{head}{body}</table>"
+def _sample(s: dict[str, Any]) -> str:
+    """The prompt above its reference and generations, side by side."""
+    columns = [c for c in s if c != "prompt"]
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    cells = "".join(f"<td><pre class=gen>{html.escape(str(s[c]))}</pre></td>" for c in columns)
+    prompt = f"<pre class=prompt>{html.escape(str(s['prompt']))}</pre>" if "prompt" in s else ""
+    return f"<div class=sample>{prompt}<table><tr>{head}</tr><tr>{cells}</tr></table></div>"
 
 
-def render_report(
-    config: dict[str, Any],
-    records: list[dict[str, Any]],
-    before: dict[str, Any],
-    after: dict[str, Any],
-    samples: list[dict[str, Any]],
-    title: str = "nanotune run report",
-) -> str:
+def _curves_section(records: list[dict[str, Any]]) -> str:
+    series = curves(records)
+    if not series:
+        return "<p class=note>No training metrics were logged.</p>"
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return "<p class=note>Plots need matplotlib: pip install 'nanotune[report]'</p>"
+    eval_loss = next((k for k in ("eval_loss", "val_loss") if k in series), None)
+    imgs = []
+    if "loss" in series:
+        extra = (eval_loss, series[eval_loss]) if eval_loss else None
+        imgs.append(_img(_plot("loss", series["loss"], extra), "training and evaluation loss"))
+    elif eval_loss:
+        imgs.append(_img(_plot(eval_loss, series[eval_loss]), "evaluation loss"))
+    if "lr" in series:
+        imgs.append(_img(_plot("lr", series["lr"]), "learning rate"))
+    for name, points in series.items():
+        if name not in ("loss", "lr", eval_loss):
+            imgs.append(_img(_plot(name, points), f"{name} curve"))
+    return f"<div class=plots>{''.join(imgs)}</div>"
+
+
+def render_report(summary: RunSummary, records: list[dict[str, Any]]) -> str:
     """The report page as an HTML string."""
+    title = html.escape(summary.title)
+    before, after = summary.before, summary.after
     parts = [
-        f"<!doctype html><html><head><meta charset=utf-8><title>{html.escape(title)}</title>"
-        f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"
+        f"<!doctype html><html><head><meta charset=utf-8><title>{title}</title>"
+        f"<style>{_CSS}</style></head><body><h1>{title}</h1>",
+        _subtitle(summary.config, summary.data_stats),
     ]
-    parts.append("<h2>Run configuration</h2>")
-    # Through JSON first so paths, tuples and other non-YAML values render as plain text.
-    plain = json.loads(json.dumps(config, default=str))
-    cfg_text = yaml.safe_dump(plain, sort_keys=False, allow_unicode=True, default_flow_style=False)
-    parts.append(f"<pre>{html.escape(cfg_text)}</pre>")
-    parts.append("<h2>Metrics before and after fine-tuning</h2>")
-    parts.append(
-        _metric_table(before, after)
+    heading = "Before and after fine-tuning" if after else "Metrics"
+    result = (
+        _result_table(before, after)
         if before or after
         else "<p class=note>No evaluation metrics.</p>"
     )
-    for label, m in (("before", before), ("after", after)):
-        if isinstance(m.get("confusion"), dict):
-            parts.append(_confusion(f"Confusion matrix ({label})", m["confusion"]))
+    facts = _facts_table(training_figures(records), summary.data_stats)
+    parts.append(
+        f"<div class=row><div><h3>{heading}</h3>{result}</div>"
+        + (f"<div><h3>The run</h3>{facts}</div>" if facts else "")
+        + "</div>"
+    )
+    confusions = [
+        _confusion(f"Confusion matrix ({label})", m["confusion"])
+        for label, m in (("before", before), ("after", after))
+        if isinstance(m.get("confusion"), dict)
+    ]
+    if confusions:
+        parts.append(f"<div class=row>{''.join(confusions)}</div>")
 
-    parts.append("<h2>Training curves</h2>")
-    train, evals = curves(records)
-    if not train and not evals:
-        parts.append("<p class=note>No training metrics were logged.</p>")
-    else:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            parts.append("<p class=note>Plots need matplotlib: pip install 'nanotune[report]'</p>")
-        else:
-            if train:
-                parts.append(_img(_plot(train, "training loss"), "training loss curve"))
-            if evals:
-                parts.append(_img(_plot(evals, "evaluation"), "evaluation curve"))
+    if records:
+        parts.append("<h2>Training curves</h2>")
+        parts.append(_curves_section(records))
 
     parts.append("<h2>Sample generations</h2>")
-    parts.append(_samples_table(samples) if samples else "<p class=note>No samples.</p>")
+    samples = summary.samples
+    parts.append("".join(map(_sample, samples)) if samples else "<p class=note>No samples.</p>")
+
+    # Through JSON first so paths, tuples and other non-YAML values render as plain text.
+    plain = json.loads(json.dumps(summary.config, default=str))
+    cfg_text = yaml.safe_dump(plain, sort_keys=False, allow_unicode=True, default_flow_style=False)
+    parts.append(
+        "<details><summary>Resolved configuration</summary>"
+        f"<pre class=config>{html.escape(cfg_text)}</pre></details>"
+    )
     parts.append("</body></html>\n")
     return "".join(parts)
 
 
-def write_report(
-    run_dir: str | os.PathLike,
-    config: dict[str, Any],
-    metrics_jsonl_path: str | os.PathLike | None,
-    before: dict[str, Any],
-    after: dict[str, Any],
-    samples: list[dict[str, Any]],
-) -> Path:
+def write_report(run_dir: str | os.PathLike, summary: RunSummary) -> Path:
     """Write `run_dir/report.html` atomically (temp file, then rename) and return its path."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    page = render_report(config, read_metrics(metrics_jsonl_path), before, after, samples)
+    page = render_report(summary, read_metrics(summary.metrics_path))
     target = run_dir / "report.html"
     fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".report.", suffix=".tmp")
     try:

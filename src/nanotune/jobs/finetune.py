@@ -136,12 +136,18 @@ def _evaluate(model: Any, tokenizer: Any, examples: list, config: RunConfig, lab
 
 
 def _write_results(
-    run_dir: Path, config: RunConfig, before: tuple, after: tuple, reward_model: Any
+    run_dir: Path,
+    config: RunConfig,
+    before: tuple,
+    after: tuple,
+    reward_model: Any,
+    data_stats: dict,
 ) -> tuple[dict, dict, list, Path]:
     """Score rewards (they compare two sets of responses), then write eval.json and report.html."""
     import json
 
     from nanotune.eval import compare, compare_rewards, samples, write_report
+    from nanotune.eval.report import RunSummary
 
     (b, gens_b), (a, gens_a) = before, after
     shown: list[dict[str, str]] = []
@@ -158,7 +164,8 @@ def _write_results(
         shown = samples(gens_b, gens_a, config.eval.num_samples)
     results = {"split": config.eval.split, "before": b, "after": a, "samples": shown}
     atomic_write(run_dir / "eval.json", json.dumps(results, indent=1, default=str))
-    report = write_report(run_dir, config.to_dict(), run_dir / "metrics.jsonl", b, a, shown)
+    summary = RunSummary(config.to_dict(), b, a, shown, run_dir / "metrics.jsonl", data_stats)
+    report = write_report(run_dir, summary)
     print(f"\n{config.eval.split} split, before and after fine-tuning:\n{compare(b, a)}")
     return b, a, shown, report
 
@@ -340,7 +347,9 @@ def _fit(config: RunConfig, setup: _Setup, run_dir: Path, *, resume: bool, progr
     with trainer.full_model() as trained:  # FSDP2: whole weights on rank 0 while saving
         on_main(lambda: artifacts.save_final(trained, tokenizer, config.model.name, final))
     evaluated = (
-        on_main(lambda: _write_results(run_dir, config, before, after, setup.reward_model))
+        on_main(
+            lambda: _write_results(run_dir, config, before, after, setup.reward_model, data.stats)
+        )
         if examples
         else ({}, {}, [], None)
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -10,14 +11,36 @@ from torch import Tensor, nn
 from nanotune.errors import NanotuneError
 from nanotune.models.linear import linear as dense_linear
 
+# What importing torchao logs that says nothing about NF4 (logger -> message fragment): its
+# CUDA and MXFP8 extension libraries fail to load on builds without them, and torch deprecates
+# the Enum pytree registration torchao does at import. NF4 is plain PyTorch, so both are
+# dropped, during the import only; anything else torchao or torch logs still shows.
+_IMPORT_NOISE = {"torchao": "Failed to load ", "torch.utils._pytree": "is an Enum subclass"}
+
+
+class _Drop(logging.Filter):
+    def __init__(self, fragment: str) -> None:
+        super().__init__()
+        self.fragment = fragment
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.fragment not in record.getMessage()
+
 
 def _torchao_nf4():
+    """torchao's `to_nf4`, imported here only (torchao is optional, and slow to import)."""
+    filters = [(logging.getLogger(n), _Drop(f)) for n, f in _IMPORT_NOISE.items()]
+    for logger, f in filters:
+        logger.addFilter(f)
     try:
         from torchao.quantization import to_nf4
     except ImportError as e:  # optional extra
         raise NanotuneError(
             "qlora needs torchao; install it with `pip install 'nanotune[qlora]'`"
         ) from e
+    finally:
+        for logger, f in filters:
+            logger.removeFilter(f)
     return to_nf4
 
 

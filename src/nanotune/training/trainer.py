@@ -87,11 +87,17 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
         return torch.optim.AdamW(groups, **kwargs)
 
 
-def trainable_summary(model: nn.Module) -> str:
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters; a tied tensor counts once."""
     total = trainable = 0
     for p in model.parameters():  # parameters() visits a tied tensor once
         total += p.numel()
         trainable += p.numel() if p.requires_grad else 0
+    return trainable, total
+
+
+def trainable_summary(model: nn.Module) -> str:
+    trainable, total = parameter_counts(model)
     return f"trainable {trainable:,} / {total:,} ({100 * trainable / max(1, total):.2f}%)"
 
 
@@ -426,6 +432,9 @@ class Trainer:
             log.info(note)
         if resume:
             log.info(f"resumed from step {pos.step} (epoch {pos.epoch}, batch {pos.batch_index})")
+        # The first record of each process carries the counts, for the report's headline.
+        trainable, total = parameter_counts(self.model)
+        once = {"trainable_params": trainable, "total_params": total}
         self.model.train()
         best = pos.best
         result = TrainResult(
@@ -435,7 +444,8 @@ class Trainer:
             best_eval=best["eval"],
             stopped_early=pos.stopped_early,
         )
-        window_tokens, window_start = 0.0, time.perf_counter()
+        started = window_start = time.perf_counter()
+        window_tokens = 0.0
         saved_at = pos.step if resume else None
         interrupted = False
         try:
@@ -455,10 +465,12 @@ class Trainer:
                     result.step, result.train_loss = step, stats["loss"]
                     window_tokens += stats["tokens"]
                     if step % cfg.log_every == 0 or step == self.total_steps:
-                        elapsed = time.perf_counter() - window_start
-                        tps = window_tokens / max(elapsed, 1e-9)
+                        now = time.perf_counter()
+                        tps = window_tokens / max(now - window_start, 1e-9)
                         record = {"step": step, "epoch": pos.epoch, "lr": lr, **stats}
-                        log.log({**record, "tokens_per_s": tps})
+                        # elapsed_s: seconds of this process's loop so far (evaluations included).
+                        log.log({**record, "tokens_per_s": tps, "elapsed_s": now - started, **once})
+                        once = {}
                         log.progress(
                             step,
                             {
