@@ -387,3 +387,40 @@ def test_metrics_line_cut_short_is_dropped_on_resume_and_tolerated_by_readers(tm
     metrics.write_text('{"step": 1}\n{"step": 2, \n{"step": 3}\n')
     with pytest.raises(NanotuneError, match=r"metrics.jsonl:2: not valid JSON"):
         RunLogger(tmp_path, total_steps=9, start_step=2, progress=False)
+
+
+# --- SIGKILL ---------------------------------------------------------------------------------
+
+
+def test_sigkill_at_random_moments_then_resume_is_bit_identical(script, uninterrupted, tmp_path):
+    """Killed with no warning (SIGKILL) at random moments, checkpoint writes included, a run
+    resumed each time from what is on disk ends with exactly the uninterrupted weights."""
+    import random
+
+    run = tmp_path / "run"
+    rng = random.Random(7)
+    kills = 0
+    for _ in range(4):
+        resume = bool(step_dirs(run / "checkpoints"))
+        proc = subprocess.Popen(
+            [*script, str(run), *(["--resume"] if resume else [])],
+            env={**ENV, "SLOW": "0.02"},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        time.sleep(rng.uniform(0.5, 2.0))
+        if proc.poll() is not None:
+            assert proc.returncode == 0, proc.stderr.read()
+            break
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        kills += 1
+        for ckpt in step_dirs(run / "checkpoints"):
+            load_checkpoint(ckpt)  # every checkpoint on disk is whole (checksums verified)
+    if not (run / "final.safetensors").exists():
+        resume = bool(step_dirs(run / "checkpoints"))
+        subprocess.run([*script, str(run), *(["--resume"] if resume else [])], env=ENV, check=True)
+    assert kills >= 1
+    want = load_file(str(uninterrupted / "final.safetensors"))
+    got = load_file(str(run / "final.safetensors"))
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
