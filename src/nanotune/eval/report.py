@@ -13,7 +13,6 @@ import html
 import io
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ import yaml
 
 from nanotune.errors import NanotuneError
 from nanotune.eval.compare import compare_rows, fmt, verdict
+from nanotune.files.atomic import atomic_write
 
 _CSS = """
 body{font:15px/1.45 system-ui,sans-serif;margin:1.5em auto;max-width:1100px;color:#222;
@@ -353,18 +353,6 @@ def render_report(summary: RunSummary, records: list[dict[str, Any]]) -> str:
 
 
 def write_report(run_dir: str | os.PathLike, summary: RunSummary) -> Path:
-    """Write `run_dir/report.html` atomically (temp file, then rename) and return its path."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    """Write `run_dir/report.html` atomically and return its path."""
     page = render_report(summary, read_metrics(summary.metrics_path))
-    target = run_dir / "report.html"
-    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".report.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(page)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a report is meant to be shared
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    return atomic_write(Path(run_dir) / "report.html", page)
