@@ -154,7 +154,7 @@ def test_drop_last_keeps_only_full_batches():
 
 def test_classification_batch():
     examples = [ClassExample([5, 6, 7], 1), ClassExample([8], 0), ClassExample([9, 9], 1)]
-    (batch,) = epoch_batches(examples, 3, 0, 0, pad_id=EOS, shuffle=False)
+    (batch,) = epoch_batches(examples, 3, 0, 0, task="classification", pad_id=EOS, shuffle=False)
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, EOS, EOS], [9, 9, EOS]]
     assert batch["lengths"].tolist() == [3, 1, 2]
     assert batch["class_labels"].tolist() == [1, 0, 1]

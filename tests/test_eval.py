@@ -550,11 +550,11 @@ def test_evaluate_before_after_runs_the_same_evaluation_on_both_models():
         max_new_tokens=4,
         num_samples=2,
     )
-    result = evaluate_before_after(base, tok, lambda m: tuned, examples, cfg)
+    result = evaluate_before_after(base, tok, lambda m: tuned, examples, cfg, task="lm")
 
     # Same numbers as evaluating each model alone on the first 3 examples.
-    alone_base, gens_base = evaluate_model(base, tok, examples[:3], cfg)
-    alone_tuned, gens_tuned = evaluate_model(tuned, tok, examples[:3], cfg)
+    alone_base, gens_base = evaluate_model(base, tok, examples[:3], cfg, task="lm")
+    alone_tuned, gens_tuned = evaluate_model(tuned, tok, examples[:3], cfg, task="lm")
     assert result.before == alone_base and result.after == alone_tuned
     # Supervised tokens: " blue"+EOS, " green"+EOS, " white"+EOS = 6 + 7 + 7; the 4th is cut.
     assert result.before["tokens"] == 20
@@ -570,7 +570,7 @@ def test_evaluate_before_after_runs_the_same_evaluation_on_both_models():
     cfg.metrics.append("reward")
     cfg.reward_model = "unused"
     rewarded = evaluate_before_after(
-        base, tok, lambda m: tuned, examples, cfg, reward=LengthReward()
+        base, tok, lambda m: tuned, examples, cfg, task="lm", reward=LengthReward()
     )
     n_before = [len(s) for s in gens_base.outputs]
     n_after = [len(s) for s in gens_tuned.outputs]
@@ -586,13 +586,14 @@ def test_evaluate_model_checks_metrics_fit_the_data():
     tok = ByteTokenizer()
     model = tiny_model(vocab=257)
     with pytest.raises(NanotuneError, match="accuracy needs format: classification"):
-        evaluate_model(model, tok, qa_examples(tok), EvalConfig(metrics=["accuracy"]))
+        evaluate_model(model, tok, qa_examples(tok), EvalConfig(metrics=["accuracy"]), task="lm")
     classifier = SequenceClassifier(model, 2, ["ham", "spam"])
     data = [ClassExample([1, 2, 3], 0), ClassExample([4, 5], 1), ClassExample([6], 1)]
+    task = "classification"
     with pytest.raises(NanotuneError, match="perplexity need a language-model format"):
-        evaluate_model(classifier, tok, data, EvalConfig(metrics=["perplexity"]))
+        evaluate_model(classifier, tok, data, EvalConfig(metrics=["perplexity"]), task=task)
     metrics, gens = evaluate_model(
-        classifier, tok, data, EvalConfig(metrics=["accuracy"], batch_size=2)
+        classifier, tok, data, EvalConfig(metrics=["accuracy"], batch_size=2), task=task
     )
     assert gens is None and metrics["confusion"]["labels"] == ["ham", "spam"]
     assert sum(map(sum, metrics["confusion"]["matrix"])) == 3
@@ -662,8 +663,8 @@ def test_eval_command_base_vs_adapter(tmp_path, tiny_gpt2_dir, capsys):
     base, tok = load_model(str(tiny_gpt2_dir))
     examples = build_datasets(DataConfig(source=str(data_file)), tok).train
     cfg = EvalConfig(metrics=["perplexity"])
-    want_base = evaluate_model(base, tok, examples, cfg)[0]["perplexity"]
-    want_tuned = evaluate_model(tuned, tok, examples, cfg)[0]["perplexity"]
+    want_base = evaluate_model(base, tok, examples, cfg, task="lm")[0]["perplexity"]
+    want_tuned = evaluate_model(tuned, tok, examples, cfg, task="lm")[0]["perplexity"]
     assert abs(want_base - want_tuned) > 1e-2  # the adapter changes the model
     assert float(table["perplexity"][0]) == pytest.approx(want_base, abs=1e-4)
     assert float(table["perplexity"][1]) == pytest.approx(want_tuned, abs=1e-4)
@@ -724,8 +725,9 @@ def test_eval_command_classifier_adapter(tmp_path, tiny_gpt2_dir, capsys):
     ]
     assert main(argv) == 0
     table = {ln.split()[0]: ln.split()[1:] for ln in capsys.readouterr().out.splitlines()[2:]}
-    examples = build_datasets(DataConfig(source=str(data_file), format="classification"), tok).train
-    want = evaluate_model(clf.eval(), tok, examples, EvalConfig(metrics=["accuracy"]))[0]
+    built = build_datasets(DataConfig(source=str(data_file), format="classification"), tok)
+    cfg = EvalConfig(metrics=["accuracy"])
+    want = evaluate_model(clf.eval(), tok, built.train, cfg, task=built.task)[0]
     assert float(table["loss"][1]) == pytest.approx(want["loss"], abs=1e-4)
     assert float(table["accuracy"][1]) == pytest.approx(want["accuracy"], abs=1e-4)
     assert {"macro_f1", "f1/ham", "f1/spam"} <= set(table)

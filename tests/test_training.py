@@ -21,6 +21,7 @@ from torch import nn
 from nanotune.errors import NanotuneError
 from nanotune.models import ModelConfig, Transformer
 from nanotune.training import (
+    ClassificationObjective,
     LMObjective,
     TrainConfig,
     Trainer,
@@ -254,9 +255,10 @@ def test_classification_trains_and_reports_accuracy(tmp_path):
     lengths = torch.full((16,), 6)
     batch = {"input_ids": ids, "lengths": lengths, "class_labels": labels}
     model = TinyClassifier()
-    assert objective_for(batch).name == "classification"
+    objective = objective_for("classification")
+    assert isinstance(objective, ClassificationObjective)
     cfg = TrainConfig(lr=1e-2, max_steps=15, micro_batch_size=8, grad_accum=2, eval_every=15)
-    result = fit(model, cfg, [batch], tmp_path, val_batches=[batch])
+    result = fit(model, cfg, [batch], tmp_path, val_batches=[batch], objective=objective)
     assert result.eval["accuracy"] == 1.0 and result.eval["loss"] < 0.3
 
 

@@ -2,7 +2,7 @@
 
 from nanotune.data.batching import collate_class, collate_lm, efficiency, epoch_batches
 from nanotune.data.config import DataConfig
-from nanotune.data.example import IGNORE, ClassExample, Example, Row
+from nanotune.data.example import IGNORE, ClassExample, Example, Row, Task
 from nanotune.data.formats import (
     END_MARKER,
     MARKER_TOKENS,
@@ -10,7 +10,7 @@ from nanotune.data.formats import (
     required_special_tokens,
     row_messages,
 )
-from nanotune.data.pipeline import Datasets, build_datasets
+from nanotune.data.pipeline import Datasets, build_datasets, task_of
 from nanotune.data.sources import iter_source
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "Datasets",
     "Example",
     "Row",
+    "Task",
     "build_datasets",
     "chat_prompt_ids",
     "collate_class",
@@ -31,4 +32,5 @@ __all__ = [
     "iter_source",
     "required_special_tokens",
     "row_messages",
+    "task_of",
 ]

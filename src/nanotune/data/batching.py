@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from nanotune.data.example import IGNORE, ClassExample, Example
+from nanotune.data.example import IGNORE, ClassExample, Example, Task
 
 MEGA_CHUNK = 50  # batches per sorted chunk in length grouping: enough to group, still shuffled
 OPEN_BINS = 64  # sequences kept open while packing; bounds the first-fit search
@@ -112,6 +112,7 @@ def epoch_batches(
     seed: int,
     epoch: int,
     *,
+    task: Task = "lm",
     pad_id: int,
     pack: bool = False,
     max_length: int | None = None,
@@ -121,6 +122,7 @@ def epoch_batches(
 ) -> list[dict[str, Any]]:
     """Every batch of one epoch, each example exactly once (unless `drop_last` drops a short tail).
 
+    task: the data's task (`Datasets.task`): LM batches, or classification batches.
     pack: fill rows of up to `max_length` tokens with several examples (`batch_size` rows a batch).
     group_by_length: sort within chunks of MEGA_CHUNK batches, then shuffle the batch order.
     shuffle=False keeps the given order (evaluation).
@@ -134,9 +136,8 @@ def epoch_batches(
     if shuffle:
         rng.shuffle(order)
     lengths = [len(e.ids) for e in examples]
-    classify = isinstance(examples[0], ClassExample)
     if pack:
-        if classify or max_length is None:
+        if task != "lm" or max_length is None:
             raise ValueError("packing needs LM examples and max_length")
         groups = pack_examples(lengths, order, max_length)
         rows = [[examples[i] for i in g] for g in groups]
@@ -155,7 +156,7 @@ def epoch_batches(
         chunks = [[examples[i] for i in ix] for ix in idx_batches]
     if drop_last and len(chunks) > 1:
         chunks = [c for c in chunks if len(c) == batch_size]  # at most one is short
-    if classify:
+    if task == "classification":
         return [collate_class(c, pad_id) for c in chunks]
     return [collate_lm(c if pack else [[e] for e in c], pad_id, pack) for c in chunks]
 

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from nanotune.errors import NanotuneError
 
 IGNORE = -100  # label of a token that is not supervised (Hugging Face / PyTorch convention)
+
+# What a run learns and is measured on: the next tokens (every LM format, `Example`) or one
+# label per example (`ClassExample`). Decided once, when the data is built (`Datasets.task`).
+Task = Literal["lm", "classification"]
 
 
 @dataclass

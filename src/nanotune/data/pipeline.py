@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nanotune.data.config import DataConfig
-from nanotune.data.example import BadRow, ClassExample, Example, Row
+from nanotune.data.example import BadRow, ClassExample, Example, Row, Task
 from nanotune.data.formats import (
     LM_FORMATS,
     TokenizerLike,
@@ -33,9 +33,11 @@ class Datasets:
     """
 
     splits: dict[str, list[Example] | list[ClassExample]]
+    task: Task
     stats: dict[str, Counter] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     label_names: list[str] | None = None
+    """The class names in label order (classification only)."""
     added_tokens: list[str] = field(default_factory=list)
 
     @property
@@ -61,6 +63,11 @@ class Datasets:
 
 
 MAX_PROBLEMS = 20
+
+
+def task_of(cfg: DataConfig) -> Task:
+    """The task a data config calls for; every later part reads `Datasets.task` instead."""
+    return "classification" if cfg.format == "classification" else "lm"
 
 
 def _read(spec: str, cfg: DataConfig, stats: Counter, problems: list[str]) -> list[Row]:
@@ -95,7 +102,7 @@ def _bad(e: BadRow, cfg: DataConfig, stats: Counter, problems: list[str]) -> Non
 def _map_columns(row: Row, cfg: DataConfig) -> Row:
     for canonical, column in cfg.columns.items():
         row[canonical] = _column(row, column, canonical)
-    if cfg.format == "classification":  # checked at read time so splitting can stratify by label
+    if task_of(cfg) == "classification":  # checked at read time so splitting can stratify by label
         row_field(row, "text")
         row_field(row, "label")
     return row
@@ -138,7 +145,7 @@ def _label_names(cfg: DataConfig, rows: list[Row]) -> list[str]:
 def _split(cfg: DataConfig, stats: dict[str, Counter], problems: list[str]) -> dict[str, list[Row]]:
     stats["train"] = Counter()
     rows = _read(cfg.source, cfg, stats["train"], problems)
-    stratify = cfg.format == "classification" and cfg.stratify
+    stratify = task_of(cfg) == "classification" and cfg.stratify
     fractions = {}
     for name, given, frac in (
         ("val", cfg.val_source, cfg.val_fraction),
@@ -192,7 +199,7 @@ def _examples(
     out = []
     for row in rows:
         try:
-            if cfg.format == "classification":
+            if task_of(cfg) == "classification":
                 out.append(format_classification(row, tokenizer, cfg, label_names or []))
             else:
                 out.append(LM_FORMATS[cfg.format](row, tokenizer, cfg))
@@ -213,8 +220,9 @@ def build_datasets(cfg: DataConfig, tokenizer: TokenizerLike) -> Datasets:
     stats: dict[str, Counter] = {}
     problems: list[str] = []
     rows = _split(cfg, stats, problems)
+    task = task_of(cfg)
     label_names = None
-    if cfg.format == "classification":
+    if task == "classification":
         try:
             label_names = _label_names(cfg, rows["train"])
         except BadRow as e:
@@ -231,4 +239,4 @@ def build_datasets(cfg: DataConfig, tokenizer: TokenizerLike) -> Datasets:
             raise NanotuneError(
                 f"{cfg.source}: no {name} examples left after formatting ({problems[0] if problems else 'no rows'})"
             )
-    return Datasets(splits, stats, problems, label_names, added)
+    return Datasets(splits, task, stats, problems, label_names, added)

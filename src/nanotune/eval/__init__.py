@@ -16,10 +16,11 @@ from nanotune.eval.evaluate import (
 )
 from nanotune.eval.report import RunSummary, write_report
 from nanotune.eval.reward import RewardModel, compare_rewards
-from nanotune.eval.run import BeforeAfter, evaluate_before_after, evaluate_model
+from nanotune.eval.run import BeforeAfter, compare_models, evaluate_before_after, evaluate_model
 
 __all__ = [
     "BeforeAfter",
+    "compare_models",
     "evaluate_before_after",
     "evaluate_model",
     "METRICS",

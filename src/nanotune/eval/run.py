@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from nanotune.data import ClassExample, epoch_batches
+from nanotune.data import Task, epoch_batches
 from nanotune.errors import NanotuneError
 from nanotune.eval.config import EvalConfig
 from nanotune.eval.evaluate import (
@@ -27,15 +27,18 @@ def evaluate_model(
     tokenizer: Any,
     examples: Sequence[Any],
     cfg: EvalConfig,
+    *,
+    task: Task,
     label_names: Sequence[str] | None = None,
 ) -> tuple[dict[str, Any], Generations | None]:
     """Every metric of `cfg` except `reward` (it compares two models), on the first
-    `cfg.max_examples` examples. Returns the metrics and the generations (None if none were made).
+    `cfg.max_examples` examples of a `task` (`Datasets.task`). Returns the metrics and the
+    generations (None if none were made).
     """
     if not examples:
         raise NanotuneError(f"eval: the {cfg.split} split has no examples")
     examples = list(examples[: cfg.max_examples])
-    classify = isinstance(examples[0], ClassExample)
+    classify = task == "classification"
     lm_metrics = [m for m in cfg.metrics if m != "accuracy"]
     if classify and lm_metrics:
         raise NanotuneError(
@@ -50,7 +53,9 @@ def evaluate_model(
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
     metrics: dict[str, Any] = {}
     if "perplexity" in cfg.metrics or "accuracy" in cfg.metrics:
-        batches = epoch_batches(examples, cfg.batch_size, 0, 0, pad_id=pad_id, shuffle=False)
+        batches = epoch_batches(
+            examples, cfg.batch_size, 0, 0, task=task, pad_id=pad_id, shuffle=False
+        )
         if classify:
             metrics |= classification_eval(model, batches, label_names)
         else:
@@ -71,31 +76,56 @@ class BeforeAfter:
     samples: list[dict[str, str]] = field(default_factory=list)
 
 
+def compare_models(
+    before: tuple[dict[str, Any], Generations | None],
+    after: tuple[dict[str, Any], Generations | None] | None,
+    cfg: EvalConfig,
+    reward: Any = None,
+) -> BeforeAfter:
+    """Two `evaluate_model` results (metrics, generations) as one comparison, with the `reward`
+    metric (it scores both models' responses to the same prompts) and side-by-side samples.
+
+    after: None compares nothing: the base model's metrics alone (`BeforeAfter.after` is empty).
+    reward: anything with `score(prompts, responses, batch_size)`, by default a
+        `RewardModel(cfg.reward_model)`.
+    """
+    (b, gens_b), (a, gens_a) = before, after or ({}, None)
+    if gens_b is None or (after is not None and gens_a is None):
+        return BeforeAfter(b, a)
+    if "reward" in cfg.metrics:
+        rm = reward or RewardModel(cfg.reward_model)
+        if gens_a is None:
+            scores = rm.score(gens_b.prompts, gens_b.outputs, cfg.batch_size)
+            b = b | {"reward": sum(scores) / len(scores)}
+        else:
+            rb, ra = compare_rewards(
+                rm, gens_b.prompts, gens_b.outputs, gens_a.outputs, cfg.batch_size
+            )
+            b, a = b | rb, a | ra
+    return BeforeAfter(b, a, samples(gens_b, gens_a, cfg.num_samples))
+
+
 def evaluate_before_after(
     model: nn.Module,
     tokenizer: Any,
     finetune: Callable[[nn.Module], nn.Module],
     examples: Sequence[Any],
     cfg: EvalConfig,
+    *,
+    task: Task,
     label_names: Sequence[str] | None = None,
     reward: Any = None,
 ) -> BeforeAfter:
     """Evaluate `model`, then `finetune(model)` (which may change it in place, e.g. load an
     adapter, or return another model), with the same config, examples and prompts.
 
-    The `reward` metric scores both models' responses with `reward` (anything with
-    `score(prompts, responses, batch_size)`), by default a `RewardModel(cfg.reward_model)`.
+    The `reward` metric scores both models' responses with `reward` (see `compare_models`), by
+    default a `RewardModel(cfg.reward_model)` on the fine-tuned model's device.
     """
-    before, gens_before = evaluate_model(model, tokenizer, examples, cfg, label_names)
+    given = dict(task=task, label_names=label_names)
+    before = evaluate_model(model, tokenizer, examples, cfg, **given)
     tuned = finetune(model)
-    after, gens_after = evaluate_model(tuned, tokenizer, examples, cfg, label_names)
-    if gens_before is None or gens_after is None:
-        return BeforeAfter(before, after)
-    if "reward" in cfg.metrics:
-        rm = reward or RewardModel(cfg.reward_model, device=next(tuned.parameters()).device)
-        rb, ra = compare_rewards(
-            rm, gens_before.prompts, gens_before.outputs, gens_after.outputs, cfg.batch_size
-        )
-        before |= rb
-        after |= ra
-    return BeforeAfter(before, after, samples(gens_before, gens_after, cfg.num_samples))
+    after = evaluate_model(tuned, tokenizer, examples, cfg, **given)
+    if reward is None and "reward" in cfg.metrics and after[1] is not None:
+        reward = RewardModel(cfg.reward_model, device=next(tuned.parameters()).device)
+    return compare_models(before, after, cfg, reward)

@@ -5,23 +5,14 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import nn
 
 from nanotune.data import DataConfig, build_datasets
 from nanotune.errors import NanotuneError
 from nanotune.eval.config import EvalConfig
-from nanotune.eval.evaluate import samples
-from nanotune.eval.reward import RewardModel
-from nanotune.eval.run import BeforeAfter, evaluate_before_after, evaluate_model
+from nanotune.eval.run import compare_models, evaluate_before_after, evaluate_model
 from nanotune.jobs import artifacts
-
-
-def _grow_vocab(model: nn.Module, tokenizer: Any) -> None:
-    # Chat markers the data added to the tokenizer need embedding rows (mean-initialised).
-    body = getattr(model, "body", model)
-    if tokenizer.vocab_size > body.config.vocab_size:
-        body.resize_token_embeddings(tokenizer.vocab_size)
+from nanotune.jobs.prepare import prepare_model, reward_model
 
 
 def evaluate_job(
@@ -48,35 +39,27 @@ def evaluate_job(
             f"eval.split: {cfg.split!r} is not a split of this data (has {', '.join(datasets.splits)}); "
             "set data.val_fraction / val_source or choose another split"
         )
+    if datasets.task == "classification" and finetuned:
+        raise NanotuneError(
+            "a classifier's head is saved with its adapter: evaluate it with --adapter DIR"
+        )
+    rewards = reward_model(cfg)
     examples = datasets.splits[cfg.split]
-    _grow_vocab(model, tokenizer)
-    if data.format == "classification":
-        from nanotune.methods import SequenceClassifier
-
-        if finetuned:
-            raise NanotuneError(
-                "a classifier's head is saved with its adapter: evaluate it with --adapter DIR"
-            )
-        names = datasets.label_names or []
-        torch.manual_seed(cfg.seed)  # the untrained head of the base model is reproducible
-        model = SequenceClassifier(model, len(names), names)
-    model.eval()
+    model = prepare_model(model, tokenizer, datasets, seed=cfg.seed).eval()
+    given = dict(task=datasets.task, label_names=datasets.label_names)
     if not adapter and not finetuned:
-        metrics, gens = evaluate_model(model, tokenizer, examples, cfg)
-        if gens is None:
-            return metrics, None, []
-        if "reward" in cfg.metrics:
-            rm = RewardModel(cfg.reward_model)
-            scores = rm.score(gens.prompts, gens.outputs, cfg.batch_size)
-            metrics["reward"] = sum(scores) / len(scores)
-        return metrics, None, samples(gens, None, cfg.num_samples)
+        base = evaluate_model(model, tokenizer, examples, cfg, **given)
+        result = compare_models(base, None, cfg, rewards)
+        return result.before, None, result.samples
 
     def finetune(base: nn.Module) -> nn.Module:
         if adapter:
             return artifacts.apply_adapter(base, tokenizer, adapter)[0].eval()
         tuned, _ = artifacts.load(finetuned)
-        _grow_vocab(tuned, tokenizer)
-        return tuned.eval()
+        # The same preparation as the base: rows for the markers the data added.
+        return prepare_model(tuned, tokenizer, datasets, seed=cfg.seed).eval()
 
-    result: BeforeAfter = evaluate_before_after(model, tokenizer, finetune, examples, cfg)
+    result = evaluate_before_after(
+        model, tokenizer, finetune, examples, cfg, **given, reward=rewards
+    )
     return result.before, result.after, result.samples

@@ -127,12 +127,14 @@ def check_run_dir(
         ) from e
 
 
-def _evaluate(model: Any, tokenizer: Any, examples: list, config: RunConfig, labels: Any) -> tuple:
+def _evaluate(model: Any, tokenizer: Any, examples: list, config: RunConfig, data: Any) -> tuple:
     from nanotune.eval import evaluate_model
 
     if not examples:
         return {}, None
-    return evaluate_model(model, tokenizer, examples, config.eval, labels)
+    return evaluate_model(
+        model, tokenizer, examples, config.eval, task=data.task, label_names=data.label_names
+    )
 
 
 def _write_results(
@@ -143,25 +145,15 @@ def _write_results(
     reward_model: Any,
     data_stats: dict,
 ) -> tuple[dict, dict, list, Path]:
-    """Score rewards (they compare two sets of responses), then write eval.json and report.html."""
+    """Compare the two evaluations (rewards score both sets of responses), then write eval.json
+    and report.html."""
     import json
 
-    from nanotune.eval import compare, compare_rewards, samples, write_report
+    from nanotune.eval import compare, compare_models, write_report
     from nanotune.eval.report import RunSummary
 
-    (b, gens_b), (a, gens_a) = before, after
-    shown: list[dict[str, str]] = []
-    if gens_b is not None and gens_a is not None:
-        if reward_model is not None:
-            rb, ra = compare_rewards(
-                reward_model,
-                gens_b.prompts,
-                gens_b.outputs,
-                gens_a.outputs,
-                config.eval.batch_size,
-            )
-            b, a = b | rb, a | ra
-        shown = samples(gens_b, gens_a, config.eval.num_samples)
+    result = compare_models(before, after, config.eval, reward_model)
+    b, a, shown = result.before, result.after, result.samples
     results = {"split": config.eval.split, "before": b, "after": a, "samples": shown}
     atomic_write(run_dir / "eval.json", json.dumps(results, indent=1, default=str))
     summary = RunSummary(config.to_dict(), b, a, shown, run_dir / "metrics.jsonl", data_stats)
@@ -258,9 +250,9 @@ class _Setup:
 
 def _setup(config: RunConfig) -> _Setup:
     from nanotune.data.pipeline import build_datasets
-    from nanotune.methods import SequenceClassifier, apply_method
+    from nanotune.jobs.prepare import prepare_model, reward_model
+    from nanotune.methods import apply_method
     from nanotune.training import seed_everything
-    from nanotune.training.dist import is_main
     from nanotune.weights import load_model
 
     seed_everything(config.train.seed)  # model init (LoRA A, heads) depends on it
@@ -268,28 +260,15 @@ def _setup(config: RunConfig) -> _Setup:
     if config.model.special_tokens:
         tokenizer.add_special_tokens(config.model.special_tokens)
     data = build_datasets(config.data, tokenizer)
-    added = tokenizer.vocab_size - model.config.vocab_size
-    if added > 0:
-        model.resize_token_embeddings(tokenizer.vocab_size)
-        if not config.method.train_embeddings and config.method.name != "full" and is_main():
-            print(
-                f"note: {added} tokens were added but their embeddings stay at their initial "
-                "value; set method.train_embeddings: true to learn them"
-            )
-    if data.label_names is not None:
-        model = SequenceClassifier(model, len(data.label_names), data.label_names)
+    model = prepare_model(model, tokenizer, data, seed=config.train.seed, method=config.method)
     model = apply_method(model, config.method)
-    reward_model = None
-    if "reward" in config.eval.metrics and data.splits.get(config.eval.split):
-        from nanotune.eval import RewardModel
-
-        reward_model = RewardModel(config.eval.reward_model)
-    return _Setup(model, tokenizer, data, reward_model)
+    rewards = reward_model(config.eval) if data.splits.get(config.eval.split) else None
+    return _Setup(model, tokenizer, data, rewards)
 
 
 def _fit(config: RunConfig, setup: _Setup, run_dir: Path, *, resume: bool, progress: bool):
     from nanotune.data.batching import epoch_batches
-    from nanotune.training import Trainer, dist
+    from nanotune.training import Trainer, dist, objective_for
     from nanotune.training.dist import is_main, on_main, world_size
 
     tc = config.train
@@ -303,10 +282,13 @@ def _fit(config: RunConfig, setup: _Setup, run_dir: Path, *, resume: bool, progr
     if not examples and is_main():
         print(f"note: no {config.eval.split!r} split, so no before/after evaluation (eval.split)")
     model.to(dist.device_for(tc.device))
-    before = _evaluate(model, tokenizer, examples, config, data.label_names)
+    before = _evaluate(model, tokenizer, examples, config, data)
 
     batching = dict(
-        pad_id=tokenizer.pad_id, pack=config.data.pack, max_length=config.data.max_length
+        task=data.task,
+        pad_id=tokenizer.pad_id,
+        pack=config.data.pack,
+        max_length=config.data.max_length,
     )
 
     def train_batches(epoch: int) -> list[dict]:
@@ -332,6 +314,7 @@ def _fit(config: RunConfig, setup: _Setup, run_dir: Path, *, resume: bool, progr
         train_batches,
         run_dir,
         val_batches=val,
+        objective=objective_for(data.task),
         resolved_config=config.to_dict(),
         progress=progress,
     )
@@ -340,9 +323,7 @@ def _fit(config: RunConfig, setup: _Setup, run_dir: Path, *, resume: bool, progr
     # Every rank runs the same passes, through the engine's forward as the trainer's own
     # evaluation does (DDP and FSDP2 act there), without gradients.
     with torch.no_grad():
-        after = trainer.engine(
-            lambda m, _: _evaluate(m, tokenizer, examples, config, data.label_names), None
-        )
+        after = trainer.engine(lambda m, _: _evaluate(m, tokenizer, examples, config, data), None)
     dist.reshard(trainer.engine)
     with trainer.full_model() as trained:  # FSDP2: whole weights on rank 0 while saving
         on_main(lambda: artifacts.save_final(trained, tokenizer, config.model.name, final))

@@ -130,13 +130,18 @@ class ClassificationObjective:
         return {"loss": sums["loss"] / n, "accuracy": sums["correct"] / n}
 
 
-def objective_for(batch: Batch) -> Objective:
-    """The objective a batch calls for, by its contract keys."""
-    if "class_labels" in batch:
-        return ClassificationObjective()
-    if "targets" in batch:
-        return LMObjective()
-    raise ValueError(f"batch has neither 'targets' nor 'class_labels': keys {sorted(batch)}")
+# By task name, as the data pipeline decides it (`Datasets.task`); the loop imports no data code.
+OBJECTIVES: dict[str, type[Objective]] = {
+    LMObjective.name: LMObjective,
+    ClassificationObjective.name: ClassificationObjective,
+}
+
+
+def objective_for(task: str) -> Objective:
+    """The objective of a task: "lm" or "classification"."""
+    if task not in OBJECTIVES:
+        raise ValueError(f"no objective for task {task!r}; known: {', '.join(OBJECTIVES)}")
+    return OBJECTIVES[task]()
 
 
 @torch.no_grad()

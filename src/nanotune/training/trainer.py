@@ -35,8 +35,8 @@ from nanotune.training.logger import RunLogger
 from nanotune.training.losses import (
     Batch,
     ClassificationObjective,
+    LMObjective,
     Objective,
-    objective_for,
     trim_padding,
 )
 from nanotune.training.schedule import lr_at
@@ -186,8 +186,8 @@ class TrainResult:
 class Trainer:
     """Train `model` on `train_batches` with `config`, writing metrics and checkpoints to run_dir.
 
-    objective: loss/count/metrics for the batches; inferred from the first batch when None
-        (`targets` → language modelling, `class_labels` → classification).
+    objective: loss/count/metrics for the batches (`objective_for(task)`); language modelling
+        when None.
     val_batches: fixed validation batches (any size; split into micro-batches here).
     resolved_config: the full run config, stored in every checkpoint.
 
@@ -221,7 +221,7 @@ class Trainer:
         first = self._epoch(0)
         if not first:
             raise NanotuneError("the training set gave no batches; check data.source and limits")
-        self.objective = objective or objective_for(first[0])
+        self.objective = objective or LMObjective()
         self.steps_per_epoch = len(first)
         self.total_steps = config.max_steps or config.epochs * self.steps_per_epoch
         self.autocast = self._autocast()
