@@ -22,7 +22,8 @@ from nanotune.data.formats import (
     format_completion,
 )
 from nanotune.errors import NanotuneError
-from nanotune.tokenizer import Tokenizer, gpt2_tokenizer
+from nanotune.tokenizer import gpt2_tokenizer
+from nanotune.weights.gguf import load_gguf_tokenizer
 
 
 @pytest.fixture
@@ -32,7 +33,7 @@ def gpt2():
 
 @pytest.fixture(scope="module")
 def smol(smollm2_gguf):
-    return Tokenizer.from_gguf(smollm2_gguf)
+    return load_gguf_tokenizer(smollm2_gguf)
 
 
 def supervised(tok, ex) -> str:

