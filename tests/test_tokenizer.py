@@ -247,6 +247,36 @@ def test_tiny_gguf_matches_transformers_gguf_converter(tmp_path, pre):
     assert tok.encode("<|eot|>") == [1]  # the plain-text setting does not stick
 
 
+def test_gguf_vocabulary_is_built_from_plain_metadata(tmp_path):
+    """The tokenizer knows no file: the decoded values the weights loader hands over suffice."""
+    vocab, merges = _train_bpe()
+    tokens = ["<|endoftext|>", "<|eot|>"] + sorted(vocab, key=vocab.get)
+    fields = {
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": "llama-bpe",
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.merges": [" ".join(m) for m in merges],
+        "tokenizer.ggml.token_type": [3, 3] + [1] * len(vocab),
+        "tokenizer.ggml.bos_token_id": 0,
+        "tokenizer.ggml.eos_token_id": 1,
+        "tokenizer.ggml.add_bos_token": True,
+        "tokenizer.chat_template": "{% for m in messages %}{{ bos_token }}{{ m.content }}"
+        "{{ eos_token }}{% endfor %}",
+    }
+    tok = Tokenizer.from_gguf_metadata(fields, "plain")
+    _write_gguf(tmp_path / "tiny.gguf")
+    from_file = load_gguf_tokenizer(tmp_path / "tiny.gguf")
+    assert tok.encode_batch(CORPUS) == from_file.encode_batch(CORPUS)
+    assert (tok.bos_id, tok.eos_id, tok.add_bos, tok.special_tokens) == (
+        from_file.bos_id,
+        from_file.eos_id,
+        from_file.add_bos,
+        from_file.special_tokens,
+    )
+    with pytest.raises(NanotuneError, match="plain: GGUF has no tokenizer.ggml.tokens"):
+        Tokenizer.from_gguf_metadata({**fields, "tokenizer.ggml.tokens": []}, "plain")
+
+
 def test_gguf_errors_name_the_file(tmp_path):
     path = tmp_path / "spm.gguf"
     _write_gguf(path, model="llama")
