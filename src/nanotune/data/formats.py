@@ -3,7 +3,8 @@
 Labels come from token spans: each part of an example (prompt, completion, chat turn) is
 tokenized on its own and the parts are concatenated, so the supervised span is known exactly and
 never found by searching for a template string (which breaks when a template tokenizes differently
-in context).
+in context). A chat template that marks the assistant's text with `{% generation %}` blocks says
+exactly what to supervise; its mask is used as transformers' `return_assistant_tokens_mask` gives it.
 """
 
 from __future__ import annotations
@@ -36,12 +37,15 @@ class TokenizerLike(Protocol):
     eos_id: int
     special_tokens: dict[str, int]
     chat_template: str | None
+    marks_generation: bool
 
     def encode(self, text: str, allow_special: bool = True) -> list[int]: ...
 
     def apply_chat_template(
         self, messages: list[dict[str, str]], add_generation_prompt: bool = False
     ) -> str: ...
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> tuple[list[int], list[bool]]: ...
 
 
 class TooLong(NanotuneError):
@@ -335,6 +339,13 @@ def _template_segments(
     return segments
 
 
+def _generation_segments(messages: list[dict[str, str]], tokenizer: TokenizerLike) -> list[Segment]:
+    """The whole conversation in one piece, supervised where the template's `{% generation %}`
+    blocks are: the template's own answer, not the prefix-by-prefix guess."""
+    ids, mask = tokenizer.encode_chat(messages)
+    return [([t], m) for t, m in zip(ids, mask, strict=True)]
+
+
 def format_chat(row: Row, tokenizer: TokenizerLike, cfg: DataConfig) -> Example:
     messages = row_messages(row, cfg.system_prompt)
     if uses_markers(cfg, tokenizer):
@@ -345,6 +356,8 @@ def format_chat(row: Row, tokenizer: TokenizerLike, cfg: DataConfig) -> Example:
                 "tokenizer) with tokenizer.add_special_tokens and resize the model's embeddings"
             )
         segments = _marker_segments(messages, tokenizer)
+    elif tokenizer.marks_generation:
+        segments = _generation_segments(messages, tokenizer)
     else:
         segments = _template_segments(messages, tokenizer, row.where)
     return _assemble(segments, cfg, row)

@@ -15,7 +15,7 @@ from nanotune.models.config import ModelConfig
 from nanotune.models.transformer import Transformer
 from nanotune.tokenizer import Tokenizer, gpt2_tokenizer
 from nanotune.weights import hub
-from nanotune.weights.gguf import load_gguf_model, open_gguf
+from nanotune.weights.gguf import gguf_tokenizer, load_gguf_model, open_gguf
 from nanotune.weights.hf import load_hf_model, read_config, save_model
 from nanotune.weights.resolve import Resolved, resolve
 
@@ -47,7 +47,7 @@ def load_model(
     if path.suffix == ".gguf":
         reader = open_gguf(path)  # parsed once for both weights and vocabulary
         model = load_gguf_model(path, dtype=dtype, device=device, reader=reader)
-        return model, Tokenizer.from_gguf(path, reader=reader)
+        return model, gguf_tokenizer(reader, str(path))
     config = read_config(path)
     tokenizer = _dir_tokenizer(path, config)
     return load_hf_model(path, dtype=dtype, device=device), tokenizer

@@ -1,4 +1,5 @@
-"""llama.cpp GGUF files (Llama architecture): dequantized into a float Transformer."""
+"""llama.cpp GGUF files (Llama architecture): dequantized into a float Transformer, and the
+vocabulary they carry (the one reader of the file; the tokenizer gets its metadata decoded)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from nanotune.errors import NanotuneError
 from nanotune.files.read import check_finite
 from nanotune.models.config import ModelConfig
 from nanotune.models.transformer import Transformer
+from nanotune.tokenizer import GGUF_KEYS, Tokenizer
 from nanotune.weights import convert
 from nanotune.weights.build import build_model
 
@@ -146,6 +148,18 @@ def read_gguf_state_dict(reader: GGUFReader, config: ModelConfig, where: str) ->
         sd[name] = torch.from_numpy(w)
         check_finite({t.name: sd[name]}, where)
     return sd
+
+
+def gguf_tokenizer(reader: GGUFReader, where: str) -> Tokenizer:
+    """The tokenizer of an open GGUF, from its `tokenizer.*` metadata decoded to plain values."""
+    fields = {key: _field(reader, key) for key in GGUF_KEYS if key in reader.fields}
+    return Tokenizer.from_gguf_metadata(fields, where)
+
+
+def load_gguf_tokenizer(path: str | Path) -> Tokenizer:
+    """The tokenizer of the GGUF file at `path` (`load_model` gives model and tokenizer at once)."""
+    path = Path(path).expanduser()
+    return gguf_tokenizer(open_gguf(path), str(path))
 
 
 def load_gguf_model(
