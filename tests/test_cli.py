@@ -258,3 +258,40 @@ def test_recipe_and_demo_take_overrides_among_flags():
     assert (args.overrides, args.output_dir, args.overwrite) == (["a=1", "b=2"], "out", True)
     with pytest.raises(SystemExit):  # an unknown flag is still refused
         parser.parse_args(["train", "my.yaml", "--resme", "a=1"])
+
+
+def test_version(capsys):
+    from nanotune import __version__
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out == f"nanotune {__version__}\n"
+
+
+def test_eval_takes_key_value_overrides_and_refuses_set(capsys, empty_cwd):
+    args = build_parser().parse_args(
+        ["eval", "--recipe", "r.yaml", "eval.max_examples=1", "--samples", "2"]
+    )
+    assert (args.overrides, args.num_samples, args.max_examples) == (
+        ["eval.max_examples=1"],
+        2,
+        None,
+    )
+    assert main(["eval", "--recipe", "demo", "--set", "eval.max_examples=1"]) == 2
+    assert "--set is gone; give overrides as KEY=VALUE" in one_line_error(capsys)
+    assert main(["eval", "--recipe", "demo", "eval.max_exmples=1"]) == 2
+    assert "override eval.max_exmples=1: " in one_line_error(capsys)
+
+
+def test_option_flags_come_from_the_config_dataclasses(capsys):
+    from nanotune.config import field_docs
+    from nanotune.eval import EvalConfig
+
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert " ".join(field_docs(EvalConfig)["max_examples"].split()) in out
+    assert (
+        "--split {train,val,test}" in out
+        and "--format {completion,chat,alpaca,text,classification}" in out
+    )

@@ -304,7 +304,7 @@ def test_text_blocks_supervise_every_token_with_eos_between_docs(tmp_path, gpt2)
     (tmp_path / "a.txt").write_text("The first document is here.")
     (tmp_path / "b.txt").write_text("A second one follows it, somewhat longer than the first.")
     data = build_datasets(
-        DataConfig(source=str(tmp_path), format="text", block_size=8, max_length=8), gpt2
+        DataConfig(source=str(tmp_path), format="text", chunk_tokens=8, max_length=8), gpt2
     )
     blocks = data.train
     assert all(len(b.ids) <= 8 and b.labels == b.ids for b in blocks)

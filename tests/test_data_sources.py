@@ -284,8 +284,8 @@ def test_config_validation_names_the_field():
         DataConfig(source="x", format="poem")
     with pytest.raises(NanotuneError, match="data.val_fraction"):
         DataConfig(source="x", val_fraction=1.5)
-    with pytest.raises(NanotuneError, match="unknown option.*max_len\\b"):
-        DataConfig.from_dict({"source": "x", "max_len": 5})
+    with pytest.raises(NanotuneError, match="data.max_len: unknown key; did you mean 'max_length'"):
+        RunConfig.from_dict({"data": {"source": "x", "max_len": 5}})
     with pytest.raises(NanotuneError, match="data.source"):
         DataConfig()
     with pytest.raises(NanotuneError, match=r"data.file_format: 'tvs' .*did you mean 'tsv'"):

@@ -748,7 +748,7 @@ def test_eval_command_with_a_recipe_and_overrides(tmp_path, tiny_gpt2_dir, capsy
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     assert main(["eval", "--recipe", str(tmp_path / "r.yaml")]) == 0
     three = dict(ln.split() for ln in capsys.readouterr().out.splitlines())
-    assert main(["eval", "--recipe", str(tmp_path / "r.yaml"), "--set", "eval.max_examples=1"]) == 0
+    assert main(["eval", "--recipe", str(tmp_path / "r.yaml"), "eval.max_examples=1"]) == 0
     one = dict(ln.split() for ln in capsys.readouterr().out.splitlines())
     # " answer N" + EOS: 3 supervised tokens per example under the GPT-2 BPE.
     assert (int(three["tokens"]), int(one["tokens"])) == (9, 3)

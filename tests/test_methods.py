@@ -252,7 +252,7 @@ def test_train_embeddings_trains_wte_with_lora():
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        ({"name": "prefix"}, "unknown"),
+        ({"name": "prefix"}, "method.name: 'prefix' is not one of"),
         ({"r": 0}, "r"),
         ({"alpha": 0}, "alpha"),
         ({"dropout": 1.0}, "dropout"),

@@ -7,9 +7,66 @@ cause are `NanotuneError`s: printed as one line on stderr, exit status 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+import types
+import typing
 
 from nanotune.errors import NanotuneError
+from nanotune.version import __version__
+
+# --- options made from config dataclasses -----------------------------------------------------
+
+
+def _doc_line(cls: type, name: str) -> str:
+    """The first paragraph of a field's attribute docstring, as one line."""
+    from nanotune.config import field_docs
+
+    return " ".join(field_docs(cls).get(name, "").split("\n\n")[0].split())
+
+
+def _comma_list(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _field_options(
+    group, cls: type, names: list[str], *, defaults: bool = True, aliases: dict | None = None
+) -> None:
+    """`--field-name` options for fields `names` of dataclass `cls`: the field's type, default
+    and attribute doc as help. defaults=False leaves an option None unless given (the value
+    then overrides a recipe's)."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for name in names:
+        f, tp = fields[name], hints[name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        present = [a for a in typing.get_args(tp) if a is not type(None)]
+        if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(present) == 1:
+            tp = present[0]  # optional: its value type
+        kw: dict = {}
+        if tp is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(tp) is typing.Literal:
+            kw["choices"] = typing.get_args(tp)
+        elif typing.get_origin(tp) is list:
+            kw.update(type=_comma_list, metavar="A,B")
+        elif typing.get_origin(tp) is tuple:
+            kw.update(action="append", metavar="TEXT")
+            default = list(default)
+        elif tp in (int, float, str):
+            kw.update(type=tp, metavar={int: "N", float: "X", str: "TEXT"}[tp])
+        else:
+            raise TypeError(f"no command-line option for {cls.__name__}.{name}: {tp!r}")
+        shown = ",".join(default) if isinstance(default, list) else default
+        group.add_argument(
+            "--" + name.replace("_", "-"),
+            *(aliases or {}).get(name, ()),
+            dest=name,
+            default=default if defaults else None,
+            help=f"{_doc_line(cls, name)} (default: {shown})".replace("%", "%%"),
+            **kw,
+        )
+
 
 # --- generate, chat, models, export ----------------------------------------------------------
 
@@ -26,43 +83,27 @@ def _add_model_args(p: argparse.ArgumentParser, adapter: bool = True) -> None:
         p.add_argument("--adapter", metavar="DIR", help="PEFT/LoRA adapter folder to apply")
 
 
+SAMPLING_FIELDS = [
+    "max_new_tokens",
+    "temperature",
+    "top_k",
+    "top_p",
+    "repetition_penalty",
+    "stop",
+    "seed",
+]
+
+
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("sampling")
-    g.add_argument("--max-new-tokens", type=int, default=256, metavar="N")
-    g.add_argument(
-        "--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default)"
-    )
-    g.add_argument("--top-k", type=int, default=0, metavar="K", help="0 = off (default)")
-    g.add_argument("--top-p", type=float, default=1.0, metavar="P", help="1.0 = off (default)")
-    g.add_argument(
-        "--repetition-penalty",
-        type=float,
-        default=1.0,
-        metavar="R",
-        help="1.0 = off (default); >1 discourages repeats",
-    )
-    g.add_argument(
-        "--stop",
-        action="append",
-        default=[],
-        metavar="S",
-        help="stop at this text (repeatable); it is not printed",
-    )
-    g.add_argument("--seed", type=int, metavar="N", help="seed for reproducible sampling")
+    from nanotune.generate import GenerationConfig
+
+    _field_options(p.add_argument_group("sampling"), GenerationConfig, SAMPLING_FIELDS)
 
 
 def _generation_config(args: argparse.Namespace):
     from nanotune.generate import GenerationConfig
 
-    return GenerationConfig(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty,
-        stop=tuple(args.stop),
-        seed=args.seed,
-    )
+    return GenerationConfig(**{name: getattr(args, name) for name in SAMPLING_FIELDS})
 
 
 def _load(args: argparse.Namespace):
@@ -243,8 +284,14 @@ def cmd_export(args: argparse.Namespace) -> int:
 # --- eval ------------------------------------------------------------------------------------
 
 
+EVAL_DATA_FIELDS = ["format", "prompt_template", "separator", "completion_template"]
+EVAL_FIELDS = ["metrics", "split", "max_examples", "batch_size", "max_new_tokens"]
+EVAL_FIELDS += ["num_samples", "reward_model"]
+
+
 def _add_eval(sub) -> None:
-    from nanotune.eval import METRICS
+    from nanotune.data import DataConfig
+    from nanotune.eval import EvalConfig
 
     p = sub.add_parser(
         "eval",
@@ -269,18 +316,14 @@ def _add_eval(sub) -> None:
         help="recipe YAML or packaged recipe: its model, data and eval sections (split included)",
     )
     p.add_argument(
-        "--set",
-        action="append",
-        default=[],
+        "overrides",
+        nargs="*",
         metavar="KEY=VALUE",
-        help="override a recipe value, e.g. --set eval.max_examples=50 (repeatable)",
+        help="config values, as for train: e.g. eval.max_examples=50 data.max_length=256",
     )
-    g = p.add_argument_group("data (with --data)")
-    g.add_argument(
-        "--format",
-        default="completion",
-        help="completion | chat | alpaca | text | classification (default: completion)",
-    )
+    p.add_argument("--set", dest="removed_set", action="append", help=argparse.SUPPRESS)
+    g = p.add_argument_group("data (with --data; the data section's fields)")
+    _field_options(g, DataConfig, EVAL_DATA_FIELDS)
     g.add_argument(
         "--column",
         action="append",
@@ -288,77 +331,55 @@ def _add_eval(sub) -> None:
         metavar="FIELD=COLUMN",
         help="map a format field to a data column, e.g. label=category (repeatable)",
     )
-    g.add_argument(
-        "--prompt-template", metavar="T", help="completion: prompt template, e.g. '{quote}'"
+    g = p.add_argument_group(
+        "evaluation (the eval section's fields; with --recipe they override it)"
     )
-    g.add_argument("--separator", metavar="S", help="completion: text between prompt and answer")
-    g.add_argument("--completion-template", metavar="T", help="completion: answer template")
-    g = p.add_argument_group("evaluation (override the recipe's eval section)")
-    g.add_argument(
-        "--metrics",
-        metavar="LIST",
-        help=f"comma-separated: {', '.join(METRICS)} (default with --data: accuracy for "
-        "classification, perplexity for text, perplexity,squad otherwise)",
+    _field_options(
+        g, EvalConfig, EVAL_FIELDS, defaults=False, aliases={"num_samples": ["--samples"]}
     )
-    g.add_argument(
-        "--split", help="split to evaluate (default: the recipe's; all rows with --data)"
-    )
-    g.add_argument("--max-examples", type=int, metavar="N")
-    g.add_argument("--batch-size", type=int, metavar="N")
-    g.add_argument("--max-new-tokens", type=int, metavar="N")
-    g.add_argument("--samples", type=int, metavar="N", help="sample generations to show")
-    g.add_argument("--reward-model", metavar="NAME", help="HF reward model for the reward metric")
     p.add_argument("--report", metavar="DIR", help="also write DIR/report.html")
     p.set_defaults(func=cmd_eval)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import dataclasses
-
-    from nanotune.config import load_config
-    from nanotune.data import DataConfig
-    from nanotune.eval import EvalConfig, RunSummary, compare, write_report
+    from nanotune.config import RunConfig, load_config
+    from nanotune.eval import RunSummary, compare, write_report
     from nanotune.eval.compare import metrics_table
     from nanotune.jobs.evaluate import evaluate_job
     from nanotune.models import DEFAULT_MODEL
 
+    if args.removed_set:
+        raise NanotuneError(
+            f"eval: --set is gone; give overrides as KEY=VALUE, e.g. `nanotune eval --recipe R "
+            f"{args.removed_set[0]}`"
+        )
+    given = {k: getattr(args, k) for k in EVAL_FIELDS if getattr(args, k) is not None}
+    flags = [f"eval.{k}={v}" for k, v in given.items()]  # only to name them in errors
     if args.recipe:
-        recipe = load_config(args.recipe, args.set)
-        model, data, cfg = args.model or recipe.model.name, recipe.data, recipe.eval
+        run = load_config(args.recipe, args.overrides)
+        section = {**dataclasses.asdict(run.eval), **given}
+        run = RunConfig.from_dict(
+            {"model": run.model.name, "data": dataclasses.asdict(run.data), "eval": section},
+            source=" ".join(flags) or None,
+        )
     else:
-        if args.set:
-            raise NanotuneError("--set overrides recipe values; it needs --recipe")
         columns = dict(c.split("=", 1) for c in args.column if "=" in c)
         if len(columns) != len(args.column):
             raise NanotuneError("--column takes FIELD=COLUMN, e.g. --column label=category")
-        templates = {
-            "prompt_template": args.prompt_template,
-            "separator": args.separator,
-            "completion_template": args.completion_template,
-        }
-        data = DataConfig(
-            source=args.data,
-            format=args.format,
-            columns=columns,
-            **{k: v for k, v in templates.items() if v is not None},
-        )
+        data = {k: getattr(args, k) for k in EVAL_DATA_FIELDS}
         default = {"classification": "accuracy", "text": "perplexity"}.get(
             args.format, "perplexity,squad"
         )
-        model, cfg = (
-            args.model or DEFAULT_MODEL,
-            EvalConfig(metrics=default.split(","), split="train"),
+        section = {"metrics": default.split(","), "split": "train", **given}
+        run = RunConfig.from_dict(
+            {
+                "model": DEFAULT_MODEL,
+                "data": {"source": args.data, "columns": columns, **data},
+                "eval": section,
+            },
+            args.overrides,
         )
-    given = {
-        "metrics": args.metrics and [m.strip() for m in args.metrics.split(",") if m.strip()],
-        "split": args.split,
-        "max_examples": args.max_examples,
-        "batch_size": args.batch_size,
-        "max_new_tokens": args.max_new_tokens,
-        "num_samples": args.samples,
-        "reward_model": args.reward_model,
-    }
-    cfg = dataclasses.replace(cfg, **{k: v for k, v in given.items() if v is not None})
+    model, data, cfg = args.model or run.model.name, run.data, run.eval
     before, after, samples = evaluate_job(
         model, data, cfg, adapter=args.adapter, finetuned=args.finetuned
     )
@@ -491,8 +512,60 @@ def cmd_classify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_reference() -> str:
+    """Every config field, by section: dotted name, type, default and its one-line doc."""
+    from nanotune.config import RunConfig
+
+    lines = ["config fields (YAML keys, or KEY=VALUE overrides):"]
+    hints = typing.get_type_hints(RunConfig)
+    top = []
+    for section in dataclasses.fields(RunConfig):
+        cls = hints[section.name]
+        if not dataclasses.is_dataclass(cls):
+            top.append((RunConfig, section))
+            continue
+        lines += ["", f"{section.name}:"]
+        lines += _field_lines(cls, dataclasses.fields(cls), f"{section.name}.")
+    lines += ["", "run:"] + _field_lines(RunConfig, [f for _, f in top], "")
+    return "\n".join(lines)
+
+
+def _yaml_value(value) -> str:
+    """A default as YAML writes it (true, null, '', [a, b])."""
+    import yaml
+
+    value = list(value) if isinstance(value, tuple) else value  # betas: (0.9, 0.999)
+    text = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()
+    return text.removesuffix("...").strip()
+
+
+def _field_lines(cls: type, fields, prefix: str) -> list[str]:
+    from nanotune.config import type_name
+
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in fields:
+        if f.default_factory is not dataclasses.MISSING:
+            shown = _yaml_value(f.default_factory())
+        elif f.default is not dataclasses.MISSING:
+            shown = _yaml_value(f.default)
+        else:
+            shown = "(required)"
+        out.append(f"  {prefix}{f.name}: {type_name(hints[f.name])} = {shown}")
+        out.append(f"      {_doc_line(cls, f.name)}")
+    return out
+
+
 def _add_train(sub) -> None:
-    p = sub.add_parser("train", help="fine-tune a model from a YAML config or packaged recipe")
+    p = sub.add_parser(
+        "train",
+        help="fine-tune a model from a YAML config or packaged recipe",
+        description="Fine-tune a model as a YAML config or packaged recipe says, with KEY=VALUE "
+        "overrides (e.g. train.lr=1e-4 method.r=8); the run directory gets config.yaml, "
+        "metrics.jsonl, checkpoints/ and final/.",
+        epilog=_config_reference(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("config", nargs="?", help="config YAML file or packaged recipe name")
     p.add_argument(
         "overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.lr=1e-4 method.r=8"
@@ -505,18 +578,41 @@ def _add_train(sub) -> None:
         help="replace an existing run directory (only one nanotune wrote; the old run is kept "
         "until the new one has a checkpoint)",
     )
+    check = p.add_mutually_exclusive_group()
+    check.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config (defaults included) as YAML and exit; loads no model",
+    )
+    check.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="load the model and tokenizer, build the data, apply the method; print the data "
+        "counts and trainable parameters and exit; writes nothing",
+    )
     p.set_defaults(func=cmd_train)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from nanotune.jobs.finetune import train
-    from nanotune.training.dist import is_main
-
     config, overrides = args.config, args.overrides
     if args.recipe:  # argparse hands the first KEY=VALUE to the optional positional
         config, overrides = args.recipe, [*filter(None, [args.config]), *overrides]
     elif config is None:
         raise NanotuneError("train: give a config YAML or --recipe NAME (see `nanotune recipes`)")
+    if args.print_config or args.dry_run:
+        from nanotune.config import load_config
+
+        resolved = load_config(config, overrides)
+        if args.print_config:
+            print(resolved.to_yaml(), end="")
+        else:
+            from nanotune.jobs.finetune import dry_run
+
+            dry_run(resolved)
+        return 0
+    from nanotune.jobs.finetune import train
+    from nanotune.training.dist import is_main
+
     result = train(config, overrides=overrides, resume=args.resume, overwrite=args.overwrite)
     if is_main():  # under torchrun every rank returns here; one report is enough
         print(f"done: {result.step} steps; final model in {result.final_dir}")
@@ -629,6 +725,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="nanotune", description="Fine-tune GPT-2 and other small language models."
     )
+    parser.add_argument("--version", action="version", version=f"nanotune {__version__}")
     sub = parser.add_subparsers(
         dest="command", required=True, metavar="COMMAND", parser_class=argparse.ArgumentParser
     )
@@ -644,7 +741,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_recipes(sub)
     _add_demo(sub)
-    parser.intermixed = {name: sub.choices[name] for name in ("train", "demo")}
+    parser.intermixed = {name: sub.choices[name] for name in ("train", "eval", "demo")}
     return parser
 
 

@@ -2,16 +2,25 @@
 
 Sections are dataclasses; one generic loader checks every section the same way: unknown keys
 (with the closest valid name), value types, then the section's own `__post_init__` checks.
-Overrides `train.lr=1e-4 method.r=8` are parsed with YAML scalar rules. Float fields must be
-finite: YAML reads `.inf` and `.nan` as numbers, which would train on garbage.
+Overrides `train.lr=1e-4 method.r=8` are parsed with YAML scalar rules; an error they cause
+names the override, one in the file names the file. Float fields must be finite: YAML reads
+`.inf` and `.nan` as numbers, which would train on garbage.
+
+Every field has an attribute docstring (a string literal under it); `field_docs` reads them, and
+`nanotune train --help` lists every field from them.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import functools
+import inspect
 import math
 import os
+import re
+import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,6 +32,7 @@ import yaml
 from nanotune.data.config import DataConfig
 from nanotune.errors import NanotuneError
 from nanotune.eval.config import EvalConfig
+from nanotune.files.atomic import atomic_write
 from nanotune.methods.config import MethodConfig
 from nanotune.models.config import DEFAULT_MODEL
 from nanotune.training.config import TrainConfig
@@ -67,19 +77,39 @@ class RunConfig:
 
     def save(self, path: str | Path) -> Path:
         """Write the resolved config atomically."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(self.to_yaml())
-        tmp.replace(path)
-        return path
+        return atomic_write(path, self.to_yaml())
 
     @classmethod
-    def from_dict(cls, data: Any, overrides: list[str] = ()) -> RunConfig:
-        data = apply_overrides(data if data is not None else {}, overrides)
-        if isinstance(data.get("model"), str):  # `model: gpt2` / `model=./folder` name the model
-            data["model"] = {"name": data["model"]}
-        return load_dataclass(cls, data, "")
+    def from_dict(
+        cls, data: Any, overrides: list[str] = (), source: str | Path | None = None
+    ) -> RunConfig:
+        """RunConfig from a recipe mapping and `key=value` overrides. An error names the
+        override that caused it, else `source` (the file the mapping came from) when given."""
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            what = f"{source}: the config" if source else "config"
+            raise NanotuneError(
+                f"{what}: the top level must be a mapping, got {type(data).__name__}"
+            )
+        data = _renamed(data)
+        merged = apply_overrides(data, overrides)  # its errors name the override already
+        try:
+            return _load_run(cls, merged)
+        except NanotuneError as e:
+            blamed = _blame(str(e), overrides)
+            if blamed is None and overrides:
+                try:
+                    _load_run(cls, data)
+                except NanotuneError:
+                    pass
+                else:  # the file alone is fine: the overrides together broke it
+                    blamed = f"overrides {' '.join(overrides)}"
+            if blamed is None and source is not None:
+                blamed = str(source)
+            if blamed is None:
+                raise
+            raise NanotuneError(f"{blamed}: {e}") from e
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: list[str] = ()) -> RunConfig:
@@ -92,10 +122,26 @@ class RunConfig:
             mark = getattr(e, "problem_mark", None)
             where = f"{path}:{mark.line + 1}" if mark else str(path)
             raise NanotuneError(f"{where}: not valid YAML ({getattr(e, 'problem', e)})") from e
-        try:
-            return cls.from_dict(data, overrides)
-        except NanotuneError as e:
-            raise NanotuneError(f"{path}: {e}") from e
+        return cls.from_dict(data, overrides, source=path)
+
+
+def _load_run(cls: type, data: dict[str, Any]) -> RunConfig:
+    if isinstance(data.get("model"), str):  # `model: gpt2` / `model=./folder` name the model
+        data = {**data, "model": {"name": data["model"]}}
+    return load_dataclass(cls, data, "")
+
+
+def _blame(message: str, overrides: list[str]) -> str | None:
+    """`override K=V` for the override whose key the error message starts with, else None."""
+    where = re.match(r"[A-Za-z_][\w.]*", message)
+    if where is None:
+        return None
+    field_key = where.group(0)
+    for item in reversed(overrides):  # the last one given wins, so it is the one to blame
+        key = _renamed_key(item.partition("=")[0])
+        if field_key == key or field_key.startswith(key + ".") or key.startswith(field_key + "."):
+            return f"override {item}"
+    return None
 
 
 def _plain(value: Any) -> Any:
@@ -111,18 +157,17 @@ def _plain(value: Any) -> Any:
 
 def apply_overrides(data: Any, overrides: list[str]) -> dict[str, Any]:
     """Set `a.b=value` pairs in a copy of `data`; values follow YAML scalar rules."""
-    if not isinstance(data, dict):
-        raise NanotuneError(f"config: the top level must be a mapping, got {type(data).__name__}")
     data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise NanotuneError(f"override {item!r}: expected KEY=VALUE, e.g. train.lr=1e-4")
+            raise NanotuneError(f"override {item}: expected KEY=VALUE, e.g. train.lr=1e-4")
+        key = _renamed_key(key)
         try:
             value = yaml.safe_load(raw) if raw else ""
         except yaml.YAMLError as e:
             why = getattr(e, "problem", None) or str(e).splitlines()[0]  # one line, not the mark
-            raise NanotuneError(f"override {item!r}: value is not valid YAML ({why})") from e
+            raise NanotuneError(f"override {item}: value is not valid YAML ({why})") from e
         if isinstance(value, (dict, list)) and raw.lstrip().startswith(("{", "[")):
             value = (_FlowDict if isinstance(value, dict) else _FlowList)(value)
             value.raw = raw
@@ -131,7 +176,7 @@ def apply_overrides(data: Any, overrides: list[str]) -> dict[str, Any]:
         for part in parents:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise NanotuneError(f"override {item!r}: {part} is not a section")
+                raise NanotuneError(f"override {item}: {part} is not a section")
             node[part] = child = dict(child)
             node = child
         node[leaf] = value
@@ -177,8 +222,7 @@ def load_dataclass(cls: type, data: Any, where: str) -> Any:
     kwargs = {}
     for key, value in data.items():
         if key not in names:
-            hint = _suggest(str(key), names)
-            raise NanotuneError(f"{prefix}{key}: unknown key; {hint}")
+            raise NanotuneError(f"{prefix}{key}: unknown key; {_suggest(cls, str(key), where)}")
         kwargs[key] = _check(hints[key], value, f"{prefix}{key}")
     missing = [
         f.name
@@ -196,36 +240,121 @@ def load_dataclass(cls: type, data: Any, where: str) -> Any:
         raise NanotuneError(f"{where or 'config'}: {e}") from e
 
 
-# Names users bring from transformers/peft/trl, mapped to ours, so a typo of either is caught.
-ALIASES = {
-    "learning_rate": "lr",
-    "lr_scheduler_type": "schedule",
-    "scheduler": "schedule",
-    "gradient_accumulation_steps": "grad_accum",
-    "per_device_train_batch_size": "micro_batch_size",
-    "batch_size": "micro_batch_size",
-    "num_train_epochs": "epochs",
-    "warmup": "warmup_steps",
-    "lora_r": "r",
-    "rank": "r",
-    "lora_alpha": "alpha",
-    "lora_dropout": "dropout",
-    "target_modules": "targets",
-    "model_name_or_path": "name",
+# Old nanotune names, still read from YAML and overrides; a saved config.yaml has the new ones.
+RENAMED_KEYS = {
+    "data.block_size": "data.chunk_tokens",
+    "method.block_size": "method.nf4_block",
+}
+# Other spellings of choice values, read as the name they stand for (and saved as that name).
+VALUE_ALIASES = {
+    "fp32": "float32",
+    "bf16": "bfloat16",
+    "fp16": "float16",
+    "ppl": "perplexity",
+}
+# Names users bring from transformers/peft/trl: never accepted, but an unknown key that is one
+# of them is told the nanotune field to write instead (a dotted name, or what to do).
+FOREIGN_KEYS = {
+    "learning_rate": "train.lr",
+    "lr_scheduler_type": "train.schedule",
+    "scheduler": "train.schedule",
+    "gradient_accumulation_steps": "train.grad_accum",
+    "per_device_train_batch_size": "train.micro_batch_size",
+    "batch_size": "train.micro_batch_size",
+    "num_train_epochs": "train.epochs",
+    "warmup": "train.warmup_steps",
+    "save_steps": "train.save_every",
+    "eval_steps": "train.eval_every",
+    "logging_steps": "train.log_every",
+    "save_total_limit": "train.keep_last",
+    "lora_r": "method.r",
+    "rank": "method.r",
+    "lora_alpha": "method.alpha",
+    "lora_dropout": "method.dropout",
+    "target_modules": "method.targets",
+    "model_name_or_path": "model",
     "output": "output_dir",
+}
+FOREIGN_HINTS = {
+    "bf16": "write train.dtype: bfloat16 (autocast compute) and/or model.dtype: bfloat16 "
+    "(the weights as loaded)",
+    "fp16": "write model.dtype: float16 (the weights as loaded); train.dtype is auto, float32 "
+    "or bfloat16",
+    "load_best_model_at_end": "nanotune restores the best evaluation's weights before the run "
+    "ends by default: train.keep_best (true), judged every train.eval_every steps",
 }
 
 
-def _suggest(key: str, names: list[str]) -> str:
-    candidates = {n: n for n in names}
-    candidates.update({a: n for a, n in ALIASES.items() if n in names})
+def _renamed_key(dotted: str) -> str:
+    return RENAMED_KEYS.get(dotted, dotted)
+
+
+def _renamed(data: dict[str, Any]) -> dict[str, Any]:
+    """`data` with RENAMED_KEYS under their new names (both given is an error)."""
+    data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for old, new in RENAMED_KEYS.items():
+        section, old_leaf = old.split(".")
+        new_leaf = new.split(".")[1]
+        node = data.get(section)
+        if isinstance(node, dict) and old_leaf in node:
+            if new_leaf in node:
+                raise NanotuneError(f"{old}: also given as {new} (its new name); keep one")
+            node[new_leaf] = node.pop(old_leaf)
+    return data
+
+
+def _suggest(cls: type, key: str, where: str) -> str:
+    """Did-you-mean for an unknown key of section `cls` (at `where`; "" = the top level)."""
+    if key in FOREIGN_HINTS:
+        return FOREIGN_HINTS[key]
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    candidates: dict[str, list[str]] = {n: [n] for n in names}
+    if not where:  # a section's field written at the top level: name it with its section
+        hints = typing.get_type_hints(cls)
+        for n in names:
+            if dataclasses.is_dataclass(hints[n]):
+                for f in dataclasses.fields(hints[n]):
+                    candidates.setdefault(f.name, []).append(f"{n}.{f.name}")
+    for alias, target in FOREIGN_KEYS.items():
+        section, _, leaf = target.rpartition(".")
+        candidates[alias] = [leaf if section == where else target]
     close = difflib.get_close_matches(key, list(candidates), n=1, cutoff=0.6)
     if close:
-        return f"did you mean {candidates[close[0]]!r}?"
+        return f"did you mean {' or '.join(map(repr, candidates[close[0]]))}?"
     return f"valid keys: {', '.join(names)}"
 
 
-def _type_name(tp: Any) -> str:
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """Field name -> its attribute docstring (the string literal under the field), dedented."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):  # no source (a frozen app): help without the docs
+        return {}
+    body = tree.body[0].body
+    docs = {}
+    for node, after in zip(body, body[1:], strict=False):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(after, ast.Expr)
+            and isinstance(after.value, ast.Constant)
+            and isinstance(after.value.value, str)
+        ):
+            docs[node.target.id] = inspect.cleandoc(after.value.value)
+    return docs
+
+
+def type_name(tp: Any) -> str:
+    """How a field's type reads in messages and --help: `int`, `float | null`, `a | b`."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return " | ".join(map(str, args))
+    if origin in (Union, types.UnionType):
+        return " | ".join("null" if a is type(None) else type_name(a) for a in args)
+    if origin in (list, tuple, dict):
+        inner = ", ".join("..." if a is Ellipsis else type_name(a) for a in args)
+        return f"{origin.__name__}[{inner}]" if args else origin.__name__
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
@@ -243,14 +372,17 @@ def _check(tp: Any, value: Any, key: str) -> Any:
                 return _check(arg, value, key)
             except NanotuneError as e:
                 errors.append(e)
+        # A near miss of a choice (`all_linear`) is that choice's error, with its suggestion.
+        errors.sort(key=lambda e: "did you mean" not in str(e))
         raise (
             errors[0]
-            if len(errors) == 1
+            if len(errors) == 1 or "did you mean" in str(errors[0])
             else NanotuneError(
-                f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}"
+                f"{key}: expected {' or '.join(type_name(a) for a in args)}, got {value!r}"
             )
         )
     if origin is Literal:
+        value = VALUE_ALIASES.get(value, value) if isinstance(value, str) else value
         if value not in args:
             close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""

@@ -11,35 +11,45 @@ import math
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING, Any
 
 from nanotune.errors import NanotuneError
-from nanotune.models.transformer import Transformer
+
+if TYPE_CHECKING:  # torch loads on first generation, so the CLI parser (sampling flags) is light
+    import torch
+    from torch import Tensor
+
+    from nanotune.models.transformer import Transformer
 
 # Special tokens that close a chat turn in the common templates (ChatML, Llama 3, Phi, Gemma).
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
 
 
+# One budget for `nanotune generate`, `chat` and `eval` (eval.max_new_tokens) unless set.
+MAX_NEW_TOKENS = 128
+
+
 @dataclass(frozen=True)
 class GenerationConfig:
-    """How to pick tokens and when to stop. temperature 0 means greedy decoding.
+    """How to pick tokens and when to stop; repetition_penalty follows Hugging Face (divide
+    positive logits, multiply negative ones, of tokens already in prompt or output)."""
 
-    top_k 0 and top_p 1.0 disable those filters; repetition_penalty follows Hugging Face
-    (divide positive logits, multiply negative ones, of tokens already in prompt or output).
-    stop_token_ids None means the tokenizer's eos plus its chat end-of-turn token.
-    """
-
-    max_new_tokens: int = 128
+    max_new_tokens: int = MAX_NEW_TOKENS
+    """Most tokens generated per prompt."""
     temperature: float = 0.0
+    """Sampling temperature; 0 = greedy."""
     top_k: int = 0
+    """Sample among the K most likely tokens; 0 = off."""
     top_p: float = 1.0
+    """Sample among the most likely tokens covering this probability; 1.0 = off."""
     repetition_penalty: float = 1.0
+    """Above 1 discourages tokens already seen; 1.0 = off."""
     stop: tuple[str, ...] = ()
+    """Stop at any of these texts (not included in the output)."""
     stop_token_ids: tuple[int, ...] | None = None
+    """Stop at any of these token ids; None = the tokenizer's eos and chat end-of-turn token."""
     seed: int | None = None
+    """Seed for reproducible sampling."""
 
     def __post_init__(self) -> None:
         # Every float first: NaN passes every comparison below, and inf is no setting either.
@@ -170,11 +180,21 @@ def _stop_prefix_len(text: str, stop: Sequence[str]) -> int:
     )
 
 
-@torch.inference_mode()
 def _decode_steps(
     model: Transformer, prompts: Sequence[Sequence[int]], config: GenerationConfig, tokenizer: Any
 ) -> Iterator[tuple[list[list[int]], list[bool]]]:
     """Run generation, yielding (generated ids per row, finished per row) after every step."""
+    import torch
+
+    # As a decorator on the generator, inference mode holds inside each step, not between them.
+    return torch.inference_mode()(_steps)(model, prompts, config, tokenizer)
+
+
+def _steps(
+    model: Transformer, prompts: Sequence[Sequence[int]], config: GenerationConfig, tokenizer: Any
+) -> Iterator[tuple[list[list[int]], list[bool]]]:
+    import torch
+
     if not prompts:
         raise NanotuneError("no prompts given")
     for i, p in enumerate(prompts):
@@ -279,6 +299,8 @@ def _pick(
     logits: Tensor, seen: Tensor | None, config: GenerationConfig, generator: torch.Generator
 ) -> Tensor:
     """Next token per row [B] from last-position logits [B, V]."""
+    import torch
+
     if seen is not None:
         r = config.repetition_penalty
         logits = torch.where(seen, torch.where(logits > 0, logits / r, logits * r), logits)

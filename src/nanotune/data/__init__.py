@@ -1,17 +1,33 @@
 """Data: sources -> rows -> formats -> Example/ClassExample -> batches (padded or packed)."""
 
-from nanotune.data.batching import collate_class, collate_lm, efficiency, epoch_batches
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
 from nanotune.data.config import DataConfig
-from nanotune.data.example import IGNORE, ClassExample, Example, Row, Task
-from nanotune.data.formats import (
-    END_MARKER,
-    MARKER_TOKENS,
-    chat_prompt_ids,
-    required_special_tokens,
-    row_messages,
-)
-from nanotune.data.pipeline import Datasets, build_datasets, task_of
-from nanotune.data.sources import iter_source
+
+# The torch-using modules load on first use: the config (and `nanotune --help`) stays light.
+_LAZY = {
+    "collate_class": "batching",
+    "collate_lm": "batching",
+    "efficiency": "batching",
+    "epoch_batches": "batching",
+    "IGNORE": "example",
+    "ClassExample": "example",
+    "Example": "example",
+    "Row": "example",
+    "Task": "example",
+    "END_MARKER": "formats",
+    "MARKER_TOKENS": "formats",
+    "chat_prompt_ids": "formats",
+    "required_special_tokens": "formats",
+    "row_messages": "formats",
+    "Datasets": "pipeline",
+    "build_datasets": "pipeline",
+    "task_of": "pipeline",
+    "iter_source": "sources",
+}
 
 __all__ = [
     "END_MARKER",
@@ -34,3 +50,9 @@ __all__ = [
     "row_messages",
     "task_of",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

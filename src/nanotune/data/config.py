@@ -5,13 +5,14 @@ from __future__ import annotations
 import difflib
 import string
 from dataclasses import dataclass, field, fields
-from typing import Any, Literal, get_args
+from types import UnionType
+from typing import Literal, Union, get_args, get_origin, get_type_hints
 
 from nanotune.errors import NanotuneError
 
-FORMATS = ("completion", "chat", "alpaca", "text", "classification")
-CHAT_STYLES = ("auto", "model", "markers")
-TEXT_UNITS = ("file", "paragraph", "line")
+Format = Literal["completion", "chat", "alpaca", "text", "classification"]
+ChatStyle = Literal["auto", "model", "markers"]
+TextUnit = Literal["file", "paragraph", "line"]
 FileFormat = Literal["csv", "tsv", "jsonl", "json", "parquet", "text"]
 Quoting = Literal["none", "csv", "multiline"]
 
@@ -29,78 +30,83 @@ class DataConfig:
         Hugging Face dataset, which needs the ``datasets`` extra and the hub or its cache.
     """
 
-    # Where the rows come from. The train split, or all rows when fractions split them.
     source: str = ""
-    # Row format: completion | chat | alpaca | text | classification.
-    format: str = "completion"
-    # Canonical field -> column in the data, e.g. {"text": "sms", "label": "category"}. The
-    # canonical names are the ones the format reads (prompt/completion, messages, dialogue (an
-    # HH-RLHF "\n\nHuman: …\n\nAssistant: …" transcript), system/user/assistant,
-    # context/question/answer, instruction/input/output, text, label). A dotted column name
-    # (answers.text) reads a field of a nested record. With header: false the columns of a
-    # csv/tsv file are named by position from 1: {label: 1, text: 2}.
+    """Where the rows come from: the train split, or all rows when fractions split them."""
+    format: Format = "completion"
+    """How a row becomes an example."""
     columns: dict[str, str | int] = field(default_factory=dict)
-    # How local files are read: csv | tsv | jsonl | json | parquet | text; null = by extension.
-    # Set it for a file with no or another extension (the SMS Spam Collection ships as a
-    # tab-separated `SMSSpamCollection`); a folder is then read whole, every file in this format.
+    """Canonical field -> column in the data, e.g. {text: sms, label: category}.
+
+    The canonical names are the ones the format reads (prompt/completion, messages, dialogue (an
+    HH-RLHF "\n\nHuman: …\n\nAssistant: …" transcript), system/user/assistant,
+    context/question/answer, instruction/input/output, text, label). A dotted column name
+    (answers.text) reads a field of a nested record. With header: false the columns of a
+    csv/tsv file are named by position from 1: {label: 1, text: 2}."""
     file_format: FileFormat | None = None
-    # csv/tsv: the first line names the columns (true), or there is no header line (false) and the
-    # columns are named by position, "1", "2", ... (map them with `columns`).
+    """How local files are read; null = by extension.
+
+    Set it for a file with no or another extension (the SMS Spam Collection ships as a
+    tab-separated `SMSSpamCollection`); a folder is then read whole, every file in this format."""
     header: bool = True
-    # csv/tsv: how '"' is read. none: plain text, one row per line; csv: a quoted field may hold
-    # the delimiter and "" for a quote; multiline: as csv, and a quoted field may also span lines
-    # (as pandas' to_csv writes text with line breaks). null = csv for csv files, none for tsv.
-    # Unless multiline, a field that spans lines is an error: it is almost always an unclosed
-    # quote that swallowed the lines after it.
+    """csv/tsv: the first line names the columns; false = columns named by position "1", "2", …"""
     quoting: Quoting | None = None
-    # Explicit validation / test data; when unset, fractions of `source` are held out instead.
+    """csv/tsv: how '"' is read; null = csv for csv files, none for tsv.
+
+    none: plain text, one row per line; csv: a quoted field may hold the delimiter and "" for a
+    quote; multiline: as csv, and a quoted field may also span lines (as pandas' to_csv writes
+    text with line breaks). Unless multiline, a field that spans lines is an error: it is almost
+    always an unclosed quote that swallowed the lines after it."""
     val_source: str | None = None
+    """Explicit validation data; when unset, val_fraction of `source` is held out instead."""
     test_source: str | None = None
-    # Fractions of `source` held out as validation / test when no explicit file is given.
+    """Explicit test data; when unset, test_fraction of `source` is held out instead."""
     val_fraction: float = 0.0
+    """Fraction of `source` held out as validation when no val_source is given."""
     test_fraction: float = 0.0
-    # Seed of the split (and of class balancing); splits are a pure function of it.
+    """Fraction of `source` held out as test when no test_source is given."""
     seed: int = 0
-    # Classification: keep each class's share equal across splits.
+    """Seed of the split (and of class balancing); splits are a pure function of it."""
     stratify: bool = True
-    # Classification: down-sample every class to the size of the smallest before splitting.
+    """classification: keep each class's share equal across splits."""
     balance: bool = False
-    # Longest example in tokens (prompt + completion, or one text block).
+    """classification: down-sample every class to the size of the smallest before splitting."""
     max_length: int = 1024
-    # What to do with an example longer than max_length: drop (counted) | error.
-    truncation: str = "drop"
-    # Left-truncate the prompt (never the supervised part) before applying `truncation`.
-    # For classification: keep the first max_length tokens of the text.
+    """Longest example in tokens (prompt + completion, or one text chunk)."""
+    truncation: Literal["drop", "error"] = "drop"
+    """An example longer than max_length: drop it (counted) or stop with an error."""
     truncate_prompt: bool = False
-    # A row that cannot be read or formatted: error (stop, naming file and line) | skip (counted).
-    on_bad_row: str = "error"
-    # Batching: pack several examples per sequence of max_length (LM formats only).
+    """Left-truncate the prompt (never the supervised part) before applying `truncation`.
+
+    For classification: keep the first max_length tokens of the text."""
+    on_bad_row: Literal["error", "skip"] = "error"
+    """A row that cannot be read or formatted: stop naming file and line, or skip it (counted)."""
     pack: bool = False
-    # Batching: put examples of similar length together (less padding), batch order still shuffled.
+    """Pack several examples per sequence of max_length (LM formats only)."""
     group_by_length: bool = False
-    # Keep at most this many rows per split (after splitting, so splits do not move); None = all.
+    """Batch examples of similar length together (less padding); batch order still shuffled."""
     limit: int | None = None
-    # completion: the prompt text, a str.format template over the row's fields.
+    """Keep at most this many rows per split (after splitting, so splits do not move); null = all."""
     prompt_template: str = "{prompt}"
-    # completion: text between prompt and completion (part of the prompt, never supervised).
+    """completion: the prompt text, a str.format template over the row's fields."""
     separator: str = ""
-    # completion: the supervised text, a template over the row's fields; EOS is appended.
+    """completion: text between prompt and completion (part of the prompt, never supervised)."""
     completion_template: str = "{completion}"
-    # completion / chat / alpaca: also supervise the prompt tokens.
+    """completion: the supervised text, a template over the row's fields; EOS is appended."""
     train_on_prompt: bool = False
-    # chat: system prompt used when a conversation has none ("" = none).
+    """completion / chat / alpaca: also supervise the prompt tokens."""
     system_prompt: str = ""
-    # chat: the model's chat template (model), nanotune's <|user|>... markers (markers), or model's
-    # when the tokenizer has one (auto).
-    chat_style: str = "auto"
-    # classification: class names in label order; None = the sorted distinct labels of the data.
+    """chat: system prompt used when a conversation has none ("" = none)."""
+    chat_style: ChatStyle = "auto"
+    """chat: the model's chat template, nanotune's <|user|>… markers, or auto (the model's when
+    the tokenizer has one)."""
     label_names: list[str] | None = None
-    # text: tokens per block when concatenating and chunking documents.
-    block_size: int = 128
-    # text: a plain-text file is one document (file), or one per blank-line paragraph or per line.
-    text_unit: str = "file"
-    # hf: dataset configuration name (the second argument of datasets.load_dataset).
+    """classification: class names in label order; null = the sorted distinct labels."""
+    chunk_tokens: int = 128
+    """text: tokens per chunk when concatenating and cutting documents (was `block_size`)."""
+    text_unit: TextUnit = "file"
+    """text: a plain-text file is one document (file), or one per blank-line paragraph or line."""
     hf_config: str | None = None
+    """hf: dataset configuration name (the second argument of datasets.load_dataset)."""
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> NanotuneError:
@@ -111,21 +117,15 @@ class DataConfig:
                 "source",
                 "no data source given; set it to a file, folder, builtin:<name> or hf:<id>",
             )
-        choices = {
-            "format": FORMATS,
-            "truncation": ("drop", "error"),
-            "on_bad_row": ("error", "skip"),
-            "chat_style": CHAT_STYLES,
-            "text_unit": TEXT_UNITS,
-            "file_format": (None, *get_args(FileFormat)),
-            "quoting": (None, *get_args(Quoting)),
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                named = [a for a in allowed if a is not None]
-                close = difflib.get_close_matches(str(getattr(self, name)), named, n=1)
+        # The config loader checks these Literal fields; a DataConfig built in code, here.
+        hints = get_type_hints(DataConfig)
+        for f in fields(self):
+            allowed = _choices(hints[f.name])
+            value = getattr(self, f.name)
+            if allowed and value is not None and value not in allowed:
+                close = difflib.get_close_matches(str(value), allowed, n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise bad(name, f"{getattr(self, name)!r} is not one of {', '.join(named)}{hint}")
+                raise bad(f.name, f"{value!r} is not one of {', '.join(allowed)}{hint}")
         for name in ("header", "quoting"):
             if getattr(self, name) not in (True, None) and self.file_format not in (
                 None,
@@ -139,7 +139,7 @@ class DataConfig:
                 raise bad(name, f"{v!r} must be a number in [0, 1)")
         if self.val_fraction + self.test_fraction >= 1.0:
             raise bad("val_fraction", "val_fraction + test_fraction must leave rows for training")
-        for name in ("max_length", "block_size"):
+        for name in ("max_length", "chunk_tokens"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 2:
                 raise bad(name, f"{v!r} must be an integer >= 2")
@@ -166,23 +166,21 @@ class DataConfig:
             why = _template_problem(getattr(self, name))
             if why:
                 raise bad(name, f"{getattr(self, name)!r}: {why}")
-        if self.format == "text" and self.block_size > self.max_length:
-            raise bad("block_size", f"{self.block_size} exceeds max_length={self.max_length}")
+        if self.format == "text" and self.chunk_tokens > self.max_length:
+            raise bad("chunk_tokens", f"{self.chunk_tokens} exceeds max_length={self.max_length}")
         if self.pack and self.format == "classification":
             raise bad("pack", "packing applies to language-model formats, not classification")
         if self.balance and self.format != "classification":
             raise bad("balance", "class balancing applies to format: classification only")
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> DataConfig:
-        """Build from a recipe's `data:` mapping; unknown keys are an error naming them."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise NanotuneError(
-                f"data: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
-            )
-        return cls(**d)
+
+def _choices(tp: object) -> list[str]:
+    """The names a Literal field (optional or not) allows; [] for other fields."""
+    if get_origin(tp) is Literal:
+        return list(get_args(tp))
+    if get_origin(tp) in (Union, UnionType):
+        return [c for arg in get_args(tp) for c in _choices(arg)]
+    return []
 
 
 def _template_problem(template: str) -> str | None:

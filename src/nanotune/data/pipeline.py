@@ -195,7 +195,7 @@ def _examples(
                 docs.append(bos(tokenizer) + tokenizer.encode(text))
             except BadRow as e:
                 _bad(e, cfg, stats, problems)
-        return chunk_text(docs, tokenizer.eos_id, cfg.block_size)
+        return chunk_text(docs, tokenizer.eos_id, cfg.chunk_tokens)
     out = []
     for row in rows:
         try:

@@ -3,20 +3,32 @@
 Knows models, tokenizers and batches only through their documented interfaces, never training.
 """
 
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
 from nanotune.eval.compare import compare, compare_rows
 from nanotune.eval.config import METRICS, EvalConfig
-from nanotune.eval.evaluate import (
-    Generations,
-    classification_eval,
-    generate_for_eval,
-    generation_metrics,
-    perplexity,
-    samples,
-    split_prompt,
-)
-from nanotune.eval.report import RunSummary, write_report
-from nanotune.eval.reward import RewardModel, compare_rewards
-from nanotune.eval.run import BeforeAfter, compare_models, evaluate_before_after, evaluate_model
+
+# The torch-using modules load on first use: the config (and `nanotune --help`) stays light.
+_LAZY = {
+    "Generations": "evaluate",
+    "classification_eval": "evaluate",
+    "generate_for_eval": "evaluate",
+    "generation_metrics": "evaluate",
+    "perplexity": "evaluate",
+    "samples": "evaluate",
+    "split_prompt": "evaluate",
+    "RunSummary": "report",
+    "write_report": "report",
+    "RewardModel": "reward",
+    "compare_rewards": "reward",
+    "BeforeAfter": "run",
+    "compare_models": "run",
+    "evaluate_before_after": "run",
+    "evaluate_model": "run",
+}
 
 __all__ = [
     "BeforeAfter",
@@ -39,3 +51,9 @@ __all__ = [
     "split_prompt",
     "write_report",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

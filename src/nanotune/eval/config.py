@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 from nanotune.errors import NanotuneError
+from nanotune.generate import MAX_NEW_TOKENS
 
+Metric = Literal["perplexity", "accuracy", "exact_match", "squad", "tag_f1", "reward"]
 # Metric name -> what it needs. LM metrics read batches, generation metrics read model outputs.
 METRICS = {
     "perplexity": "LM batches: loss and perplexity on the supervised tokens",
@@ -16,36 +19,34 @@ METRICS = {
     "tag_f1": "generation: comma-separated tag-set precision/recall/F1 (micro and macro)",
     "reward": "generation: mean score of a Hugging Face reward model (needs reward_model)",
 }
+assert tuple(METRICS) == get_args(Metric)
 GENERATION_METRICS = ("exact_match", "squad", "tag_f1", "reward")
 
 
 @dataclass
 class EvalConfig:
-    """How a model is evaluated (the `eval:` section of a recipe).
+    """How a model is evaluated before and after training (the `eval:` section of a recipe)."""
 
-    metrics: names from `METRICS` (perplexity, accuracy, exact_match, squad, tag_f1, reward).
-    split: which data split to evaluate on (train, val or test, as the data pipeline names them).
-    max_examples: evaluate at most this many examples (None: the whole split).
-    batch_size: examples per forward pass (and per generation batch).
-    max_new_tokens: generation budget per example for the generation metrics.
-    greedy: decode greedily; when False, sample at `temperature` with `seed`.
-    temperature: sampling temperature when not greedy.
-    seed: sampling seed when not greedy (reproducible generations).
-    num_samples: how many (prompt, reference, generations) samples to keep for the report.
-    reward_model: Hugging Face id or local folder of a sequence-classification reward model,
-        required by the `reward` metric.
-    """
-
-    metrics: list[str] = field(default_factory=lambda: ["perplexity"])
-    split: str = "val"
+    metrics: list[Metric] = field(default_factory=lambda: ["perplexity"])
+    """What to measure (perplexity, also written ppl; see `nanotune.eval.METRICS`)."""
+    split: Literal["train", "val", "test"] = "val"
+    """Which data split to evaluate on."""
     max_examples: int | None = 200
+    """Evaluate at most this many examples; null = the whole split."""
     batch_size: int = 8
-    max_new_tokens: int = 64
+    """Examples per forward pass (and per generation batch)."""
+    max_new_tokens: int = MAX_NEW_TOKENS
+    """Generation budget per example for the generation metrics."""
     greedy: bool = True
+    """Decode greedily; false = sample at `temperature` with `seed`."""
     temperature: float = 0.7
+    """Sampling temperature when not greedy."""
     seed: int = 0
+    """Sampling seed when not greedy (reproducible generations)."""
     num_samples: int = 5
+    """How many (prompt, reference, generations) samples to keep for the report."""
     reward_model: str | None = None
+    """Hugging Face id or local folder of a sequence-classification reward model (`reward`)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.metrics, str):

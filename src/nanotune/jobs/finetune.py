@@ -266,6 +266,16 @@ def _setup(config: RunConfig) -> _Setup:
     return _Setup(model, tokenizer, data, rewards)
 
 
+def dry_run(config: RunConfig) -> None:
+    """Load model, tokenizer, data and method as `train` would; print the data counts and the
+    trainable parameters. Trains nothing and writes nothing (`nanotune train --dry-run`)."""
+    from nanotune.methods import trainable_report
+
+    setup = _setup(config)
+    print(setup.data.summary())
+    print(trainable_report(setup.model))
+
+
 def _fit(config: RunConfig, setup: _Setup, run_dir: Path, *, resume: bool, progress: bool):
     from nanotune.data.batching import epoch_batches
     from nanotune.training import Trainer, dist, objective_for

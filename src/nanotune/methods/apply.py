@@ -32,7 +32,7 @@ def apply_method(model: nn.Module, cfg: MethodConfig) -> nn.Module:
             dropout=cfg.dropout,
             rslora=cfg.rslora,
             dora=cfg.dora,
-            quantize_block=cfg.block_size if cfg.name == "qlora" else None,
+            quantize_block=cfg.nf4_block if cfg.name == "qlora" else None,
         )
     for p in model.parameters():
         p.requires_grad_(False)

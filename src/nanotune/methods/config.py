@@ -2,57 +2,59 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+import difflib
+from dataclasses import dataclass
+from typing import Literal, get_args
 
 from nanotune.errors import NanotuneError
 
-METHODS = ("full", "last_n", "lora", "dora", "qlora")
-COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+Method = Literal["full", "last_n", "lora", "dora", "qlora"]
+ComputeDtype = Literal["auto", "float32", "bfloat16", "float16"]
+METHODS = get_args(Method)
+COMPUTE_DTYPES = get_args(ComputeDtype)
 
 
 @dataclass
 class MethodConfig:
-    """How to fine-tune. Validated on construction; every bad value raises NanotuneError.
+    """How to fine-tune: which parameters train. Validated on construction (NanotuneError)."""
 
-    Fields:
-      name: full (every weight), last_n (the last `last_n` blocks + final norm), lora, dora
-        (LoRA with a learned magnitude, as PEFT's `use_dora`), qlora (NF4 base weights + LoRA).
-      last_n: number of final blocks trained by `last_n`; embeddings stay frozen.
-      r: LoRA rank (lora, dora, qlora).
-      alpha: LoRA alpha; the update is scaled by alpha/r (alpha/sqrt(r) with `rslora`).
-      dropout: dropout on the LoRA input, in [0, 1).
-      targets: Hugging Face module names matched by suffix as PEFT does (GPT-2 `c_attn`,
-        `c_proj`, `attn.c_proj`, `c_fc`, `mlp.c_proj`, `c_attn.q`/`.k`/`.v` for separate pairs on
-        slices of the fused c_attn; Llama `q_proj` ... `down_proj`), or "all-linear" for every
-        linear of every block (never lm_head).
-      rslora: rank-stabilised scaling alpha/sqrt(r).
-      dora: weight-decomposed LoRA (implied by name "dora").
-      train_embeddings: also train the whole token embedding (and an untied lm_head); needed
-        when special tokens were added.
-      quant: base-weight format for qlora; only "nf4".
-      block_size: NF4 quantization block (values per absmax scale).
-      compute_dtype: dtype of LoRA weights and activations under qlora; "auto" is float32 on
-        CPU and bfloat16 on GPU.
-    """
-
-    name: str = "lora"
+    name: Method = "lora"
+    """full: every weight; last_n: the last `last_n` blocks + final norm; lora; dora (LoRA with a
+    learned magnitude, as PEFT's `use_dora`); qlora (NF4 base weights + LoRA)."""
     last_n: int = 2
+    """last_n: number of final blocks trained; embeddings stay frozen."""
     r: int = 8
+    """LoRA rank (lora, dora, qlora)."""
     alpha: float = 16.0
+    """LoRA alpha; the update is scaled by alpha/r (alpha/sqrt(r) with `rslora`)."""
     dropout: float = 0.0
-    targets: list[str] | str = field(default_factory=lambda: ["c_attn"])
+    """Dropout on the LoRA input, in [0, 1)."""
+    targets: Literal["all-linear"] | list[str] = "all-linear"
+    """all-linear (every linear of every block, never lm_head), or module names matched by
+    suffix as PEFT does.
+
+    GPT-2: `c_attn`, `c_proj`, `attn.c_proj`, `c_fc`, `mlp.c_proj`, `c_attn.q`/`.k`/`.v` for
+    separate pairs on slices of the fused c_attn; Llama: `q_proj` … `down_proj`."""
     rslora: bool = False
+    """Rank-stabilised scaling alpha/sqrt(r)."""
     dora: bool = False
+    """Weight-decomposed LoRA (implied by name: dora)."""
     train_embeddings: bool = False
-    quant: str = "nf4"
-    block_size: int = 64
-    compute_dtype: str = "auto"
+    """Also train the whole token embedding (and an untied lm_head); needed when special tokens
+    were added."""
+    quant: Literal["nf4"] = "nf4"
+    """qlora: base-weight format."""
+    nf4_block: int = 64
+    """qlora: NF4 quantization block, values per absmax scale (was `block_size`)."""
+    compute_dtype: ComputeDtype = "auto"
+    """qlora: dtype of LoRA weights and activations; auto = float32 on CPU, bfloat16 on GPU."""
 
     def __post_init__(self) -> None:
         if self.name not in METHODS:
+            close = difflib.get_close_matches(str(self.name), METHODS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise NanotuneError(
-                f"method.name {self.name!r} is unknown; use one of {', '.join(METHODS)}"
+                f"method.name: {self.name!r} is not one of {', '.join(METHODS)}{hint}"
             )
         if self.name == "dora":
             self.dora = True
@@ -66,7 +68,10 @@ class MethodConfig:
             raise NanotuneError(f"method.dropout must be in [0, 1), got {self.dropout!r}")
         if isinstance(self.targets, str):
             if self.targets != "all-linear":
-                self.targets = [self.targets]
+                raise NanotuneError(
+                    f"method.targets: {self.targets!r} is not all-linear; module names are a "
+                    f"list, e.g. [{self.targets}]"
+                )
         elif not self.targets or not all(isinstance(t, str) and t for t in self.targets):
             raise NanotuneError(
                 f"method.targets must be 'all-linear' or a non-empty list of module names, "
@@ -74,9 +79,9 @@ class MethodConfig:
             )
         if self.quant != "nf4":
             raise NanotuneError(f"method.quant {self.quant!r} is unknown; only 'nf4' is supported")
-        if not isinstance(self.block_size, int) or self.block_size <= 0 or self.block_size % 2:
+        if not isinstance(self.nf4_block, int) or self.nf4_block <= 0 or self.nf4_block % 2:
             raise NanotuneError(
-                f"method.block_size must be a positive even integer, got {self.block_size!r}"
+                f"method.nf4_block must be a positive even integer, got {self.nf4_block!r}"
             )
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise NanotuneError(
@@ -87,16 +92,3 @@ class MethodConfig:
     @property
     def uses_lora(self) -> bool:
         return self.name in ("lora", "dora", "qlora")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any], where: str = "method") -> MethodConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise NanotuneError(
-                f"{where}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
-            )
-        return cls(**d)

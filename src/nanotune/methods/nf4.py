@@ -54,7 +54,7 @@ def quantize_nf4(weight: Tensor, block_size: int, where: str) -> Tensor:
     n = weight.numel()
     if n % block_size:
         raise NanotuneError(
-            f"{where}: {n} weights are not a multiple of method.block_size={block_size}; "
+            f"{where}: {n} weights are not a multiple of method.nf4_block={block_size}; "
             "pick a block size that divides every layer (64 fits all GPT-2 and Llama sizes)"
         )
     # torchao quantizes the per-block scales again in groups; the group must divide the number

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 
@@ -68,14 +68,6 @@ class ModelConfig:
         if self.mlp == "swiglu":
             return {"gate": (0, self.ffn), "up": (self.ffn, 2 * self.ffn)}
         return {"fc": (0, self.ffn)}
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
 
     def with_(self, **changes: Any) -> ModelConfig:
         return replace(self, **changes)
@@ -173,7 +165,8 @@ PRESETS: dict[str, Preset] = {
     ]
 }
 
-ALIASES: dict[str, str] = {
+# Other names of the presets (hub ids, short names), resolved case-insensitively.
+PRESET_ALIASES: dict[str, str] = {
     "openai-community/gpt2": "gpt2",
     "distilbert/distilgpt2": "distilgpt2",
     "openai-community/gpt2-medium": "gpt2-medium",

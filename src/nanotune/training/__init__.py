@@ -3,25 +3,32 @@
 One whole fine-tuning job is `nanotune.train(...)` (`nanotune.jobs.finetune.train`).
 """
 
-from nanotune.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
 from nanotune.training.config import TrainConfig
-from nanotune.training.losses import (
-    ClassificationObjective,
-    LMObjective,
-    Objective,
-    lm_loss_sum,
-    objective_for,
-)
-from nanotune.training.schedule import lr_at
-from nanotune.training.trainer import (
-    Interrupted,
-    Trainer,
-    TrainResult,
-    build_optimizer,
-    param_groups,
-    seed_everything,
-    trainable_summary,
-)
+
+# The torch-using modules load on first use: the config (and `nanotune --help`) stays light.
+_LAZY = {
+    "latest_checkpoint": "checkpoint",
+    "load_checkpoint": "checkpoint",
+    "save_checkpoint": "checkpoint",
+    "ClassificationObjective": "losses",
+    "LMObjective": "losses",
+    "Objective": "losses",
+    "lm_loss_sum": "losses",
+    "objective_for": "losses",
+    "lr_at": "schedule",
+    "Interrupted": "trainer",
+    "Trainer": "trainer",
+    "TrainResult": "trainer",
+    "build_optimizer": "trainer",
+    "param_groups": "trainer",
+    "seed_everything": "trainer",
+    "trainable_summary": "trainer",
+}
 
 __all__ = [
     "ClassificationObjective",
@@ -42,3 +49,9 @@ __all__ = [
     "seed_everything",
     "trainable_summary",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -58,8 +60,9 @@ class TrainConfig:
     """Resumable checkpoints (checkpoints/step-N) kept on disk; older ones are deleted."""
     seed: int = 1337
     """Seeds torch, python and numpy, and the data order of every epoch."""
-    dtype: Literal["auto", "fp32", "bf16"] = "auto"
-    """Compute precision: auto = bf16 autocast on CUDA when supported, fp32 otherwise."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Compute precision (bf16/fp32 also accepted): auto = bfloat16 autocast on CUDA when
+    supported, float32 otherwise."""
     compile: bool = False
     """Compile the loss computation with torch.compile."""
     gradient_checkpointing: bool = False
@@ -113,9 +116,11 @@ class TrainConfig:
             raise NanotuneError(f"train.warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise NanotuneError(f"train.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
-        if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            close = difflib.get_close_matches(self.device, ["auto", "cpu", "cuda"], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise NanotuneError(
-                f"train.device: unknown device {self.device!r}; use auto, cpu, cuda or cuda:N"
+                f"train.device: unknown device {self.device!r}; use auto, cpu, cuda or cuda:N{hint}"
             )
 
     @property

