@@ -508,6 +508,9 @@ def test_run_with_added_chat_markers_saves_an_adapter_peft_loads(method, tmp_pat
     )
     final = train(config, progress=False).final_dir
     assert (final / "adapter_config.json").is_file() and not (final / "config.json").exists()
+    # A local base is named by its absolute path: AutoPeftModelForCausalLM finds it from anywhere.
+    saved = json.loads((final / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == str(tiny_gpt2_dir.resolve())
     tokenizer = Tokenizer.from_dir(final)
     assert tokenizer.vocab_size == 50257 + 4  # the chat markers
     text = tokenizer.apply_chat_template([{"role": "user", "content": "say red"}], True)
