@@ -508,6 +508,9 @@ def test_run_with_added_chat_markers_saves_an_adapter_peft_loads(method, tmp_pat
     )
     final = train(config, progress=False).final_dir
     assert (final / "adapter_config.json").is_file() and not (final / "config.json").exists()
+    # A local base is named by its absolute path: AutoPeftModelForCausalLM finds it from anywhere.
+    saved = json.loads((final / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == str(tiny_gpt2_dir.resolve())
     tokenizer = Tokenizer.from_dir(final)
     assert tokenizer.vocab_size == 50257 + 4  # the chat markers
     text = tokenizer.apply_chat_template([{"role": "user", "content": "say red"}], True)
@@ -619,3 +622,43 @@ def test_added_tokens_that_did_not_train_grow_as_in_training(tmp_path):
     load_adapter(fresh, tmp_path / "adapter")  # grows to the adapter's tokenizer
     with torch.no_grad():
         assert torch.equal(fresh(ids), model.eval()(ids))
+
+
+@pytest.mark.real_model
+def test_smollm2_adapter_loads_in_peft_by_its_hub_id(smollm2, tmp_path, monkeypatch):
+    """An adapter over the SmolLM2 preset names `HuggingFaceTB/SmolLM2-135M-Instruct`, and
+    AutoPeftModelForCausalLM resolves that id through the Hugging Face cache, offline.
+
+    The cache here holds nanotune's own export of the packaged (Q4_1-dequantized) weights, not
+    the hub's files: the test proves the recorded id and the logits, not the hub's checkpoint.
+    """
+    import huggingface_hub
+    from peft import AutoPeftModelForCausalLM
+
+    from nanotune.models import Transformer
+    from nanotune.weights import save_model
+
+    base, tokenizer = smollm2
+    model = Transformer(base.config)
+    model.load_state_dict(base.state_dict())  # a copy: the session fixture stays untouched
+    apply_method(model, MethodConfig(name="lora", r=4, targets=["q_proj", "v_proj", "down_proj"]))
+    randomise(model)
+    save_adapter(model.eval(), tmp_path / "adapter", "smollm2-135m-instruct")
+    hub_id = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())[
+        "base_model_name_or_path"
+    ]
+    assert hub_id == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    # The layout huggingface_hub writes: refs/main names the snapshot folder.
+    repo = tmp_path / "hub" / ("models--" + hub_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    save_model(base, tokenizer, repo / "snapshots" / ("0" * 40))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    hf = AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "adapter")).eval()
+    ids = torch.tensor([tokenizer.encode("The capital of France is")])
+    with torch.no_grad():
+        ours, theirs = model(ids), hf(ids).logits
+    # fp32 summation order over 30 adapted blocks, on logits of size ~15: 1e-4 of their scale.
+    assert (theirs - ours).abs().max() < 1e-4 * ours.abs().max()

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from nanotune.config import ModelSection, RunConfig
 from nanotune.data import DataConfig, build_datasets, epoch_batches
 from nanotune.eval import EvalConfig, Generations, compare_models, evaluate_model
 from nanotune.jobs import artifacts
@@ -43,7 +44,8 @@ def test_the_task_flows_from_the_data_config_to_every_consumer(tmp_path, tiny_gp
     classify = fmt == "classification"
     source = write_jsonl(tmp_path / "d.jsonl", sms_rows() if classify else qa_rows())
     model, tok = load_model(str(tiny_gpt2_dir))
-    data = build_datasets(DataConfig(source=str(source), format=fmt), tok)
+    data_cfg = DataConfig(source=str(source), format=fmt)
+    data = build_datasets(data_cfg, tok)
     assert data.task == ("classification" if classify else "lm")
 
     prepared = prepare_model(model, tok, data, seed=0)
@@ -61,7 +63,8 @@ def test_the_task_flows_from_the_data_config_to_every_consumer(tmp_path, tiny_gp
         prepared, tok, data.train, cfg, task=data.task, label_names=data.label_names
     )
     assert metric in metrics
-    final = artifacts.save_final(prepared, tok, str(tiny_gpt2_dir), tmp_path / "final")
+    run = RunConfig(data=data_cfg, model=ModelSection(name=str(tiny_gpt2_dir)))
+    final = artifacts.save_final(prepared, tok, run, tmp_path / "final")
     assert (final / CLASSIFIER_FILE).is_file() == classify
 
 

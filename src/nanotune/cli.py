@@ -741,6 +741,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_recipes(sub)
     _add_demo(sub)
+    _add_push(sub)
     parser.intermixed = {name: sub.choices[name] for name in ("train", "eval", "demo")}
     return parser
 
@@ -757,6 +758,26 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:  # train's Interrupted says what it saved and its signal
         print(f"nanotune: {str(e) or 'interrupted'}", file=sys.stderr)
         return getattr(e, "exit_code", 130)
+
+
+def _add_push(sub) -> None:
+    p = sub.add_parser(
+        "push",
+        help="upload a run's final/ (or an adapter or model folder) to the Hugging Face Hub",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run's output_dir, or its final/ folder")
+    p.add_argument("repo_id", metavar="REPO_ID", help="hub repository, owner/name")
+    p.add_argument("--private", action="store_true", help="create the repository private")
+    p.add_argument("--token", help="hub token (default: HF_TOKEN or the `hf auth login` one)")
+    p.set_defaults(func=cmd_push)
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from nanotune.jobs.artifacts import push
+
+    url = push(args.run_dir, args.repo_id, private=args.private, token=args.token)
+    print(f"pushed to {url}")
+    return 0
 
 
 if __name__ == "__main__":

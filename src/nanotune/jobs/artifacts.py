@@ -10,6 +10,10 @@ merge, export) agree:
 | classifier, full or last_n body | `classifier.json` + HF folder + `classifier.safetensors` | folder + head |
 | full, last_n | HF model folder | the folder |
 
+Every `final/` also holds a model card, `README.md` (`jobs/card.py`). The base is recorded by its
+hub id (or absolute path) so transformers and PEFT find it; `weights.resolve` maps a preset's hub
+id back to the preset, so SmolLM2 still loads offline from its package.
+
 A LoRA run is never merged on save: merged onto a QLoRA run's NF4-rounded base, every weight the
 run never touched would be written rounded. `merge` folds an adapter in when asked.
 """
@@ -18,22 +22,27 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
+from nanotune.config import RunConfig
 from nanotune.errors import NanotuneError
 from nanotune.files.atomic import atomic_dir, check_target
+from nanotune.jobs.card import model_card
 from nanotune.methods import SequenceClassifier, lora_layers
 from nanotune.methods.lora import merge as merge_lora
 from nanotune.models import DEFAULT_MODEL
 from nanotune.tokenizer import Tokenizer
-from nanotune.weights import load_model, save_model
+from nanotune.weights import hub, load_model, save_model
 from nanotune.weights.classifier import (
     CLASSIFIER_FILE,
     adapter_labels,
     load_classifier,
     save_classifier,
+    write_classifier,
 )
+from nanotune.weights.hf import write_model
 from nanotune.weights.peft import (
     CONFIG_FILE,
     adapter_tokenizer,
@@ -43,20 +52,45 @@ from nanotune.weights.peft import (
 )
 
 Loaded = tuple[nn.Module, Tokenizer]
+CARD_FILE = "README.md"  # the model card the Hub shows
 
 
-def save_final(model: nn.Module, tokenizer: Tokenizer, base_model: str, final: Path) -> Path:
-    """Write a trained model to `final/` in its form from the table above, atomically."""
-    if isinstance(model, SequenceClassifier):
-        return save_classifier(model, final, tokenizer, base_model, overwrite=True)
-    if lora_layers(model):
+def save_final(
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    config: RunConfig,
+    final: Path,
+    *,
+    before: dict[str, Any] | None = None,
+    after: dict[str, Any] | None = None,
+    data_stats: dict[str, Any] | None = None,
+) -> Path:
+    """Write a trained model to `final/` in its form from the table above, with its model card
+    (README.md, from the run's config and before/after metrics), all in one atomic swap."""
+    base = config.model.name
+    classifier = isinstance(model, SequenceClassifier)
+    adapter = bool(lora_layers(model.body if classifier else model))
 
-        def write(tmp: Path) -> None:
-            save_adapter(model, tmp, base_model)
+    def write(tmp: Path) -> None:
+        if classifier:
+            write_classifier(model, tmp, tokenizer, base)
+        elif adapter:
+            save_adapter(model, tmp, base)
             tokenizer.save(tmp)
+        else:
+            write_model(model, tokenizer, tmp, base)
+        text = model_card(
+            config.to_dict(),
+            adapter=adapter,
+            classifier=classifier,
+            before=before,
+            after=after,
+            data_stats=data_stats,
+        )
+        (tmp / CARD_FILE).write_text(text, encoding="utf-8")
 
-        return atomic_dir(final, write, kind="adapter")
-    return save_model(model, tokenizer, final, overwrite=True)
+    kind = "classifier" if classifier else "adapter" if adapter else "model"
+    return atomic_dir(final, write, kind=kind)
 
 
 def base_of(adapter: str | os.PathLike) -> str:
@@ -114,8 +148,36 @@ def merge(
     tokenizer = adapter_tokenizer(adapter, tokenizer)
     if read_adapter_config(adapter).get("task_type") != "SEQ_CLS":
         load_adapter(model, adapter)
-        return save_model(merge_lora(model), tokenizer, target, overwrite=overwrite, inputs=inputs)
+        merged = merge_lora(model)
+        return save_model(
+            merged, tokenizer, target, overwrite=overwrite, inputs=inputs, base_model=base
+        )
     names = adapter_labels(adapter)
     clf = load_adapter(SequenceClassifier(model, len(names), names), adapter)
     clf.body = merge_lora(clf.body)
     return save_classifier(clf, target, tokenizer, overwrite=overwrite, inputs=inputs)
+
+
+def push_folder(path: str | os.PathLike) -> Path:
+    """What `nanotune push` uploads: a run's `final/`, or a folder that is itself an output."""
+    path = Path(path).expanduser()
+    for folder in (path / "final", path):
+        if any((folder / f).is_file() for f in (CONFIG_FILE, CLASSIFIER_FILE, "config.json")):
+            return folder
+    raise NanotuneError(
+        f"{path}: neither a run directory with final/ nor an adapter or model folder "
+        f"({CONFIG_FILE} or config.json); pass the run's output_dir or its final/ folder"
+    )
+
+
+def check_push(repo_id: str, token: str | None = None) -> str:
+    """The token a push to `repo_id` will use; refused (one line) offline or without one."""
+    return hub.push_token(repo_id, token)
+
+
+def push(
+    path: str | os.PathLike, repo_id: str, *, private: bool = False, token: str | None = None
+) -> str:
+    """Upload a run's `final/` (or an output folder) to the Hub repository `repo_id`; its URL."""
+    folder = push_folder(path)
+    return hub.upload(folder, repo_id, private=private, token=token)

@@ -255,6 +255,8 @@ def _setup(config: RunConfig) -> _Setup:
     from nanotune.training import seed_everything
     from nanotune.weights import load_model
 
+    if config.train.push_to_hub:  # no token or offline: refused now, not after training
+        artifacts.check_push(config.train.push_to_hub)
     seed_everything(config.train.seed)  # model init (LoRA A, heads) depends on it
     model, tokenizer = load_model(config.model.name, dtype=getattr(torch, config.model.dtype))
     if config.model.special_tokens:
@@ -336,7 +338,19 @@ def _fit(config: RunConfig, setup: _Setup, run_dir: Path, *, resume: bool, progr
         after = trainer.engine(lambda m, _: _evaluate(m, tokenizer, examples, config, data), None)
     dist.reshard(trainer.engine)
     with trainer.full_model() as trained:  # FSDP2: whole weights on rank 0 while saving
-        on_main(lambda: artifacts.save_final(trained, tokenizer, config.model.name, final))
+        on_main(
+            lambda: artifacts.save_final(
+                trained,
+                tokenizer,
+                config,
+                final,
+                before=before[0],
+                after=after[0],
+                data_stats=data.stats,
+            )
+        )
+    if config.train.push_to_hub:
+        on_main(lambda: artifacts.push(final, config.train.push_to_hub))
     evaluated = (
         on_main(
             lambda: _write_results(run_dir, config, before, after, setup.reward_model, data.stats)

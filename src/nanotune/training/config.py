@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from nanotune.errors import NanotuneError
+
+# Experiment trackers, each named as the package it needs (`pip install <name>`).
+TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
 
 
 @dataclass
@@ -77,6 +81,14 @@ class TrainConfig:
     for models that do not fit one device); auto = ddp. Ignored in a single process."""
     dist_timeout: float = 300.0
     """Seconds a collective waits for the other processes before the run fails (not hangs)."""
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = field(
+        default_factory=list
+    )
+    """Experiment trackers that also receive the metrics (metrics.jsonl is always written);
+    each is an optional package, imported only when named here."""
+    push_to_hub: str | None = None
+    """Hub repository id (owner/name) that final/ is uploaded to after a successful run; needs
+    a token (HF_TOKEN or `hf auth login`)."""
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # YAML gives lists
@@ -122,6 +134,18 @@ class TrainConfig:
             raise NanotuneError(
                 f"train.device: unknown device {self.device!r}; use auto, cpu, cuda or cuda:N{hint}"
             )
+
+        # Checked when the config is read: a missing package must not stop a run at step one.
+        for tracker in self.report_to:
+            if tracker not in TRACKERS:
+                raise NanotuneError(
+                    f"train.report_to: unknown tracker {tracker!r}; use {', '.join(TRACKERS)}"
+                )
+            if importlib.util.find_spec(tracker) is None:
+                raise NanotuneError(
+                    f"train.report_to: {tracker} is not installed; pip install {tracker}, or "
+                    f"remove {tracker} from report_to"
+                )
 
     @property
     def batch_size(self) -> int:

@@ -426,7 +426,9 @@ class Trainer:
         pos, notes = self._resume() if resume else (_Position(), [])
         if not resume:
             seed_everything(cfg.seed)
-        log = RunLogger(self.run_dir, self.total_steps, pos.step, self.progress)
+        log = RunLogger(
+            self.run_dir, self.total_steps, pos.step, self.progress, self.config.report_to
+        )
         log.info(trainable_summary(self.model))
         for note in notes:
             log.info(note)

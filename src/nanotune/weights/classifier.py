@@ -25,9 +25,39 @@ from nanotune.weights.peft import (
     read_adapter_tensors,
     save_adapter,
 )
+from nanotune.weights.resolve import hub_id_of
 
 CLASSIFIER_FILE = "classifier.json"
 HEAD_FILE = "classifier.safetensors"
+
+
+def write_classifier(
+    model: SequenceClassifier, directory: Path, tokenizer, base_model: str | None = None
+) -> None:
+    """The files of a classifier folder, into the existing `directory` (`save_classifier` makes
+    it atomic)."""
+    as_adapter = bool(lora_layers(model.body))
+    if as_adapter and base_model is None:
+        raise NanotuneError(
+            "save_classifier: a classifier with LoRA adapters is saved as an adapter over its "
+            "base model; pass base_model, or merge the adapters first"
+        )
+    if as_adapter:
+        save_adapter(model, directory, base_model)
+        tokenizer.save(directory)
+    else:
+        write_model(model.body, tokenizer, directory, base_model)
+        save_file(
+            {"score.weight": model.score.weight.detach().cpu().contiguous()},
+            str(directory / HEAD_FILE),
+        )
+    meta = {
+        "format": "adapter" if as_adapter else "full",
+        "base_model": hub_id_of(base_model) if base_model is not None else None,
+        "num_labels": model.num_labels,
+        "label_names": model.label_names,
+    }
+    (directory / CLASSIFIER_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
 
 def save_classifier(
@@ -45,32 +75,13 @@ def save_classifier(
     modules_to_save). Otherwise: the body as an HF folder plus the head in
     `classifier.safetensors` (merge the adapters first for that, `jobs.artifacts.merge`).
     """
-    as_adapter = bool(lora_layers(model.body))
-    if as_adapter and base_model is None:
-        raise NanotuneError(
-            "save_classifier: a classifier with LoRA adapters is saved as an adapter over its "
-            "base model; pass base_model, or merge the adapters first"
-        )
-
-    def write(tmp: Path) -> None:
-        if as_adapter:
-            save_adapter(model, tmp, base_model)
-            tokenizer.save(tmp)
-        else:
-            write_model(model.body, tokenizer, tmp)
-            save_file(
-                {"score.weight": model.score.weight.detach().cpu().contiguous()},
-                str(tmp / HEAD_FILE),
-            )
-        meta = {
-            "format": "adapter" if as_adapter else "full",
-            "base_model": base_model,
-            "num_labels": model.num_labels,
-            "label_names": model.label_names,
-        }
-        (tmp / CLASSIFIER_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-
-    return atomic_dir(directory, write, kind="classifier", overwrite=overwrite, inputs=inputs)
+    return atomic_dir(
+        directory,
+        lambda tmp: write_classifier(model, tmp, tokenizer, base_model),
+        kind="classifier",
+        overwrite=overwrite,
+        inputs=inputs,
+    )
 
 
 def load_classifier(directory: str | Path):

@@ -24,6 +24,7 @@ from nanotune.models.config import ModelConfig
 from nanotune.models.transformer import Transformer
 from nanotune.weights import convert
 from nanotune.weights.build import build_model
+from nanotune.weights.resolve import hub_id_of
 
 if TYPE_CHECKING:
     from nanotune.tokenizer import Tokenizer
@@ -137,22 +138,28 @@ def save_model(
     *,
     overwrite: bool = False,
     inputs: Iterable[str | Path] = (),
+    base_model: str | None = None,
 ) -> Path:
     """Write an HF folder (config, safetensors, generation config, tokenizer) atomically.
+
+    `base_model`, the model this one was trained or merged from, goes in config.json as
+    `_name_or_path` (its hub id or absolute path, as transformers records it).
 
     An existing non-empty `directory` is refused unless `overwrite=True`, and even then only when
     nanotune wrote it and it is none of `inputs` (see `weights.atomic.check_target`).
     """
     return atomic_dir(
         directory,
-        lambda tmp: write_model(model, tokenizer, tmp),
+        lambda tmp: write_model(model, tokenizer, tmp, base_model),
         kind="model",
         overwrite=overwrite,
         inputs=inputs,
     )
 
 
-def write_model(model: Transformer, tokenizer: Tokenizer, directory: Path) -> None:
+def write_model(
+    model: Transformer, tokenizer: Tokenizer, directory: Path, base_model: str | None = None
+) -> None:
     """The files of an HF folder, into the existing `directory` (`save_model` makes it atomic)."""
     config = model.config
     sd = model.state_dict()
@@ -168,6 +175,8 @@ def write_model(model: Transformer, tokenizer: Tokenizer, directory: Path) -> No
     dtype = next(iter(hf_sd.values())).dtype
     hf_config = convert.config_to_hf(config)
     hf_config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    if base_model is not None:
+        hf_config["_name_or_path"] = hub_id_of(base_model)
     # Vocabulary ids come from the tokenizer when it has them: it is what generation will use.
     bos = tokenizer.bos_id if tokenizer.bos_id is not None else config.bos_token_id
     eos = tokenizer.eos_id if tokenizer.eos_id is not None else config.eos_token_id

@@ -83,3 +83,58 @@ def download(hub_id: str, *, name: str | None = None) -> Path:
             "loads Hugging Face transformers checkpoints (or a local .gguf file)"
         )
     return path
+
+
+# Written by nanotune for its own bookkeeping, never part of a published model.
+PUSH_IGNORE = [".nanotune", ".tmp-*", ".old-*"]
+
+
+def push_token(repo_id: str, token: str | None = None) -> str:
+    """The token to push `repo_id` with, checked before anything slow: refused offline, without a
+    token, or for a malformed repository id."""
+    from huggingface_hub import constants, get_token
+
+    from nanotune.weights.resolve import HUB_ID
+
+    if not HUB_ID.match(repo_id):
+        raise NanotuneError(
+            f"hub repository id {repo_id!r} is not of the form owner/name (e.g. you/my-lora)"
+        )
+    if _env_true("HF_HUB_OFFLINE") or constants.HF_HUB_OFFLINE:
+        # Not an OfflineError: its fix is "load the model from local files", no help here.
+        raise NanotuneError(
+            f"cannot push to {repo_id!r}: HF_HUB_OFFLINE is set; unset it where the hub is "
+            "reachable, then run nanotune push RUN_DIR REPO_ID"
+        )
+    token = token or get_token()
+    if not token:
+        raise NanotuneError(
+            f"cannot push to {repo_id!r}: no Hugging Face token; pass --token, set HF_TOKEN or "
+            "log in once (hf auth login)"
+        )
+    return token
+
+
+def upload(folder: Path, repo_id: str, *, private: bool = False, token: str | None = None) -> str:
+    """Create `repo_id` if needed and upload the files of `folder` to it; the repository's URL."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    token = push_token(repo_id, token)
+    api = HfApi(token=token)
+    try:
+        url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        api.upload_folder(
+            repo_id=repo_id,
+            folder_path=str(folder),
+            repo_type="model",
+            ignore_patterns=PUSH_IGNORE,
+            commit_message="Upload with nanotune",
+        )
+    except HfHubHTTPError as e:
+        raise NanotuneError(f"pushing {folder} to {repo_id!r} failed: {e}") from None
+    except OSError as e:  # no route to the hub, a refused connection, a file read failure
+        raise NanotuneError(
+            f"pushing {folder} to {repo_id!r} failed ({e}); check the network and retry"
+        ) from None
+    return str(url)

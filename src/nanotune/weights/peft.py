@@ -32,6 +32,7 @@ from nanotune.methods.lora import Adapter, LoRALinear, lora_layers, module_rows,
 from nanotune.models.config import ModelConfig
 from nanotune.models.names import HF_BLOCK_PREFIX, HF_MODULES
 from nanotune.tokenizer import Tokenizer
+from nanotune.weights.resolve import hub_id_of
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -94,7 +95,9 @@ def _export_layer(
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model: str) -> Path:
     """Write the model's LoRA/DoRA adapters (and a classifier's `score`) as a PEFT folder that
-    `peft.PeftModel.from_pretrained(transformers_model, directory)` loads."""
+    `peft.PeftModel.from_pretrained(transformers_model, directory)` loads, and
+    `AutoPeftModelForCausalLM.from_pretrained(directory)` too: the base is named by its hub id
+    (or absolute path), never by a nanotune preset name (`weights.resolve.hub_id_of`)."""
     body = _body(model)
     config: ModelConfig = body.config
     layers = {p: m for p, m in lora_layers(body).items() if m.adapters}
@@ -141,7 +144,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model: str
     cfg = {
         "peft_type": "LORA",
         "task_type": "SEQ_CLS" if seq_cls else "CAUSAL_LM",
-        "base_model_name_or_path": base_model,
+        "base_model_name_or_path": hub_id_of(base_model),
         "r": r,
         "lora_alpha": alpha,
         "lora_dropout": dropout,

@@ -79,6 +79,20 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.endswith(".gguf") or "\\" in name
 
 
+def hub_id_of(name: str) -> str:
+    """The name the ecosystem (transformers, PEFT, the Hub) knows a base model by: a preset's hub
+    id, a local folder or file as an absolute path, anything else as given.
+
+    What nanotune writes as `base_model_name_or_path` and `_name_or_path`; `resolve` maps each
+    back (a preset's hub id is one of its aliases, so SmolLM2 still loads from its package).
+    """
+    preset = find_preset(name)
+    if preset is not None and preset.hub_id:
+        return preset.hub_id
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.exists() else name
+
+
 def resolve(name: str) -> Resolved:
     """Find a model by name, in this order:
 

@@ -1,0 +1,250 @@
+"""What a run leaves for the ecosystem: base model ids transformers/PEFT resolve, the model card,
+`nanotune push`, and the experiment trackers of train.report_to."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from nanotune.cli import main
+from nanotune.config import RunConfig
+from nanotune.errors import NanotuneError
+from nanotune.jobs import artifacts
+from nanotune.jobs.card import model_card
+from nanotune.jobs.finetune import train
+from nanotune.models.config import PRESETS
+from nanotune.training.config import TrainConfig
+from nanotune.weights.resolve import find_preset, hub_id_of
+
+ROWS = [{"prompt": f"say {w}", "completion": f" {w} {w}"} for w in "red green blue gold".split()]
+
+
+def _data(tmp_path: Path) -> Path:
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in ROWS * 2))
+    return path
+
+
+def _config(tmp_path: Path, model: str, method: str = "lora", **train) -> RunConfig:
+    data = _data(tmp_path)
+    return RunConfig.from_dict(
+        {
+            "model": model,
+            "method": {"name": method, "r": 2, "alpha": 4},
+            "data": {"source": str(data), "val_source": str(data), "max_length": 32},
+            "train": {"max_steps": 1, "micro_batch_size": 4, **train},
+            "output_dir": str(tmp_path / "run"),
+        }
+    )
+
+
+def _card_header(folder: Path) -> dict:
+    text = (folder / "README.md").read_text()
+    assert text.startswith("---\n")
+    return yaml.safe_load(text.split("---\n")[1])
+
+
+# --- base model ids -----------------------------------------------------------------------------
+
+
+def test_hub_id_of_presets_paths_and_ids(tmp_path, monkeypatch):
+    assert hub_id_of("smollm2") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert hub_id_of("gpt2") == "openai-community/gpt2"
+    assert hub_id_of("distilgpt2") == "distilbert/distilgpt2"
+    for preset in PRESETS.values():
+        # Written as the hub id, read back as the same preset (SmolLM2: from its package, offline).
+        assert find_preset(hub_id_of(preset.name)) is preset
+    (tmp_path / "base").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert hub_id_of("base") == str(tmp_path.resolve() / "base")
+    assert hub_id_of("someone/model") == "someone/model"
+
+
+def test_full_run_names_its_base_in_config_json(tmp_path, tiny_gpt2_dir):
+    final = train(_config(tmp_path, str(tiny_gpt2_dir), "full"), progress=False).final_dir
+    saved = json.loads((final / "config.json").read_text())
+    assert saved["_name_or_path"] == str(tiny_gpt2_dir.resolve())
+    header = _card_header(final)
+    assert header["library_name"] == "transformers" and header["tags"] == ["nanotune", "full"]
+    assert "base_model" not in header  # a local folder is no Hub id
+
+
+# --- the model card ---------------------------------------------------------------------------
+
+
+def test_lora_run_writes_a_model_card_inside_final(tmp_path, tiny_gpt2_dir):
+    result = train(_config(tmp_path, str(tiny_gpt2_dir)), progress=False)
+    final = result.final_dir
+    header = _card_header(final)
+    assert header["library_name"] == "peft" and header["pipeline_tag"] == "text-generation"
+    assert header["tags"] == ["nanotune", "lora"]
+    card = (final / "README.md").read_text()
+    assert str(tiny_gpt2_dir.resolve()) in card and "| `r` | `2` |" in card
+    assert "| train | 8 | 8 |" in card  # data counts: rows, examples
+    assert "| perplexity |" in card  # the before/after table
+    marker = json.loads((final / ".nanotune").read_text())
+    assert "README.md" in marker["owns"]  # written in the same atomic swap as the adapter
+
+
+def test_model_card_header_for_a_preset_base():
+    config = RunConfig.from_dict(
+        {"model": "smollm2", "method": {"name": "qlora"}, "data": {"source": "hf:org/chats"}}
+    ).to_dict()
+    card = model_card(
+        config,
+        adapter=True,
+        classifier=False,
+        before={"perplexity": 9.0},
+        after={"perplexity": 6.0},
+    )
+    header = yaml.safe_load(card.split("---\n")[1])
+    assert header == {
+        "base_model": "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "library_name": "peft",
+        "tags": ["nanotune", "qlora", "lora"],
+        "pipeline_tag": "text-generation",
+        "datasets": ["org/chats"],
+    }
+    assert "| perplexity | 9.0000 | 6.0000 | -3.0000 | better |" in card
+    assert "| `quant` | `nf4` |" in card
+
+
+# --- push -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tiny_gpt2_dir) -> Path:
+    """One LoRA run shared by the push tests (they only read it)."""
+    tmp = tmp_path_factory.mktemp("push")
+    return train(_config(tmp, str(tiny_gpt2_dir)), progress=False).run_dir
+
+
+def test_push_offline_is_one_clear_line(run_dir, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["push", str(run_dir), "me/my-lora", "--token", "t"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("nanotune: error: cannot push to 'me/my-lora': HF_HUB_OFFLINE is set")
+    assert err.count("\n") == 1
+
+
+def test_push_without_a_token_is_one_clear_line(run_dir, monkeypatch, capsys):
+    import huggingface_hub
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    assert main(["push", str(run_dir), "me/my-lora"]) == 2
+    err = capsys.readouterr().err
+    assert "no Hugging Face token; pass --token, set HF_TOKEN" in err and err.count("\n") == 1
+
+
+def test_push_uploads_exactly_final_without_the_marker(run_dir, monkeypatch, capsys):
+    import huggingface_hub
+    from huggingface_hub.utils import filter_repo_objects
+
+    calls = {}
+
+    class FakeApi:
+        def __init__(self, token=None):
+            calls["token"] = token
+
+        def create_repo(self, repo_id, **kw):
+            calls["create"] = (repo_id, kw["private"])
+            return f"https://huggingface.co/{repo_id}"
+
+        def upload_folder(self, *, repo_id, folder_path, ignore_patterns, **kw):
+            # What the real upload_folder sends: the folder's files through the same filter.
+            files = sorted(
+                str(p.relative_to(folder_path)) for p in Path(folder_path).rglob("*") if p.is_file()
+            )
+            calls["upload"] = (repo_id, folder_path)
+            calls["files"] = sorted(filter_repo_objects(files, ignore_patterns=ignore_patterns))
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    assert main(["push", str(run_dir), "me/my-lora", "--private", "--token", "tok"]) == 0
+    assert "pushed to https://huggingface.co/me/my-lora" in capsys.readouterr().out
+    final = run_dir / "final"
+    assert calls["token"] == "tok" and calls["create"] == ("me/my-lora", True)
+    assert calls["upload"] == ("me/my-lora", str(final))
+    expected = sorted(p.name for p in final.iterdir() if p.name != ".nanotune")
+    assert calls["files"] == expected
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= set(expected)
+    # final/ itself is accepted too, and a folder that is no output is refused.
+    assert main(["push", str(final), "me/my-lora", "--token", "tok"]) == 0
+    with pytest.raises(NanotuneError, match="neither a run directory"):
+        artifacts.push(run_dir / "checkpoints", "me/my-lora", token="tok")
+
+
+def test_push_to_hub_without_a_token_is_refused_before_training(
+    tmp_path, tiny_gpt2_dir, monkeypatch
+):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    config = _config(tmp_path, str(tiny_gpt2_dir), push_to_hub="me/my-lora")
+    with pytest.raises(NanotuneError, match="no Hugging Face token"):
+        train(config, progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+# --- trackers ---------------------------------------------------------------------------------
+
+
+def test_a_tracker_that_is_not_installed_is_refused_in_the_config(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a)
+    )
+    with pytest.raises(
+        NanotuneError, match="train.report_to: wandb is not installed; pip install wandb"
+    ):
+        TrainConfig(report_to=["wandb"])
+    with pytest.raises(NanotuneError, match="report_to\\[0\\]: 'wandbb' is not one of"):
+        RunConfig.from_dict({"train": {"report_to": ["wandbb"]}})
+
+
+def test_no_tracker_by_default(run_dir):
+    assert (run_dir / "metrics.jsonl").is_file() and not (run_dir / "tensorboard").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None, reason="needs tensorboard")
+def test_tensorboard_when_named_writes_event_files(tmp_path, tiny_gpt2_dir):
+    config = _config(tmp_path, str(tiny_gpt2_dir), report_to=["tensorboard"])
+    run = train(config, progress=False).run_dir
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_the_smollm2_hub_id_resolves_to_the_packaged_gguf(smollm2_gguf, monkeypatch):
+    """What an adapter over the SmolLM2 preset records, nanotune loads offline from its package."""
+    from nanotune.weights.resolve import resolve
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    found = resolve(hub_id_of("smollm2-135m-instruct"))
+    assert found.kind == "package" and found.path == smollm2_gguf
+
+
+@pytest.mark.real_model
+def test_adapter_over_smollm2_loads_back_from_its_hub_id_offline(tmp_path, monkeypatch):
+    from nanotune.methods import MethodConfig, apply_method, lora_layers
+    from nanotune.models import Transformer
+    from nanotune.tokenizer import gpt2_tokenizer
+    from nanotune.weights.peft import save_adapter
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    shape = PRESETS["smollm2-135m-instruct"].config
+    model = apply_method(Transformer(shape), MethodConfig(name="lora", r=2, targets=["q_proj"]))
+    save_adapter(model, tmp_path / "adapter", "smollm2-135m-instruct")
+    assert artifacts.base_of(tmp_path / "adapter") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    loaded, tokenizer = artifacts.load(adapter=tmp_path / "adapter")
+    got = loaded.config
+    assert (got.family, got.n_layer, got.n_embd) == ("llama", shape.n_layer, shape.n_embd)
+    assert len(lora_layers(loaded)) == shape.n_layer
+    assert tokenizer.vocab_size == shape.vocab_size != gpt2_tokenizer().vocab_size
