@@ -5,11 +5,9 @@ Knows models, tokenizers and batches only through their documented interfaces, n
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import Any
-
 from nanotune.eval.compare import compare, compare_rows
 from nanotune.eval.config import METRICS, EvalConfig
+from nanotune.lazy import lazy_exports
 
 # The torch-using modules load on first use: the config (and `nanotune --help`) stays light.
 _LAZY = {
@@ -52,8 +50,4 @@ __all__ = [
     "write_report",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(import_module(f"{__name__}.{_LAZY[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _LAZY)

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import Any
-
+from nanotune.lazy import lazy_exports
 from nanotune.methods.config import MethodConfig
 
 # The torch-using modules load on first use: the config (and `nanotune --help`) stays light.
@@ -31,8 +29,4 @@ __all__ = [
     "trainable_report",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(import_module(f"{__name__}.{_LAZY[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _LAZY)

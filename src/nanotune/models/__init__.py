@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import Any
-
+from nanotune.lazy import lazy_exports
 from nanotune.models.config import DEFAULT_MODEL, PRESET_ALIASES, PRESETS, ModelConfig, Preset
 
 # The torch-using modules load on first use: the config (and `nanotune --help`) stays light.
@@ -23,8 +21,4 @@ __all__ = [
     "Transformer",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(import_module(f"{__name__}.{_LAZY[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _LAZY)

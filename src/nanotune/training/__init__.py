@@ -5,9 +5,7 @@ One whole fine-tuning job is `nanotune.train(...)` (`nanotune.jobs.finetune.trai
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import Any
-
+from nanotune.lazy import lazy_exports
 from nanotune.training.config import TrainConfig
 
 # The torch-using modules load on first use: the config (and `nanotune --help`) stays light.
@@ -50,8 +48,4 @@ __all__ = [
     "trainable_summary",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(import_module(f"{__name__}.{_LAZY[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _LAZY)
