@@ -139,3 +139,20 @@ def test_the_checker_sees_circles_and_wrong_directions():
     graph = import_graph()
     assert "nanotune.files.atomic" in graph["nanotune.training.checkpoint"]
     assert "nanotune.models.transformer" in graph["nanotune.weights.hf"]
+
+
+def test_one_writer():
+    """Temp-then-rename lives in files/atomic.py alone; every other writer goes through it."""
+    import re
+
+    pattern = re.compile(
+        r"os\.replace\(|os\.rename\(|\.rename\(|\.replace\(\w*path|mkstemp|mkdtemp"
+    )
+    found = [
+        f"{path.relative_to(PACKAGE)}:{n}"
+        for path in sorted(PACKAGE.rglob("*.py"))
+        if path != PACKAGE / "files" / "atomic.py"
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if pattern.search(line)
+    ]
+    assert found == []

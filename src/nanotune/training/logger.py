@@ -12,6 +12,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from nanotune.errors import NanotuneError
+from nanotune.files.atomic import atomic_write
 from nanotune.training.dist import is_main
 
 Scalars = dict[str, float]
@@ -99,9 +100,7 @@ class RunLogger:
                 ) from e
             if record.get("step", 0) <= step:
                 kept.append(line)
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(ln + "\n" for ln in kept))
-        tmp.replace(self.path)
+        atomic_write(self.path, "".join(ln + "\n" for ln in kept))
 
     def info(self, message: str) -> None:
         if self.main:

@@ -21,10 +21,11 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
 from nanotune.errors import NanotuneError
+from nanotune.files.atomic import atomic_write
 from nanotune.files.read import check_finite, read_json_object, read_safetensors
 from nanotune.methods import nf4
 from nanotune.methods.classifier import SequenceClassifier
@@ -162,14 +163,10 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model: str
     if embeddings and not seq_cls and config.tie_embeddings:
         cfg["ensure_weight_tying"] = True  # PEFT keeps its head copy tied to the embedding
     out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    # Each file is written beside its final name and renamed: a reader never sees half a file.
-    tmp = out / (WEIGHTS_FILE + ".tmp")
-    save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, out / WEIGHTS_FILE)
-    tmp = out / (CONFIG_FILE + ".tmp")
-    tmp.write_text(json.dumps(cfg, indent=2) + "\n")
-    os.replace(tmp, out / CONFIG_FILE)
+    # A reader never sees half a file (and final/ as a whole is swapped in by jobs/artifacts).
+    weights = safetensors_bytes({k: v.cpu() for k, v in tensors.items()}, metadata={"format": "pt"})
+    atomic_write(out / WEIGHTS_FILE, weights)
+    atomic_write(out / CONFIG_FILE, json.dumps(cfg, indent=2) + "\n")
     return out
 
 
