@@ -171,6 +171,18 @@ CASES: list[tuple[str, Callable[[Path], None] | None, list[str], str]] = [
     ("no-config", None, ["train", "nosuch.yaml"], "nosuch.yaml"),
     ("resume-and-overwrite", None, [*TRAIN, "--resume", "--overwrite"], "--resume"),
     ("resume-nothing", None, [*TRAIN, "--resume"], "nothing to resume"),
+    (
+        "resume-broken-config",
+        _write("runs/run/config.yaml", "model: [unclosed\n"),
+        [*TRAIN, "--resume"],
+        "config.yaml",
+    ),
+    (
+        "resume-config-not-mapping",
+        _write("runs/run/config.yaml", "- a list\n"),
+        [*TRAIN, "--resume"],
+        "config.yaml",
+    ),
     # data
     ("data-missing", None, [*TRAIN, "data.source=trian.jsonl"], "trian.jsonl"),
     (

@@ -16,6 +16,7 @@ import yaml
 from nanotune.config import RunConfig, load_config
 from nanotune.errors import NanotuneError, OfflineError
 from nanotune.files.atomic import RunDir, atomic_write, check_target
+from nanotune.files.read import read_text
 from nanotune.jobs import artifacts
 
 # What a resumed run must share with the original: the model, the method, the data and what
@@ -63,7 +64,14 @@ def _check_resumable(run_dir: Path, config: RunConfig) -> None:
     saved = run_dir / "config.yaml"
     if not saved.is_file():
         raise NanotuneError(f"{run_dir}: no config.yaml to resume from; start without --resume")
-    old = _flatten(yaml.safe_load(saved.read_text()) or {})
+    fix = "restore it from a copy, or start a new run (--overwrite or another output_dir)"
+    try:
+        old = yaml.safe_load(read_text(saved, "the run's config", fix))
+    except yaml.YAMLError as e:
+        raise NanotuneError(f"{saved}: not valid YAML, so the run cannot resume; {fix}") from e
+    if not isinstance(old, dict):
+        raise NanotuneError(f"{saved}: not a run config, so the run cannot resume; {fix}")
+    old = _flatten(old)
     new = _flatten(config.to_dict())
     differ = sorted(
         k
