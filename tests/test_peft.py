@@ -642,7 +642,17 @@ def test_smollm2_adapter_loads_in_peft_by_its_hub_id(smollm2, tmp_path, monkeypa
     model = Transformer(base.config)
     model.load_state_dict(base.state_dict())  # a copy: the session fixture stays untouched
     apply_method(model, MethodConfig(name="lora", r=4, targets=["q_proj", "v_proj", "down_proj"]))
-    randomise(model)
+    # Trained, not randomised: a few AdamW steps give the adapter the scale real runs have.
+    batch = torch.tensor([tokenizer.encode("Paris is the capital of France.")])
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=1e-3)
+    for _ in range(4):
+        logits = model(batch[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert any(p.abs().max() > 0 for n, p in model.named_parameters() if "lora_B" in n)
     save_adapter(model.eval(), tmp_path / "adapter", "smollm2-135m-instruct")
     hub_id = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())[
         "base_model_name_or_path"
@@ -660,5 +670,4 @@ def test_smollm2_adapter_loads_in_peft_by_its_hub_id(smollm2, tmp_path, monkeypa
     ids = torch.tensor([tokenizer.encode("The capital of France is")])
     with torch.no_grad():
         ours, theirs = model(ids), hf(ids).logits
-    # fp32 summation order over 30 adapted blocks, on logits of size ~15: 1e-4 of their scale.
-    assert (theirs - ours).abs().max() < 1e-4 * ours.abs().max()
+    assert (theirs - ours).abs().max() <= 1e-4
