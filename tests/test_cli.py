@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import re
 import subprocess
 import sys
@@ -190,6 +191,9 @@ def test_export_round_trips_and_refuses_an_existing_dir(tiny_gpt2, tiny_gpt2_dir
     out = tmp_path / "exported"
     assert main(["export", "--model", str(tiny_gpt2_dir), str(out)]) == 0
     capsys.readouterr()
+    # config.json names what it was exported from, as transformers records it
+    name = json.loads((out / "config.json").read_text())["_name_or_path"]
+    assert name == str(tiny_gpt2_dir.resolve())
     model, tok = load_model(str(out))
     cfg = GenerationConfig(max_new_tokens=10)
     assert generate(model, tok, ["Hi"], cfg) == generate(*tiny_gpt2, ["Hi"], cfg)

@@ -269,14 +269,22 @@ def cmd_export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from nanotune.files.atomic import check_target
+    from nanotune.methods import SequenceClassifier
     from nanotune.weights import save_model
+    from nanotune.weights.resolve import hub_id_of
 
     out = Path(args.out_dir)
     inputs = [p for p in (args.model,) if p and Path(p).exists()]
     # Refuse before the (slow) load; save_model checks again and writes atomically.
     check_target(out, overwrite=args.overwrite, inputs=inputs)
     model, tokenizer = _load(args)
-    save_model(model, tokenizer, out, overwrite=args.overwrite, inputs=inputs)
+    if isinstance(model, SequenceClassifier):
+        raise NanotuneError(
+            f"{args.model or args.adapter}: a classifier; export writes language models (a "
+            "classifier's folder is already an HF folder or adapter plus its head)"
+        )
+    base = hub_id_of(args.model) if args.model else None
+    save_model(model, tokenizer, out, overwrite=args.overwrite, inputs=inputs, base_model=base)
     print(f"wrote {out}")
     return 0
 
