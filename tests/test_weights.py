@@ -367,6 +367,11 @@ def test_shard_listed_but_missing(tiny_gpt2_dir, tmp_path):
             '"layer_norm_epsilon": NaN}',
             r"config\.json: norm_eps must be a positive finite number, got nan",
         ),
+        (
+            '{"model_type": "llama", "vocab_size": 64, "num_hidden_layers": 1, "hidden_size": 8, '
+            '"num_attention_heads": 2, "intermediate_size": 16, "rope_scaling": "linear"}',
+            r"config\.json: rope_scaling must be a mapping",
+        ),
     ],
 )
 def test_config_json_of_the_wrong_shape(tiny_gpt2_dir, tmp_path, text, message):
@@ -595,3 +600,10 @@ def test_gguf_with_nan_is_refused_naming_the_tensor(tmp_path, name):
     _write_tiny_llama_gguf(path, poison=name)
     with pytest.raises(NanotuneError, match=rf"nan\.gguf: tensor '{name}' holds NaN values"):
         load_gguf_model(path)
+
+
+def test_gguf_tensor_names_without_a_block_number_are_refused():
+    from nanotune.weights.gguf import _hf_name
+
+    assert _hf_name("blk.3.attn_q.weight") == "model.layers.3.self_attn.q_proj.weight"
+    assert _hf_name("blk.x.attn_q.weight") is None and _hf_name("blk.weight") is None

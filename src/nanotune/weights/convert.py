@@ -61,7 +61,7 @@ def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> ModelConfi
             rope_theta=hf.get(
                 "rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)
             ),
-            rope_scaling=_rope_scaling(hf),
+            rope_scaling=_rope_scaling(hf, where),
             mlp="swiglu",
             attn_bias=hf.get("attention_bias", False),
             mlp_bias=hf.get("mlp_bias", False),
@@ -75,10 +75,15 @@ def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> ModelConfi
     )
 
 
-def _rope_scaling(hf: dict[str, Any]) -> dict[str, Any] | None:
+def _rope_scaling(hf: dict[str, Any], where: str = "config.json") -> dict[str, Any] | None:
     scaling = hf.get("rope_scaling") or hf.get("rope_parameters")
     if not scaling:
         return None
+    if not isinstance(scaling, dict):
+        raise NanotuneError(
+            f"{where}: rope_scaling must be a mapping (e.g. {{rope_type: llama3, factor: 8}}) or "
+            f"null, got {scaling!r}; re-save the model (save_pretrained)"
+        )
     kind = scaling.get("rope_type", scaling.get("type"))
     if kind in (None, "default"):
         return None

@@ -110,9 +110,9 @@ def config_from_gguf(reader: GGUFReader, where: str) -> ModelConfig:
 def _hf_name(name: str) -> str | None:
     stem, _, kind = name.rpartition(".")  # kind: weight or bias
     if stem.startswith("blk."):
-        _, layer, part = stem.split(".", 2)
+        _, layer, part = (stem.split(".", 2) + ["", ""])[:3]
         hf = BLOCK_NAMES.get(part)
-        return f"model.layers.{layer}.{hf}.{kind}" if hf else None
+        return f"model.layers.{layer}.{hf}.{kind}" if hf and layer.isdigit() else None
     hf = TOP_NAMES.get(stem)
     return f"{hf}.{kind}" if hf else None
 
