@@ -169,3 +169,37 @@ def test_sigkill_while_writing_leaves_a_whole_artifact(kind, tmp_path):
             assert torch.equal(weights["w"], wte[state["step"]])
     atomic_dir(out, lambda d: (d / "x").write_text("x"), kind=kind)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["artifact"]
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_a_killed_swap_is_repaired_before_any_check(tmp_path):
+    """An old run that a killed --overwrite had moved aside comes back before the target is
+    judged, so a plain run cannot slip into it; a sibling's leftovers are not taken."""
+    pid = _dead_pid()
+    old = tmp_path / f".old-{pid}-run"
+    old.mkdir()
+    (old / "config.yaml").write_text("mine")
+    other = tmp_path / f".old-{pid}-run-2"
+    other.mkdir()
+    stale = tmp_path / f".tmp-{pid}-run-abcd1234"
+    stale.mkdir()
+    with pytest.raises(NanotuneError, match="already exists"):
+        check_target(tmp_path / "run", overwrite=False)
+    assert (tmp_path / "run" / "config.yaml").read_text() == "mine"
+    assert other.is_dir() and not stale.exists() and not (tmp_path / "run-2").exists()
+
+
+def test_a_failed_run_in_an_empty_folder_leaves_it_empty(tmp_path):
+    from nanotune.files.atomic import RunDir
+
+    (tmp_path / "out").mkdir()
+    run = RunDir(tmp_path / "out", ["config.yaml", "metrics.jsonl"])
+    path = run.open(overwrite=False)
+    (path / "config.yaml").write_text("x")
+    run.close(keep_new=False)
+    assert (tmp_path / "out").is_dir() and list((tmp_path / "out").iterdir()) == []

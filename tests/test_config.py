@@ -133,9 +133,10 @@ def test_train_cli_guards_the_run_directory(recipe, tmp_path, capsys):
     assert "train.lr: must be > 0" in capsys.readouterr().err
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == snapshot
 
-    # A compatible resume (more steps) continues from step 4 instead of starting over.
-    assert main(["train", str(recipe), "train.max_steps=6", "--resume"]) == 2  # schedule changed
-    assert "checkpoint was made for 4 steps" in capsys.readouterr().err
+    # Another schedule length is refused before anything is written, config.yaml included.
+    assert main(["train", str(recipe), "train.max_steps=6", "--resume"]) == 2
+    assert "train.max_steps (4 -> 6)" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == snapshot
     assert main(["train", str(recipe), "train.max_steps=2", "--overwrite"]) == 0
     assert not (run / "checkpoints" / "step-4").exists()
 
@@ -425,3 +426,18 @@ def test_dry_run_on_every_recipe(name, capsys, tmp_path, tiny_gpt2_dir):
     assert re.search(r"^train: \d+ examples from \d+ rows", out, re.M), out
     assert re.search(r"^trainable [\d,]+ / [\d,]+ \(", out, re.M), out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.jsonl"]  # wrote nothing
+
+
+def test_resume_reads_the_saved_config_as_today_reads_it(tmp_path):
+    """A run saved before a rename (data.block_size) or before a field existed resumes."""
+    from nanotune.jobs.finetune import _check_resumable
+
+    config = RunConfig.from_dict({"data": {"source": "x.jsonl", "chunk_tokens": 64}})
+    saved = config.to_dict()
+    saved["data"]["block_size"] = saved["data"].pop("chunk_tokens")
+    del saved["train"]["report_to"]  # a field this version added
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    _check_resumable(tmp_path, config)
+    other = RunConfig.from_dict({"data": {"source": "x.jsonl", "chunk_tokens": 32}})
+    with pytest.raises(NanotuneError, match=r"data.chunk_tokens \(64 -> 32\)"):
+        _check_resumable(tmp_path, other)

@@ -31,7 +31,6 @@ from nanotune.version import __version__
 MARKER = ".nanotune"
 _TMP = ".tmp-"  # temporary siblings: .tmp-<pid>-<name>-<random>
 _OLD = ".old-"  # an old folder during a swap, or a run kept until its replacement ends: .old-<pid>-<name>
-_LEFTOVER = re.compile(r"^\.(tmp|old)-(\d+)-(.+?)(-[a-z0-9_]{8})?$")
 
 
 # --- files -----------------------------------------------------------------------------------
@@ -128,6 +127,9 @@ def check_target(
     current folder, the home folder or any of `inputs` (the run's config, data, model, adapter).
     """
     target = Path(target).expanduser()
+    # A killed writer's leftovers first: an old folder it had moved aside is put back, so the
+    # checks below see what the user really has there.
+    clean_leftovers(target)
     if target.exists() and not target.is_dir():
         raise NanotuneError(f"{target} exists and is not a folder; choose another {what}")
     if not target.exists() or not any(target.iterdir()):
@@ -209,13 +211,20 @@ def _alive(pid: int) -> bool:
 
 
 def _leftovers(directory: Path, kind: str) -> list[Path]:
-    """Siblings `.<kind>-<pid>-<name>[-random]` of `directory` whose writer process is gone."""
+    """Siblings of `directory` that a writer now gone left: `.tmp-<pid>-<name>-<8 random>`
+    folders and files, or `.old-<pid>-<name>` folders. Names are matched exactly, so `run` never
+    takes the leftovers of `run-2`. A pid equal to ours is a dead process's (pids are reused, in
+    containers pid 1 by every run): this process cleans before it writes."""
     if not directory.parent.is_dir():
         return []
+    name = re.escape(directory.name)
+    pattern = re.compile(
+        rf"^\.tmp-(\d+)-{name}-[a-z0-9_]{{8}}$" if kind == "tmp" else rf"^\.old-(\d+)-{name}$"
+    )
     found = []
     for p in directory.parent.iterdir():
-        m = _LEFTOVER.match(p.name)
-        if m and m[1] == kind and m[3] == directory.name and not _alive(int(m[2])):
+        m = pattern.match(p.name)
+        if m and (int(m[1]) == os.getpid() or not _alive(int(m[1]))):
             found.append(p)
     return found
 
@@ -250,7 +259,6 @@ def atomic_dir(
     check_target(directory, overwrite=overwrite, inputs=inputs)
     try:
         directory.parent.mkdir(parents=True, exist_ok=True)
-        clean_leftovers(directory)
         tmp = Path(
             tempfile.mkdtemp(prefix=f"{_TMP}{os.getpid()}-{directory.name}-", dir=directory.parent)
         )
@@ -292,10 +300,10 @@ class RunDir:
         exists = check_target(self.path, overwrite=overwrite, inputs=inputs, what="output_dir")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            clean_leftovers(self.path)
             if exists:
-                self.previous = self.path.parent / f"{_OLD}{os.getpid()}-{self.path.name}"
-                os.rename(self.path, self.previous)
+                previous = self.path.parent / f"{_OLD}{os.getpid()}-{self.path.name}"
+                os.rename(self.path, previous)
+                self.previous = previous
             self.created = not self.path.exists()
             self.path.mkdir(exist_ok=True)
         except OSError as e:
@@ -311,6 +319,14 @@ class RunDir:
         else:
             if self.created:
                 shutil.rmtree(self.path, ignore_errors=True)
+            elif self.path.is_dir():  # an empty folder the user made: empty again
+                for name in [*self.owns, MARKER]:
+                    entry = self.path / name
+                    if entry.is_dir():
+                        shutil.rmtree(entry, ignore_errors=True)
+                    else:
+                        entry.unlink(missing_ok=True)
             if self.previous is not None:
+                shutil.rmtree(self.path, ignore_errors=True)
                 os.rename(self.previous, self.path)
         self.previous = None

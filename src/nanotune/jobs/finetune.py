@@ -19,8 +19,8 @@ from nanotune.files.atomic import RunDir, atomic_write, check_target
 from nanotune.files.read import read_text
 from nanotune.jobs import artifacts
 
-# What a resumed run must share with the original: the model, the method, the data and what
-# fixes the data order; training knobs such as eval_every may change.
+# What a resumed run must share with the original: the model, the method, the data, what fixes
+# the data order and the schedule's length; training knobs such as eval_every may change.
 RESUME_KEYS = (
     "model",
     "method",
@@ -28,6 +28,8 @@ RESUME_KEYS = (
     "train.seed",
     "train.micro_batch_size",
     "train.grad_accum",
+    "train.epochs",
+    "train.max_steps",
 )
 
 
@@ -71,7 +73,10 @@ def _check_resumable(run_dir: Path, config: RunConfig) -> None:
         raise NanotuneError(f"{saved}: not valid YAML, so the run cannot resume; {fix}") from e
     if not isinstance(old, dict):
         raise NanotuneError(f"{saved}: not a run config, so the run cannot resume; {fix}")
-    old = _flatten(old)
+    try:  # read as a config today reads it: renamed keys and new defaults compare equal
+        old = _flatten(RunConfig.from_dict(old, source=saved).to_dict())
+    except NanotuneError as e:
+        raise NanotuneError(f"cannot resume: {e}") from e
     new = _flatten(config.to_dict())
     differ = sorted(
         k
@@ -89,6 +94,7 @@ def _check_resumable(run_dir: Path, config: RunConfig) -> None:
 # Everything a run writes at the top of its directory: `--overwrite` replaces a run directory
 # only when it holds nothing else.
 RUN_ENTRIES = (
+    "wandb",  # train.report_to: [wandb] logs inside the run
     "config.yaml",
     "metrics.jsonl",
     "checkpoints",
