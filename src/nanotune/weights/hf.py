@@ -146,7 +146,7 @@ def save_model(
     `_name_or_path` (its hub id or absolute path, as transformers records it).
 
     An existing non-empty `directory` is refused unless `overwrite=True`, and even then only when
-    nanotune wrote it and it is none of `inputs` (see `weights.atomic.check_target`).
+    nanotune wrote it and it is none of `inputs` (see `files.atomic.check_target`).
     """
     return atomic_dir(
         directory,
