@@ -251,16 +251,26 @@ def cmd_models(args: argparse.Namespace) -> int:
 def _add_export(sub) -> None:
     p = sub.add_parser(
         "export",
-        help="write a model as a Hugging Face folder",
-        description="Write a model (preset, .gguf, folder) as an HF folder: "
-        "config.json, model.safetensors and tokenizer files.",
+        help="write a model as a Hugging Face folder or a llama.cpp/Ollama GGUF file",
+        description="Write a model (preset, .gguf, folder, a run's final/, or a base with "
+        "--adapter merged in) as an HF folder (config.json, model.safetensors, tokenizer files) "
+        "or, with --format gguf, as one .gguf file for llama.cpp and Ollama.",
     )
-    _add_model_args(p, adapter=False)
-    p.add_argument("out_dir", metavar="OUT_DIR", help="folder to create")
+    _add_model_args(p)
+    p.add_argument("out", metavar="OUT", help="folder to create (hf) or .gguf file to write (gguf)")
+    p.add_argument(
+        "--format", choices=("hf", "gguf"), default="hf", help="output format (default: hf)"
+    )
+    p.add_argument(
+        "--quant",
+        choices=("f32", "f16", "q8_0"),
+        help="GGUF weight type (default: f16); norms and biases stay f32, and q8_0 keeps a "
+        "matrix whose rows are not a multiple of 32 at f16, as llama.cpp does",
+    )
     p.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace OUT_DIR if nanotune wrote it (never a folder with other files)",
+        help="replace OUT if nanotune wrote it (hf: never a folder with other files); never an input",
     )
     p.set_defaults(func=cmd_export)
 
@@ -268,23 +278,40 @@ def _add_export(sub) -> None:
 def cmd_export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from nanotune.files.atomic import check_target
-    from nanotune.methods import SequenceClassifier
+    from nanotune.files.atomic import check_file_target, check_target
+    from nanotune.methods import SequenceClassifier, lora_layers
+    from nanotune.methods.lora import merge
     from nanotune.weights import save_model
+    from nanotune.weights.gguf_export import export_gguf
     from nanotune.weights.resolve import hub_id_of
 
-    out = Path(args.out_dir)
-    inputs = [p for p in (args.model,) if p and Path(p).exists()]
-    # Refuse before the (slow) load; save_model checks again and writes atomically.
-    check_target(out, overwrite=args.overwrite, inputs=inputs)
+    out = Path(args.out)
+    gguf = args.format == "gguf"
+    if args.quant is not None and not gguf:
+        raise NanotuneError("--quant applies to --format gguf only; drop it or add --format gguf")
+    inputs = [p for p in (args.model, args.adapter) if p and Path(p).exists()]
+    # Refuse before the (slow) load; the writers check again and write atomically.
+    (check_file_target if gguf else check_target)(out, overwrite=args.overwrite, inputs=inputs)
     model, tokenizer = _load(args)
     if isinstance(model, SequenceClassifier):
         raise NanotuneError(
-            f"{args.model or args.adapter}: a classifier; export writes language models (a "
+            f"{args.adapter or args.model}: a classifier; export writes language models (a "
             "classifier's folder is already an HF folder or adapter plus its head)"
         )
-    base = hub_id_of(args.model) if args.model else None
-    save_model(model, tokenizer, out, overwrite=args.overwrite, inputs=inputs, base_model=base)
+    if lora_layers(model):
+        model = merge(model)
+    if gguf:
+        export_gguf(
+            model,
+            tokenizer,
+            out,
+            quant=args.quant or "f16",
+            overwrite=args.overwrite,
+            inputs=inputs,
+        )
+    else:
+        base = hub_id_of(args.model) if args.model else None
+        save_model(model, tokenizer, out, overwrite=args.overwrite, inputs=inputs, base_model=base)
     print(f"wrote {out}")
     return 0
 

@@ -1,6 +1,7 @@
 """The one writer: every artifact nanotune writes appears whole or not at all.
 
-- `atomic_write(path, data)`: a file, written beside its name, fsynced, renamed over it.
+- `atomic_write(path, data)`: a file, written beside its name, fsynced, renamed over it;
+  `atomic_file(path)` the same for a writer that opens the file itself (GGUF).
 - `atomic_dir(directory, write, ...)`: a folder, filled by `write(tmp)` in a temporary folder and
   swapped in at the end; the old folder stays whole until the new one is complete.
 - `RunDir`: the long-lived run directory, replaced under `--overwrite` only once the new run has
@@ -21,7 +22,8 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -58,27 +60,35 @@ def _write_error(e: OSError, path: Path) -> NanotuneError | None:
     return None
 
 
-def atomic_write(path: str | os.PathLike, data: str | bytes, *, mode: int = 0o644) -> Path:
-    """Write `data` to `path` so that a reader sees the old file or the new one, never half."""
+@contextmanager
+def atomic_file(path: str | os.PathLike, *, mode: int = 0o644) -> Iterator[Path]:
+    """A temporary path beside `path` to write; on success it is fsynced and renamed to `path`
+    (a reader sees the old file or the new one, never half), on any failure it is removed."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{_TMP}{os.getpid()}-{path.name}-")
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f"{_TMP}{os.getpid()}-{path.name}-")
+        os.close(fd)
     except OSError as e:
         raise (_write_error(e, path) or e) from e
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
+        _fsync(tmp)
         os.chmod(tmp, mode)  # mkstemp creates 0600; artifacts are meant to be shared
         os.replace(tmp, path)
     except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         if isinstance(e, OSError) and (clear := _write_error(e, path)):
             raise clear from e
         raise
-    return path
+
+
+def atomic_write(path: str | os.PathLike, data: str | bytes, *, mode: int = 0o644) -> Path:
+    """Write `data` to `path` so that a reader sees the old file or the new one, never half."""
+    with atomic_file(path, mode=mode) as tmp:
+        tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+    return Path(path)
 
 
 # --- ownership and overwrite checks ----------------------------------------------------------
@@ -159,6 +169,32 @@ def check_target(
             f"{target}: refusing to overwrite, it holds files nanotune did not write ({shown}); "
             f"move them out or choose another {what}"
         )
+    return True
+
+
+def check_file_target(
+    target: str | os.PathLike,
+    *,
+    overwrite: bool,
+    inputs: Iterable[str | os.PathLike] = (),
+    what: str = "output file",
+    flag: str = "--overwrite",
+) -> bool:
+    """`check_target` for a single file: an existing one needs `overwrite` and must be none of
+    `inputs` (nor inside an input folder); True when it already exists."""
+    target = Path(target).expanduser()
+    if target.is_dir():
+        raise NanotuneError(f"{target} is a folder; choose a file name for the {what}")
+    if not target.exists():
+        return False
+    if not overwrite:
+        raise NanotuneError(f"{target} already exists; choose another {what} or pass {flag}")
+    real = target.resolve()
+    for p in inputs:
+        if _is_within(real, Path(p).expanduser().resolve()):
+            raise NanotuneError(
+                f"{target}: refusing to overwrite the input {p}; choose another {what}"
+            )
     return True
 
 

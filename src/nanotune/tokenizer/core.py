@@ -14,7 +14,7 @@ from typing import Any
 from nanotune.errors import NanotuneError
 from nanotune.tokenizer import chat, hf_files
 from nanotune.tokenizer.backends import Backend
-from nanotune.tokenizer.gguf_vocab import read_gguf_vocab
+from nanotune.tokenizer.gguf_vocab import gguf_vocab_metadata, read_gguf_vocab
 
 
 class Tokenizer:
@@ -58,6 +58,18 @@ class Tokenizer:
         `GGUF_KEYS`); `where` names the file in errors. `weights.gguf` reads the file."""
         backend, settings = read_gguf_vocab(fields, where)
         return cls(backend, **settings)
+
+    def gguf_metadata(self, n_vocab: int) -> dict[str, Any]:
+        """The `tokenizer.*` GGUF metadata `from_gguf_metadata` reads back to this tokenizer, for
+        a model whose embedding has `n_vocab` rows (unused ids are padded as llama.cpp does)."""
+        settings = {
+            "bos_id": self.bos_id,
+            "eos_id": self.eos_id,
+            "pad_id": self._pad_id,
+            "add_bos": self.add_bos,
+            "chat_template": self.chat_template,
+        }
+        return gguf_vocab_metadata(self._backend, settings, n_vocab, self.name)
 
     # --- text ↔ ids ----------------------------------------------------------------------------
 

@@ -1,11 +1,13 @@
-"""The byte-level BPE a GGUF file describes in its `tokenizer.ggml.*` metadata.
+"""The byte-level BPE a GGUF file describes in its `tokenizer.ggml.*` metadata, both ways.
 
-This module reads no file: the weights loader opens the GGUF once and hands over the values of
-the keys in `GGUF_KEYS` already decoded (strings, ints, lists), as `gguf.GGUFReader` gives them.
+This module reads and writes no file: the weights loader opens the GGUF once and hands over the
+values of the keys in `GGUF_KEYS` already decoded (strings, ints, lists), as `gguf.GGUFReader`
+gives them; the GGUF exporter gets the same values back from `gguf_vocab_metadata` to write.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -53,7 +55,7 @@ GGUF_PRE_SPLITS: dict[str, str | None] = {
     "llama-v3": _LLAMA3_SPLIT,
     "qwen2": _QWEN2_SPLIT,
 }
-_GGUF_CONTROL, _GGUF_USER_DEFINED = 3, 4
+_GGUF_NORMAL, _GGUF_CONTROL, _GGUF_USER_DEFINED = 1, 3, 4
 
 
 def read_gguf_vocab(fields: Mapping[str, Any], where: str) -> tuple[Backend, dict[str, Any]]:
@@ -109,3 +111,69 @@ def _vocab(tokens: list[str]) -> dict[str, int]:
     """Token → id; tokens written in raw UTF-8 instead of the byte alphabet get respelled."""
     alphabet = set(byte_spelling().values())
     return {t if set(t) <= alphabet else spell(t.encode("utf-8")): i for i, t in enumerate(tokens)}
+
+
+def gguf_vocab_metadata(
+    backend: Backend, settings: Mapping[str, Any], n_vocab: int, where: str
+) -> dict[str, Any]:
+    """The `tokenizer.*` metadata (keys of `GGUF_KEYS`) that `read_gguf_vocab` reads back to this
+    vocabulary, laid out as llama.cpp's convert_hf_to_gguf writes a byte-level BPE.
+
+    `n_vocab`: the embedding's rows; ids the vocabulary leaves unused become `[PAD<id>]`
+    user-defined tokens, as llama.cpp pads them. `settings`: bos_id, eos_id, pad_id, add_bos,
+    chat_template (those of `Tokenizer`).
+    """
+    hf = backend.to_tokenizers()
+    spec = json.loads(hf.to_str())
+    if spec["model"].get("type") != "BPE" or (spec.get("decoder") or {}).get("type") != "ByteLevel":
+        raise NanotuneError(
+            f"{where}: only byte-level BPE vocabularies can be written to GGUF (this one is a "
+            f"{spec['model'].get('type')} model); export it as an HF folder instead"
+        )
+    vocab = hf.get_vocab(with_added_tokens=True)
+    if max(vocab.values()) >= n_vocab:
+        raise NanotuneError(
+            f"{where}: the tokenizer has {max(vocab.values()) + 1} ids but the model's embedding "
+            f"only {n_vocab} rows; resize the embedding to the tokenizer (train with it) first"
+        )
+    tokens = [f"[PAD{i}]" for i in range(n_vocab)]
+    types = [_GGUF_USER_DEFINED] * n_vocab
+    for token, i in vocab.items():
+        tokens[i], types[i] = token, _GGUF_NORMAL
+    for i, added in hf.get_added_tokens_decoder().items():
+        types[i] = _GGUF_CONTROL if added.special else _GGUF_USER_DEFINED
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    fields = {
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": _gguf_pre(spec.get("pre_tokenizer"), where),
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.merges": merges,
+        "tokenizer.ggml.token_type": types,
+        "tokenizer.ggml.bos_token_id": settings.get("bos_id"),
+        "tokenizer.ggml.eos_token_id": settings.get("eos_id"),
+        "tokenizer.ggml.padding_token_id": settings.get("pad_id"),
+        "tokenizer.ggml.add_bos_token": bool(settings.get("add_bos")),
+        "tokenizer.chat_template": settings.get("chat_template"),
+    }
+    return {key: value for key, value in fields.items() if value is not None}
+
+
+def _gguf_pre(pre: dict[str, Any] | None, where: str) -> str:
+    """The `tokenizer.ggml.pre` name of a tokenizer.json pre-tokenizer: how llama.cpp must split
+    text before BPE so that it finds the ids this tokenizer finds."""
+    steps = (pre or {}).get("pretokenizers") or [pre or {}]
+    kinds = [s.get("type") for s in steps]
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+        return "gpt2"
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits"):
+        return "smollm"  # SmolLM's own tokenizer.json: each digit alone, then GPT-2's split
+    if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
+        regex = (steps[0].get("pattern") or {}).get("Regex")
+        for name in ("llama-bpe", "qwen2"):
+            if regex == GGUF_PRE_SPLITS[name]:
+                return name
+    raise NanotuneError(
+        f"{where}: its pre-tokenizer ({' + '.join(map(str, kinds))}) is none GGUF names (gpt2, "
+        "smollm, llama-bpe, qwen2), so llama.cpp would split text differently; export it as an "
+        "HF folder instead"
+    )

@@ -1,0 +1,247 @@
+"""`nanotune export --format gguf`: the file loads back (in nanotune and in transformers) to the
+model it was written from, tokenizer included; bad requests are one line and write nothing."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from gguf import GGMLQuantizationType, GGUFReader
+
+from nanotune.cli import main
+from nanotune.generate import GenerationConfig, generate_ids
+from nanotune.weights import load_model
+from nanotune.weights.gguf_export import export_gguf
+
+TEXT = "Hello world, 12 + 34 = 46. <|im_start|>user\nhi<|im_end|>"
+
+
+def export(source, out, *extra: str) -> None:
+    assert main(["export", "--format", "gguf", "--model", str(source), *extra, str(out)]) == 0
+
+
+def logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids)
+
+
+def types(path) -> dict[str, GGMLQuantizationType]:
+    return {t.name: t.tensor_type for t in GGUFReader(path).tensors}
+
+
+@pytest.mark.parametrize(("quant", "tol"), [("f32", 1e-4), ("f16", 1e-2)])
+def test_tiny_gqa_llama_round_trips(tiny_llama_dir, tmp_path, quant, tol):
+    source, tokenizer = load_model(tiny_llama_dir)
+    out = tmp_path / "tiny.gguf"
+    export(tiny_llama_dir, out, "--quant", quant)
+    loaded, loaded_tokenizer = load_model(out)
+    ids = torch.randint(
+        0, source.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0)
+    )
+    assert (logits(loaded, ids) - logits(source, ids)).abs().max() < tol
+    # GGUF stores the epsilon as float32, so it comes back as float32's nearest 1e-5.
+    assert loaded.config.with_(norm_eps=source.config.norm_eps) == source.config
+    assert loaded.config.norm_eps == pytest.approx(source.config.norm_eps, rel=1e-6)
+    assert loaded_tokenizer.encode(TEXT) == tokenizer.encode(TEXT)
+    assert loaded_tokenizer.chat_template == tokenizer.chat_template
+    assert (loaded_tokenizer.bos_id, loaded_tokenizer.eos_id) == (
+        tokenizer.bos_id,
+        tokenizer.eos_id,
+    )
+    found = types(out)
+    assert (
+        found["output.weight"]
+        == found["blk.0.attn_q.weight"]
+        == GGMLQuantizationType[quant.upper()]
+    )
+    assert found["blk.0.attn_norm.weight"] == GGMLQuantizationType.F32  # norms always f32
+    fields = GGUFReader(out).fields
+    assert fields["general.architecture"].contents() == "llama"
+    assert fields["general.name"].contents() == "tiny"
+    assert fields["llama.attention.head_count_kv"].contents() == 2
+
+
+def test_tied_embeddings_write_no_output_tensor(tiny_llama_tied_dir, tmp_path):
+    source, _ = load_model(tiny_llama_tied_dir)
+    out = tmp_path / "tied.gguf"
+    export(tiny_llama_tied_dir, out, "--quant", "f32")
+    assert "output.weight" not in types(out)
+    loaded, _ = load_model(out)
+    assert loaded.config.tie_embeddings
+    ids = torch.arange(1, 30)[None]
+    assert (logits(loaded, ids) - logits(source, ids)).abs().max() < 1e-4
+
+
+def test_transformers_gguf_loader_reads_the_f32_export(tiny_llama_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "tiny.gguf"
+    export(tiny_llama_dir, out, "--quant", "f32")
+    want = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    got = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name).eval()
+    ids = torch.randint(0, 49152, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (got(ids).logits - want(ids).logits).abs().max() < 1e-4
+
+
+def test_q8_0_keeps_rows_that_are_no_whole_block_at_f16(tiny_llama_factory, tmp_path):
+    # hidden 48: attention and gate/up rows (48 values) are not a multiple of Q8_0's 32.
+    folder = tiny_llama_factory(hidden_size=48, intermediate_size=64)
+    out = tmp_path / "odd.gguf"
+    export(folder, out, "--quant", "q8_0")
+    found = types(out)
+    assert found["blk.0.attn_q.weight"] == found["blk.0.ffn_up.weight"] == GGMLQuantizationType.F16
+    assert found["blk.0.ffn_down.weight"] == GGMLQuantizationType.Q8_0  # rows of 64
+    assert found["output_norm.weight"] == GGMLQuantizationType.F32
+    source, _ = load_model(folder)
+    loaded, _ = load_model(out)
+    ids = torch.arange(1, 20)[None]
+    assert (logits(loaded, ids) - logits(source, ids)).abs().max() < 0.05
+
+
+def test_a_chat_run_adapter_exports_merged_with_its_added_tokens(tiny_llama_dir, tmp_path):
+    from nanotune.config import RunConfig
+    from nanotune.jobs import artifacts
+    from nanotune.jobs.finetune import train
+
+    rows = [{"user": f"say {w}", "assistant": f"{w} {w}"} for w in "red green blue gold".split()]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows * 3))
+    config = RunConfig.from_dict(
+        {
+            "model": {"name": str(tiny_llama_dir), "special_tokens": ["<tool>", "</tool>"]},
+            "method": {"name": "lora", "r": 4, "alpha": 8, "train_embeddings": True},
+            "data": {"source": str(tmp_path / "chat.jsonl"), "format": "chat"},
+            "train": {"max_steps": 2, "micro_batch_size": 4, "lr": 1e-2},
+            "output_dir": str(tmp_path / "run"),
+        }
+    )
+    final = train(config, progress=False).final_dir
+    tuned, tokenizer = artifacts.load(None, final)
+    out = tmp_path / "tuned.gguf"
+    assert (
+        main(["export", "--format", "gguf", "--quant", "f32", "--adapter", str(final), str(out)])
+        == 0
+    )
+    loaded, loaded_tokenizer = load_model(out)
+    assert loaded_tokenizer.vocab_size == tokenizer.vocab_size == 49152 + 2
+    assert loaded_tokenizer.special_tokens["<tool>"] == tokenizer.special_tokens["<tool>"]
+    assert loaded_tokenizer.chat_template == tokenizer.chat_template
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "say <tool>red</tool>"}], True
+    )
+    assert loaded_tokenizer.encode(text) == tokenizer.encode(text)
+    ids = torch.tensor([tokenizer.encode(text)])
+    assert (logits(loaded, ids) - logits(tuned, ids)).abs().max() < 1e-4
+
+
+def test_a_classifier_is_refused_in_one_line(tmp_path, tiny_llama_dir, capsys):
+    from nanotune.methods import SequenceClassifier
+    from nanotune.weights.classifier import save_classifier
+
+    body, tokenizer = load_model(tiny_llama_dir)
+    save_classifier(SequenceClassifier(body, 2, ["no", "yes"]), tmp_path / "clf", tokenizer)
+    capsys.readouterr()
+    argv = [
+        "export",
+        "--format",
+        "gguf",
+        "--model",
+        str(tmp_path / "clf"),
+        str(tmp_path / "c.gguf"),
+    ]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "a classifier" in err
+    assert not (tmp_path / "c.gguf").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clf"]  # no temp file left either
+
+
+def test_an_existing_file_or_an_input_is_never_overwritten(tiny_llama_dir, tmp_path, capsys):
+    out = tmp_path / "m.gguf"
+    out.write_bytes(b"mine")
+    argv = ["export", "--format", "gguf", "--model", str(tiny_llama_dir), str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "already exists" in err and "--overwrite" in err
+    assert out.read_bytes() == b"mine"
+    assert main([*argv, "--overwrite"]) == 0
+    first = out.read_bytes()
+    # Its own input, even with --overwrite: refused before anything is loaded or written.
+    assert main(["export", "--format", "gguf", "--model", str(out), str(out), "--overwrite"]) == 2
+    assert "refusing to overwrite the input" in capsys.readouterr().err
+    assert out.read_bytes() == first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
+    assert (
+        main(["export", "--model", str(tiny_llama_dir), "--quant", "q8_0", str(tmp_path / "x")])
+        == 2
+    )
+    assert "--format gguf" in capsys.readouterr().err
+
+
+def test_gpt2_is_refused_in_one_line(tiny_gpt2_dir, tmp_path, capsys):
+    argv = ["export", "--format", "gguf", "--model", str(tiny_gpt2_dir), str(tmp_path / "g.gguf")]
+    assert main(argv) == 2
+    assert "Llama-architecture models only" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- the real SmolLM2 --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smollm2_ids(smollm2):
+    _, tokenizer = smollm2
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "What is 2+2?"}], True)
+    return torch.tensor([tokenizer.encode(text)])
+
+
+@pytest.mark.real_model
+def test_smollm2_f32_export_is_exact(smollm2, smollm2_gguf, smollm2_ids, tmp_path):
+    model, tokenizer = smollm2
+    out = export_gguf(model, tokenizer, tmp_path / "s.gguf", quant="f32")
+    loaded, loaded_tokenizer = load_model(out)
+    assert torch.equal(logits(loaded, smollm2_ids), logits(model, smollm2_ids))
+    # The vocabulary is the source file's, token for token (types and merges included).
+    source, written = GGUFReader(smollm2_gguf).fields, GGUFReader(out).fields
+    for key in ("tokens", "token_type", "merges", "bos_token_id", "eos_token_id"):
+        assert (
+            written[f"tokenizer.ggml.{key}"].contents()
+            == source[f"tokenizer.ggml.{key}"].contents()
+        )
+    assert (
+        written["tokenizer.chat_template"].contents()
+        == source["tokenizer.chat_template"].contents()
+    )
+    assert written["llama.rope.freq_base"].contents() == source["llama.rope.freq_base"].contents()
+
+
+@pytest.mark.real_model
+def test_smollm2_f16_export_is_its_weights_rounded_to_f16(smollm2, smollm2_ids, tmp_path):
+    model, tokenizer = smollm2
+    out = export_gguf(model, tokenizer, tmp_path / "s.gguf", quant="f16")
+    loaded, _ = load_model(out)
+    # What f16 must give: every matrix rounded to f16, every 1-D tensor (norms) kept f32.
+    rounded = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in rounded.parameters():
+            if p.ndim > 1:
+                p.copy_(p.half().float())
+    got = logits(loaded, smollm2_ids)
+    assert (got - logits(rounded, smollm2_ids)).abs().max() < 1e-4
+    # Against the f32 source the rounding shows, on logits of a few units to tens: measured 0.13.
+    assert (got - logits(model, smollm2_ids)).abs().max() < 0.5
+
+
+@pytest.mark.real_model
+def test_smollm2_q8_0_export_greedy_decodes_the_same(smollm2, smollm2_ids, tmp_path):
+    model, tokenizer = smollm2
+    out = export_gguf(model, tokenizer, tmp_path / "s.gguf", quant="q8_0")
+    assert out.stat().st_size < 160 * 2**20  # about 1 byte a weight (the f32 file is 514 MiB)
+    loaded, _ = load_model(out)
+    config = GenerationConfig(max_new_tokens=16)
+    prompt = smollm2_ids[0].tolist()
+    want = generate_ids(model, [prompt], config, tokenizer)
+    got = generate_ids(loaded, [prompt], config, tokenizer)
+    assert got == want and len(want[0]) > 4
