@@ -366,10 +366,13 @@ class Trainer:
         path = self.ckpt_dir / f"step-{pos.step}"
         state = self._state(pos)
         weights = ckpt.trainable_state(self.model)
-        if is_main():
+
+        def write() -> None:
             ckpt.save_checkpoint(path, weights, state, self.resolved_config)
             ckpt.prune(self.ckpt_dir, self.config.keep_last)
-        barrier()
+
+        # on_main hands a failure on rank 0 (a full disk, say) to every rank: none waits alone.
+        dist.on_main(write)
         return path
 
     def _resume(self) -> tuple[_Position, list[str]]:
