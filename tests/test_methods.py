@@ -21,7 +21,6 @@ from nanotune.methods import (
     lora_layers,
     merge,
     nf4,
-    trainable_parameters,
     trainable_report,
 )
 from nanotune.models import ModelConfig, Transformer
@@ -46,7 +45,9 @@ def lm_loss(model: Transformer, ids: torch.Tensor) -> torch.Tensor:
 
 
 def train_steps(model, loss_fn, steps: int = 8, lr: float = 1e-2) -> list[float]:
-    opt = torch.optim.AdamW(trainable_parameters(model), lr=lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0
+    )
     losses = []
     for _ in range(steps):
         loss = loss_fn()

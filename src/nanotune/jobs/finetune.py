@@ -316,6 +316,7 @@ def dry_run(config: RunConfig) -> None:
 
 def _fit(config: RunConfig, setup: _Setup, run_dir: Path, *, resume: bool, progress: bool):
     from nanotune.data.batching import epoch_batches
+    from nanotune.methods import trainable_report
     from nanotune.training import Trainer, dist, objective_for
     from nanotune.training.dist import is_main, on_main, world_size
 
@@ -324,6 +325,7 @@ def _fit(config: RunConfig, setup: _Setup, run_dir: Path, *, resume: bool, progr
     if is_main():
         config.save(run_dir / "config.yaml")
         print(data.summary())
+        print(trainable_report(model))
     # The recipe's metrics before training, and after it on the same examples (every rank
     # evaluates, so none waits alone in a collective; rank 0 writes the results).
     examples = data.splits.get(config.eval.split, [])

@@ -8,7 +8,6 @@ from nanotune.methods.config import MethodConfig
 # The torch-using modules load on first use: the config (and `nanotune --help`) stays light.
 _LAZY = {
     "apply_method": "apply",
-    "trainable_parameters": "apply",
     "trainable_report": "apply",
     "SequenceClassifier": "classifier",
     "LoRALinear": "lora",
@@ -25,7 +24,6 @@ __all__ = [
     "apply_method",
     "lora_layers",
     "merge",
-    "trainable_parameters",
     "trainable_report",
 ]
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from nanotune.errors import NanotuneError
@@ -67,8 +66,3 @@ def trainable_report(model: nn.Module) -> str:
     if held:
         line += f"; NF4 base weights {held / 2**20:.1f} MiB (fp32 {fp32 / 2**20:.1f} MiB)"
     return line
-
-
-def trainable_parameters(model: nn.Module) -> list[torch.nn.Parameter]:
-    """The parameters an optimizer should hold (no state for frozen or NF4 weights)."""
-    return [p for p in model.parameters() if p.requires_grad]

@@ -25,7 +25,6 @@ _LAZY = {
     "build_optimizer": "trainer",
     "param_groups": "trainer",
     "seed_everything": "trainer",
-    "trainable_summary": "trainer",
 }
 
 __all__ = [
@@ -45,7 +44,6 @@ __all__ = [
     "param_groups",
     "save_checkpoint",
     "seed_everything",
-    "trainable_summary",
 ]
 
 __getattr__ = lazy_exports(__name__, _LAZY)

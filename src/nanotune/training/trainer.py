@@ -96,11 +96,6 @@ def parameter_counts(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-def trainable_summary(model: nn.Module) -> str:
-    trainable, total = parameter_counts(model)
-    return f"trainable {trainable:,} / {total:,} ({100 * trainable / max(1, total):.2f}%)"
-
-
 RESUME_HINT = "continue with: nanotune train CONFIG --resume"
 
 
@@ -432,7 +427,6 @@ class Trainer:
         log = RunLogger(
             self.run_dir, self.total_steps, pos.step, self.progress, self.config.report_to
         )
-        log.info(trainable_summary(self.model))
         for note in notes:
             log.info(note)
         if resume:
