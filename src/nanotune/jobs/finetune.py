@@ -285,23 +285,14 @@ def _setup(config: RunConfig) -> _Setup:
 
 def _check_trainable(model: Any, data: Any, config: RunConfig) -> None:
     """What the trainer would refuse, refused before the run directory exists."""
-    from nanotune.training import dist, param_groups
+    from nanotune.training import check_trainable
 
-    dist.device_for(config.train.device)  # e.g. train.device: cuda on a machine without one
     if not data.train:
         raise NanotuneError(
             "the training split is empty; check data.source, data.limit and the held-out "
             "fractions (data.val_fraction, data.test_fraction)"
         )
-    if not param_groups(model, config.train.weight_decay):
-        raise NanotuneError(
-            "model has no trainable parameters; check the method section "
-            "(e.g. method.name: lora) of the config"
-        )
-    if config.train.gradient_checkpointing and not any(
-        hasattr(m, "gradient_checkpointing") for m in model.modules()
-    ):
-        raise NanotuneError("train.gradient_checkpointing: this model does not support it")
+    check_trainable(model, config.train)
 
 
 def dry_run(config: RunConfig) -> None:

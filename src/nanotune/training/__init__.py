@@ -23,6 +23,7 @@ _LAZY = {
     "Trainer": "trainer",
     "TrainResult": "trainer",
     "build_optimizer": "trainer",
+    "check_trainable": "trainer",
     "param_groups": "trainer",
     "seed_everything": "trainer",
 }
@@ -36,6 +37,7 @@ __all__ = [
     "TrainResult",
     "Trainer",
     "build_optimizer",
+    "check_trainable",
     "latest_checkpoint",
     "lm_loss_sum",
     "load_checkpoint",

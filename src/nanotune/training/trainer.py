@@ -71,13 +71,27 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    groups = param_groups(model, config.weight_decay)
-    if not groups:
+def check_trainable(model: nn.Module, config: TrainConfig) -> list[nn.Module]:
+    """What training `model` with `config` would refuse (the device, nothing trainable, no
+    gradient checkpointing), raised without training: a job calls it before it writes anything.
+    Returns the modules that gradient checkpointing switches (none when it is off)."""
+    dist.device_for(config.device)
+    if not param_groups(model, config.weight_decay):
         raise NanotuneError(
             "model has no trainable parameters; check the method section "
             "(e.g. method.name: lora) of the config"
         )
+    if not config.gradient_checkpointing:
+        return []
+    modules = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
+    if not modules:
+        raise NanotuneError("train.gradient_checkpointing: this model does not support it")
+    return modules
+
+
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    check_trainable(model, config)
+    groups = param_groups(model, config.weight_decay)
     kwargs = dict(lr=config.lr, betas=config.betas, eps=config.eps)
     # The fused kernel is ~50x faster than foreach on this CPU and the fastest on CUDA; it
     # refuses some tensor types (e.g. quantized subclasses), so fall back to the default.
@@ -223,12 +237,8 @@ class Trainer:
         self.loss_fn = self.objective.loss_sum
         if config.compile:
             self.loss_fn = torch.compile(self.loss_fn)
-        if config.gradient_checkpointing:
-            modules = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
-            if not modules:
-                raise NanotuneError("train.gradient_checkpointing: this model does not support it")
-            for m in modules:
-                m.gradient_checkpointing = True
+        for m in check_trainable(model, config):
+            m.gradient_checkpointing = True
         # A classifier's body keeps an LM head that takes no part in its loss.
         unused = isinstance(self.objective, ClassificationObjective)
         self.engine = dist.wrap(self.model, config.strategy, self.device, find_unused=unused)
