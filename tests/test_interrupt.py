@@ -399,28 +399,42 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(script, uninterr
 
     run = tmp_path / "run"
     rng = random.Random(7)
-    kills = 0
+    kills = resumes = 0
+
+    def last_step() -> int:  # a line being written (or cut by the kill) is not read
+        lines = (run / "metrics.jsonl").read_text().splitlines() if run.exists() else []
+        return max([0, *(json.loads(x)["step"] for x in lines if x.endswith("}"))])
+
     for _ in range(4):
         resume = bool(step_dirs(run / "checkpoints"))
+        resumes += resume
+        done = last_step() if (run / "metrics.jsonl").exists() else 0
         proc = subprocess.Popen(
             [*script, str(run), *(["--resume"] if resume else [])],
-            env={**ENV, "SLOW": "0.02"},
+            env={**ENV, "SLOW": "0.05"},
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
-        time.sleep(rng.uniform(0.5, 2.0))
+        # Past start-up (a step beyond what was on disk), then a random moment of training.
+        deadline = time.time() + 60
+        while proc.poll() is None and time.time() < deadline:
+            if (run / "metrics.jsonl").exists() and last_step() > done:
+                break
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.8))
         if proc.poll() is not None:
             assert proc.returncode == 0, proc.stderr.read()
             break
         proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        assert proc.wait() == -signal.SIGKILL
         kills += 1
         for ckpt in step_dirs(run / "checkpoints"):
             load_checkpoint(ckpt)  # every checkpoint on disk is whole (checksums verified)
     if not (run / "final.safetensors").exists():
         resume = bool(step_dirs(run / "checkpoints"))
         subprocess.run([*script, str(run), *(["--resume"] if resume else [])], env=ENV, check=True)
-    assert kills >= 1
+    assert kills >= 1 and resumes >= 1  # it was killed, and resumed from a checkpoint
     want = load_file(str(uninterrupted / "final.safetensors"))
     got = load_file(str(run / "final.safetensors"))
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    assert _steps(run) == _steps(uninterrupted)  # the metrics, too, as if never killed

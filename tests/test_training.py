@@ -4,13 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
-import textwrap
-import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -274,67 +267,6 @@ def test_bad_train_inputs():
         build_optimizer(model, TrainConfig())
     with pytest.raises(NanotuneError, match="no batches"):
         Trainer(tiny(), TrainConfig(), lambda epoch: [], "unused", progress=False)
-
-
-SCRIPT = textwrap.dedent(
-    """
-    import os, sys, time, torch
-    from safetensors.torch import save_file
-    sys.path.insert(0, os.path.dirname(__file__))
-    from test_training import LMObjective, TrainConfig, Trainer, tiny, uneven_batch
-    from nanotune.training.checkpoint import trainable_state
-
-    class Slow(LMObjective):  # gives the parent process time to kill us mid-run
-        def loss_sum(self, model, batch):
-            time.sleep(float(os.environ.get("SLOW", "0")))
-            return super().loss_sum(model, batch)
-
-    def batches(epoch):  # order from (seed, epoch), as the data pipeline does
-        order = torch.randperm(4, generator=torch.Generator().manual_seed(100 + epoch))
-        return [uneven_batch(int(i)) for i in order]
-
-    run_dir = sys.argv[1]
-    cfg = TrainConfig(lr=5e-3, max_steps=24, micro_batch_size=4, grad_accum=2, save_every=3,
-                      warmup_steps=2, eval_every=4, seed=3)
-    trainer = Trainer(tiny(dropout=0.1), cfg, batches, run_dir, val_batches=[uneven_batch(9)],
-                      objective=Slow(), progress=False)
-    trainer.fit(resume="--resume" in sys.argv)
-    save_file(trainable_state(trainer.model), os.path.join(run_dir, "final.safetensors"))
-    """
-)
-
-
-def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
-    script = Path(__file__).parent / "_train_resume_script.py"
-    script.write_text(SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    try:
-        run = [sys.executable, str(script)]
-        subprocess.run(run + [str(tmp_path / "a")], env=env, check=True, capture_output=True)
-        killed = tmp_path / "b"
-        proc = subprocess.Popen(
-            run + [str(killed)],
-            env={**env, "SLOW": "0.05"},
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.time() + 60
-        while not (killed / "checkpoints" / "step-6").exists() and time.time() < deadline:
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        assert proc.returncode == -signal.SIGKILL
-        assert not (killed / "final.safetensors").exists()
-        subprocess.run(run + [str(killed), "--resume"], env=env, check=True, capture_output=True)
-    finally:
-        script.unlink()
-    a = load_file(tmp_path / "a" / "final.safetensors")
-    b = load_file(killed / "final.safetensors")
-    assert set(a) == set(b) and all(torch.equal(a[n], b[n]) for n in a)
-    steps = [json.loads(x)["step"] for x in (killed / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [
-        json.loads(x)["step"] for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
-    ]
 
 
 def test_fused_cross_entropy_equals_torch():
