@@ -46,16 +46,50 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _write_error(e: OSError, path: Path) -> NanotuneError | None:
-    """The one-line error for a write that failed for a reason the user can fix, else None."""
-    if e.errno == errno.ENOSPC:
+def _os_error(e: BaseException | None) -> OSError | None:
+    """The OSError behind a failed write (torch.save, for one, wraps it in a RuntimeError)."""
+    while e is not None and not isinstance(e, OSError):
+        e = e.__cause__ or e.__context__
+    return e
+
+
+def _mount_point(path: Path) -> Path:
+    path = path.resolve()
+    while not os.path.ismount(path):
+        path = path.parent
+    return path
+
+
+def write_error(
+    e: BaseException,
+    path: Path,
+    *,
+    what: str = "",
+    fix_space: str = "free some space and run again",
+    fix_access: str = "choose a folder you can write to",
+) -> NanotuneError | None:
+    """The one line for a write of `path` that failed in the file system (a full disk, no
+    permission, a file where a folder should be), else None: then it is a bug.
+
+    `what` names the artifact ("checkpoint"); the fixes say what to do next.
+    """
+    cause = _os_error(e)
+    full = (
+        cause.errno in (errno.ENOSPC, errno.EDQUOT)
+        if cause is not None
+        else f"(os error {errno.ENOSPC})" in str(e)  # safetensors says so only in its message
+    )
+    label = f"{what} {path}" if what else str(path)
+    intact = f"the previous {what or 'version'} is intact"
+    if full:
         return NanotuneError(
-            f"no space left on the device holding {path.parent} while writing {path.name}; "
-            "free some space and run again (the previous version is intact)"
+            f"no space left on {_mount_point(path.parent)} while writing {label}; {intact}; "
+            f"{fix_space}"
         )
-    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+    if cause is not None:
         return NanotuneError(
-            f"cannot write {path} ({e.strerror}); choose a folder you can write to"
+            f"cannot write {label} ({cause.strerror or cause}: {cause.filename}); {intact}; "
+            f"{fix_access}"
         )
     return None
 
@@ -70,7 +104,7 @@ def atomic_file(path: str | os.PathLike, *, mode: int = 0o644) -> Iterator[Path]
         fd, name = tempfile.mkstemp(dir=path.parent, prefix=f"{_TMP}{os.getpid()}-{path.name}-")
         os.close(fd)
     except OSError as e:
-        raise (_write_error(e, path) or e) from e
+        raise (write_error(e, path) or e) from e
     tmp = Path(name)
     try:
         yield tmp
@@ -79,7 +113,7 @@ def atomic_file(path: str | os.PathLike, *, mode: int = 0o644) -> Iterator[Path]
         os.replace(tmp, path)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError) and (clear := _write_error(e, path)):
+        if clear := write_error(e, path):
             raise clear from e
         raise
 
@@ -284,12 +318,14 @@ def atomic_dir(
     kind: str,
     overwrite: bool = True,
     inputs: Iterable[str | os.PathLike] = (),
+    **fixes: str,
 ) -> Path:
     """Call `write(tmp)` on an empty temporary folder, fsync it, then make it `directory`.
 
     `kind` names what it is ("checkpoint", "model", "adapter", "classifier") in the marker. An
     existing `directory` is replaced only as `check_target` allows (without `overwrite` it is
-    refused); it stays whole until the new folder is complete.
+    refused); it stays whole until the new folder is complete. A failure of the file system
+    is one line (`write_error`; `fixes` are its `what`, `fix_space` and `fix_access`).
     """
     directory = Path(directory).expanduser()
     check_target(directory, overwrite=overwrite, inputs=inputs)
@@ -299,7 +335,7 @@ def atomic_dir(
             tempfile.mkdtemp(prefix=f"{_TMP}{os.getpid()}-{directory.name}-", dir=directory.parent)
         )
     except OSError as e:
-        raise (_write_error(e, directory) or e) from e
+        raise (write_error(e, directory, **fixes) or e) from e
     try:
         write(tmp)
         write_marker(tmp, kind, (p.name for p in tmp.iterdir()))
@@ -312,7 +348,7 @@ def atomic_dir(
         _fsync(directory.parent)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError) and (clear := _write_error(e, directory)):
+        if clear := write_error(e, directory, **fixes):
             raise clear from e
         raise
     return directory
@@ -344,7 +380,7 @@ class RunDir:
             self.path.mkdir(exist_ok=True)
         except OSError as e:
             self.close(keep_new=False)
-            raise (_write_error(e, self.path) or e) from e
+            raise (write_error(e, self.path) or e) from e
         write_marker(self.path, "run", self.owns)
         return self.path
 

@@ -8,10 +8,8 @@ instead of resuming from garbage.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
-import os
 import pickle
 import random
 import re
@@ -123,29 +121,6 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def _os_error(e: BaseException | None) -> OSError | None:
-    """The OSError behind a failed write: torch.save reports one as a RuntimeError whose
-    context is the OSError of the file object."""
-    while e is not None and not isinstance(e, OSError):
-        e = e.__cause__ or e.__context__
-    return e
-
-
-def _no_space(e: BaseException) -> bool:
-    """A write failed because the disk is full (safetensors says so only in its message)."""
-    cause = _os_error(e)
-    if cause is not None:
-        return cause.errno in (errno.ENOSPC, errno.EDQUOT)
-    return f"(os error {errno.ENOSPC})" in str(e)
-
-
-def _mount_point(path: Path) -> Path:
-    path = path.resolve()
-    while not os.path.ismount(path):
-        path = path.parent
-    return path
-
-
 def save_checkpoint(
     directory: Path,
     weights: dict[str, Tensor],
@@ -167,23 +142,14 @@ def save_checkpoint(
         sums = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
         (tmp / CHECKSUMS).write_text(json.dumps(sums, indent=1))
 
-    try:
-        return atomic_dir(directory, write, kind="checkpoint")
-    except (OSError, RuntimeError, SafetensorError) as e:
-        if _no_space(e):
-            raise NanotuneError(
-                f"no space left on {_mount_point(directory.parent)} while writing checkpoint "
-                f"{directory}; the previous checkpoint is intact; free some space (or lower "
-                "train.keep_last) and continue with --resume"
-            ) from e
-        cause = _os_error(e)
-        if cause is None:
-            raise
-        raise NanotuneError(
-            f"cannot write checkpoint {directory} ({cause.strerror or cause}: {cause.filename}); "
-            f"the previous checkpoint is intact; make {directory.parent} a writable folder and "
-            "continue with --resume"
-        ) from e
+    return atomic_dir(
+        directory,
+        write,
+        kind="checkpoint",
+        what="checkpoint",
+        fix_space="free some space (or lower train.keep_last) and continue with --resume",
+        fix_access=f"make {directory.parent} a writable folder and continue with --resume",
+    )
 
 
 def verify_checkpoint(directory: Path) -> None:
