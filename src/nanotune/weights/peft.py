@@ -18,6 +18,7 @@ import math
 import os
 import re
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -246,12 +247,104 @@ def adapter_tokenizer(directory: str | os.PathLike, fallback: Tokenizer | None) 
     return fallback
 
 
+@dataclass
+class _Pair:
+    """One checked LoRA pair of an adapter folder, at the nanotune linear `path`."""
+
+    path: str
+    part: str | None
+    rows: tuple[int, int]
+    r: int
+    alpha: float
+    A: Tensor
+    B: Tensor
+    mag: Tensor | None
+
+
+@dataclass
+class _Plan:
+    """Everything an adapter folder would change, checked before anything is changed."""
+
+    pairs: list[_Pair]
+    rslora: bool
+    dora: bool
+    dropout: float
+    vocab: int
+    score: Tensor | None
+    embedding: Tensor | None
+    head: Tensor | None
+
+
 def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     """Load a PEFT LoRA/DoRA adapter (from peft or nanotune) onto a nanotune model in place.
 
     The vocabulary grows first to the adapter's embedding, or to its tokenizer when it saved no
     embedding (added tokens that did not train start where training started them: at the mean).
     """
+    plan = _plan(model, directory)
+    body = _body(model)
+    for pair in plan.pairs:
+        layer = wrap_linear(body, pair.path)
+        adapter = layer.add_adapter(
+            pair.part or "all",
+            pair.rows,
+            pair.r,
+            pair.alpha,
+            rslora=plan.rslora,
+            dora=plan.dora,
+            dropout=plan.dropout,
+        )
+        _fill(layer, adapter, pair.A, pair.B, pair.mag)
+    if plan.vocab > body.config.vocab_size:
+        body.resize_token_embeddings(plan.vocab)
+    with torch.no_grad():
+        if plan.score is not None:
+            model.score.weight.copy_(plan.score)
+        if plan.embedding is not None:
+            body.wte.weight.copy_(plan.embedding)
+        if plan.head is not None and not body.config.tie_embeddings:
+            body.lm_head.weight.copy_(plan.head)
+    return model
+
+
+def adapter_pairs(body: nn.Module, directory: str | os.PathLike) -> dict[str, tuple[Tensor, Tensor]]:
+    """A LoRA adapter folder as one (A [r, in], scale * B [out, r]) pair per adapted linear of
+    `body` (a plain Transformer, left untouched), for serving many adapters over one base.
+
+    `x @ A.T @ B.T` is exactly the delta `LoRALinear` adds (slices of a fused linear become one
+    block-structured B). Adapters that change more than the block linears are refused: DoRA
+    rescales the base output, and trained embeddings or added tokens change the vocabulary.
+    """
+    plan = _plan(body, directory)
+    where = Path(directory).expanduser()
+    if plan.dora:
+        raise NanotuneError(
+            f"{where}: is a DoRA adapter, which cannot share a batch with other adapters; merge "
+            "it (nanotune merge) and serve the merged folder as the model"
+        )
+    if plan.score is not None or plan.embedding is not None or plan.head is not None or (
+        plan.vocab != body.config.vocab_size
+    ):
+        raise NanotuneError(
+            f"{where}: trains the embedding or adds tokens ({plan.vocab} tokens, the base has "
+            f"{body.config.vocab_size}), so it cannot share the base model; merge it (nanotune "
+            "merge) and serve the merged folder as the model"
+        )
+    layers: dict[str, LoRALinear] = {}
+    for pair in plan.pairs:
+        if pair.path not in layers:  # a throwaway wrapper: it shares the base weight, no copy
+            layers[pair.path] = LoRALinear(body.get_submodule(pair.path), where=pair.path)
+        layer = layers[pair.path]
+        adapter = layer.add_adapter(
+            pair.part or "all", pair.rows, pair.r, pair.alpha, rslora=plan.rslora
+        )
+        _fill(layer, adapter, pair.A, pair.B, None)
+    with torch.no_grad():
+        return {p: (layer.lora_A.detach(), layer.scaled_b().detach()) for p, layer in layers.items()}
+
+
+def _plan(model: nn.Module, directory: str | os.PathLike) -> _Plan:
+    """Read and check an adapter folder against `model`; raises before anything changes."""
     cfg = read_adapter_config(directory)
     wpath = Path(directory).expanduser() / WEIGHTS_FILE
     tensors = read_adapter_tensors(directory)
@@ -320,24 +413,17 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
                 f"model needs [{rows[1] - rows[0]}]; it was made for another base model"
             )
         alpha = _pattern(cfg.get("alpha_pattern") or {}, full, cfg.get("lora_alpha", 8))
-        plan.append((path, part, rows, r, alpha, A, B, mag))
-    dropout = float(cfg.get("lora_dropout") or 0.0)
-    for path, part, rows, r, alpha, A, B, mag in plan:
-        layer = wrap_linear(body, path)
-        adapter = layer.add_adapter(
-            part or "all", rows, r, alpha, rslora=rslora, dora=dora, dropout=dropout
-        )
-        _fill(layer, adapter, A, B, mag)
-    if vocab > config.vocab_size:
-        body.resize_token_embeddings(vocab)
-    with torch.no_grad():
-        if score is not None:
-            model.score.weight.copy_(score)
-        if emb_key in tensors:
-            body.wte.weight.copy_(tensors[emb_key])
-        if head_key in tensors and not config.tie_embeddings:
-            body.lm_head.weight.copy_(tensors[head_key])
-    return model
+        plan.append(_Pair(path, part, rows, r, alpha, A, B, mag))
+    return _Plan(
+        pairs=plan,
+        rslora=rslora,
+        dora=dora,
+        dropout=float(cfg.get("lora_dropout") or 0.0),
+        vocab=vocab,
+        score=score,
+        embedding=tensors.get(emb_key),
+        head=tensors.get(head_key),
+    )
 
 
 def _adapter_vocab(
