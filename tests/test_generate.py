@@ -9,6 +9,7 @@ from tiny import tiny_config
 from nanotune.errors import NanotuneError
 from nanotune.generate import (
     GenerationConfig,
+    TextStream,
     chat_prompt,
     default_stop_ids,
     generate,
@@ -357,3 +358,25 @@ def test_prompt_longer_than_context_names_both_lengths():
 def test_empty_prompt_is_an_error():
     with pytest.raises(NanotuneError, match="prompt 1 is empty"):
         generate_ids(tiny("gpt2"), [[1], []], GenerationConfig(4))
+
+
+def test_text_stream_pieces_join_to_the_full_decode():
+    """Incremental decoding (a window per token) gives exactly the whole-output decode, on real
+    GPT-2 BPE with multi-byte characters split across tokens; with a stop string, the text up
+    to it."""
+    from nanotune.tokenizer import gpt2_tokenizer
+
+    tok = gpt2_tokenizer()
+    text = "Grüße — 日本語 🤗 and plain words, again: Grüße 🤗🤗. The end."
+    ids = tok.encode(text)
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randint(0, 50256, (200,), generator=g).tolist()
+    for sequence in (ids, noise, ids + noise):
+        ts = TextStream(tok)
+        pieces = [ts.push(t) for t in sequence] + [ts.finish()]
+        assert "".join(pieces) == tok.decode(sequence, skip_special=True)
+        if sequence is ids:  # valid text: no piece ever shows half a character
+            assert all("\ufffd" not in p for p in pieces)
+    ts = TextStream(tok, stop=("again:",))
+    pieces = [ts.push(t) for t in ids]
+    assert ts.stopped and "".join(pieces) + ts.finish() == text[: text.index("again:")]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -138,20 +138,83 @@ def stream(
 ) -> Iterator[str]:
     """Yield the completion of one prompt in pieces, each as soon as it is printable.
 
-    The whole completion is decoded at each step, so multi-byte characters split across tokens
-    are never emitted half-done, and text that may begin a stop string is held back.
+    Multi-byte characters split across tokens are never emitted half-done, and text that may
+    begin a stop string is held back (see `TextStream`).
     """
     config = config or GenerationConfig()
-    emitted = 0
-    text = ""
+    text = TextStream(tokenizer, config.stop)
+    seen = 0
     for out, _ in _decode_steps(model, [_encode(tokenizer, prompt)], config, tokenizer):
-        text = _trim(_decode(tokenizer, out[0]), config.stop)
-        ready = len(text.rstrip("\ufffd")) - _stop_prefix_len(text, config.stop)
-        if ready > emitted:
-            yield text[emitted:ready]
-            emitted = ready
-    if len(text) > emitted:
-        yield text[emitted:]
+        for token in out[0][seen:]:
+            if piece := text.push(token):
+                yield piece
+        seen = len(out[0])
+    if piece := text.finish():
+        yield piece
+
+
+class TextStream:
+    """The text of one growing completion, decoded incrementally, stop strings applied.
+
+    Each `push(token)` decodes only a window of the last few tokens (not the whole output, which
+    would cost O(n^2) over a long completion) and returns the text that became final: complete
+    characters only, and none that could still begin a stop string. `stopped` turns true at the
+    first stop string; `text` is the completion so far, cut there. `finish()` gives the rest.
+    The window keeps the token before the new ones, so tokenizers that treat a leading space
+    specially decode both sides of the difference alike (the scheme vLLM and TGI use).
+    """
+
+    def __init__(self, tokenizer: Any, stop: Sequence[str] = ()) -> None:
+        self.tokenizer = tokenizer
+        self.stop = tuple(stop)
+        self.ids: list[int] = []
+        self.stopped = False
+        self._prefix = self._read = 0  # ids[_prefix:_read] is decoded context already counted
+        self._decoded = ""  # everything decoded so far, before stop strings
+        self._emitted = 0
+        self._longest = max((len(s) for s in self.stop), default=0)
+
+    @property
+    def text(self) -> str:
+        return _trim(self._decoded, self.stop)
+
+    def push(self, token: int) -> str:
+        """Add one generated token; the newly printable text ("" while a character or a
+        possible stop string is incomplete, or once stopped)."""
+        self.ids.append(token)
+        if self.stopped:
+            return ""
+        before = _decode(self.tokenizer, self.ids[self._prefix : self._read])
+        after = _decode(self.tokenizer, self.ids[self._prefix :])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self._add(after[len(before) :])
+            self._prefix, self._read = self._read, len(self.ids)
+        return self._ready(final=False)
+
+    def finish(self) -> str:
+        """The rest of the text at the end of generation (a dangling partial character
+        included, as a full decode would show it)."""
+        if not self.stopped:
+            before = _decode(self.tokenizer, self.ids[self._prefix : self._read])
+            after = _decode(self.tokenizer, self.ids[self._prefix :])
+            self._add(after[len(before) :])
+            self._prefix = self._read = len(self.ids)
+        return self._ready(final=True)
+
+    def _add(self, piece: str) -> None:
+        start = max(0, len(self._decoded) - self._longest + 1)
+        self._decoded += piece
+        if self.stop and _trim(self._decoded[start:], self.stop) != self._decoded[start:]:
+            self.stopped = True
+
+    def _ready(self, final: bool) -> str:
+        text = self.text
+        end = len(text)
+        if not (final or self.stopped):
+            end -= _stop_prefix_len(text, self.stop)
+        piece = text[self._emitted : end]
+        self._emitted = max(self._emitted, end)
+        return piece
 
 
 def _encode(tokenizer: Any, prompt: str | Sequence[int]) -> list[int]:
@@ -207,12 +270,8 @@ def _steps(
     else:
         stop_ids = set(default_stop_ids(tokenizer)) if tokenizer is not None else set()
     pad_id = _pad_id(tokenizer)
-    hit_stop: Callable[[list[int]], bool] | None = None
-    if config.stop:
-
-        def hit_stop(ids: list[int]) -> bool:
-            text = _decode(tokenizer, ids)
-            return any(s in text for s in config.stop)
+    # Stop strings are watched incrementally, one TextStream per row.
+    texts = [TextStream(tokenizer, config.stop) for _ in prompts] if config.stop else None
 
     B, n_new = len(prompts), config.max_new_tokens
     lengths = [len(p) for p in prompts]
@@ -268,8 +327,9 @@ def _steps(
                     done[i] = True
                     continue
                 out[i].append(t)
-                if hit_stop is not None and hit_stop(out[i]):
-                    done[i] = True
+                if texts is not None:
+                    texts[i].push(t)
+                    done[i] = texts[i].stopped
             yield out, done
             if all(done) or step == n_new - 1:
                 return
