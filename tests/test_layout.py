@@ -37,7 +37,8 @@ for part in ALLOWED:
 BELOW_JOBS = set(ALLOWED)
 ALLOWED["jobs"] = BELOW_JOBS
 ALLOWED["bench"] = BELOW_JOBS
-ALLOWED["cli"] = BELOW_JOBS | {"jobs", "bench", "nanotune", "version"}
+ALLOWED["serve"] = BELOW_JOBS | {"jobs"}  # an entry point, on jobs/artifacts like the CLI
+ALLOWED["cli"] = BELOW_JOBS | {"jobs", "bench", "serve", "nanotune", "version"}
 ALLOWED["__main__"] = {"cli"}
 ALLOWED["nanotune"] = {"errors", "version", "jobs"}  # the root package: nanotune.train()
 

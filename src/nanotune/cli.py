@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import types
 import typing
@@ -777,6 +778,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipes(sub)
     _add_demo(sub)
     _add_push(sub)
+    _add_serve(sub)
     parser.intermixed = {name: sub.choices[name] for name in ("train", "eval", "demo")}
     return parser
 
@@ -812,6 +814,65 @@ def cmd_push(args: argparse.Namespace) -> int:
 
     url = push(args.run_dir, args.repo_id, private=args.private, token=args.token)
     print(f"pushed to {url}")
+    return 0
+
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="an OpenAI-compatible HTTP server for a model and its LoRA adapters",
+        description="Serve a base model and any number of its LoRA adapters over the OpenAI "
+        "API (/v1/completions, /v1/chat/completions, /v1/models), batching requests for "
+        "different adapters together. Needs the 'serve' extra. Requests pick an adapter by "
+        "its NAME in the `model` field; the base answers to its own name.",
+    )
+    p.add_argument(
+        "--model",
+        help="base model: name, folder, .gguf, or a LoRA run's final/ (served with its base) "
+        "(default: the embedded SmolLM2)",
+    )
+    p.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="a LoRA adapter folder (a run's final/) served as model NAME; repeatable",
+    )
+    p.add_argument("--served-model-name", metavar="NAME", help="the base model's name in the API")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback)")
+    p.add_argument("--port", type=int, default=8000, help="port (0: any free one; default 8000)")
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("NANOTUNE_API_KEY"),
+        help="require 'Authorization: Bearer KEY' (default: $NANOTUNE_API_KEY, else none)",
+    )
+    p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together")
+    p.add_argument(
+        "--max-queue", type=int, default=256, help="requests waiting before new ones get 429"
+    )
+    p.add_argument(
+        "--max-body-kb", type=int, default=1024, help="largest request body in KiB (413 above)"
+    )
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from nanotune.serve import serve
+
+    if args.max_body_kb < 1:
+        raise NanotuneError("--max-body-kb must be at least 1")
+    serve(
+        args.model,
+        args.adapter,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key or None,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        max_body=args.max_body_kb * 1024,
+        served_name=args.served_model_name,
+    )
     return 0
 
 

@@ -111,7 +111,13 @@ def generate(
     """Completions (without the prompt) for a batch of prompts, as text, stop strings trimmed."""
     config = config or GenerationConfig()
     outs = generate_ids(model, [_encode(tokenizer, p) for p in prompts], config, tokenizer)
-    return [_trim(_decode(tokenizer, ids), config.stop) for ids in outs]
+    return [completion_text(tokenizer, ids, config.stop) for ids in outs]
+
+
+def completion_text(tokenizer: Any, ids: Sequence[int], stop: Sequence[str] = ()) -> str:
+    """Generated ids as the completion's text: decoded without special tokens, cut at the
+    first stop string."""
+    return _trim(_decode(tokenizer, list(ids)), stop)
 
 
 def generate_ids(
@@ -319,7 +325,7 @@ def _steps(
         out: list[list[int]] = [[] for _ in range(B)]
         done = [False] * B
         for step in range(n_new):
-            tokens = _pick(logits.float(), seen, config, generator)
+            tokens = pick_next(logits.float(), seen, config, generator)
             for i, t in enumerate(tokens.tolist()):
                 if done[i]:
                     continue
@@ -355,7 +361,7 @@ def _pad_id(tokenizer: Any) -> int:
     return 0
 
 
-def _pick(
+def pick_next(
     logits: Tensor, seen: Tensor | None, config: GenerationConfig, generator: torch.Generator
 ) -> Tensor:
     """Next token per row [B] from last-position logits [B, V]."""

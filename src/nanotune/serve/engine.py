@@ -1,0 +1,452 @@
+"""The decode loop behind `nanotune serve`: continuous batching over one base and many adapters.
+
+One thread owns the model. Each turn of its loop it admits waiting sequences (a prefill each,
+into a free slot of the KV cache), then runs ONE forward for every active sequence, whatever
+adapter each uses (`serve.lora`), picks each row's next token with that request's own sampling
+settings and generator, and hands the token to the request. Sequences join and leave at token
+boundaries; a finished or cancelled one frees its slot at once (the last slot moves into it, so
+active sequences always sit in rows 0..n-1 and the batch is a view, never a gather).
+
+The slot cache holds `max_batch` rows; its length grows (doubling) with the longest active
+sequence and is released when the server is idle, so memory follows what is running, not the
+longest request that could come. Requests past `max_queue` waiting are refused, not queued.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from nanotune.errors import NanotuneError
+from nanotune.generate import GenerationConfig, TextStream, default_stop_ids, pick_next
+from nanotune.models.transformer import Transformer
+from nanotune.serve.lora import Routing, serve_adapters, served_layers
+from nanotune.tokenizer import Tokenizer
+from nanotune.weights.peft import adapter_pairs, adapter_tokenizer
+
+BASE = 0  # the adapter id of "no adapter"
+
+
+class QueueFull(NanotuneError):
+    """More sequences are waiting than the server takes (`max_queue`)."""
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """One request's settings, as checked by `serve.protocol` (OpenAI names and meanings)."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    logprobs: int | None = None  # alternatives per token (0: the chosen token's only)
+    echo: bool = False  # with logprobs: the prompt's tokens scored too
+
+
+@dataclass
+class TokenLogprob:
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]  # the most likely tokens at this step, best first
+
+
+@dataclass
+class Event:
+    """What a sequence tells its request: a token (with the text it made final) or its end."""
+
+    token: int | None = None
+    text: str = ""
+    logprob: TokenLogprob | None = None
+    finish_reason: str | None = None  # stop | length | cancelled | error
+    error: str | None = None
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One choice being generated: its prompt, adapter, settings and what it has produced."""
+
+    prompt: list[int]
+    adapter: int
+    sampling: Sampling
+    tokenizer: Tokenizer
+    sink: Callable[[Event], None]
+    output: list[int] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    finish_reason: str | None = None
+    cancelled: bool = False
+    # Set by the engine:
+    slot: int = -1
+    pos: int = 0  # the next cache position to write (tokens so far)
+
+    def __post_init__(self) -> None:
+        s = self.sampling
+        self.config = GenerationConfig(
+            max_new_tokens=max(s.max_tokens, 1),
+            temperature=s.temperature,
+            top_k=s.top_k,
+            top_p=s.top_p,
+            repetition_penalty=s.repetition_penalty,
+            stop=s.stop,
+            stop_token_ids=s.stop_token_ids,
+            seed=s.seed,
+        )
+        self.stop_ids = set(
+            s.stop_token_ids if s.stop_token_ids is not None else default_stop_ids(self.tokenizer)
+        )
+        self.text = TextStream(self.tokenizer, s.stop)
+        self.generator = torch.Generator()
+        if s.seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(s.seed)
+        self.seen: Tensor | None = None  # repetition penalty: tokens of prompt and output
+        self.counts: Tensor | None = None  # presence/frequency penalties: output token counts
+
+
+@dataclass
+class Adapter:
+    id: int
+    name: str
+    path: str
+    tokenizer: Tokenizer
+    active: int = 0  # sequences using it now; an unloaded adapter is freed when none are left
+
+
+class _SlotCache:
+    """Keys and values of `rows` sequences, each in its own row from position 0."""
+
+    def __init__(self, model: Transformer, rows: int) -> None:
+        self.config = model.config
+        self.rows = rows
+        self.dtype = model.wte.weight.dtype
+        self.device = model.device
+        self.k: list[Tensor] = []
+        self.v: list[Tensor] = []
+        self.capacity = 0
+
+    def reserve(self, length: int) -> None:
+        """Room for `length` positions per row (grown by doubling, up to the context)."""
+        if length <= self.capacity:
+            return
+        c = self.config
+        new = min(c.block_size, max(length, 2 * self.capacity, 64))
+        shape = (self.rows, c.kv_heads, new, c.hd)
+        k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(c.n_layer)]
+        v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(c.n_layer)]
+        for old, fresh in ((self.k, k), (self.v, v)):
+            for o, f in zip(old, fresh, strict=False):
+                f[:, :, : self.capacity] = o
+        self.k, self.v, self.capacity = k, v, new
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        for t in (*self.k, *self.v):
+            t[dst, :, :length] = t[src, :, :length]
+
+    def release(self) -> None:
+        self.k, self.v, self.capacity = [], [], 0
+
+
+class _View:
+    """What `Transformer.hidden` sees of the slot cache in one forward.
+
+    Prefill (`positions` None): one row, written from position `length`. Decode: rows 0..n-1,
+    one new token each, written at its own position; keys up to the longest row are returned
+    and the attention mask hides each row's unused tail.
+    """
+
+    def __init__(self, cache: _SlotCache, rows: slice, length: int, positions: Tensor | None):
+        self.cache, self.rows, self.length, self.positions = cache, rows, length, positions
+        self.max_len = cache.capacity
+        if positions is not None:
+            self.index = torch.arange(rows.start, rows.stop, device=cache.device)
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        K, V = self.cache.k[layer], self.cache.v[layer]
+        T = k.shape[2]
+        if self.positions is None:
+            K[self.rows, :, self.length : self.length + T] = k
+            V[self.rows, :, self.length : self.length + T] = v
+        else:
+            K[self.index, :, self.positions] = k[:, :, 0]
+            V[self.index, :, self.positions] = v[:, :, 0]
+        end = self.length + T
+        return K[self.rows, :, :end], V[self.rows, :, :end]
+
+
+class Engine:
+    """Owns the model and its decode thread; requests come in by `submit`."""
+
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: Tokenizer,
+        *,
+        max_batch: int = 16,
+        max_queue: int = 256,
+    ) -> None:
+        if max_batch < 1 or max_queue < 1:
+            raise NanotuneError("--max-batch and --max-queue must be at least 1")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.context = model.config.block_size
+        self.routing: Routing = serve_adapters(model)
+        self.layers = served_layers(model)
+        self.adapters: dict[str, Adapter] = {}  # by name; unloaded ones leave this at once
+        self._by_id: dict[int, Adapter] = {}
+        self._next_id = BASE + 1
+        self._cache = _SlotCache(model, max_batch)
+        self._waiting: deque[Sequence] = deque()
+        self._active: list[Sequence] = []
+        self._cv = threading.Condition()
+        self._model_lock = threading.Lock()  # held for each step; adapters change between
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.steps = 0
+        self.peak_running = 0  # the largest decode batch so far
+
+    # ---- adapters -------------------------------------------------------------------------
+
+    def load_adapter(self, name: str, path: str | Path) -> Adapter:
+        """Read an adapter folder and make it servable under `name` (checked first; a bad
+        folder changes nothing)."""
+        if not name or name in self.adapters:
+            raise NanotuneError(f"an adapter named {name!r} is already loaded; unload it first")
+        pairs = adapter_pairs(self.model, path)  # reads and checks; the model is untouched
+        tokenizer = adapter_tokenizer(path, self.tokenizer)
+        with self._model_lock:
+            adapter = Adapter(self._next_id, name, str(path), tokenizer)
+            self._next_id += 1
+            for where, pair in pairs.items():
+                self.layers[where].pairs[adapter.id] = pair
+            self.adapters[name] = adapter
+            self._by_id[adapter.id] = adapter
+        return adapter
+
+    def unload_adapter(self, name: str) -> None:
+        """New requests can no longer name it; requests already using it finish with it."""
+        with self._model_lock, self._cv:
+            adapter = self.adapters.pop(name, None)
+            if adapter is None:
+                raise NanotuneError(f"no adapter named {name!r} is loaded")
+            if not adapter.active:
+                self._free(adapter)
+
+    def _free(self, adapter: Adapter) -> None:
+        for layer in self.layers.values():
+            layer.pairs.pop(adapter.id, None)
+        self._by_id.pop(adapter.id, None)
+
+    # ---- requests -------------------------------------------------------------------------
+
+    def submit(self, seqs: list[Sequence]) -> None:
+        """Queue sequences (all or none); QueueFull when that would pass `max_queue`."""
+        with self._cv:
+            if self._stopping:
+                raise NanotuneError("the server is shutting down")
+            if len(self._waiting) + len(seqs) > self.max_queue:
+                raise QueueFull(
+                    f"the server has {len(self._waiting)} requests waiting (max_queue="
+                    f"{self.max_queue}); retry later"
+                )
+            for seq in seqs:
+                if seq.adapter != BASE:
+                    adapter = self._by_id.get(seq.adapter)
+                    if adapter is None or self.adapters.get(adapter.name) is not adapter:
+                        raise NanotuneError("the adapter was unloaded while the request came in")
+            for seq in seqs:
+                if seq.adapter != BASE:
+                    self._by_id[seq.adapter].active += 1
+            self._waiting.extend(seqs)
+            self._cv.notify()
+
+    @property
+    def load(self) -> dict[str, int]:
+        return {
+            "running": len(self._active),
+            "waiting": len(self._waiting),
+            "peak_running": self.peak_running,
+        }
+
+    # ---- the loop -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="nanotune-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Finish what is running and waiting, then end the thread."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._cv:
+                    while not (self._waiting or self._active or self._stopping):
+                        self._cache.release()
+                        self._cv.wait()
+                    if self._stopping and not (self._waiting or self._active):
+                        self._cache.release()
+                        return
+                    room = self.max_batch - len(self._active)
+                    admitted = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+                with self._model_lock:
+                    try:
+                        self._step(admitted)
+                    except Exception as e:  # a bug or out of memory: fail these, keep serving
+                        failed = [*self._active, *(s for s in admitted if s.finish_reason is None)]
+                        for seq in failed:
+                            self._finish(seq, "error", error=f"{type(e).__name__}: {e}")
+                        self._active.clear()
+
+    def _step(self, admitted: list[Sequence]) -> None:
+        for seq in admitted:
+            if seq.cancelled:
+                self._finish(seq, "cancelled")
+            else:
+                self._prefill(seq)
+        for seq in [s for s in self._active if s.cancelled]:
+            self._finish(seq, "cancelled")
+        if self._active:
+            self._decode()
+            self.steps += 1
+
+    def _route(self, seqs: list[Sequence]) -> None:
+        ids = [s.adapter for s in seqs]
+        if len(set(ids)) == 1:
+            self.routing.groups = [] if ids[0] == BASE else [(ids[0], None)]
+            return
+        groups: dict[int, list[int]] = {}
+        for row, a in enumerate(ids):
+            if a != BASE:
+                groups.setdefault(a, []).append(row)
+        device = self.model.device
+        self.routing.groups = [(a, torch.tensor(r, device=device)) for a, r in groups.items()]
+
+    def _prefill(self, seq: Sequence) -> None:
+        n = len(seq.prompt)
+        seq.slot = len(self._active)
+        self._active.append(seq)
+        self._cache.reserve(n + 1)
+        self._route([seq])
+        ids = torch.tensor([seq.prompt], dtype=torch.long, device=self.model.device)
+        view = _View(self._cache, slice(seq.slot, seq.slot + 1), 0, None)
+        h = self.model.hidden(ids, cache=view)
+        seq.pos = n
+        s = seq.sampling
+        if s.echo and s.logprobs is not None:
+            logprobs = self.model.lm_head(h[0, :-1]).float().log_softmax(-1)
+            seq.prompt_logprobs = [None] + [
+                _scored(lp, t, s.logprobs) for lp, t in zip(logprobs, seq.prompt[1:], strict=True)
+            ]
+        if s.max_tokens == 0:  # echo only: the prompt scored, nothing generated
+            self._finish(seq, "length")
+            return
+        self._advance(seq, self.model.lm_head(h[0, -1]))
+
+    def _decode(self) -> None:
+        seqs = list(self._active)
+        self.peak_running = max(self.peak_running, len(seqs))
+        device = self.model.device
+        pos = torch.tensor([s.pos for s in seqs], device=device)
+        S = int(pos.max()) + 1
+        self._cache.reserve(S)
+        tokens = torch.tensor([[s.output[-1]] for s in seqs], device=device)
+        mask = torch.arange(S, device=device)[None, :] <= pos[:, None]
+        self._route(seqs)
+        view = _View(self._cache, slice(0, len(seqs)), S - 1, pos)
+        h = self.model.hidden(tokens, positions=pos[:, None], attention_mask=mask, cache=view)
+        logits = self.model.lm_head(h[:, -1])
+        for seq in seqs:  # every row's new token is in the cache before any row moves
+            seq.pos += 1
+        for row, seq in enumerate(seqs):
+            self._advance(seq, logits[row])
+
+    def _advance(self, seq: Sequence, logits: Tensor) -> None:
+        """Pick the sequence's next token from its logits [V] and hand it over (or end it)."""
+        s = seq.sampling
+        logits = logits.float()
+        scored = None
+        if s.logprobs is not None:
+            scored = logits.log_softmax(-1)
+        logits = self._adjust(seq, logits)
+        token = int(pick_next(logits[None], seq.seen, seq.config, seq.generator)[0])
+        if token in seq.stop_ids:
+            self._finish(seq, "stop")
+            return
+        seq.output.append(token)
+        if seq.seen is not None:
+            seq.seen[0, token] = True
+        if seq.counts is not None:
+            seq.counts[token] += 1
+        text = seq.text.push(token)
+        lp = _scored(scored, token, s.logprobs) if scored is not None else None
+        seq.sink(Event(token=token, text=text, logprob=lp))
+        if seq.text.stopped:
+            self._finish(seq, "stop")
+        elif len(seq.output) >= s.max_tokens:
+            self._finish(seq, "length")
+
+    def _adjust(self, seq: Sequence, logits: Tensor) -> Tensor:
+        """OpenAI's logit bias and presence/frequency penalties (on output tokens)."""
+        s = seq.sampling
+        V = logits.shape[-1]
+        if s.repetition_penalty != 1.0 and seq.seen is None:
+            seq.seen = torch.zeros((1, V), dtype=torch.bool, device=logits.device)
+            seq.seen[0, torch.tensor(seq.prompt, device=logits.device)] = True
+        if s.logit_bias:
+            ids = torch.tensor([t for t, _ in s.logit_bias], device=logits.device)
+            bias = torch.tensor([b for _, b in s.logit_bias], device=logits.device)
+            logits = logits.index_add(0, ids, bias)
+        if s.presence_penalty or s.frequency_penalty:
+            if seq.counts is None:
+                seq.counts = torch.zeros(V, device=logits.device)
+            c = seq.counts
+            logits = logits - s.frequency_penalty * c - s.presence_penalty * (c > 0).float()
+        return logits
+
+    def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
+        if seq.finish_reason is not None:
+            return
+        seq.finish_reason = reason
+        if 0 <= seq.slot < len(self._active) and self._active[seq.slot] is seq:
+            last = self._active[-1]
+            if last is not seq:
+                self._cache.move(last.slot, seq.slot, last.pos)
+                self._active[seq.slot] = last
+                last.slot = seq.slot
+            self._active.pop()
+        seq.slot = -1
+        if seq.adapter != BASE:
+            with self._cv:  # submit counts under this lock too
+                adapter = self._by_id[seq.adapter]
+                adapter.active -= 1
+                if not adapter.active and self.adapters.get(adapter.name) is not adapter:
+                    self._free(adapter)  # unloaded while this request ran
+        rest = "" if reason in ("cancelled", "error") else seq.text.finish()
+        seq.sink(Event(text=rest, finish_reason=reason, error=error))
+
+
+def _scored(logprobs: Tensor, token: int, k: int) -> TokenLogprob:
+    top: list[tuple[int, float]] = []
+    if k:
+        values, ids = logprobs.topk(k)
+        top = list(zip(ids.tolist(), values.tolist(), strict=True))
+    return TokenLogprob(token, float(logprobs[token]), top)
