@@ -28,7 +28,7 @@ class Case:
     """One workload. `kind` picks the data and the code on each side."""
 
     name: str
-    kind: str  # sft | lm | classify | generate
+    kind: str  # sft | lm | classify | generate | serve
     model: str  # gpt2 | smollm2
     method: str  # lora | full | last_n | qlora | none
     description: str
@@ -130,6 +130,19 @@ CASES: dict[str, Case] = {
             targets=("all-linear",),
             target_ratio=2.0,
             pack=True,
+        ),
+        Case(
+            "serve",
+            "serve",
+            "smollm2",
+            "none",
+            "SmolLM2-135M (real weights, one HF folder for both) behind each side's "
+            "OpenAI-compatible server (peer: `transformers serve --continuous-batching`): 200 "
+            "greedy chat completions of up to 32 tokens from 16 concurrent clients on loopback; "
+            "tok/s = generated tokens over wall time, ms = p50 latency, memory = server RSS "
+            "growth under load",
+            batch=16,
+            target_ratio=3.0,
         ),
     ]
 }

@@ -28,6 +28,7 @@ class SideResult:
     steps: int = 0
     na: str | None = None  # not applicable here (reason)
     error: str | None = None  # the run failed (last line of its stderr)
+    note: str | None = None  # what the numbers alone do not say (the serve case's latencies)
 
     @property
     def ok(self) -> bool:
@@ -68,8 +69,8 @@ def _row(case: str, side: str, r: SideResult, peer: SideResult, peak: float) -> 
     ratio = f"{r.useful_per_s / peer.useful_per_s:.2f}×" if side == "nanotune" and peer.ok else ""
     return (
         f"| {case} | {side} | {r.useful_per_s:,.0f} | {ratio} | {r.ms_per_step:,.1f} | "
-        f"{_mib(r.peak_bytes)} | {_small(r.flops_per_s / 1e9)} | "
-        f"{_small(100 * r.flops_per_s / peak)}% | |"
+        f"{_mib(r.peak_bytes)} | {_small(r.flops_per_s / 1e9) if r.flops_per_s else '–'} | "
+        f"{f'{_small(100 * r.flops_per_s / peak)}%' if r.flops_per_s else '–'} | {r.note or ''} |"
     )
 
 

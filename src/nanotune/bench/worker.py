@@ -66,6 +66,13 @@ def _import_lazy_modules(device: str) -> None:
 
 def measure(case_name: str, side: str, quick: bool, device: str, source: str | None) -> dict:
     case = cases.CASES[case_name]
+    if case.kind == "serve":  # a load test of two server processes, not a step loop
+        from nanotune.bench import serving
+
+        try:
+            return serving.measure(side, quick, source)
+        except NotApplicable as e:
+            return {"na": str(e)}
     if side == "nanotune":
         from nanotune.bench import ours as impl
     else:

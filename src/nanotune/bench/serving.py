@@ -1,0 +1,204 @@
+"""The `serve` case: a load test of `nanotune serve` against `transformers serve` (the
+transformers CLI's OpenAI-compatible server), same model folder, same requests, one run.
+
+Each side's server runs in its own process on loopback; `CLIENTS` concurrent clients send
+`REQUESTS` greedy chat completions of `MAX_TOKENS` tokens. Reported: generated tokens/s (from
+each response's `usage`), p50/p95 latency, errors, and the server's peak RSS under load over its
+RSS once warmed up. Then, on nanotune only, a queue overflow: twice `--max-queue` requests at
+once, RSS before and after (memory stays bounded: the overflow gets 429, not a queue slot).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from nanotune.bench.workload import NotApplicable
+
+CLIENTS, REQUESTS, MAX_TOKENS = 16, 200, 32
+QUICK_CLIENTS, QUICK_REQUESTS, QUICK_MAX_TOKENS = 4, 16, 8
+QUESTIONS = [
+    "What is the capital of France?",
+    "Name three colors of the rainbow.",
+    "Why is the sky blue?",
+    "Give me a tip for learning to cook.",
+    "What does a bee make?",
+    "How many days are in a week?",
+    "Write one sentence about the sea.",
+    "What is two plus two?",
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rss(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def hf_folder(source: Path, out: Path) -> Path:
+    """The model as an HF folder both servers load (a .gguf is dequantized to float32 once)."""
+    if source.is_dir():
+        return source
+    from nanotune.weights import load_model, save_model
+
+    model, tokenizer = load_model(source)
+    return save_model(model, tokenizer, out)
+
+
+def _start(side: str, folder: Path, port: int) -> tuple[subprocess.Popen, str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if side == "nanotune":
+        cmd = [sys.executable, "-m", "nanotune", "serve", "--model", str(folder),
+               "--served-model-name", "m", "--port", str(port), "--max-batch", str(CLIENTS)]
+        model = "m"
+    else:
+        exe = Path(sys.executable).with_name("transformers")
+        cmd = [str(exe), "serve", str(folder), "--host", "127.0.0.1", "--port", str(port),
+               "--device", "cpu", "--dtype", "float32", "--continuous-batching"]
+        model = str(folder)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    return proc, model
+
+
+async def _wait_ready(url: str, proc: subprocess.Popen) -> None:
+    import httpx
+
+    async with httpx.AsyncClient() as client:
+        for _ in range(1200):
+            if proc.poll() is not None:
+                err = proc.stderr.read().decode(errors="replace").strip().splitlines()
+                raise RuntimeError(f"server exited: {err[-1] if err else proc.returncode}")
+            try:
+                if (await client.get(url + "/health", timeout=1)).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            await asyncio.sleep(0.1)
+    raise RuntimeError("server never answered /health")
+
+
+async def _load(url: str, model: str, clients: int, requests: int, max_tokens: int):
+    """(latencies s, generated tokens, errors, wall s) of `requests` chat completions."""
+    import httpx
+
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(requests):
+        queue.put_nowait(i)
+    latencies: list[float] = []
+    tokens, errors = 0, []
+
+    async def client(http: httpx.AsyncClient) -> None:
+        nonlocal tokens
+        while not queue.empty():
+            i = queue.get_nowait()
+            body = {
+                "model": model,
+                "messages": [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],
+                "max_tokens": max_tokens,
+                "temperature": 0,
+            }
+            t0 = time.perf_counter()
+            try:
+                r = await http.post(url + "/v1/chat/completions", json=body, timeout=600)
+                r.raise_for_status()
+                tokens += r.json()["usage"]["completion_tokens"]
+                latencies.append(time.perf_counter() - t0)
+            except Exception as e:  # counted, and the first few named in the note
+                errors.append(f"{type(e).__name__}: {e}"[:120])
+
+    t0 = time.perf_counter()
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=clients)) as http:
+        await asyncio.gather(*(client(http) for _ in range(clients)))
+    return latencies, tokens, errors, time.perf_counter() - t0
+
+
+async def _overflow(url: str, model: str, pid: int, n: int) -> tuple[int, int, dict[int, int]]:
+    """RSS before and after `n` simultaneous requests, and the status codes they got."""
+    import httpx
+
+    before = _rss(pid, "VmRSS")
+    body = {"model": model, "messages": [{"role": "user", "content": "Tell me a story."}],
+            "max_tokens": 4, "temperature": 0}
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=n)) as http:
+        rs = await asyncio.gather(
+            *(http.post(url + "/v1/chat/completions", json=body, timeout=600) for _ in range(n)),
+            return_exceptions=True,
+        )
+    codes: dict[int, int] = {}
+    for r in rs:
+        code = r.status_code if not isinstance(r, Exception) else -1
+        codes[code] = codes.get(code, 0) + 1
+    return before, _rss(pid, "VmRSS"), codes
+
+
+def measure(side: str, quick: bool, source: str | None) -> dict[str, Any]:
+    if side == "peer":
+        exe = Path(sys.executable).with_name("transformers")
+        try:
+            import fastapi  # noqa: F401  (transformers serve needs it)
+        except ImportError:
+            raise NotApplicable("transformers serve needs fastapi: pip install fastapi") from None
+        if not exe.is_file():
+            raise NotApplicable("the transformers CLI is not installed")
+    clients = QUICK_CLIENTS if quick else CLIENTS
+    requests = QUICK_REQUESTS if quick else REQUESTS
+    max_tokens = QUICK_MAX_TOKENS if quick else MAX_TOKENS
+    with tempfile.TemporaryDirectory(prefix="nanotune-serve-bench-") as tmp:
+        folder = hf_folder(Path(source), Path(tmp) / "model")
+        port = _free_port()
+        proc, model = _start(side, folder, port)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            asyncio.run(_wait_ready(url, proc))
+            asyncio.run(_load(url, model, 2, 4, 4))  # warm-up: load, first allocations
+            baseline = _rss(proc.pid, "VmRSS")
+            Path(f"/proc/{proc.pid}/clear_refs").write_text("5")  # VmHWM := VmRSS
+            lat, tokens, errors, wall = asyncio.run(_load(url, model, clients, requests, max_tokens))
+            peak = _rss(proc.pid, "VmHWM") - baseline
+            note = ""
+            if side == "nanotune":
+                before, after, codes = asyncio.run(_overflow(url, model, proc.pid, 2 * 256 + 64))
+                note = (
+                    f"; queue overflow ({2 * 256 + 64} at once, --max-queue 256): "
+                    + ", ".join(f"{c}×{k}" for k, c in sorted(codes.items()))
+                    + f", RSS {before / 2**20:,.0f} → {after / 2**20:,.0f} MiB"
+                )
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    if not lat:
+        raise RuntimeError(f"every request failed: {errors[0] if errors else '?'}")
+    p50 = statistics.median(lat)
+    p95 = statistics.quantiles(lat, n=20)[-1] if len(lat) >= 2 else lat[0]
+    return {
+        "ms_per_step": p50 * 1e3,
+        "useful_per_s": tokens / wall,
+        "flops_per_s": 0.0,
+        "peak_bytes": peak,
+        "peak_kind": "server RSS high-water mark under load",
+        "steps": len(lat),
+        "note": (
+            f"{len(lat) + len(errors)} requests, {clients} clients, {len(errors)} errors"
+            + (f" ({errors[0]})" if errors else "")
+            + f", p50 {p50 * 1e3:,.0f} ms, p95 {p95 * 1e3:,.0f} ms, {tokens} tokens in {wall:,.1f} s"
+            + note
+        ),
+    }
