@@ -369,3 +369,31 @@ def test_cli_refuses_bad_setups(tiny_llama_dir, tmp_path):
         r = run("--model", str(tiny_llama_dir), "--port", str(s.getsockname()[1]))
     assert r.returncode == 2 and "cannot listen" in r.stderr
     assert os.path.isdir(tmp_path)  # nothing touched
+
+
+def test_adapters_that_cannot_share_the_base_are_refused_with_merge_advice(tiny_llama_dir, tmp_path):
+    """DoRA rescales the base output, a trained embedding changes the shared vocabulary: both
+    are refused at load, naming the folder and the way out (merge), and nothing changes."""
+    from nanotune.errors import NanotuneError
+    from nanotune.methods.lora import apply_lora
+    from nanotune.serve.engine import Engine
+    from nanotune.weights import load_model
+    from nanotune.weights.peft import save_adapter
+
+    dora, _ = load_model(tiny_llama_dir)
+    apply_lora(dora, "all-linear", r=4, alpha=8, dora=True)
+    for name, p in dora.named_parameters():
+        p.requires_grad_("lora" in name)
+    save_adapter(dora, tmp_path / "dora", str(tiny_llama_dir))
+    emb, _ = load_model(tiny_llama_dir)
+    apply_lora(emb, "all-linear", r=4, alpha=8)
+    for name, p in emb.named_parameters():
+        p.requires_grad_("lora" in name or name == "wte.weight")
+    save_adapter(emb, tmp_path / "emb", str(tiny_llama_dir))
+
+    model, tok = load_model(tiny_llama_dir)
+    engine = Engine(model, tok)
+    for folder, why in (("dora", "DoRA"), ("emb", "trains the embedding")):
+        with pytest.raises(NanotuneError, match=f"{why}.*nanotune merge"):
+            engine.load_adapter(folder, tmp_path / folder)
+    assert engine.adapters == {} and all(not layer.pairs for layer in engine.layers.values())
