@@ -847,6 +847,13 @@ def _add_serve(sub) -> None:
         default=os.environ.get("NANOTUNE_API_KEY"),
         help="require 'Authorization: Bearer KEY' (default: $NANOTUNE_API_KEY, else none)",
     )
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="weights and KV cache (bfloat16: ~2x tokens/s on CPUs with native bf16; float32 "
+        "answers equal `nanotune generate`'s)",
+    )
     p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together")
     p.add_argument(
         "--max-queue", type=int, default=256, help="requests waiting before new ones get 429"
@@ -872,6 +879,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         max_body=args.max_body_kb * 1024,
         served_name=args.served_model_name,
+        dtype=args.dtype,
     )
     return 0
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import torch
+
 from nanotune.errors import NanotuneError
 from nanotune.jobs import artifacts
 from nanotune.methods import SequenceClassifier
@@ -12,6 +14,8 @@ from nanotune.models import DEFAULT_MODEL
 from nanotune.serve.app import MAX_BODY, Server, run_server
 from nanotune.serve.engine import Engine
 from nanotune.weights.peft import CONFIG_FILE
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def adapter_spec(spec: str) -> tuple[str, Path]:
@@ -37,9 +41,15 @@ def serve(
     max_queue: int = 256,
     max_body: int = MAX_BODY,
     served_name: str | None = None,
+    dtype: str = "float32",
 ) -> None:
     """Serve `model` (a name, model folder, or a LoRA run's final/, whose base is then served
-    with it as an adapter) and the `NAME=DIR` adapters until SIGINT/SIGTERM."""
+    with it as an adapter) and the `NAME=DIR` adapters until SIGINT/SIGTERM.
+
+    `dtype` bfloat16 halves the bytes each decode step streams (weights, adapters and KV cache
+    in bf16; logits and sampling stay float32): about twice the tokens/s where the CPU has
+    native bf16 (AVX512_BF16, AMX) or on a GPU, with answers no longer bit-equal to float32.
+    """
     specs = [adapter_spec(a) for a in adapters]
     if model is not None and (Path(model).expanduser() / CONFIG_FILE).is_file():
         specs.insert(0, adapter_spec(model))
@@ -50,6 +60,8 @@ def serve(
     for name, path in specs:
         if not (path / CONFIG_FILE).is_file():
             raise NanotuneError(f"--adapter {name}={path}: not an adapter folder (no {CONFIG_FILE})")
+    if dtype not in DTYPES:
+        raise NanotuneError(f"--dtype {dtype!r}: choose from {', '.join(DTYPES)}")
     base, tokenizer = artifacts.load(model)
     if isinstance(base, SequenceClassifier):
         raise NanotuneError(
@@ -58,6 +70,7 @@ def serve(
     base_name = served_name or model or DEFAULT_MODEL
     if base_name in names:
         raise NanotuneError(f"--adapter name {base_name!r} is the base model's name; rename it")
+    base = base.to(DTYPES[dtype])
     engine = Engine(base, tokenizer, max_batch=max_batch, max_queue=max_queue)
     for name, path in specs:
         engine.load_adapter(name, path)
