@@ -397,3 +397,16 @@ def test_adapters_that_cannot_share_the_base_are_refused_with_merge_advice(tiny_
         with pytest.raises(NanotuneError, match=f"{why}.*nanotune merge"):
             engine.load_adapter(folder, tmp_path / folder)
     assert engine.adapters == {} and all(not layer.pairs for layer in engine.layers.values())
+
+
+def test_bfloat16_serving_answers(tiny_llama_dir, adapters):
+    """--dtype bfloat16: weights, adapters and cache in bf16; requests are answered in full."""
+    running = start(tiny_llama_dir, "--dtype", "bfloat16", "--adapter", f"alpha={adapters['alpha']}")
+    try:
+        client = running.client()
+        for model in (client.models.list().data[0].id, "alpha"):
+            r = client.completions.create(model=model, prompt="Once", max_tokens=6,
+                                          temperature=0, extra_body={"stop_token_ids": []})
+            assert r.usage.completion_tokens == 6 and r.choices[0].finish_reason == "length"
+    finally:
+        stop(running)
