@@ -263,9 +263,10 @@ def _add_export(sub) -> None:
     )
     p.add_argument(
         "--quant",
-        choices=("f32", "f16", "q8_0"),
-        help="GGUF weight type (default: f16); norms and biases stay f32, and q8_0 keeps a "
-        "matrix whose rows are not a multiple of 32 at f16, as llama.cpp does",
+        choices=("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"),
+        help="GGUF weight type (default: f16). As llama.cpp: norms, biases and GPT-2's position "
+        "table stay f32; q8_0 keeps a matrix whose rows are not a multiple of 32 at f16; q4_0/q4_1 "
+        "give the output head q8_0 and refuse such a matrix, naming it",
     )
     p.add_argument(
         "--overwrite",
