@@ -112,7 +112,7 @@ def _tensor_type(
     return kind
 
 
-def _check_exportable(model: Transformer, where: str) -> None:
+def check_exportable(model: Transformer, where: str) -> None:
     config = model.config
     if config.family not in GGUF_NAMES:
         raise NanotuneError(
@@ -202,7 +202,7 @@ def export_gguf(
     if quant not in QUANTS:
         raise NanotuneError(f"GGUF quant {quant!r} is not supported; choose {', '.join(QUANTS)}")
     check_file_target(path, overwrite=overwrite, inputs=inputs)
-    _check_exportable(model, str(path))
+    check_exportable(model, str(path))
     qtype, file_type = QUANTS[quant]
     tensors = gguf_tensors(model)
     names = {n for n, _ in tensors}
