@@ -157,7 +157,7 @@ def test_q4_0_refuses_rows_that_are_no_whole_block_naming_the_tensor(
     assert list(tmp_path.iterdir()) == []  # refused before anything was written
 
 
-def test_a_chat_run_adapter_exports_merged_with_its_added_tokens(tiny_llama_dir, tmp_path):
+def test_a_chat_run_adapter_exports_merged_with_its_added_tokens(tiny_llama_dir, tmp_path, capsys):
     from nanotune.config import RunConfig
     from nanotune.jobs import artifacts
     from nanotune.jobs.finetune import train
@@ -190,6 +190,13 @@ def test_a_chat_run_adapter_exports_merged_with_its_added_tokens(tiny_llama_dir,
     assert loaded_tokenizer.encode(text) == tokenizer.encode(text)
     ids = torch.tensor([tokenizer.encode(text)])
     assert (logits(loaded, ids) - logits(tuned, ids)).abs().max() < 1e-4
+    # The same run as a GGUF LoRA: llama.cpp adapters cannot add tokens, so only merged.
+    capsys.readouterr()
+    argv = ["export", "--format", "gguf-lora", "--adapter", str(final), str(tmp_path / "l.gguf")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "trains the embedding or adds tokens" in err
+    assert "--format gguf --adapter" in err and not (tmp_path / "l.gguf").exists()
 
 
 def test_a_classifier_is_refused_in_one_line(tmp_path, tiny_llama_dir, capsys):

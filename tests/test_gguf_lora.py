@@ -103,3 +103,78 @@ def test_gguf_lora_on_the_base_gguf_is_the_merged_gguf(request, tmp_path, fixtur
     assert np.abs(merged[name] - base[name]).max() > 0.05  # the adapter does change it
     worst = max(float(np.abs(got[n] - merged[n]).max()) for n in merged)
     assert worst <= 1e-5  # measured 0.0 for both: the scales here are powers of two
+
+
+# --- bad requests: one line, exit 2, nothing written --------------------------------------------
+
+
+def refused(argv: list[str], capsys, tmp_path, *, keep: set[str]) -> str:
+    capsys.readouterr()
+    assert main(["export", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("nanotune: error: ")
+    assert {p.name for p in tmp_path.iterdir()} == keep  # no output, no temp file
+    return err
+
+
+def test_adapters_llama_cpp_cannot_apply_are_refused(tiny_llama_dir, tmp_path, capsys):
+    trained_adapter(tiny_llama_dir, tmp_path / "dora", targets=["q_proj"], dora=True)
+    out = str(tmp_path / "a.gguf")
+    err = refused(
+        ["--format", "gguf-lora", "--adapter", str(tmp_path / "dora"), out],
+        capsys,
+        tmp_path,
+        keep={"dora"},
+    )
+    assert "is a DoRA adapter" in err and "--format gguf --adapter" in err
+    err = refused(
+        ["--format", "gguf-lora", "--model", str(tiny_llama_dir), out],
+        capsys,
+        tmp_path,
+        keep={"dora"},
+    )
+    assert "needs the adapter: --adapter DIR" in err
+    err = refused(
+        ["--format", "gguf-lora", "--quant", "q8_0", "--adapter", str(tmp_path / "dora"), out],
+        capsys,
+        tmp_path,
+        keep={"dora"},
+    )
+    assert "writes f32 adapters" in err
+    err = refused(
+        ["--format", "gguf-lora", "--ollama", "--adapter", str(tmp_path / "dora"), out],
+        capsys,
+        tmp_path,
+        keep={"dora"},
+    )
+    assert "--ollama" in err and "--format gguf" in err
+
+
+def test_a_classifier_adapter_is_refused(tiny_llama_dir, tmp_path, capsys):
+    from nanotune.methods import SequenceClassifier
+    from nanotune.weights.classifier import save_classifier
+
+    body, tokenizer = load_model(tiny_llama_dir)
+    clf = SequenceClassifier(body, 2, ["no", "yes"])
+    apply_method(clf, MethodConfig(name="lora", r=4, targets=["q_proj"]))
+    save_classifier(clf, tmp_path / "clf", tokenizer, base_model=str(tiny_llama_dir))
+    for fmt in ("gguf", "gguf-lora"):
+        argv = ["--format", fmt, "--adapter", str(tmp_path / "clf"), str(tmp_path / "c.gguf")]
+        assert "a classifier" in refused(argv, capsys, tmp_path, keep={"clf"})
+
+
+def test_an_existing_output_is_refused_before_anything_loads(tiny_llama_dir, tmp_path, capsys):
+    trained_adapter(tiny_llama_dir, tmp_path / "adapter", targets=["q_proj"])
+    (tmp_path / "a.gguf").write_bytes(b"mine")
+    argv = [
+        "--format",
+        "gguf-lora",
+        "--adapter",
+        str(tmp_path / "adapter"),
+        str(tmp_path / "a.gguf"),
+    ]
+    err = refused(argv, capsys, tmp_path, keep={"adapter", "a.gguf"})
+    assert "already exists" in err and "--overwrite" in err
+    assert (tmp_path / "a.gguf").read_bytes() == b"mine"
+    assert main(["export", *argv, "--overwrite"]) == 0
+    assert GGUFReader(tmp_path / "a.gguf").fields["general.type"].contents() == "adapter"
