@@ -13,6 +13,7 @@ from gguf import GGUFReader
 from gguf.quants import dequantize
 
 from nanotune.cli import main
+from nanotune.errors import NanotuneError
 from nanotune.methods import MethodConfig, apply_method
 from nanotune.weights import load_model
 from nanotune.weights.peft import save_adapter
@@ -178,3 +179,5 @@ def test_an_existing_output_is_refused_before_anything_loads(tiny_llama_dir, tmp
     assert (tmp_path / "a.gguf").read_bytes() == b"mine"
     assert main(["export", *argv, "--overwrite"]) == 0
     assert GGUFReader(tmp_path / "a.gguf").fields["general.type"].contents() == "adapter"
+    with pytest.raises(NanotuneError, match="is a GGUF LoRA adapter, not a model"):
+        load_model(tmp_path / "a.gguf")
