@@ -255,18 +255,32 @@ def _add_export(sub) -> None:
         help="write a model as a Hugging Face folder or a llama.cpp/Ollama GGUF file",
         description="Write a model (preset, .gguf, folder, a run's final/, or a base with "
         "--adapter merged in) as an HF folder (config.json, model.safetensors, tokenizer files) "
-        "or, with --format gguf, as one .gguf file for llama.cpp and Ollama.",
+        "or, with --format gguf, as one .gguf file for llama.cpp and Ollama (--ollama adds a "
+        "Modelfile beside it); --format gguf-lora writes the --adapter alone as a llama.cpp "
+        "GGUF LoRA adapter (llama-server --lora) for the base's GGUF.",
     )
     _add_model_args(p)
-    p.add_argument("out", metavar="OUT", help="folder to create (hf) or .gguf file to write (gguf)")
     p.add_argument(
-        "--format", choices=("hf", "gguf"), default="hf", help="output format (default: hf)"
+        "out", metavar="OUT", help="folder to create (hf) or .gguf file to write (gguf, gguf-lora)"
+    )
+    p.add_argument(
+        "--format",
+        choices=("hf", "gguf", "gguf-lora"),
+        default="hf",
+        help="output format (default: hf)",
     )
     p.add_argument(
         "--quant",
-        choices=("f32", "f16", "q8_0"),
-        help="GGUF weight type (default: f16); norms and biases stay f32, and q8_0 keeps a "
-        "matrix whose rows are not a multiple of 32 at f16, as llama.cpp does",
+        choices=("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"),
+        help="GGUF weight type (default: f16). As llama.cpp: norms, biases and GPT-2's position "
+        "table stay f32; q8_0 keeps a matrix whose rows are not a multiple of 32 at f16; q4_0/q4_1 "
+        "give the output head q8_0 and refuse such a matrix, naming it",
+    )
+    p.add_argument(
+        "--ollama",
+        action="store_true",
+        help="with --format gguf: also write an Ollama Modelfile beside OUT (FROM, TEMPLATE for "
+        "ChatML chat templates, stop tokens, sampling defaults); then `ollama create NAME`",
     )
     p.add_argument(
         "--overwrite",
@@ -287,12 +301,23 @@ def cmd_export(args: argparse.Namespace) -> int:
     from nanotune.weights.resolve import hub_id_of
 
     out = Path(args.out)
-    gguf = args.format == "gguf"
+    gguf = args.format in ("gguf", "gguf-lora")
     if args.quant is not None and not gguf:
         raise NanotuneError("--quant applies to --format gguf only; drop it or add --format gguf")
+    if args.ollama and args.format != "gguf":
+        raise NanotuneError(
+            "--ollama writes a Modelfile beside a model GGUF: use it with --format gguf (for a "
+            "LoRA run, that exports the model with the adapter merged in)"
+        )
     inputs = [p for p in (args.model, args.adapter) if p and Path(p).exists()]
     # Refuse before the (slow) load; the writers check again and write atomically.
     (check_file_target if gguf else check_target)(out, overwrite=args.overwrite, inputs=inputs)
+    if args.ollama:
+        from nanotune.jobs.ollama import check_modelfile_target, write_modelfile
+
+        check_modelfile_target(out, overwrite=args.overwrite)
+    if args.format == "gguf-lora":
+        return _export_gguf_lora(args, out, inputs)
     model, tokenizer = _load(args)
     if isinstance(model, SequenceClassifier):
         raise NanotuneError(
@@ -313,6 +338,42 @@ def cmd_export(args: argparse.Namespace) -> int:
     else:
         base = hub_id_of(args.model) if args.model else None
         save_model(model, tokenizer, out, overwrite=args.overwrite, inputs=inputs, base_model=base)
+    print(f"wrote {out}")
+    if args.ollama:
+        modelfile, note = write_modelfile(out, tokenizer, model.config, overwrite=args.overwrite)
+        if note:
+            print(f"nanotune: note: {note}", file=sys.stderr)
+        print(f"wrote {modelfile}; next: cd {modelfile.parent} && ollama create NAME -f Modelfile")
+    return 0
+
+
+def _export_gguf_lora(args: argparse.Namespace, out, inputs: list[str]) -> int:
+    """--format gguf-lora: the adapter alone, checked against its (plain) base model."""
+    from pathlib import Path
+
+    from nanotune.jobs.artifacts import base_of
+    from nanotune.weights import load_model
+    from nanotune.weights.classifier import CLASSIFIER_FILE
+    from nanotune.weights.gguf_lora import export_gguf_lora
+
+    if args.quant not in (None, "f32"):
+        raise NanotuneError(
+            "--format gguf-lora writes f32 adapters (convert_lora_to_gguf's default); drop --quant"
+        )
+    adapter = args.adapter
+    if adapter is None and args.model and (Path(args.model) / "adapter_config.json").is_file():
+        adapter, args.model = args.model, None  # a LoRA run's final/ passed as the model
+    if adapter is None:
+        raise NanotuneError(
+            "--format gguf-lora needs the adapter: --adapter DIR (a LoRA run's final/)"
+        )
+    if (Path(adapter) / CLASSIFIER_FILE).is_file():
+        raise NanotuneError(
+            f"{adapter}: a classifier; llama.cpp has no classification head, so GGUF export "
+            "writes language models only"
+        )
+    base, _ = load_model(args.model or base_of(adapter))
+    export_gguf_lora(base, adapter, out, overwrite=args.overwrite, inputs=inputs)
     print(f"wrote {out}")
     return 0
 

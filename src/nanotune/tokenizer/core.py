@@ -29,6 +29,7 @@ class Tokenizer:
         pad_id: int | None = None,
         chat_template: str | None = None,
         add_bos: bool = False,
+        gguf_pre: str | None = None,
         name: str = "tokenizer",
     ):
         self._backend = backend
@@ -36,6 +37,9 @@ class Tokenizer:
         self.chat_template = chat_template
         # Whether the model expects BOS at the start of a sequence (callers add it; encode never).
         self.add_bos = add_bos
+        # llama.cpp's pre-tokenizer name (`tokenizer.ggml.pre`) when the vocabulary came from a
+        # GGUF (kept in tokenizer_config.json by `save`); None: implied by the pre-tokenizer.
+        self.gguf_pre = gguf_pre
         self.name = name
 
     # --- constructors -------------------------------------------------------------------------
@@ -68,6 +72,7 @@ class Tokenizer:
             "pad_id": self._pad_id,
             "add_bos": self.add_bos,
             "chat_template": self.chat_template,
+            "gguf_pre": self.gguf_pre,
         }
         return gguf_vocab_metadata(self._backend, settings, n_vocab, self.name)
 
@@ -172,6 +177,7 @@ class Tokenizer:
             pad_id=self.pad_id,
             add_bos=self.add_bos,
             chat_template=self.chat_template,
+            gguf_pre=self.gguf_pre,
         )
 
 

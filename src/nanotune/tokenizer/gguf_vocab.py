@@ -38,6 +38,8 @@ GGUF_KEYS = (
 
 # GGUF `tokenizer.ggml.pre` values and the split regex transformers uses for them (None: GPT-2's
 # own ByteLevel regex). transformers treats 'smollm' as plain GPT-2 byte-level; we match it.
+# llama.cpp's name for GPT-2's split is 'gpt-2'; 'gpt2' (which llama.cpp refuses) is what
+# nanotune's first GGUF exports wrote, read back here and written as 'gpt-2'.
 _LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -48,6 +50,7 @@ _QWEN2_SPLIT = (
 )
 GGUF_PRE_SPLITS: dict[str, str | None] = {
     "default": None,
+    "gpt-2": None,
     "gpt2": None,
     "smollm": None,
     "llama-bpe": _LLAMA3_SPLIT,
@@ -55,6 +58,7 @@ GGUF_PRE_SPLITS: dict[str, str | None] = {
     "llama-v3": _LLAMA3_SPLIT,
     "qwen2": _QWEN2_SPLIT,
 }
+_LLAMA_CPP_PRE = {"gpt2": "gpt-2"}  # names llama.cpp does not know -> the one it uses
 _GGUF_NORMAL, _GGUF_CONTROL, _GGUF_USER_DEFINED = 1, 3, 4
 
 
@@ -103,6 +107,7 @@ def read_gguf_vocab(fields: Mapping[str, Any], where: str) -> tuple[Backend, dic
         "pad_id": fields.get("tokenizer.ggml.padding_token_id"),
         "chat_template": fields.get("tokenizer.chat_template"),
         "add_bos": bool(fields.get("tokenizer.ggml.add_bos_token", False)),
+        "gguf_pre": _LLAMA_CPP_PRE.get(pre, pre),
         "name": where,
     }
 
@@ -121,7 +126,9 @@ def gguf_vocab_metadata(
 
     `n_vocab`: the embedding's rows; ids the vocabulary leaves unused become `[PAD<id>]`
     user-defined tokens, as llama.cpp pads them. `settings`: bos_id, eos_id, pad_id, add_bos,
-    chat_template (those of `Tokenizer`).
+    chat_template, gguf_pre (those of `Tokenizer`). The pre-tokenizer name is `gguf_pre` when the
+    vocabulary came from a GGUF (its file knows best: SmolLM2's says 'smollm', though transformers
+    and nanotune read it as GPT-2's split), else the one tokenizer.json's pre-tokenizer implies.
     """
     hf = backend.to_tokenizers()
     spec = json.loads(hf.to_str())
@@ -145,7 +152,8 @@ def gguf_vocab_metadata(
     merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
     fields = {
         "tokenizer.ggml.model": "gpt2",
-        "tokenizer.ggml.pre": _gguf_pre(spec.get("pre_tokenizer"), where),
+        "tokenizer.ggml.pre": settings.get("gguf_pre")
+        or _gguf_pre(spec.get("pre_tokenizer"), where),
         "tokenizer.ggml.tokens": tokens,
         "tokenizer.ggml.merges": merges,
         "tokenizer.ggml.token_type": types,
@@ -164,7 +172,7 @@ def _gguf_pre(pre: dict[str, Any] | None, where: str) -> str:
     steps = (pre or {}).get("pretokenizers") or [pre or {}]
     kinds = [s.get("type") for s in steps]
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
-        return "gpt2"
+        return "gpt-2"
     if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits"):
         return "smollm"  # SmolLM's own tokenizer.json: each digit alone, then GPT-2's split
     if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
@@ -173,7 +181,7 @@ def _gguf_pre(pre: dict[str, Any] | None, where: str) -> str:
             if regex == GGUF_PRE_SPLITS[name]:
                 return name
     raise NanotuneError(
-        f"{where}: its pre-tokenizer ({' + '.join(map(str, kinds))}) is none GGUF names (gpt2, "
+        f"{where}: its pre-tokenizer ({' + '.join(map(str, kinds))}) is none GGUF names (gpt-2, "
         "smollm, llama-bpe, qwen2), so llama.cpp would split text differently; export it as an "
         "HF folder instead"
     )

@@ -28,6 +28,7 @@ from nanotune.tokenizer.backends import (
 
 ENDOFTEXT = "<|endoftext|>"
 TOKENIZER_FIX = "re-save the tokenizer (save_pretrained) or replace the file"
+GGUF_PRE_KEY = "gguf_pre_tokenizer"  # nanotune's own tokenizer_config.json key (see write_dir)
 
 Settings = dict[str, Any]  # bos_id, eos_id, pad_id, chat_template, add_bos, name
 
@@ -96,8 +97,13 @@ def write_dir(
     pad_id: int | None,
     add_bos: bool,
     chat_template: str | None,
+    gguf_pre: str | None = None,
 ) -> None:
-    """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json (HF layout)."""
+    """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json (HF layout).
+
+    `gguf_pre` (a GGUF vocabulary's llama.cpp pre-tokenizer name) goes into tokenizer_config.json
+    as `gguf_pre_tokenizer`, which transformers ignores, so that a GGUF export of a model trained
+    from a GGUF names the split its source file named."""
     d = Path(directory)
     hf = backend.to_tokenizers()
     specials = sorted(backend.special_tokens().items(), key=lambda kv: kv[1])
@@ -131,6 +137,8 @@ def write_dir(
     }
     if chat_template:
         config["chat_template"] = chat_template
+    if gguf_pre:
+        config[GGUF_PRE_KEY] = gguf_pre
     atomic_write(d / "tokenizer.json", hf.to_str())
     atomic_write(d / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False))
     atomic_write(
@@ -260,4 +268,5 @@ def _dir_settings(backend: Backend, found: Settings, d: Path) -> Settings:
         "pad_id": pad_id,
         "chat_template": template or None,
         "add_bos": add_bos,
+        "gguf_pre": config.get(GGUF_PRE_KEY) if isinstance(config.get(GGUF_PRE_KEY), str) else None,
     }

@@ -1,5 +1,10 @@
-"""llama.cpp GGUF files (Llama architecture): dequantized into a float Transformer, and the
-vocabulary they carry (the one reader of the file; the tokenizer gets its metadata decoded)."""
+"""llama.cpp GGUF files (architectures `llama` and `gpt2`): dequantized into a float Transformer,
+and the vocabulary they carry (the one reader of the file; the tokenizer gets its metadata decoded).
+
+Tensors are renamed to Hugging Face names and handed to `convert.from_hf`, as a safetensors
+checkpoint would be: llama.cpp keeps Llama's Q/K rows in its interleaved rotary order (undone
+here) and GPT-2's Conv1D weights as [out, in] (transposed back to Conv1D's [in, out] here).
+"""
 
 from __future__ import annotations
 
@@ -21,7 +26,7 @@ from nanotune.weights import convert
 from nanotune.weights.build import build_model
 
 # llama.cpp tensor names (after `blk.N.`) -> Hugging Face Llama names (after `model.layers.N.`).
-BLOCK_NAMES = {
+LLAMA_BLOCK_NAMES = {
     "attn_q": "self_attn.q_proj",
     "attn_k": "self_attn.k_proj",
     "attn_v": "self_attn.v_proj",
@@ -32,7 +37,31 @@ BLOCK_NAMES = {
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
 }
-TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+LLAMA_TOP_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+# The same for GPT-2 (after `transformer.h.N.`), as convert_hf_to_gguf maps GPT2LMHeadModel.
+GPT2_BLOCK_NAMES = {
+    "attn_qkv": "attn.c_attn",
+    "attn_output": "attn.c_proj",
+    "ffn_up": "mlp.c_fc",
+    "ffn_down": "mlp.c_proj",
+    "attn_norm": "ln_1",
+    "ffn_norm": "ln_2",
+}
+GPT2_TOP_NAMES = {
+    "token_embd": "transformer.wte",
+    "position_embd": "transformer.wpe",
+    "output_norm": "transformer.ln_f",
+    "output": "lm_head",
+}
+# Per GGUF architecture (= nanotune family): (HF block prefix, block names, top-level names).
+GGUF_NAMES = {
+    "llama": ("model.layers.", LLAMA_BLOCK_NAMES, LLAMA_TOP_NAMES),
+    "gpt2": ("transformer.h.", GPT2_BLOCK_NAMES, GPT2_TOP_NAMES),
+}
 
 
 def open_gguf(path: str | Path) -> GGUFReader:
@@ -53,27 +82,60 @@ def _field(reader: GGUFReader, key: str, default: Any = None) -> Any:
 
 
 def config_from_gguf(reader: GGUFReader, where: str) -> ModelConfig:
-    """ModelConfig from a GGUF's `llama.*` metadata; untied when an `output.weight` exists."""
+    """ModelConfig from a GGUF's `llama.*` or `gpt2.*` metadata; untied when an `output.weight`
+    exists."""
     arch = _field(reader, "general.architecture")
-    if arch != "llama":
-        raise NanotuneError(f"{where}: GGUF architecture {arch!r} is not supported (llama only)")
+    if arch not in GGUF_NAMES:
+        raise NanotuneError(
+            f"{where}: GGUF architecture {arch!r} is not supported (llama and gpt2 only)"
+        )
+    if _field(reader, "general.type") == "adapter":
+        raise NanotuneError(
+            f"{where}: is a GGUF LoRA adapter, not a model; load its base model, or the PEFT "
+            "adapter folder it was exported from (--adapter)"
+        )
     names = {t.name for t in reader.tensors}
+
+    def need(key: str) -> Any:
+        value = _field(reader, f"{arch}.{key}")
+        if value is None:
+            raise NanotuneError(f"{where}: GGUF metadata '{arch}.{key}' is missing; re-convert it")
+        return value
+
+    embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    if embd is None:
+        raise NanotuneError(f"{where}: GGUF has no 'token_embd.weight' tensor; re-convert it")
+    n_embd, n_head = need("embedding_length"), need("attention.head_count")
+    common = dict(
+        vocab_size=int(embd.shape[1]),  # ggml shapes are [n_embd, n_vocab]
+        block_size=need("context_length"),
+        n_layer=need("block_count"),
+        n_head=n_head,
+        n_embd=n_embd,
+        tie_embeddings="output.weight" not in names,
+        bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
+        eos_token_id=_field(reader, "tokenizer.ggml.eos_token_id"),
+    )
+    if arch == "gpt2":
+        if _field(reader, "gpt2.attention.head_count_kv", n_head) != n_head:
+            raise NanotuneError(f"{where}: a gpt2 GGUF with grouped-query attention; re-convert it")
+        ffn = need("feed_forward_length")
+        return ModelConfig(
+            family="gpt2",
+            **common,
+            intermediate_size=None if ffn == 4 * n_embd else ffn,  # as config.json's n_inner
+            norm="layernorm",
+            norm_eps=float(_field(reader, "gpt2.attention.layer_norm_epsilon", 1e-5)),
+            positions="learned",
+            mlp="gelu",
+            attn_bias=True,
+            mlp_bias=True,
+        )
     if "rope_freqs.weight" in names:
         raise NanotuneError(
             f"{where}: per-frequency RoPE factors (rope_freqs, Llama 3.1 style) are not supported "
             "in GGUF; load the model's Hugging Face folder instead"
         )
-
-    def need(key: str) -> Any:
-        value = _field(reader, f"llama.{key}")
-        if value is None:
-            raise NanotuneError(f"{where}: GGUF metadata 'llama.{key}' is missing; re-convert it")
-        return value
-
-    n_embd, n_head = need("embedding_length"), need("attention.head_count")
-    embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
-    if embd is None:
-        raise NanotuneError(f"{where}: GGUF has no 'token_embd.weight' tensor; re-convert it")
     scaling = _field(reader, "llama.rope.scaling.type", "none")
     if scaling not in ("none", "linear"):
         raise NanotuneError(
@@ -85,12 +147,8 @@ def config_from_gguf(reader: GGUFReader, where: str) -> ModelConfig:
         rope_scaling = {"rope_type": "linear", "factor": need("rope.scaling.factor")}
     return ModelConfig(
         family="llama",
-        vocab_size=int(embd.shape[1]),  # ggml shapes are [n_embd, n_vocab]
-        block_size=need("context_length"),
-        n_layer=need("block_count"),
-        n_head=n_head,
+        **common,
         n_kv_head=_field(reader, "llama.attention.head_count_kv", n_head),
-        n_embd=n_embd,
         head_dim=_field(reader, "llama.attention.key_length", n_embd // n_head),
         intermediate_size=need("feed_forward_length"),
         norm="rmsnorm",
@@ -101,19 +159,17 @@ def config_from_gguf(reader: GGUFReader, where: str) -> ModelConfig:
         mlp="swiglu",
         attn_bias="blk.0.attn_q.bias" in names,
         mlp_bias=False,
-        tie_embeddings="output.weight" not in names,
-        bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
-        eos_token_id=_field(reader, "tokenizer.ggml.eos_token_id"),
     )
 
 
-def _hf_name(name: str) -> str | None:
+def _hf_name(name: str, family: str = "llama") -> str | None:
+    prefix, blocks, top = GGUF_NAMES[family]
     stem, _, kind = name.rpartition(".")  # kind: weight or bias
     if stem.startswith("blk."):
         _, layer, part = (stem.split(".", 2) + ["", ""])[:3]
-        hf = BLOCK_NAMES.get(part)
-        return f"model.layers.{layer}.{hf}.{kind}" if hf and layer.isdigit() else None
-    hf = TOP_NAMES.get(stem)
+        hf = blocks.get(part)
+        return f"{prefix}{layer}.{hf}.{kind}" if hf and layer.isdigit() else None
+    hf = top.get(stem)
     return f"{hf}.{kind}" if hf else None
 
 
@@ -124,13 +180,16 @@ def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+_CONV1D_WEIGHTS = tuple(f"{module}.weight" for module in convert.GPT2_CONV1D)
+
+
 def read_gguf_state_dict(reader: GGUFReader, config: ModelConfig, where: str) -> dict[str, Tensor]:
-    """Dequantized tensors with Hugging Face Llama names, tensor by tensor."""
+    """Dequantized tensors with Hugging Face names (Llama or GPT-2), tensor by tensor."""
     sd: dict[str, Tensor] = {}
     for t in reader.tensors:
-        name = _hf_name(t.name)
+        name = _hf_name(t.name, config.family)
         if name is None:
-            raise NanotuneError(f"{where}: unexpected tensor {t.name!r} for a llama GGUF")
+            raise NanotuneError(f"{where}: unexpected tensor {t.name!r} for a {config.family} GGUF")
         try:
             w = dequantize(t.data, t.tensor_type)
         except NotImplementedError:
@@ -138,7 +197,10 @@ def read_gguf_state_dict(reader: GGUFReader, config: ModelConfig, where: str) ->
                 f"{where}: tensor {t.name!r} uses GGUF type {t.tensor_type.name}, which the gguf "
                 "package cannot dequantize; use a Q4_0/Q4_1/Q8_0/F16/BF16/F32 file"
             ) from None
-        if name.endswith(("q_proj.weight", "q_proj.bias")):
+        if config.family == "gpt2":
+            if name.endswith(_CONV1D_WEIGHTS):
+                w = w.T
+        elif name.endswith(("q_proj.weight", "q_proj.bias")):
             w = _unpermute(w, config.n_head)
         elif name.endswith(("k_proj.weight", "k_proj.bias")):
             w = _unpermute(w, config.kv_heads)
@@ -169,7 +231,7 @@ def load_gguf_model(
     device: str | torch.device = "cpu",
     reader: GGUFReader | None = None,
 ) -> Transformer:
-    """A float Transformer from a llama GGUF file (quantized tensors are dequantized).
+    """A float Transformer from a llama or gpt2 GGUF file (quantized tensors are dequantized).
 
     `reader`: the file already open (parsing its metadata takes seconds), e.g. shared with the
     tokenizer.

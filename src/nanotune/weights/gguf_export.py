@@ -1,8 +1,10 @@
-"""llama.cpp GGUF files out (Llama architecture): a float Transformer and its tokenizer as one
-.gguf that llama.cpp and Ollama run, and that `weights.gguf` reads back to the same model.
+"""llama.cpp GGUF files out (architectures `llama` and `gpt2`): a float Transformer and its
+tokenizer as one .gguf that llama.cpp and Ollama run, and that `weights.gguf` reads back to the
+same model.
 
-The layout is the inverse of the reader's: its name maps reversed, Q/K rows permuted back to
-llama.cpp's rotary order, the metadata it reads under the keys it reads them from.
+The layout is the inverse of the reader's, as llama.cpp's convert_hf_to_gguf writes it: its name
+maps reversed, Llama's Q/K rows permuted back to llama.cpp's rotary order, GPT-2's Conv1D weights
+transposed to [out, in], the metadata under the keys llama.cpp reads.
 """
 
 from __future__ import annotations
@@ -13,62 +15,111 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from gguf import GGML_QUANT_VERSION, GGMLQuantizationType, GGUFWriter, LlamaFileType
+from gguf import (
+    GGML_QUANT_SIZES,
+    GGML_QUANT_VERSION,
+    GGMLQuantizationType,
+    GGUFWriter,
+    LlamaFileType,
+)
 from gguf.quants import quantize
+from torch import Tensor
 
 from nanotune.errors import NanotuneError
 from nanotune.files.atomic import atomic_file, check_file_target, clean_leftovers
+from nanotune.models.config import ModelConfig
 from nanotune.models.transformer import Transformer
 from nanotune.tokenizer import Tokenizer
 from nanotune.weights import convert
-from nanotune.weights.gguf import BLOCK_NAMES, TOP_NAMES
+from nanotune.weights.gguf import GGUF_NAMES
 
+T = GGMLQuantizationType
 # --quant: the type of the 2-D weights, and the file type llama.cpp records for it.
 QUANTS = {
-    "f32": (GGMLQuantizationType.F32, LlamaFileType.ALL_F32),
-    "f16": (GGMLQuantizationType.F16, LlamaFileType.MOSTLY_F16),
-    "q8_0": (GGMLQuantizationType.Q8_0, LlamaFileType.MOSTLY_Q8_0),
+    "f32": (T.F32, LlamaFileType.ALL_F32),
+    "f16": (T.F16, LlamaFileType.MOSTLY_F16),
+    "bf16": (T.BF16, LlamaFileType.MOSTLY_BF16),
+    "q8_0": (T.Q8_0, LlamaFileType.MOSTLY_Q8_0),
+    "q4_0": (T.Q4_0, LlamaFileType.MOSTLY_Q4_0),
+    "q4_1": (T.Q4_1, LlamaFileType.MOSTLY_Q4_1),
 }
-Q8_BLOCK = 32  # values per Q8_0 block: a quantized row's length must be a multiple of it
+FLOATS = (T.F32, T.F16, T.BF16)
 
-_TO_GGUF_BLOCK = {hf: gguf for gguf, hf in BLOCK_NAMES.items()}
-_TO_GGUF_TOP = {hf: gguf for gguf, hf in TOP_NAMES.items()}
+_CONV1D_WEIGHTS = tuple(f"{module}.weight" for module in convert.GPT2_CONV1D)
 
 
-def _gguf_name(hf_name: str) -> str:
+def gguf_name(hf_name: str, family: str) -> str:
+    """The llama.cpp name of a Hugging Face tensor name (`model.layers.3.self_attn.q_proj.weight`
+    -> `blk.3.attn_q.weight`) of the `llama` or `gpt2` family."""
+    prefix, blocks, top = GGUF_NAMES[family]
     stem, _, kind = hf_name.rpartition(".")
-    if stem.startswith("model.layers."):
-        layer, part = stem.removeprefix("model.layers.").split(".", 1)
-        return f"blk.{layer}.{_TO_GGUF_BLOCK[part]}.{kind}"
-    return f"{_TO_GGUF_TOP[stem]}.{kind}"
+    if stem.startswith(prefix):
+        layer, part = stem.removeprefix(prefix).split(".", 1)
+        return f"blk.{layer}.{_inverse(blocks)[part]}.{kind}"
+    return f"{_inverse(top)[stem]}.{kind}"
 
 
-def _permute(w: np.ndarray, n_heads: int) -> np.ndarray:
+def _inverse(names: dict[str, str]) -> dict[str, str]:
+    return {hf: gguf for gguf, hf in names.items()}
+
+
+def permute(w: Tensor, n_heads: int) -> Tensor:
     """Hugging Face Q/K rows (each head's rotary halves apart) to llama.cpp's interleaved order:
     convert_hf_to_gguf's `permute`, the inverse of `weights.gguf._unpermute`."""
     rows = w.shape[0]
     return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _tensor_type(w: np.ndarray, quant: GGMLQuantizationType) -> GGMLQuantizationType:
-    """The type one tensor is stored as, chosen as llama.cpp's converter chooses it: norms, biases
-    and every other 1-D tensor stay F32 (tiny, and precision-critical); a matrix whose rows are
-    not a whole number of Q8_0 blocks falls back to F16 instead of being refused."""
-    if w.ndim == 1:
-        return GGMLQuantizationType.F32
-    if quant == GGMLQuantizationType.Q8_0 and w.shape[-1] % Q8_BLOCK:
-        return GGMLQuantizationType.F16
-    return quant
+def to_gguf_layout(hf_name: str, w: Tensor, config: ModelConfig) -> Tensor:
+    """One Hugging Face tensor in llama.cpp's layout (row order and orientation)."""
+    if config.family == "gpt2":
+        return w.T if hf_name.endswith(_CONV1D_WEIGHTS) else w
+    if hf_name.endswith(("q_proj.weight", "q_proj.bias")):
+        return permute(w, config.n_head)
+    if hf_name.endswith(("k_proj.weight", "k_proj.bias")):
+        return permute(w, config.kv_heads)
+    return w
 
 
-def _check_exportable(model: Transformer, where: str) -> None:
-    config = model.config
-    if config.family != "llama":
+def _tensor_type(
+    name: str, shape: tuple[int, ...], quant: GGMLQuantizationType, *, head: bool, where: str
+) -> GGMLQuantizationType:
+    """The type one tensor is stored as, chosen as llama.cpp chooses it.
+
+    Always F32: 1-D tensors (norms, biases: tiny and precision-critical) and GPT-2's position
+    embedding (both convert_hf_to_gguf and llama-quantize keep it float). Q8_0 is a type of the
+    converter, which keeps a matrix whose rows are not whole 32-value blocks at F16. Q4_0/Q4_1 are
+    types of llama-quantize, which gives the output head (`head`: output.weight, or a tied
+    token_embd) more bits, Q6_K — the gguf package cannot write Q6_K, so it gets the wider Q8_0,
+    llama-quantize's own choice when Q6_K does not fit — and refuses a tensor whose rows are not
+    whole blocks ("Unsupported tensor size encountered"): so does this, naming the tensor.
+    """
+    if len(shape) == 1 or name.startswith("position_embd."):
+        return T.F32
+    if quant in FLOATS:
+        return quant
+    row = shape[-1]
+    if quant == T.Q8_0:
+        return quant if row % GGML_QUANT_SIZES[quant][0] == 0 else T.F16
+    kind = T.Q8_0 if head else quant
+    block = GGML_QUANT_SIZES[kind][0]
+    if row % block:
         raise NanotuneError(
-            f"{where}: a {config.family} model; GGUF export writes Llama-architecture models only "
-            "for now; export it as an HF folder (--format hf) and convert that with llama.cpp"
+            f"{where}: tensor {name!r} has rows of {row} values, not a multiple of {kind.name}'s "
+            f"{block}-value blocks, so it cannot be {quant.name.lower()} (llama.cpp's quantizer "
+            "refuses it too); use --quant q8_0 (which keeps such tensors at f16) or f16"
         )
-    if config.mlp_bias:
+    return kind
+
+
+def check_exportable(model: Transformer, where: str) -> None:
+    config = model.config
+    if config.family not in GGUF_NAMES:
+        raise NanotuneError(
+            f"{where}: a {config.family} model; GGUF export writes the llama and gpt2 "
+            "architectures; export it as an HF folder (--format hf) instead"
+        )
+    if config.family == "llama" and config.mlp_bias:
         raise NanotuneError(f"{where}: MLP biases have no place in a llama GGUF; use --format hf")
     scaling = (config.rope_scaling or {}).get("rope_type", (config.rope_scaling or {}).get("type"))
     if scaling not in (None, "linear"):
@@ -88,12 +139,30 @@ def _check_exportable(model: Transformer, where: str) -> None:
 
 def _write_metadata(writer: GGUFWriter, model: Transformer, tokenizer: Tokenizer, name: str):
     c = model.config
+    writer.add_type("model")
     writer.add_name(name)
     writer.add_context_length(c.block_size)
     writer.add_embedding_length(c.n_embd)
     writer.add_block_count(c.n_layer)
     writer.add_feed_forward_length(c.ffn)
     writer.add_head_count(c.n_head)
+    writer.add_vocab_size(c.vocab_size)
+    if c.family == "gpt2":
+        writer.add_layer_norm_eps(float(c.norm_eps))
+    else:
+        _write_llama_metadata(writer, c)
+    for key, value in tokenizer.gguf_metadata(c.vocab_size).items():
+        if isinstance(value, bool):
+            writer.add_bool(key, value)
+        elif isinstance(value, int):
+            writer.add_uint32(key, value)
+        elif isinstance(value, str):
+            writer.add_string(key, value)
+        else:
+            writer.add_array(key, value)
+
+
+def _write_llama_metadata(writer: GGUFWriter, c: ModelConfig) -> None:
     writer.add_head_count_kv(c.kv_heads)
     writer.add_rope_dimension_count(c.hd)
     if c.hd != c.n_embd // c.n_head:
@@ -104,16 +173,15 @@ def _write_metadata(writer: GGUFWriter, model: Transformer, tokenizer: Tokenizer
         writer.add_string("llama.rope.scaling.type", "linear")
         writer.add_rope_scaling_factor(float(c.rope_scaling["factor"]))
     writer.add_layer_norm_rms_eps(float(c.norm_eps))
-    writer.add_vocab_size(c.vocab_size)
-    for key, value in tokenizer.gguf_metadata(c.vocab_size).items():
-        if isinstance(value, bool):
-            writer.add_bool(key, value)
-        elif isinstance(value, int):
-            writer.add_uint32(key, value)
-        elif isinstance(value, str):
-            writer.add_string(key, value)
-        else:
-            writer.add_array(key, value)
+
+
+def gguf_tensors(model: Transformer) -> list[tuple[str, Tensor]]:
+    """(llama.cpp name, tensor in llama.cpp's layout) for every weight of a plain `model`."""
+    config = model.config
+    return [
+        (gguf_name(hf_name, config.family), to_gguf_layout(hf_name, t.detach(), config))
+        for hf_name, t in convert.to_hf(model.state_dict(), config).items()
+    ]
 
 
 def export_gguf(
@@ -126,33 +194,39 @@ def export_gguf(
     overwrite: bool = False,
     inputs: Iterable[str | os.PathLike] = (),
 ) -> Path:
-    """Write `model` (a plain Llama Transformer: merge adapters first) and `tokenizer` to the
-    GGUF file `path`, atomically. `quant`: f32, f16 or q8_0 for the matrices (see
+    """Write `model` (a plain Llama or GPT-2 Transformer: merge adapters first) and `tokenizer`
+    to the GGUF file `path`, atomically. `quant`: one of `QUANTS` for the matrices (see
     `_tensor_type`); `name` goes in general.name (default: the file's stem). An existing `path`
     is refused unless `overwrite`, and never replaced when it is one of `inputs`."""
     path = Path(path).expanduser()
     if quant not in QUANTS:
         raise NanotuneError(f"GGUF quant {quant!r} is not supported; choose {', '.join(QUANTS)}")
     check_file_target(path, overwrite=overwrite, inputs=inputs)
-    _check_exportable(model, str(path))
+    check_exportable(model, str(path))
     qtype, file_type = QUANTS[quant]
-    config = model.config
-    hf_sd = convert.to_hf(model.state_dict(), config)
+    tensors = gguf_tensors(model)
+    names = {n for n, _ in tensors}
+    # Every type is chosen (and a tensor no type fits refused) before anything is written.
+    kinds = [
+        _tensor_type(
+            n,
+            tuple(t.shape),
+            qtype,
+            head=n == "output.weight"
+            or (n == "token_embd.weight" and "output.weight" not in names),
+            where=str(path),
+        )
+        for n, t in tensors
+    ]
     clean_leftovers(path)
     with atomic_file(path) as tmp:
-        writer = GGUFWriter(tmp, "llama")
+        writer = GGUFWriter(tmp, model.config.family)
         _write_metadata(writer, model, tokenizer, name or path.stem)
         writer.add_file_type(file_type)
         writer.add_quantization_version(GGML_QUANT_VERSION)
-        for hf_name, tensor in hf_sd.items():
-            w = tensor.detach().to("cpu", torch.float32).numpy()
-            if hf_name.endswith(("q_proj.weight", "q_proj.bias")):
-                w = _permute(w, config.n_head)
-            elif hf_name.endswith(("k_proj.weight", "k_proj.bias")):
-                w = _permute(w, config.kv_heads)
-            kind = _tensor_type(w, qtype)
-            data = quantize(np.ascontiguousarray(w), kind)
-            writer.add_tensor(_gguf_name(hf_name), data, raw_dtype=kind)
+        for (gguf, tensor), kind in zip(tensors, kinds, strict=True):
+            w = np.ascontiguousarray(tensor.to("cpu", torch.float32).numpy())
+            writer.add_tensor(gguf, quantize(w, kind), raw_dtype=kind)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()

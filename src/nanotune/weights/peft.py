@@ -307,7 +307,9 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     return model
 
 
-def adapter_pairs(body: nn.Module, directory: str | os.PathLike) -> dict[str, tuple[Tensor, Tensor]]:
+def adapter_pairs(
+    body: nn.Module, directory: str | os.PathLike
+) -> dict[str, tuple[Tensor, Tensor]]:
     """A LoRA adapter folder as one (A [r, in], scale * B [out, r]) pair per adapted linear of
     `body` (a plain Transformer, left untouched), for serving many adapters over one base.
 
@@ -315,21 +317,12 @@ def adapter_pairs(body: nn.Module, directory: str | os.PathLike) -> dict[str, tu
     block-structured B). Adapters that change more than the block linears are refused: DoRA
     rescales the base output, and trained embeddings or added tokens change the vocabulary.
     """
-    plan = _plan(body, directory)
-    where = Path(directory).expanduser()
-    if plan.dora:
-        raise NanotuneError(
-            f"{where}: is a DoRA adapter, which cannot share a batch with other adapters; merge "
-            "it (nanotune merge) and serve the merged folder as the model"
-        )
-    if plan.score is not None or plan.embedding is not None or plan.head is not None or (
-        plan.vocab != body.config.vocab_size
-    ):
-        raise NanotuneError(
-            f"{where}: trains the embedding or adds tokens ({plan.vocab} tokens, the base has "
-            f"{body.config.vocab_size}), so it cannot share the base model; merge it (nanotune "
-            "merge) and serve the merged folder as the model"
-        )
+    plan = _plain_plan(
+        body,
+        directory,
+        "which cannot share a batch with other adapters",
+        "merge it (nanotune merge) and serve the merged folder as the model",
+    )
     layers: dict[str, LoRALinear] = {}
     for pair in plan.pairs:
         if pair.path not in layers:  # a throwaway wrapper: it shares the base weight, no copy
@@ -340,7 +333,48 @@ def adapter_pairs(body: nn.Module, directory: str | os.PathLike) -> dict[str, tu
         )
         _fill(layer, adapter, pair.A, pair.B, None)
     with torch.no_grad():
-        return {p: (layer.lora_A.detach(), layer.scaled_b().detach()) for p, layer in layers.items()}
+        return {
+            p: (layer.lora_A.detach(), layer.scaled_b().detach()) for p, layer in layers.items()
+        }
+
+
+def hf_lora_pairs(
+    body: nn.Module, directory: str | os.PathLike, fix: str
+) -> list[tuple[str, Tensor, Tensor, float]]:
+    """A LoRA adapter folder as PEFT names it: (Hugging Face module name, e.g.
+    `model.layers.0.self_attn.q_proj`, A [r, in], B [out, r], scale) per pair, checked against
+    `body` (a plain Transformer, left untouched). The delta of the module's weight is
+    `scale * B @ A`. DoRA and trained embeddings or added tokens are refused; `fix` says what to
+    do instead."""
+    plan = _plain_plan(body, directory, "which only a merged model can carry", fix)
+    config: ModelConfig = body.config
+    names = _hf_names(config)
+    out = []
+    for pair in plan.pairs:
+        i, module = pair.path.removeprefix("blocks.").split(".", 1)
+        name = HF_BLOCK_PREFIX[config.family].format(i=i) + names[(module, pair.part)]
+        scale = pair.alpha / (math.sqrt(pair.r) if plan.rslora else pair.r)
+        out.append((name, pair.A, pair.B, scale))
+    return out
+
+
+def _plain_plan(body: nn.Module, directory: str | os.PathLike, why: str, fix: str) -> _Plan:
+    """The plan of an adapter that changes the block linears only (no DoRA, no embeddings)."""
+    plan = _plan(body, directory)
+    where = Path(directory).expanduser()
+    if plan.dora:
+        raise NanotuneError(f"{where}: is a DoRA adapter, {why}; {fix}")
+    if (
+        plan.score is not None
+        or plan.embedding is not None
+        or plan.head is not None
+        or (plan.vocab != body.config.vocab_size)
+    ):
+        raise NanotuneError(
+            f"{where}: trains the embedding or adds tokens ({plan.vocab} tokens, the base has "
+            f"{body.config.vocab_size}), {why}; {fix}"
+        )
+    return plan
 
 
 def _plan(model: nn.Module, directory: str | os.PathLike) -> _Plan:
