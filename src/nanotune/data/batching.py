@@ -114,12 +114,14 @@ def collate_preference(examples: Sequence[PreferenceExample], pad_id: int) -> di
 
     input_ids, targets [B, 2, T]: right-padded; targets shifted as in LM batches, -100 except
         on the response tokens (the prompt, and pads, predict nothing).
+    lengths [B, 2]: real tokens of each sequence (a reward model scores the last one).
     ref_logps [B, 2]: the reference log-probabilities, when every example carries them.
     """
     T = max(e.length for e in examples)
     B = len(examples)
     input_ids = torch.full((B, 2, T), pad_id, dtype=torch.long)
     targets = torch.full((B, 2, T), IGNORE, dtype=torch.long)
+    lengths = torch.zeros((B, 2), dtype=torch.long)
     n_real = n_supervised = 0
     for b, ex in enumerate(examples):
         p = len(ex.prompt)
@@ -128,9 +130,10 @@ def collate_preference(examples: Sequence[PreferenceExample], pad_id: int) -> di
             input_ids[b, j, :n] = torch.tensor(ex.prompt + response)
             # Position t predicts token t+1: the last prompt token predicts the first response one.
             targets[b, j, p - 1 : n - 1] = torch.tensor(response)
+            lengths[b, j] = n
             n_real += n
             n_supervised += len(response)
-    batch: dict[str, Any] = {"input_ids": input_ids, "targets": targets}
+    batch: dict[str, Any] = {"input_ids": input_ids, "targets": targets, "lengths": lengths}
     if all(e.ref_chosen is not None and e.ref_rejected is not None for e in examples):
         batch["ref_logps"] = torch.tensor(
             [[e.ref_chosen, e.ref_rejected] for e in examples], dtype=torch.float32
