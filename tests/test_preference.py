@@ -3,6 +3,7 @@ with TRL (a test-only dependency) on tiny random GPT-2 and Llama models."""
 
 from __future__ import annotations
 
+import copy
 import math
 from types import SimpleNamespace
 
@@ -13,6 +14,14 @@ from tiny import tiny_config
 
 from nanotune.data import PreferenceExample
 from nanotune.data.batching import collate_preference
+from nanotune.jobs.reference import (
+    adapters_are_the_reference,
+    attach_reference,
+    load_reference,
+    reference_context,
+    save_reference,
+)
+from nanotune.methods import MethodConfig, adapters_disabled, apply_method
 from nanotune.models import Transformer
 from nanotune.training.losses import token_logprobs
 from nanotune.training.preference import (
@@ -155,10 +164,109 @@ def test_objective_sums_pairs_and_reports_preference_metrics(objective):
     losses, chosen_rewards, rejected_rewards, logps = obj.pairs(model, batch)
     assert losses.shape == (6,) and torch.isclose(obj.loss_sum(model, batch), losses.sum())
     metrics = obj.summarize(obj.eval_sums(model, batch))
-    assert metrics["loss"] == pytest.approx(float(losses.mean()), rel=1e-6)
+    assert metrics["loss"] == pytest.approx(float(losses.detach().mean()), rel=1e-6)
     correct = (chosen_rewards > rejected_rewards).float().mean()
     assert metrics["reward_accuracy"] == pytest.approx(float(correct))
     margin = (chosen_rewards - rejected_rewards).mean()
     assert metrics["reward_margin"] == pytest.approx(float(margin), rel=1e-6)
-    assert metrics["logps_chosen"] == pytest.approx(float(logps[:, 0].mean()), rel=1e-6)
-    assert metrics["logps_rejected"] == pytest.approx(float(logps[:, 1].mean()), rel=1e-6)
+    assert metrics["logps_chosen"] == pytest.approx(float(logps[:, 0].detach().mean()), rel=1e-6)
+    assert metrics["logps_rejected"] == pytest.approx(float(logps[:, 1].detach().mean()), rel=1e-6)
+
+
+# ---- the reference policy --------------------------------------------------------------------
+
+
+def randomise_adapters(model, seed: int = 7) -> None:
+    """B starts at zero (policy = reference): perturb it so the comparisons mean something."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+LORA_CASES = {
+    "gpt2-lora": ("gpt2", dict(targets="all-linear")),
+    "gpt2-qv-dora": ("gpt2", dict(targets=["c_attn.q", "c_attn.v"], dora=True)),
+    "llama-lora": ("llama", dict(targets="all-linear")),
+}
+
+
+@pytest.mark.parametrize("case", list(LORA_CASES))
+def test_adapters_off_reference_equals_a_separate_frozen_copy(case):
+    family, method = LORA_CASES[case]
+    model = tiny_model(family)
+    frozen = copy.deepcopy(model).eval().requires_grad_(False)
+    apply_method(model, MethodConfig(name="lora", r=4, alpha=8, **method))
+    randomise_adapters(model)
+    batch = collate_preference(random_pairs(6, 96, seed=2), pad_id=0)
+    with torch.no_grad():
+        policy = response_logps(model, batch)[0]
+        with adapters_disabled(model):
+            off = response_logps(model, batch)[0]
+        ref = response_logps(frozen, batch)[0]
+        again = response_logps(model, batch)[0]  # the adapters are back on after the context
+    assert (off - ref).abs().max() <= 1e-6
+    assert (policy - ref).abs().max() > 1e-2 and torch.equal(again, policy)
+    assert adapters_are_the_reference(model) and reference_context(model) is adapters_disabled
+    # DPO with the adapters-off reference is DPO against the frozen copy, loss and gradients.
+    objective = PreferenceObjective("dpo", beta=0.2, reference=adapters_disabled)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    loss = objective.loss_sum(model, batch)
+    grads = torch.autograd.grad(loss, trained)
+    chosen_rejected = response_logps(model, batch)[0]
+    expected = dpo_loss(
+        chosen_rejected[:, 0], chosen_rejected[:, 1], ref[:, 0], ref[:, 1], beta=0.2
+    ).sum()
+    expected_grads = torch.autograd.grad(expected, trained)
+    assert (loss - expected).abs() <= 1e-6
+    assert max((a - b).abs().max() for a, b in zip(grads, expected_grads, strict=True)) <= 1e-6
+
+
+def test_trained_embeddings_or_full_fine_tuning_need_a_precomputed_reference():
+    lora = tiny_model()
+    apply_method(lora, MethodConfig(name="lora", r=4, alpha=8, train_embeddings=True))
+    full = apply_method(tiny_model(), MethodConfig(name="full"))
+    assert reference_context(lora) is None and reference_context(full) is None
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_precomputed_reference_equals_on_the_fly(method, tmp_path):
+    model = tiny_model("llama")
+    apply_method(model, MethodConfig(name=method, r=4, alpha=8, targets="all-linear"))
+    frozen = copy.deepcopy(model).eval().requires_grad_(False)
+    pairs = random_pairs(7, 96, seed=4)
+    stored = attach_reference(model, {"train": pairs}, batch_size=3, pad_id=0)
+    assert stored["train"].shape == (7, 2)
+    # Training moves the policy: adapters for LoRA, every weight for a full fine-tune.
+    if method == "lora":
+        randomise_adapters(model)
+    else:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+    with_ref = collate_preference(pairs, pad_id=0)
+    without = {k: v for k, v in with_ref.items() if k != "ref_logps"}
+    on_the_fly = PreferenceObjective("dpo", loss="ipo", reference=adapters_disabled)
+    if method == "full":  # no adapters to switch off: the on-the-fly reference is a frozen copy
+        with torch.no_grad():
+            ref = response_logps(frozen, without)[0]
+        assert (with_ref["ref_logps"] - ref).abs().max() <= 1e-6
+        return
+    trained = [p for p in model.parameters() if p.requires_grad]
+    precomputed = PreferenceObjective("dpo", loss="ipo")
+    a = precomputed.loss_sum(model, with_ref)
+    b = on_the_fly.loss_sum(model, without)
+    grads_a = torch.autograd.grad(a, trained)
+    grads_b = torch.autograd.grad(b, trained)
+    assert (a - b).abs() <= 1e-6
+    assert max((x - y).abs().max() for x, y in zip(grads_a, grads_b, strict=True)) <= 1e-6
+    # Stored with the run, the values come back into fresh examples exactly.
+    save_reference(tmp_path / "ref.safetensors", stored)
+    fresh = random_pairs(7, 96, seed=4)
+    load_reference(tmp_path / "ref.safetensors", {"train": fresh})
+    assert [(e.ref_chosen, e.ref_rejected) for e in fresh] == [
+        (e.ref_chosen, e.ref_rejected) for e in pairs
+    ]
+    with pytest.raises(Exception, match="reference log-probs for 7 train pairs but the data has 6"):
+        load_reference(tmp_path / "ref.safetensors", {"train": fresh[:6]})
