@@ -1,4 +1,4 @@
-"""Data: sources -> rows -> formats -> Example/ClassExample -> batches (padded or packed)."""
+"""Data: sources -> rows -> formats -> Example/ClassExample/PreferenceExample -> batches (padded or packed)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,13 @@ from nanotune.lazy import lazy_exports
 _LAZY = {
     "collate_class": "batching",
     "collate_lm": "batching",
+    "collate_preference": "batching",
     "efficiency": "batching",
     "epoch_batches": "batching",
     "IGNORE": "example",
     "ClassExample": "example",
     "Example": "example",
+    "PreferenceExample": "example",
     "Row": "example",
     "Task": "example",
     "END_MARKER": "formats",
@@ -35,12 +37,14 @@ __all__ = [
     "DataConfig",
     "Datasets",
     "Example",
+    "PreferenceExample",
     "Row",
     "Task",
     "build_datasets",
     "chat_prompt_ids",
     "collate_class",
     "collate_lm",
+    "collate_preference",
     "efficiency",
     "epoch_batches",
     "iter_source",

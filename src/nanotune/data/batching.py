@@ -6,8 +6,9 @@ plus python ints under keys starting with ``n_``:
 
   n_examples    examples in the batch
   n_real        real (non-pad) tokens
-  n_supervised  positions with a target (LM) or rows with a class label (classification)
-  n_computed    tokens the model computes (B * T)
+  n_supervised  positions with a target (LM, preference) or rows with a class label
+                (classification)
+  n_computed    tokens the model computes (B * T; preference: 2 * B * T)
 
 so n_real / n_computed is the padding efficiency and n_supervised / n_computed the share of
 compute that is trained on (`efficiency` sums them over batches). Move only the tensors to a device.
@@ -21,7 +22,7 @@ from typing import Any
 
 import torch
 
-from nanotune.data.example import IGNORE, ClassExample, Example, Task
+from nanotune.data.example import IGNORE, ClassExample, Example, PreferenceExample, Task
 
 MEGA_CHUNK = 50  # batches per sorted chunk in length grouping: enough to group, still shuffled
 OPEN_BINS = 64  # sequences kept open while packing; bounds the first-fit search
@@ -106,8 +107,47 @@ def collate_class(examples: Sequence[ClassExample], pad_id: int) -> dict[str, An
     }
 
 
+def collate_preference(examples: Sequence[PreferenceExample], pad_id: int) -> dict[str, Any]:
+    """One preference batch: pair b's chosen sequence (prompt + chosen) at `[b, 0]` and its
+    rejected one at `[b, 1]`, so slicing rows keeps pairs whole and `input_ids.flatten(0, 1)`
+    runs both responses of every pair as one batch of 2B rows.
+
+    input_ids, targets [B, 2, T]: right-padded; targets shifted as in LM batches, -100 except
+        on the response tokens (the prompt, and pads, predict nothing).
+    lengths [B, 2]: real tokens of each sequence (a reward model scores the last one).
+    ref_logps [B, 2]: the reference log-probabilities, when every example carries them.
+    """
+    T = max(e.length for e in examples)
+    B = len(examples)
+    input_ids = torch.full((B, 2, T), pad_id, dtype=torch.long)
+    targets = torch.full((B, 2, T), IGNORE, dtype=torch.long)
+    lengths = torch.zeros((B, 2), dtype=torch.long)
+    n_real = n_supervised = 0
+    for b, ex in enumerate(examples):
+        p = len(ex.prompt)
+        for j, response in enumerate((ex.chosen, ex.rejected)):
+            n = p + len(response)
+            input_ids[b, j, :n] = torch.tensor(ex.prompt + response)
+            # Position t predicts token t+1: the last prompt token predicts the first response one.
+            targets[b, j, p - 1 : n - 1] = torch.tensor(response)
+            lengths[b, j] = n
+            n_real += n
+            n_supervised += len(response)
+    batch: dict[str, Any] = {"input_ids": input_ids, "targets": targets, "lengths": lengths}
+    if all(e.ref_chosen is not None and e.ref_rejected is not None for e in examples):
+        batch["ref_logps"] = torch.tensor(
+            [[e.ref_chosen, e.ref_rejected] for e in examples], dtype=torch.float32
+        )
+    batch.update(n_examples=B, n_real=n_real, n_supervised=n_supervised, n_computed=2 * B * T)
+    return batch
+
+
+def _length(example: Example | ClassExample | PreferenceExample) -> int:
+    return example.length if isinstance(example, PreferenceExample) else len(example.ids)
+
+
 def epoch_batches(
-    examples: Sequence[Example] | Sequence[ClassExample],
+    examples: Sequence[Example] | Sequence[ClassExample] | Sequence[PreferenceExample],
     batch_size: int,
     seed: int,
     epoch: int,
@@ -122,7 +162,7 @@ def epoch_batches(
 ) -> list[dict[str, Any]]:
     """Every batch of one epoch, each example exactly once (unless `drop_last` drops a short tail).
 
-    task: the data's task (`Datasets.task`): LM batches, or classification batches.
+    task: the data's task (`Datasets.task`): LM, classification or preference batches.
     pack: fill rows of up to `max_length` tokens with several examples (`batch_size` rows a batch).
     group_by_length: sort within chunks of MEGA_CHUNK batches, then shuffle the batch order.
     shuffle=False keeps the given order (evaluation).
@@ -135,7 +175,7 @@ def epoch_batches(
     order = list(range(len(examples)))
     if shuffle:
         rng.shuffle(order)
-    lengths = [len(e.ids) for e in examples]
+    lengths = [_length(e) for e in examples]
     if pack:
         if task != "lm" or max_length is None:
             raise ValueError("packing needs LM examples and max_length")
@@ -158,6 +198,8 @@ def epoch_batches(
         chunks = [c for c in chunks if len(c) == batch_size]  # at most one is short
     if task == "classification":
         return [collate_class(c, pad_id) for c in chunks]
+    if task == "preference":
+        return [collate_preference(c, pad_id) for c in chunks]
     return [collate_lm(c if pack else [[e] for e in c], pad_id, pack) for c in chunks]
 
 

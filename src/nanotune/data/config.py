@@ -10,7 +10,7 @@ from typing import Literal, Union, get_args, get_origin, get_type_hints
 
 from nanotune.errors import NanotuneError
 
-Format = Literal["completion", "chat", "alpaca", "text", "classification"]
+Format = Literal["completion", "chat", "alpaca", "text", "classification", "preference"]
 ChatStyle = Literal["auto", "model", "markers"]
 TextUnit = Literal["file", "paragraph", "line"]
 FileFormat = Literal["csv", "tsv", "jsonl", "json", "parquet", "text"]
@@ -33,15 +33,19 @@ class DataConfig:
     source: str = ""
     """Where the rows come from: the train split, or all rows when fractions split them."""
     format: Format = "completion"
-    """How a row becomes an example."""
+    """How a row becomes an example.
+
+    preference: a prompt and a chosen and a rejected response (`prompt`/`chosen`/`rejected`,
+    text or chat messages), or two HH-RLHF transcripts (`chosen`/`rejected` whole dialogues
+    whose last assistant turns differ); only the responses are supervised."""
     columns: dict[str, str | int] = field(default_factory=dict)
     """Canonical field -> column in the data, e.g. {text: sms, label: category}.
 
     The canonical names are the ones the format reads (prompt/completion, messages, dialogue (an
     HH-RLHF "\n\nHuman: …\n\nAssistant: …" transcript), system/user/assistant,
-    context/question/answer, instruction/input/output, text, label). A dotted column name
-    (answers.text) reads a field of a nested record. With header: false the columns of a
-    csv/tsv file are named by position from 1: {label: 1, text: 2}."""
+    context/question/answer, instruction/input/output, text, label, prompt/chosen/rejected). A
+    dotted column name (answers.text) reads a field of a nested record. With header: false the
+    columns of a csv/tsv file are named by position from 1: {label: 1, text: 2}."""
     file_format: FileFormat | None = None
     """How local files are read; null = by extension.
 
@@ -168,8 +172,8 @@ class DataConfig:
                 raise bad(name, f"{getattr(self, name)!r}: {why}")
         if self.format == "text" and self.chunk_tokens > self.max_length:
             raise bad("chunk_tokens", f"{self.chunk_tokens} exceeds max_length={self.max_length}")
-        if self.pack and self.format == "classification":
-            raise bad("pack", "packing applies to language-model formats, not classification")
+        if self.pack and self.format in ("classification", "preference"):
+            raise bad("pack", f"packing applies to language-model formats, not {self.format}")
         if self.balance and self.format != "classification":
             raise bad("balance", "class balancing applies to format: classification only")
 

@@ -9,9 +9,10 @@ from nanotune.errors import NanotuneError
 
 IGNORE = -100  # label of a token that is not supervised (Hugging Face / PyTorch convention)
 
-# What a run learns and is measured on: the next tokens (every LM format, `Example`) or one
-# label per example (`ClassExample`). Decided once, when the data is built (`Datasets.task`).
-Task = Literal["lm", "classification"]
+# What a run learns and is measured on: the next tokens (every LM format, `Example`), one
+# label per example (`ClassExample`) or which of two responses is preferred
+# (`PreferenceExample`). Decided once, when the data is built (`Datasets.task`).
+Task = Literal["lm", "classification", "preference"]
 
 
 @dataclass
@@ -32,6 +33,28 @@ class ClassExample:
 
     ids: list[int]
     label: int
+
+
+@dataclass
+class PreferenceExample:
+    """A preference pair: the prompt's ids once, and the ids of the chosen and the rejected
+    response. Every response token is supervised (its end, EOS or the end-of-turn token, too);
+    no prompt token is.
+
+    ref_chosen / ref_rejected: the reference policy's summed log-probability of each response,
+    when computed before training (full fine-tuning keeps no reference model in memory).
+    """
+
+    prompt: list[int]
+    chosen: list[int]
+    rejected: list[int]
+    ref_chosen: float | None = None
+    ref_rejected: float | None = None
+
+    @property
+    def length(self) -> int:
+        """Tokens of the longer of its two sequences, prompt included."""
+        return len(self.prompt) + max(len(self.chosen), len(self.rejected))
 
 
 class Row(dict):

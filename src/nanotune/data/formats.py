@@ -1,4 +1,4 @@
-"""Formats: one row -> `Example` (token ids + unshifted labels) or `ClassExample`.
+"""Formats: one row -> `Example` (token ids + unshifted labels), `ClassExample` or `PreferenceExample`.
 
 Labels come from token spans: each part of an example (prompt, completion, chat turn) is
 tokenized on its own and the parts are concatenated, so the supervised span is known exactly and
@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from nanotune.data.config import DataConfig
-from nanotune.data.example import IGNORE, BadRow, ClassExample, Example, Row
+from nanotune.data.example import IGNORE, BadRow, ClassExample, Example, PreferenceExample, Row
 from nanotune.errors import NanotuneError
 
 # Turn markers for models without a chat template (GPT-2); added as special tokens.
@@ -102,16 +102,30 @@ def markers_chat_template(cfg: DataConfig, tokenizer: TokenizerLike) -> str:
     )
 
 
-def use_markers_template(cfg: DataConfig, tokenizer: TokenizerLike) -> None:
+def use_markers_template(
+    cfg: DataConfig, tokenizer: TokenizerLike, rows: Sequence[Row] = ()
+) -> None:
     """Give a markers chat format's tokenizer the template that renders it, so the tokenizer
     saved with the fine-tune chats (`nanotune chat`, `generate --chat`) as it trained."""
-    if cfg.format == "chat" and uses_markers(cfg, tokenizer):
+    if renders_chat(cfg, rows) and uses_markers(cfg, tokenizer):
         tokenizer.chat_template = markers_chat_template(cfg, tokenizer)
 
 
-def required_special_tokens(cfg: DataConfig, tokenizer: TokenizerLike) -> list[str]:
-    """Special tokens the format needs that the tokenizer lacks; the caller adds them and resizes the model."""
-    if cfg.format != "chat" or not uses_markers(cfg, tokenizer):
+def renders_chat(cfg: DataConfig, rows: Sequence[Row] = ()) -> bool:
+    """True when the format renders conversations: chat always, preference when a row holds
+    messages or transcripts (`rows`: the rows to be formatted)."""
+    if cfg.format == "preference":
+        return any(preference_is_chat(r) for r in rows)
+    return cfg.format == "chat"
+
+
+def required_special_tokens(
+    cfg: DataConfig, tokenizer: TokenizerLike, rows: Sequence[Row] = ()
+) -> list[str]:
+    """Special tokens the format needs that the tokenizer lacks; the caller adds them and resizes the model.
+
+    rows: the rows to be formatted (a preference format needs the markers only for conversations)."""
+    if not renders_chat(cfg, rows) or not uses_markers(cfg, tokenizer):
         return []
     return [t for t in MARKER_TOKENS if t not in tokenizer.special_tokens]
 
@@ -346,8 +360,9 @@ def _generation_segments(messages: list[dict[str, str]], tokenizer: TokenizerLik
     return [([t], m) for t, m in zip(ids, mask, strict=True)]
 
 
-def format_chat(row: Row, tokenizer: TokenizerLike, cfg: DataConfig) -> Example:
-    messages = row_messages(row, cfg.system_prompt)
+def _chat_segments(
+    messages: list[dict[str, str]], tokenizer: TokenizerLike, cfg: DataConfig, where: str
+) -> list[Segment]:
     if uses_markers(cfg, tokenizer):
         missing = [t for t in MARKER_TOKENS if t not in tokenizer.special_tokens]
         if missing:
@@ -355,12 +370,15 @@ def format_chat(row: Row, tokenizer: TokenizerLike, cfg: DataConfig) -> Example:
                 f"tokenizer lacks chat markers {', '.join(missing)}; add required_special_tokens(cfg, "
                 "tokenizer) with tokenizer.add_special_tokens and resize the model's embeddings"
             )
-        segments = _marker_segments(messages, tokenizer)
-    elif tokenizer.marks_generation:
-        segments = _generation_segments(messages, tokenizer)
-    else:
-        segments = _template_segments(messages, tokenizer, row.where)
-    return _assemble(segments, cfg, row)
+        return _marker_segments(messages, tokenizer)
+    if tokenizer.marks_generation:
+        return _generation_segments(messages, tokenizer)
+    return _template_segments(messages, tokenizer, where)
+
+
+def format_chat(row: Row, tokenizer: TokenizerLike, cfg: DataConfig) -> Example:
+    messages = row_messages(row, cfg.system_prompt)
+    return _assemble(_chat_segments(messages, tokenizer, cfg, row.where), cfg, row)
 
 
 def chat_prompt_ids(
@@ -377,6 +395,134 @@ def chat_prompt_ids(
         rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         return tokenizer.encode(rendered)
     return [t for ids, _ in segments for t in ids]
+
+
+# ---- preference pairs ------------------------------------------------------------------------
+
+PAIR = ("chosen", "rejected")
+
+
+def preference_is_chat(row: Row) -> bool:
+    """A preference row renders as a conversation when it holds messages or, with no prompt,
+    two whole transcripts; else it is text like the completion format."""
+    return row.get("prompt") is None or any(isinstance(row.get(k), list) for k in ("prompt", *PAIR))
+
+
+def _message_list(value: Any, where: str, what: str) -> list[dict[str, str]]:
+    if not isinstance(value, list) or not value:
+        raise BadRow(f"{where}: {what!r} must be text or a non-empty list of {{role, content}}")
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise BadRow(f"{where}: {what}[{i}] needs 'role' and 'content'")
+    return [{"role": str(m["role"]), "content": str(m["content"])} for m in value]
+
+
+def _conversation(row: Row, which: str) -> list[dict[str, str]]:
+    """The whole conversation ending in the `which` response (chosen or rejected)."""
+    value = row_field(row, which)
+    prompt = row.get("prompt")
+    if prompt is None:  # whole dialogues: HH-RLHF transcripts or message lists
+        if isinstance(value, list):
+            return _message_list(value, row.where, which)
+        try:
+            return transcript_messages(str(value), row.where)
+        except BadRow as e:
+            raise BadRow(
+                f"{row.where}: no prompt, and {which} is not an HH-RLHF transcript "
+                "('\\n\\nHuman: …\\n\\nAssistant: …'); give a prompt column (data.columns)"
+            ) from e
+    head = (
+        _message_list(prompt, row.where, "prompt")
+        if isinstance(prompt, list)
+        else [{"role": "user", "content": as_text(prompt)}]
+    )
+    if isinstance(value, list):
+        return head + _message_list(value, row.where, which)
+    return head + [{"role": "assistant", "content": as_text(value)}]
+
+
+def _last_supervised(segments: Sequence[Segment]) -> tuple[list[int], list[int]]:
+    """(everything before the last supervised run, that run): a conversation's prompt and its
+    final reply; any scaffolding after the reply (a newline) follows nothing and is dropped."""
+    ids = [t for seg, _ in segments for t in seg]
+    answer = [a for seg, a in segments for _ in seg]
+    end = max(i for i, a in enumerate(answer) if a) + 1
+    start = end
+    while start > 0 and answer[start - 1]:
+        start -= 1
+    return ids[:start], ids[start:end]
+
+
+def _chat_pair(
+    row: Row, tokenizer: TokenizerLike, cfg: DataConfig
+) -> tuple[list[int], list[int], list[int]]:
+    convs = {which: _conversation(row, which) for which in PAIR}
+    for which, conv in convs.items():
+        if conv[-1]["role"] != "assistant":
+            raise BadRow(
+                f"{row.where}: the {which} conversation does not end with an assistant reply"
+            )
+        if not conv[-1]["content"].strip():
+            raise BadRow(f"{row.where}: the {which} response is empty")
+    if convs["chosen"][:-1] != convs["rejected"][:-1]:
+        pairs = zip(convs["chosen"], convs["rejected"], strict=False)
+        turn = next((i for i, (a, b) in enumerate(pairs) if a != b), len(convs["chosen"]) - 1)
+        raise BadRow(
+            f"{row.where}: chosen and rejected differ before their last reply (turn {turn + 1}); "
+            "a pair must share its prompt"
+        )
+    if len(convs["chosen"]) < 2:
+        raise BadRow(f"{row.where}: no prompt before the last reply")
+    rendered = {}
+    for which, conv in convs.items():
+        messages = row_messages(Row({"messages": conv}, row.where), cfg.system_prompt)
+        rendered[which] = _last_supervised(_chat_segments(messages, tokenizer, cfg, row.where))
+    prompt = rendered["chosen"][0]
+    if rendered["rejected"][0] != prompt:  # a whole-conversation tokenization merged across
+        raise BadRow(
+            f"{row.where}: the prompt tokenizes differently before chosen and rejected; "
+            "set data.chat_style: markers"
+        )
+    return prompt, rendered["chosen"][1], rendered["rejected"][1]
+
+
+def _text_pair(
+    row: Row, tokenizer: TokenizerLike, cfg: DataConfig
+) -> tuple[list[int], list[int], list[int]]:
+    prompt_text = _render(cfg.prompt_template, row, "prompt_template") + cfg.separator
+    responses = []
+    for which in PAIR:
+        text = as_text(row_field(row, which))
+        if not text.strip():
+            raise BadRow(f"{row.where}: the {which} response is empty")
+        responses.append(tokenizer.encode(text) + [tokenizer.eos_id])
+    return bos(tokenizer) + tokenizer.encode(prompt_text), *responses
+
+
+def format_preference(row: Row, tokenizer: TokenizerLike, cfg: DataConfig) -> PreferenceExample:
+    """A prompt (encoded once) and two responses, each ending in EOS (text) or the template's
+    end of turn (conversations), all of whose tokens are supervised."""
+    if preference_is_chat(row):
+        prompt, chosen, rejected = _chat_pair(row, tokenizer, cfg)
+    else:
+        prompt, chosen, rejected = _text_pair(row, tokenizer, cfg)
+    if chosen == rejected:
+        raise BadRow(f"{row.where}: chosen and rejected are the same response")
+    if not prompt:
+        raise BadRow(f"{row.where}: empty prompt; a response's first token needs one before it")
+    excess = len(prompt) + max(len(chosen), len(rejected)) - cfg.max_length
+    if excess > 0:
+        # Only leading prompt tokens may be cut (never all of them); responses never are.
+        if cfg.truncate_prompt and excess < len(prompt):
+            prompt = prompt[excess:]
+        else:
+            raise TooLong(
+                f"{row.where}: pair has {len(prompt) + max(len(chosen), len(rejected))} tokens "
+                f"(prompt and the longer response), more than data.max_length={cfg.max_length}; "
+                "raise max_length, set truncation: drop"
+                + ("" if cfg.truncate_prompt else " or truncate_prompt: true")
+            )
+    return PreferenceExample(prompt, chosen, rejected)
 
 
 def class_index(value: Any, label_names: list[str], where: str) -> int:

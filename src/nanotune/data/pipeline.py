@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nanotune.data.config import DataConfig
-from nanotune.data.example import BadRow, ClassExample, Example, Row, Task
+from nanotune.data.example import BadRow, ClassExample, Example, PreferenceExample, Row, Task
 from nanotune.data.formats import (
     LM_FORMATS,
     TokenizerLike,
@@ -16,6 +16,7 @@ from nanotune.data.formats import (
     bos,
     chunk_text,
     format_classification,
+    format_preference,
     required_special_tokens,
     row_field,
     use_markers_template,
@@ -32,7 +33,7 @@ class Datasets:
     `dropped_too_long` (truncation: drop); `problems` keeps the first messages for the report.
     """
 
-    splits: dict[str, list[Example] | list[ClassExample]]
+    splits: dict[str, list[Example] | list[ClassExample] | list[PreferenceExample]]
     task: Task
     stats: dict[str, Counter] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
@@ -41,11 +42,11 @@ class Datasets:
     added_tokens: list[str] = field(default_factory=list)
 
     @property
-    def train(self) -> list[Example] | list[ClassExample]:
+    def train(self) -> list[Example] | list[ClassExample] | list[PreferenceExample]:
         return self.splits["train"]
 
     @property
-    def val(self) -> list[Example] | list[ClassExample]:
+    def val(self) -> list[Example] | list[ClassExample] | list[PreferenceExample]:
         return self.splits.get("val", [])
 
     def summary(self) -> str:
@@ -67,7 +68,9 @@ MAX_PROBLEMS = 20
 
 def task_of(cfg: DataConfig) -> Task:
     """The task a data config calls for; every later part reads `Datasets.task` instead."""
-    return "classification" if cfg.format == "classification" else "lm"
+    if cfg.format in ("classification", "preference"):
+        return cfg.format
+    return "lm"
 
 
 def _read(spec: str, cfg: DataConfig, stats: Counter, problems: list[str]) -> list[Row]:
@@ -201,6 +204,8 @@ def _examples(
         try:
             if task_of(cfg) == "classification":
                 out.append(format_classification(row, tokenizer, cfg, label_names or []))
+            elif task_of(cfg) == "preference":
+                out.append(format_preference(row, tokenizer, cfg))
             else:
                 out.append(LM_FORMATS[cfg.format](row, tokenizer, cfg))
         except TooLong as e:
@@ -227,10 +232,11 @@ def build_datasets(cfg: DataConfig, tokenizer: TokenizerLike) -> Datasets:
             label_names = _label_names(cfg, rows["train"])
         except BadRow as e:
             raise NanotuneError(f"{e} (classification needs a label on every row)") from e
-    added = required_special_tokens(cfg, tokenizer)
+    every_row = [r for split_rows_ in rows.values() for r in split_rows_]
+    added = required_special_tokens(cfg, tokenizer, every_row)
     if added:
         tokenizer.add_special_tokens(added)
-    use_markers_template(cfg, tokenizer)
+    use_markers_template(cfg, tokenizer, every_row)
     splits = {}
     for name, split_rows_ in rows.items():
         splits[name] = _examples(split_rows_, cfg, tokenizer, label_names, stats[name], problems)

@@ -9,7 +9,9 @@ Math follows PEFT (`peft.tuners.lora`) so adapters move between the two exactly.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -56,6 +58,8 @@ class LoRALinear(nn.Module):
             None if base.bias is None else nn.Parameter(base.bias.detach(), requires_grad=False)
         )
         self.adapters: list[Adapter] = []
+        self.enabled = True
+        """False: the layer is its base linear alone (`adapters_disabled`)."""
         self.register_parameter("lora_A", None)
         self.lora_B = nn.ParameterDict()
         self.lora_magnitude = nn.ParameterDict()
@@ -114,7 +118,7 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         out = nf4.linear(x, self.weight, self.bias)
-        if not self.adapters:
+        if not self.adapters or not self.enabled:
             return out
         dropped = self.training and isinstance(self.lora_dropout, nn.Dropout)
         xd = self.lora_dropout(x) if dropped else x
@@ -291,6 +295,22 @@ def apply_lora(
                 part or "all", rows, r, alpha, rslora=rslora, dora=dora, dropout=dropout
             )
     return body
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """The model without its adapters while inside: every LoRALinear computes its base linear
+    alone (DPO's reference policy, with no second copy of the model). Trained embeddings or
+    heads stay as they are; only the adapters are switched off."""
+    layers = list(lora_layers(model).values())
+    before = [layer.enabled for layer in layers]
+    for layer in layers:
+        layer.enabled = False
+    try:
+        yield model
+    finally:
+        for layer, enabled in zip(layers, before, strict=True):
+            layer.enabled = enabled
 
 
 def merge(model: nn.Module) -> nn.Module:

@@ -18,6 +18,10 @@ _LAZY = {
     "Objective": "losses",
     "lm_loss_sum": "losses",
     "objective_for": "losses",
+    "token_logprobs": "losses",
+    "PreferenceObjective": "preference",
+    "reference_logps": "preference",
+    "response_logps": "preference",
     "lr_at": "schedule",
     "Interrupted": "trainer",
     "Trainer": "trainer",
@@ -33,6 +37,7 @@ __all__ = [
     "Interrupted",
     "LMObjective",
     "Objective",
+    "PreferenceObjective",
     "TrainConfig",
     "TrainResult",
     "Trainer",
@@ -44,8 +49,11 @@ __all__ = [
     "lr_at",
     "objective_for",
     "param_groups",
+    "reference_logps",
+    "response_logps",
     "save_checkpoint",
     "seed_everything",
+    "token_logprobs",
 ]
 
 __getattr__ = lazy_exports(__name__, _LAZY)

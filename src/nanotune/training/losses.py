@@ -69,6 +69,41 @@ def cross_entropy_sum(logits: Tensor, targets: Tensor) -> Tensor:
     return F.cross_entropy(logits, targets, reduction="sum")
 
 
+class _TokenLogProbs(torch.autograd.Function):
+    """log_softmax(logits)[i, targets[i]] per row, with `_CrossEntropySum`'s economy: forward keeps
+    log-sum-exp per row, backward turns the logits' own buffer into grad * (one_hot - softmax).
+    The same ownership rule holds: the logits are this function's alone, backpropagated once."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, targets: Tensor) -> Tensor:
+        lse = _row_logsumexp(logits)
+        ctx.save_for_backward(logits, targets, lse)
+        return logits.gather(1, targets[:, None]).squeeze(1) - lse
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        logits, targets, lse = ctx.saved_tensors
+        blocks = zip(logits.split(_CE_ROWS), lse.split(_CE_ROWS), grad.split(_CE_ROWS), strict=True)
+        for rows, row_lse, g in blocks:
+            rows.sub_(row_lse[:, None]).exp_().mul_(-g[:, None])  # -grad * softmax
+        logits[torch.arange(len(targets), device=logits.device), targets] += grad
+        return logits, None
+
+
+def token_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
+    """Log-probability of each target under [N, V] logits, in float32 at least; fused when trained."""
+    if logits.dtype not in (torch.float32, torch.float64):
+        logits = logits.float()
+    if torch.is_grad_enabled() and logits.requires_grad and logits.numel():
+        return _TokenLogProbs.apply(logits, targets)
+    return logits.gather(1, targets[:, None]).squeeze(1) - _row_logsumexp(logits)
+
+
+def _row_logsumexp(logits: Tensor) -> Tensor:
+    # By blocks of rows, as in `_CrossEntropySum`.
+    return torch.cat([torch.logsumexp(rows, dim=-1) for rows in logits.split(_CE_ROWS)])
+
+
 def lm_loss_sum(model: nn.Module, batch: Batch) -> Tensor:
     """Summed next-token cross-entropy, computing the LM head only on rows with a target.
 
@@ -149,16 +184,18 @@ def trim_padding(batch: Batch) -> Batch:
     """Drop trailing columns that cannot change the loss (rows are right-padded, attention causal).
 
     Slicing a padded global batch into micro-batches leaves columns that are padding in every
-    row of the slice; cutting them recovers per-micro-batch dynamic padding.
+    row of the slice; cutting them recovers per-micro-batch dynamic padding. Tokens are the last
+    dimension (preference batches are [B, 2, T]); tensors shaped like `input_ids` are cut.
     """
     ids = batch["input_ids"]
     if "lengths" in batch:
         end = int(batch["lengths"].max())
     else:
-        cols = (batch["targets"] != IGNORE).any(0).nonzero()
+        cols = (batch["targets"] != IGNORE).flatten(0, -2).any(0).nonzero()
         end = int(cols[-1]) + 1 if len(cols) else 1
-    if end >= ids.shape[1]:
+    if end >= ids.shape[-1]:
         return batch
     return {
-        k: v[:, :end] if isinstance(v, Tensor) and v.dim() == 2 else v for k, v in batch.items()
+        k: v[..., :end] if isinstance(v, Tensor) and v.shape == ids.shape else v
+        for k, v in batch.items()
     }
