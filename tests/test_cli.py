@@ -297,5 +297,5 @@ def test_option_flags_come_from_the_config_dataclasses(capsys):
     assert " ".join(field_docs(EvalConfig)["max_examples"].split()) in out
     assert (
         "--split {train,val,test}" in out
-        and "--format {completion,chat,alpaca,text,classification}" in out
+        and "--format {completion,chat,alpaca,text,classification,preference}" in out
     )
