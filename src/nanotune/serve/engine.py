@@ -215,7 +215,6 @@ class Engine:
         self._model_lock = threading.Lock()  # held for each step; adapters change between
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self.steps = 0
         self.peak_running = 0  # the largest decode batch so far
 
     # ---- adapters -------------------------------------------------------------------------
@@ -326,7 +325,6 @@ class Engine:
             self._finish(seq, "cancelled")
         if self._active:
             self._decode()
-            self.steps += 1
 
     def _route(self, seqs: list[Sequence]) -> None:
         ids = [s.adapter for s in seqs]
