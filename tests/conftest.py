@@ -166,3 +166,23 @@ def smollm2(smollm2_gguf):
 
     model, tokenizer = load_model(str(smollm2_gguf))
     return model.eval(), tokenizer
+
+
+@pytest.fixture(scope="session")
+def smollm2_lora_run(tmp_path_factory) -> Path:
+    """final/ of a short real run: SmolLM2 + LoRA on every linear layer, trained for 4 steps on
+    the builtin reverse_words chat task at a learning rate high enough to change its answers."""
+    from nanotune.config import RunConfig
+    from nanotune.jobs.finetune import train
+
+    out = tmp_path_factory.mktemp("smollm2_lora")
+    config = RunConfig.from_dict(
+        {
+            "model": {"name": "smollm2-135m-instruct"},
+            "method": {"name": "lora", "r": 8, "alpha": 16, "targets": "all-linear"},
+            "data": {"source": "builtin:reverse_words", "format": "chat", "limit": 64},
+            "train": {"max_steps": 4, "micro_batch_size": 8, "lr": 3e-3, "seed": 0},
+            "output_dir": str(out / "run"),
+        }
+    )
+    return train(config, progress=False).final_dir
