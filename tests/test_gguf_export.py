@@ -92,18 +92,19 @@ def test_tiny_gpt2_round_trips(tiny_gpt2_dir, tmp_path, quant, tol):
     assert fields["tokenizer.ggml.pre"].contents() == "gpt-2"
 
 
-def test_transformers_gguf_loader_reads_the_gpt2_f32_export(tiny_gpt2_dir, tmp_path):
+@pytest.mark.parametrize(("quant", "tol"), [("f32", 1e-4), ("f16", 1e-2)])
+def test_transformers_gguf_loader_reads_the_gpt2_export(tiny_gpt2_dir, tmp_path, quant, tol):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "gpt2.gguf"
-    export(tiny_gpt2_dir, out, "--quant", "f32")
+    export(tiny_gpt2_dir, out, "--quant", quant)
     want = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir).eval()
     # transformers reads gpt2.context_length into n_ctx only, so n_positions (the position
     # table, which llama.cpp sizes by context_length) keeps its 1024 default unless told.
     got = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name, n_positions=128)
     ids = torch.randint(0, 50257, (2, 20), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        assert (got(ids).logits - want(ids).logits).abs().max() < 1e-4
+        assert (got(ids).logits - want(ids).logits).abs().max() < tol
 
 
 def test_tied_embeddings_write_no_output_tensor(tiny_llama_tied_dir, tmp_path):
@@ -117,16 +118,17 @@ def test_tied_embeddings_write_no_output_tensor(tiny_llama_tied_dir, tmp_path):
     assert (logits(loaded, ids) - logits(source, ids)).abs().max() < 1e-4
 
 
-def test_transformers_gguf_loader_reads_the_f32_export(tiny_llama_dir, tmp_path):
+@pytest.mark.parametrize(("quant", "tol"), [("f32", 1e-4), ("f16", 1e-2)])
+def test_transformers_gguf_loader_reads_the_export(tiny_llama_dir, tmp_path, quant, tol):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "tiny.gguf"
-    export(tiny_llama_dir, out, "--quant", "f32")
+    export(tiny_llama_dir, out, "--quant", quant)
     want = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
     got = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name).eval()
     ids = torch.randint(0, 49152, (2, 20), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        assert (got(ids).logits - want(ids).logits).abs().max() < 1e-4
+        assert (got(ids).logits - want(ids).logits).abs().max() < tol
 
 
 def test_q8_0_keeps_rows_that_are_no_whole_block_at_f16(tiny_llama_factory, tmp_path):
