@@ -104,14 +104,18 @@ def create_app(server: Server):
                 return error(APIError(400, str(e)))
             except Exception as e:  # a bug: say so, keep serving
                 print(f"nanotune serve: {type(e).__name__}: {e}", file=sys.stderr)
-                return error(APIError(500, f"internal error: {type(e).__name__}", kind="server_error"))
+                return error(
+                    APIError(500, f"internal error: {type(e).__name__}", kind="server_error")
+                )
 
         return endpoint
 
     async def body_of(request) -> dict:
         size = request.headers.get("content-length")
         if size is not None and size.isdigit() and int(size) > server.max_body:
-            raise APIError(413, f"request body of {size} bytes is over the limit of {server.max_body}")
+            raise APIError(
+                413, f"request body of {size} bytes is over the limit of {server.max_body}"
+            )
         chunks, total = [], 0
         async for chunk in request.stream():
             total += len(chunk)
@@ -169,7 +173,8 @@ def create_app(server: Server):
         answer = _Answer(parsed, seqs, tok, protocol.new_id(parsed.chat), body_model(parsed))
         if parsed.stream:
             return StreamingResponse(
-                _sse(answer, queue, seqs), media_type="text/event-stream",
+                _sse(answer, queue, seqs),
+                media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache"},
             )
         watcher = asyncio.create_task(_watch_disconnect(request, seqs))
@@ -211,7 +216,9 @@ def create_app(server: Server):
         body = await body_of(request)
         _, tok = server.resolve(protocol._model(body))
         if "messages" in body:
-            prompt = tok.apply_chat_template(protocol.chat_messages(body), add_generation_prompt=True)
+            prompt = tok.apply_chat_template(
+                protocol.chat_messages(body), add_generation_prompt=True
+            )
         else:
             prompt = body.get("prompt")
             if not isinstance(prompt, str):
@@ -236,7 +243,9 @@ def create_app(server: Server):
         return JSONResponse(
             {
                 "eos_token": names.get(tok.eos_id) if tok.eos_id is not None else None,
-                "bos_token": names.get(tok.bos_id) if getattr(tok, "bos_id", None) is not None else None,
+                "bos_token": names.get(tok.bos_id)
+                if getattr(tok, "bos_id", None) is not None
+                else None,
                 "pad_token": names.get(tok.pad_id) if tok.pad_id is not None else None,
                 "chat_template": tok.chat_template,
                 "model_max_length": server.engine.context,
@@ -269,7 +278,9 @@ def create_app(server: Server):
 
     from starlette.exceptions import HTTPException
 
-    return Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: not_found})
+    return Starlette(
+        routes=routes, lifespan=lifespan, exception_handlers={HTTPException: not_found}
+    )
 
 
 def _check_key(header: str, key: str) -> None:
@@ -409,8 +420,12 @@ async def _sse(answer: _Answer, queue: asyncio.Queue, seqs: list[Sequence]) -> A
     try:
         if answer.parsed.chat:
             first = [
-                {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                 "finish_reason": None}
+                {
+                    "index": i,
+                    "delta": {"role": "assistant", "content": ""},
+                    "logprobs": None,
+                    "finish_reason": None,
+                }
                 for i in range(len(seqs))
             ]
             yield answer.chunk(first)
@@ -464,7 +479,9 @@ def run_server(server: Server, host: str, port: int, announce: Callable[[str], N
     try:
         uvicorn.Server(config).run(sockets=[sock])
     except _Stopped as e:
-        announce(f"nanotune serve: stopped by {signal.Signals(e.signum).name}, in-flight requests finished")
+        announce(
+            f"nanotune serve: stopped by {signal.Signals(e.signum).name}, in-flight requests finished"
+        )
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

@@ -297,8 +297,11 @@ def parse_chat(body: dict, tokenizer: Tokenizer, context: int) -> Parsed:
     n, stream, usage = _common(body)
     _check_length(prompt, max_tokens, context, "messages")
     s = sampling(
-        body, vocab=tokenizer.vocab_size, max_tokens=max_tokens,
-        logprobs=(top or 0) if want else None, echo=False,
+        body,
+        vocab=tokenizer.vocab_size,
+        max_tokens=max_tokens,
+        logprobs=(top or 0) if want else None,
+        echo=False,
     )
     return Parsed(_model(body), [prompt], _choices(s, n), n, stream, usage, True, top)
 
@@ -338,7 +341,12 @@ def completion_logprobs(
 ) -> dict[str, Any]:
     """The completions API's logprobs object for `tokens` (None entries: unscored, as the
     first prompt token is)."""
-    out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    out: dict[str, list] = {
+        "tokens": [],
+        "token_logprobs": [],
+        "top_logprobs": [],
+        "text_offset": [],
+    }
     pos = offset
     for token, lp in zip(tokens, scored, strict=True):
         text = token_text(tokenizer, token)
