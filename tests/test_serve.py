@@ -203,6 +203,30 @@ def test_batching_across_adapters_equals_one_at_a_time(server):
     assert server.health()["peak_running"] >= max(before, 4)
 
 
+def test_prompts_sharing_a_prefix_reuse_its_keys_and_answer_as_generate(server, local):
+    """A prompt that starts as an earlier one of the same adapter did prefills only the rest (the
+    prefix cache); a short rest joins the decode batch a row per token, a long prompt gets a
+    forward of its own. Every answer stays `nanotune generate`'s, alone and in a batch."""
+    client = server.client()
+    context = "Once upon a time there was a fox who lived by the river. " * 4  # > 32 tokens
+    jobs = [(name, context + tail) for name in ("base", "alpha") for tail in ("It ran", "It hid")]
+    before = server.health()
+
+    def ask(job):
+        name, prompt = job
+        r = client.completions.create(model=name, prompt=prompt, max_tokens=8, temperature=0)
+        return r.choices[0].text
+
+    assert [ask(job) for job in jobs] == [expected(local, n, p, 8) for n, p in jobs]
+    hits = server.health()
+    assert hits["prefix_hits"] - before["prefix_hits"] >= 2  # "It hid" after "It ran", twice
+    _, tok = local["base"]
+    shared = len(tok.encode(context)) - 1
+    assert hits["prefix_tokens_reused"] - before["prefix_tokens_reused"] >= 2 * shared
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(ask, jobs * 2)) == [ask(job) for job in jobs] * 2
+
+
 def test_stop_seed_n_and_sampling(server):
     client = server.client()
     full = client.completions.create(model="alpha", prompt="Once", max_tokens=12, temperature=0)
@@ -410,3 +434,25 @@ def test_bfloat16_serving_answers(tiny_llama_dir, adapters):
             assert r.usage.completion_tokens == 6 and r.choices[0].finish_reason == "length"
     finally:
         stop(running)
+
+
+def test_the_prefix_cache_keeps_the_longest_match_within_its_bound(tiny_llama_dir):
+    from nanotune.serve.engine import _PrefixCache, _SlotCache
+    from nanotune.weights import load_model
+
+    model, _ = load_model(tiny_llama_dir)
+    slots = _SlotCache(model, 2)
+    slots.reserve(64)
+    per_token = sum(t[0, :, :1].numel() * t.element_size() for t in (*slots.k, *slots.v))
+    cache = _PrefixCache(max_bytes=25 * per_token)
+    cache.add(1, list(range(10)), slots, 0)
+    cache.add(1, [0, 1, 2, 7, 7, 7], slots, 1)
+    assert cache.match(1, [0, 1, 2, 3, 4, 9])[0] == 5  # the first prompt shares 5 tokens
+    assert cache.match(1, list(range(10)))[0] == 9  # the last token is always recomputed
+    assert cache.match(2, list(range(10))) == (0, None)  # another adapter's keys differ
+    # 28 tokens would be held, over 25: the least recently used prompt (the second) goes.
+    cache.add(1, list(range(100, 112)), slots, 0)
+    assert cache.bytes == 22 * per_token
+    assert cache.match(1, [0, 1, 2, 7, 7])[0] == 3 and cache.match(1, [0, 1, 2, 3, 4])[0] == 4
+    cache.drop(1)
+    assert cache.bytes == 0 and cache.match(1, [0, 1, 2, 3])[0] == 0

@@ -878,7 +878,6 @@ def cmd_push(args: argparse.Namespace) -> int:
     return 0
 
 
-
 def _add_serve(sub) -> None:
     p = sub.add_parser(
         "serve",
@@ -922,6 +921,13 @@ def _add_serve(sub) -> None:
     p.add_argument(
         "--max-body-kb", type=int, default=1024, help="largest request body in KiB (413 above)"
     )
+    p.add_argument(
+        "--prefix-cache-mb",
+        type=int,
+        default=256,
+        help="keys/values of recent prompts kept so a prompt that starts the same way (system "
+        "prompt, few-shot context) prefills only the rest; 0 = off",
+    )
     p.set_defaults(func=cmd_serve)
 
 
@@ -938,6 +944,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         api_key=args.api_key or None,
         max_batch=args.max_batch,
         max_queue=args.max_queue,
+        prefix_cache_mb=args.prefix_cache_mb,
         max_body=args.max_body_kb * 1024,
         served_name=args.served_model_name,
         dtype=args.dtype,

@@ -15,7 +15,7 @@ longest request that could come. Requests past `max_queue` waiting are refused, 
 from __future__ import annotations
 
 import threading
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +31,9 @@ from nanotune.tokenizer import Tokenizer
 from nanotune.weights.peft import adapter_pairs, adapter_tokenizer
 
 BASE = 0  # the adapter id of "no adapter"
+# A prompt with at most this many tokens left to compute (after its cached prefix) joins the
+# next decode step, a row per token; a longer one gets a forward of its own.
+MERGED_PREFILL = 32
 
 
 class QueueFull(NanotuneError):
@@ -90,6 +93,7 @@ class Sequence:
     # Set by the engine:
     slot: int = -1
     pos: int = 0  # the next cache position to write (tokens so far)
+    pending: list[int] = field(default_factory=list)  # prompt tokens not yet in the cache
 
     def __post_init__(self) -> None:
         s = self.sampling
@@ -162,16 +166,23 @@ class _SlotCache:
 class _View:
     """What `Transformer.hidden` sees of the slot cache in one forward.
 
-    Prefill (`positions` None): one row, written from position `length`. Decode: rows 0..n-1,
-    one new token each, written at its own position; keys up to the longest row are returned
-    and the attention mask hides each row's unused tail.
+    Prefill (`positions` None): one row, written from position `length`. Decode: one new token
+    per row, written at its own position in its slot (`rows`: slots 0..n-1, or the slot of each
+    row when a joining prompt has several rows in one slot); keys up to the longest row are
+    returned (gathered per row in the second case) and the attention mask hides the rest.
     """
 
-    def __init__(self, cache: _SlotCache, rows: slice, length: int, positions: Tensor | None):
+    def __init__(
+        self, cache: _SlotCache, rows: slice | Tensor, length: int, positions: Tensor | None
+    ):
         self.cache, self.rows, self.length, self.positions = cache, rows, length, positions
         self.max_len = cache.capacity
         if positions is not None:
-            self.index = torch.arange(rows.start, rows.stop, device=cache.device)
+            self.index = (
+                rows
+                if isinstance(rows, Tensor)
+                else torch.arange(rows.start, rows.stop, device=cache.device)
+            )
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         K, V = self.cache.k[layer], self.cache.v[layer]
@@ -186,6 +197,68 @@ class _View:
         return K[self.rows, :, :end], V[self.rows, :, :end]
 
 
+class _PrefixCache:
+    """Keys and values of recent prompts, so that a prompt starting as one of them did (a chat's
+    system prompt, a few-shot context, the context lm-eval scores each choice after) prefills
+    only the rest: vLLM's automatic prefix caching, by whole prompts, least recently used first
+    out, bounded by `max_bytes` of tensors. Entries are per adapter: its deltas change the keys.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.entries: OrderedDict[tuple[int, tuple[int, ...]], tuple[list[Tensor], list[Tensor]]]
+        self.entries = OrderedDict()
+        self.bytes = 0
+        self.hits = 0
+        self.reused = 0  # prompt tokens not recomputed
+
+    @staticmethod
+    def _size(kv: tuple[list[Tensor], list[Tensor]]) -> int:
+        return sum(t.numel() * t.element_size() for ts in kv for t in ts)
+
+    def match(self, adapter: int, prompt: list[int]) -> tuple[int, tuple | None]:
+        """(p, entry): the longest prefix of `prompt` a cached prompt shares, at most all but
+        its last token (whose logits the prefill must give), and that entry's keys/values."""
+        best, found = 0, None
+        limit = len(prompt) - 1
+        for key in self.entries:
+            if key[0] != adapter:
+                continue
+            tokens = key[1]
+            n = 0
+            for a, b in zip(tokens, prompt[:limit], strict=False):
+                if a != b:
+                    break
+                n += 1
+            if n > best:
+                best, found = n, key
+        if found is None:
+            return 0, None
+        self.entries.move_to_end(found)
+        self.hits += 1
+        self.reused += best
+        return best, self.entries[found]
+
+    def add(self, adapter: int, prompt: list[int], cache: _SlotCache, slot: int) -> None:
+        key = (adapter, tuple(prompt))
+        if key in self.entries:
+            self.entries.move_to_end(key)
+            return
+        n = len(prompt)
+        kv = ([k[slot, :, :n].clone() for k in cache.k], [v[slot, :, :n].clone() for v in cache.v])
+        size = self._size(kv)
+        if size > self.max_bytes:
+            return
+        self.entries[key] = kv
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            self.bytes -= self._size(self.entries.popitem(last=False)[1])
+
+    def drop(self, adapter: int) -> None:
+        for key in [k for k in self.entries if k[0] == adapter]:
+            self.bytes -= self._size(self.entries.pop(key))
+
+
 class Engine:
     """Owns the model and its decode thread; requests come in by `submit`."""
 
@@ -196,9 +269,12 @@ class Engine:
         *,
         max_batch: int = 16,
         max_queue: int = 256,
+        prefix_cache_mb: int = 256,
     ) -> None:
         if max_batch < 1 or max_queue < 1:
             raise NanotuneError("--max-batch and --max-queue must be at least 1")
+        if prefix_cache_mb < 0:
+            raise NanotuneError("--prefix-cache-mb must be 0 (off) or more")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
@@ -209,6 +285,7 @@ class Engine:
         self._by_id: dict[int, Adapter] = {}
         self._next_id = BASE + 1
         self._cache = _SlotCache(model, max_batch)
+        self._prefixes = _PrefixCache(prefix_cache_mb * 2**20)
         self._waiting: deque[Sequence] = deque()
         self._active: list[Sequence] = []
         self._cv = threading.Condition()
@@ -245,6 +322,7 @@ class Engine:
                 self._free(adapter)
 
     def _free(self, adapter: Adapter) -> None:
+        self._prefixes.drop(adapter.id)
         for layer in self.layers.values():
             layer.pairs.pop(adapter.id, None)
         self._by_id.pop(adapter.id, None)
@@ -278,6 +356,8 @@ class Engine:
             "running": len(self._active),
             "waiting": len(self._waiting),
             "peak_running": self.peak_running,
+            "prefix_hits": self._prefixes.hits,
+            "prefix_tokens_reused": self._prefixes.reused,
         }
 
     # ---- the loop -------------------------------------------------------------------------
@@ -305,7 +385,9 @@ class Engine:
                         self._cache.release()
                         return
                     room = self.max_batch - len(self._active)
-                    admitted = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+                    admitted = [
+                        self._waiting.popleft() for _ in range(min(room, len(self._waiting)))
+                    ]
                 with self._model_lock:
                     try:
                         self._step(admitted)
@@ -319,35 +401,56 @@ class Engine:
         for seq in admitted:
             if seq.cancelled:
                 self._finish(seq, "cancelled")
-            else:
+                continue
+            self._place(seq)
+            if (
+                seq.sampling.echo
+                and seq.sampling.logprobs is not None
+                or (len(seq.pending) > MERGED_PREFILL)
+            ):
                 self._prefill(seq)
         for seq in [s for s in self._active if s.cancelled]:
             self._finish(seq, "cancelled")
         if self._active:
             self._decode()
 
-    def _route(self, seqs: list[Sequence]) -> None:
-        ids = [s.adapter for s in seqs]
-        if len(set(ids)) == 1:
-            self.routing.groups = [] if ids[0] == BASE else [(ids[0], None)]
+    def _route(self, adapters: list[int]) -> None:
+        """Set which rows of the next forward use which adapter (one id per row)."""
+        if len(set(adapters)) == 1:
+            self.routing.groups = [] if adapters[0] == BASE else [(adapters[0], None)]
             return
         groups: dict[int, list[int]] = {}
-        for row, a in enumerate(ids):
+        for row, a in enumerate(adapters):
             if a != BASE:
                 groups.setdefault(a, []).append(row)
         device = self.model.device
         self.routing.groups = [(a, torch.tensor(r, device=device)) for a, r in groups.items()]
 
-    def _prefill(self, seq: Sequence) -> None:
-        n = len(seq.prompt)
+    def _place(self, seq: Sequence) -> None:
+        """Give a new sequence a slot, its cached prompt prefix (if any) and what is left of the
+        prompt to compute (`pending`)."""
         seq.slot = len(self._active)
         self._active.append(seq)
-        self._cache.reserve(n + 1)
-        self._route([seq])
-        ids = torch.tensor([seq.prompt], dtype=torch.long, device=self.model.device)
-        view = _View(self._cache, slice(seq.slot, seq.slot + 1), 0, None)
+        self._cache.reserve(len(seq.prompt) + 1)
+        s = seq.sampling
+        scored = s.echo and s.logprobs is not None  # every prompt position's logits needed
+        p, kv = (0, None) if scored else self._prefixes.match(seq.adapter, seq.prompt)
+        if kv is not None:
+            for cached, kept in zip(
+                (*kv[0], *kv[1]), (*self._cache.k, *self._cache.v), strict=True
+            ):
+                kept[seq.slot, :, :p] = cached[:, :p]
+        seq.pos, seq.pending = p, seq.prompt[p:]
+
+    def _prefill(self, seq: Sequence) -> None:
+        """A forward of its own for a long prompt (or one whose every position is scored)."""
+        self._route([seq.adapter])
+        ids = torch.tensor([seq.pending], dtype=torch.long, device=self.model.device)
+        view = _View(self._cache, slice(seq.slot, seq.slot + 1), seq.pos, None)
         h = self.model.hidden(ids, cache=view)
-        seq.pos = n
+        seq.pos, seq.pending = len(seq.prompt), []
+        if self._prefixes.max_bytes:
+            self._prefixes.add(seq.adapter, seq.prompt, self._cache, seq.slot)
         s = seq.sampling
         if s.echo and s.logprobs is not None:
             logprobs = self.model.lm_head(h[0, :-1]).float().log_softmax(-1)
@@ -360,20 +463,40 @@ class Engine:
         self._advance(seq, self.model.lm_head(h[0, -1]))
 
     def _decode(self) -> None:
+        """One forward for every active sequence: its last token, or, for one that just joined
+        with a short prompt, each token of the prompt still to compute, one row per token (so
+        a joining request costs no pass over the weights of its own)."""
         seqs = list(self._active)
         self.peak_running = max(self.peak_running, len(seqs))
+        tokens, positions, slots, adapters, last = [], [], [], [], []
+        for seq in seqs:
+            new = seq.pending or [seq.output[-1]]
+            tokens += new
+            positions += range(seq.pos, seq.pos + len(new))
+            slots += [seq.slot] * len(new)
+            adapters += [seq.adapter] * len(new)
+            last.append(len(tokens) - 1)
         device = self.model.device
-        pos = torch.tensor([s.pos for s in seqs], device=device)
+        pos = torch.tensor(positions, device=device)
         S = int(pos.max()) + 1
         self._cache.reserve(S)
-        tokens = torch.tensor([[s.output[-1]] for s in seqs], device=device)
         mask = torch.arange(S, device=device)[None, :] <= pos[:, None]
-        self._route(seqs)
-        view = _View(self._cache, slice(0, len(seqs)), S - 1, pos)
-        h = self.model.hidden(tokens, positions=pos[:, None], attention_mask=mask, cache=view)
-        logits = self.model.lm_head(h[:, -1])
-        for seq in seqs:  # every row's new token is in the cache before any row moves
-            seq.pos += 1
+        self._route(adapters)
+        # Rows are slots 0..n-1 unless a prompt spreads over several rows of one slot.
+        rows = (
+            slice(0, len(seqs)) if len(tokens) == len(seqs) else torch.tensor(slots, device=device)
+        )
+        view = _View(self._cache, rows, S - 1, pos)
+        ids = torch.tensor(tokens, device=device)[:, None]
+        h = self.model.hidden(ids, positions=pos[:, None], attention_mask=mask, cache=view)
+        logits = self.model.lm_head(h[last, -1])
+        for seq in seqs:  # every row's new tokens are in the cache before any row moves
+            if seq.pending:
+                seq.pos, seq.pending = len(seq.prompt), []
+                if self._prefixes.max_bytes:
+                    self._prefixes.add(seq.adapter, seq.prompt, self._cache, seq.slot)
+            else:
+                seq.pos += 1
         for row, seq in enumerate(seqs):
             self._advance(seq, logits[row])
 

@@ -39,6 +39,7 @@ def serve(
     api_key: str | None = None,
     max_batch: int = 16,
     max_queue: int = 256,
+    prefix_cache_mb: int = 256,
     max_body: int = MAX_BODY,
     served_name: str | None = None,
     dtype: str = "float32",
@@ -59,7 +60,9 @@ def serve(
         raise NanotuneError(f"--adapter names must differ: {', '.join(names)}")
     for name, path in specs:
         if not (path / CONFIG_FILE).is_file():
-            raise NanotuneError(f"--adapter {name}={path}: not an adapter folder (no {CONFIG_FILE})")
+            raise NanotuneError(
+                f"--adapter {name}={path}: not an adapter folder (no {CONFIG_FILE})"
+            )
     if dtype not in DTYPES:
         raise NanotuneError(f"--dtype {dtype!r}: choose from {', '.join(DTYPES)}")
     base, tokenizer = artifacts.load(model)
@@ -71,7 +74,9 @@ def serve(
     if base_name in names:
         raise NanotuneError(f"--adapter name {base_name!r} is the base model's name; rename it")
     base = base.to(DTYPES[dtype])
-    engine = Engine(base, tokenizer, max_batch=max_batch, max_queue=max_queue)
+    engine = Engine(
+        base, tokenizer, max_batch=max_batch, max_queue=max_queue, prefix_cache_mb=prefix_cache_mb
+    )
     for name, path in specs:
         engine.load_adapter(name, path)
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
