@@ -240,7 +240,9 @@ class Trainer:
         for m in check_trainable(model, config):
             m.gradient_checkpointing = True
         # A classifier's body keeps an LM head that takes no part in its loss.
-        unused = isinstance(self.objective, ClassificationObjective)
+        unused = isinstance(self.objective, ClassificationObjective) or getattr(
+            self.objective, "scores_sequences", False
+        )
         self.engine = dist.wrap(self.model, config.strategy, self.device, find_unused=unused)
         # After wrapping: FSDP2 replaces the parameters with sharded ones.
         self.optimizer = build_optimizer(self.model, config)

@@ -1,0 +1,185 @@
+"""Preference runs end to end: `preference:` in the config, DPO (LoRA: the adapters-off reference;
+full: reference log-probs precomputed and kept with the run), a reward model, metrics and
+resume, on tiny random models through `nanotune train`."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from nanotune.cli import main
+from nanotune.config import RunConfig
+from nanotune.errors import NanotuneError
+from nanotune.jobs.finetune import train
+from nanotune.jobs.reference import REFERENCE_FILE
+from nanotune.training.preference import PreferenceObjective
+
+WORDS = "red green blue cyan black white gold pink gray brown".split()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def pairs_file(path: Path, n: int = 24) -> str:
+    """Questions whose chosen answer names the asked colour and whose rejected one another."""
+    rows = [
+        {
+            "prompt": f"Which colour is {WORDS[i % 10]}?",
+            "chosen": f" It is {WORDS[i % 10]}.",
+            "rejected": f" It is {WORDS[(i + 3) % 10]}, I think.",
+        }
+        for i in range(n)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def write_config(tmp_path: Path, model: Path, **sections) -> Path:
+    config = {
+        "model": str(model),
+        "data": {
+            "source": pairs_file(tmp_path / "pairs.jsonl"),
+            "format": "preference",
+            "val_fraction": 0.25,
+            "max_length": 64,
+        },
+        "method": {"name": "lora", "r": 4, "alpha": 8, "targets": "all-linear"},
+        "train": {
+            "lr": 5e-3,
+            "micro_batch_size": 3,
+            "grad_accum": 2,
+            "max_steps": 4,
+            "eval_every": 2,
+            "seed": 5,
+            "device": "cpu",
+        },
+        "output_dir": str(tmp_path / "run"),
+    }
+    for name, values in sections.items():
+        config[name] = {**config.get(name, {}), **values}
+    path = tmp_path / "dpo.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def records(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+# ---- the config ------------------------------------------------------------------------------
+
+
+def test_preference_section_is_validated_naming_the_field():
+    data = {"source": "pairs.jsonl", "format": "preference"}
+    cfg = RunConfig.from_dict({"data": data, "preference": {"objective": "simpo"}})
+    assert cfg.preference.resolved_beta() == 2.0  # SimPO's own default scale
+    assert RunConfig.from_dict({"data": data}).preference.resolved_objective() == "dpo"
+    cases = {
+        ("preference.objective=dpo",): "preference.objective: dpo learns from preference pairs, "
+        "but data.format is completion; set data.format: preference",
+        ("data.format=preference", "preference.objective=dop"): "'dop' is not one of dpo, simpo, "
+        "orpo, reward (did you mean 'dpo'?)",
+        ("data.format=preference", "preference.beta=0"): "preference.beta: must be > 0",
+        ("data.format=preference", "preference.loss=ipo", "preference.label_smoothing=0.1"): (
+            "preference.label_smoothing: applies to dpo with loss: sigmoid and to simpo"
+        ),
+        ("data.format=preference", "preference.label_smoothing=0.5"): "must be in [0, 0.5)",
+    }
+    for overrides, message in cases.items():
+        with pytest.raises(NanotuneError, match=re.escape(message)):
+            RunConfig.from_dict({"data": {"source": "x.jsonl"}}, list(overrides))
+
+
+# ---- DPO -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fixture", ["tiny_gpt2_dir", "tiny_llama_dir"])
+def test_lora_dpo_through_the_cli_writes_preference_metrics(fixture, tmp_path, request, capsys):
+    model = request.getfixturevalue(fixture)
+    config = write_config(tmp_path, model, preference={"objective": "dpo", "beta": 0.5})
+    assert main(["train", str(config)]) == 0
+    run = tmp_path / "run"
+    evals = [r for r in records(run) if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    for r in evals:
+        assert 0.0 <= r["eval_reward_accuracy"] <= 1.0
+        assert {"eval_reward_margin", "eval_logps_chosen", "eval_logps_rejected"} <= set(r)
+    # LoRA: the reference is the base with the adapters off, so nothing is precomputed.
+    assert not (run / REFERENCE_FILE).exists()
+    assert (run / "final" / "adapter_config.json").is_file()
+    steps = [r for r in records(run) if "lr" in r]
+    assert len(steps) == 4 and all(r["loss"] > 0 for r in steps)
+    # Step 1 starts at the reference: every DPO margin is 0, the loss log 2.
+    assert steps[0]["loss"] == pytest.approx(0.6931, abs=1e-3)
+    assert "done: 4 steps" in capsys.readouterr().out
+
+
+def test_dpo_learns_the_preference(tmp_path, tiny_gpt2_dir):
+    config = write_config(
+        tmp_path,
+        tiny_gpt2_dir,
+        preference={"beta": 0.5},
+        data={"val_fraction": 0.0, "val_source": pairs_file(tmp_path / "val.jsonl", 12)},
+        train={"max_steps": 16, "eval_every": 16, "lr": 2e-2, "keep_best": False},
+    )
+    result = train(config, progress=False)
+    # The held-out pairs ask the same questions: the policy now prefers the right colour.
+    assert result.eval["reward_accuracy"] >= 0.9 and result.eval["reward_margin"] > 0
+    assert result.eval["loss"] < 0.5
+
+
+def test_full_dpo_precomputes_the_reference_once_and_resume_is_bit_identical(
+    tmp_path, tiny_gpt2_dir, monkeypatch
+):
+    """Full fine-tuning keeps no reference model: the base's log-probs of every pair are stored
+    in the run. A run killed mid-DPO and resumed reads them back and ends with exactly the
+    weights of an uninterrupted run."""
+    import nanotune.jobs.reference as reference
+
+    overrides = {"method": {"name": "full"}, "train": {"max_steps": 6, "save_every": 2}}
+    (tmp_path / "a").mkdir()
+    train(write_config(tmp_path / "a", tiny_gpt2_dir, **overrides), progress=False)
+    ref_run = tmp_path / "a" / "run"
+    stored = load_file(str(ref_run / REFERENCE_FILE))
+    assert stored["train"].shape == (18, 2) and stored["val"].shape == (6, 2)
+    assert (stored["train"] < 0).all()
+
+    (tmp_path / "b").mkdir()
+    config = write_config(tmp_path / "b", tiny_gpt2_dir, **overrides)
+    calls = {"n": 0}
+    real = PreferenceObjective.loss_sum
+
+    def dies_in_step_four(self, model, batch):  # 2 micro-batches a step
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise RuntimeError("killed")
+        return real(self, model, batch)
+
+    monkeypatch.setattr(PreferenceObjective, "loss_sum", dies_in_step_four)
+    with pytest.raises(RuntimeError, match="killed"):
+        train(config, progress=False)
+    monkeypatch.setattr(PreferenceObjective, "loss_sum", real)
+    run = tmp_path / "b" / "run"
+    assert (run / "checkpoints" / "step-2").is_dir() and not (run / "final").exists()
+
+    computed = []
+    monkeypatch.setattr(
+        reference, "attach_reference", lambda *a, **k: computed.append(1) or {}
+    )  # resuming must read the stored values, not compute them again
+    train(config, resume=True, progress=False)
+    assert computed == []
+    want = load_file(str(ref_run / "final" / "model.safetensors"))
+    got = load_file(str(run / "final" / "model.safetensors"))
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    assert [r.get("loss") for r in records(run)] == [r.get("loss") for r in records(ref_run)]
