@@ -183,3 +183,92 @@ def test_full_dpo_precomputes_the_reference_once_and_resume_is_bit_identical(
     got = load_file(str(run / "final" / "model.safetensors"))
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
     assert [r.get("loss") for r in records(run)] == [r.get("loss") for r in records(ref_run)]
+
+
+# ---- the reward model ------------------------------------------------------------------------
+
+
+def trl_reward_loss(hf_model, chosen_ids: list[list[int]], rejected_ids: list[list[int]], pad_id):
+    """TRL RewardTrainer's own compute_loss and collator on the same pairs (no training run)."""
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    from trl.trainer.reward_trainer import DataCollatorForPreference, RewardTrainer
+
+    collate = DataCollatorForPreference(pad_token_id=pad_id)
+    inputs = collate(
+        [
+            {"chosen_ids": c, "rejected_ids": r}
+            for c, r in zip(chosen_ids, rejected_ids, strict=True)
+        ]
+    )
+    same = SimpleNamespace(gather=lambda x: x, gather_for_metrics=lambda x: x)
+    trainer = SimpleNamespace(
+        model=hf_model,
+        args=SimpleNamespace(center_rewards_coefficient=None),
+        accelerator=same,
+        _metrics=defaultdict(lambda: defaultdict(list)),
+        _total_train_tokens=0,
+    )
+    return RewardTrainer.compute_loss(trainer, hf_model, inputs)
+
+
+@pytest.mark.parametrize(
+    "fixture,method",
+    [("tiny_gpt2_dir", "lora"), ("tiny_llama_dir", "full")],
+    ids=["gpt2-lora", "llama-full"],
+)
+def test_reward_model_run_saves_what_transformers_loads_with_the_same_scores(
+    fixture, method, tmp_path, request
+):
+    from transformers import AutoModelForSequenceClassification
+
+    from nanotune.data.batching import collate_preference
+    from nanotune.eval import RewardModel
+    from nanotune.jobs import artifacts
+    from nanotune.methods import SequenceClassifier
+
+    model_dir = request.getfixturevalue(fixture)
+    config = write_config(
+        tmp_path,
+        model_dir,
+        preference={"objective": "reward"},
+        method={"name": method},
+        train={"lr": 1e-2},
+    )
+    assert main(["train", str(config)]) == 0
+    run = tmp_path / "run"
+    evals = [r for r in records(run) if "eval_loss" in r]
+    assert evals and all(0.0 <= r["eval_reward_accuracy"] <= 1.0 for r in evals)
+    assert "eval_logps_chosen" not in evals[-1]  # a reward model has no policy log-probs
+
+    final = run / "final"
+    ours, tokenizer = artifacts.load(str(final))
+    assert isinstance(ours, SequenceClassifier) and ours.num_labels == 1
+    hf = AutoModelForSequenceClassification.from_pretrained(final).eval()
+    assert hf.config.num_labels == 1 and hf.config.pad_token_id == tokenizer.pad_id
+    prompts = ["Which colour is red?", "Which colour is gold?", "Name a colour."]
+    answers = [" It is red.", " It is blue, I think.", " Pink"]
+    # Sequences as transformers scores them: no pad token inside (the pad is GPT-2's EOS).
+    chosen = [tokenizer.encode(p + a) for p, a in zip(prompts, answers, strict=True)]
+    rejected = [tokenizer.encode(p + " No idea at all.") for p in prompts]
+    from nanotune.data import PreferenceExample
+
+    pairs = [PreferenceExample(c[:3], c[3:], r[3:]) for c, r in zip(chosen, rejected, strict=True)]
+    batch = collate_preference(pairs, pad_id=tokenizer.pad_id)
+    ids, lengths = batch["input_ids"].flatten(0, 1), batch["lengths"].flatten()
+    with torch.no_grad():
+        our_scores = ours(ids, lengths)[:, 0]
+        mask = torch.arange(ids.shape[1])[None] < lengths[:, None]
+        hf_scores = hf(input_ids=ids, attention_mask=mask.long()).logits[:, 0]
+    assert (our_scores - hf_scores).abs().max() <= 1e-4
+    assert our_scores.std() > 1e-3  # the scores differ: the comparison means something
+    # Bradley–Terry: our objective's mean loss is TRL RewardTrainer's on the same pairs.
+    objective = PreferenceObjective("reward")
+    with torch.no_grad():
+        loss = objective.loss_sum(ours, batch) / objective.count(batch)
+        trl = trl_reward_loss(hf, chosen, rejected, tokenizer.pad_id)
+    assert abs(float(loss) - float(trl)) <= 1e-5
+    # eval.reward_model can name the folder.
+    scored = RewardModel(str(final)).score(prompts, answers)
+    assert scored == pytest.approx(our_scores[0::2].tolist(), abs=1e-4)

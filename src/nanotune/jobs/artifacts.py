@@ -8,6 +8,7 @@ merge, export) agree:
 | LoRA, DoRA, QLoRA (added tokens and trained embeddings included) | PEFT adapter + tokenizer | base model + adapter |
 | classifier, LoRA body | `classifier.json` + PEFT SEQ_CLS adapter (head inside) | base + adapter + head |
 | classifier, full or last_n body | `classifier.json` + HF folder + `classifier.safetensors` | folder + head |
+| reward model (one output), any body (LoRA merged) | the same, and the folder is an HF `…ForSequenceClassification` (num_labels 1) | folder + head; transformers: AutoModelForSequenceClassification |
 | full, last_n | HF model folder | the folder |
 
 Every `final/` also holds a model card, `README.md` (`jobs/card.py`). The base is recorded by its
@@ -20,6 +21,7 @@ run never touched would be written rounded. `merge` folds an adapter in when ask
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from typing import Any
@@ -69,6 +71,11 @@ def save_final(
     (README.md, from the run's config and before/after metrics), all in one atomic swap."""
     base = config.model.name
     classifier = isinstance(model, SequenceClassifier)
+    if classifier and model.num_labels == 1 and lora_layers(model.body):
+        # A reward model is saved merged, as the sequence-classification folder transformers
+        # loads (`eval.reward_model` names it); the trained model itself keeps its adapters.
+        model = copy.deepcopy(model)
+        model.body = merge_lora(model.body)
     adapter = bool(lora_layers(model.body if classifier else model))
 
     def write(tmp: Path) -> None:

@@ -288,8 +288,20 @@ def _setup(config: RunConfig) -> _Setup:
     )
     model = apply_method(model, config.method)
     _check_trainable(model, data, config)
+    if config.preference.objective == "reward":
+        _score_before_padding(data, tokenizer.pad_id)
     rewards = reward_model(config.eval) if data.splits.get(config.eval.split) else None
     return _Setup(model, tokenizer, data, rewards)
+
+
+def _score_before_padding(data: Any, pad_id: int) -> None:
+    """A reward model scores the last token of each sequence; transformers' sequence
+    classifiers read the last token that is not padding. Where the response ends in the pad
+    token (EOS, for GPT-2), that end is dropped, so training scores where they will."""
+    for examples in data.splits.values():
+        for ex in examples:
+            if ex.chosen[-1:] == [pad_id] and ex.rejected[-1:] == [pad_id]:
+                ex.chosen, ex.rejected = ex.chosen[:-1], ex.rejected[:-1]
 
 
 def _check_trainable(model: Any, data: Any, config: RunConfig) -> None:
