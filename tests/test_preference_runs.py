@@ -37,7 +37,7 @@ def pairs_file(path: Path, n: int = 24) -> str:
         {
             "prompt": f"Which colour is {WORDS[i % 10]}?",
             "chosen": f" It is {WORDS[i % 10]}.",
-            "rejected": f" It is {WORDS[(i + 3) % 10]}, I think.",
+            "rejected": f" It is {WORDS[(i + 3) % 10]}.",
         }
         for i in range(n)
     ]
@@ -95,6 +95,10 @@ def test_preference_section_is_validated_naming_the_field():
             "preference.label_smoothing: applies to dpo with loss: sigmoid and to simpo"
         ),
         ("data.format=preference", "preference.label_smoothing=0.5"): "must be in [0, 0.5)",
+        ("data.format=preference", "preference.objective=reward", "eval.metrics=[squad]"): (
+            "eval.metrics: squad score generated text, but a reward model (preference.objective: "
+            "reward) generates none; use metrics: [preference]"
+        ),
     }
     for overrides, message in cases.items():
         with pytest.raises(NanotuneError, match=re.escape(message)):
@@ -126,17 +130,27 @@ def test_lora_dpo_through_the_cli_writes_preference_metrics(fixture, tmp_path, r
 
 
 def test_dpo_learns_the_preference(tmp_path, tiny_gpt2_dir):
+    """Chosen and rejected answers differ only in the colour named (same length, so no length
+    bias): a random model ranks them by chance; after DPO it names the asked colour."""
     config = write_config(
         tmp_path,
         tiny_gpt2_dir,
         preference={"beta": 0.5},
+        method={"r": 8, "alpha": 16},
         data={"val_fraction": 0.0, "val_source": pairs_file(tmp_path / "val.jsonl", 12)},
-        train={"max_steps": 16, "eval_every": 16, "lr": 2e-2, "keep_best": False},
+        train={"max_steps": 30, "eval_every": 30, "lr": 2e-2, "keep_best": False},
     )
     result = train(config, progress=False)
     # The held-out pairs ask the same questions: the policy now prefers the right colour.
     assert result.eval["reward_accuracy"] >= 0.9 and result.eval["reward_margin"] > 0
     assert result.eval["loss"] < 0.5
+    # Before and after, on the same held-out pairs: the policy's own ranking (log-probs).
+    before, after = result.before["preference_accuracy"], result.after["preference_accuracy"]
+    assert before <= 0.7 and after >= 0.9, (before, after)
+    assert result.after["preference_margin"] > result.before["preference_margin"]
+    saved = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert saved["after"]["preference_accuracy"] == after
+    assert (tmp_path / "run" / "report.html").is_file()
 
 
 def test_full_dpo_precomputes_the_reference_once_and_resume_is_bit_identical(
@@ -241,6 +255,10 @@ def test_reward_model_run_saves_what_transformers_loads_with_the_same_scores(
     evals = [r for r in records(run) if "eval_loss" in r]
     assert evals and all(0.0 <= r["eval_reward_accuracy"] <= 1.0 for r in evals)
     assert "eval_logps_chosen" not in evals[-1]  # a reward model has no policy log-probs
+    # Before/after on the validation pairs: how often the head scores chosen above rejected.
+    results = json.loads((run / "eval.json").read_text())
+    assert {"preference_accuracy", "preference_margin"} <= set(results["after"])
+    assert "perplexity" not in results["after"]  # a reward model has no LM to measure
 
     final = run / "final"
     ours, tokenizer = artifacts.load(str(final))

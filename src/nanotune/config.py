@@ -77,6 +77,12 @@ class RunConfig:
                 f"data.format is {self.data.format}; set data.format: preference (rows with "
                 "prompt/chosen/rejected) or remove preference.objective"
             )
+        if objective == "reward" and self.eval.generation_metrics:
+            raise NanotuneError(
+                f"eval.metrics: {', '.join(self.eval.generation_metrics)} score generated text, "
+                "but a reward model (preference.objective: reward) generates none; use "
+                "metrics: [preference] (how often it scores chosen above rejected)"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))

@@ -392,11 +392,7 @@ def _fit(config: RunConfig, setup: _Setup, run_dir: Path, *, resume: bool, progr
     # The recipe's metrics before training, and after it on the same examples (every rank
     # evaluates, so none waits alone in a collective; rank 0 writes the results).
     examples = data.splits.get(config.eval.split, [])
-    if data.task == "preference":
-        # The trainer's evaluation of the validation pairs (loss, reward accuracy and margin,
-        # log-probs) goes to metrics.jsonl; the eval: metrics are for generated text.
-        examples = []
-    elif not examples and is_main():
+    if not examples and is_main():
         print(f"note: no {config.eval.split!r} split, so no before/after evaluation (eval.split)")
     model.to(dist.device_for(tc.device))
     before = _evaluate(model, tokenizer, examples, config, data)
