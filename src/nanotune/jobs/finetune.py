@@ -352,14 +352,16 @@ def _reference_logps(
     config: RunConfig, model: Any, tokenizer: Any, data: Any, run_dir: Path, *, resume: bool
 ) -> None:
     """DPO with no adapters to switch off: the reference log-probs of every train and val pair,
-    computed once from the untrained model and stored in the run (a resumed run reads them
-    back, so it trains against exactly the same values)."""
+    computed once from the untrained model and stored in the run. A resumed run reads them
+    back, so it trains against exactly the same values (without the file it computes them
+    again: the checkpoint's weights are loaded later, so the model here is still untrained)."""
     from nanotune.jobs.reference import (
         REFERENCE_FILE,
         attach_reference,
         load_reference,
         save_reference,
     )
+    from nanotune.training import autocast_for
     from nanotune.training.dist import device_for, on_main
 
     path = run_dir / REFERENCE_FILE
@@ -367,12 +369,14 @@ def _reference_logps(
     if resume and path.is_file():
         load_reference(path, splits)
         return
+    device = device_for(config.train.device)
     stored = attach_reference(
         model,
         splits,
         batch_size=config.train.micro_batch_size,
         pad_id=tokenizer.pad_id,
-        device=device_for(config.train.device),
+        device=device,
+        autocast=autocast_for(config.train, device),  # the precision the policy trains in
     )
     on_main(lambda: save_reference(path, stored))
 
