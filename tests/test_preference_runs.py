@@ -5,7 +5,12 @@ resume, on tiny random models through `nanotune train`."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -153,50 +158,70 @@ def test_dpo_learns_the_preference(tmp_path, tiny_gpt2_dir):
     assert (tmp_path / "run" / "report.html").is_file()
 
 
-def test_full_dpo_precomputes_the_reference_once_and_resume_is_bit_identical(
-    tmp_path, tiny_gpt2_dir, monkeypatch
+# `nanotune train` with every DPO loss slowed down, so a test can kill it mid-run.
+KILL_SCRIPT = """
+import os, sys, time
+from nanotune.cli import main
+from nanotune.training.preference import PreferenceObjective
+
+real = PreferenceObjective.loss_sum
+
+
+def slow(self, model, batch):
+    time.sleep(float(os.environ.get("SLOW", "0")))
+    return real(self, model, batch)
+
+
+PreferenceObjective.loss_sum = slow
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_full_dpo_precomputes_the_reference_once_and_sigkill_resume_is_bit_identical(
+    tmp_path, tiny_gpt2_dir
 ):
     """Full fine-tuning keeps no reference model: the base's log-probs of every pair are stored
-    in the run. A run killed mid-DPO and resumed reads them back and ends with exactly the
-    weights of an uninterrupted run."""
-    import nanotune.jobs.reference as reference
-
+    in the run. A run killed (SIGKILL) mid-DPO and resumed reads them back, leaves them as they
+    were, and ends with exactly the weights and metrics of an uninterrupted run."""
     overrides = {"method": {"name": "full"}, "train": {"max_steps": 6, "save_every": 2}}
     (tmp_path / "a").mkdir()
     train(write_config(tmp_path / "a", tiny_gpt2_dir, **overrides), progress=False)
-    ref_run = tmp_path / "a" / "run"
-    stored = load_file(str(ref_run / REFERENCE_FILE))
+    whole = tmp_path / "a" / "run"
+    stored = load_file(str(whole / REFERENCE_FILE))
     assert stored["train"].shape == (18, 2) and stored["val"].shape == (6, 2)
     assert (stored["train"] < 0).all()
 
     (tmp_path / "b").mkdir()
     config = write_config(tmp_path / "b", tiny_gpt2_dir, **overrides)
-    calls = {"n": 0}
-    real = PreferenceObjective.loss_sum
-
-    def dies_in_step_four(self, model, batch):  # 2 micro-batches a step
-        calls["n"] += 1
-        if calls["n"] == 7:
-            raise RuntimeError("killed")
-        return real(self, model, batch)
-
-    monkeypatch.setattr(PreferenceObjective, "loss_sum", dies_in_step_four)
-    with pytest.raises(RuntimeError, match="killed"):
-        train(config, progress=False)
-    monkeypatch.setattr(PreferenceObjective, "loss_sum", real)
+    script = tmp_path / "slow_train.py"
+    script.write_text(KILL_SCRIPT)
+    command = [sys.executable, str(script), "train", str(config)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = tmp_path / "b" / "run"
+    proc = subprocess.Popen(
+        command, env={**env, "SLOW": "0.3"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline:  # past the step-2 checkpoint, inside step 4
+        assert proc.poll() is None, proc.stderr.read().decode()
+        metrics = run / "metrics.jsonl"
+        lines = metrics.read_text().splitlines() if metrics.is_file() else []
+        if any(x.endswith("}") and json.loads(x).get("step") == 3 for x in lines):
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
     assert (run / "checkpoints" / "step-2").is_dir() and not (run / "final").exists()
+    reference = (run / REFERENCE_FILE).read_bytes()
+    written = (run / REFERENCE_FILE).stat().st_mtime_ns
 
-    computed = []
-    monkeypatch.setattr(
-        reference, "attach_reference", lambda *a, **k: computed.append(1) or {}
-    )  # resuming must read the stored values, not compute them again
-    train(config, resume=True, progress=False)
-    assert computed == []
-    want = load_file(str(ref_run / "final" / "model.safetensors"))
+    subprocess.run([*command, "--resume"], env=env, check=True, capture_output=True)
+    assert (run / REFERENCE_FILE).stat().st_mtime_ns == written  # read, not computed again
+    assert (run / REFERENCE_FILE).read_bytes() == reference == (whole / REFERENCE_FILE).read_bytes()
+    want = load_file(str(whole / "final" / "model.safetensors"))
     got = load_file(str(run / "final" / "model.safetensors"))
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
-    assert [r.get("loss") for r in records(run)] == [r.get("loss") for r in records(ref_run)]
+    assert [r.get("loss") for r in records(run)] == [r.get("loss") for r in records(whole)]
 
 
 # ---- the reward model ------------------------------------------------------------------------
