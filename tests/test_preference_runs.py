@@ -134,6 +134,32 @@ def test_lora_dpo_through_the_cli_writes_preference_metrics(fixture, tmp_path, r
     assert "done: 4 steps" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize(
+    "preference,method",
+    [
+        ({"objective": "simpo", "simpo_gamma": 0.5}, {}),
+        ({"objective": "orpo", "orpo_lambda": 0.2}, {"name": "last_n", "last_n": 1}),
+        ({"objective": "dpo", "loss": "ipo"}, {"name": "qlora", "nf4_block": 16}),
+        ({"objective": "dpo", "loss": "hinge"}, {"train_embeddings": True}),
+    ],
+    ids=["simpo-lora", "orpo-last_n", "ipo-qlora", "hinge-lora-embeddings"],
+)
+def test_every_objective_runs_from_the_config(preference, method, tmp_path, tiny_llama_dir):
+    config = write_config(
+        tmp_path, tiny_llama_dir, preference=preference, method=method, train={"max_steps": 2}
+    )
+    result = train(config, progress=False)
+    assert result.step == 2 and result.train_loss > 0
+    assert {"reward_accuracy", "reward_margin", "logps_chosen"} <= set(result.eval)
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["preference"]
+    assert {k: saved[k] for k in preference} == preference
+    # DPO against a base whose embeddings train too: the reference is precomputed.
+    precomputed = (tmp_path / "run" / REFERENCE_FILE).is_file()
+    assert precomputed == (
+        method.get("train_embeddings", False) and preference["objective"] == "dpo"
+    )
+
+
 def test_dpo_learns_the_preference(tmp_path, tiny_gpt2_dir):
     """Chosen and rejected answers differ only in the colour named (same length, so no length
     bias): a random model ranks them by chance; after DPO it names the asked colour."""
