@@ -280,8 +280,12 @@ def trl_reward_loss(hf_model, chosen_ids: list[list[int]], rejected_ids: list[li
 
 @pytest.mark.parametrize(
     "fixture,method",
-    [("tiny_gpt2_dir", "lora"), ("tiny_llama_dir", "full")],
-    ids=["gpt2-lora", "llama-full"],
+    [
+        ("tiny_gpt2_dir", {"name": "lora"}),
+        ("tiny_llama_dir", {"name": "full"}),
+        ("tiny_llama_dir", {"name": "qlora", "nf4_block": 16}),
+    ],
+    ids=["gpt2-lora", "llama-full", "llama-qlora"],
 )
 def test_reward_model_run_saves_what_transformers_loads_with_the_same_scores(
     fixture, method, tmp_path, request
@@ -298,7 +302,7 @@ def test_reward_model_run_saves_what_transformers_loads_with_the_same_scores(
         tmp_path,
         model_dir,
         preference={"objective": "reward"},
-        method={"name": method},
+        method=method,
         train={"lr": 1e-2},
     )
     assert main(["train", str(config)]) == 0
@@ -341,3 +345,34 @@ def test_reward_model_run_saves_what_transformers_loads_with_the_same_scores(
     # eval.reward_model can name the folder.
     scored = RewardModel(str(final)).score(prompts, answers)
     assert scored == pytest.approx(our_scores[0::2].tolist(), abs=1e-4)
+
+
+def test_reward_model_saved_merged_keeps_its_adapters(tmp_path):
+    """Saving merges a LoRA reward model's adapters in place (NF4 cannot be copied) and puts
+    them back: the model goes on scoring exactly as before, adapters and all."""
+    from tiny import tiny_config
+
+    from nanotune.jobs.artifacts import save_final
+    from nanotune.methods import MethodConfig, SequenceClassifier, apply_method, lora_layers
+    from nanotune.models import Transformer
+    from nanotune.tokenizer import gpt2_tokenizer
+
+    torch.manual_seed(0)
+    body = Transformer(tiny_config("gpt2", vocab_size=50257))
+    model = apply_method(SequenceClassifier(body, 1), MethodConfig(name="lora", r=4))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.3)
+    ids, lengths = torch.randint(0, 50257, (3, 9)), torch.tensor([9, 5, 2])
+    with torch.no_grad():
+        before = model(ids, lengths)
+    config = RunConfig.from_dict({"data": {"source": "x.jsonl", "format": "preference"}})
+    adapted = list(lora_layers(model.body))
+    assert adapted
+    save_final(model.eval(), gpt2_tokenizer(), config, tmp_path / "final")
+    with torch.no_grad():
+        assert torch.equal(model(ids, lengths), before)
+    assert list(lora_layers(model.body)) == adapted
+    saved = json.loads((tmp_path / "final" / "config.json").read_text())
+    assert saved["architectures"] == ["GPT2ForSequenceClassification"]
