@@ -127,6 +127,8 @@ def test_lora_dpo_through_the_cli_writes_preference_metrics(fixture, tmp_path, r
     # LoRA: the reference is the base with the adapters off, so nothing is precomputed.
     assert not (run / REFERENCE_FILE).exists()
     assert (run / "final" / "adapter_config.json").is_file()
+    card = (run / "final" / "README.md").read_text()
+    assert "- dpo" in card and "## Objective: dpo" in card and "| `beta` | `0.5` |" in card
     steps = [r for r in records(run) if "lr" in r]
     assert len(steps) == 4 and all(r["loss"] > 0 for r in steps)
     # Step 1 starts at the reference: every DPO margin is 0, the loss log 2.
@@ -316,6 +318,7 @@ def test_reward_model_run_saves_what_transformers_loads_with_the_same_scores(
     assert "perplexity" not in results["after"]  # a reward model has no LM to measure
 
     final = run / "final"
+    assert "AutoModelForSequenceClassification" in (final / "README.md").read_text()
     ours, tokenizer = artifacts.load(str(final))
     assert isinstance(ours, SequenceClassifier) and ours.num_labels == 1
     hf = AutoModelForSequenceClassification.from_pretrained(final).eval()
