@@ -108,6 +108,11 @@ def test_preference_section_is_validated_naming_the_field():
     for overrides, message in cases.items():
         with pytest.raises(NanotuneError, match=re.escape(message)):
             RunConfig.from_dict({"data": {"source": "x.jsonl"}}, list(overrides))
+    from nanotune.eval import EvalConfig, evaluate_model
+
+    wanted = EvalConfig(metrics=["preference"])
+    with pytest.raises(NanotuneError, match="preference needs format: preference data"):
+        evaluate_model(None, None, [object()], wanted, task="lm")
 
 
 # ---- DPO -------------------------------------------------------------------------------------
