@@ -18,6 +18,7 @@ from nanotune.recipes import list_recipes, load_recipe, recipe_names, recipe_tex
 WORDS = "love life hope time truth art mind heart dream friends".split()
 RECIPES = [
     "demo",
+    "demo-dpo",
     "eli5-full",
     "hh-rlhf-dpo",
     "hh-rlhf-lora",
@@ -277,6 +278,35 @@ def test_hh_rlhf_reward_then_dpo_judged_by_it(tmp_path, tiny_gpt2_dir):
     assert {"preference_accuracy", "reward"} <= set(dpo.before)
     assert {"preference_accuracy", "reward", "reward_win_rate"} <= set(dpo.after)
     assert "<|user|>" in dpo.samples[0]["prompt"]
+
+
+def test_demo_dpo(tmp_path, tiny_llama_dir):
+    result, out = run(
+        "demo-dpo",
+        tmp_path,
+        tiny_llama_dir,
+        "data.limit=60",
+        "data.val_fraction=0.1",
+        "data.test_fraction=0.1",
+        "train.max_steps=2",
+        "train.eval_every=2",
+    )
+    assert {"preference_accuracy", "preference_margin"} <= set(result.after)
+    assert 0.0 <= result.after["preference_accuracy"] <= 1.0
+    assert not (out / "reference_logps.safetensors").exists()  # LoRA: the adapters-off base
+
+
+def test_reverse_words_pairs_are_subtly_wrong_reversals():
+    from nanotune.data.sources import iter_source
+
+    rows = list(iter_source("builtin:reverse_words_pairs"))
+    assert len(rows) == 2000 and rows == list(iter_source("builtin:reverse_words_pairs"))
+    for row in rows[:50]:
+        words = row["prompt"].removeprefix("Reverse the words: ").split()
+        assert row["chosen"].split() == words[::-1]
+        wrong = row["rejected"].split()
+        assert wrong != words[::-1] and sorted(wrong) == sorted(words)
+        assert sum(a != b for a, b in zip(wrong, words[::-1], strict=True)) == 2
 
 
 def test_hh_transcripts_become_alternating_turns():
