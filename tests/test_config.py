@@ -378,6 +378,7 @@ def _stand_in_rows() -> list[dict]:
             "question": "What colour is the sky?",
             "answers": {"text": ["blue", "light blue"], "answer_start": [11, 11]},
             "chosen": f"\n\nHuman: hello {i}\n\nAssistant: hi there {i}",
+            "rejected": f"\n\nHuman: hello {i}\n\nAssistant: go away {i}",
         }
         for i in range(24)
     ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -270,3 +271,112 @@ def test_precomputed_reference_equals_on_the_fly(method, tmp_path):
     ]
     with pytest.raises(Exception, match="reference log-probs for 7 train pairs but the data has 6"):
         load_reference(tmp_path / "ref.safetensors", {"train": fresh[:6]})
+
+
+# ---- parity with TRL's DPOTrainer ------------------------------------------------------------
+
+
+def trl_dpo_loss(policy, reference, batch: dict, *, beta: float, loss: str):
+    """TRL DPOTrainer's own `_compute_loss` (its fused LM head, its reference forward, its
+    loss) on HF models, with only the trainer's plumbing stood in for."""
+    from collections import defaultdict
+
+    from trl.trainer.dpo_trainer import DPOTrainer
+    from trl.trainer.utils import add_fused_lm_head
+
+    add_fused_lm_head(policy, outputs=("log_probs", "entropy", "mean_logits", "is_top1"))
+    add_fused_lm_head(reference)
+    same = SimpleNamespace(device="cpu", gather=lambda x: x, gather_for_metrics=lambda x: x)
+    trainer = SimpleNamespace(
+        model=policy,
+        ref_model=reference,
+        accelerator=same,
+        args=SimpleNamespace(gradient_checkpointing_kwargs=None),
+        aux_loss_enabled=False,
+        precompute_ref_logps=False,
+        ld_alpha=None,
+        f_divergence_type="reverse_kl",
+        loss_types=[loss],
+        loss_weights=[1.0],
+        beta=beta,
+        label_smoothing=0.0,
+        use_weighting=False,
+        _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
+        _total_train_tokens=0,
+        _tp_size=1,
+    )
+    value = DPOTrainer._compute_loss(trainer, policy, batch, return_outputs=False)
+    return value, trainer._metrics["eval"]
+
+
+@pytest.fixture(scope="module")
+def hf_pair(request, tmp_path_factory):
+    """(HF policy, HF reference, our policy, our reference) of one tiny family: the reference is
+    the fixture's random checkpoint, the policy the same with every weight moved."""
+    from transformers import AutoModelForCausalLM
+
+    from nanotune.weights import load_model
+
+    def make(fixture: str):
+        folder = request.getfixturevalue(fixture)
+        reference = AutoModelForCausalLM.from_pretrained(folder).eval()
+        policy = AutoModelForCausalLM.from_pretrained(folder).eval()
+        g = torch.Generator().manual_seed(11)
+        with torch.no_grad():
+            for p in policy.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.02)
+        moved = tmp_path_factory.mktemp("policy")
+        policy.save_pretrained(moved)
+        for f in folder.iterdir():  # the tokenizer files
+            if f.name.startswith(("tokenizer", "vocab", "merges", "special")):
+                shutil.copy2(f, moved / f.name)
+        ours = load_model(moved)[0].eval()
+        ours_ref = load_model(folder)[0].eval().requires_grad_(False)
+        return policy, reference, ours, ours_ref
+
+    return make
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
+@pytest.mark.parametrize("loss", ["sigmoid", "ipo"])
+@pytest.mark.parametrize("fixture", ["tiny_gpt2_dir", "tiny_llama_dir"])
+def test_dpo_loss_and_gradients_equal_trls_dpo_trainer(fixture, loss, hf_pair):
+    """Same models, same pairs: our DPO loss (per pair, meaned) and every weight's gradient equal
+    those of TRL's DPOTrainer computation (its concatenated forward and reference forward)."""
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    from nanotune.weights import convert
+
+    policy, reference, ours, ours_ref = hf_pair(fixture)
+    pairs = random_pairs(5, 1000, seed=6, low=3)  # ids below 3 are the pad/eos/bos tokens
+    pad_id = 0
+    trl_batch = DataCollatorForPreference(pad_token_id=pad_id)(
+        [
+            {"prompt_ids": e.prompt, "chosen_ids": e.chosen, "rejected_ids": e.rejected}
+            for e in pairs
+        ]
+    )
+    beta = 0.3
+    trl_value, trl_metrics = trl_dpo_loss(policy, reference, trl_batch, beta=beta, loss=loss)
+    policy.zero_grad()
+    trl_value.backward()
+
+    batch = collate_preference(pairs, pad_id=pad_id)
+    with torch.no_grad():
+        batch["ref_logps"] = response_logps(ours_ref, batch)[0]
+    objective = PreferenceObjective("dpo", beta=beta, loss=loss)
+    value = objective.loss_sum(ours, batch) / objective.count(batch)
+    value.backward()
+
+    assert abs(float(value.detach()) - float(trl_value.detach())) <= 1e-5
+    metrics = objective.summarize(objective.eval_sums(ours, batch))
+    assert metrics["reward_margin"] == pytest.approx(trl_metrics["rewards/margins"][0], abs=1e-5)
+    assert metrics["logps_chosen"] == pytest.approx(trl_metrics["logps/chosen"][0], abs=1e-4)
+    # Our gradients, in HF's names and layouts (Conv1D transposed, q/k/v split).
+    ours_params = dict(ours.named_parameters(remove_duplicate=False))
+    grads = convert.to_hf({k: p.grad for k, p in ours_params.items()}, ours.config)
+    theirs = {k: p.grad for k, p in policy.named_parameters()}
+    assert set(theirs) <= set(grads)
+    worst = max(float((grads[k] - theirs[k]).abs().max()) for k in theirs)
+    largest = max(float(g.abs().max()) for g in theirs.values())
+    assert worst <= 1e-5 and largest > 1e-3  # equal, and not equal because all are zero

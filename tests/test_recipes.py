@@ -16,7 +16,17 @@ from nanotune.jobs.finetune import train
 from nanotune.recipes import list_recipes, load_recipe, recipe_names, recipe_text
 
 WORDS = "love life hope time truth art mind heart dream friends".split()
-RECIPES = ["demo", "eli5-full", "hh-rlhf-lora", "quotes-lora", "spam-classify", "squad-qlora"]
+RECIPES = [
+    "demo",
+    "demo-dpo",
+    "eli5-full",
+    "hh-rlhf-dpo",
+    "hh-rlhf-lora",
+    "hh-rlhf-reward",
+    "quotes-lora",
+    "spam-classify",
+    "squad-qlora",
+]
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> str:
@@ -223,6 +233,80 @@ def test_hh_rlhf_lora(tmp_path, tiny_gpt2_dir, tiny_reward_dir):
     assert any((out / "final").iterdir())
     assert {"reward"} <= set(result.before) and {"reward", "reward_win_rate"} <= set(result.after)
     assert "<|user|>" in result.samples[0]["prompt"]
+
+
+def hh_pairs(tmp_path: Path) -> tuple[str, str]:
+    """HH-RLHF-shaped transcript pairs: one shared exchange, then a right and a wrong reply."""
+
+    def dialogue(i: int, reply: str) -> str:
+        return (
+            f"\n\nHuman: Say the word {WORDS[i % 10]}.\n\nAssistant: Sure."
+            f"\n\nHuman: Now?\n\nAssistant: {reply}"
+        )
+
+    rows = [
+        {"chosen": dialogue(i, WORDS[i % 10]), "rejected": dialogue(i, WORDS[(i + 4) % 10])}
+        for i in range(30)
+    ]
+    return (
+        write_jsonl(tmp_path / "hh.jsonl", rows[:24]),
+        write_jsonl(tmp_path / "hh-test.jsonl", rows[24:]),
+    )
+
+
+def test_hh_rlhf_reward_then_dpo_judged_by_it(tmp_path, tiny_gpt2_dir):
+    """The reward recipe's final/ is the reward model that judges the DPO recipe's replies."""
+    train_file, test_file = hh_pairs(tmp_path)
+    sizes = [f"data.source={train_file}", f"data.val_source={test_file}", "data.max_length=128"]
+    reward, out = run(
+        "hh-rlhf-reward", tmp_path / "reward", tiny_gpt2_dir, *sizes, "train.max_steps=2"
+    )
+    assert {"preference_accuracy", "preference_margin"} <= set(reward.after)
+    assert json.loads((out / "final" / "config.json").read_text())["architectures"] == [
+        "GPT2ForSequenceClassification"
+    ]
+    dpo, out = run(
+        "hh-rlhf-dpo",
+        tmp_path / "dpo",
+        tiny_gpt2_dir,
+        *sizes,
+        f"eval.reward_model={reward.final_dir}",
+        "train.max_steps=2",
+        "eval.max_new_tokens=6",
+    )
+    assert (out / "final" / "adapter_config.json").is_file()
+    assert {"preference_accuracy", "reward"} <= set(dpo.before)
+    assert {"preference_accuracy", "reward", "reward_win_rate"} <= set(dpo.after)
+    assert "<|user|>" in dpo.samples[0]["prompt"]
+
+
+def test_demo_dpo(tmp_path, tiny_llama_dir):
+    result, out = run(
+        "demo-dpo",
+        tmp_path,
+        tiny_llama_dir,
+        "data.limit=60",
+        "data.val_fraction=0.1",
+        "data.test_fraction=0.1",
+        "train.max_steps=2",
+        "train.eval_every=2",
+    )
+    assert {"preference_accuracy", "preference_margin"} <= set(result.after)
+    assert 0.0 <= result.after["preference_accuracy"] <= 1.0
+    assert not (out / "reference_logps.safetensors").exists()  # LoRA: the adapters-off base
+
+
+def test_reverse_words_pairs_are_subtly_wrong_reversals():
+    from nanotune.data.sources import iter_source
+
+    rows = list(iter_source("builtin:reverse_words_pairs"))
+    assert len(rows) == 2000 and rows == list(iter_source("builtin:reverse_words_pairs"))
+    for row in rows[:50]:
+        words = row["prompt"].removeprefix("Reverse the words: ").split()
+        assert row["chosen"].split() == words[::-1]
+        wrong = row["rejected"].split()
+        assert wrong != words[::-1] and sorted(wrong) == sorted(words)
+        assert sum(a != b for a, b in zip(wrong, words[::-1], strict=True)) == 2
 
 
 def test_hh_transcripts_become_alternating_turns():

@@ -35,7 +35,7 @@ from nanotune.eval.config import EvalConfig
 from nanotune.files.atomic import atomic_write
 from nanotune.methods.config import MethodConfig
 from nanotune.models.config import DEFAULT_MODEL
-from nanotune.training.config import TrainConfig
+from nanotune.training.config import PreferenceConfig, TrainConfig
 
 
 @dataclass
@@ -58,6 +58,8 @@ class RunConfig:
     model: ModelSection = field(default_factory=ModelSection)
     method: MethodConfig = field(default_factory=MethodConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
+    """What preference pairs train (data.format: preference): DPO, SimPO, ORPO or a reward model."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     output_dir: str = "runs/run"
     """The run directory: config.yaml, metrics.jsonl, checkpoints/, final/."""
@@ -68,6 +70,19 @@ class RunConfig:
         self.output_dir = os.path.expanduser(self.output_dir)
         if self.eval.reward_model and self.eval.reward_model.startswith("~"):
             self.eval.reward_model = os.path.expanduser(self.eval.reward_model)
+        objective = self.preference.objective
+        if objective is not None and self.data.format != "preference":
+            raise NanotuneError(
+                f"preference.objective: {objective} learns from preference pairs, but "
+                f"data.format is {self.data.format}; set data.format: preference (rows with "
+                "prompt/chosen/rejected) or remove preference.objective"
+            )
+        if objective == "reward" and self.eval.generation_metrics:
+            raise NanotuneError(
+                f"eval.metrics: {', '.join(self.eval.generation_metrics)} score generated text, "
+                "but a reward model (preference.objective: reward) generates none; use "
+                "metrics: [preference] (how often it scores chosen above rejected)"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))

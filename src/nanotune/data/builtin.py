@@ -5,6 +5,8 @@
 - ``reverse_words``: "Reverse the words: a b c" -> "c b a". Exact-match scoring is objective and a
   135M model learns it in minutes of LoRA on a CPU.
 - ``word_order``: classify a word list as "sorted" (alphabetical) or "shuffled".
+- ``reverse_words_pairs``: preference pairs over the same lists: the reversal chosen, and
+  rejected the same reversal with two neighbouring words swapped (subtly wrong, same length).
 
 Every row carries the fields several formats read (prompt/completion, user/assistant,
 instruction/input/output, text/label), so any matching format works without a column mapping.
@@ -88,6 +90,20 @@ def reverse_words(n: int = N_SYNTHETIC, seed: int = 0) -> Iterator[Row]:
         )
 
 
+def reverse_words_pairs(n: int = N_SYNTHETIC, seed: int = 0) -> Iterator[Row]:
+    """`reverse_words` as preference pairs: chosen is the reversal, rejected the reversal with
+    one neighbouring pair of words swapped; both have the same words and length."""
+    rng = random.Random(seed + 1)
+    for i, row in enumerate(reverse_words(n, seed)):
+        words = row["completion"].split()
+        j = rng.randrange(len(words) - 1)
+        wrong = words[:j] + [words[j + 1], words[j]] + words[j + 2 :]
+        yield Row(
+            {"prompt": row["prompt"], "chosen": row["completion"], "rejected": " ".join(wrong)},
+            f"builtin:reverse_words_pairs: row {i}",
+        )
+
+
 def word_order(n: int = N_SYNTHETIC, seed: int = 0) -> Iterator[Row]:
     """Word lists labelled "sorted" (alphabetical) or "shuffled" (not alphabetical), half each."""
     rng = random.Random(seed)
@@ -104,5 +120,6 @@ def word_order(n: int = N_SYNTHETIC, seed: int = 0) -> Iterator[Row]:
 BUILTINS: dict[str, Callable[[], Iterator[Row]]] = {
     "chatterbot": chatterbot,
     "reverse_words": reverse_words,
+    "reverse_words_pairs": reverse_words_pairs,
     "word_order": word_order,
 }

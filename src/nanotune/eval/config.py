@@ -9,11 +9,13 @@ from typing import Literal, get_args
 from nanotune.errors import NanotuneError
 from nanotune.generate import MAX_NEW_TOKENS
 
-Metric = Literal["perplexity", "accuracy", "exact_match", "squad", "tag_f1", "reward"]
+Metric = Literal["perplexity", "accuracy", "preference", "exact_match", "squad", "tag_f1", "reward"]
 # Metric name -> what it needs. LM metrics read batches, generation metrics read model outputs.
 METRICS = {
     "perplexity": "LM batches: loss and perplexity on the supervised tokens",
     "accuracy": "classification: accuracy, macro-F1, per-class precision/recall/F1, confusion",
+    "preference": "preference pairs: how often the model ranks chosen above rejected (a policy "
+    "by summed log-prob, a reward model by score), and the mean margin",
     "exact_match": "generation: the generation equals the reference (whitespace-trimmed)",
     "squad": "generation: SQuAD exact match and token F1 (official normalisation)",
     "tag_f1": "generation: comma-separated tag-set precision/recall/F1 (micro and macro)",

@@ -59,6 +59,44 @@ def perplexity(model: nn.Module, batches: Iterable[dict[str, Tensor]]) -> dict[s
     return {"loss": nll / n, "perplexity": ppl, "tokens": n}
 
 
+def preference_eval(model: nn.Module, batches: Iterable[dict[str, Tensor]]) -> dict[str, float]:
+    """How often the model ranks each pair's chosen response above its rejected one, over
+    preference batches ([B, 2, T], chosen at [:, 0]), and the mean margin.
+
+    A policy (`model.hidden`, `model.lm_head`) ranks by the summed log-probability of the
+    response, and also gets the loss and perplexity of the chosen responses; a reward model
+    (`model(input_ids, lengths) -> [N, 1]`) ranks by its score.
+    """
+    policy = hasattr(model, "hidden")
+    correct = pairs = tokens = 0
+    margin = nll = 0.0
+    with _eval_mode(model) as device:
+        for batch in batches:
+            ids = batch["input_ids"].to(device)
+            B, two, T = ids.shape
+            if policy:
+                targets = batch["targets"].to(device).reshape(B * two, T)
+                mask = targets != -100
+                h = model.hidden(ids.reshape(B * two, T))
+                logp = torch.log_softmax(model.lm_head(h[mask]).float(), -1)
+                per_token = logp.gather(1, targets[mask][:, None]).squeeze(1)
+                rows = mask.nonzero()[:, 0]
+                value = torch.zeros(B * two, device=device).index_add(0, rows, per_token)
+                value = value.view(B, two)
+                nll -= float(value[:, 0].sum())
+                tokens += int(mask.view(B, two, T)[:, 0].sum())
+            else:
+                lengths = batch["lengths"].to(device).reshape(B * two)
+                value = model(ids.reshape(B * two, T), lengths).float().view(B, two)
+            correct += int((value[:, 0] > value[:, 1]).sum())
+            margin += float((value[:, 0] - value[:, 1]).sum())
+            pairs += B
+    out = {"preference_accuracy": correct / pairs, "preference_margin": margin / pairs}
+    if policy:
+        out |= {"loss": nll / tokens, "perplexity": perplexity_from_nll(nll, tokens)}
+    return out | {"pairs": pairs}
+
+
 def classification_eval(
     model: nn.Module,
     batches: Iterable[dict[str, Tensor]],

@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from nanotune.data import Task, epoch_batches
+from nanotune.data import IGNORE, Example, Task, epoch_batches
 from nanotune.errors import NanotuneError
 from nanotune.eval.config import EvalConfig
 from nanotune.eval.evaluate import (
@@ -17,6 +17,7 @@ from nanotune.eval.evaluate import (
     generate_for_eval,
     generation_metrics,
     perplexity,
+    preference_eval,
     samples,
 )
 from nanotune.eval.reward import RewardModel, compare_rewards
@@ -38,6 +39,12 @@ def evaluate_model(
     if not examples:
         raise NanotuneError(f"eval: the {cfg.split} split has no examples")
     examples = list(examples[: cfg.max_examples])
+    if task == "preference":
+        return _evaluate_pairs(model, tokenizer, examples, cfg)
+    if "preference" in cfg.metrics:
+        raise NanotuneError(
+            f"eval.metrics: preference needs format: preference data (pairs), not {task} data"
+        )
     classify = task == "classification"
     lm_metrics = [m for m in cfg.metrics if m != "accuracy"]
     if classify and lm_metrics:
@@ -63,6 +70,39 @@ def evaluate_model(
     gens = None
     if cfg.generation_metrics:
         gens = generate_for_eval(model, tokenizer, examples, cfg)
+        metrics |= generation_metrics(gens, cfg.generation_metrics)
+    return metrics, gens
+
+
+def _evaluate_pairs(
+    model: nn.Module, tokenizer: Any, examples: list[Any], cfg: EvalConfig
+) -> tuple[dict[str, Any], Generations | None]:
+    """Preference pairs: the ranking metrics (`perplexity` or `preference`), and generations
+    from each pair's prompt with its chosen response as the reference (a policy only)."""
+    if "accuracy" in cfg.metrics:
+        raise NanotuneError(
+            "eval.metrics: accuracy needs format: classification data; for preference pairs "
+            "use metrics: [preference] (how often chosen ranks above rejected)"
+        )
+    policy = hasattr(model, "hidden")
+    if cfg.generation_metrics and not policy:
+        raise NanotuneError(
+            f"eval.metrics: {', '.join(cfg.generation_metrics)} need generated text, but a reward "
+            "model generates none; use metrics: [preference]"
+        )
+    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
+    metrics: dict[str, Any] = {}
+    if "perplexity" in cfg.metrics or "preference" in cfg.metrics:
+        batches = epoch_batches(
+            examples, cfg.batch_size, 0, 0, task="preference", pad_id=pad_id, shuffle=False
+        )
+        metrics |= preference_eval(model, batches)
+    gens = None
+    if cfg.generation_metrics:
+        prompted = [
+            Example(e.prompt + e.chosen, [IGNORE] * len(e.prompt) + e.chosen) for e in examples
+        ]
+        gens = generate_for_eval(model, tokenizer, prompted, cfg)
         metrics |= generation_metrics(gens, cfg.generation_metrics)
     return metrics, gens
 

@@ -8,6 +8,7 @@ merge, export) agree:
 | LoRA, DoRA, QLoRA (added tokens and trained embeddings included) | PEFT adapter + tokenizer | base model + adapter |
 | classifier, LoRA body | `classifier.json` + PEFT SEQ_CLS adapter (head inside) | base + adapter + head |
 | classifier, full or last_n body | `classifier.json` + HF folder + `classifier.safetensors` | folder + head |
+| reward model (one output), any body (LoRA merged) | the same, and the folder is an HF `…ForSequenceClassification` (num_labels 1) | folder + head; transformers: AutoModelForSequenceClassification |
 | full, last_n | HF model folder | the folder |
 
 Every `final/` also holds a model card, `README.md` (`jobs/card.py`). The base is recorded by its
@@ -20,7 +21,9 @@ run never touched would be written rounded. `merge` folds an adapter in when ask
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +72,13 @@ def save_final(
     (README.md, from the run's config and before/after metrics), all in one atomic swap."""
     base = config.model.name
     classifier = isinstance(model, SequenceClassifier)
+    if classifier and model.num_labels == 1 and lora_layers(model.body):
+        # A reward model is saved merged, as the sequence-classification folder transformers
+        # loads (`eval.reward_model` names it); the trained model gets its adapters back.
+        with _merged(model.body):
+            return save_final(
+                model, tokenizer, config, final, before=before, after=after, data_stats=data_stats
+            )
     adapter = bool(lora_layers(model.body if classifier else model))
 
     def write(tmp: Path) -> None:
@@ -91,6 +101,20 @@ def save_final(
 
     kind = "classifier" if classifier else "adapter" if adapter else "model"
     return atomic_dir(final, write, kind=kind)
+
+
+@contextlib.contextmanager
+def _merged(model: nn.Module) -> Iterator[nn.Module]:
+    """`model` with every adapter folded into its base weight, then its LoRA layers put back
+    (no copy of the model: NF4 weights cannot be deep-copied)."""
+    layers = lora_layers(model)
+    merge_lora(model)
+    try:
+        yield model
+    finally:
+        for path, layer in layers.items():
+            parent, _, leaf = path.rpartition(".")
+            setattr(model.get_submodule(parent), leaf, layer)
 
 
 def base_of(adapter: str | os.PathLike) -> str:

@@ -8,6 +8,7 @@ from typing import Any
 import yaml
 
 from nanotune.eval.compare import compare_rows, fmt, verdict
+from nanotune.training.config import DEFAULT_BETA
 from nanotune.version import __version__
 from nanotune.weights.resolve import HUB_ID, hub_id_of
 
@@ -34,6 +35,12 @@ TRAIN_KEYS = [
     "dtype",
     "seed",
 ]
+OBJECTIVE_KEYS = {
+    "dpo": ["beta", "loss", "label_smoothing"],
+    "simpo": ["beta", "simpo_gamma", "label_smoothing"],
+    "orpo": ["orpo_lambda"],
+    "reward": [],
+}
 DATA_KEYS = ["source", "val_source", "test_source", "format", "max_length", "pack"]
 
 
@@ -79,10 +86,23 @@ def model_card(
             "```python\nfrom transformers import AutoModelForCausalLM\n\n"
             'model = AutoModelForCausalLM.from_pretrained("<this folder or repo>")\n```'
         )
+    preference = config.get("preference") or {}
+    objective = preference.get("objective")
+    if objective is None and data.get("format") == "preference":
+        objective = "dpo"
+    if objective:
+        meta["tags"].append("reward-model" if objective == "reward" else objective)
     if classifier:
         loads = (
             "A classifier: `classifier.json` names its labels. Load it with nanotune "
             "(`nanotune classify --model <this folder> TEXT`)."
+        )
+    if objective == "reward":
+        loads = (
+            "A reward model (one score per text, Bradley–Terry on preference pairs):\n\n"
+            "```python\nfrom transformers import AutoModelForSequenceClassification\n\n"
+            'model = AutoModelForSequenceClassification.from_pretrained("<this folder or repo>")'
+            "\n```\n\nIt can be the `eval.reward_model` of another nanotune run."
         )
     parts = [
         "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---",
@@ -97,6 +117,11 @@ def model_card(
         ),
         "## Data\n\n" + _fields(data, DATA_KEYS),
     ]
+    if objective:
+        shown = dict(preference)
+        if shown.get("beta") is None and objective in DEFAULT_BETA:
+            shown["beta"] = DEFAULT_BETA[objective]
+        parts.append(f"## Objective: {objective}\n\n" + _fields(shown, OBJECTIVE_KEYS[objective]))
     if data_stats:
         rows = [(s, c.get("rows", 0), c.get("examples", 0)) for s, c in data_stats.items()]
         parts.append(_table(("split", "rows", "examples"), rows))

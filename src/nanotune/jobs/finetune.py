@@ -25,6 +25,7 @@ RESUME_KEYS = (
     "model",
     "method",
     "data",
+    "preference",
     "train.seed",
     "train.micro_batch_size",
     "train.grad_accum",
@@ -102,6 +103,7 @@ RUN_ENTRIES = (
     "eval.json",
     "report.html",
     "tensorboard",
+    "reference_logps.safetensors",  # DPO without LoRA: the reference policy's log-probs
 )
 
 
@@ -276,11 +278,30 @@ def _setup(config: RunConfig) -> _Setup:
     if config.model.special_tokens:
         tokenizer.add_special_tokens(config.model.special_tokens)
     data = build_datasets(config.data, tokenizer)
-    model = prepare_model(model, tokenizer, data, seed=config.train.seed, method=config.method)
+    model = prepare_model(
+        model,
+        tokenizer,
+        data,
+        seed=config.train.seed,
+        method=config.method,
+        reward=config.preference.objective == "reward",
+    )
     model = apply_method(model, config.method)
     _check_trainable(model, data, config)
+    if config.preference.objective == "reward":
+        _score_before_padding(data, tokenizer.pad_id)
     rewards = reward_model(config.eval) if data.splits.get(config.eval.split) else None
     return _Setup(model, tokenizer, data, rewards)
+
+
+def _score_before_padding(data: Any, pad_id: int) -> None:
+    """A reward model scores the last token of each sequence; transformers' sequence
+    classifiers read the last token that is not padding. Where the response ends in the pad
+    token (EOS, for GPT-2), that end is dropped, so training scores where they will."""
+    for examples in data.splits.values():
+        for ex in examples:
+            if ex.chosen[-1:] == [pad_id] and ex.rejected[-1:] == [pad_id]:
+                ex.chosen, ex.rejected = ex.chosen[:-1], ex.rejected[:-1]
 
 
 def _check_trainable(model: Any, data: Any, config: RunConfig) -> None:
@@ -305,10 +326,65 @@ def dry_run(config: RunConfig) -> None:
     print(trainable_report(setup.model))
 
 
+def _objective(config: RunConfig, model: Any, task: str) -> Any:
+    """The trainer's objective for the data's task; preference pairs train what
+    `preference.objective` says, DPO against the adapters-off base when only LoRA trains."""
+    from nanotune.training import PreferenceObjective, objective_for
+
+    if task != "preference":
+        return objective_for(task)
+    from nanotune.jobs.reference import reference_context
+
+    pref = config.preference
+    name = pref.resolved_objective()
+    return PreferenceObjective(
+        name,
+        beta=pref.resolved_beta(),
+        loss=pref.loss,
+        label_smoothing=pref.label_smoothing,
+        gamma=pref.simpo_gamma,
+        lam=pref.orpo_lambda,
+        reference=reference_context(model) if name == "dpo" else None,
+    )
+
+
+def _reference_logps(
+    config: RunConfig, model: Any, tokenizer: Any, data: Any, run_dir: Path, *, resume: bool
+) -> None:
+    """DPO with no adapters to switch off: the reference log-probs of every train and val pair,
+    computed once from the untrained model and stored in the run. A resumed run reads them
+    back, so it trains against exactly the same values (without the file it computes them
+    again: the checkpoint's weights are loaded later, so the model here is still untrained)."""
+    from nanotune.jobs.reference import (
+        REFERENCE_FILE,
+        attach_reference,
+        load_reference,
+        save_reference,
+    )
+    from nanotune.training import autocast_for
+    from nanotune.training.dist import device_for, on_main
+
+    path = run_dir / REFERENCE_FILE
+    splits = {"train": data.train, "val": data.val}
+    if resume and path.is_file():
+        load_reference(path, splits)
+        return
+    device = device_for(config.train.device)
+    stored = attach_reference(
+        model,
+        splits,
+        batch_size=config.train.micro_batch_size,
+        pad_id=tokenizer.pad_id,
+        device=device,
+        autocast=autocast_for(config.train, device),  # the precision the policy trains in
+    )
+    on_main(lambda: save_reference(path, stored))
+
+
 def _fit(config: RunConfig, setup: _Setup, run_dir: Path, *, resume: bool, progress: bool):
     from nanotune.data.batching import epoch_batches
     from nanotune.methods import trainable_report
-    from nanotune.training import Trainer, dist, objective_for
+    from nanotune.training import Trainer, dist
     from nanotune.training.dist import is_main, on_main, world_size
 
     tc = config.train
@@ -324,6 +400,9 @@ def _fit(config: RunConfig, setup: _Setup, run_dir: Path, *, resume: bool, progr
         print(f"note: no {config.eval.split!r} split, so no before/after evaluation (eval.split)")
     model.to(dist.device_for(tc.device))
     before = _evaluate(model, tokenizer, examples, config, data)
+    objective = _objective(config, model, data.task)
+    if getattr(objective, "needs_ref_logps", False):
+        _reference_logps(config, model, tokenizer, data, run_dir, resume=resume)
 
     batching = dict(
         task=data.task,
@@ -355,7 +434,7 @@ def _fit(config: RunConfig, setup: _Setup, run_dir: Path, *, resume: bool, progr
         train_batches,
         run_dir,
         val_batches=val,
-        objective=objective_for(data.task),
+        objective=objective,
         resolved_config=config.to_dict(),
         progress=progress,
     )

@@ -11,6 +11,7 @@ from torch import nn
 from nanotune.data import Datasets
 from nanotune.eval.config import EvalConfig
 from nanotune.methods import MethodConfig, SequenceClassifier
+from nanotune.methods.classifier import REWARD_LABEL
 from nanotune.training.dist import is_main
 
 
@@ -21,6 +22,7 @@ def prepare_model(
     *,
     seed: int,
     method: MethodConfig | None = None,
+    reward: bool = False,
 ) -> nn.Module:
     """`model` (a loaded Transformer) ready for `data.task`: embedding rows for the tokens the
     data (or the config) added to `tokenizer`, and for classification a head over the labels.
@@ -29,6 +31,7 @@ def prepare_model(
         the untrained head of a base model is the same in every evaluation and on every rank.
     method: the method that will train the model, for the note on embeddings it leaves untrained
         (None: the model is only evaluated); printed once, by rank 0.
+    reward: preference data trains a reward model: a one-output head (the score) on the body.
     """
     added = tokenizer.vocab_size - model.config.vocab_size
     if added > 0:
@@ -39,8 +42,8 @@ def prepare_model(
                 f"note: {added} tokens were added but their embeddings stay at their initial "
                 "value; set method.train_embeddings: true to learn them"
             )
-    if data.task == "classification":
-        names = data.label_names
+    if data.task == "classification" or (data.task == "preference" and reward):
+        names = data.label_names if data.task == "classification" else [REWARD_LABEL]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = SequenceClassifier(model, len(names), names)

@@ -9,9 +9,13 @@ from nanotune.errors import NanotuneError
 from nanotune.models.linear import Linear
 from nanotune.models.transformer import Transformer
 
+REWARD_LABEL = "reward"
+"""The one label of a reward model: its single output is the score."""
+
 
 class SequenceClassifier(nn.Module):
     """`score(hidden at the last non-pad token)`, as Hugging Face's GPT2ForSequenceClassification.
+    With one output it is a reward model (labels [REWARD_LABEL]).
 
     Rows are right-padded (docs/design.md), so the state at index `lengths - 1` has seen exactly
     the real tokens: causal attention keeps the pads after it out of its view.
@@ -21,9 +25,9 @@ class SequenceClassifier(nn.Module):
         self, body: Transformer, num_labels: int, label_names: list[str] | None = None
     ) -> None:
         super().__init__()
-        if num_labels < 2:
+        if num_labels < 1:
             raise NanotuneError(
-                f"a classifier needs at least 2 labels, got num_labels={num_labels}"
+                f"a classifier needs at least 1 output (a reward model), got num_labels={num_labels}"
             )
         names = [str(i) for i in range(num_labels)] if label_names is None else list(label_names)
         if len(names) != num_labels:

@@ -156,3 +156,61 @@ class TrainConfig:
         if self.warmup_ratio is not None:
             return int(self.warmup_ratio * total_steps)
         return self.warmup_steps
+
+
+PreferenceObjectiveName = Literal["dpo", "simpo", "orpo", "reward"]
+DEFAULT_BETA = {"dpo": 0.1, "simpo": 2.0}
+
+
+@dataclass
+class PreferenceConfig:
+    """What a run learns from `data.format: preference` pairs (docs: training/preference.py)."""
+
+    objective: PreferenceObjectiveName | None = None
+    """dpo, simpo or orpo train the policy on the pairs; reward trains a reward model (a scalar
+    head on the last token, Bradley–Terry loss). null = dpo for preference data; any other
+    format trains as its own task and must leave this unset."""
+    beta: float | None = None
+    """dpo: the KL strength (TRL's beta); simpo: the reward scale. null = 0.1 (dpo), 2.0 (simpo)."""
+    loss: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    """dpo: the loss of the implicit reward margin: sigmoid (DPO), ipo or hinge (SLiC)."""
+    label_smoothing: float = 0.0
+    """dpo (sigmoid) and simpo: the assumed share of flipped labels, in [0, 0.5) (cDPO)."""
+    simpo_gamma: float = 1.0
+    """simpo: the target reward margin (gamma)."""
+    orpo_lambda: float = 0.1
+    """orpo: the weight of the odds-ratio term beside the chosen responses' NLL (lambda)."""
+
+    def __post_init__(self) -> None:
+        if self.objective not in (None, "dpo", "simpo", "orpo", "reward"):
+            raise NanotuneError(
+                f"preference.objective: {self.objective!r} is not one of dpo, simpo, orpo, reward"
+            )
+        if self.loss not in ("sigmoid", "ipo", "hinge"):
+            raise NanotuneError(f"preference.loss: {self.loss!r} is not one of sigmoid, ipo, hinge")
+        if self.beta is not None and self.beta <= 0:
+            raise NanotuneError(f"preference.beta: must be > 0, got {self.beta}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise NanotuneError(
+                f"preference.label_smoothing: must be in [0, 0.5), got {self.label_smoothing}"
+            )
+        if self.label_smoothing and (
+            self.objective in ("orpo", "reward")
+            or (self.objective != "simpo" and self.loss != "sigmoid")
+        ):
+            raise NanotuneError(
+                "preference.label_smoothing: applies to dpo with loss: sigmoid and to simpo; "
+                "set it to 0"
+            )
+        if self.simpo_gamma < 0:
+            raise NanotuneError(f"preference.simpo_gamma: must be >= 0, got {self.simpo_gamma}")
+        if self.orpo_lambda < 0:
+            raise NanotuneError(f"preference.orpo_lambda: must be >= 0, got {self.orpo_lambda}")
+
+    def resolved_objective(self) -> PreferenceObjectiveName:
+        return self.objective or "dpo"
+
+    def resolved_beta(self) -> float:
+        return (
+            self.beta if self.beta is not None else DEFAULT_BETA.get(self.resolved_objective(), 0.1)
+        )

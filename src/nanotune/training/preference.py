@@ -238,6 +238,16 @@ class PreferenceObjective:
         self.gamma, self.lam = gamma, lam
         self.reference = reference
 
+    @property
+    def needs_ref_logps(self) -> bool:
+        """DPO with no reference context: every batch must carry `ref_logps` (precomputed)."""
+        return self.objective == "dpo" and self.reference is None
+
+    @property
+    def scores_sequences(self) -> bool:
+        """A reward model: its body's LM head takes no part in the loss."""
+        return self.objective == "reward"
+
     def _reference(self, model: nn.Module, batch: Batch) -> Tensor:
         if "ref_logps" in batch:
             return batch["ref_logps"]

@@ -101,6 +101,20 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
         return torch.optim.AdamW(groups, **kwargs)
 
 
+def autocast_for(
+    config: TrainConfig, device: torch.device
+) -> Callable[[], contextlib.AbstractContextManager]:
+    """The compute precision of `config.dtype` on `device`, as a context factory: auto is
+    bfloat16 autocast on CUDA when supported, float32 (no autocast) otherwise."""
+    dtype = config.dtype
+    if dtype == "auto":
+        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        dtype = "bfloat16" if cuda_bf16 else "float32"
+    if dtype == "float32":
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+
+
 def parameter_counts(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameters; a tied tensor counts once."""
     total = trainable = 0
@@ -240,7 +254,9 @@ class Trainer:
         for m in check_trainable(model, config):
             m.gradient_checkpointing = True
         # A classifier's body keeps an LM head that takes no part in its loss.
-        unused = isinstance(self.objective, ClassificationObjective)
+        unused = isinstance(self.objective, ClassificationObjective) or getattr(
+            self.objective, "scores_sequences", False
+        )
         self.engine = dist.wrap(self.model, config.strategy, self.device, find_unused=unused)
         # After wrapping: FSDP2 replaces the parameters with sharded ones.
         self.optimizer = build_optimizer(self.model, config)
@@ -253,13 +269,7 @@ class Trainer:
             yield self.model
 
     def _autocast(self) -> Callable[[], contextlib.AbstractContextManager]:
-        dtype = self.config.dtype
-        if dtype == "auto":
-            cuda_bf16 = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
-            dtype = "bfloat16" if cuda_bf16 else "float32"
-        if dtype == "float32":
-            return contextlib.nullcontext
-        return lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return autocast_for(self.config, self.device)
 
     def _epoch(self, epoch: int) -> Sequence[Batch]:
         if self._epoch_cache is None or self._epoch_cache[0] != epoch:

@@ -46,7 +46,10 @@ def write_classifier(
         save_adapter(model, directory, base_model)
         tokenizer.save(directory)
     else:
-        write_model(model.body, tokenizer, directory, base_model)
+        # A reward model (one output) is also the sequence-classification folder transformers
+        # loads, so `eval.reward_model` can name it; nanotune reads the head file.
+        score = model.score.weight if model.num_labels == 1 else None
+        write_model(model.body, tokenizer, directory, base_model, score=score)
         save_file(
             {"score.weight": model.score.weight.detach().cpu().contiguous()},
             str(directory / HEAD_FILE),

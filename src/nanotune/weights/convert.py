@@ -222,6 +222,9 @@ def _taker(sd: dict[str, Tensor], where: str):
     return take, used
 
 
+SCORE = "score.weight"
+"""The head of an HF sequence-classification folder (a nanotune reward model writes one)."""
+
 # Buffers some checkpoints carry that the model rebuilds itself (causal masks, RoPE frequencies).
 DERIVED = ("attn.bias", "attn.masked_bias", "rotary_emb.inv_freq")
 
@@ -232,7 +235,9 @@ def _all_used(
     unused = sorted(
         k
         for k in set(sd) - used
-        if not k.endswith(DERIVED) and not (k == "lm_head.weight" and config.tie_embeddings)
+        if not k.endswith(DERIVED)
+        and not (k == "lm_head.weight" and config.tie_embeddings)
+        and k != SCORE  # a sequence-classification head: the classifier loader's to read
     )
     if unused:
         shown = ", ".join(repr(k) for k in unused[:3]) + (", ..." if len(unused) > 3 else "")

@@ -158,9 +158,19 @@ def save_model(
 
 
 def write_model(
-    model: Transformer, tokenizer: Tokenizer, directory: Path, base_model: str | None = None
+    model: Transformer,
+    tokenizer: Tokenizer,
+    directory: Path,
+    base_model: str | None = None,
+    *,
+    score: Tensor | None = None,
 ) -> None:
-    """The files of an HF folder, into the existing `directory` (`save_model` makes it atomic)."""
+    """The files of an HF folder, into the existing `directory` (`save_model` makes it atomic).
+
+    score: a sequence-classification head [num_labels, n_embd]; the folder is then the body of
+    a GPT2/LlamaForSequenceClassification (its config and `score.weight` too), which
+    transformers' AutoModelForSequenceClassification loads, reading the last non-pad token.
+    """
     config = model.config
     sd = model.state_dict()
     extra = sorted(set(sd) - _plain_keys(config))
@@ -177,6 +187,13 @@ def write_model(
     hf_config["torch_dtype"] = str(dtype).removeprefix("torch.")
     if base_model is not None:
         hf_config["_name_or_path"] = hub_id_of(base_model)
+    if score is not None:
+        family = "GPT2" if config.family == "gpt2" else "Llama"
+        hf_config["architectures"] = [f"{family}ForSequenceClassification"]
+        hf_config["id2label"] = {str(i): f"LABEL_{i}" for i in range(score.shape[0])}
+        hf_config["label2id"] = {f"LABEL_{i}": i for i in range(score.shape[0])}
+        hf_config["pad_token_id"] = tokenizer.pad_id
+        hf_sd["score.weight"] = score.detach().to("cpu", dtype).contiguous().clone()
     # Vocabulary ids come from the tokenizer when it has them: it is what generation will use.
     bos = tokenizer.bos_id if tokenizer.bos_id is not None else config.bos_token_id
     eos = tokenizer.eos_id if tokenizer.eos_id is not None else config.eos_token_id
