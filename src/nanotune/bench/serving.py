@@ -25,16 +25,23 @@ from nanotune.bench.workload import NotApplicable
 
 CLIENTS, REQUESTS, MAX_TOKENS = 16, 200, 32
 QUICK_CLIENTS, QUICK_REQUESTS, QUICK_MAX_TOKENS = 4, 16, 8
-QUESTIONS = [
-    "What is the capital of France?",
-    "Name three colors of the rainbow.",
-    "Why is the sky blue?",
-    "Give me a tip for learning to cook.",
-    "What does a bee make?",
-    "How many days are in a week?",
-    "Write one sentence about the sea.",
-    "What is two plus two?",
+# 200 different questions (a realistic chat load: the system prompt is shared, the question
+# is not; repeating a few prompts would let nanotune's prefix cache skip whole prefills).
+TEMPLATES = [
+    "Tell me one fact about {}.",
+    "Write one sentence about {}.",
+    "Why do people like {}?",
+    "What color is {}?",
+    "Give me a tip about {}.",
+    "How big is {}?",
+    "Is {} useful? Answer briefly.",
+    "Describe {} in three words.",
 ]
+SUBJECTS = (
+    "the sea, bees, bread, the moon, cats, trains, rain, music, coffee, mountains, paper, gold, "
+    "snow, apples, books, bridges, clocks, dogs, forests, glass, honey, ice, kites, lamps, maps"
+).split(", ")
+QUESTIONS = [t.format(s) for s in SUBJECTS for t in TEMPLATES]
 
 
 def _free_port() -> int:
