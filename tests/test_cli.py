@@ -146,6 +146,39 @@ def test_generate_applies_an_adapter(tiny_gpt2_dir, tmp_path, capsys):
     assert capsys.readouterr().out == tuned + "\n"
 
 
+def test_generate_in_bfloat16_merges_the_adapter_and_decodes_in_bf16(
+    tiny_gpt2_dir, tmp_path, capsys
+):
+    import torch
+
+    from nanotune.jobs import artifacts
+    from nanotune.methods import MethodConfig, apply_method, lora_layers
+    from nanotune.weights import load_model
+    from nanotune.weights.peft import save_adapter
+
+    model, tok = load_model(str(tiny_gpt2_dir))
+    apply_method(model, MethodConfig(name="lora", targets=["c_attn"], r=4))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.5)
+    save_adapter(model, tmp_path / "adapter", base_model=str(tiny_gpt2_dir))
+    ids = torch.tensor([tok.encode("Hello there, how are you?")])
+    with torch.no_grad():
+        want = model.eval()(ids)
+        fast = artifacts.for_decoding(model, "bfloat16")
+        assert not lora_layers(fast) and fast.wte.weight.dtype == torch.bfloat16
+        got = fast(ids).float()
+    assert (got - want).abs().max() < 0.05 * want.abs().max()  # bf16: 8 bits of mantissa
+    argv = ["generate", "--model", str(tiny_gpt2_dir), "--adapter", str(tmp_path / "adapter")]
+    assert main([*argv, "--prompt", "Hello", "--max-new-tokens", "8", "--dtype", "bfloat16"]) == 0
+    assert capsys.readouterr().out.strip()
+    with pytest.raises(SystemExit) as e:  # not a choice: argparse's usage error
+        main([*argv, "--prompt", "Hello", "--dtype", "float16"])
+    assert e.value.code == 2
+
+
 def test_chat_repl_keeps_history_resets_and_exits_on_eof(tiny_llama_dir, monkeypatch, capsys):
     from nanotune.weights import load_model
 

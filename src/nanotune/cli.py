@@ -107,12 +107,23 @@ def _generation_config(args: argparse.Namespace):
     return GenerationConfig(**{name: getattr(args, name) for name in SAMPLING_FIELDS})
 
 
+def _add_dtype_arg(p) -> None:
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="weights and KV cache while decoding (bfloat16: faster on CPUs with native bf16 "
+        "and on GPUs; float32, the default, answers exactly as training computed)",
+    )
+
+
 def _load(args: argparse.Namespace):
     """(model, tokenizer) named by --model, with --adapter (and the tokenizer saved with it,
-    which holds the run's added tokens and chat template) applied when given."""
+    which holds the run's added tokens and chat template) applied when given, in --dtype."""
     from nanotune.jobs import artifacts
 
-    return artifacts.load(args.model, getattr(args, "adapter", None))
+    model, tokenizer = artifacts.load(args.model, getattr(args, "adapter", None))
+    return artifacts.for_decoding(model, getattr(args, "dtype", "float32")), tokenizer
 
 
 def _add_generate(sub) -> None:
@@ -127,6 +138,7 @@ def _add_generate(sub) -> None:
     what.add_argument("--chat", metavar="TEXT", help="user message, through the chat template")
     p.add_argument("--system", metavar="TEXT", help="system message for --chat")
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
+    _add_dtype_arg(p)
     _add_sampling_args(p)
     p.set_defaults(func=cmd_generate)
 
@@ -159,6 +171,7 @@ def _add_chat(sub) -> None:
     )
     _add_model_args(p)
     p.add_argument("--system", metavar="TEXT", help="system message")
+    _add_dtype_arg(p)
     _add_sampling_args(p)
     p.set_defaults(func=cmd_chat)
 
@@ -907,13 +920,7 @@ def _add_serve(sub) -> None:
         default=os.environ.get("NANOTUNE_API_KEY"),
         help="require 'Authorization: Bearer KEY' (default: $NANOTUNE_API_KEY, else none)",
     )
-    p.add_argument(
-        "--dtype",
-        choices=["float32", "bfloat16"],
-        default="float32",
-        help="weights and KV cache (bfloat16: ~2x tokens/s on CPUs with native bf16; float32 "
-        "answers equal `nanotune generate`'s)",
-    )
+    _add_dtype_arg(p)
     p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together")
     p.add_argument(
         "--max-queue", type=int, default=256, help="requests waiting before new ones get 429"

@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from nanotune.config import RunConfig
@@ -56,6 +57,10 @@ from nanotune.weights.peft import (
 
 Loaded = tuple[nn.Module, Tokenizer]
 CARD_FILE = "README.md"  # the model card the Hub shows
+DECODE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+"""What `generate`, `chat` and `serve` may decode in (`--dtype`). bfloat16 halves the bytes each
+decode step streams (logits and sampling stay float32): faster where the CPU has native bf16
+(AVX512_BF16, AMX) and on GPUs, with answers no longer bit-equal to float32's."""
 
 
 def save_final(
@@ -115,6 +120,18 @@ def _merged(model: nn.Module) -> Iterator[nn.Module]:
         for path, layer in layers.items():
             parent, _, leaf = path.rpartition(".")
             setattr(model.get_submodule(parent), leaf, layer)
+
+
+def for_decoding(model: nn.Module, dtype: str) -> nn.Module:
+    """`model` (in place) in `dtype` for generation; LoRA adapters are merged first (in float32)
+    for a reduced dtype, so a step costs one matmul per layer and rounds once."""
+    if dtype not in DECODE_DTYPES:
+        raise NanotuneError(f"--dtype {dtype!r}: choose from {', '.join(DECODE_DTYPES)}")
+    if DECODE_DTYPES[dtype] == torch.float32:
+        return model
+    if lora_layers(model):
+        merge_lora(model)
+    return model.to(DECODE_DTYPES[dtype])
 
 
 def base_of(adapter: str | os.PathLike) -> str:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import torch
-
 from nanotune.errors import NanotuneError
 from nanotune.jobs import artifacts
 from nanotune.methods import SequenceClassifier
@@ -14,8 +12,6 @@ from nanotune.models import DEFAULT_MODEL
 from nanotune.serve.app import MAX_BODY, Server, run_server
 from nanotune.serve.engine import Engine
 from nanotune.weights.peft import CONFIG_FILE
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def adapter_spec(spec: str) -> tuple[str, Path]:
@@ -63,8 +59,8 @@ def serve(
             raise NanotuneError(
                 f"--adapter {name}={path}: not an adapter folder (no {CONFIG_FILE})"
             )
-    if dtype not in DTYPES:
-        raise NanotuneError(f"--dtype {dtype!r}: choose from {', '.join(DTYPES)}")
+    if dtype not in artifacts.DECODE_DTYPES:
+        raise NanotuneError(f"--dtype {dtype!r}: choose from {', '.join(artifacts.DECODE_DTYPES)}")
     base, tokenizer = artifacts.load(model)
     if isinstance(base, SequenceClassifier):
         raise NanotuneError(
@@ -73,7 +69,7 @@ def serve(
     base_name = served_name or model or DEFAULT_MODEL
     if base_name in names:
         raise NanotuneError(f"--adapter name {base_name!r} is the base model's name; rename it")
-    base = base.to(DTYPES[dtype])
+    base = base.to(artifacts.DECODE_DTYPES[dtype])
     engine = Engine(
         base, tokenizer, max_batch=max_batch, max_queue=max_queue, prefix_cache_mb=prefix_cache_mb
     )
