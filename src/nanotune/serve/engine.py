@@ -178,11 +178,19 @@ class _View:
         self.cache, self.rows, self.length, self.positions = cache, rows, length, positions
         self.max_len = cache.capacity
         if positions is not None:
-            self.index = (
+            slots = (
                 rows
                 if isinstance(rows, Tensor)
                 else torch.arange(rows.start, rows.stop, device=cache.device)
             )
+            # Where each row's new key goes for each kv head, as rows of the cache flattened to
+            # [slots * heads * capacity, head dim]: one index_copy_ per layer (advanced-index
+            # assignment over (slot, :, position) was a quarter of a decode step).
+            heads = cache.config.kv_heads
+            head = torch.arange(heads, device=cache.device)
+            self.flat = (
+                (slots[:, None] * heads + head) * cache.capacity + positions[:, None]
+            ).view(-1)
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         K, V = self.cache.k[layer], self.cache.v[layer]
@@ -191,8 +199,9 @@ class _View:
             K[self.rows, :, self.length : self.length + T] = k
             V[self.rows, :, self.length : self.length + T] = v
         else:
-            K[self.index, :, self.positions] = k[:, :, 0]
-            V[self.index, :, self.positions] = v[:, :, 0]
+            D = K.shape[-1]
+            K.view(-1, D).index_copy_(0, self.flat, k.reshape(-1, D))
+            V.view(-1, D).index_copy_(0, self.flat, v.reshape(-1, D))
         end = self.length + T
         return K[self.rows, :, :end], V[self.rows, :, :end]
 
