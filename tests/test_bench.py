@@ -66,6 +66,42 @@ def test_report_names_machine_command_and_targets(report):
     assert "## Targets" in text and "lora-sft | ≥ 2.5× peer tokens/s" in text
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
+def test_quick_dpo_case_runs_nanotune_and_trls_dpo_trainer(tmp_path):
+    """`--cases dpo`: our LoRA DPO and TRL's DPOTrainer each train on the same pairs in their own
+    worker; the row has rates, memory and a ratio, and the targets are ≥ 2× and ≤ 60%."""
+    out = tmp_path / "BENCHMARKS.md"
+    assert main(["bench", "--quick", "--cases", "dpo", "--output", str(out)]) == 0
+    text = out.read_text()
+    rows = _rows(text)
+    assert set(rows) == {("dpo", "nanotune"), ("dpo", "peer")}, text
+    for side in ("nanotune", "peer"):
+        tok_s, ms, mib, gflops = (_num(rows["dpo", side][i]) for i in (2, 4, 5, 6))
+        assert tok_s > 0 and ms > 0 and mib > 0 and gflops > 0, rows["dpo", side]
+    assert _num(rows["dpo", "nanotune"][3]) > 0, rows  # the ratio to TRL
+    assert "| dpo | ≥ 2.0× peer tokens/s |" in text
+    assert "| dpo | peak memory ≤ 60% of peer |" in text
+    assert "trl " in text and "`DPOTrainer`" in text
+
+
+def test_dpo_step_counts_responses_and_the_reference_forward():
+    """Useful tokens are both responses' tokens; FLOPs are a LoRA step over both sequences of
+    every pair plus one more forward (the adapters-off reference), the head at responses only."""
+    case = cases.CASES["dpo"]
+    cfg = cases.model_config(case, True)
+    item = [([5] * 7, [6] * 3, [7] * 4), ([8] * 2, [9] * 5, [4] * 1)]
+    useful, flops = cases.step_stats(case, True, item)
+    assert useful == 3 + 4 + 5 + 1
+    lengths = [10, 11, 7, 3]
+    assert flops == cases.train_flops(case, cfg, lengths, useful) + cases.forward_flops(
+        cfg, lengths, useful
+    )
+    pairs = cases.items(case, True)[0]
+    assert len(pairs) == cases.batch_size(case, True)
+    eos = cfg.eos_token_id
+    assert all(c[-1] == eos and r[-1] == eos and eos not in p for p, c, r in pairs)
+
+
 def test_unknown_case_is_one_clear_error():
     with pytest.raises(NanotuneError, match="unknown case 'nope'.*lora-sft"):
         select("lora-sft,nope")

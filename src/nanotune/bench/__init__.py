@@ -124,14 +124,23 @@ def run(
     log(f"matmul peak (fp32 GEMM): {peak / 1e9:.1f} GFLOP/s")
     results: dict[str, dict[str, SideResult]] = {}
     with tempfile.TemporaryDirectory(prefix="nanotune-bench-") as tmp:
-        source = None
+        source = folder = None
         if any(CASES[c].model == "smollm2" for c in cases):
             source = _tiny_llama(Path(tmp) / "tiny-llama") if quick else smollm2_gguf()
+        if any(CASES[c].kind == "dpo" for c in cases):
+            # transformers' Trainer (under TRL's DPOTrainer) refuses to train a model loaded
+            # from GGUF, dequantized or not; so dpo gives both sides the GGUF dequantized once
+            # into an fp32 HF folder: the same weights, from the same files.
+            from nanotune.bench.serving import hf_folder
+
+            folder = hf_folder(source, Path(tmp) / "smollm2-hf")
         jobs = [(case, side) for case in cases for side in SIDES]
 
         def one(job: tuple[str, str]) -> SideResult:
             case, side = job
             src = source if CASES[case].model == "smollm2" else None
+            if CASES[case].kind == "dpo":
+                src = folder
             return run_side(case, side, quick, device, src, timeout)
 
         # Full runs time one process at a time; --quick (a smoke test) runs two at once.

@@ -28,7 +28,7 @@ class Case:
     """One workload. `kind` picks the data and the code on each side."""
 
     name: str
-    kind: str  # sft | lm | classify | generate | serve
+    kind: str  # sft | lm | classify | generate | serve | dpo
     model: str  # gpt2 | smollm2
     method: str  # lora | full | last_n | qlora | none
     description: str
@@ -36,6 +36,7 @@ class Case:
     targets: tuple[str, ...] = ()
     batch: int = 8
     target_ratio: float | None = None  # useful tokens/s wanted, as a multiple of the peer's
+    memory_ratio: float = 1.0  # peak memory allowed, as a fraction of the peer's
     # nanotune packs the step's examples into rows of `PACK_LENGTH` tokens (its `data.pack`);
     # the peer pads the same examples as usual. Same examples, same useful tokens per step.
     pack: bool = False
@@ -132,6 +133,19 @@ CASES: dict[str, Case] = {
             pack=True,
         ),
         Case(
+            "dpo",
+            "dpo",
+            "smollm2",
+            "lora",
+            "SmolLM2-135M (real weights), LoRA r16 on all linear layers, DPO (sigmoid, beta 0.1) "
+            "with the adapters-off base as reference, on pairs of a 20-60-token prompt and two "
+            "responses of 10-20 tokens; batch = preference pairs (peer: TRL `DPOTrainer`)",
+            r=16,
+            targets=("all-linear",),
+            target_ratio=2.0,
+            memory_ratio=0.6,
+        ),
+        Case(
             "serve",
             "serve",
             "smollm2",
@@ -205,6 +219,7 @@ def items(case: Case, quick: bool) -> list[Any]:
     """One item per step (warm-up first): the raw rows of a batch, or generation prompts.
 
     sft: list of (prompt ids, answer ids), the answer ending in EOS.
+    dpo: list of (prompt ids, chosen ids, rejected ids), both responses ending in EOS.
     lm: list of token-id rows of equal length.
     classify: list of (ids, class).
     generate: list of prompts of equal length.
@@ -223,6 +238,18 @@ def items(case: Case, quick: bool) -> list[Any]:
         return [
             [
                 (ids(rng.randint(*s.prompt)), ids(rng.randint(*s.answer) - 1) + [eos])
+                for _ in range(B)
+            ]
+            for _ in range(steps)
+        ]
+    if case.kind == "dpo":
+        return [
+            [
+                (
+                    ids(rng.randint(*s.prompt)),
+                    ids(rng.randint(*s.answer) - 1) + [eos],
+                    ids(rng.randint(*s.answer) - 1) + [eos],
+                )
                 for _ in range(B)
             ]
             for _ in range(steps)
@@ -259,6 +286,14 @@ def lora_params(case: Case, cfg: ModelConfig) -> int:
     return cfg.n_layer * sum(case.r * (i + o) for t in case.targets for i, o in per[t])
 
 
+def forward_flops(cfg: ModelConfig, lengths: list[int], head_tokens: int) -> float:
+    """FLOPs of one forward over rows of `lengths` real tokens, the LM head at `head_tokens`
+    positions only (see `train_flops`)."""
+    N = cfg.n_layer * block_matmul_params(cfg)
+    attn = 2 * cfg.n_layer * cfg.n_head * cfg.hd * sum(n * n for n in lengths)
+    return 2 * N * sum(lengths) + attn + 2 * cfg.vocab_size * cfg.n_embd * head_tokens
+
+
 def train_flops(case: Case, cfg: ModelConfig, lengths: list[int], head_tokens: int) -> float:
     """FLOPs of one training step, counting only useful work.
 
@@ -274,7 +309,7 @@ def train_flops(case: Case, cfg: ModelConfig, lengths: list[int], head_tokens: i
     T = sum(lengths)
     attn = 2 * L * cfg.n_head * cfg.hd * sum(n * n for n in lengths)
     head = 2 * cfg.vocab_size * cfg.n_embd * head_tokens
-    forward = 2 * N * T + attn + head
+    forward = forward_flops(cfg, lengths, head_tokens)
     if case.method == "last_n":  # gradients flow through the last block only
         return forward + (2 * N * T + 2 * attn) / L + 2 * N * T / L
     input_grads = 2 * N * T + 2 * attn + head
@@ -300,6 +335,12 @@ def step_stats(case: Case, quick: bool, item: Any) -> tuple[int, float]:
         lengths = [len(p) + len(a) for p, a in item]
         useful = sum(len(a) for _, a in item)  # supervised tokens
         return useful, train_flops(case, cfg, lengths, useful)
+    if case.kind == "dpo":
+        # Both sequences of every pair; useful = response tokens, the ones whose log-probs the
+        # loss sums (chosen and rejected). The reference (adapters off) is one more forward.
+        lengths = [len(p) + len(y) for p, c, r in item for y in (c, r)]
+        useful = sum(len(c) + len(r) for _, c, r in item)
+        return useful, train_flops(case, cfg, lengths, useful) + forward_flops(cfg, lengths, useful)
     if case.kind == "lm":
         lengths = [len(r) for r in item]
         return sum(lengths), train_flops(case, cfg, lengths, sum(n - 1 for n in lengths))

@@ -2,8 +2,9 @@
 
 Model `nanotune.models.Transformer` (SmolLM2 through `nanotune.weights.load_model`), methods
 `nanotune.methods.apply_method`, batches `nanotune.data`'s collate functions (what
-`epoch_batches` returns), losses `nanotune.training.losses`, the trainer's optimizer
-(`build_optimizer`) and its gradient clipping, generation `nanotune.generate.generate_ids`.
+`epoch_batches` returns), losses `nanotune.training.losses` and `.preference` (DPO against the
+adapters-off base, as `finetune` wires it for LoRA), the trainer's optimizer (`build_optimizer`)
+and its gradient clipping, generation `nanotune.generate.generate_ids`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 import torch
 
 from nanotune.bench.cases import Case, model_config, sizes
-from nanotune.bench.workload import LR, Workload
+from nanotune.bench.workload import BETA, LR, Workload
 
 MAX_GRAD_NORM = 1.0  # the trainer's default, and transformers Trainer's
 
@@ -23,6 +24,7 @@ def import_libraries(case: Case) -> None:
     import nanotune.data.batching  # noqa: F401
     import nanotune.generate  # noqa: F401
     import nanotune.methods  # noqa: F401
+    import nanotune.training.preference  # noqa: F401
     import nanotune.training.trainer  # noqa: F401
 
     if case.method == "qlora":
@@ -89,7 +91,20 @@ def build(case: Case, quick: bool, device: str, items: list[Any], source: str | 
         gen = GenerationConfig(max_new_tokens=sizes(quick).gen_new, stop_token_ids=())
         return Workload(lambda prompts: generate_ids(model, prompts, gen), items)
 
-    if case.kind == "classify":
+    if case.kind == "dpo":
+        from nanotune.data.batching import collate_preference
+        from nanotune.data.example import PreferenceExample
+        from nanotune.methods import adapters_disabled
+        from nanotune.training.preference import PreferenceObjective
+
+        # What finetune builds for LoRA DPO (jobs.reference.reference_context): the reference
+        # policy is the model with its adapters switched off, so no second copy of the weights.
+        objective = PreferenceObjective("dpo", beta=BETA, reference=adapters_disabled)
+        batches = [
+            collate_preference([PreferenceExample(p, c, r) for p, c, r in item], pad)
+            for item in items
+        ]
+    elif case.kind == "classify":
         model = SequenceClassifier(model, 2)
         objective = ClassificationObjective()
         batches = [collate_class([ClassExample(ids, y) for ids, y in item], pad) for item in items]

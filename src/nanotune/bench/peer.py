@@ -1,8 +1,9 @@
-"""The peer: transformers + peft, set up as a competent user would.
+"""The peer: transformers + peft (and TRL's `DPOTrainer` for DPO), set up as a competent user
+would.
 
 Dynamic padding to the longest row, labels -100 on prompt and padding, the default attention
 (sdpa), `model.train()`, torch AdamW over the trainable parameters: what `Trainer` does per step,
-without its bookkeeping.
+without its bookkeeping. DPO runs TRL's own trainer, collator and optimizer (`_dpo`).
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from typing import Any
 
 import torch
 
-from nanotune.bench.cases import Case, model_config, sizes
-from nanotune.bench.workload import LR, NotApplicable, Workload
+from nanotune.bench.cases import Case, batch_size, model_config, sizes
+from nanotune.bench.workload import BETA, LR, NotApplicable, Workload
 from nanotune.weights.convert import config_to_hf
 
 IGNORE = -100
@@ -24,6 +25,10 @@ def import_libraries(case: Case) -> None:
     """Import the stack before the memory baseline, so libraries are not counted as the case's."""
     import peft  # noqa: F401
     import transformers  # noqa: F401
+
+    if case.kind == "dpo":
+        import datasets  # noqa: F401
+        import trl  # noqa: F401
 
     if case.method == "qlora":
         import torchao  # noqa: F401
@@ -82,11 +87,11 @@ def _qlora_model(case: Case, quick: bool, device: str):
     return model
 
 
-def _lora(model, case: Case):
-    from peft import LoraConfig, get_peft_model
+def _lora_config(case: Case):
+    from peft import LoraConfig
 
     targets = "all-linear" if case.targets == ("all-linear",) else list(case.targets)
-    config = LoraConfig(
+    return LoraConfig(
         r=case.r,
         lora_alpha=2 * case.r,
         lora_dropout=0.0,
@@ -94,7 +99,12 @@ def _lora(model, case: Case):
         fan_in_fan_out=case.model == "gpt2",
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config)
+
+
+def _lora(model, case: Case):
+    from peft import get_peft_model
+
+    return get_peft_model(model, _lora_config(case))
 
 
 def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
@@ -112,9 +122,87 @@ def _sft_batch(item, pad: int) -> dict[str, torch.Tensor]:
     }
 
 
+def _tokenizer(source: str):
+    from transformers import AutoTokenizer
+
+    path = Path(source)
+    if path.suffix == ".gguf":
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def _dpo(case: Case, quick: bool, device: str, items: list[Any], source: str | None) -> Workload:
+    """TRL's `DPOTrainer` as its documentation sets up LoRA DPO: a `peft_config`, so the
+    reference is the model with adapters disabled (no second model), reference log-probs on the
+    fly (`precompute_ref_log_probs=False`, as on our side). float32 (TRL defaults to bf16), no
+    gradient checkpointing (TRL defaults to it; nanotune recomputes nothing either), no eval,
+    logging or saving. A step is the trainer's own `training_step` (its collator's batch, its
+    `compute_loss`: the concatenated chosen+rejected forward with its fused LM head, the
+    adapters-off reference forward, the sigmoid loss and its metrics, backward), then what its
+    loop does next: clip to norm 1, the optimizer it creates (fused AdamW), zero the gradients.
+    """
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    model = _lm_model(case, quick, source)
+    tokenizer = _tokenizer(source)
+    # Trainer makes its output_dir at start-up; nothing is written there afterwards.
+    with tempfile.TemporaryDirectory(prefix="nanotune-bench-trl-") as tmp:
+        args = DPOConfig(
+            output_dir=tmp,
+            per_device_train_batch_size=batch_size(case, quick),
+            learning_rate=LR,
+            weight_decay=0.0,
+            max_grad_norm=1.0,
+            beta=BETA,
+            loss_type=["sigmoid"],
+            max_length=None,  # no truncation, as on our side (the rows are far shorter anyway)
+            precompute_ref_log_probs=False,
+            bf16=False,
+            gradient_checkpointing=False,
+            use_cpu=device == "cpu",
+            eval_strategy="no",
+            logging_strategy="no",
+            save_strategy="no",
+            report_to="none",
+            disable_tqdm=True,
+            seed=0,
+        )
+        # DPOTrainer wants a text dataset to tokenize at start-up; the timed batches are the pairs'
+        # token ids through the trainer's own collator, exactly what its dataloader yields from a
+        # tokenized dataset (prompt_ids / chosen_ids / rejected_ids), in our order.
+        placeholder = Dataset.from_list([{"prompt": "a", "chosen": " b", "rejected": " c"}])
+        trainer = DPOTrainer(
+            model,
+            args=args,
+            train_dataset=placeholder,
+            processing_class=tokenizer,
+            peft_config=_lora_config(case),
+        )
+    batches = [
+        trainer.data_collator(
+            [{"prompt_ids": p, "chosen_ids": c, "rejected_ids": r} for p, c, r in item]
+        )
+        for item in items
+    ]
+    batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
+    trainer.current_gradient_accumulation_steps = 1  # set by `train()`'s loop
+    opt = trainer.create_optimizer()
+
+    def step(batch: dict[str, torch.Tensor]) -> None:
+        trainer.training_step(trainer.model, batch)
+        trainer.accelerator.clip_grad_norm_(trainer.model.parameters(), args.max_grad_norm)
+        opt.step()
+        trainer.model.zero_grad(set_to_none=True)
+
+    return Workload(step, batches)
+
+
 def build(case: Case, quick: bool, device: str, items: list[Any], source: str | None) -> Workload:
     cfg = model_config(case, quick)
     pad = cfg.eos_token_id if cfg.eos_token_id is not None else 0
+    if case.kind == "dpo":
+        return _dpo(case, quick, device, items, source)
     if case.kind == "generate":
         model = _lm_model(case, quick, source).to(device).eval()
         new = sizes(quick).gen_new

@@ -8,6 +8,7 @@ from typing import Any
 
 MARK = "RESULT "  # prefix of the one stdout line a worker reports on
 LR = 1e-4  # AdamW learning rate, the same on both sides (other settings: torch defaults)
+BETA = 0.1  # DPO's beta on both sides (TRL's default and nanotune's)
 
 
 class NotApplicable(Exception):
