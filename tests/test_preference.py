@@ -34,14 +34,7 @@ from nanotune.training.preference import (
     simpo_loss,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny matmuls gain nothing from threads, and on a shared 2-core machine they oversubscribe.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_pairs(n: int, vocab: int, seed: int = 0, low: int = 1) -> list[PreferenceExample]:

@@ -28,12 +28,7 @@ from nanotune.training.preference import PreferenceObjective
 WORDS = "red green blue cyan black white gold pink gray brown".split()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def pairs_file(path: Path, n: int = 24) -> str:

@@ -28,13 +28,7 @@ from nanotune.training.checkpoint import step_dirs
 V = 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny matmuls gain nothing from threads, and on a shared 2-core machine they oversubscribe.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(seed: int = 0, dropout: float = 0.0) -> Transformer:
