@@ -116,6 +116,8 @@ class Sequence:
             self.generator.seed()
         else:
             self.generator.manual_seed(s.seed)
+        # echo with logprobs: every prompt position is scored, so the prompt is computed whole.
+        self.scores_prompt = s.echo and s.logprobs is not None
         self.seen: Tensor | None = None  # repetition penalty: tokens of prompt and output
         self.counts: Tensor | None = None  # presence/frequency penalties: output token counts
 
@@ -441,9 +443,7 @@ class Engine:
         seq.slot = len(self._active)
         self._active.append(seq)
         self._cache.reserve(len(seq.prompt) + 1)
-        s = seq.sampling
-        scored = s.echo and s.logprobs is not None  # every prompt position's logits needed
-        p, kv = (0, None) if scored else self._prefixes.match(seq.adapter, seq.prompt)
+        p, kv = (0, None) if seq.scores_prompt else self._prefixes.match(seq.adapter, seq.prompt)
         if kv is not None:
             for cached, kept in zip(
                 (*kv[0], *kv[1]), (*self._cache.k, *self._cache.v), strict=True
@@ -461,7 +461,7 @@ class Engine:
         if self._prefixes.max_bytes:
             self._prefixes.add(seq.adapter, seq.prompt, self._cache, seq.slot)
         s = seq.sampling
-        if s.echo and s.logprobs is not None:
+        if seq.scores_prompt:
             logprobs = self.model.lm_head(h[0, :-1]).float().log_softmax(-1)
             seq.prompt_logprobs = [None] + [
                 _scored(lp, t, s.logprobs) for lp, t in zip(logprobs, seq.prompt[1:], strict=True)

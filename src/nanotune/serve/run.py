@@ -59,8 +59,6 @@ def serve(
             raise NanotuneError(
                 f"--adapter {name}={path}: not an adapter folder (no {CONFIG_FILE})"
             )
-    if dtype not in artifacts.DECODE_DTYPES:
-        raise NanotuneError(f"--dtype {dtype!r}: choose from {', '.join(artifacts.DECODE_DTYPES)}")
     base, tokenizer = artifacts.load(model)
     if isinstance(base, SequenceClassifier):
         raise NanotuneError(
@@ -69,7 +67,7 @@ def serve(
     base_name = served_name or model or DEFAULT_MODEL
     if base_name in names:
         raise NanotuneError(f"--adapter name {base_name!r} is the base model's name; rename it")
-    base = base.to(artifacts.DECODE_DTYPES[dtype])
+    base = artifacts.for_decoding(base, dtype)
     engine = Engine(
         base, tokenizer, max_batch=max_batch, max_queue=max_queue, prefix_cache_mb=prefix_cache_mb
     )
