@@ -146,25 +146,34 @@ def test_long_pairs_drop_or_lose_prompt_tokens_never_response_tokens(tmp_path):
         DataConfig(source="x", format="preference", pack=True)
 
 
-def test_batch_holds_pairs_as_rows_and_targets_only_responses():
+def test_batch_holds_a_row_per_pair_with_the_prompt_once_and_targets_only_responses():
     pairs = [
         PreferenceExample([5, 6, 7], [8, 9, 0], [10]),
         PreferenceExample([1], [2, 3], [4, 4, 4, 4], ref_chosen=-1.5, ref_rejected=-2.0),
     ]
     batch = collate_preference(pairs, pad_id=99)
     ids, targets = batch["input_ids"], batch["targets"]
-    assert ids.shape == targets.shape == (2, 2, 6)
-    assert ids[0, 0].tolist() == [5, 6, 7, 8, 9, 0] and ids[0, 1].tolist() == [5, 6, 7, 10, 99, 99]
+    assert ids.shape == batch["positions"].shape == batch["branch_ids"].shape == (2, 7)
+    assert targets.shape == (2, 2, 7)
+    assert ids[0].tolist() == [5, 6, 7, 8, 9, 0, 10] and ids[1].tolist() == [1, 2, 3, 4, 4, 4, 4]
+    # Both responses continue the prompt: positions restart where it ends; pads are branch 0.
+    assert batch["positions"][0].tolist() == [0, 1, 2, 3, 4, 5, 3]
+    assert batch["branch_ids"][0].tolist() == [0, 0, 0, 1, 1, 1, 2]
+    assert batch["branch_ids"][1].tolist() == [0, 1, 1, 2, 2, 2, 2]
+    assert batch["ends"].tolist() == [[6, 7], [3, 7]] and batch["lengths"].tolist() == [7, 7]
     for b, ex in enumerate(pairs):
         for j, response in enumerate((ex.chosen, ex.rejected)):
             row = targets[b, j]
             assert row[row != IGNORE].tolist() == response
-            # Each target is the token after its position.
-            pos = (row != IGNORE).nonzero().squeeze(1)
-            assert ids[b, j, pos + 1].tolist() == response
+            # Each target is the next token of its own branch: the prompt's last token, then
+            # the branch's own tokens (never the other response's).
+            pos = (row != IGNORE).nonzero().squeeze(1).tolist()
+            p = len(ex.prompt)
+            own = [p - 1] + [t for t in range(p, 7) if batch["branch_ids"][b, t] == j + 1][:-1]
+            assert pos == own
     assert "ref_logps" not in batch  # only when every pair carries them
-    assert batch["n_supervised"] == 3 + 1 + 2 + 4 and batch["n_computed"] == 24
-    assert batch["n_real"] == 6 + 4 + 3 + 5
+    assert batch["n_supervised"] == 3 + 1 + 2 + 4 and batch["n_computed"] == 14
+    assert batch["n_real"] == 7 + 7
     pairs[0].ref_chosen, pairs[0].ref_rejected = -3.0, -4.0
     ref = collate_preference(pairs, pad_id=99)["ref_logps"]
     assert torch.equal(ref, torch.tensor([[-3.0, -4.0], [-1.5, -2.0]]))

@@ -75,22 +75,27 @@ def test_token_logprobs_fused_backward_equals_log_softmax():
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_response_logps_equal_masked_full_logits_in_one_forward(family):
+def test_response_logps_of_pair_rows_equal_each_sequence_run_alone(family):
+    # One row per pair (prompt once, chosen and rejected as branches) must give what running
+    # prompt + chosen and prompt + rejected as separate sequences gives: values and gradients.
     model = tiny_model(family).double()  # float64: equal up to rounding, not to float32 noise
-    batch = collate_preference(random_pairs(5, 96), pad_id=0)
+    pairs = random_pairs(5, 96)
+    batch = collate_preference(pairs, pad_id=0)
     sums, counts = response_logps(model, batch)
     params = [p for p in model.parameters()]
     weights = torch.tensor([1.0, -0.5], dtype=torch.float64)
     grads = torch.autograd.grad((sums * weights).sum(), params)
-    ids, targets = batch["input_ids"].flatten(0, 1), batch["targets"].flatten(0, 1)
-    logp = torch.log_softmax(model(ids), -1)
-    mask = targets != -100
-    per_token = logp.gather(2, targets.clamp(min=0)[..., None]).squeeze(2) * mask
-    ref = per_token.sum(1).view(5, 2)
+    ref = torch.zeros(5, 2, dtype=torch.float64)
+    for b, ex in enumerate(pairs):
+        for j, response in enumerate((ex.chosen, ex.rejected)):
+            ids = torch.tensor([ex.prompt + response])
+            logp = torch.log_softmax(model(ids)[0], -1)
+            p = len(ex.prompt)
+            ref[b, j] = logp[p - 1 : -1].gather(1, torch.tensor(response)[:, None]).sum()
     ref_grads = torch.autograd.grad((ref * weights).sum(), params)
     assert (sums - ref).abs().max() < 1e-12
     assert max((a - b).abs().max() for a, b in zip(grads, ref_grads, strict=True)) < 1e-12
-    assert counts.tolist() == [[len(e.chosen), len(e.rejected)] for e in random_pairs(5, 96)]
+    assert counts.tolist() == [[len(e.chosen), len(e.rejected)] for e in pairs]
 
 
 def test_dpo_losses_have_their_closed_forms():

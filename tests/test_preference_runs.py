@@ -23,7 +23,7 @@ from nanotune.config import RunConfig
 from nanotune.errors import NanotuneError
 from nanotune.jobs.finetune import train
 from nanotune.jobs.reference import REFERENCE_FILE
-from nanotune.training.preference import PreferenceObjective
+from nanotune.training.preference import PreferenceObjective, layout
 
 WORDS = "red green blue cyan black white gold pink gray brown".split()
 
@@ -332,9 +332,14 @@ def test_reward_model_run_saves_what_transformers_loads_with_the_same_scores(
 
     pairs = [PreferenceExample(c[:3], c[3:], r[3:]) for c, r in zip(chosen, rejected, strict=True)]
     batch = collate_preference(pairs, pad_id=tokenizer.pad_id)
-    ids, lengths = batch["input_ids"].flatten(0, 1), batch["lengths"].flatten()
+    # Our scores come from the pair rows (prompt once); transformers scores each whole sequence.
+    sequences = [s for pair in zip(chosen, rejected, strict=True) for s in pair]
+    lengths = torch.tensor([len(s) for s in sequences])
+    ids = torch.full((len(sequences), int(lengths.max())), tokenizer.pad_id)
+    for i, s in enumerate(sequences):
+        ids[i, : len(s)] = torch.tensor(s)
     with torch.no_grad():
-        our_scores = ours(ids, lengths)[:, 0]
+        our_scores = ours(batch["input_ids"], batch["ends"], **layout(batch)).flatten()
         mask = torch.arange(ids.shape[1])[None] < lengths[:, None]
         hf_scores = hf(input_ids=ids, attention_mask=mask.long()).logits[:, 0]
     assert (our_scores - hf_scores).abs().max() <= 1e-4

@@ -185,8 +185,10 @@ def render(
         "reference is the model with adapters disabled; `precompute_ref_log_probs=False`, fp32, "
         "no gradient checkpointing, no eval/logging/saving); a step is its `training_step` on a "
         "batch from its own collator, then clipping, the optimizer it creates and zeroed "
-        "gradients. nanotune: `collate_preference` and `PreferenceObjective('dpo')` with the "
-        "reference under `adapters_disabled`. Same pairs, same LoRA, beta 0.1 on both.",
+        "gradients. nanotune: `collate_preference` (a row per pair: the prompt once, both "
+        "responses attending to it) and `PreferenceObjective('dpo')` with the reference under "
+        "`adapters_disabled`. Same pairs, same LoRA, beta 0.1 on both; FLOPs count both whole "
+        "sequences of every pair, as the peer computes them.",
         "- Useful tokens: supervised (answer) tokens for SFT cases, response tokens of chosen "
         "and rejected for dpo, non-pad tokens for full-lm "
         "and classify, generated tokens for generation. tokens/s is the median over timed steps "

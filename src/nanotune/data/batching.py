@@ -8,7 +8,7 @@ plus python ints under keys starting with ``n_``:
   n_real        real (non-pad) tokens
   n_supervised  positions with a target (LM, preference) or rows with a class label
                 (classification)
-  n_computed    tokens the model computes (B * T; preference: 2 * B * T)
+  n_computed    tokens the model computes (B * T)
 
 so n_real / n_computed is the padding efficiency and n_supervised / n_computed the share of
 compute that is trained on (`efficiency` sums them over batches). Move only the tensors to a device.
@@ -108,37 +108,56 @@ def collate_class(examples: Sequence[ClassExample], pad_id: int) -> dict[str, An
 
 
 def collate_preference(examples: Sequence[PreferenceExample], pad_id: int) -> dict[str, Any]:
-    """One preference batch: pair b's chosen sequence (prompt + chosen) at `[b, 0]` and its
-    rejected one at `[b, 1]`, so slicing rows keeps pairs whole and `input_ids.flatten(0, 1)`
-    runs both responses of every pair as one batch of 2B rows.
+    """One preference batch, a row per pair: prompt, then chosen, then rejected, the prompt
+    computed once for both (`branch_ids`: the rejected tokens do not see the chosen ones, and
+    both responses' positions start where the prompt ends). Slicing rows keeps pairs whole.
 
-    input_ids, targets [B, 2, T]: right-padded; targets shifted as in LM batches, -100 except
-        on the response tokens (the prompt, and pads, predict nothing).
-    lengths [B, 2]: real tokens of each sequence (a reward model scores the last one).
+    input_ids, positions, branch_ids [B, T]: right-padded (pads are branch 0, after every real
+        token, so no real token attends to them).
+    targets [B, 2, T]: what position t predicts for the chosen ([:, 0]) and the rejected
+        ([:, 1]) response, -100 elsewhere: the prompt's last token predicts the first token of
+        both, so the two rows share that position; prompt and pads predict nothing.
+    lengths [B]: real tokens of each row; ends [B, 2]: where the chosen and the rejected
+        sequence end in it (last index + 1; a reward model scores the token before).
     ref_logps [B, 2]: the reference log-probabilities, when every example carries them.
     """
-    T = max(e.length for e in examples)
+    T = max(len(e.prompt) + len(e.chosen) + len(e.rejected) for e in examples)
     B = len(examples)
-    input_ids = torch.full((B, 2, T), pad_id, dtype=torch.long)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    positions = torch.zeros((B, T), dtype=torch.long)
+    branch_ids = torch.zeros((B, T), dtype=torch.long)
     targets = torch.full((B, 2, T), IGNORE, dtype=torch.long)
-    lengths = torch.zeros((B, 2), dtype=torch.long)
-    n_real = n_supervised = 0
+    lengths = torch.zeros(B, dtype=torch.long)
+    ends = torch.zeros((B, 2), dtype=torch.long)
+    n_supervised = 0
     for b, ex in enumerate(examples):
-        p = len(ex.prompt)
-        for j, response in enumerate((ex.chosen, ex.rejected)):
-            n = p + len(response)
-            input_ids[b, j, :n] = torch.tensor(ex.prompt + response)
-            # Position t predicts token t+1: the last prompt token predicts the first response one.
-            targets[b, j, p - 1 : n - 1] = torch.tensor(response)
-            lengths[b, j] = n
-            n_real += n
-            n_supervised += len(response)
-    batch: dict[str, Any] = {"input_ids": input_ids, "targets": targets, "lengths": lengths}
+        p, c, r = len(ex.prompt), len(ex.chosen), len(ex.rejected)
+        n = p + c + r
+        input_ids[b, :n] = torch.tensor(ex.prompt + ex.chosen + ex.rejected)
+        positions[b, :n] = torch.cat((torch.arange(p + c), torch.arange(p, p + r)))
+        branch_ids[b, p : p + c], branch_ids[b, p + c : n] = 1, 2
+        # Position t predicts token t+1 of its branch: chosen from p - 1 .. p + c - 2; rejected
+        # from p - 1, then from its own tokens p + c .. n - 2.
+        targets[b, 0, p - 1 : p + c - 1] = torch.tensor(ex.chosen)
+        targets[b, 1, p - 1] = ex.rejected[0]
+        targets[b, 1, p + c : n - 1] = torch.tensor(ex.rejected[1:])
+        lengths[b] = n
+        ends[b] = torch.tensor([p + c, n])
+        n_supervised += c + r
+    batch: dict[str, Any] = {
+        "input_ids": input_ids,
+        "positions": positions,
+        "branch_ids": branch_ids,
+        "targets": targets,
+        "lengths": lengths,
+        "ends": ends,
+    }
     if all(e.ref_chosen is not None and e.ref_rejected is not None for e in examples):
         batch["ref_logps"] = torch.tensor(
             [[e.ref_chosen, e.ref_rejected] for e in examples], dtype=torch.float32
         )
-    batch.update(n_examples=B, n_real=n_real, n_supervised=n_supervised, n_computed=2 * B * T)
+    n_real = int(lengths.sum())
+    batch.update(n_examples=B, n_real=n_real, n_supervised=n_supervised, n_computed=B * T)
     return batch
 
 

@@ -61,11 +61,11 @@ def perplexity(model: nn.Module, batches: Iterable[dict[str, Tensor]]) -> dict[s
 
 def preference_eval(model: nn.Module, batches: Iterable[dict[str, Tensor]]) -> dict[str, float]:
     """How often the model ranks each pair's chosen response above its rejected one, over
-    preference batches ([B, 2, T], chosen at [:, 0]), and the mean margin.
+    preference batches (a row per pair: `data.batching.collate_preference`), and the mean margin.
 
     A policy (`model.hidden`, `model.lm_head`) ranks by the summed log-probability of the
     response, and also gets the loss and perplexity of the chosen responses; a reward model
-    (`model(input_ids, lengths) -> [N, 1]`) ranks by its score.
+    (`model(input_ids, ends, **layout) -> [B, 2, 1]`) ranks by its score.
     """
     policy = hasattr(model, "hidden")
     correct = pairs = tokens = 0
@@ -73,21 +73,23 @@ def preference_eval(model: nn.Module, batches: Iterable[dict[str, Tensor]]) -> d
     with _eval_mode(model) as device:
         for batch in batches:
             ids = batch["input_ids"].to(device)
-            B, two, T = ids.shape
+            layout = {k: batch[k].to(device) for k in ("positions", "branch_ids")}
+            B = ids.shape[0]
             if policy:
-                targets = batch["targets"].to(device).reshape(B * two, T)
-                mask = targets != -100
-                h = model.hidden(ids.reshape(B * two, T))
-                logp = torch.log_softmax(model.lm_head(h[mask]).float(), -1)
-                per_token = logp.gather(1, targets[mask][:, None]).squeeze(1)
-                rows = mask.nonzero()[:, 0]
-                value = torch.zeros(B * two, device=device).index_add(0, rows, per_token)
-                value = value.view(B, two)
+                targets = batch["targets"].to(device)  # [B, 2, T]
+                keep = targets != -100
+                row, response, position = keep.nonzero(as_tuple=True)
+                h = model.hidden(ids, **layout)
+                logp = torch.log_softmax(model.lm_head(h[row, position]).float(), -1)
+                per_token = logp.gather(1, targets[keep][:, None]).squeeze(1)
+                value = torch.zeros(B * 2, device=device).index_add(
+                    0, row * 2 + response, per_token
+                )
+                value = value.view(B, 2)
                 nll -= float(value[:, 0].sum())
-                tokens += int(mask.view(B, two, T)[:, 0].sum())
+                tokens += int(keep[:, 0].sum())
             else:
-                lengths = batch["lengths"].to(device).reshape(B * two)
-                value = model(ids.reshape(B * two, T), lengths).float().view(B, two)
+                value = model(ids, batch["ends"].to(device), **layout).float().squeeze(-1)
             correct += int((value[:, 0] > value[:, 1]).sum())
             margin += float((value[:, 0] - value[:, 1]).sum())
             pairs += B

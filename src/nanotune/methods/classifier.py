@@ -53,8 +53,14 @@ class SequenceClassifier(nn.Module):
     def num_labels(self) -> int:
         return self.score.out_features
 
-    def forward(self, input_ids: Tensor, lengths: Tensor) -> Tensor:
-        """Logits [B, num_labels]; lengths [B] counts the real tokens of each row (>= 1)."""
-        h = self.body.hidden(input_ids)
-        pooled = h[torch.arange(h.shape[0], device=h.device), lengths.to(h.device) - 1]
-        return self.score(pooled.to(self.score.weight.dtype))
+    def forward(self, input_ids: Tensor, lengths: Tensor, **layout: Tensor) -> Tensor:
+        """Logits [B, num_labels] at the last real token of each row (lengths [B], >= 1).
+
+        lengths [B, k]: rows holding k sequences (a preference pair's chosen and rejected,
+        laid out by `layout`: `hidden()`'s positions and branch_ids) end at these indices + 1;
+        logits [B, k, num_labels].
+        """
+        h = self.body.hidden(input_ids, **layout)
+        last = lengths.to(h.device) - 1
+        rows = torch.arange(h.shape[0], device=h.device).view(-1, *[1] * (last.dim() - 1))
+        return self.score(h[rows, last].to(self.score.weight.dtype))

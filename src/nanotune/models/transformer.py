@@ -23,9 +23,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dtype == self.weight.dtype == torch.float32:  # one fused kernel, same values
+        if x.dtype == self.weight.dtype and x.dtype.itemsize >= 4:  # fp32, fp64: one kernel
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-        # Normalise in fp32, as Llama does, then cast back.
+        # Half precision: normalise in fp32, as Llama does, then cast back.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
@@ -227,6 +227,7 @@ class Transformer(nn.Module):
         positions: Tensor | None = None,
         attention_mask: Tensor | None = None,
         doc_ids: Tensor | None = None,
+        branch_ids: Tensor | None = None,
         cache: KVCache | None = None,
     ) -> Tensor:
         """Final-normed hidden states [B, T, C].
@@ -235,6 +236,10 @@ class Transformer(nn.Module):
             batches and packed sequences pass their own.
         attention_mask: [B, S] 1 where a key is a real token, 0 for padding (S = cache + T).
         doc_ids: [B, T] packed-document ids; attention never crosses documents.
+        branch_ids: [B, T] continuations sharing a prefix in one row: a token of branch n > 0
+            attends to branch 0 (the shared prefix) and to its own branch only, so a prompt
+            followed by several responses computes the prompt once (positions restart each
+            branch where the prefix ends).
         """
         B, T = input_ids.shape
         offset = cache.length if cache is not None else 0
@@ -251,7 +256,7 @@ class Transformer(nn.Module):
             angles = torch.cat((angles, angles), dim=-1)
             rope = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         x = self.drop(x)
-        mask = self._mask(B, T, offset, attention_mask, doc_ids, input_ids.device)
+        mask = self._mask(B, T, offset, attention_mask, doc_ids, branch_ids, input_ids.device)
         for i, block in enumerate(self.blocks):
             if self.gradient_checkpointing and self.training:
                 x = checkpoint(block, x, rope, mask, cache, i, use_reentrant=False)
@@ -268,20 +273,27 @@ class Transformer(nn.Module):
         offset: int,
         attention_mask: Tensor | None,
         doc_ids: Tensor | None,
+        branch_ids: Tensor | None,
         device: torch.device,
     ) -> Tensor | None:
         """Boolean [B, 1, T, S] mask (True = may attend), or None for plain causal attention."""
-        if attention_mask is None and doc_ids is None and (offset == 0 or T == 1):
+        layout = doc_ids is not None or branch_ids is not None
+        if attention_mask is None and not layout and (offset == 0 or T == 1):
             return None
+        if layout and offset:
+            raise ValueError(
+                "doc_ids and branch_ids (packed rows) cannot be combined with a KV cache"
+            )
         S = offset + T
         q_pos = torch.arange(offset, S, device=device)
         mask = (torch.arange(S, device=device)[None, :] <= q_pos[:, None]).expand(B, 1, T, S)
         if attention_mask is not None:
             mask = mask & attention_mask[:, None, None, :S].bool()
         if doc_ids is not None:
-            if offset:
-                raise ValueError("doc_ids (packing) cannot be combined with a KV cache")
             mask = mask & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])
+        if branch_ids is not None:
+            q, k = branch_ids[:, None, :, None], branch_ids[:, None, None, :]
+            mask = mask & ((k == 0) | (k == q))
         return mask
 
     def forward(self, input_ids: Tensor, **kwargs) -> Tensor:

@@ -179,13 +179,17 @@ def objective_for(task: str) -> Objective:
     return OBJECTIVES[task]()
 
 
+TOKEN_KEYS = ("input_ids", "targets", "positions", "doc_ids", "branch_ids")
+"""Batch tensors whose last dimension is the token one."""
+
+
 @torch.no_grad()
 def trim_padding(batch: Batch) -> Batch:
     """Drop trailing columns that cannot change the loss (rows are right-padded, attention causal).
 
     Slicing a padded global batch into micro-batches leaves columns that are padding in every
     row of the slice; cutting them recovers per-micro-batch dynamic padding. Tokens are the last
-    dimension (preference batches are [B, 2, T]); tensors shaped like `input_ids` are cut.
+    dimension of the TOKEN_KEYS tensors (preference targets are [B, 2, T]).
     """
     ids = batch["input_ids"]
     if "lengths" in batch:
@@ -195,7 +199,4 @@ def trim_padding(batch: Batch) -> Batch:
         end = int(cols[-1]) + 1 if len(cols) else 1
     if end >= ids.shape[-1]:
         return batch
-    return {
-        k: v[..., :end] if isinstance(v, Tensor) and v.shape == ids.shape else v
-        for k, v in batch.items()
-    }
+    return {k: v[..., :end] if k in TOKEN_KEYS else v for k, v in batch.items()}

@@ -2,9 +2,9 @@
 Bradley–Terry reward loss, as pure functions of per-response log-probabilities or rewards, and
 the Objective that computes them over preference batches.
 
-A preference batch (`data.batching.collate_preference`) holds pair b's chosen sequence at
-`[b, 0]` and its rejected one at `[b, 1]`; both go through one forward as 2B rows, and the LM
-head runs only where a response token is predicted. Every loss here is per pair ([B]); the
+A preference batch (`data.batching.collate_preference`) holds pair b in row b: its prompt,
+computed once, then its chosen and its rejected response, which attend to the prompt and to
+themselves only; the LM head runs only where a response token is predicted. Every loss here is per pair ([B]); the
 objective sums them and the trainer divides by the pairs of the whole step (a mean, as TRL's).
 
 The DPO reference policy comes from the batch (`ref_logps`, computed before training for full
@@ -33,21 +33,26 @@ ObjectiveName = Literal["dpo", "simpo", "orpo", "reward"]
 # ---- log-probabilities ---------------------------------------------------------------------
 
 
+def layout(batch: Batch) -> dict[str, Tensor]:
+    """The `hidden()` arguments that lay a preference batch's pairs out (one row per pair)."""
+    return {"positions": batch["positions"], "branch_ids": batch["branch_ids"]}
+
+
 def response_logps(model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
     """Summed log-probability of each response and its token count, both [B, 2] (chosen, rejected).
 
-    One forward of the 2B sequences; hidden states are gathered at the positions that predict a
+    One forward of the B pair rows; hidden states are gathered at the positions that predict a
     response token before the LM head, so prompt and padding never pay for vocabulary logits.
     """
-    ids, targets = batch["input_ids"], batch["targets"]
-    B, two, T = ids.shape
-    flat_targets = targets.reshape(B * two, T)
-    h = model.hidden(ids.reshape(B * two, T))
-    keep = flat_targets != IGNORE
-    logps = token_logprobs(model.lm_head(h[keep]), flat_targets[keep])
-    row = keep.nonzero()[:, 0]  # the sequence of each kept position, in h[keep]'s order
-    sums = torch.zeros(B * two, dtype=logps.dtype, device=logps.device).index_add(0, row, logps)
-    return sums.view(B, two), keep.sum(1).view(B, two)
+    targets = batch["targets"]  # [B, 2, T]
+    B = targets.shape[0]
+    h = model.hidden(batch["input_ids"], **layout(batch))
+    keep = targets != IGNORE
+    row, response, position = keep.nonzero(as_tuple=True)
+    logps = token_logprobs(model.lm_head(h[row, position]), targets[keep])
+    sums = torch.zeros(B * 2, dtype=logps.dtype, device=logps.device)
+    sums = sums.index_add(0, row * 2 + response, logps)
+    return sums.view(B, 2), keep.sum(2)
 
 
 @contextlib.contextmanager
@@ -259,10 +264,8 @@ class PreferenceObjective:
     def pairs(self, model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """(losses, chosen rewards, rejected rewards, response log-probs [B, 2] or None), per pair."""
         if self.objective == "reward":
-            ids = batch["input_ids"]
-            B, two, T = ids.shape
-            scores = model(ids.reshape(B * two, T), batch["lengths"].reshape(B * two))
-            rewards = scores.float().view(B, two)
+            scores = model(batch["input_ids"], batch["ends"], **layout(batch))
+            rewards = scores.float().squeeze(-1)  # [B, 2]
             losses = bradley_terry_loss(rewards[:, 0], rewards[:, 1])
             return losses, rewards[:, 0], rewards[:, 1], None
         logps, tokens = response_logps(model, batch)
@@ -303,7 +306,7 @@ class PreferenceObjective:
         return self.pairs(model, batch)[0].sum()
 
     def count(self, batch: Batch) -> int:
-        return len(batch["input_ids"])
+        return len(batch["input_ids"])  # pairs
 
     def eval_sums(self, model: nn.Module, batch: Batch) -> dict[str, float]:
         return pair_sums(*self.pairs(model, batch))
