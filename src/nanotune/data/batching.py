@@ -1,7 +1,7 @@
 """Batches for one epoch: deterministic for (seed, epoch), right-padded to the longest row, or packed.
 
-`epoch_batches` returns the whole epoch as a list, so a trainer can resume at batch k and split a
-global batch across ranks by slicing. Each batch is a dict of tensors (contract in docs/design.md)
+`epoch_batches` returns the whole epoch as a sequence (collated lazily), so a trainer can resume at
+batch k and split a global batch across ranks by slicing. Each batch is a dict of tensors (contract in docs/design.md)
 plus python ints under keys starting with ``n_``:
 
   n_examples    examples in the batch
@@ -17,8 +17,8 @@ compute that is trained on (`efficiency` sums them over batches). Move only the 
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, overload
 
 import torch
 
@@ -178,8 +178,9 @@ def epoch_batches(
     group_by_length: bool = False,
     shuffle: bool = True,
     drop_last: bool = False,
-) -> list[dict[str, Any]]:
-    """Every batch of one epoch, each example exactly once (unless `drop_last` drops a short tail).
+) -> EpochBatches:
+    """Every batch of one epoch, each example exactly once (unless `drop_last` drops a short tail),
+    collated as it is read (`EpochBatches`).
 
     task: the data's task (`Datasets.task`): LM, classification or preference batches.
     pack: fill rows of up to `max_length` tokens with several examples (`batch_size` rows a batch).
@@ -216,10 +217,31 @@ def epoch_batches(
     if drop_last and len(chunks) > 1:
         chunks = [c for c in chunks if len(c) == batch_size]  # at most one is short
     if task == "classification":
-        return [collate_class(c, pad_id) for c in chunks]
+        return EpochBatches(chunks, lambda c: collate_class(c, pad_id))
     if task == "preference":
-        return [collate_preference(c, pad_id) for c in chunks]
-    return [collate_lm(c if pack else [[e] for e in c], pad_id, pack) for c in chunks]
+        return EpochBatches(chunks, lambda c: collate_preference(c, pad_id))
+    return EpochBatches(chunks, lambda c: collate_lm(c if pack else [[e] for e in c], pad_id, pack))
+
+
+class EpochBatches(Sequence[dict[str, Any]]):
+    """One epoch's batches, each collated when it is read: which examples form batch k is
+    decided up front (so resuming at k and slicing rows across ranks work as on a list), its
+    tensors only when it is used, so an epoch costs no memory beyond its examples."""
+
+    def __init__(self, chunks: list[list[Any]], collate: Callable[[list[Any]], dict[str, Any]]):
+        self._chunks, self._collate = chunks, collate
+
+    def __len__(self) -> int:
+        return len(self._chunks)
+
+    @overload
+    def __getitem__(self, k: int) -> dict[str, Any]: ...
+    @overload
+    def __getitem__(self, k: slice) -> list[dict[str, Any]]: ...
+    def __getitem__(self, k: int | slice) -> dict[str, Any] | list[dict[str, Any]]:
+        if isinstance(k, slice):
+            return [self._collate(c) for c in self._chunks[k]]
+        return self._collate(self._chunks[k])
 
 
 def efficiency(batches: Sequence[dict[str, Any]]) -> dict[str, float]:

@@ -6,6 +6,7 @@ directory (never overwritten by accident, resumed only with a compatible config)
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -411,7 +412,7 @@ def _fit(config: RunConfig, setup: _Setup, run_dir: Path, *, resume: bool, progr
         max_length=config.data.max_length,
     )
 
-    def train_batches(epoch: int) -> list[dict]:
+    def train_batches(epoch: int) -> Sequence[dict]:
         return epoch_batches(
             data.train,
             tc.batch_size * world_size(),  # the global batch; each rank takes its rows
