@@ -25,6 +25,22 @@ def _package_dir(name: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def data_cache_in_tmp(tmp_path_factory):
+    """Every test (and the CLI processes they start) caches tokenized data in a temporary
+    folder, never the user's ~/.cache; tests that build the same data twice read it back."""
+    import os
+
+    where = tmp_path_factory.mktemp("data-cache")
+    old = os.environ.get("NANOTUNE_DATA_CACHE")
+    os.environ["NANOTUNE_DATA_CACHE"] = str(where)
+    yield where
+    if old is None:
+        del os.environ["NANOTUNE_DATA_CACHE"]
+    else:
+        os.environ["NANOTUNE_DATA_CACHE"] = old
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Torch on one thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`):

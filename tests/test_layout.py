@@ -22,7 +22,7 @@ ALLOWED: dict[str, set[str]] = {
     "tokenizer": {"errors", "files"},
     "methods": {"errors", "models"},
     "weights": {"errors", "files", "models", "tokenizer", "methods"},
-    "data": {"errors", "files"},
+    "data": {"errors", "files", "version"},  # version: the data cache keys on it
     # The loop knows nothing of families or formats.
     "training": {"errors", "files"},
     "generate": {"errors", "models"},

@@ -23,6 +23,7 @@ from typing import Any, overload
 import torch
 
 from nanotune.data.example import IGNORE, ClassExample, Example, PreferenceExample, Task
+from nanotune.data.store import ExampleStore
 
 MEGA_CHUNK = 50  # batches per sorted chunk in length grouping: enough to group, still shuffled
 OPEN_BINS = 64  # sequences kept open while packing; bounds the first-fit search
@@ -195,13 +196,18 @@ def epoch_batches(
     order = list(range(len(examples)))
     if shuffle:
         rng.shuffle(order)
-    lengths = [_length(e) for e in examples]
+    if isinstance(examples, ExampleStore):
+        lengths = examples.lengths.tolist()  # without building an Example
+    else:
+        lengths = [_length(e) for e in examples]
+    # Each batch is planned as example indices; its examples are read when it is collated.
     if pack:
         if task != "lm" or max_length is None:
             raise ValueError("packing needs LM examples and max_length")
-        groups = pack_examples(lengths, order, max_length)
-        rows = [[examples[i] for i in g] for g in groups]
-        chunks = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
+        rows = pack_examples(lengths, order, max_length)
+        chunks: list[list[Any]] = [
+            rows[i : i + batch_size] for i in range(0, len(rows), batch_size)
+        ]
     else:
         if group_by_length:
             mega = batch_size * MEGA_CHUNK
@@ -210,17 +216,22 @@ def epoch_batches(
                 for s in range(0, len(order), mega)
                 for i in sorted(order[s : s + mega], key=lambda i: -lengths[i])
             ]
-        idx_batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
         if group_by_length and shuffle:
-            rng.shuffle(idx_batches)
-        chunks = [[examples[i] for i in ix] for ix in idx_batches]
+            rng.shuffle(chunks)
     if drop_last and len(chunks) > 1:
         chunks = [c for c in chunks if len(c) == batch_size]  # at most one is short
+
+    def read(ix: list[int]) -> list[Any]:
+        return [examples[i] for i in ix]
+
     if task == "classification":
-        return EpochBatches(chunks, lambda c: collate_class(c, pad_id))
+        return EpochBatches(chunks, lambda c: collate_class(read(c), pad_id))
     if task == "preference":
-        return EpochBatches(chunks, lambda c: collate_preference(c, pad_id))
-    return EpochBatches(chunks, lambda c: collate_lm(c if pack else [[e] for e in c], pad_id, pack))
+        return EpochBatches(chunks, lambda c: collate_preference(read(c), pad_id))
+    if pack:
+        return EpochBatches(chunks, lambda c: collate_lm([read(row) for row in c], pad_id, True))
+    return EpochBatches(chunks, lambda c: collate_lm([[e] for e in read(c)], pad_id, False))
 
 
 class EpochBatches(Sequence[dict[str, Any]]):
@@ -228,7 +239,7 @@ class EpochBatches(Sequence[dict[str, Any]]):
     decided up front (so resuming at k and slicing rows across ranks work as on a list), its
     tensors only when it is used, so an epoch costs no memory beyond its examples."""
 
-    def __init__(self, chunks: list[list[Any]], collate: Callable[[list[Any]], dict[str, Any]]):
+    def __init__(self, chunks: list[Any], collate: Callable[[Any], dict[str, Any]]) -> None:
         self._chunks, self._collate = chunks, collate
 
     def __len__(self) -> int:

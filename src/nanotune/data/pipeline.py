@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from nanotune.data import cache as data_cache
 from nanotune.data.config import DataConfig
-from nanotune.data.example import BadRow, ClassExample, Example, PreferenceExample, Row, Task
+from nanotune.data.example import BadRow, ClassExample, PreferenceExample, Row, Task
 from nanotune.data.formats import (
     LM_FORMATS,
     TokenizerLike,
@@ -22,6 +25,7 @@ from nanotune.data.formats import (
     use_markers_template,
 )
 from nanotune.data.sources import balance_rows, iter_source, split_rows
+from nanotune.data.store import ExampleStore
 from nanotune.errors import NanotuneError
 
 
@@ -33,20 +37,23 @@ class Datasets:
     `dropped_too_long` (truncation: drop); `problems` keeps the first messages for the report.
     """
 
-    splits: dict[str, list[Example] | list[ClassExample] | list[PreferenceExample]]
+    splits: dict[str, ExampleStore | list[ClassExample] | list[PreferenceExample]]
+    """LM examples in an `ExampleStore` (a sequence of `Example`), the others as lists."""
     task: Task
     stats: dict[str, Counter] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     label_names: list[str] | None = None
     """The class names in label order (classification only)."""
     added_tokens: list[str] = field(default_factory=list)
+    cached: Path | None = None
+    """The data cache entry these examples were read from, None when built now."""
 
     @property
-    def train(self) -> list[Example] | list[ClassExample] | list[PreferenceExample]:
+    def train(self) -> ExampleStore | list[ClassExample] | list[PreferenceExample]:
         return self.splits["train"]
 
     @property
-    def val(self) -> list[Example] | list[ClassExample] | list[PreferenceExample]:
+    def val(self) -> ExampleStore | list[ClassExample] | list[PreferenceExample]:
         return self.splits.get("val", [])
 
     def summary(self) -> str:
@@ -198,16 +205,28 @@ def _examples(
                 docs.append(bos(tokenizer) + tokenizer.encode(text))
             except BadRow as e:
                 _bad(e, cfg, stats, problems)
-        return chunk_text(docs, tokenizer.eos_id, cfg.chunk_tokens)
-    out = []
+        return ExampleStore.build(chunk_text(docs, tokenizer.eos_id, cfg.chunk_tokens))
+    made = _formatted(rows, cfg, tokenizer, label_names, stats, problems)
+    # LM examples are packed into a store as they are made, never all held as lists.
+    return ExampleStore.build(made) if task_of(cfg) == "lm" else list(made)
+
+
+def _formatted(
+    rows: list[Row],
+    cfg: DataConfig,
+    tokenizer: TokenizerLike,
+    label_names: list[str] | None,
+    stats: Counter,
+    problems: list[str],
+) -> Iterator[Any]:
     for row in rows:
         try:
             if task_of(cfg) == "classification":
-                out.append(format_classification(row, tokenizer, cfg, label_names or []))
+                yield format_classification(row, tokenizer, cfg, label_names or [])
             elif task_of(cfg) == "preference":
-                out.append(format_preference(row, tokenizer, cfg))
+                yield format_preference(row, tokenizer, cfg)
             else:
-                out.append(LM_FORMATS[cfg.format](row, tokenizer, cfg))
+                yield LM_FORMATS[cfg.format](row, tokenizer, cfg)
         except TooLong as e:
             if cfg.truncation == "error":
                 raise
@@ -216,12 +235,48 @@ def _examples(
                 problems.append(str(e))
         except BadRow as e:
             _bad(e, cfg, stats, problems)
-    return out
 
 
 def build_datasets(cfg: DataConfig, tokenizer: TokenizerLike) -> Datasets:
     """Read, split and format every split. Adds any chat markers the format needs to `tokenizer`
-    (listed in `added_tokens`: the caller must resize the model's embeddings to match)."""
+    (listed in `added_tokens`: the caller must resize the model's embeddings to match).
+
+    LM data from files and builtins is read back from the data cache (`data/cache.py`) when
+    this data, these options and this tokenizer were built before; `Datasets.cached` says so.
+    """
+    root, key = data_cache.cache_root(), data_cache.cache_key(cfg, tokenizer)
+    if root is not None and key is not None:
+        hit = data_cache.load(root, key)
+        if hit is not None:
+            if hit["added_tokens"]:
+                tokenizer.add_special_tokens(hit["added_tokens"])
+            if hit["chat_template"] is not None:
+                tokenizer.chat_template = hit["chat_template"]
+            return Datasets(
+                hit["splits"],
+                "lm",
+                hit["stats"],
+                hit["problems"],
+                None,
+                hit["added_tokens"],
+                cached=hit["entry"],
+            )
+    data = _build(cfg, tokenizer)
+    if root is not None and key is not None:
+        meta = {
+            "stats": data.stats,
+            "problems": data.problems,
+            "added_tokens": data.added_tokens,
+            "chat_template": getattr(tokenizer, "chat_template", None),
+        }
+        try:
+            data_cache.save(root, key, data.splits, meta)
+        except (OSError, NanotuneError) as e:  # a full or read-only disk costs the next run time
+            print(f"note: the data cache was not written ({e})")
+    return data
+
+
+def _build(cfg: DataConfig, tokenizer: TokenizerLike) -> Datasets:
     stats: dict[str, Counter] = {}
     problems: list[str] = []
     rows = _split(cfg, stats, problems)

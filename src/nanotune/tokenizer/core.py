@@ -6,7 +6,9 @@ stay exact. `pad_id` falls back to `eos_id`; labels are never masked by token id
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -163,6 +165,16 @@ class Tokenizer:
             **tokens,
             **extra,
         )
+
+    def fingerprint(self) -> str:
+        """A digest of everything that decides how text becomes ids: the files `save` writes
+        (vocabulary, merges, special tokens, chat template)."""
+        with tempfile.TemporaryDirectory(prefix="nanotune-tok-") as tmp:
+            self.save(tmp)
+            h = hashlib.sha256()
+            for p in sorted(Path(tmp).iterdir()):
+                h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
+        return h.hexdigest()
 
     # --- files ---------------------------------------------------------------------------------
 

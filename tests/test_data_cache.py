@@ -1,0 +1,125 @@
+"""The compact example store and the tokenized-data cache: what is read back equals what was built,
+and any change to the data, the options or the tokenizer builds anew."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from nanotune.data import DataConfig, build_datasets
+from nanotune.data.batching import epoch_batches
+from nanotune.data.example import Example
+from nanotune.data.store import ExampleStore
+from nanotune.tokenizer import gpt2_tokenizer
+
+
+def _chat_rows(n: int) -> list[dict]:
+    return [
+        {
+            "messages": [
+                {"role": "user", "content": f"What is {i} plus {i}?"},
+                {"role": "assistant", "content": f"It is {2 * i}."},
+            ]
+        }
+        for i in range(n)
+    ]
+
+
+def _write(path, rows) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def _same(a, b) -> bool:
+    return len(a) == len(b) and all(
+        x.ids == y.ids and x.labels == y.labels for x, y in zip(a, b, strict=True)
+    )
+
+
+def test_the_store_reads_back_every_example_and_batches_as_lists_do():
+    g = np.random.default_rng(0)
+    examples = []
+    for n in g.integers(1, 30, size=40):
+        ids = g.integers(0, 50_000, size=n).tolist()
+        cut = int(g.integers(0, n))
+        examples.append(Example(ids, [-100] * cut + ids[cut:]))
+    store = ExampleStore.build(iter(examples))
+    assert len(store) == 40 and store.lengths.tolist() == [len(e.ids) for e in examples]
+    assert _same(store, examples) and _same(store[3:9], examples[3:9])
+    assert store[-1].ids == examples[-1].ids
+    with pytest.raises(IndexError):
+        store[40]
+    assert store.nbytes < 6 * int(store.lengths.sum()) + 8 * 41  # 5 bytes a token, offsets
+    for pack in (False, True):
+        kw = dict(pad_id=0, pack=pack, max_length=64, group_by_length=not pack)
+        ours, ref = epoch_batches(store, 4, 3, 1, **kw), epoch_batches(examples, 4, 3, 1, **kw)
+        assert len(ours) == len(ref)
+        for a, b in zip(ours, ref, strict=True):
+            assert a.keys() == b.keys()
+            assert all((a[k] == b[k]).all() if hasattr(a[k], "shape") else a[k] == b[k] for k in a)
+
+
+def test_the_store_refuses_a_label_that_is_not_its_token():
+    with pytest.raises(ValueError, match="example 1: label 7 on token 3"):
+        ExampleStore.build([Example([1, 2], [1, 2]), Example([3], [7])])
+
+
+def test_a_second_build_reads_the_cache_and_replays_the_tokenizer_changes(tmp_path):
+    cfg = DataConfig(
+        source=_write(tmp_path / "chat.jsonl", _chat_rows(30)),
+        format="chat",
+        chat_style="markers",
+        val_fraction=0.2,
+    )
+    tok = gpt2_tokenizer()
+    first = build_datasets(cfg, tok)
+    assert first.cached is None and first.added_tokens  # the markers were added to the vocab
+    fresh = gpt2_tokenizer()
+    second = build_datasets(cfg, fresh)
+    assert second.cached is not None and second.cached.is_dir()
+    assert second.task == "lm" and second.splits.keys() == first.splits.keys()
+    for name in first.splits:
+        assert _same(second.splits[name], first.splits[name])
+    assert second.stats == first.stats and second.added_tokens == first.added_tokens
+    # The tokenizer leaves as the first build left its own: markers and chat template.
+    assert fresh.special_tokens == tok.special_tokens
+    assert fresh.chat_template == tok.chat_template and fresh.vocab_size == tok.vocab_size
+
+
+@pytest.mark.parametrize("change", ["file", "options", "tokenizer"])
+def test_any_change_to_data_options_or_tokenizer_builds_anew(tmp_path, change):
+    source = tmp_path / "rows.jsonl"
+    rows = [{"prompt": f"Q{i}", "completion": f" A{i}"} for i in range(12)]
+    cfg = DataConfig(source=_write(source, rows), val_fraction=0.0)
+    assert build_datasets(cfg, gpt2_tokenizer()).cached is None
+    assert build_datasets(cfg, gpt2_tokenizer()).cached is not None
+    tok = gpt2_tokenizer()
+    if change == "file":  # same size, same name: only the content tells
+        _write(source, [{"prompt": f"R{i}", "completion": f" B{i}"} for i in range(12)])
+    elif change == "options":
+        cfg = DataConfig(source=str(source), val_fraction=0.0, separator=" =>")
+    else:
+        tok.add_special_tokens(["<|extra|>"])
+    again = build_datasets(cfg, tok)
+    assert again.cached is None
+    if change == "file":
+        assert tok.decode(again.train[0].ids).startswith("R")
+
+
+def test_a_damaged_entry_is_rebuilt_and_the_off_switch_writes_nothing(tmp_path, monkeypatch):
+    cfg = DataConfig(
+        source=_write(tmp_path / "r.jsonl", [{"prompt": "Q", "completion": " A"}] * 5),
+        val_fraction=0.0,
+    )
+    built = build_datasets(cfg, gpt2_tokenizer())
+    entry = build_datasets(cfg, gpt2_tokenizer()).cached
+    (entry / "train.ids.npy").write_bytes(b"not numpy")
+    rebuilt = build_datasets(cfg, gpt2_tokenizer())
+    assert rebuilt.cached is None and _same(rebuilt.train, built.train)
+    assert build_datasets(cfg, gpt2_tokenizer()).cached == entry  # written anew
+    monkeypatch.setenv("NANOTUNE_DATA_CACHE", "off")
+    other = DataConfig(source=cfg.source, val_fraction=0.0, separator=" ->")
+    assert build_datasets(other, gpt2_tokenizer()).cached is None
+    assert build_datasets(other, gpt2_tokenizer()).cached is None
