@@ -53,6 +53,12 @@ def test_quick_bench_reports_every_case_on_both_sides(report):
             if side == "nanotune":
                 assert "×429" in cells[8] and _num(cells[3]) > 0, cells  # the overflow refused
             continue
+        if case == "data-100k":  # rows to the first step: rows/s, seconds, RSS growth
+            assert _num(cells[2]) > 0 and _num(cells[4]) > 0 and _num(cells[5]) > 0, cells
+            assert "rows to the first step in" in cells[8], cells
+            if side == "nanotune":
+                assert "read the data cache in" in cells[8] and _num(cells[3]) > 0, cells
+            continue
         tok_s, ms, mib, gflops, frac = (_num(cells[i]) for i in (2, 4, 5, 6, 7))
         assert tok_s > 0 and ms > 0 and mib > 0 and gflops > 0 and frac > 0, cells
         if side == "nanotune" and case != "qlora":
@@ -134,7 +140,7 @@ def test_training_flops_follow_the_6nt_rule():
 
 def test_both_sides_see_the_same_data():
     for case in cases.CASES.values():
-        if case.kind == "serve":  # its requests are built by bench.serving, the same for both
+        if case.kind in ("serve", "data"):  # bench.serving / bench.datapipe build their own
             continue
         a, b = cases.items(case, True), cases.items(case, True)
         assert a == b and len(a) == cases.QUICK.warmup + cases.QUICK.timed

