@@ -219,7 +219,10 @@ def _formatted(
     stats: Counter,
     problems: list[str],
 ) -> Iterator[Any]:
-    for row in rows:
+    """The example of each row, in order; each row is dropped from `rows` once formatted, so
+    rows and examples are never all held at once."""
+    for i in range(len(rows)):
+        row, rows[i] = rows[i], None
         try:
             if task_of(cfg) == "classification":
                 yield format_classification(row, tokenizer, cfg, label_names or [])
@@ -292,8 +295,11 @@ def _build(cfg: DataConfig, tokenizer: TokenizerLike) -> Datasets:
     if added:
         tokenizer.add_special_tokens(added)
     use_markers_template(cfg, tokenizer, every_row)
+    del every_row
     splits = {}
-    for name, split_rows_ in rows.items():
+    for name in list(rows):
+        # Each split's rows are let go as its examples are made (`_formatted`).
+        split_rows_ = rows.pop(name)
         splits[name] = _examples(split_rows_, cfg, tokenizer, label_names, stats[name], problems)
         stats[name]["examples"] = len(splits[name])
         if not splits[name]:

@@ -32,31 +32,40 @@ class ExampleStore(Sequence[Example]):
     def build(cls, examples: Iterable[Example]) -> ExampleStore:
         """Pack examples as they come (the caller need not hold them all): lists gathered up to
         CHUNK tokens at a time, then converted to arrays in one call each."""
-        ids_parts, label_parts, lengths = [], [], array("q")
+        ids_parts: list[np.ndarray] = []
+        supervised_parts: list[np.ndarray] = []
+        lengths = array("q")
         ids: list[int] = []
         labels: list[int] = []
+
+        def flush() -> None:
+            flat, y = np.array(ids, dtype=np.int32), np.array(labels, dtype=np.int32)
+            supervised = y != IGNORE
+            wrong = np.flatnonzero(supervised & (y != flat))
+            if len(wrong):
+                t = int(wrong[0])
+                ends = np.cumsum(np.frombuffer(lengths, dtype=np.int64))
+                n = int(np.searchsorted(ends, done + t, side="right"))
+                raise ValueError(
+                    f"example {n}: label {y[t]} on token {flat[t]}; an LM label is its token "
+                    "or -100"
+                )
+            ids_parts.append(flat)
+            supervised_parts.append(supervised)
+
+        done = 0  # tokens already flushed
         for ex in examples:
             ids += ex.ids
             labels += ex.labels
             lengths.append(len(ex.ids))
             if len(ids) >= CHUNK:
-                ids_parts.append(np.array(ids, dtype=np.int32))
-                label_parts.append(np.array(labels, dtype=np.int32))
+                flush()
+                done += len(ids)
                 ids, labels = [], []
-        ids_parts.append(np.array(ids, dtype=np.int32))
-        label_parts.append(np.array(labels, dtype=np.int32))
-        flat, y = np.concatenate(ids_parts), np.concatenate(label_parts)
+        flush()
         offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(np.frombuffer(lengths, dtype=np.int64), out=offsets[1:])
-        supervised = y != IGNORE
-        wrong = np.flatnonzero(supervised & (y != flat))
-        if len(wrong):
-            t = int(wrong[0])
-            n = int(np.searchsorted(offsets, t, side="right")) - 1
-            raise ValueError(
-                f"example {n}: label {y[t]} on token {flat[t]}; an LM label is its token or -100"
-            )
-        return cls(flat, supervised, offsets)
+        return cls(np.concatenate(ids_parts), np.concatenate(supervised_parts), offsets)
 
     @property
     def lengths(self) -> np.ndarray:
