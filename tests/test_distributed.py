@@ -83,6 +83,41 @@ def train_scenario(name: str, micro_batch_size: int, out: Path) -> dict[str, tor
     return ckpt.trainable_state(trainer.model)
 
 
+def preference_batches(epoch: int) -> list[dict]:
+    """Three global batches of 8 preference pairs of uneven prompt and response lengths."""
+    from nanotune.data import PreferenceExample
+    from nanotune.data.batching import collate_preference
+
+    g = torch.Generator().manual_seed(100 + epoch)
+
+    def ids(low: int, high: int) -> list[int]:
+        n = int(torch.randint(low, high, (1,), generator=g))
+        return torch.randint(1, V, (n,), generator=g).tolist()
+
+    return [
+        collate_preference(
+            [PreferenceExample(ids(2, 8), ids(1, 6), ids(1, 6)) for _ in range(8)], pad_id=0
+        )
+        for _ in range(STEPS)
+    ]
+
+
+def train_dpo(micro_batch_size: int, out: Path) -> dict[str, torch.Tensor]:
+    """LoRA DPO under DDP, the reference being the model with its adapters off (as finetune)."""
+    from nanotune.methods import adapters_disabled
+    from nanotune.training.preference import PreferenceObjective
+
+    cfg = TrainConfig(
+        lr=1e-3, micro_batch_size=micro_batch_size, grad_accum=2, max_steps=STEPS, device="cpu"
+    )
+    objective = PreferenceObjective("dpo", beta=0.5, reference=adapters_disabled)
+    trainer = Trainer(
+        tiny("lora", 32), cfg, preference_batches, out / "dpo", objective=objective, progress=False
+    )
+    trainer.fit()
+    return ckpt.trainable_state(trainer.model)
+
+
 # --- the worker torchrun starts ----------------------------------------------------------------
 
 
@@ -99,6 +134,9 @@ def _worker(argv: list[str]) -> int:
                 weights = train_scenario(name, 2, out)
                 if dist.is_main():
                     save_file(weights, out / f"{name}.safetensors")
+            weights = train_dpo(2, out)
+            if dist.is_main():
+                save_file(weights, out / "ddp-dpo.safetensors")
             try:
                 Trainer(
                     tiny("qlora", 32),
@@ -201,7 +239,8 @@ def launches(recipe, tmp_path_factory):
 
 
 def test_two_ranks_equal_one_rank_with_twice_the_micro_batch(launches, tmp_path):
-    """DDP and FSDP2, full, LoRA and QLoRA: 2 x micro-batch 2 == 1 x micro-batch 4 after K steps."""
+    """DDP and FSDP2, full, LoRA and QLoRA, and LoRA DPO under DDP: 2 x micro-batch 2 ==
+    1 x micro-batch 4 after K steps."""
     out, proc = launches["parity"]
     code, log = _finish(proc)
     assert code == 0, log[-3000:]
@@ -215,6 +254,13 @@ def test_two_ranks_equal_one_rank_with_twice_the_micro_batch(launches, tmp_path)
             moved = (want[k] - start[k]).abs().max()
             assert moved > 1e-4, f"{name}: {k} barely trained ({moved})"
             torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=0, msg=f"{name} {k}")
+    # LoRA DPO: pairs split over ranks whole, the adapters-off reference on each rank.
+    got, want = load_file(out / "ddp-dpo.safetensors"), train_dpo(4, tmp_path)
+    start = ckpt.trainable_state(tiny("lora", 32))
+    assert set(got) == set(want)
+    for k in want:
+        assert (want[k] - start[k]).abs().max() > 1e-4, f"dpo: {k} barely trained"
+        torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=0, msg=f"dpo {k}")
     # NF4 parts that cannot split over 2 ranks: one clear error on every rank, no hang.
     for r in (0, 1):
         err = (out / f"nf4-error-{r}.txt").read_text()
