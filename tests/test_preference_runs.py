@@ -133,6 +133,11 @@ def test_lora_dpo_through_the_cli_writes_preference_metrics(fixture, tmp_path, r
     assert len(steps) == 4 and all(r["loss"] > 0 for r in steps)
     # Step 1 starts at the reference: every DPO margin is 0, the loss log 2.
     assert steps[0]["loss"] == pytest.approx(0.6931, abs=1e-3)
+    # Each training step logs its pairs' preference metrics (from the loss's own forward).
+    for r in steps:
+        assert 0.0 <= r["reward_accuracy"] <= 1.0 and r["logps_chosen"] < 0
+        assert {"reward_margin", "rewards_chosen", "rewards_rejected", "logps_rejected"} <= set(r)
+    assert steps[0]["reward_margin"] == pytest.approx(0.0, abs=1e-6)
     assert "done: 4 steps" in capsys.readouterr().out
 
 
@@ -192,7 +197,7 @@ import os, sys, time
 from nanotune.cli import main
 from nanotune.training.preference import PreferenceObjective
 
-real = PreferenceObjective.loss_sum
+real = PreferenceObjective.loss_and_sums
 
 
 def slow(self, model, batch):
@@ -200,7 +205,7 @@ def slow(self, model, batch):
     return real(self, model, batch)
 
 
-PreferenceObjective.loss_sum = slow
+PreferenceObjective.loss_and_sums = slow
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -312,6 +317,9 @@ def test_reward_model_run_saves_what_transformers_loads_with_the_same_scores(
     evals = [r for r in records(run) if "eval_loss" in r]
     assert evals and all(0.0 <= r["eval_reward_accuracy"] <= 1.0 for r in evals)
     assert "eval_logps_chosen" not in evals[-1]  # a reward model has no policy log-probs
+    steps = [r for r in records(run) if "lr" in r]
+    assert steps and all(0.0 <= r["reward_accuracy"] <= 1.0 for r in steps)
+    assert all("reward_margin" in r and "logps_chosen" not in r for r in steps)
     # Before/after on the validation pairs: how often the head scores chosen above rejected.
     results = json.loads((run / "eval.json").read_text())
     assert {"preference_accuracy", "preference_margin"} <= set(results["after"])
