@@ -266,13 +266,15 @@ class _Setup:
 
 def _setup(config: RunConfig) -> _Setup:
     from nanotune.data.pipeline import build_datasets
-    from nanotune.jobs.prepare import prepare_model, reward_model
+    from nanotune.jobs.prepare import prepare_model, reward_model, reward_model_folder
     from nanotune.methods import apply_method
     from nanotune.training import seed_everything
     from nanotune.weights import load_model
 
     if config.train.push_to_hub:  # no token or offline: refused now, not after training
         artifacts.check_push(config.train.push_to_hub)
+    if "reward" in config.eval.metrics:  # a reward run not trained yet: said before the loads
+        reward_model_folder(config.eval.reward_model)
     seed_everything(config.train.seed)  # model init (LoRA A, heads) depends on it
     model, tokenizer = load_model(config.model.name, dtype=getattr(torch, config.model.dtype))
     if config.model.special_tokens:
