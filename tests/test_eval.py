@@ -44,6 +44,7 @@ from nanotune.eval.metrics import (
     squad_scores,
     tag_scores,
 )
+from nanotune.eval.report import curves
 from nanotune.eval.reward import compare_rewards
 from nanotune.methods import SequenceClassifier
 from nanotune.models import Transformer
@@ -484,6 +485,39 @@ def test_report_opens_with_the_result_then_curves_samples_and_folded_config(tmp_
     # The configuration once, folded.
     assert page.count("lr: 0.0001") == 1
     assert re.search(r"<details><summary>[^<]+</summary><pre class=config>[^<]*lr: 0.0001", page)
+
+
+def test_report_of_a_preference_run_plots_reward_accuracy_margin_and_logps(tmp_path):
+    """Training steps of a DPO run log reward accuracy, margin and log-probs: each is drawn, the
+    first two with their evaluation counterparts, the log-probs chosen beside rejected."""
+    records = []
+    for s in range(1, 11):
+        records.append(
+            {"step": s, "loss": 0.7 / s, "lr": 1e-4, "reward_accuracy": s / 10}
+            | {"reward_margin": 0.1 * s, "logps_chosen": -20.0 + s, "logps_rejected": -20.0 - s}
+            | {"rewards_chosen": 0.05 * s}  # logged, not drawn
+        )
+        if s % 5 == 0:
+            records.append(
+                {"step": s, "eval_loss": 0.6, "eval_reward_accuracy": 0.5 + s / 40}
+                | {"eval_reward_margin": 0.05 * s}
+            )
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    series = curves(records)
+    assert {"reward_accuracy", "reward_margin", "logps_chosen", "logps_rejected"} <= set(series)
+    assert "rewards_chosen" not in series and series["reward_accuracy"][-1] == (10, 1.0)
+    summary = RunSummary(CONFIG, {}, {}, metrics_path=tmp_path / "metrics.jsonl")
+    page = write_report(tmp_path, summary).read_text()
+    alts = re.findall(r'<img alt="([^"]*)"', page)
+    assert alts == [
+        "training and evaluation loss",
+        "learning rate",
+        "training and evaluation reward accuracy",
+        "training and evaluation reward margin",
+        "chosen and rejected response log-probs",
+    ]
+    for png in _pngs(page):
+        _assert_drawn_png(png)
 
 
 def test_report_confusion_matrices_and_escaped_samples(tmp_path):

@@ -4,6 +4,7 @@ with TRL (a test-only dependency) on tiny random GPT-2 and Llama models."""
 from __future__ import annotations
 
 import copy
+import json
 import math
 import shutil
 from types import SimpleNamespace
@@ -170,6 +171,61 @@ def test_objective_sums_pairs_and_reports_preference_metrics(objective):
     assert metrics["reward_margin"] == pytest.approx(float(margin), rel=1e-6)
     assert metrics["logps_chosen"] == pytest.approx(float(logps[:, 0].detach().mean()), rel=1e-6)
     assert metrics["logps_rejected"] == pytest.approx(float(logps[:, 1].detach().mean()), rel=1e-6)
+
+
+STEP_METRICS = ("reward_accuracy", "reward_margin", "rewards_chosen", "rewards_rejected")
+
+
+@pytest.mark.parametrize("objective", ["dpo", "reward"])
+def test_each_training_step_logs_the_preference_metrics_of_its_own_forward(objective, tmp_path):
+    """metrics.jsonl's train rows carry reward accuracy, margin, rewards and (policies) log-probs:
+    means over the step's pairs (summed over its micro-batches), equal to recomputing them on
+    the same batch with the weights the step started from."""
+    from nanotune.data.batching import epoch_batches
+    from nanotune.methods import SequenceClassifier
+    from nanotune.training import TrainConfig, Trainer
+
+    model = tiny_model("llama", seed=3)
+    pairs = random_pairs(12, 96, seed=5)
+    if objective == "reward":
+        torch.manual_seed(4)
+        model = SequenceClassifier(model, 1, ["reward"])
+    else:  # a full fine-tune: the reference log-probs are the untrained model's, in the batch
+        attach_reference(model, {"train": pairs}, batch_size=4, pad_id=0)
+    batches = epoch_batches(pairs, 6, 0, 0, task="preference", pad_id=0, shuffle=False)
+    config = TrainConfig(lr=2e-2, micro_batch_size=2, grad_accum=3, max_steps=4, device="cpu")
+    obj = PreferenceObjective(objective, beta=0.5)
+    trainer = Trainer(model, config, lambda e: batches, tmp_path, objective=obj, progress=False)
+    started: list[dict] = []  # the weights each step's forward saw, taken just before its update
+    trainer.optimizer.register_step_pre_hook(
+        lambda *_: started.append(copy.deepcopy(model.state_dict()))
+    )
+    trainer.fit()
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and len(started) == 4
+    keys = STEP_METRICS + (("logps_chosen", "logps_rejected") if objective == "dpo" else ())
+    margins = []
+    for row, weights, batch in zip(rows, started, batches * 2, strict=True):
+        assert row["labels"] == 6 and set(keys) <= set(row)
+        assert objective == "dpo" or "logps_chosen" not in row
+        model.load_state_dict(weights)
+        with torch.no_grad():
+            losses, chosen, rejected, logps = obj.pairs(model, batch)
+        expected = {
+            "loss": losses.mean(),
+            "reward_accuracy": (chosen > rejected).float().mean(),
+            "reward_margin": (chosen - rejected).mean(),
+            "rewards_chosen": chosen.mean(),
+            "rewards_rejected": rejected.mean(),
+        }
+        if logps is not None:
+            expected |= {"logps_chosen": logps[:, 0].mean(), "logps_rejected": logps[:, 1].mean()}
+        for k, v in expected.items():
+            assert row[k] == pytest.approx(float(v), rel=1e-5, abs=1e-6), (row["step"], k)
+        margins.append(row["reward_margin"])
+    if objective == "dpo":  # step 1 is the reference itself: every implicit reward is 0
+        assert rows[0]["reward_margin"] == pytest.approx(0, abs=1e-6)
+    assert margins[-1] > margins[0]  # training widened the margin: the values are not constant
 
 
 # ---- the reference policy --------------------------------------------------------------------

@@ -133,6 +133,11 @@ def test_lora_dpo_through_the_cli_writes_preference_metrics(fixture, tmp_path, r
     assert len(steps) == 4 and all(r["loss"] > 0 for r in steps)
     # Step 1 starts at the reference: every DPO margin is 0, the loss log 2.
     assert steps[0]["loss"] == pytest.approx(0.6931, abs=1e-3)
+    # Each training step logs its pairs' preference metrics (from the loss's own forward).
+    for r in steps:
+        assert 0.0 <= r["reward_accuracy"] <= 1.0 and r["logps_chosen"] < 0
+        assert {"reward_margin", "rewards_chosen", "rewards_rejected", "logps_rejected"} <= set(r)
+    assert steps[0]["reward_margin"] == pytest.approx(0.0, abs=1e-6)
     assert "done: 4 steps" in capsys.readouterr().out
 
 
@@ -192,7 +197,7 @@ import os, sys, time
 from nanotune.cli import main
 from nanotune.training.preference import PreferenceObjective
 
-real = PreferenceObjective.loss_sum
+real = PreferenceObjective.loss_and_sums
 
 
 def slow(self, model, batch):
@@ -200,7 +205,7 @@ def slow(self, model, batch):
     return real(self, model, batch)
 
 
-PreferenceObjective.loss_sum = slow
+PreferenceObjective.loss_and_sums = slow
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -312,6 +317,9 @@ def test_reward_model_run_saves_what_transformers_loads_with_the_same_scores(
     evals = [r for r in records(run) if "eval_loss" in r]
     assert evals and all(0.0 <= r["eval_reward_accuracy"] <= 1.0 for r in evals)
     assert "eval_logps_chosen" not in evals[-1]  # a reward model has no policy log-probs
+    steps = [r for r in records(run) if "lr" in r]
+    assert steps and all(0.0 <= r["reward_accuracy"] <= 1.0 for r in steps)
+    assert all("reward_margin" in r and "logps_chosen" not in r for r in steps)
     # Before/after on the validation pairs: how often the head scores chosen above rejected.
     results = json.loads((run / "eval.json").read_text())
     assert {"preference_accuracy", "preference_margin"} <= set(results["after"])
@@ -353,6 +361,89 @@ def test_reward_model_run_saves_what_transformers_loads_with_the_same_scores(
     # eval.reward_model can name the folder.
     scored = RewardModel(str(final)).score(prompts, answers)
     assert scored == pytest.approx(our_scores[0::2].tolist(), abs=1e-4)
+
+
+def chat_pairs_file(path: Path, n: int = 24) -> str:
+    """`pairs_file` as conversations: a user turn, then the chosen or rejected assistant reply."""
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": f"Which colour is {WORDS[i % 10]}?"}],
+            "chosen": [{"role": "assistant", "content": f"It is {WORDS[i % 10]}."}],
+            "rejected": [{"role": "assistant", "content": f"It is {WORDS[(i + 3) % 10]}."}],
+        }
+        for i in range(n)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "fixture,chat",
+    [("tiny_llama_dir", False), ("tiny_gpt2_dir", True)],
+    ids=["text-llama", "chat-markers-gpt2"],
+)
+def test_dpo_eval_judges_before_and_after_with_a_reward_model_nanotune_trained(
+    fixture, chat, tmp_path, request
+):
+    """The offline demo's workflow on tiny models: a reward run, then a DPO run whose eval names
+    the reward run's final/ (eval.reward_model) and gets the reward of the base's and the tuned
+    policy's answers and the tuned one's win rate. The eval scores (prompt, reply) text exactly
+    as the reward model was trained to score the pair: text prompts (the demo's, ending in the
+    separator) and chat prompts (GPT-2 with nanotune's markers, whose end-of-turn is no pad)."""
+    from nanotune.config import load_config
+    from nanotune.data.batching import collate_preference
+    from nanotune.eval import RewardModel
+    from nanotune.jobs import artifacts
+    from nanotune.jobs.finetune import _setup
+
+    model = request.getfixturevalue(fixture)
+    if chat:
+        data = {"source": chat_pairs_file(tmp_path / "chat.jsonl"), "chat_style": "markers"}
+    else:  # replies without a leading space, as the demo's: generations are stripped
+        source = Path(pairs_file(tmp_path / "pairs.jsonl"))
+        source.write_text(source.read_text().replace('": " It is', '": "It is'))
+        data = {"source": str(source), "separator": "\n"}
+    (tmp_path / "rm").mkdir()
+    rm_config = write_config(
+        tmp_path / "rm",
+        model,
+        preference={"objective": "reward"},
+        data=data,
+        train={"lr": 1e-2, "max_steps": 2},
+    )
+    final = train(rm_config, progress=False).final_dir
+    (tmp_path / "dpo").mkdir()
+    evaluation = {"metrics": ["preference", "reward"], "reward_model": str(final)}
+    dpo_config = write_config(
+        tmp_path / "dpo",
+        model,
+        preference={"beta": 0.5},
+        data=data,
+        train={"max_steps": 2},
+        eval=evaluation | {"max_new_tokens": 6, "batch_size": 3},
+    )
+    result = train(dpo_config, progress=False)
+    before, after = result.before, result.after
+    assert {"preference_accuracy", "reward"} <= set(before) and "reward_win_rate" not in before
+    assert {"preference_accuracy", "reward", "reward_win_rate"} <= set(after)
+    assert 0.0 <= after["reward_win_rate"] <= 1.0 and before["reward"] != after["reward"]
+    saved = json.loads((tmp_path / "dpo" / "run" / "eval.json").read_text())
+    assert saved["after"]["reward_win_rate"] == after["reward_win_rate"]
+    assert saved["samples"] and "after" in saved["samples"][0]
+
+    # Held-out pairs as the eval sees them (the decoded prompt, the reply as generated text):
+    # scored through eval.reward_model, they get the scores the reward objective trained on.
+    setup = _setup(load_config(rm_config))
+    pairs = setup.data.val
+    prompts = [setup.tokenizer.decode(e.prompt) for e in pairs]
+    replies = [setup.tokenizer.decode(e.chosen, skip_special=True).strip() for e in pairs]
+    scored = RewardModel(str(final)).score(prompts, replies)
+    ours, tokenizer = artifacts.load(str(final))
+    with torch.no_grad():
+        batch = collate_preference(pairs, pad_id=tokenizer.pad_id)
+        trained = PreferenceObjective("reward").pairs(ours, batch)[1]
+    assert trained.std() > 1e-3  # the scores differ: the comparison means something
+    assert scored == pytest.approx(trained.tolist(), abs=1e-4)
 
 
 def test_reward_model_saved_merged_keeps_its_adapters(tmp_path):

@@ -19,6 +19,7 @@ WORDS = "love life hope time truth art mind heart dream friends".split()
 RECIPES = [
     "demo",
     "demo-dpo",
+    "demo-reward",
     "eli5-full",
     "hh-rlhf-dpo",
     "hh-rlhf-lora",
@@ -280,20 +281,42 @@ def test_hh_rlhf_reward_then_dpo_judged_by_it(tmp_path, tiny_gpt2_dir):
     assert "<|user|>" in dpo.samples[0]["prompt"]
 
 
-def test_demo_dpo(tmp_path, tiny_llama_dir):
+def test_demo_reward_then_demo_dpo_judged_by_it(tmp_path, tiny_llama_dir):
+    """The offline preference demo: demo-reward trains a reward model on the pairs; demo-dpo's
+    eval names that run (its directory stands for its final/) to judge the policy's answers."""
+    small = ["data.limit=60", "data.val_fraction=0.1", "data.test_fraction=0.1"]
+    small += ["train.max_steps=2", "train.eval_every=2"]
+    reward, rm_out = run("demo-reward", tmp_path / "reward", tiny_llama_dir, *small)
+    assert {"preference_accuracy", "preference_margin"} <= set(reward.after)
+    assert "perplexity" not in reward.after  # a reward model has no LM to measure
+    config = json.loads((rm_out / "final" / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForSequenceClassification"]
+    packaged = yaml.safe_load(recipe_text("demo-dpo"))
+    assert packaged["eval"]["reward_model"] == "runs/demo-reward/final"
+    assert yaml.safe_load(recipe_text("demo-reward"))["data"] == packaged["data"]  # same pairs
     result, out = run(
         "demo-dpo",
-        tmp_path,
+        tmp_path / "dpo",
         tiny_llama_dir,
-        "data.limit=60",
-        "data.val_fraction=0.1",
-        "data.test_fraction=0.1",
-        "train.max_steps=2",
-        "train.eval_every=2",
+        *small,
+        f"eval.reward_model={rm_out}",
+        "eval.max_new_tokens=4",
     )
-    assert {"preference_accuracy", "preference_margin"} <= set(result.after)
+    assert {"preference_accuracy", "preference_margin", "reward"} <= set(result.before)
     assert 0.0 <= result.after["preference_accuracy"] <= 1.0
+    assert 0.0 <= result.after["reward_win_rate"] <= 1.0
     assert not (out / "reference_logps.safetensors").exists()  # LoRA: the adapters-off base
+
+
+def test_demo_dpo_before_demo_reward_says_to_train_it_first(tmp_path, monkeypatch, capsys):
+    """demo-dpo's reward model is demo-reward's output (relative to the current directory, as
+    output_dir is): missing, the run stops at once, naming the recipe to run, writing nothing."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "demo-dpo"]) == 2
+    err = capsys.readouterr().err
+    assert "eval.reward_model: runs/demo-reward/final does not exist yet" in err
+    assert "run `nanotune train demo-reward` first" in err and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_reverse_words_pairs_are_subtly_wrong_reversals():

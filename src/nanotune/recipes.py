@@ -7,8 +7,12 @@ it reproduces and where that was published. `nanotune train NAME key=value ...` 
 from __future__ import annotations
 
 import difflib
+import os
 from importlib import resources
 from importlib.resources.abc import Traversable
+from pathlib import Path
+
+import yaml
 
 from nanotune.config import RunConfig, load_config
 from nanotune.errors import NanotuneError
@@ -53,6 +57,17 @@ def recipe_offline_line(name: str) -> str | None:
     for line in recipe_text(name).splitlines():
         if line.startswith("# Offline:"):
             return line.split(":", 1)[1].strip()
+    return None
+
+
+def recipe_writing(path: str | os.PathLike) -> str | None:
+    """The packaged recipe whose run writes `path` (its output_dir or the final/ in it, relative
+    to the current directory as a run's are), or None."""
+    target = Path(path).expanduser().resolve()
+    for name in recipe_names():
+        out = (yaml.safe_load(recipe_text(name)) or {}).get("output_dir")
+        if out and target in (Path(out).resolve(), (Path(out) / "final").resolve()):
+            return name
     return None
 
 

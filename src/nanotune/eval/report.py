@@ -93,9 +93,14 @@ def _number(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool)
 
 
+# Training-step series of preference runs, drawn beside their evaluation counterparts.
+PREFERENCE_SERIES = ("reward_accuracy", "reward_margin", "logps_chosen", "logps_rejected")
+
+
 def curves(records: list[dict[str, Any]]) -> dict[str, list[tuple[float, float]]]:
-    """{name: [(step, value)]} from metrics records: `loss` (training), `lr`, and every numeric
-    key starting with `eval` or `val`."""
+    """{name: [(step, value)]} from metrics records: `loss` (training), `lr`, the preference
+    metrics of training steps (`PREFERENCE_SERIES`) and every numeric key starting with `eval`
+    or `val`."""
     out: dict[str, list] = {}
     for r in records:
         step = r.get("step")
@@ -106,7 +111,7 @@ def curves(records: list[dict[str, Any]]) -> dict[str, list[tuple[float, float]]
                 continue
             if key == "train_loss":
                 key = "loss"
-            if key in ("loss", "lr") or key.startswith(("eval", "val")):
+            if key in ("loss", "lr", *PREFERENCE_SERIES) or key.startswith(("eval", "val")):
                 out.setdefault(key, []).append((step, value))
     return out
 
@@ -149,8 +154,11 @@ def _duration(seconds: float) -> str:
     )
 
 
-def _plot(name: str, points: list[tuple[float, float]], extra: Any = None) -> bytes:
-    """PNG bytes of one series against the step; `extra` = (label, points) on the same axes."""
+def _plot(
+    name: str, points: list[tuple[float, float]], extra: Any = None, title: str | None = None
+) -> bytes:
+    """PNG bytes of one series against the step; `extra` = (label, points) on the same axes;
+    the title is the series' name unless given."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -167,7 +175,7 @@ def _plot(name: str, points: list[tuple[float, float]], extra: Any = None) -> by
         else:
             marker = "o" if len(pts) < 30 else None
             ax.plot(steps, values, color=color, marker=marker, markersize=3, label=label)
-    ax.set_title("learning rate" if name == "lr" else name)
+    ax.set_title(title or ("learning rate" if name == "lr" else name))
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
     ax.margins(x=0.08, y=0.15)
@@ -298,8 +306,23 @@ def _curves_section(records: list[dict[str, Any]]) -> str:
         imgs.append(_img(_plot(eval_loss, series[eval_loss]), "evaluation loss"))
     if "lr" in series:
         imgs.append(_img(_plot("lr", series["lr"]), "learning rate"))
+    shown = {"loss", "lr", eval_loss}
+    # Preference runs: each training step's reward accuracy and margin with the evaluations',
+    # and the chosen and rejected responses' log-probs on one plot.
+    for name in ("reward_accuracy", "reward_margin"):
+        if name in series:
+            ev = f"eval_{name}"
+            extra = (ev, series[ev]) if ev in series else None
+            what = name.replace("_", " ")
+            imgs.append(_img(_plot(name, series[name], extra), f"training and evaluation {what}"))
+            shown |= {name, ev}
+    if "logps_chosen" in series and "logps_rejected" in series:
+        extra = ("logps_rejected", series["logps_rejected"])
+        png = _plot("logps_chosen", series["logps_chosen"], extra, "response log-probs")
+        imgs.append(_img(png, "chosen and rejected response log-probs"))
+        shown |= {"logps_chosen", "logps_rejected"}
     for name, points in series.items():
-        if name not in ("loss", "lr", eval_loss):
+        if name not in shown:
             imgs.append(_img(_plot(name, points), f"{name} curve"))
     return f"<div class=plots>{''.join(imgs)}</div>"
 

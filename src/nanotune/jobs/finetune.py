@@ -267,13 +267,15 @@ class _Setup:
 
 def _setup(config: RunConfig) -> _Setup:
     from nanotune.data.pipeline import build_datasets
-    from nanotune.jobs.prepare import prepare_model, reward_model
+    from nanotune.jobs.prepare import prepare_model, reward_model, reward_model_folder
     from nanotune.methods import apply_method
     from nanotune.training import seed_everything
     from nanotune.weights import load_model
 
     if config.train.push_to_hub:  # no token or offline: refused now, not after training
         artifacts.check_push(config.train.push_to_hub)
+    if "reward" in config.eval.metrics:  # a reward run not trained yet: said before the loads
+        reward_model_folder(config.eval.reward_model)
     seed_everything(config.train.seed)  # model init (LoRA A, heads) depends on it
     model, tokenizer = load_model(config.model.name, dtype=getattr(torch, config.model.dtype))
     if config.model.special_tokens:
@@ -290,18 +292,22 @@ def _setup(config: RunConfig) -> _Setup:
     model = apply_method(model, config.method)
     _check_trainable(model, data, config)
     if config.preference.objective == "reward":
-        _score_before_padding(data, tokenizer.pad_id)
+        _score_before_the_end(data, tokenizer)
     rewards = reward_model(config.eval) if data.splits.get(config.eval.split) else None
     return _Setup(model, tokenizer, data, rewards)
 
 
-def _score_before_padding(data: Any, pad_id: int) -> None:
-    """A reward model scores the last token of each sequence; transformers' sequence
-    classifiers read the last token that is not padding. Where the response ends in the pad
-    token (EOS, for GPT-2), that end is dropped, so training scores where they will."""
+def _score_before_the_end(data: Any, tokenizer: Any) -> None:
+    """A reward model scores the last token of each sequence, and it is scored where it will be
+    used: transformers' sequence classifiers read the last token that is not padding (the pad
+    is often EOS), and `eval.reward_model` scores generated replies, whose stop token (EOS, an
+    end of turn) is not in their text. So the special token that closes both responses of a
+    pair is dropped, and the score is read at the reply's last token of text."""
+    special = {*tokenizer.special_tokens.values(), tokenizer.eos_id, tokenizer.pad_id}
     for examples in data.splits.values():
         for ex in examples:
-            if ex.chosen[-1:] == [pad_id] and ex.rejected[-1:] == [pad_id]:
+            end = ex.chosen[-1:]
+            if end and end == ex.rejected[-1:] and end[0] in special:
                 ex.chosen, ex.rejected = ex.chosen[:-1], ex.rejected[:-1]
 
 

@@ -3,12 +3,14 @@ ready for the data's task, and the reward model its metrics need."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from nanotune.data import Datasets
+from nanotune.errors import NanotuneError
 from nanotune.eval.config import EvalConfig
 from nanotune.methods import MethodConfig, SequenceClassifier
 from nanotune.methods.classifier import REWARD_LABEL
@@ -57,4 +59,21 @@ def reward_model(cfg: EvalConfig) -> Any:
         return None
     from nanotune.eval import RewardModel
 
-    return RewardModel(cfg.reward_model)
+    return RewardModel(reward_model_folder(cfg.reward_model))
+
+
+def reward_model_folder(name: str) -> str:
+    """`eval.reward_model` as `RewardModel` loads it: a nanotune run directory stands for its
+    final/, and a folder a packaged recipe writes but that is not there yet is refused naming
+    the recipe to run first (else it would be looked up as a hub id)."""
+    from nanotune.recipes import recipe_writing
+
+    path = Path(name).expanduser()
+    if not (path / "config.json").is_file() and (path / "final" / "config.json").is_file():
+        return str(path / "final")
+    if not path.exists() and (recipe := recipe_writing(path)):
+        raise NanotuneError(
+            f"eval.reward_model: {name} does not exist yet; it is the reward model the "
+            f"{recipe} recipe trains: run `nanotune train {recipe}` first, in this directory"
+        )
+    return name

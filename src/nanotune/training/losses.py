@@ -18,7 +18,13 @@ IGNORE = -100
 
 
 class Objective(Protocol):
-    """What the trainer needs to know about a task, and nothing about the model family."""
+    """What the trainer needs to know about a task, and nothing about the model family.
+
+    An objective may also define `loss_and_sums(model, batch) -> (loss_sum, {name: sum})`: the
+    loss of `loss_sum` and, from the same forward, detached sums over the units `count` counts;
+    the trainer then runs it instead of `loss_sum` and logs each sum's mean over the step's
+    units under its name (PreferenceObjective: reward_accuracy, reward_margin, logps_chosen...).
+    """
 
     name: str
 

@@ -305,6 +305,23 @@ class PreferenceObjective:
     def loss_sum(self, model: nn.Module, batch: Batch) -> Tensor:
         return self.pairs(model, batch)[0].sum()
 
+    def loss_and_sums(self, model: nn.Module, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+        """`loss_sum` and, from the same forward, the sums over pairs the trainer logs as each
+        step's means: reward accuracy (chosen > rejected), reward margin, chosen/rejected
+        rewards and (policies) response log-probs. Tensors, so no micro-step waits on them."""
+        losses, chosen, rejected, logps = self.pairs(model, batch)
+        chosen, rejected = chosen.detach().float(), rejected.detach().float()
+        sums = {
+            "reward_accuracy": (chosen > rejected).float().sum(),
+            "reward_margin": (chosen - rejected).sum(),
+            "rewards_chosen": chosen.sum(),
+            "rewards_rejected": rejected.sum(),
+        }
+        if logps is not None:
+            logps = logps.detach().float()
+            sums |= {"logps_chosen": logps[:, 0].sum(), "logps_rejected": logps[:, 1].sum()}
+        return losses.sum(), sums
+
     def count(self, batch: Batch) -> int:
         return len(batch["input_ids"])  # pairs
 

@@ -248,7 +248,10 @@ class Trainer:
         self.steps_per_epoch = len(first)
         self.total_steps = config.max_steps or config.epochs * self.steps_per_epoch
         self.autocast = self._autocast()
-        self.loss_fn = self.objective.loss_sum
+        # An objective with `loss_and_sums` gives, from the forward of its loss, sums to log
+        # per step (preference metrics); every other objective runs its plain `loss_sum`.
+        self.step_sums = hasattr(self.objective, "loss_and_sums")
+        self.loss_fn = self.objective.loss_and_sums if self.step_sums else self.objective.loss_sum
         if config.compile:
             self.loss_fn = torch.compile(self.loss_fn)
         for m in check_trainable(model, config):
@@ -301,20 +304,30 @@ class Trainer:
         scale = world_size() / max(1, n_labels)
         micro = self._micro_batches(batch)
         loss_sum = torch.zeros((), device=self.device)
+        sums: dict[str, Tensor] = {}
         tokens = 0
         for i, mb in enumerate(micro):
             # Gradients cross ranks once per step: on the last micro-step only.
             with dist.grad_sync(self.engine, sync=i == len(micro) - 1):
                 with self.autocast():
-                    loss = self.engine(self.loss_fn, mb) * scale
+                    if self.step_sums:
+                        loss, extra = self.engine(self.loss_fn, mb)
+                        loss = loss * scale
+                    else:
+                        loss = self.engine(self.loss_fn, mb) * scale
                 loss.backward()
             loss_sum += loss.detach()
             tokens += mb["input_ids"].numel()
+            if self.step_sums:
+                for k, v in extra.items():
+                    sums[k] = sums.get(k, 0.0) + v.detach().float()
+        keys = sorted(sums)  # the same on every rank: the objective's own names
         totals = torch.stack(
             [
                 loss_sum.float().cpu(),
                 torch.tensor(float(tokens)),
                 torch.tensor(float(stop_requested)),
+                *(sums[k].cpu() for k in keys),
             ]
         )
         totals = all_reduce_sum(totals)
@@ -323,6 +336,8 @@ class Trainer:
             "tokens": float(totals[1]),
             "labels": n_labels,
         }
+        # Sums over what `count` counts (pairs), of every rank: their means over the step.
+        stats |= {k: float(v) / max(1, n_labels) for k, v in zip(keys, totals[3:], strict=True)}
         # Checked before the update, on reduced values every rank shares: a poisoned step
         # reaches neither the weights nor a checkpoint.
         if not math.isfinite(stats["loss"]):
