@@ -19,6 +19,7 @@ WORDS = "love life hope time truth art mind heart dream friends".split()
 RECIPES = [
     "demo",
     "demo-dpo",
+    "demo-orpo",
     "demo-reward",
     "eli5-full",
     "hh-rlhf-dpo",
@@ -294,18 +295,20 @@ def test_demo_reward_then_demo_dpo_judged_by_it(tmp_path, tiny_llama_dir):
     packaged = yaml.safe_load(recipe_text("demo-dpo"))
     assert packaged["eval"]["reward_model"] == "runs/demo-reward/final"
     assert yaml.safe_load(recipe_text("demo-reward"))["data"] == packaged["data"]  # same pairs
-    result, out = run(
-        "demo-dpo",
-        tmp_path / "dpo",
-        tiny_llama_dir,
-        *small,
-        f"eval.reward_model={rm_out}",
-        "eval.max_new_tokens=4",
-    )
-    assert {"preference_accuracy", "preference_margin", "reward"} <= set(result.before)
-    assert 0.0 <= result.after["preference_accuracy"] <= 1.0
-    assert 0.0 <= result.after["reward_win_rate"] <= 1.0
-    assert not (out / "reference_logps.safetensors").exists()  # LoRA: the adapters-off base
+    for name in ("demo-dpo", "demo-orpo"):  # the same pairs and judge, two objectives
+        assert yaml.safe_load(recipe_text(name))["data"] == packaged["data"]
+        result, out = run(
+            name,
+            tmp_path / name,
+            tiny_llama_dir,
+            *small,
+            f"eval.reward_model={rm_out}",
+            "eval.max_new_tokens=4",
+        )
+        assert {"preference_accuracy", "preference_margin", "reward"} <= set(result.before)
+        assert 0.0 <= result.after["preference_accuracy"] <= 1.0
+        assert 0.0 <= result.after["reward_win_rate"] <= 1.0
+        assert not (out / "reference_logps.safetensors").exists()  # no precomputed reference
 
 
 def test_demo_dpo_before_demo_reward_says_to_train_it_first(tmp_path, monkeypatch, capsys):
