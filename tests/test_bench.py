@@ -69,6 +69,8 @@ def test_report_names_machine_command_and_targets(report):
     _, text = report
     assert "command: `nanotune bench --quick --output" in text
     assert "matmul peak" in text and "torch " in text and "date: " in text
+    assert re.search(r"fp32 [\d,.]+ GFLOP/s, bf16 [\d,.]+ GFLOP/s", text)
+    assert "- ISA: " in text
     assert "## Targets" in text and "lora-sft | ≥ 2.5× peer tokens/s" in text
 
 

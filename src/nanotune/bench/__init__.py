@@ -42,8 +42,8 @@ def select(cases: str | None) -> list[str]:
     return [n for n in CASES if n in names]
 
 
-def matmul_peak(device: str, quick: bool) -> float:
-    """Best fp32 GEMM rate (FLOP/s) of a few square products: the roofline for this run.
+def matmul_peak(device: str, quick: bool, dtype: torch.dtype = torch.float32) -> float:
+    """Best GEMM rate (FLOP/s) of a few square products in `dtype`: the roofline for this run.
 
     Both the default BLAS (`torch.mm`) and `nanotune.models.linear` (oneDNN on CPU) are timed and
     the faster counts, so the fraction of peak is never flattered by a slow library.
@@ -51,7 +51,8 @@ def matmul_peak(device: str, quick: bool) -> float:
     from nanotune.models.linear import linear
 
     n = 512 if quick else (8192 if device == "cuda" else 2048)
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
     best = float("inf")
     for product in (torch.mm, linear):
         for _ in range(2 if quick else 6):
@@ -121,7 +122,8 @@ def run(
         raise NanotuneError("--device cuda: no CUDA device is available here; use --device cpu")
     output = Path(output)
     peak = matmul_peak(device, quick)
-    log(f"matmul peak (fp32 GEMM): {peak / 1e9:.1f} GFLOP/s")
+    bf16_peak = matmul_peak(device, quick, torch.bfloat16)
+    log(f"matmul peak: fp32 {peak / 1e9:.1f} GFLOP/s, bf16 {bf16_peak / 1e9:.1f} GFLOP/s")
     results: dict[str, dict[str, SideResult]] = {}
     with tempfile.TemporaryDirectory(prefix="nanotune-bench-") as tmp:
         source = folder = None
@@ -159,6 +161,14 @@ def run(
     # The hand-written notes live beside the report (the repository's benchmarks/NOTES.md).
     notes_path = output.parent / "benchmarks" / "NOTES.md"
     notes = notes_path.read_text() if notes_path.is_file() else None
-    text = render(results, peak=peak, quick=quick, device=device, command=command, notes=notes)
+    text = render(
+        results,
+        peak=peak,
+        bf16_peak=bf16_peak,
+        quick=quick,
+        device=device,
+        command=command,
+        notes=notes,
+    )
     atomic_write(output, text)
     return results

@@ -51,6 +51,26 @@ def machine(device: str) -> str:
     return f"{model}, {os.cpu_count()} cores ({torch.get_num_threads()} torch threads)"
 
 
+ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")
+"""The CPU features that decide which kernels are fast here (bf16 matmuls need avx512_bf16 or AMX)."""
+
+
+def isa(device: str) -> str:
+    """The ISA_FLAGS this CPU reports (/proc/cpuinfo), or what the GPU is."""
+    if device == "cuda":
+        return f"compute capability {'.'.join(map(str, torch.cuda.get_device_capability()))}"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                return ", ".join(f for f in ISA_FLAGS if f in have) or "none of " + ", ".join(
+                    ISA_FLAGS
+                )
+    except OSError:
+        pass
+    return "unknown (no /proc/cpuinfo)"
+
+
 def _versions() -> str:
     parts = [f"torch {torch.__version__}"]
     for name in ("transformers", "peft", "trl", "torchao"):
@@ -131,6 +151,7 @@ def render(
     results: dict[str, dict[str, SideResult]],
     *,
     peak: float,
+    bf16_peak: float | None = None,
     quick: bool,
     device: str,
     command: str,
@@ -148,9 +169,12 @@ def render(
         f"- command: `{command}`",
         f"- date: {date}",
         f"- machine: {machine(device)}; device {device}",
+        f"- ISA: {isa(device)}",
         f"- software: {_versions()}",
-        "- matmul peak (best fp32 GEMM of torch.mm and oneDNN, measured in this run): "
-        f"{peak / 1e9:,.1f} GFLOP/s",
+        "- matmul peak (best GEMM of torch.mm and oneDNN, measured in this run): fp32 "
+        f"{peak / 1e9:,.1f} GFLOP/s"
+        + (f", bf16 {bf16_peak / 1e9:,.1f} GFLOP/s" if bf16_peak else "")
+        + "; the table's fraction of peak is of fp32 (every case runs fp32 on both sides)",
         f"- steps: {s.warmup} warm-up (not timed) + {s.timed} timed, medians reported",
     ]
     if quick:
