@@ -79,6 +79,8 @@ def test_a_second_build_reads_the_cache_and_replays_the_tokenizer_changes(tmp_pa
     fresh = gpt2_tokenizer()
     second = build_datasets(cfg, fresh)
     assert second.cached is not None and second.cached.is_dir()
+    assert f"read from the data cache: {second.cached}" in second.summary()
+    assert "data cache" not in first.summary()
     assert second.task == "lm" and second.splits.keys() == first.splits.keys()
     for name in first.splits:
         assert _same(second.splits[name], first.splits[name])

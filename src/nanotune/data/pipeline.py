@@ -67,6 +67,8 @@ class Datasets:
                 if c[k]
             ]
             lines.append(line + (f" ({', '.join(left)})" if left else ""))
+        if self.cached is not None:
+            lines.append(f"(tokenized examples read from the data cache: {self.cached})")
         return "\n".join(lines)
 
 
