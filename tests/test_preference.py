@@ -192,7 +192,7 @@ def test_each_training_step_logs_the_preference_metrics_of_its_own_forward(objec
         model = SequenceClassifier(model, 1, ["reward"])
     else:  # a full fine-tune: the reference log-probs are the untrained model's, in the batch
         attach_reference(model, {"train": pairs}, batch_size=4, pad_id=0)
-    batches = epoch_batches(pairs, 6, 0, 0, task="preference", pad_id=0, shuffle=False)
+    batches = list(epoch_batches(pairs, 6, 0, 0, task="preference", pad_id=0, shuffle=False))
     config = TrainConfig(lr=2e-2, micro_batch_size=2, grad_accum=3, max_steps=4, device="cpu")
     obj = PreferenceObjective(objective, beta=0.5)
     trainer = Trainer(model, config, lambda e: batches, tmp_path, objective=obj, progress=False)
