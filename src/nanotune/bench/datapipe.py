@@ -13,17 +13,19 @@ nanotune also builds the same data a second time and reports how long reading th
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import random
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from nanotune.bench.cases import QUICK_GPT2
-from nanotune.bench.workload import LR
+from nanotune.bench.workload import LR, peak_since, reset_peak, rss
 
 WORDS = (
     "the a of quick brown fox jumps over lazy dog model data train token tune small large fast "
@@ -46,28 +48,23 @@ def write_rows(path: Path, n: int) -> Path:
     return path
 
 
-def _rss() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
+def _span() -> Callable[[], int]:
+    """Start the memory span (the worker's RSS high-water mark, as every case measures it);
+    returns how to read its growth."""
+    gc.collect()
+    baseline = rss("VmRSS") or 0
+    how = reset_peak("cpu")
+    return lambda: peak_since("cpu", how, baseline)
 
 
-def _hwm() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def _step(model: torch.nn.Module, loss: torch.Tensor, opt: torch.optim.Optimizer) -> None:
+def _step(loss: torch.Tensor, opt: torch.optim.Optimizer) -> None:
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
 
 
-def _ours(path: Path, tmp: Path) -> tuple[float, float]:
-    """(seconds to the first step, seconds to batch 0 again from the cache)."""
+def _ours(path: Path, tmp: Path) -> tuple[float, int, float]:
+    """(seconds to the first step, its RSS growth, seconds to batch 0 again from the cache)."""
     from nanotune.data import DataConfig, build_datasets
     from nanotune.data.batching import epoch_batches
     from nanotune.methods import MethodConfig, apply_method
@@ -80,23 +77,23 @@ def _ours(path: Path, tmp: Path) -> tuple[float, float]:
     model = apply_method(Transformer(QUICK_GPT2), MethodConfig(name="lora", r=16, alpha=32))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
     objective = LMObjective()
-    _baseline()
+    peak = _span()
     t0 = time.perf_counter()
     tokenizer = gpt2_tokenizer()
     data = build_datasets(cfg, tokenizer)
     batch = epoch_batches(data.train, BATCH, 0, 0, pad_id=tokenizer.pad_id)[0]
-    _step(model, objective.loss_sum(model, batch) / objective.count(batch), opt)
-    first = time.perf_counter() - t0
-    _mark()
+    _step(objective.loss_sum(model, batch) / objective.count(batch), opt)
+    first, grown = time.perf_counter() - t0, peak()
     t1 = time.perf_counter()
     again = build_datasets(cfg, gpt2_tokenizer())
     epoch_batches(again.train, BATCH, 0, 0, pad_id=tokenizer.pad_id)[0]
     if again.cached is None:
         raise RuntimeError("the second build did not read the data cache")
-    return first, time.perf_counter() - t1
+    return first, grown, time.perf_counter() - t1
 
 
-def _peer(path: Path, tmp: Path) -> float:
+def _peer(path: Path, tmp: Path) -> tuple[float, int]:
+    """(seconds to the first step, its RSS growth)."""
     import datasets
     from peft import LoraConfig, get_peft_model
     from torch.utils.data import DataLoader
@@ -124,7 +121,7 @@ def _peer(path: Path, tmp: Path) -> float:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
     encoder, merges = gpt2_files()
     datasets.disable_progress_bars()
-    _baseline()
+    peak = _span()
     t0 = time.perf_counter()
     tok = GPT2TokenizerFast(vocab_file=str(encoder), merges_file=str(merges))
     tok.pad_token = tok.eos_token
@@ -145,25 +142,8 @@ def _peer(path: Path, tmp: Path) -> float:
         ds, batch_size=BATCH, shuffle=True, collate_fn=DataCollatorForSeq2Seq(tok, padding=True)
     )
     batch = next(iter(loader))
-    _step(model, model(**batch).loss, opt)
-    seconds = time.perf_counter() - t0
-    _mark()
-    return seconds
-
-
-_SPAN: dict[str, int] = {}
-
-
-def _baseline() -> None:
-    import gc
-
-    gc.collect()
-    _SPAN["base"] = _rss()
-    Path("/proc/self/clear_refs").write_text("5")  # VmHWM from here
-
-
-def _mark() -> None:
-    _SPAN["peak"] = _hwm() - _SPAN["base"]
+    _step(model(**batch).loss, opt)
+    return time.perf_counter() - t0, peak()
 
 
 def measure(side: str, quick: bool) -> dict:
@@ -172,19 +152,19 @@ def measure(side: str, quick: bool) -> dict:
         tmp_path = Path(tmp)
         path = write_rows(tmp_path / "rows.jsonl", n)
         if side == "nanotune":
-            seconds, cached = _ours(path, tmp_path)
+            seconds, grown, cached = _ours(path, tmp_path)
             note = (
                 f"{n:,} rows to the first step in {seconds:,.1f} s; a second build read the "
                 f"data cache in {cached:,.2f} s ({100 * cached / seconds:.1f}% of the first)"
             )
         else:
-            seconds = _peer(path, tmp_path)
+            seconds, grown = _peer(path, tmp_path)
             note = f"{n:,} rows to the first step in {seconds:,.1f} s"
     return {
         "ms_per_step": seconds * 1e3,
         "useful_per_s": n / seconds,
         "flops_per_s": 0.0,
-        "peak_bytes": _SPAN["peak"],
+        "peak_bytes": grown,
         "peak_kind": "RSS growth from the rows to the first step (model built before)",
         "steps": 1,
         "note": note,

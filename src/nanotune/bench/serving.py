@@ -70,13 +70,37 @@ def hf_folder(source: Path, out: Path) -> Path:
 def _start(side: str, folder: Path, port: int) -> tuple[subprocess.Popen, str]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     if side == "nanotune":
-        cmd = [sys.executable, "-m", "nanotune", "serve", "--model", str(folder),
-               "--served-model-name", "m", "--port", str(port), "--max-batch", str(CLIENTS)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "nanotune",
+            "serve",
+            "--model",
+            str(folder),
+            "--served-model-name",
+            "m",
+            "--port",
+            str(port),
+            "--max-batch",
+            str(CLIENTS),
+        ]
         model = "m"
     else:
         exe = Path(sys.executable).with_name("transformers")
-        cmd = [str(exe), "serve", str(folder), "--host", "127.0.0.1", "--port", str(port),
-               "--device", "cpu", "--dtype", "float32", "--continuous-batching"]
+        cmd = [
+            str(exe),
+            "serve",
+            str(folder),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+            "--continuous-batching",
+        ]
         model = str(folder)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     return proc, model
@@ -139,8 +163,12 @@ async def _overflow(url: str, model: str, pid: int, n: int) -> tuple[int, int, d
     import httpx
 
     before = _rss(pid, "VmRSS")
-    body = {"model": model, "messages": [{"role": "user", "content": "Tell me a story."}],
-            "max_tokens": 4, "temperature": 0}
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": "Tell me a story."}],
+        "max_tokens": 4,
+        "temperature": 0,
+    }
     async with httpx.AsyncClient(limits=httpx.Limits(max_connections=n)) as http:
         rs = await asyncio.gather(
             *(http.post(url + "/v1/chat/completions", json=body, timeout=600) for _ in range(n)),
@@ -173,7 +201,9 @@ def measure(side: str, quick: bool, source: str | None) -> dict[str, Any]:
         try:
             asyncio.run(_wait_ready(url, proc))
             asyncio.run(_load(url, model, 2, 4, 4))  # warm-up: load, first allocations
-            lat, tokens, errors, wall = asyncio.run(_load(url, model, clients, requests, max_tokens))
+            lat, tokens, errors, wall = asyncio.run(
+                _load(url, model, clients, requests, max_tokens)
+            )
             # The whole server process: each side's cache schemes allocate at different times
             # (nanotune's grows with the batch and is freed when idle; the peer's is reserved).
             peak = _rss(proc.pid, "VmHWM")

@@ -16,44 +16,11 @@ import resource
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 from nanotune.bench import cases
-from nanotune.bench.workload import MARK, NotApplicable
-
-
-def _rss(field: str) -> int | None:
-    """A /proc/self/status memory field in bytes (VmRSS, VmHWM), or None off Linux."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def _reset_peak(device: str) -> str:
-    """Start a new peak-memory span; returns how the peak will be read."""
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        return "cuda max_memory_allocated"
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-        return "RSS high-water mark"
-    except OSError:
-        return "maxrss (includes loading)"
-
-
-def _peak(device: str, how: str, baseline: int) -> int:
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated()
-    if how == "RSS high-water mark":
-        return (_rss("VmHWM") or 0) - baseline
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
+from nanotune.bench.workload import MARK, NotApplicable, peak_since, reset_peak, rss
 
 
 def _import_lazy_modules(device: str) -> None:
@@ -84,7 +51,7 @@ def measure(case_name: str, side: str, quick: bool, device: str, source: str | N
     impl.import_libraries(case)
     _import_lazy_modules(device)
     gc.collect()
-    baseline = _rss("VmRSS") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    baseline = rss("VmRSS") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if device == "cuda":
         baseline = torch.cuda.memory_allocated()
     items = cases.items(case, quick)
@@ -93,7 +60,7 @@ def measure(case_name: str, side: str, quick: bool, device: str, source: str | N
     except NotApplicable as e:
         return {"na": str(e)}
     gc.collect()
-    how = _reset_peak(device)
+    how = reset_peak(device)
     warmup = cases.sizes(quick).warmup
     ms = []
     for x in work.inputs:
@@ -111,7 +78,7 @@ def measure(case_name: str, side: str, quick: bool, device: str, source: str | N
         # Median over steps of each step's rate: robust to a noisy step, fair to uneven batches.
         "useful_per_s": statistics.median(u / (t / 1e3) for t, (u, _) in timed),
         "flops_per_s": statistics.median(f / (t / 1e3) for t, (_, f) in timed),
-        "peak_bytes": _peak(device, how, baseline),
+        "peak_bytes": peak_since(device, how, baseline),
         "peak_kind": how,
         "steps": len(timed),
     }
