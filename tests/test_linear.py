@@ -34,10 +34,51 @@ def test_onednn_linear_matches_f_linear(shape, bias, train_weight):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
 
 
-def test_non_float32_autocast_and_no_grad_paths():
+def test_non_float32_and_no_grad_paths():
     x, w = torch.randn(4, 8), torch.randn(6, 8)
-    assert not lin._use_onednn(x.bfloat16(), w.bfloat16(), None)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert lin.linear(x, w).dtype == torch.bfloat16  # autocast still applies
+    assert lin._onednn_dtype(x.bfloat16(), w.bfloat16(), None) is None  # bf16 weights: F.linear
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert lin._onednn_dtype(x, w, None) is None  # fp16 autocast: F.linear
     with torch.no_grad():
         torch.testing.assert_close(lin.linear(x, w), x @ w.T)
+
+
+@pytest.mark.parametrize("train_weight", [True, False])
+def test_bf16_autocast_matches_autocast_f_linear(train_weight):
+    """Under CPU bf16 autocast the oneDNN path multiplies in bf16 as autocast's F.linear does:
+    the same values and gradients to bf16's precision, float32 gradients for float32 masters."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 64, requires_grad=True)
+    w = torch.randn(48, 64, requires_grad=train_weight)
+    b = torch.randn(48, requires_grad=True)
+    grad = torch.randn(5, 48)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = lin.linear(x, w, b)
+    assert ours.dtype == torch.bfloat16 and "OneDNN" in type(ours.grad_fn).__name__
+    ours.backward(grad)
+    got = [t.grad for t in (x, w, b) if t.requires_grad]
+    assert all(g.dtype == torch.float32 for g in got)
+    for t in (x, w, b):
+        t.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want_out = F.linear(x, w, b)
+    want_out.backward(grad)
+    want = [t.grad for t in (x, w, b) if t.requires_grad]
+    torch.testing.assert_close(ours, want_out, rtol=2e-2, atol=5e-2)
+    for g, e in zip(got, want, strict=True):
+        torch.testing.assert_close(g, e, rtol=2e-2, atol=5e-2)
+
+
+def test_a_frozen_weight_is_cast_to_bf16_once_and_again_after_it_changes():
+    x, w = torch.randn(3, 16), torch.randn(8, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        first = lin.linear(x, w)
+        copy = lin.frozen_bf16(w)
+        lin.linear(x, w)
+        assert lin.frozen_bf16(w) is copy  # reused, not cast again
+        with torch.no_grad():
+            w.mul_(2)  # an in-place change (a merge, a load) bumps the version
+        assert lin.frozen_bf16(w) is not copy
+        torch.testing.assert_close(lin.linear(x, w), 2 * first, rtol=1e-2, atol=1e-2)
+        torch.testing.assert_close(lin.frozen_bf16(w), w.bfloat16(), rtol=0, atol=0)
+

@@ -1,11 +1,17 @@
-"""The linear layer every nanotune matmul goes through, with oneDNN for float32 on CPU.
+"""The linear layer every nanotune matmul goes through, with oneDNN on CPU.
 
 PyTorch's CPU `F.linear` runs float32 through MKL's sgemm. On CPUs where MKL does not use the
 full vector width (AMD Zen 4/5 among them) oneDNN's matmul is about twice as fast at the same
 IEEE float32 precision, and its matrix-vector product (decoding at batch 1) about 2.8× - measured
 in `benchmarks/NOTES.md`. `linear()` sends float32 CPU products of plain tensors to oneDNN
 (forward, input gradient and weight gradient alike) and everything else to `F.linear`, so GPU,
-reduced precision, autocast, NF4 and tensor subclasses are untouched.
+reduced precision weights, NF4 and tensor subclasses are untouched.
+
+Under CPU bfloat16 autocast (`train.dtype: bfloat16`, or `auto` where `hardware.native_bf16()` says the CPU
+multiplies bf16 in hardware) the same oneDNN path multiplies in bf16 with float32 accumulation,
+as autocast would, with two differences: a frozen weight is cast once and its bf16 copy kept
+(autocast casts it again at every call: ~270 ms of a GPT-2 LoRA step), and backward still keeps
+only what it needs. Trainable weights stay float32 masters; their bf16 casts are per call.
 
 `NANOTUNE_ONEDNN=0` turns the oneDNN path off (read once, at import).
 """
@@ -17,6 +23,7 @@ import os
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 
 def _onednn_available() -> bool:
@@ -72,25 +79,54 @@ class _OneDNNLinear(torch.autograd.Function):
         return dx, dw, db
 
 
-def _use_onednn(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
-    return (
+def _onednn_dtype(x: Tensor, weight: Tensor, bias: Tensor | None) -> torch.dtype | None:
+    """The dtype oneDNN multiplies this product in (float32, or bfloat16 under CPU bf16
+    autocast), or None where `F.linear` should take it."""
+    if not (
         ONEDNN
         and x.device.type == "cpu"
-        and x.dtype == torch.float32
         and weight.dtype == torch.float32
         and type(weight) in (Tensor, nn.Parameter)
         and type(x) is Tensor
         and (bias is None or bias.dtype == torch.float32)
         and x.numel() > 0
-        and not torch.is_autocast_enabled("cpu")
         and not torch.compiler.is_compiling()
-    )
+    ):
+        return None
+    if not torch.is_autocast_enabled("cpu"):
+        return torch.float32 if x.dtype == torch.float32 else None
+    if torch.get_autocast_dtype("cpu") == torch.bfloat16 and x.dtype in (
+        torch.float32,
+        torch.bfloat16,
+    ):
+        return torch.bfloat16
+    return None
+
+
+_BF16_COPIES: WeakIdKeyDictionary = WeakIdKeyDictionary()
+"""frozen float32 weight -> (its version when cast, its bfloat16 copy); an entry lives as long
+as its weight, and an in-place change to the weight (merge, load) makes a fresh copy."""
+
+
+def frozen_bf16(weight: Tensor) -> Tensor:
+    """The bfloat16 copy of a frozen float32 weight, cast once and reused."""
+    hit = _BF16_COPIES.get(weight)
+    if hit is None or hit[0] != weight._version:
+        hit = (weight._version, weight.detach().to(torch.bfloat16))
+        _BF16_COPIES[weight] = hit
+    return hit[1]
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """`F.linear(x, weight, bias)`, through oneDNN where that is the faster exact float32 path."""
-    if not _use_onednn(x, weight, bias):
+    """`F.linear(x, weight, bias)`, through oneDNN where that is the faster path: float32
+    exactly, or bfloat16 under CPU bf16 autocast."""
+    dtype = _onednn_dtype(x, weight, bias)
+    if dtype is None:
         return F.linear(x, weight, bias)
+    if dtype == torch.bfloat16:
+        x = x.to(dtype)
+        weight = weight.to(dtype) if weight.requires_grad else frozen_bf16(weight)
+        bias = None if bias is None else bias.to(dtype)
     x = x.contiguous()  # oneDNN reads its input densely (a no-op when it already is)
     needs_grad = torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)

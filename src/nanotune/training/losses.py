@@ -52,27 +52,24 @@ class _CrossEntropySum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: Tensor, targets: Tensor) -> Tensor:
-        # By blocks of rows: torch's logsumexp allocates vocabulary-sized temporaries, which
-        # stay in cache at this size (3x faster than one call over 1k x 50k logits).
-        lse = torch.cat([torch.logsumexp(rows, dim=-1) for rows in logits.split(_CE_ROWS)])
+        lse = _row_logsumexp(logits)
         ctx.save_for_backward(logits, targets, lse)
-        return (lse - logits.gather(1, targets[:, None]).squeeze(1)).sum()
+        return (lse - _target_logits(logits, targets)).sum()
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         logits, targets, lse = ctx.saved_tensors
-        for rows, row_lse in zip(logits.split(_CE_ROWS), lse.split(_CE_ROWS), strict=True):
-            rows.sub_(row_lse[:, None]).exp_().mul_(grad)  # softmax * grad
-        logits[torch.arange(len(targets), device=logits.device), targets] -= grad
+        n = len(targets)
+        _softmax_minus_one_hot(logits, targets, lse, grad.expand(n, 1), grad.expand(n))
         return logits, None
 
 
 def cross_entropy_sum(logits: Tensor, targets: Tensor) -> Tensor:
-    """Summed cross-entropy in float32; fused (see `_CrossEntropySum`) when it is trained."""
-    logits = logits.float()
+    """Summed cross-entropy in float32 (bf16 logits are read in float32 block by block); fused
+    (see `_CrossEntropySum`) when it is trained."""
     if torch.is_grad_enabled() and logits.requires_grad and logits.numel():
-        return _CrossEntropySum.apply(logits, targets)
-    return F.cross_entropy(logits, targets, reduction="sum")
+        return _CrossEntropySum.apply(_fused_dtype(logits), targets)
+    return F.cross_entropy(logits.float(), targets, reduction="sum")
 
 
 class _TokenLogProbs(torch.autograd.Function):
@@ -84,30 +81,61 @@ class _TokenLogProbs(torch.autograd.Function):
     def forward(ctx, logits: Tensor, targets: Tensor) -> Tensor:
         lse = _row_logsumexp(logits)
         ctx.save_for_backward(logits, targets, lse)
-        return logits.gather(1, targets[:, None]).squeeze(1) - lse
+        return _target_logits(logits, targets) - lse
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         logits, targets, lse = ctx.saved_tensors
-        blocks = zip(logits.split(_CE_ROWS), lse.split(_CE_ROWS), grad.split(_CE_ROWS), strict=True)
-        for rows, row_lse, g in blocks:
-            rows.sub_(row_lse[:, None]).exp_().mul_(-g[:, None])  # -grad * softmax
-        logits[torch.arange(len(targets), device=logits.device), targets] += grad
+        _softmax_minus_one_hot(logits, targets, lse, -grad[:, None], -grad)
         return logits, None
 
 
 def token_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
-    """Log-probability of each target under [N, V] logits, in float32 at least; fused when trained."""
+    """Log-probability of each target under [N, V] logits, in float32 at least (bf16 logits are
+    read in float32 block by block); fused when trained."""
+    if torch.is_grad_enabled() and logits.requires_grad and logits.numel():
+        return _TokenLogProbs.apply(_fused_dtype(logits), targets)
     if logits.dtype not in (torch.float32, torch.float64):
         logits = logits.float()
-    if torch.is_grad_enabled() and logits.requires_grad and logits.numel():
-        return _TokenLogProbs.apply(logits, targets)
-    return logits.gather(1, targets[:, None]).squeeze(1) - _row_logsumexp(logits)
+    return _target_logits(logits, targets) - _row_logsumexp(logits)
+
+
+def _fused_dtype(logits: Tensor) -> Tensor:
+    """What the fused losses take as is: float32/64 and bfloat16 (the LM head's output under
+    bf16 autocast, whose float32 copy would be one more vocabulary-sized pass each way)."""
+    if logits.dtype in (torch.float32, torch.float64, torch.bfloat16):
+        return logits
+    return logits.float()
+
+
+def _target_logits(logits: Tensor, targets: Tensor) -> Tensor:
+    wide = torch.promote_types(logits.dtype, torch.float32)
+    return logits.gather(1, targets[:, None]).squeeze(1).to(wide)
 
 
 def _row_logsumexp(logits: Tensor) -> Tensor:
-    # By blocks of rows, as in `_CrossEntropySum`.
-    return torch.cat([torch.logsumexp(rows, dim=-1) for rows in logits.split(_CE_ROWS)])
+    """log-sum-exp per row, at least float32, by blocks of rows: torch's logsumexp allocates
+    vocabulary-sized temporaries, which stay in cache at this size (3x faster than one call over
+    1k x 50k logits); a bf16 block is read in float32."""
+    wide = torch.promote_types(logits.dtype, torch.float32)
+    return torch.cat([torch.logsumexp(rows.to(wide), dim=-1) for rows in logits.split(_CE_ROWS)])
+
+
+def _softmax_minus_one_hot(
+    logits: Tensor, targets: Tensor, lse: Tensor, scale: Tensor, at_target: Tensor
+) -> None:
+    """logits <- softmax(logits) * scale - one_hot(targets) * at_target in place (scale [N, 1],
+    at_target [N]), block by block, a bf16 block computed in float32 and stored back: the
+    gradient of both fused losses."""
+    blocks = zip(
+        *(t.split(_CE_ROWS) for t in (logits, lse, targets, scale, at_target)), strict=True
+    )
+    for rows, row_lse, row_targets, row_scale, row_at in blocks:
+        block = rows.to(lse.dtype)
+        block.sub_(row_lse[:, None]).exp_().mul_(row_scale)
+        block[torch.arange(len(row_targets), device=block.device), row_targets] -= row_at
+        if block is not rows:
+            rows.copy_(block)
 
 
 def lm_loss_sum(model: nn.Module, batch: Batch) -> Tensor:
