@@ -41,6 +41,21 @@ def data_cache_in_tmp(tmp_path_factory):
         os.environ["NANOTUNE_DATA_CACHE"] = old
 
 
+@pytest.fixture(scope="session", autouse=True)
+def float32_by_default():
+    """`train.dtype: auto` trains in float32 in every test and the CLI processes they start, so
+    parity and bit-exactness hold on CPUs with native bf16 too; bf16 tests ask for it."""
+    import os
+
+    old = os.environ.get("NANOTUNE_NATIVE_BF16")
+    os.environ["NANOTUNE_NATIVE_BF16"] = "0"
+    yield
+    if old is None:
+        del os.environ["NANOTUNE_NATIVE_BF16"]
+    else:
+        os.environ["NANOTUNE_NATIVE_BF16"] = old
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Torch on one thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`):

@@ -276,3 +276,72 @@ def test_fused_cross_entropy_equals_torch():
     (0.5 * want).backward()
     torch.testing.assert_close(ours, want, rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(got, x.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_bf16_logits_go_through_the_fused_losses_in_float32():
+    """bf16 logits (the LM head under autocast) are read in float32 block by block: the losses
+    equal float32 losses of the same values, and the bf16 gradient is theirs rounded to bf16."""
+    from nanotune.training.losses import cross_entropy_sum, token_logprobs
+
+    torch.manual_seed(0)
+    x = torch.randn(70, 500).bfloat16().requires_grad_()  # 70 rows: three blocks, one partial
+    t = torch.randint(0, 500, (70,))
+    w = torch.rand(70)
+    for loss_fn, reduce in [(cross_entropy_sum, lambda y: 0.5 * y), (token_logprobs, w.dot)]:
+        ours = loss_fn(x * 1.0, t)
+        assert ours.dtype == torch.float32
+        reduce(ours).backward()
+        got, x.grad = x.grad, None
+        xf = x.detach().float().requires_grad_()
+        want = loss_fn(xf * 1.0, t)
+        reduce(want).backward()
+        torch.testing.assert_close(ours, want, rtol=0, atol=0)
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got, xf.grad.bfloat16(), rtol=0, atol=0)
+
+
+def test_auto_precision_is_bf16_only_where_the_device_has_it(monkeypatch):
+    from nanotune import hardware
+    from nanotune.training.trainer import compute_precision
+
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("NANOTUNE_NATIVE_BF16")
+    cases = [({"avx512f"}, "float32"), ({"avx512_bf16"}, "bfloat16"), ({"amx_bf16"}, "bfloat16")]
+    for flags, want in cases:
+        monkeypatch.setattr(hardware, "cpu_flags", lambda flags=flags: frozenset(flags))
+        assert hardware.native_bf16(cpu) is (want == "bfloat16")
+        precision, why = compute_precision(TrainConfig(), cpu)
+        assert precision == want and "auto" in why
+        assert compute_precision(TrainConfig(dtype="float32"), cpu)[0] == "float32"
+    assert why == "train.dtype auto: this CPU has amx_bf16"
+    monkeypatch.setenv("NANOTUNE_NATIVE_BF16", "0")
+    assert compute_precision(TrainConfig(), cpu) == (
+        "float32",
+        "train.dtype auto: NANOTUNE_NATIVE_BF16=0",
+    )
+    assert compute_precision(TrainConfig(dtype="bfloat16"), cpu)[0] == "bfloat16"
+
+
+def test_bf16_autocast_trains_float32_masters_close_to_float32(tmp_path):
+    """Mixed precision: bf16 products, float32 weights and optimizer state, the loss close to a
+    float32 run's; the run's first metrics record says which precision it trained in."""
+    batch = uneven_batch()
+    losses, models = {}, {}
+    for dtype in ("float32", "bfloat16"):
+        cfg = TrainConfig(lr=3e-3, max_steps=30, micro_batch_size=4, grad_accum=2, dtype=dtype)
+        models[dtype] = model = tiny()
+        trainer = Trainer(model, cfg, lambda epoch: [batch], tmp_path / dtype, progress=False)
+        losses[dtype] = trainer.fit().train_loss
+        first = json.loads((tmp_path / dtype / "metrics.jsonl").read_text().splitlines()[0])
+        assert first["precision"] == dtype
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        state = [v for s in trainer.optimizer.state.values() for v in s.values() if v.ndim]
+        assert state and all(v.dtype == torch.float32 for v in state)
+    assert abs(losses["bfloat16"] - losses["float32"]) <= 0.05 * losses["float32"]
+    # bf16 really ran: its weights differ from the float32 run's.
+    assert any(
+        not torch.equal(a, b)
+        for a, b in zip(
+            models["float32"].parameters(), models["bfloat16"].parameters(), strict=True
+        )
+    )

@@ -5,13 +5,12 @@ from __future__ import annotations
 import datetime
 import importlib.metadata
 import os
-import platform
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from nanotune.bench.cases import CASES, FULL, QUICK
+from nanotune.hardware import cpu_flags, cpu_model
 
 
 def memory_target(ratio: float) -> str:
@@ -40,15 +39,7 @@ class SideResult:
 def machine(device: str) -> str:
     if device == "cuda":
         return f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores ({torch.get_num_threads()} torch threads)"
+    return f"{cpu_model()}, {os.cpu_count()} cores ({torch.get_num_threads()} torch threads)"
 
 
 ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")
@@ -59,16 +50,9 @@ def isa(device: str) -> str:
     """The ISA_FLAGS this CPU reports (/proc/cpuinfo), or what the GPU is."""
     if device == "cuda":
         return f"compute capability {'.'.join(map(str, torch.cuda.get_device_capability()))}"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                have = set(line.split(":", 1)[1].split())
-                return ", ".join(f for f in ISA_FLAGS if f in have) or "none of " + ", ".join(
-                    ISA_FLAGS
-                )
-    except OSError:
-        pass
-    return "unknown (no /proc/cpuinfo)"
+    if not cpu_flags():
+        return "unknown (no /proc/cpuinfo)"
+    return ", ".join(f for f in ISA_FLAGS if f in cpu_flags()) or "none of " + ", ".join(ISA_FLAGS)
 
 
 def _versions() -> str:

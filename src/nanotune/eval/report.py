@@ -116,13 +116,14 @@ def curves(records: list[dict[str, Any]]) -> dict[str, list[tuple[float, float]]
     return out
 
 
-def training_figures(records: list[dict[str, Any]]) -> dict[str, float]:
-    """Wall time, tokens/s, parameter counts and mean padding efficiency of a run's records.
+def training_figures(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Wall time, tokens/s, parameter counts, compute precision and mean padding efficiency of a
+    run's records.
 
     `elapsed_s` restarts in a resumed process, so wall time sums the segments; tokens/s is the
     time-weighted mean of the logged windows.
     """
-    figures: dict[str, float] = {}
+    figures: dict[str, Any] = {}
     wall = tokens = prev = 0.0
     padding = []
     for r in records:
@@ -136,6 +137,8 @@ def training_figures(records: list[dict[str, Any]]) -> dict[str, float]:
         for key in ("trainable_params", "total_params"):
             if _number(r.get(key)):
                 figures[key] = r[key]  # the last process's counts
+        if isinstance(r.get("precision"), str):
+            figures["precision"] = r["precision"]
         if _number(r.get("loss")):
             figures["steps"] = r["step"]
     if wall > 0:
@@ -231,7 +234,7 @@ def _data_lines(stats: Mapping[str, Mapping[str, int]]) -> list[tuple[str, str]]
     return [("examples", kept), ("rows left out", "; ".join(left) or "none")]
 
 
-def _facts_table(figures: dict[str, float], stats: Mapping[str, Mapping[str, int]]) -> str:
+def _facts_table(figures: dict[str, Any], stats: Mapping[str, Mapping[str, int]]) -> str:
     lines: list[tuple[str, str]] = []
     if "steps" in figures:
         lines.append(("optimizer steps", f"{figures['steps']:,}"))
@@ -241,6 +244,8 @@ def _facts_table(figures: dict[str, float], stats: Mapping[str, Mapping[str, int
     if "trainable_params" in figures and "total_params" in figures:
         t, n = figures["trainable_params"], figures["total_params"]
         lines.append(("trainable parameters", f"{t:,} of {n:,} ({100 * t / max(n, 1):.2f}%)"))
+    if "precision" in figures:
+        lines.append(("compute precision", figures["precision"]))
     lines += _data_lines(stats)
     if "padding_efficiency" in figures:
         share = f"{100 * figures['padding_efficiency']:.1f}%"

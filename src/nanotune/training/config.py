@@ -65,8 +65,10 @@ class TrainConfig:
     seed: int = 1337
     """Seeds torch, python and numpy, and the data order of every epoch."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    """Compute precision (bf16/fp32 also accepted): auto = bfloat16 autocast on CUDA when
-    supported, float32 otherwise."""
+    """Compute precision (bf16/fp32 also accepted): auto = bfloat16 autocast (fp32 master
+    weights, optimizer state, loss and norms) where the device multiplies bf16 in hardware - a
+    CUDA GPU with bf16, a CPU with AVX512_BF16 or AMX - and float32 otherwise; the run log says
+    which was chosen and why. float32 is exact and reproducible across machines."""
     compile: bool = False
     """Compile the loss computation with torch.compile."""
     gradient_checkpointing: bool = False

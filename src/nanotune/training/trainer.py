@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from nanotune.errors import NanotuneError
+from nanotune.hardware import cpu_bf16_flags, native_bf16
 from nanotune.training import checkpoint as ckpt
 from nanotune.training import dist
 from nanotune.training.config import TrainConfig
@@ -101,16 +102,32 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
         return torch.optim.AdamW(groups, **kwargs)
 
 
+def compute_precision(config: TrainConfig, device: torch.device) -> tuple[str, str]:
+    """The precision `config.dtype` trains in on `device`, and why: auto is bfloat16 autocast
+    where the device multiplies bf16 in hardware (a CUDA GPU with bf16, a CPU with AVX512_BF16
+    or AMX), float32 otherwise."""
+    if config.dtype != "auto":
+        return config.dtype, "train.dtype"
+    if device.type == "cuda":
+        found = torch.cuda.is_bf16_supported()
+        why = "this GPU supports bf16" if found else "this GPU has no bf16"
+    elif device.type == "cpu":
+        found, flags = native_bf16(device), "/".join(cpu_bf16_flags())
+        if found:
+            why = f"this CPU has {flags}"
+        else:
+            why = "NANOTUNE_NATIVE_BF16=0" if flags else "this CPU has no AVX512_BF16 or AMX"
+    else:
+        found, why = False, f"no bf16 autocast on {device.type}"
+    return ("bfloat16" if found else "float32"), f"train.dtype auto: {why}"
+
+
 def autocast_for(
     config: TrainConfig, device: torch.device
 ) -> Callable[[], contextlib.AbstractContextManager]:
-    """The compute precision of `config.dtype` on `device`, as a context factory: auto is
-    bfloat16 autocast on CUDA when supported, float32 (no autocast) otherwise."""
-    dtype = config.dtype
-    if dtype == "auto":
-        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        dtype = "bfloat16" if cuda_bf16 else "float32"
-    if dtype == "float32":
+    """The compute precision of `config.dtype` on `device` (see `compute_precision`), as a
+    context factory: bfloat16 autocast, or float32 without autocast."""
+    if compute_precision(config, device)[0] == "float32":
         return contextlib.nullcontext
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
 
@@ -468,7 +485,9 @@ class Trainer:
             log.info(f"resumed from step {pos.step} (epoch {pos.epoch}, batch {pos.batch_index})")
         # The first record of each process carries the counts, for the report's headline.
         trainable, total = parameter_counts(self.model)
-        once = {"trainable_params": trainable, "total_params": total}
+        precision, why = compute_precision(cfg, self.device)
+        log.info(f"compute precision: {precision} ({why})")
+        once = {"trainable_params": trainable, "total_params": total, "precision": precision}
         self.model.train()
         best = pos.best
         result = TrainResult(
