@@ -1,4 +1,5 @@
-"""`nanotune bench --quick`: every case runs on both sides and the report holds sane numbers.
+"""`nanotune bench --quick`: every case runs on every side (nanotune, the peer in float32 and
+under bf16 autocast) and the report holds sane numbers.
 
 No timing assertions: the numbers come from a shared machine. What must hold is that every
 case produced a row for each side with positive rates and memory, and that the FLOP counts the
@@ -25,12 +26,25 @@ def report(tmp_path_factory):
     return rc, out.read_text()
 
 
+SIDES = ("nanotune", "peer", "peer-bf16")
+
+
 def _rows(text: str) -> dict[tuple[str, str], list[str]]:
+    """(case, side) -> its table cells, less the precision column (checked by `_precisions`)."""
     rows = {}
     for line in text.splitlines():
         cells = [c.strip() for c in line.strip("|").split("|")]
-        if len(cells) == 9 and cells[1] in ("nanotune", "peer"):
-            rows[(cells[0], cells[1])] = cells
+        if len(cells) == 10 and cells[1] in SIDES:
+            rows[(cells[0], cells[1])] = cells[:2] + cells[3:]
+    return rows
+
+
+def _precisions(text: str) -> dict[tuple[str, str], str]:
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 10 and cells[1] in SIDES:
+            rows[(cells[0], cells[1])] = cells[2]
     return rows
 
 
@@ -38,31 +52,53 @@ def _num(cell: str) -> float:
     return float(re.sub(r"[,%×]", "", cell))
 
 
-def test_quick_bench_reports_every_case_on_both_sides(report):
+def test_quick_bench_reports_every_case_on_every_side(report):
     rc, text = report
     assert rc == 0, text
     rows = _rows(text)
-    assert {c for c, _ in rows} == set(cases.CASES)
+    assert set(rows) == {(c, side) for c in cases.CASES for side in SIDES}
     for (case, side), cells in rows.items():
-        if case == "qlora" and side == "peer" and not torch.cuda.is_available():
+        if case == "qlora" and side != "nanotune" and not torch.cuda.is_available():
             assert cells[8].startswith("n/a on CPU"), cells  # bitsandbytes is CUDA-only
             continue
         if case == "serve":  # a load test: no FLOP count; the note has latencies and errors
             assert _num(cells[2]) > 0 and _num(cells[4]) > 0 and _num(cells[5]) > 0, cells
             assert ", 0 errors, p50 " in cells[8], cells
             if side == "nanotune":
-                assert "×429" in cells[8] and _num(cells[3]) > 0, cells  # the overflow refused
+                assert "×429" in cells[8] and _num(cells[3].split()[0]) > 0, (
+                    cells
+                )  # overflow refused
+            continue
+        if case == "data-100k" and side == "peer-bf16":
+            assert cells[8].startswith("n/a"), cells  # no arithmetic to run in bf16
             continue
         if case == "data-100k":  # rows to the first step: rows/s, seconds, RSS growth
             assert _num(cells[2]) > 0 and _num(cells[4]) > 0 and _num(cells[5]) > 0, cells
             assert "rows to the first step in" in cells[8], cells
             if side == "nanotune":
-                assert "read the data cache in" in cells[8] and _num(cells[3]) > 0, cells
+                assert "read the data cache in" in cells[8] and _num(cells[3].split()[0]) > 0, cells
             continue
         tok_s, ms, mib, gflops, frac = (_num(cells[i]) for i in (2, 4, 5, 6, 7))
         assert tok_s > 0 and ms > 0 and mib > 0 and gflops > 0 and frac > 0, cells
         if side == "nanotune" and case != "qlora":
-            assert _num(cells[3]) > 0, cells  # ratio to the peer
+            assert _num(cells[3].split()[0]) > 0, cells  # ratio to the faster peer
+
+
+def test_every_side_says_its_precision_and_ratios_are_against_the_faster_peer(report):
+    """The suite pins `train.dtype: auto` to float32 (conftest), so nanotune and the peer run
+    float32 and peer-bf16 bfloat16; a ratio names the peer run it was taken against, the faster."""
+    _, text = report
+    precisions, rows = _precisions(text), _rows(text)
+    for (case, side), precision in precisions.items():
+        if rows[case, side][2] == "–":  # not run here (n/a)
+            continue
+        assert precision == ("bfloat16" if side == "peer-bf16" else "float32"), (case, side)
+    assert "nanotune's precision here: float32 (train.dtype auto: " in text
+    for case in ("lora-sft", "full-lm", "generate-b1"):
+        ours, fp32, bf16 = (_num(rows[case, side][2]) for side in SIDES)
+        faster = "peer" if fp32 >= bf16 else "peer-bf16"
+        ratio, against = rows[case, "nanotune"][3].split()
+        assert against == faster and abs(_num(ratio) - ours / max(fp32, bf16)) < 0.01, rows
 
 
 def test_report_names_machine_command_and_targets(report):
@@ -82,11 +118,11 @@ def test_quick_dpo_case_runs_nanotune_and_trls_dpo_trainer(tmp_path):
     assert main(["bench", "--quick", "--cases", "dpo", "--output", str(out)]) == 0
     text = out.read_text()
     rows = _rows(text)
-    assert set(rows) == {("dpo", "nanotune"), ("dpo", "peer")}, text
-    for side in ("nanotune", "peer"):
+    assert set(rows) == {("dpo", side) for side in SIDES}, text
+    for side in SIDES:
         tok_s, ms, mib, gflops = (_num(rows["dpo", side][i]) for i in (2, 4, 5, 6))
         assert tok_s > 0 and ms > 0 and mib > 0 and gflops > 0, rows["dpo", side]
-    assert _num(rows["dpo", "nanotune"][3]) > 0, rows  # the ratio to TRL
+    assert _num(rows["dpo", "nanotune"][3].split()[0]) > 0, rows  # the ratio to TRL
     assert "| dpo | ≥ 2.0× peer tokens/s |" in text
     assert "| dpo | peak memory ≤ 60% of peer |" in text
     assert "trl " in text and "`DPOTrainer`" in text

@@ -1,7 +1,8 @@
 """`nanotune bench`: nanotune against transformers + peft, case by case, in one run.
 
-Each case runs twice (nanotune, then the peer), each time in a fresh subprocess
-(`nanotune.bench.worker`) so memory figures do not mix. The matmul peak that FLOP/s are compared
+Each case runs three times (nanotune in the precision `train.dtype: auto` picks here, the peer in
+float32, the peer under its bf16 autocast), each time in a fresh subprocess
+(`nanotune.bench.worker`) so memory figures do not mix; ratios are against the faster peer run. The matmul peak that FLOP/s are compared
 with is measured in this process, in the same run.
 """
 
@@ -21,12 +22,12 @@ import torch
 
 from nanotune.bench.cases import CASES, QUICK_LLAMA
 from nanotune.bench.report import SideResult, render
-from nanotune.bench.workload import MARK
+from nanotune.bench.workload import MARK, PEER_BF16
 from nanotune.errors import NanotuneError
 from nanotune.files.atomic import atomic_write
 from nanotune.models.config import PRESETS
 
-SIDES = ("nanotune", "peer")
+SIDES = ("nanotune", "peer", PEER_BF16)
 
 
 def select(cases: str | None) -> list[str]:
@@ -124,6 +125,11 @@ def run(
     peak = matmul_peak(device, quick)
     bf16_peak = matmul_peak(device, quick, torch.bfloat16)
     log(f"matmul peak: fp32 {peak / 1e9:.1f} GFLOP/s, bf16 {bf16_peak / 1e9:.1f} GFLOP/s")
+    from nanotune.training.config import TrainConfig
+    from nanotune.training.trainer import compute_precision
+
+    precision = "{} ({})".format(*compute_precision(TrainConfig(), torch.device(device)))
+    log(f"nanotune precision: {precision}")
     results: dict[str, dict[str, SideResult]] = {}
     with tempfile.TemporaryDirectory(prefix="nanotune-bench-") as tmp:
         source = folder = None
@@ -150,7 +156,7 @@ def run(
             for (case, side), r in zip(jobs, pool.map(one, jobs), strict=True):
                 results.setdefault(case, {})[side] = r
                 log(
-                    f"{case:14s} {side:8s} "
+                    f"{case:19s} {side:9s} "
                     + (
                         f"{r.useful_per_s:10.1f} tok/s {r.ms_per_step:9.1f} ms/step "
                         f"{r.peak_bytes / 2**20:8.1f} MiB"
@@ -165,6 +171,7 @@ def run(
         results,
         peak=peak,
         bf16_peak=bf16_peak,
+        precision=precision,
         quick=quick,
         device=device,
         command=command,

@@ -3,8 +3,9 @@
 Model `nanotune.models.Transformer` (SmolLM2 through `nanotune.weights.load_model`), methods
 `nanotune.methods.apply_method`, batches `nanotune.data`'s collate functions (what
 `epoch_batches` returns), losses `nanotune.training.losses` and `.preference` (DPO against the
-adapters-off base, as `finetune` wires it for LoRA), the trainer's optimizer (`build_optimizer`)
-and its gradient clipping, generation `nanotune.generate.generate_ids`.
+adapters-off base, as `finetune` wires it for LoRA), the trainer's optimizer (`build_optimizer`),
+gradient clipping and precision (`autocast_for`), generation `nanotune.generate.generate_ids`
+on the model `jobs.artifacts.for_decoding` prepares for that precision.
 """
 
 from __future__ import annotations
@@ -72,21 +73,24 @@ def _packed(examples: list[Any], pad: int, quick: bool) -> dict[str, torch.Tenso
     return collate_lm([[examples[i] for i in b] for b in bins], pad, packed=True)
 
 
-def build(case: Case, quick: bool, device: str, items: list[Any], source: str | None) -> Workload:
+def build(
+    case: Case, quick: bool, device: str, items: list[Any], source: str | None, precision: str
+) -> Workload:
     from nanotune.data.batching import collate_class, collate_lm
     from nanotune.data.example import ClassExample, Example
     from nanotune.methods import SequenceClassifier, apply_method
     from nanotune.training.config import TrainConfig
     from nanotune.training.losses import ClassificationObjective, LMObjective
-    from nanotune.training.trainer import build_optimizer
+    from nanotune.training.trainer import autocast_for, build_optimizer
 
     cfg = model_config(case, quick)
     pad = cfg.eos_token_id if cfg.eos_token_id is not None else 0
     model = _model(case, quick, device, source)
     if case.kind == "generate":
         from nanotune.generate import GenerationConfig, generate_ids
+        from nanotune.jobs.artifacts import for_decoding
 
-        model.eval()
+        model = for_decoding(model.eval(), precision)  # `--dtype`: bf16 weights and KV cache
         # No stop tokens: every row generates exactly max_new_tokens, as on the peer side.
         gen = GenerationConfig(max_new_tokens=sizes(quick).gen_new, stop_token_ids=())
         return Workload(lambda prompts: generate_ids(model, prompts, gen), items)
@@ -124,9 +128,12 @@ def build(case: Case, quick: bool, device: str, items: list[Any], source: str | 
     ]
     opt = build_optimizer(model, TrainConfig(lr=LR, weight_decay=0.0))
     params = [p for g in opt.param_groups for p in g["params"]]
+    autocast = autocast_for(TrainConfig(dtype=precision), torch.device(device))
 
     def step(batch: dict[str, torch.Tensor]) -> None:
-        (objective.loss_sum(model, batch) / objective.count(batch)).backward()
+        with autocast():  # the trainer's: the forward (the loss) under autocast, backward after
+            loss = objective.loss_sum(model, batch) / objective.count(batch)
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from nanotune.bench.cases import Case, batch_size, model_config, sizes
-from nanotune.bench.workload import BETA, LR, NotApplicable, Workload
+from nanotune.bench.workload import BETA, LR, NotApplicable, Workload, in_precision
 from nanotune.weights.convert import config_to_hf
 
 IGNORE = -100
@@ -131,10 +131,12 @@ def _tokenizer(source: str):
     return AutoTokenizer.from_pretrained(str(path))
 
 
-def _dpo(case: Case, quick: bool, device: str, items: list[Any], source: str | None) -> Workload:
+def _dpo(
+    case: Case, quick: bool, device: str, items: list[Any], source: str | None, precision: str
+) -> Workload:
     """TRL's `DPOTrainer` as its documentation sets up LoRA DPO: a `peft_config`, so the
     reference is the model with adapters disabled (no second model), reference log-probs on the
-    fly (`precompute_ref_log_probs=False`, as on our side). float32 (TRL defaults to bf16), no
+    fly (`precompute_ref_log_probs=False`, as on our side). The bench's precision (`bf16`), no
     gradient checkpointing (TRL defaults to it; nanotune recomputes nothing either), no eval,
     logging or saving. A step is the trainer's own `training_step` (its collator's batch, its
     `compute_loss`: the concatenated chosen+rejected forward with its fused LM head, the
@@ -158,7 +160,7 @@ def _dpo(case: Case, quick: bool, device: str, items: list[Any], source: str | N
             loss_type=["sigmoid"],
             max_length=None,  # no truncation, as on our side (the rows are far shorter anyway)
             precompute_ref_log_probs=False,
-            bf16=False,
+            bf16=precision == "bfloat16",
             gradient_checkpointing=False,
             use_cpu=device == "cpu",
             eval_strategy="no",
@@ -198,11 +200,14 @@ def _dpo(case: Case, quick: bool, device: str, items: list[Any], source: str | N
     return Workload(step, batches)
 
 
-def build(case: Case, quick: bool, device: str, items: list[Any], source: str | None) -> Workload:
+def build(
+    case: Case, quick: bool, device: str, items: list[Any], source: str | None, precision: str
+) -> Workload:
+    """The case's step; for bfloat16 under `torch.autocast` (TRL's own `bf16=True` for dpo)."""
     cfg = model_config(case, quick)
     pad = cfg.eos_token_id if cfg.eos_token_id is not None else 0
     if case.kind == "dpo":
-        return _dpo(case, quick, device, items, source)
+        return _dpo(case, quick, device, items, source, precision)
     if case.kind == "generate":
         model = _lm_model(case, quick, source).to(device).eval()
         new = sizes(quick).gen_new
@@ -218,7 +223,7 @@ def build(case: Case, quick: bool, device: str, items: list[Any], source: str | 
                 pad_token_id=pad,
             )
 
-        return Workload(run, items)
+        return Workload(in_precision(run, device, precision), items)
 
     if case.kind == "classify":
         from transformers import AutoModelForSequenceClassification
@@ -259,8 +264,10 @@ def build(case: Case, quick: bool, device: str, items: list[Any], source: str | 
     except (RuntimeError, TypeError):
         opt = torch.optim.AdamW(params, lr=LR)
 
+    autocast = in_precision(lambda batch: model(**batch).loss, device, precision)
+
     def step(batch: dict[str, torch.Tensor]) -> None:
-        model(**batch).loss.backward()
+        autocast(batch).backward()  # Trainer's: the forward under autocast, backward after
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -67,7 +67,7 @@ def hf_folder(source: Path, out: Path) -> Path:
     return save_model(model, tokenizer, out)
 
 
-def _start(side: str, folder: Path, port: int) -> tuple[subprocess.Popen, str]:
+def _start(side: str, folder: Path, port: int, precision: str) -> tuple[subprocess.Popen, str]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     if side == "nanotune":
         cmd = [
@@ -83,6 +83,8 @@ def _start(side: str, folder: Path, port: int) -> tuple[subprocess.Popen, str]:
             str(port),
             "--max-batch",
             str(CLIENTS),
+            "--dtype",
+            precision,
         ]
         model = "m"
     else:
@@ -98,7 +100,7 @@ def _start(side: str, folder: Path, port: int) -> tuple[subprocess.Popen, str]:
             "--device",
             "cpu",
             "--dtype",
-            "float32",
+            precision,
             "--continuous-batching",
         ]
         model = str(folder)
@@ -181,8 +183,8 @@ async def _overflow(url: str, model: str, pid: int, n: int) -> tuple[int, int, d
     return before, _rss(pid, "VmRSS"), codes
 
 
-def measure(side: str, quick: bool, source: str | None) -> dict[str, Any]:
-    if side == "peer":
+def measure(side: str, quick: bool, source: str | None, precision: str) -> dict[str, Any]:
+    if side != "nanotune":
         exe = Path(sys.executable).with_name("transformers")
         try:
             import fastapi  # noqa: F401  (transformers serve needs it)
@@ -196,7 +198,7 @@ def measure(side: str, quick: bool, source: str | None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="nanotune-serve-bench-") as tmp:
         folder = hf_folder(Path(source), Path(tmp) / "model")
         port = _free_port()
-        proc, model = _start(side, folder, port)
+        proc, model = _start(side, folder, port, precision)
         url = f"http://127.0.0.1:{port}"
         try:
             asyncio.run(_wait_ready(url, proc))

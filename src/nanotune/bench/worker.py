@@ -20,7 +20,15 @@ import time
 import torch
 
 from nanotune.bench import cases
-from nanotune.bench.workload import MARK, NotApplicable, peak_since, reset_peak, rss
+from nanotune.bench.workload import (
+    MARK,
+    PEER_BF16,
+    NotApplicable,
+    peak_since,
+    reset_peak,
+    rss,
+    side_precision,
+)
 
 
 def _import_lazy_modules(device: str) -> None:
@@ -33,16 +41,19 @@ def _import_lazy_modules(device: str) -> None:
 
 def measure(case_name: str, side: str, quick: bool, device: str, source: str | None) -> dict:
     case = cases.CASES[case_name]
+    precision = side_precision(side, device)
     if case.kind == "serve":  # a load test of two server processes, not a step loop
         from nanotune.bench import serving
 
         try:
-            return serving.measure(side, quick, source)
+            return {**serving.measure(side, quick, source, precision), "precision": precision}
         except NotApplicable as e:
             return {"na": str(e)}
     if case.kind == "data":  # rows to the first step: the data pipeline, not a step loop
         from nanotune.bench import datapipe
 
+        if side == PEER_BF16:
+            return {"na": "n/a: tokenizing and batching compute nothing in either precision"}
         return datapipe.measure(side, quick)
     if side == "nanotune":
         from nanotune.bench import ours as impl
@@ -56,7 +67,7 @@ def measure(case_name: str, side: str, quick: bool, device: str, source: str | N
         baseline = torch.cuda.memory_allocated()
     items = cases.items(case, quick)
     try:
-        work = impl.build(case, quick, device, items, source)
+        work = impl.build(case, quick, device, items, source, precision)
     except NotApplicable as e:
         return {"na": str(e)}
     gc.collect()
@@ -81,13 +92,14 @@ def measure(case_name: str, side: str, quick: bool, device: str, source: str | N
         "peak_bytes": peak_since(device, how, baseline),
         "peak_kind": how,
         "steps": len(timed),
+        "precision": precision,
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m nanotune.bench.worker")
     p.add_argument("case", choices=sorted(cases.CASES))
-    p.add_argument("side", choices=["nanotune", "peer"])
+    p.add_argument("side", choices=["nanotune", "peer", PEER_BF16])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--device", default="cpu")
     p.add_argument("--source", help="SmolLM2 checkpoint (.gguf file or HF folder)")

@@ -16,6 +16,34 @@ LR = 1e-4  # AdamW learning rate, the same on both sides (other settings: torch 
 BETA = 0.1  # DPO's beta on both sides (TRL's default and nanotune's)
 
 
+PEER_BF16 = "peer-bf16"
+"""The peer again under its own bf16 autocast (`torch.autocast(device, torch.bfloat16)`, what
+`TrainingArguments(bf16=True)` does on CPU): ratios are taken against the faster peer run."""
+
+
+def side_precision(side: str, device: str) -> str:
+    """What a side computes in: nanotune what `train.dtype: auto` picks on this device (bf16
+    only where the hardware multiplies it natively), the peer float32, peer-bf16 bfloat16."""
+    if side == "nanotune":
+        from nanotune.training.config import TrainConfig
+        from nanotune.training.trainer import compute_precision
+
+        return compute_precision(TrainConfig(), torch.device(device))[0]
+    return "bfloat16" if side == PEER_BF16 else "float32"
+
+
+def in_precision(step: Callable[[Any], Any], device: str, precision: str) -> Callable[[Any], Any]:
+    """`step` under bf16 autocast for bfloat16, as it is for float32."""
+    if precision == "float32":
+        return step
+
+    def autocast_step(x: Any) -> Any:
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+            return step(x)
+
+    return autocast_step
+
+
 class NotApplicable(Exception):
     """A side cannot run this case here; the message says why and lands in the table."""
 
