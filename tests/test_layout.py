@@ -17,6 +17,7 @@ ALLOWED: dict[str, set[str]] = {
     "errors": set(),
     "version": set(),
     "lazy": set(),  # lazy_exports, for the package __init__s
+    "hardware": set(),  # what the CPU/GPU can do (native bf16), for the trainer and the bench
     "files": {"errors", "version"},  # checked reads and atomic writes, for every part
     "models": {"errors"},
     "tokenizer": {"errors", "files"},
@@ -24,7 +25,7 @@ ALLOWED: dict[str, set[str]] = {
     "weights": {"errors", "files", "models", "tokenizer", "methods"},
     "data": {"errors", "files", "version"},  # version: the data cache keys on it
     # The loop knows nothing of families or formats.
-    "training": {"errors", "files"},
+    "training": {"errors", "files", "hardware"},
     "generate": {"errors", "models"},
     "classify": {"errors", "data", "methods"},
     "eval": {"errors", "files", "data", "generate"},
@@ -32,11 +33,11 @@ ALLOWED: dict[str, set[str]] = {
     "recipes": {"errors", "config"},
 }
 for part in ALLOWED:
-    if part not in ("errors", "version", "lazy"):
+    if part not in ("errors", "version", "lazy", "hardware"):
         ALLOWED[part].add("lazy")
 BELOW_JOBS = set(ALLOWED)
 ALLOWED["jobs"] = BELOW_JOBS
-ALLOWED["bench"] = BELOW_JOBS
+ALLOWED["bench"] = BELOW_JOBS | {"jobs"}  # decodes as `generate` does (jobs.artifacts)
 ALLOWED["serve"] = BELOW_JOBS | {"jobs"}  # an entry point, on jobs/artifacts like the CLI
 ALLOWED["cli"] = BELOW_JOBS | {"jobs", "bench", "serve", "nanotune", "version"}
 ALLOWED["__main__"] = {"cli"}
