@@ -108,17 +108,17 @@ def compute_precision(config: TrainConfig, device: torch.device) -> tuple[str, s
     or AMX), float32 otherwise."""
     if config.dtype != "auto":
         return config.dtype, "train.dtype"
+    found = native_bf16(device)
     if device.type == "cuda":
-        found = torch.cuda.is_bf16_supported()
         why = "this GPU supports bf16" if found else "this GPU has no bf16"
     elif device.type == "cpu":
-        found, flags = native_bf16(device), "/".join(cpu_bf16_flags())
+        flags = "/".join(cpu_bf16_flags())
         if found:
             why = f"this CPU has {flags}"
         else:
             why = "NANOTUNE_NATIVE_BF16=0" if flags else "this CPU has no AVX512_BF16 or AMX"
     else:
-        found, why = False, f"no bf16 autocast on {device.type}"
+        why = f"no bf16 autocast on {device.type}"
     return ("bfloat16" if found else "float32"), f"train.dtype auto: {why}"
 
 
