@@ -10,6 +10,9 @@ on the model `jobs.artifacts.for_decoding` prepares for that precision.
 
 from __future__ import annotations
 
+import os
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -81,6 +84,7 @@ def build(
     from nanotune.methods import SequenceClassifier, apply_method
     from nanotune.training.config import TrainConfig
     from nanotune.training.losses import ClassificationObjective, LMObjective
+    from nanotune.training.prefix import PrefixStore, available_memory
     from nanotune.training.trainer import autocast_for, build_optimizer
 
     cfg = model_config(case, quick)
@@ -110,6 +114,9 @@ def build(
         ]
     elif case.kind == "classify":
         model = SequenceClassifier(model, 2)
+        if case.epochs:  # as the trainer does for a whole run (train.frozen_prefix_cache)
+            spill = Path(tempfile.gettempdir()) / f"nanotune-bench-prefix-{os.getpid()}.bin"
+            prefix = PrefixStore(available_memory() // 4, spill)  # ~110 MiB: stays in RAM
         objective = ClassificationObjective()
         batches = [collate_class([ClassExample(ids, y) for ids, y in item], pad) for item in items]
     else:
@@ -123,6 +130,8 @@ def build(
         else:
             batches = [collate_lm([[e] for e in exs], pad, packed=False) for exs in examples]
     model = apply_method(model, _method(case, device)).to(device).train()
+    if case.kind == "classify" and case.epochs:
+        model.cache_frozen_prefix(prefix)
     batches = [
         {k: v.to(device) for k, v in b.items() if isinstance(v, torch.Tensor)} for b in batches
     ]

@@ -83,13 +83,26 @@ def measure(case_name: str, side: str, quick: bool, device: str, source: str | N
             torch.cuda.synchronize()
         ms.append((time.perf_counter() - t0) * 1e3)
     stats = [cases.step_stats(case, quick, item) for item in items]
+    peak = peak_since(device, how, baseline)
+    if case.epochs:  # a whole run: every step counts, rates over the run's wall time
+        seconds = sum(ms) / 1e3
+        return {
+            "ms_per_step": statistics.median(ms),
+            "useful_per_s": sum(u for u, _ in stats) / seconds,
+            "flops_per_s": sum(f for _, f in stats) / seconds,
+            "peak_bytes": peak,
+            "peak_kind": how,
+            "steps": len(ms),
+            "precision": precision,
+            "note": f"{cases.epochs(case, quick)} epochs, {len(ms)} steps in {seconds:,.1f} s",
+        }
     timed = list(zip(ms, stats, strict=True))[warmup:]
     return {
         "ms_per_step": statistics.median(t for t, _ in timed),
         # Median over steps of each step's rate: robust to a noisy step, fair to uneven batches.
         "useful_per_s": statistics.median(u / (t / 1e3) for t, (u, _) in timed),
         "flops_per_s": statistics.median(f / (t / 1e3) for t, (_, f) in timed),
-        "peak_bytes": peak_since(device, how, baseline),
+        "peak_bytes": peak,
         "peak_kind": how,
         "steps": len(timed),
         "precision": precision,

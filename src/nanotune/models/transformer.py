@@ -15,6 +15,9 @@ from torch.utils.checkpoint import checkpoint
 from nanotune.models.config import ModelConfig
 from nanotune.models.linear import Linear
 
+RoPE = tuple[Tensor, Tensor] | None
+"""Rotary angles (cos, sin), each [B, 1, T, D], or None for learned positions."""
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
@@ -107,16 +110,25 @@ class Attention(nn.Module):
         mask: Tensor | None,
         cache: KVCache | None,
         layer: int,
+        query_at: Tensor | None = None,
     ) -> Tensor:
+        """[B, T, C]; with query_at [B] (and no mask or cache), only the output at that index of
+        each row, [B, 1, C]: keys and values come from every position, the query from one."""
         B, T, _ = x.shape
         H, K, D = self.config.n_head, self.config.kv_heads, self.config.hd
         q, k, v = self.qkv(x).split([H * D, K * D, K * D], dim=-1)
-        q = q.view(B, T, H, D).transpose(1, 2)
+        if query_at is not None:
+            q = q[torch.arange(B, device=q.device), query_at][:, None]
+        q = q.view(B, q.shape[1], H, D).transpose(1, 2)
         k = k.view(B, T, K, D).transpose(1, 2)
         v = v.view(B, T, K, D).transpose(1, 2)
         if rope is not None:
             cos, sin = rope
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            k = apply_rope(k, cos, sin)
+            if query_at is not None:  # the angles of each row's query position: [B, 1, 1, D]
+                rows = torch.arange(B, device=q.device)
+                cos, sin = cos[rows, :, query_at][:, :, None], sin[rows, :, query_at][:, :, None]
+            q = apply_rope(q, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)
         # Grouped-query attention (each kv head serves H // K query heads): the CPU kernels
@@ -126,12 +138,14 @@ class Attention(nn.Module):
             k = k.repeat_interleave(H // K, dim=1)
             v = v.repeat_interleave(H // K, dim=1)
         p = self.dropout if self.training else 0.0
+        if query_at is not None:  # causal: the query sees keys up to its own position
+            mask = (torch.arange(T, device=q.device) <= query_at[:, None])[:, None, None, :]
         if mask is None:
             # Only reached without a cache offset, so plain causal attention is exact.
             y = _attend(q, k, v, dropout_p=p, is_causal=T > 1, enable_gqa=gqa)
         else:
             y = _attend(q, k, v, attn_mask=mask, dropout_p=p, enable_gqa=gqa)
-        return self.proj(y.transpose(1, 2).reshape(B, T, H * D))
+        return self.proj(y.transpose(1, 2).reshape(B, q.shape[2], H * D))
 
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Tensor:
@@ -176,9 +190,16 @@ class Block(nn.Module):
         mask: Tensor | None,
         cache: KVCache | None,
         layer: int,
+        query_at: Tensor | None = None,
     ) -> Tensor:
-        x = x + self.drop(self.attn(self.norm1(x), rope, mask, cache, layer))
-        return x + self.drop(self.mlp(self.norm2(x)))
+        """[B, T, C]; with query_at [B], the output at that index of each row only, [B, C]
+        (see `Attention.forward`): the MLP then runs on B positions instead of B x T."""
+        y = self.drop(self.attn(self.norm1(x), rope, mask, cache, layer, query_at))
+        if query_at is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), query_at][:, None]
+        x = x + y
+        x = x + self.drop(self.mlp(self.norm2(x)))
+        return x[:, 0] if query_at is not None else x
 
 
 class Transformer(nn.Module):
@@ -255,24 +276,48 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence of {offset + T} tokens exceeds the cache ({cache.max_len})")
         if positions is None:
             positions = torch.arange(offset, offset + T, device=input_ids.device).expand(B, T)
-        x = self.wte(input_ids)
-        rope = None
-        if self.wpe is not None:
-            x = x + self.wpe(positions)
-        else:
-            angles = positions[:, None, :, None].float() * self.inv_freq  # [B, 1, T, D/2]
-            angles = torch.cat((angles, angles), dim=-1)
-            rope = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-        x = self.drop(x)
+        x, rope = self.embed(input_ids, positions)
         mask = self._mask(B, T, offset, attention_mask, doc_ids, branch_ids, input_ids.device)
-        for i, block in enumerate(self.blocks):
-            if self.gradient_checkpointing and self.training:
-                x = checkpoint(block, x, rope, mask, cache, i, use_reentrant=False)
-            else:
-                x = block(x, rope, mask, cache, i)
+        x = self.run_blocks(x, rope, mask, cache, range(len(self.blocks)))
         if cache is not None:
             cache.length += T
         return self.norm(x)
+
+    def embed(self, input_ids: Tensor, positions: Tensor) -> tuple[Tensor, RoPE]:
+        """The input to block 0 [B, T, C], and the rotary angles every block uses (RoPE models)."""
+        x = self.wte(input_ids)
+        rope = self.rope(positions, x.dtype)
+        if self.wpe is not None:
+            x = x + self.wpe(positions)
+        return self.drop(x), rope
+
+    def rope(self, positions: Tensor, dtype: torch.dtype) -> RoPE:
+        """cos, sin [B, 1, T, D] of `positions` [B, T]; None for learned positions."""
+        if self.wpe is not None:
+            return None
+        angles = positions[:, None, :, None].float() * self.inv_freq  # [B, 1, T, D/2]
+        angles = torch.cat((angles, angles), dim=-1)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+    def run_blocks(
+        self,
+        x: Tensor,
+        rope: RoPE,
+        mask: Tensor | None,
+        cache: KVCache | None,
+        layers: range,
+        query_at: Tensor | None = None,
+    ) -> Tensor:
+        """Blocks `layers` over x [B, T, C]; query_at [B] (no mask or cache): the last of them
+        computes only the state at that index of each row, and [B, C] comes back."""
+        for i in layers:
+            at = query_at if i == layers[-1] else None
+            block = self.blocks[i]
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(block, x, rope, mask, cache, i, at, use_reentrant=False)
+            else:
+                x = block(x, rope, mask, cache, i, at)
+        return x
 
     @staticmethod
     def _mask(

@@ -73,6 +73,13 @@ class TrainConfig:
     """Compile the loss computation with torch.compile."""
     gradient_checkpointing: bool = False
     """Recompute block activations in the backward pass to save memory."""
+    frozen_prefix_cache: bool = True
+    """Compute the states of a classifier's frozen leading blocks (method last_n) once per
+    text and reuse them in later epochs and evaluations: the same values, so the same run,
+    without the work. Not used where dropout would make them differ at every pass."""
+    frozen_prefix_ram_mib: int | None = None
+    """RAM for those states; past it they go to a memory-mapped file in the run directory,
+    deleted at the end (null: a quarter of the memory available when training starts)."""
     log_every: int = 1
     """Write a metrics line every N optimizer steps."""
     device: str = "auto"
@@ -124,6 +131,10 @@ class TrainConfig:
         }.items():
             if value is not None and value <= 0:
                 raise NanotuneError(f"train.{name}: must be > 0 or null, got {value}")
+        if self.frozen_prefix_ram_mib is not None and self.frozen_prefix_ram_mib < 0:
+            raise NanotuneError(
+                f"train.frozen_prefix_ram_mib: must be >= 0 or null, got {self.frozen_prefix_ram_mib}"
+            )
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise NanotuneError(f"train.betas: need two values in [0, 1), got {list(self.betas)}")
         if self.warmup_ratio is not None and not 0 <= self.warmup_ratio < 1:

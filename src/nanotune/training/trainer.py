@@ -40,6 +40,7 @@ from nanotune.training.losses import (
     Objective,
     trim_padding,
 )
+from nanotune.training.prefix import PrefixStore, available_memory
 from nanotune.training.schedule import lr_at
 
 BatchesForEpoch = Callable[[int], Sequence[Batch]]
@@ -488,6 +489,7 @@ class Trainer:
         precision, why = compute_precision(cfg, self.device)
         log.info(f"compute precision: {precision} ({why})")
         once = {"trainable_params": trainable, "total_params": total, "precision": precision}
+        prefix = self._frozen_prefix(log)
         self.model.train()
         best = pos.best
         result = TrainResult(
@@ -569,9 +571,39 @@ class Trainer:
             if cfg.keep_best and best["step"] is not None and best["step"] != pos.step:
                 self._restore_best(best, log, result)
         finally:
+            if prefix is not None:
+                log.info(f"frozen prefix: {prefix.describe()}")
+                self.model.cache_frozen_prefix(None)
+                prefix.close()
             log.close()
         result.best_step, result.best_eval = best["step"], dict(best["eval"])
         return result
+
+    def _frozen_prefix(self, log: RunLogger) -> PrefixStore | None:
+        """A store for the states of the model's frozen leading blocks, attached to the model,
+        when it can use one (a classifier trained with last_n) and `frozen_prefix_cache` is on."""
+        cfg = self.config
+        if not cfg.frozen_prefix_cache or not hasattr(self.model, "cache_frozen_prefix"):
+            return None
+        n, why = self.model.frozen_prefix_layers()
+        if not n:
+            if why:
+                log.info(f"frozen prefix computed at every pass: {why}")
+            return None
+        if world_size() > 1 and dist.resolve_strategy(cfg.strategy) == "fsdp":
+            log.info("frozen prefix computed at every pass: fsdp shards the blocks across ranks")
+            return None
+        mib = cfg.frozen_prefix_ram_mib
+        ram = mib * 2**20 if mib is not None else available_memory() // 4
+        path = self.run_dir / f"frozen-prefix-rank{dist.rank()}.bin"
+        store = PrefixStore(ram, path)
+        self.model.cache_frozen_prefix(store)
+        log.info(
+            f"frozen prefix: blocks 0-{n - 1} run once per row, without autograd, and later "
+            f"epochs and evaluations reuse their states ({ram / 2**20:,.0f} MiB in RAM, then "
+            f"{path.name}, deleted at the end)"
+        )
+        return store
 
     def _restore_best(self, best: dict[str, Any], log: RunLogger, result: TrainResult) -> None:
         path = self.ckpt_dir / "best"
