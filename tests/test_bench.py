@@ -191,6 +191,14 @@ def test_both_sides_see_the_same_data():
         if case.kind in ("serve", "data"):  # bench.serving / bench.datapipe build their own
             continue
         a, b = cases.items(case, True), cases.items(case, True)
-        assert a == b and len(a) == cases.QUICK.warmup + cases.QUICK.timed
+        if case.epochs:  # a whole run: every text once per epoch, in a new order each time
+            q = cases.QUICK
+            per_epoch = -(-q.run_texts // cases.batch_size(case, True))
+            assert a == b and len(a) == cases.epochs(case, True) * per_epoch
+            texts = sorted(tuple(ids) for item in a[:per_epoch] for ids, _ in item)
+            again = sorted(tuple(ids) for item in a[per_epoch : 2 * per_epoch] for ids, _ in item)
+            assert len(texts) == q.run_texts and texts == again and a[0] != a[per_epoch]
+        else:
+            assert a == b and len(a) == cases.QUICK.warmup + cases.QUICK.timed
         useful = [cases.step_stats(case, True, item)[0] for item in a]
         assert all(u > 0 for u in useful)

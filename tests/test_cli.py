@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from nanotune.cli import build_parser, main
+from nanotune.errors import NanotuneError
 from nanotune.generate import GenerationConfig, chat_prompt, generate
 
 SUBCOMMANDS = sorted(next(a for a in build_parser()._actions if a.dest == "command").choices)
@@ -177,6 +178,43 @@ def test_generate_in_bfloat16_merges_the_adapter_and_decodes_in_bf16(
     with pytest.raises(SystemExit) as e:  # not a choice: argparse's usage error
         main([*argv, "--prompt", "Hello", "--dtype", "float16"])
     assert e.value.code == 2
+
+
+def test_generate_in_int8_decodes_from_int8_weights_and_agrees_with_float32(
+    tiny_llama_dir, capsys
+):
+    import torch
+
+    from nanotune.generate import GenerationConfig, generate_ids
+    from nanotune.jobs import artifacts
+    from nanotune.models.linear import Int8Linear
+    from nanotune.weights import load_model
+
+    model, tok = load_model(str(tiny_llama_dir))
+    ids = torch.tensor([tok.encode("Hello there, how are you?")])
+    with torch.no_grad():
+        want = model.eval()(ids)
+        fast = artifacts.for_decoding(model, "int8")
+        got = fast(ids).float()
+    layers = [m for m in fast.modules() if isinstance(m, Int8Linear)]
+    assert len(layers) == 1 + 4 * fast.config.n_layer  # every block's linears and the head
+    assert all(m.qweight.dtype == torch.int8 for m in layers)
+    assert (got - want).abs().max() < 0.05 * want.abs().max()
+    cfg = GenerationConfig(max_new_tokens=4, stop_token_ids=())
+    prompt = tok.encode("Hello")
+    assert len(generate_ids(fast, [prompt], cfg)[0]) == 4
+    argv = ["generate", "--model", str(tiny_llama_dir), "--prompt", "Hello"]
+    assert main([*argv, "--max-new-tokens", "6", "--dtype", "int8"]) == 0
+    assert capsys.readouterr().out.strip()
+
+
+def test_serve_refuses_int8_with_adapters_before_loading_anything(tmp_path):
+    from nanotune.serve.run import serve
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "adapter_config.json").write_text("{}")
+    with pytest.raises(NanotuneError, match="--dtype int8 quantizes"):
+        serve("gpt2", [f"a={tmp_path / 'a'}"], dtype="int8")
 
 
 def test_chat_repl_keeps_history_resets_and_exits_on_eof(tiny_llama_dir, monkeypatch, capsys):

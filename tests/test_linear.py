@@ -82,3 +82,44 @@ def test_a_frozen_weight_is_cast_to_bf16_once_and_again_after_it_changes():
         torch.testing.assert_close(lin.linear(x, w), 2 * first, rtol=1e-2, atol=1e-2)
         torch.testing.assert_close(lin.frozen_bf16(w), w.bfloat16(), rtol=0, atol=0)
 
+
+@pytest.mark.parametrize("shape", [(1, 64, 48), (5, 32, 96), (3, 24, 40)])  # the last: no kernel
+def test_int8_linear_is_its_dequantized_product_within_int8_rounding(shape):
+    M, K, N = shape
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g), torch.randn(N)
+    layer = lin.Int8Linear.quantize(w, b)
+    assert layer.qweight.dtype == torch.int8 and layer.qweight.shape == (N, K)
+    assert layer.scales.dtype == torch.bfloat16 and layer.scales.shape == (N,)
+    # Per output channel, the int8 grid is absmax / 127: no weight moves by more than half a step.
+    step = w.abs().amax(1, keepdim=True) / 127
+    assert ((layer.qweight.float() * step - w).abs() <= step / 2 + 1e-6).all()
+    y = layer(x[None])  # leading dimensions are kept
+    assert y.shape == (1, M, N) and y.dtype == torch.bfloat16
+    exact = F.linear(x, w, b)
+    assert (y[0].float() - exact).abs().max() < 0.03 * exact.abs().max()
+    torch.testing.assert_close(
+        y[0].float(),
+        (x.bfloat16() @ layer.dequantized().T + layer.bias).float(),
+        atol=0.02 * exact.abs().max().item(),
+        rtol=0.02,
+    )
+
+
+def test_quantize_int8_replaces_every_linear_and_gives_a_tied_head_its_own_copy():
+    from tiny import tiny_config
+
+    from nanotune.models import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(tiny_config("gpt2")).eval()
+    ids = torch.randint(0, 96, (2, 12))
+    with torch.no_grad():
+        want = model(ids)
+        lin.quantize_int8(model).to(torch.bfloat16)
+        got = model(ids).float()
+    assert not [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert isinstance(model.lm_head, lin.Int8Linear) and model.wte.weight.dtype == torch.bfloat16
+    assert not [t for t in model.state_dict().values() if t.dtype == torch.float32]
+    assert (got - want).abs().max() < 0.05 * want.abs().max()
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9

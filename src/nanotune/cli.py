@@ -110,10 +110,12 @@ def _generation_config(args: argparse.Namespace):
 def _add_dtype_arg(p) -> None:
     p.add_argument(
         "--dtype",
-        choices=["float32", "bfloat16"],
+        choices=["float32", "bfloat16", "int8"],
         default="float32",
-        help="weights and KV cache while decoding (bfloat16: faster on CPUs with native bf16 "
-        "and on GPUs; float32, the default, answers exactly as training computed)",
+        help="weights and KV cache while decoding (bfloat16: faster on GPUs and for batches on "
+        "CPUs with native bf16; int8: linear weights in int8 with per-channel scales, the rest "
+        "in bfloat16, fastest at batch 1 on CPU; float32, the default, answers exactly as "
+        "training computed)",
     )
 
 

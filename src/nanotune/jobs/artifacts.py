@@ -37,6 +37,7 @@ from nanotune.jobs.card import model_card
 from nanotune.methods import SequenceClassifier, lora_layers
 from nanotune.methods.lora import merge as merge_lora
 from nanotune.models import DEFAULT_MODEL
+from nanotune.models.linear import quantize_int8
 from nanotune.tokenizer import Tokenizer
 from nanotune.weights import hub, load_model, save_model
 from nanotune.weights.classifier import (
@@ -57,7 +58,9 @@ from nanotune.weights.peft import (
 
 Loaded = tuple[nn.Module, Tokenizer]
 CARD_FILE = "README.md"  # the model card the Hub shows
-DECODE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DECODE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.bfloat16}
+"""--dtype -> the dtype of activations, KV cache and unquantized weights (int8: linear weights
+in int8 with per-channel scales, `models.linear.Int8Linear`; the rest in bfloat16)."""
 """What `generate`, `chat` and `serve` may decode in (`--dtype`). bfloat16 halves the bytes each
 decode step streams (logits and sampling stay float32): faster where the CPU has native bf16
 (AVX512_BF16, AMX) and on GPUs, with answers no longer bit-equal to float32's."""
@@ -131,6 +134,8 @@ def for_decoding(model: nn.Module, dtype: str) -> nn.Module:
         return model
     if lora_layers(model):
         merge_lora(model)
+    if dtype == "int8":  # quantized from the float32 weights, before the rest goes to bf16
+        quantize_int8(model)
     return model.to(DECODE_DTYPES[dtype])
 
 

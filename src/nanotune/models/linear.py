@@ -144,3 +144,59 @@ class Linear(nn.Linear):
 
 
 ONEDNN = _onednn_available()
+
+
+class Int8Linear(nn.Module):
+    """A frozen linear layer for decoding: int8 weights with one scale per output channel
+    (symmetric: absmax / 127), bias, scales and activations in bfloat16.
+
+    Decoding at batch 1 is bound by reading the weights; int8 reads 1 byte per weight where
+    float32 reads 4. On CPU the product is `torch._weight_int8pack_mm` (int8 weights, bf16
+    activations, float accumulation), which needs in_features % 16 == 0; other shapes and
+    devices multiply by the dequantized weight.
+    """
+
+    def __init__(self, qweight: Tensor, scales: Tensor, bias: Tensor | None) -> None:
+        super().__init__()
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", scales)
+        self.register_buffer("bias", bias)
+
+    @classmethod
+    def quantize(cls, weight: Tensor, bias: Tensor | None, dtype=torch.bfloat16) -> Int8Linear:
+        w = weight.detach().float()
+        scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127
+        qweight = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+        return cls(qweight, scales.to(dtype), None if bias is None else bias.detach().to(dtype))
+
+    @property
+    def in_features(self) -> int:
+        return self.qweight.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.qweight.shape[0]
+
+    def dequantized(self) -> Tensor:
+        return self.qweight.to(self.scales.dtype) * self.scales[:, None]
+
+    def forward(self, x: Tensor) -> Tensor:
+        lead = x.shape[:-1]
+        x = x.reshape(-1, x.shape[-1]).to(self.scales.dtype)
+        if x.device.type == "cpu" and self.in_features % 16 == 0 and x.shape[0]:
+            y = torch._weight_int8pack_mm(x.contiguous(), self.qweight, self.scales)
+        else:
+            y = x @ self.dequantized().T
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*lead, self.out_features)
+
+
+def quantize_int8(model: nn.Module) -> nn.Module:
+    """Replace every linear layer of `model` (in place) by an `Int8Linear` of its weights; a
+    head tied to the embedding gets its own int8 copy and the embedding keeps its table."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(module, name, Int8Linear.quantize(child.weight, child.bias))
+    return model

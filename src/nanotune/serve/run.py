@@ -59,6 +59,12 @@ def serve(
             raise NanotuneError(
                 f"--adapter {name}={path}: not an adapter folder (no {CONFIG_FILE})"
             )
+    if dtype == "int8" and specs:
+        raise NanotuneError(
+            "--dtype int8 quantizes the base's linear layers, which --adapter's adapters attach "
+            "to; merge each adapter into its base (`nanotune merge`) and serve that, or use "
+            "--dtype bfloat16"
+        )
     base, tokenizer = artifacts.load(model)
     if isinstance(base, SequenceClassifier):
         raise NanotuneError(
