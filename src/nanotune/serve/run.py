@@ -44,8 +44,10 @@ def serve(
     with it as an adapter) and the `NAME=DIR` adapters until SIGINT/SIGTERM.
 
     `dtype` bfloat16 halves the bytes each decode step streams (weights, adapters and KV cache
-    in bf16; logits and sampling stay float32): about twice the tokens/s where the CPU has
-    native bf16 (AVX512_BF16, AMX) or on a GPU, with answers no longer bit-equal to float32.
+    in bf16; logits and sampling stay float32); int8 quarters the linear weights' bytes (the
+    rest in bf16; base only, no --adapter). Answers are then no longer bit-equal to float32,
+    and whether either is faster depends on the kernels of the device: measure with
+    `nanotune bench`.
     """
     specs = [adapter_spec(a) for a in adapters]
     if model is not None and (Path(model).expanduser() / CONFIG_FILE).is_file():
