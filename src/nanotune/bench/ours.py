@@ -94,7 +94,7 @@ def build(
         from nanotune.generate import GenerationConfig, generate_ids
         from nanotune.jobs.artifacts import for_decoding
 
-        model = for_decoding(model.eval(), precision)  # `--dtype`: bf16 weights and KV cache
+        model = for_decoding(model.eval(), precision)  # `--dtype` (int8 for the -int8 cases)
         # No stop tokens: every row generates exactly max_new_tokens, as on the peer side.
         gen = GenerationConfig(max_new_tokens=sizes(quick).gen_new, stop_token_ids=())
         return Workload(lambda prompts: generate_ids(model, prompts, gen), items)

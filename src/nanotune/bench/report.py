@@ -30,7 +30,7 @@ class SideResult:
     na: str | None = None  # not applicable here (reason)
     error: str | None = None  # the run failed (last line of its stderr)
     note: str | None = None  # what the numbers alone do not say (the serve case's latencies)
-    precision: str | None = None  # float32 or bfloat16 (autocast, or bf16 decode weights)
+    precision: str | None = None  # float32 or bfloat16 (autocast, or decode weights), int8
 
     @property
     def ok(self) -> bool:
@@ -175,7 +175,8 @@ def render(
         "- matmul peak (best GEMM of torch.mm and oneDNN, measured in this run): fp32 "
         f"{peak / 1e9:,.1f} GFLOP/s"
         + (f", bf16 {bf16_peak / 1e9:,.1f} GFLOP/s" if bf16_peak else "")
-        + "; a row's fraction of peak is of its own precision's peak",
+        + "; a row's fraction of peak is of its own precision's peak (int8 decoding: bf16's, "
+        "its activations' precision)",
         f"- nanotune's precision here: {precision or 'float32'}; the peer runs float32 (`peer`) "
         "and under its bf16 autocast (`peer-bf16`), and every ratio is against the faster of "
         "the two",
@@ -190,6 +191,7 @@ def render(
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     peaks = {"float32": peak, "bfloat16": bf16_peak or peak}
+    peaks["int8"] = peaks["bfloat16"]
     for case, sides in results.items():
         for side, r in sides.items():
             out.append(_row(case, side, r, faster_peer(sides), peaks))

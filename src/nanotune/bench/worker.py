@@ -42,6 +42,8 @@ def _import_lazy_modules(device: str) -> None:
 def measure(case_name: str, side: str, quick: bool, device: str, source: str | None) -> dict:
     case = cases.CASES[case_name]
     precision = side_precision(side, device)
+    if side == "nanotune" and case.decode:  # `--dtype` for decoding, not the training precision
+        precision = case.decode
     if case.kind == "serve":  # a load test of two server processes, not a step loop
         from nanotune.bench import serving
 

@@ -149,12 +149,15 @@ class Attention(nn.Module):
 
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Tensor:
-    """`F.scaled_dot_product_attention`; in float32 under CPU autocast, where the bf16 CPU kernel's
-    backward is ~3.4x slower than the float32 one (15.5 vs 4.6 ms per GPT-2 layer at 8 x 76
-    tokens) for a product that is a small part of a step's FLOPs."""
-    if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+    """`F.scaled_dot_product_attention`, in float32 on CPU for bf16 inputs (autocast training or
+    bf16/int8 decoding), back in the inputs' dtype: the bf16 CPU kernels are the slow ones, the
+    backward ~3.4x (15.5 vs 4.6 ms per GPT-2 layer at 8 x 76 tokens), a decode step ~3x (166 vs
+    58 us per GPT-2 layer at batch 1, 1119 vs 364 us at batch 8, upcasts included), for a product
+    that is a small part of the FLOPs; the float32 softmax is also the more accurate."""
+    if q.device.type == "cpu" and (q.dtype == torch.bfloat16 or torch.is_autocast_enabled("cpu")):
         with torch.autocast("cpu", enabled=False):
-            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kwargs)
+            y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kwargs)
+        return y.to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, **kwargs)
 
 
