@@ -93,7 +93,8 @@ def test_quick_bench_reports_every_case_on_every_side(report):
 def test_every_side_says_its_precision_and_ratios_are_against_the_faster_peer(report):
     """The suite pins `train.dtype: auto` to float32 (conftest), so nanotune and the peer run
     float32 and peer-bf16 bfloat16, except where a generate case names nanotune's `--dtype`
-    (int8 for the -int8 cases); a ratio names the peer run it was taken against, the faster."""
+    (int8 for the -int8 cases) or the peer is llama.cpp on the GGUF; a ratio names the peer run
+    it was taken against, the faster."""
     _, text = report
     precisions, rows = _precisions(text), _rows(text)
     for (case, side), precision in precisions.items():
@@ -102,6 +103,8 @@ def test_every_side_says_its_precision_and_ratios_are_against_the_faster_peer(re
         want = "bfloat16" if side == "peer-bf16" else "float32"
         if side == "nanotune" and cases.CASES[case].decode:  # a generate case's `--dtype`
             want = cases.CASES[case].decode
+        if side == "peer" and cases.CASES[case].peer == "llama.cpp":  # the file's quantization
+            want = "GGUF Q4_1"
         assert precision == want, (case, side)
     assert "nanotune's precision here: float32 (train.dtype auto: " in text
     for case in ("lora-sft", "full-lm", "generate-b1"):
@@ -206,3 +209,16 @@ def test_both_sides_see_the_same_data():
             assert a == b and len(a) == cases.QUICK.warmup + cases.QUICK.timed
         useful = [cases.step_stats(case, True, item)[0] for item in a]
         assert all(u > 0 for u in useful)
+
+
+def test_llama_cpp_row_says_why_when_llama_cpp_python_is_missing(monkeypatch):
+    """Without llama-cpp-python the llama.cpp peer is an n/a row naming the package, not a
+    failure; the GGUF's quantization is read from its file name."""
+    from nanotune.bench import llamacpp
+    from nanotune.bench.workload import NotApplicable
+
+    monkeypatch.setitem(__import__("sys").modules, "llama_cpp", None)  # import fails
+    with pytest.raises(NotApplicable, match="llama-cpp-python is not installed"):
+        llamacpp.import_libraries(cases.CASES["generate-llama-cpp"])
+    assert llamacpp.precision("/x/SmolLM2-135M-Instruct.Q4_1.gguf") == "GGUF Q4_1"
+    assert llamacpp.precision("/x/model.gguf") == "GGUF"

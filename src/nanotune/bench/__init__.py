@@ -147,6 +147,8 @@ def run(
         def one(job: tuple[str, str]) -> SideResult:
             case, side = job
             src = source if CASES[case].model == "smollm2" else None
+            if CASES[case].peer == "llama.cpp":  # a GGUF for llama.cpp, --quick included
+                src = smollm2_gguf()
             if CASES[case].kind == "dpo":
                 src = folder
             r = run_side(case, side, quick, device, src, timeout)

@@ -45,6 +45,9 @@ class Case:
     epochs: int = 0
     # nanotune decodes in this `--dtype` instead of its training precision (generate cases).
     decode: str | None = None
+    # Who the peer is: transformers (+ peft, TRL), or llama.cpp on the SmolLM2 GGUF
+    # (`bench.llamacpp`; its bf16 row does not apply).
+    peer: str = "transformers"
     extra: dict[str, Any] = field(default_factory=dict, hash=False)
 
 
@@ -151,6 +154,18 @@ CASES: dict[str, Case] = {
             batch=8,
             target_ratio=3.0,
             decode="int8",
+        ),
+        Case(
+            "generate-llama-cpp",
+            "generate",
+            "smollm2",
+            "none",
+            "SmolLM2-135M from the embedded GGUF (Q4_1), 32-token prompt, 128 new tokens, greedy, "
+            "batch 1: nanotune dequantizes the file and decodes with `--dtype int8`; the peer is "
+            "llama.cpp (llama-cpp-python) on the same file, in its own Q4_1 kernels",
+            batch=1,
+            decode="int8",
+            peer="llama.cpp",
         ),
         Case(
             "smollm2-lora",
@@ -269,8 +284,9 @@ def sizes(quick: bool) -> Sizes:
 
 def model_config(case: Case, quick: bool) -> ModelConfig:
     """The architecture both sides build (SmolLM2 full size comes from the real checkpoint)."""
-    if case.model == "smollm2":
-        return QUICK_LLAMA if quick else PRESETS["smollm2-135m-instruct"].config
+    if case.model == "smollm2":  # llama.cpp reads the real GGUF, --quick too
+        small = quick and case.peer != "llama.cpp"
+        return QUICK_LLAMA if small else PRESETS["smollm2-135m-instruct"].config
     return QUICK_GPT2 if quick else PRESETS["gpt2"].config
 
 

@@ -179,7 +179,7 @@ def render(
         "its activations' precision)",
         f"- nanotune's precision here: {precision or 'float32'}; the peer runs float32 (`peer`) "
         "and under its bf16 autocast (`peer-bf16`), and every ratio is against the faster of "
-        "the two",
+        "the two (generate-llama-cpp's peer is llama.cpp on the GGUF, in its own kernels)",
         f"- steps: {s.warmup} warm-up (not timed) + {s.timed} timed, medians reported",
     ]
     if quick:

@@ -59,9 +59,18 @@ def measure(case_name: str, side: str, quick: bool, device: str, source: str | N
         return datapipe.measure(side, quick)
     if side == "nanotune":
         from nanotune.bench import ours as impl
+    elif case.peer == "llama.cpp":
+        from nanotune.bench import llamacpp as impl
+
+        if side == PEER_BF16:
+            return {"na": "n/a: llama.cpp computes in the GGUF's own quantization"}
+        precision = impl.precision(source)
     else:
         from nanotune.bench import peer as impl
-    impl.import_libraries(case)
+    try:
+        impl.import_libraries(case)
+    except NotApplicable as e:
+        return {"na": str(e)}
     _import_lazy_modules(device)
     gc.collect()
     baseline = rss("VmRSS") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

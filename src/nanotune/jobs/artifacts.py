@@ -59,11 +59,10 @@ from nanotune.weights.peft import (
 Loaded = tuple[nn.Module, Tokenizer]
 CARD_FILE = "README.md"  # the model card the Hub shows
 DECODE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.bfloat16}
-"""--dtype -> the dtype of activations, KV cache and unquantized weights (int8: linear weights
-in int8 with per-channel scales, `models.linear.Int8Linear`; the rest in bfloat16)."""
-"""What `generate`, `chat` and `serve` may decode in (`--dtype`). bfloat16 halves the bytes each
-decode step streams (logits and sampling stay float32): faster where the CPU has native bf16
-(AVX512_BF16, AMX) and on GPUs, with answers no longer bit-equal to float32's."""
+"""What `generate`, `chat` and `serve` may decode in (`--dtype`) -> the dtype of activations, KV
+cache and unquantized weights. bfloat16 halves the bytes a decode step streams, int8 (linear
+weights in int8 with per-channel scales, `models.linear.Int8Linear`; the rest bfloat16) quarters
+them; logits and sampling stay float32, and answers are no longer bit-equal to float32's."""
 
 
 def save_final(
@@ -136,7 +135,23 @@ def for_decoding(model: nn.Module, dtype: str) -> nn.Module:
         merge_lora(model)
     if dtype == "int8":  # quantized from the float32 weights, before the rest goes to bf16
         quantize_int8(model)
-    return model.to(DECODE_DTYPES[dtype])
+    model = model.to(DECODE_DTYPES[dtype])
+    _return_freed_memory()
+    return model
+
+
+def _return_freed_memory() -> None:
+    """Hand the heap pages the float32 weights were freed from back to the OS (glibc's
+    `malloc_trim`; a no-op elsewhere): tensors of a few MB come from the heap, which keeps
+    freed pages, so a model just converted would keep its float32 footprint in RSS."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        ctypes.CDLL(name).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):
+        pass
 
 
 def base_of(adapter: str | os.PathLike) -> str:

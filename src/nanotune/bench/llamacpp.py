@@ -1,0 +1,56 @@
+"""The llama.cpp peer of the generate-llama-cpp case: llama-cpp-python on the SmolLM2 GGUF.
+
+llama.cpp runs the file's own quantized weights (Q4_1 for the embedded SmolLM2) with its own
+CPU kernels, on the same threads as torch here; greedy (top-k 1), the prompt's token ids as
+given, exactly `gen_new` tokens (an EOS does not stop it), the KV cache cleared per prompt.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from nanotune.bench.cases import Case, sizes
+from nanotune.bench.workload import NotApplicable, Workload
+
+
+def precision(source: str | os.PathLike) -> str:
+    """What llama.cpp computes in: the GGUF's quantization, from its file name (…Q4_1.gguf)."""
+    kind = Path(source).stem.rsplit(".", 1)[-1]
+    return f"GGUF {kind}" if kind != Path(source).stem else "GGUF"
+
+
+def import_libraries(case: Case) -> None:
+    """Import llama-cpp-python before the memory baseline (its shared library is ~10 MB)."""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError as e:
+        raise NotApplicable(
+            "n/a: llama-cpp-python is not installed (pip install 'nanotune[llama]')"
+        ) from e
+
+
+def build(
+    case: Case, quick: bool, device: str, items: list[Any], source: str | None, precision: str
+) -> Workload:
+    import llama_cpp
+
+    if device != "cpu":
+        raise NotApplicable(f"n/a on {device}: the llama.cpp row is a CPU comparison")
+    new, prompt = sizes(quick).gen_new, len(items[0][0])
+    llm = llama_cpp.Llama(
+        model_path=str(source),
+        n_ctx=prompt + new + 8,
+        n_batch=prompt,
+        n_threads=os.cpu_count(),
+        verbose=False,
+    )
+
+    def run(item: list[list[int]]) -> None:
+        (ids,) = item  # batch 1
+        for i, _ in enumerate(llm.generate(ids, top_k=1, temp=0.0, reset=True)):
+            if i + 1 == new:
+                break
+
+    return Workload(run, items)
