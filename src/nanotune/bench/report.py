@@ -217,8 +217,9 @@ def render(
         "torch.bfloat16)` (what `TrainingArguments(bf16=True)` does on CPU; generation under the "
         "same autocast; `transformers serve --dtype bfloat16` for serve); nanotune runs what "
         "`train.dtype: auto` picks on this machine: bf16 autocast with float32 master weights "
-        "where the CPU multiplies bf16 natively (AVX512_BF16/AMX), float32 elsewhere, and for "
-        "generation and serve the same choice as `--dtype` (bf16 weights and KV cache).",
+        "where the CPU multiplies bf16 natively (AVX512_BF16/AMX), float32 elsewhere; serve the "
+        "same choice as its `--dtype` (bf16 weights and KV cache); the generate cases the "
+        "`--dtype` their row names (float32, `generate`'s default, or int8).",
         "- dpo: the peer is TRL's `DPOTrainer` (peft `LoraConfig` passed as `peft_config`, so its "
         "reference is the model with adapters disabled; `precompute_ref_log_probs=False`, its `bf16` flag as the side's precision, "
         "no gradient checkpointing, no eval/logging/saving); a step is its `training_step` on a "
