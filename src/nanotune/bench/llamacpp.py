@@ -1,7 +1,7 @@
 """The llama.cpp peer of the generate-llama-cpp case: llama-cpp-python on the SmolLM2 GGUF.
 
 llama.cpp runs the file's own quantized weights (Q4_1 for the embedded SmolLM2) with its own
-CPU kernels, on the same threads as torch here; greedy (top-k 1), the prompt's token ids as
+CPU kernels, on as many threads as torch uses here; greedy (top-k 1), the prompt's token ids as
 given, exactly `gen_new` tokens (an EOS does not stop it), the KV cache cleared per prompt.
 """
 
@@ -11,11 +11,13 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from nanotune.bench.cases import Case, sizes
 from nanotune.bench.workload import NotApplicable, Workload
 
 
-def precision(source: str | os.PathLike) -> str:
+def gguf_precision(source: str | os.PathLike) -> str:
     """What llama.cpp computes in: the GGUF's quantization, from its file name (…Q4_1.gguf)."""
     kind = Path(source).stem.rsplit(".", 1)[-1]
     return f"GGUF {kind}" if kind != Path(source).stem else "GGUF"
@@ -39,16 +41,19 @@ def build(
     if device != "cpu":
         raise NotApplicable(f"n/a on {device}: the llama.cpp row is a CPU comparison")
     new, prompt = sizes(quick).gen_new, len(items[0][0])
+    threads = torch.get_num_threads()
     llm = llama_cpp.Llama(
         model_path=str(source),
         n_ctx=prompt + new + 8,
         n_batch=prompt,
-        n_threads=os.cpu_count(),
+        n_threads=threads,
+        n_threads_batch=threads,
         verbose=False,
     )
 
     def run(item: list[list[int]]) -> None:
         (ids,) = item  # batch 1
+        llm.reset()  # no prefix of an earlier prompt is reused
         for i, _ in enumerate(llm.generate(ids, top_k=1, temp=0.0, reset=True)):
             if i + 1 == new:
                 break

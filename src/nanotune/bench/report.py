@@ -30,7 +30,7 @@ class SideResult:
     na: str | None = None  # not applicable here (reason)
     error: str | None = None  # the run failed (last line of its stderr)
     note: str | None = None  # what the numbers alone do not say (the serve case's latencies)
-    precision: str | None = None  # float32 or bfloat16 (autocast, or decode weights), int8
+    precision: str | None = None  # float32, bfloat16, int8 (decode weights), GGUF <type>
 
     @property
     def ok(self) -> bool:
@@ -176,7 +176,7 @@ def render(
         f"{peak / 1e9:,.1f} GFLOP/s"
         + (f", bf16 {bf16_peak / 1e9:,.1f} GFLOP/s" if bf16_peak else "")
         + "; a row's fraction of peak is of its own precision's peak (int8 decoding: bf16's, "
-        "its activations' precision)",
+        "its activations' precision; llama.cpp's GGUF rows: fp32's)",
         f"- nanotune's precision here: {precision or 'float32'}; the peer runs float32 (`peer`) "
         "and under its bf16 autocast (`peer-bf16`), and every ratio is against the faster of "
         "the two (generate-llama-cpp's peer is llama.cpp on the GGUF, in its own kernels)",
@@ -190,8 +190,7 @@ def render(
         "| of matmul peak | note |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    peaks = {"float32": peak, "bfloat16": bf16_peak or peak}
-    peaks["int8"] = peaks["bfloat16"]
+    peaks = {"float32": peak, "bfloat16": bf16_peak or peak, "int8": bf16_peak or peak}
     for case, sides in results.items():
         for side, r in sides.items():
             out.append(_row(case, side, r, faster_peer(sides), peaks))

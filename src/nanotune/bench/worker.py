@@ -64,7 +64,7 @@ def measure(case_name: str, side: str, quick: bool, device: str, source: str | N
 
         if side == PEER_BF16:
             return {"na": "n/a: llama.cpp computes in the GGUF's own quantization"}
-        precision = impl.precision(source)
+        precision = impl.gguf_precision(source)
     else:
         from nanotune.bench import peer as impl
     try:

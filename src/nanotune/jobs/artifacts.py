@@ -145,11 +145,9 @@ def _return_freed_memory() -> None:
     `malloc_trim`; a no-op elsewhere): tensors of a few MB come from the heap, which keeps
     freed pages, so a model just converted would keep its float32 footprint in RSS."""
     import ctypes
-    import ctypes.util
 
-    name = ctypes.util.find_library("c")
     try:
-        ctypes.CDLL(name).malloc_trim(0)
+        ctypes.CDLL(None).malloc_trim(0)  # the process's own symbols: libc's on Linux
     except (OSError, AttributeError, TypeError):
         pass
 
