@@ -230,5 +230,5 @@ def test_llama_cpp_row_says_why_when_llama_cpp_python_is_missing(monkeypatch):
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import fails
     with pytest.raises(NotApplicable, match="llama-cpp-python is not installed"):
         llamacpp.import_libraries(cases.CASES["generate-llama-cpp"])
-    assert llamacpp.precision("/x/SmolLM2-135M-Instruct.Q4_1.gguf") == "GGUF Q4_1"
-    assert llamacpp.precision("/x/model.gguf") == "GGUF"
+    assert llamacpp.gguf_precision("/x/SmolLM2-135M-Instruct.Q4_1.gguf") == "GGUF Q4_1"
+    assert llamacpp.gguf_precision("/x/model.gguf") == "GGUF"
