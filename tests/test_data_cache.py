@@ -115,13 +115,86 @@ def test_a_damaged_entry_is_rebuilt_and_the_off_switch_writes_nothing(tmp_path, 
         source=_write(tmp_path / "r.jsonl", [{"prompt": "Q", "completion": " A"}] * 5),
         val_fraction=0.0,
     )
-    built = build_datasets(cfg, gpt2_tokenizer())
+    built = list(build_datasets(cfg, gpt2_tokenizer()).train)  # read now: it maps the entry
     entry = build_datasets(cfg, gpt2_tokenizer()).cached
     (entry / "train.ids.npy").write_bytes(b"not numpy")
     rebuilt = build_datasets(cfg, gpt2_tokenizer())
-    assert rebuilt.cached is None and _same(rebuilt.train, built.train)
+    assert rebuilt.cached is None and _same(rebuilt.train, built)
     assert build_datasets(cfg, gpt2_tokenizer()).cached == entry  # written anew
     monkeypatch.setenv("NANOTUNE_DATA_CACHE", "off")
     other = DataConfig(source=cfg.source, val_fraction=0.0, separator=" ->")
     assert build_datasets(other, gpt2_tokenizer()).cached is None
     assert build_datasets(other, gpt2_tokenizer()).cached is None
+
+
+def test_lm_rows_are_formatted_as_read_and_split_as_the_rows_would_be(tmp_path, monkeypatch):
+    """The streaming build never holds the rows: a source's Row objects die as they are
+    formatted, and the splits, drops and counts equal formatting the split rows one by one."""
+    import weakref
+
+    from nanotune.data import builtin
+    from nanotune.data.example import Row
+    from nanotune.data.formats import TooLong, format_completion
+    from nanotune.data.sources import split_rows
+
+    class Probe(Row):  # a Row that can be watched (weakly referenced)
+        pass
+
+    alive = most = 0
+
+    def gone() -> None:
+        nonlocal alive
+        alive -= 1
+
+    def source():
+        nonlocal alive, most
+        for i in range(300):
+            row = Probe({"prompt": f"Q{i} " + "w " * (i % 40), "completion": f" A{i}"}, f"s:{i}")
+            weakref.finalize(row, gone)
+            alive += 1
+            most = max(most, alive)
+            yield row
+
+    monkeypatch.setitem(builtin.BUILTINS, "stream-probe", source)
+    cfg = DataConfig(
+        source="builtin:stream-probe", val_fraction=0.1, test_fraction=0.1, max_length=40
+    )
+    tok = gpt2_tokenizer()
+    data = build_datasets(cfg, tok)
+    assert most <= 2  # the row being formatted (and the one being made)
+    rows = list(source())
+    for name, split in split_rows(rows, {"val": 0.1, "test": 0.1}, cfg.seed).items():
+        want, dropped = [], 0
+        for row in split:
+            try:
+                want.append(format_completion(row, tok, cfg))
+            except TooLong:
+                dropped += 1
+        assert _same(data.splits[name], want), name
+        assert data.stats[name]["rows"] == len(split)
+        assert data.stats[name]["dropped_too_long"] == dropped > 0
+
+
+def test_a_built_split_is_read_from_the_memory_mapped_entry_it_wrote(tmp_path):
+    cfg = DataConfig(source=_write(tmp_path / "r.jsonl", _chat_rows(6)), format="chat")
+    data = build_datasets(cfg, gpt2_tokenizer())
+    assert data.cached is None  # built now
+    assert isinstance(data.train.ids, np.memmap)  # not a second copy in the heap
+
+
+def test_store_take_and_chunked_equal_their_list_forms():
+    rng = np.random.default_rng(0)
+    examples = []
+    for _ in range(30):
+        ids = rng.integers(0, 50_000, rng.integers(1, 12)).tolist()
+        cut = int(rng.integers(0, len(ids)))
+        examples.append(Example(ids, [-100] * cut + ids[cut:]))
+    store = ExampleStore.build(examples)
+    order = rng.permutation(30)[:17]
+    assert _same(store.take(order), [examples[i] for i in order])
+    assert len(store.take(np.array([], dtype=np.int64))) == 0
+    for block in (2, 5, 7):
+        stream = [t for e in examples for t in [*e.ids, 9]]
+        want = [stream[i : i + block] for i in range(0, len(stream), block)]
+        want = [Example(b, list(b)) for b in want if len(b) >= 2]
+        assert _same(store.chunked(9, block), want), block

@@ -47,7 +47,7 @@ def test_all_file_formats_give_the_same_rows(tmp_path, tok):
     # A tab inside a tsv field needs quoting, which tsv files are read without unless asked.
     assert [dict(r) for r in iter_source(str(tmp_path / "d.tsv"), quoting="csv")] == rows
     with pytest.raises(NanotuneError, match=r"d\.tsv:3: 3 fields but the header has 2"):
-        build_datasets(DataConfig(source=str(tmp_path / "d.tsv")), tok)
+        build_datasets(DataConfig(source=str(tmp_path / "d.tsv"), format="text"), tok)
     assert [r.where for r in iter_source(str(tmp_path / "d.jsonl"))] == [
         f"{tmp_path / 'd.jsonl'}:1",
         f"{tmp_path / 'd.jsonl'}:2",
@@ -381,3 +381,14 @@ def test_hf_hub_id_offline_fails_fast_with_advice(tok, monkeypatch, tmp_path):
         match=r"hf:nobody/no-such-set:train: cannot load .*point data.source at local",
     ):
         build_datasets(DataConfig(source="hf:nobody/no-such-set"), tok)
+
+
+def test_jsonl_is_read_line_by_line_and_a_line_may_hold_u2028(tmp_path):
+    # str.splitlines would cut this row at U+2028, which JSON allows raw inside a string.
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(
+        json.dumps({"text": "a\u2028b"}, ensure_ascii=False).encode() + b"\r\n{\"text\": \"c\"}\n"
+    )
+    got = list(iter_source(str(path)))
+    assert [dict(r) for r in got] == [{"text": "a\u2028b"}, {"text": "c"}]
+    assert [r.where for r in got] == [f"{path}:1", f"{path}:2"]

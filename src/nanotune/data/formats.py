@@ -563,13 +563,6 @@ def format_classification(
     return ClassExample(ids, label)
 
 
-def chunk_text(docs: list[list[int]], eos_id: int, block_size: int) -> list[Example]:
-    """Concatenate tokenized documents with EOS between them and cut fixed blocks; all supervised."""
-    stream = [t for doc in docs for t in [*doc, eos_id]]
-    blocks = [stream[i : i + block_size] for i in range(0, len(stream), block_size)]
-    return [Example(b, list(b)) for b in blocks if len(b) >= 2]
-
-
 LM_FORMATS: dict[str, Callable[[Row, TokenizerLike, DataConfig], Example]] = {
     "completion": format_completion,
     "chat": format_chat,

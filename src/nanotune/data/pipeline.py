@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
+from array import array
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from nanotune.data import cache as data_cache
 from nanotune.data.config import DataConfig
-from nanotune.data.example import BadRow, ClassExample, PreferenceExample, Row, Task
+from nanotune.data.example import BadRow, ClassExample, Example, PreferenceExample, Row, Task
 from nanotune.data.formats import (
     LM_FORMATS,
     TokenizerLike,
     TooLong,
     as_text,
     bos,
-    chunk_text,
     format_classification,
     format_preference,
     required_special_tokens,
@@ -82,8 +84,9 @@ def task_of(cfg: DataConfig) -> Task:
     return "lm"
 
 
-def _read(spec: str, cfg: DataConfig, stats: Counter, problems: list[str]) -> list[Row]:
-    rows = []
+def _rows(spec: str, cfg: DataConfig, stats: Counter, problems: list[str]) -> Iterator[Row]:
+    """The rows of one source as they are read, columns mapped; an unreadable row is raised
+    or counted in `stats` (on_bad_row) and left out."""
     items = iter_source(
         spec,
         cfg.text_unit,
@@ -97,10 +100,9 @@ def _read(spec: str, cfg: DataConfig, stats: Counter, problems: list[str]) -> li
             _bad(item, cfg, stats, problems)
             continue
         try:
-            rows.append(_map_columns(item, cfg))
+            yield _map_columns(item, cfg)
         except BadRow as e:
             _bad(e, cfg, stats, problems)
-    return rows
 
 
 def _bad(e: BadRow, cfg: DataConfig, stats: Counter, problems: list[str]) -> None:
@@ -154,17 +156,40 @@ def _label_names(cfg: DataConfig, rows: list[Row]) -> list[str]:
     return names
 
 
+def _held_out(cfg: DataConfig) -> dict[str, float]:
+    """The splits cut from the training source, with their fractions."""
+    return {
+        name: frac
+        for name, given, frac in (
+            ("val", cfg.val_source, cfg.val_fraction),
+            ("test", cfg.test_source, cfg.test_fraction),
+        )
+        if given is None and frac > 0
+    }
+
+
+def _given(cfg: DataConfig) -> dict[str, str]:
+    """The splits read from sources of their own."""
+    return {
+        name: given
+        for name, given in (("val", cfg.val_source), ("test", cfg.test_source))
+        if given is not None
+    }
+
+
+def _check_not_empty(cfg: DataConfig, name: str, n: int) -> None:
+    if not n:
+        where = _given(cfg).get(name) or cfg.source
+        raise NanotuneError(
+            f"{where}: the {name} split is empty; check the file, the fractions or on_bad_row skips"
+        )
+
+
 def _split(cfg: DataConfig, stats: dict[str, Counter], problems: list[str]) -> dict[str, list[Row]]:
     stats["train"] = Counter()
-    rows = _read(cfg.source, cfg, stats["train"], problems)
+    rows = list(_rows(cfg.source, cfg, stats["train"], problems))
     stratify = task_of(cfg) == "classification" and cfg.stratify
-    fractions = {}
-    for name, given, frac in (
-        ("val", cfg.val_source, cfg.val_fraction),
-        ("test", cfg.test_source, cfg.test_fraction),
-    ):
-        if given is None and frac > 0:
-            fractions[name] = frac
+    fractions = _held_out(cfg)
     if cfg.balance and rows:
         try:
             rows = balance_rows(rows, _label_key, cfg.seed)
@@ -173,44 +198,15 @@ def _split(cfg: DataConfig, stats: dict[str, Counter], problems: list[str]) -> d
     out = split_rows(rows, fractions, cfg.seed, _label_key if stratify else None)
     for name in fractions:
         stats[name] = Counter()  # their bad rows were counted under train, where they were read
-    for name, given in (("val", cfg.val_source), ("test", cfg.test_source)):
-        if given is not None:
-            stats[name] = Counter()
-            out[name] = _read(given, cfg, stats[name], problems)
+    for name, given in _given(cfg).items():
+        stats[name] = Counter()
+        out[name] = list(_rows(given, cfg, stats[name], problems))
     for name, split_rows_ in out.items():
         if cfg.limit is not None:
             out[name] = split_rows_[: cfg.limit]
         stats[name]["rows"] = len(out[name])
-        if not out[name]:
-            where = {"val": cfg.val_source, "test": cfg.test_source}.get(name) or cfg.source
-            raise NanotuneError(
-                f"{where}: the {name} split is empty; check the file, the fractions or on_bad_row skips"
-            )
+        _check_not_empty(cfg, name, len(out[name]))
     return out
-
-
-def _examples(
-    rows: list[Row],
-    cfg: DataConfig,
-    tokenizer: TokenizerLike,
-    label_names: list[str] | None,
-    stats: Counter,
-    problems: list[str],
-) -> list[Any]:
-    if cfg.format == "text":
-        docs = []
-        for row in rows:
-            try:
-                text = row_field(row, "text")
-                # Several texts in one row (e.g. all answers to a question) form one document.
-                text = " ".join(map(str, text)) if isinstance(text, list) else as_text(text)
-                docs.append(bos(tokenizer) + tokenizer.encode(text))
-            except BadRow as e:
-                _bad(e, cfg, stats, problems)
-        return ExampleStore.build(chunk_text(docs, tokenizer.eos_id, cfg.chunk_tokens))
-    made = _formatted(rows, cfg, tokenizer, label_names, stats, problems)
-    # LM examples are packed into a store as they are made, never all held as lists.
-    return ExampleStore.build(made) if task_of(cfg) == "lm" else list(made)
 
 
 def _formatted(
@@ -220,26 +216,141 @@ def _formatted(
     label_names: list[str] | None,
     stats: Counter,
     problems: list[str],
-) -> Iterator[Any]:
-    """The example of each row, in order; each row is dropped from `rows` once formatted, so
-    rows and examples are never all held at once."""
+) -> list[ClassExample] | list[PreferenceExample]:
+    """The classification or preference example of each row, in order; each row is dropped
+    from `rows` once formatted, so rows and examples are never all held at once."""
+    made = []
     for i in range(len(rows)):
         row, rows[i] = rows[i], None
         try:
             if task_of(cfg) == "classification":
-                yield format_classification(row, tokenizer, cfg, label_names or [])
-            elif task_of(cfg) == "preference":
-                yield format_preference(row, tokenizer, cfg)
+                made.append(format_classification(row, tokenizer, cfg, label_names or []))
             else:
-                yield LM_FORMATS[cfg.format](row, tokenizer, cfg)
-        except TooLong as e:
-            if cfg.truncation == "error":
-                raise
-            stats["dropped_too_long"] += 1
-            if len(problems) < MAX_PROBLEMS:
-                problems.append(str(e))
-        except BadRow as e:
-            _bad(e, cfg, stats, problems)
+                made.append(format_preference(row, tokenizer, cfg))
+        except (TooLong, BadRow) as e:
+            _left_out(e, cfg, stats, problems)
+    return made
+
+
+def _left_out(e: TooLong | BadRow, cfg: DataConfig, stats: Counter, problems: list[str]) -> None:
+    """Count a row that made no example (or stop, as truncation / on_bad_row say)."""
+    if not isinstance(e, TooLong):
+        _bad(e, cfg, stats, problems)
+        return
+    if cfg.truncation == "error":
+        raise e
+    stats["dropped_too_long"] += 1
+    if len(problems) < MAX_PROBLEMS:
+        problems.append(str(e))
+
+
+def _stops(e: TooLong | BadRow, cfg: DataConfig) -> bool:
+    return cfg.truncation == "error" if isinstance(e, TooLong) else cfg.on_bad_row == "error"
+
+
+@dataclass
+class _Formatted:
+    """One LM source's rows formatted in file order: the examples they made in a store
+    (documents, for the text format), and for each row its example's index (-1 for none)."""
+
+    store: ExampleStore
+    example_of: np.ndarray
+    failures: dict[int, TooLong | BadRow]
+    """Why a row made no example, by row index (replayed in split order, where it is counted)."""
+
+
+def _text_document(row: Row, tokenizer: TokenizerLike, cfg: DataConfig) -> Example:
+    text = row_field(row, "text")
+    # Several texts in one row (e.g. all answers to a question) form one document.
+    text = " ".join(map(str, text)) if isinstance(text, list) else as_text(text)
+    doc = bos(tokenizer) + tokenizer.encode(text)
+    return Example(doc, doc)
+
+
+def _format_rows(
+    rows: Iterator[Row], cfg: DataConfig, tokenizer: TokenizerLike, keep: set[int] | None
+) -> _Formatted:
+    """Format each row as it is read (only the rows in `keep`, when given) into a store."""
+    fmt = _text_document if cfg.format == "text" else LM_FORMATS[cfg.format]
+    example_of = array("q")
+    failures: dict[int, TooLong | BadRow] = {}
+    made = 0
+
+    def examples() -> Iterator[Example]:
+        nonlocal made
+        for j, row in enumerate(rows):
+            example_of.append(-1)
+            if keep is not None and j not in keep:
+                continue
+            try:
+                example = fmt(row, tokenizer, cfg)
+            except (TooLong, BadRow) as e:
+                if keep is None and _stops(e, cfg):  # every row is used: stop at the first
+                    _left_out(e, cfg, Counter(), [])
+                failures[j] = type(e)(str(e))  # without the traceback, whose frames hold the row
+                continue
+            example_of[j] = made
+            made += 1
+            yield example
+
+    store = ExampleStore.build(examples())
+    return _Formatted(store, np.frombuffer(example_of, dtype=np.int64), failures)
+
+
+def _build_lm(cfg: DataConfig, tokenizer: TokenizerLike) -> Datasets:
+    """LM splits, each row formatted as it is read: a split is cut as row indices (the same
+    cut `split_rows` makes of the rows), so the rows are never all held, only their tokens.
+    With a `limit`, the rows are counted first and only the kept ones formatted."""
+    fractions, given = _held_out(cfg), _given(cfg)
+    stats = {name: Counter() for name in ["train", *fractions, *given]}
+    problems: list[str] = []
+    added = required_special_tokens(cfg, tokenizer)
+    if added:
+        tokenizer.add_special_tokens(added)
+    use_markers_template(cfg, tokenizer)
+
+    def cut(n: int) -> dict[str, list[int]]:
+        out = split_rows(list(range(n)), fractions, cfg.seed)
+        return {name: ix[: cfg.limit] for name, ix in out.items()}
+
+    if cfg.limit is None:
+        train = _format_rows(_rows(cfg.source, cfg, stats["train"], problems), cfg, tokenizer, None)
+        plan = cut(len(train.example_of))
+    else:
+        plan = cut(sum(1 for _ in _rows(cfg.source, cfg, stats["train"], problems)))
+        keep = {j for ix in plan.values() for j in ix}
+        train = _format_rows(_rows(cfg.source, cfg, Counter(), []), cfg, tokenizer, keep)
+    parts = {name: (train, ix) for name, ix in plan.items()}
+    for name, spec in given.items():
+        keep = None if cfg.limit is None else set(range(cfg.limit))
+        formatted = _format_rows(_rows(spec, cfg, stats[name], problems), cfg, tokenizer, keep)
+        parts[name] = (formatted, list(range(len(formatted.example_of)))[: cfg.limit])
+    del train
+    for name, (_, ix) in parts.items():
+        stats[name]["rows"] = len(ix)
+        _check_not_empty(cfg, name, len(ix))
+    splits: dict[str, ExampleStore] = {}
+    for name in list(parts):
+        formatted, ix = parts.pop(name)
+        for j in ix:
+            if j in formatted.failures:
+                _left_out(formatted.failures[j], cfg, stats[name], problems)
+        made = formatted.example_of[ix]
+        store = formatted.store.take(made[made >= 0])
+        if cfg.format == "text":
+            store = store.chunked(tokenizer.eos_id, cfg.chunk_tokens)
+        del formatted
+        splits[name] = store
+        stats[name]["examples"] = len(store)
+        _check_has_examples(cfg, name, len(store), problems)
+    return Datasets(splits, "lm", stats, problems, None, added)
+
+
+def _check_has_examples(cfg: DataConfig, name: str, n: int, problems: list[str]) -> None:
+    if not n:
+        raise NanotuneError(
+            f"{cfg.source}: no {name} examples left after formatting ({problems[0] if problems else 'no rows'})"
+        )
 
 
 def build_datasets(cfg: DataConfig, tokenizer: TokenizerLike) -> Datasets:
@@ -266,7 +377,7 @@ def build_datasets(cfg: DataConfig, tokenizer: TokenizerLike) -> Datasets:
                 hit["added_tokens"],
                 cached=hit["entry"],
             )
-    data = _build(cfg, tokenizer)
+    data = _build_lm(cfg, tokenizer) if task_of(cfg) == "lm" else _build(cfg, tokenizer)
     if root is not None and key is not None:
         meta = {
             "stats": data.stats,
@@ -278,10 +389,17 @@ def build_datasets(cfg: DataConfig, tokenizer: TokenizerLike) -> Datasets:
             data_cache.save(root, key, data.splits, meta)
         except (OSError, NanotuneError) as e:  # a full or read-only disk costs the next run time
             print(f"note: the data cache was not written ({e})")
+        else:
+            # Train from the written arrays, memory-mapped: the built copies are let go, so the
+            # tokens live in the page cache (shared, evictable), not in this process's heap.
+            written = data_cache.load(root, key)
+            if written is not None:
+                data.splits = written["splits"]
     return data
 
 
 def _build(cfg: DataConfig, tokenizer: TokenizerLike) -> Datasets:
+    """Classification and preference splits, small enough to hold as rows and lists."""
     stats: dict[str, Counter] = {}
     problems: list[str] = []
     rows = _split(cfg, stats, problems)
@@ -298,14 +416,11 @@ def _build(cfg: DataConfig, tokenizer: TokenizerLike) -> Datasets:
         tokenizer.add_special_tokens(added)
     use_markers_template(cfg, tokenizer, every_row)
     del every_row
-    splits = {}
+    splits: dict[str, Any] = {}
     for name in list(rows):
         # Each split's rows are let go as its examples are made (`_formatted`).
         split_rows_ = rows.pop(name)
-        splits[name] = _examples(split_rows_, cfg, tokenizer, label_names, stats[name], problems)
+        splits[name] = _formatted(split_rows_, cfg, tokenizer, label_names, stats[name], problems)
         stats[name]["examples"] = len(splits[name])
-        if not splits[name]:
-            raise NanotuneError(
-                f"{cfg.source}: no {name} examples left after formatting ({problems[0] if problems else 'no rows'})"
-            )
+        _check_has_examples(cfg, name, len(splits[name]), problems)
     return Datasets(splits, task, stats, problems, label_names, added)

@@ -85,6 +85,19 @@ def _read_text(path: Path) -> str:
         ) from e
 
 
+def _read_lines(path: Path) -> Iterator[str]:
+    """The file's lines as they are read, never the whole file at once; a line ends at \\n,
+    \\r\\n or \\r (a JSON string may hold U+2028, which `str.splitlines` would split at)."""
+    try:
+        with path.open(encoding="utf-8-sig", errors="surrogateescape") as f:
+            for line in f:
+                yield line.removesuffix("\n")
+    except OSError as e:
+        raise NanotuneError(
+            f"{path}: cannot read ({e.strerror}); check the data source path"
+        ) from e
+
+
 def _object_row(obj: object, where: str, expected: str) -> Row | BadRow:
     """A JSON value as a row: it must be an object whose strings are valid UTF-8."""
     if not isinstance(obj, dict):
@@ -97,7 +110,7 @@ def _object_row(obj: object, where: str, expected: str) -> Row | BadRow:
 
 
 def _jsonl(path: Path) -> Iterator[Row | BadRow]:
-    for n, line in enumerate(_read_text(path).splitlines(), start=1):
+    for n, line in enumerate(_read_lines(path), start=1):
         if not line.strip():
             continue
         where = f"{path}:{n}"

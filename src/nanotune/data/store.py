@@ -16,7 +16,7 @@ import numpy as np
 
 from nanotune.data.example import IGNORE, Example
 
-CHUNK = 1 << 20  # tokens gathered as lists before each conversion to arrays
+CHUNK = 1 << 20  # labels gathered before each conversion to the supervised mask
 
 
 class ExampleStore(Sequence[Example]):
@@ -30,42 +30,58 @@ class ExampleStore(Sequence[Example]):
 
     @classmethod
     def build(cls, examples: Iterable[Example]) -> ExampleStore:
-        """Pack examples as they come (the caller need not hold them all): lists gathered up to
-        CHUNK tokens at a time, then converted to arrays in one call each."""
-        ids_parts: list[np.ndarray] = []
+        """Pack examples as they come (the caller need not hold them all): ids straight into
+        one int32 buffer, labels CHUNK tokens at a time into the supervised mask."""
+        ids, labels, lengths = array("i"), array("i"), array("q")
         supervised_parts: list[np.ndarray] = []
-        lengths = array("q")
-        ids: list[int] = []
-        labels: list[int] = []
 
         def flush() -> None:
-            flat, y = np.array(ids, dtype=np.int32), np.array(labels, dtype=np.int32)
+            n = len(labels)
+            flat = np.frombuffer(ids, dtype=np.int32)[len(ids) - n :]
+            y = np.frombuffer(labels, dtype=np.int32)
             supervised = y != IGNORE
             wrong = np.flatnonzero(supervised & (y != flat))
             if len(wrong):
-                t = int(wrong[0])
+                t = len(ids) - n + int(wrong[0])
                 ends = np.cumsum(np.frombuffer(lengths, dtype=np.int64))
-                n = int(np.searchsorted(ends, done + t, side="right"))
                 raise ValueError(
-                    f"example {n}: label {y[t]} on token {flat[t]}; an LM label is its token "
-                    "or -100"
+                    f"example {int(np.searchsorted(ends, t, side='right'))}: label "
+                    f"{labels[int(wrong[0])]} on token {ids[t]}; an LM label is its token or -100"
                 )
-            ids_parts.append(flat)
             supervised_parts.append(supervised)
 
-        done = 0  # tokens already flushed
         for ex in examples:
-            ids += ex.ids
-            labels += ex.labels
+            ids.extend(ex.ids)
+            labels.extend(ex.labels)
             lengths.append(len(ex.ids))
-            if len(ids) >= CHUNK:
-                flush()
-                done += len(ids)
-                ids, labels = [], []
+            if len(labels) >= CHUNK:
+                flush()  # its views of the buffers are gone when it returns: they may grow
+                labels = array("i")
         flush()
         offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(np.frombuffer(lengths, dtype=np.int64), out=offsets[1:])
-        return cls(np.concatenate(ids_parts), np.concatenate(supervised_parts), offsets)
+        return cls(np.frombuffer(ids, dtype=np.int32), np.concatenate(supervised_parts), offsets)
+
+    def take(self, indices: np.ndarray) -> ExampleStore:
+        """The examples at `indices`, in that order, as a new store (one gather per array)."""
+        indices = np.asarray(indices, dtype=np.int64)
+        if len(indices) == len(self) and np.array_equal(indices, np.arange(len(self))):
+            return self
+        starts, lengths = self.offsets[indices], self.lengths[indices]
+        offsets = np.zeros(len(indices) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        # Token t of the new store is token t - offsets[k] + starts[k] of the old, k its example.
+        where = np.arange(offsets[-1], dtype=np.int64) + np.repeat(starts - offsets[:-1], lengths)
+        return ExampleStore(self.ids[where], self.supervised[where], offsets)
+
+    def chunked(self, eos_id: int, block_size: int) -> ExampleStore:
+        """The examples as documents, each followed by `eos_id`, concatenated and cut into
+        blocks of `block_size` tokens (a last block shorter than 2 is dropped); all supervised."""
+        ids = np.insert(np.asarray(self.ids), self.offsets[1:], eos_id).astype(np.int32)
+        if len(ids) % block_size == 1:
+            ids = ids[:-1]  # a 1-token block has nothing to predict
+        offsets = np.append(np.arange(0, len(ids), block_size, dtype=np.int64), len(ids))
+        return ExampleStore(ids, np.ones(len(ids), dtype=bool), offsets)
 
     @property
     def lengths(self) -> np.ndarray:
