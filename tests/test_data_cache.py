@@ -182,7 +182,8 @@ def test_a_built_split_is_read_from_the_memory_mapped_entry_it_wrote(tmp_path):
     assert isinstance(data.train.ids, np.memmap)  # not a second copy in the heap
 
 
-def test_store_take_and_chunked_equal_their_list_forms():
+def test_store_take_and_chunked_equal_their_list_forms(monkeypatch):
+    monkeypatch.setattr("nanotune.data.store.TAKE_BLOCK", 4)  # several blocks per gather
     rng = np.random.default_rng(0)
     examples = []
     for _ in range(30):

@@ -244,6 +244,8 @@ def test_two_ranks_equal_one_rank_with_twice_the_micro_batch(launches, tmp_path)
     out, proc = launches["parity"]
     code, log = _finish(proc)
     assert code == 0, log[-3000:]
+    # The CLI run's data: tokenized once, the other rank mapped the cache entry.
+    assert "data: tokenized on rank 0; 1 of 1 other rank(s) mapped it" in log, log[-3000:]
     torch.set_num_threads(1)
     for name in SCENARIOS:
         got = load_file(out / f"{name}.safetensors")

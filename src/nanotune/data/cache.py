@@ -39,15 +39,33 @@ def cache_root() -> Path | None:
     return Path(base) / "nanotune" / "data"
 
 
+def _vouched(spec: str) -> bool:
+    """Sources whose content this cache can identify: builtins and local files or folders
+    (not hub ids or saved datasets by split name, which have caches of their own)."""
+    return spec.startswith("builtin:") or Path(spec).expanduser().exists()
+
+
+def cacheable(cfg: DataConfig, tokenizer: Any) -> bool:
+    """Whether `build_datasets` would read or write an entry for this data (reads no file)."""
+    return (
+        cache_root() is not None
+        and cfg.format not in ("classification", "preference")
+        and getattr(tokenizer, "fingerprint", None) is not None
+        and all(
+            spec is None or _vouched(spec)
+            for spec in (cfg.source, cfg.val_source, cfg.test_source)
+        )
+    )
+
+
 def _source_fingerprint(spec: str) -> list[Any] | None:
     """What identifies a source's content: its files' names and content digests (~1 GB/s),
-    or the builtin's name; None for sources this cache does not vouch for (the hub, saved
-    datasets by name)."""
+    or the builtin's name; None for sources this cache does not vouch for."""
+    if not _vouched(spec):
+        return None
     if spec.startswith("builtin:"):
         return [spec]
     path = Path(spec).expanduser()
-    if not path.exists():
-        return None  # a hub id or a saved dataset's split: not ours to fingerprint
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     out: list[Any] = []
     for p in files:

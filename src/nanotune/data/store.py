@@ -17,6 +17,7 @@ import numpy as np
 from nanotune.data.example import IGNORE, Example
 
 CHUNK = 1 << 20  # labels gathered before each conversion to the supervised mask
+TAKE_BLOCK = 1 << 14  # examples gathered at once by `take`
 
 
 class ExampleStore(Sequence[Example]):
@@ -63,16 +64,24 @@ class ExampleStore(Sequence[Example]):
         return cls(np.frombuffer(ids, dtype=np.int32), np.concatenate(supervised_parts), offsets)
 
     def take(self, indices: np.ndarray) -> ExampleStore:
-        """The examples at `indices`, in that order, as a new store (one gather per array)."""
+        """The examples at `indices`, in that order, as a new store. Tokens are gathered a
+        block of examples at a time, so the gather's index never spans the whole split."""
         indices = np.asarray(indices, dtype=np.int64)
         if len(indices) == len(self) and np.array_equal(indices, np.arange(len(self))):
             return self
         starts, lengths = self.offsets[indices], self.lengths[indices]
         offsets = np.zeros(len(indices) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
-        # Token t of the new store is token t - offsets[k] + starts[k] of the old, k its example.
-        where = np.arange(offsets[-1], dtype=np.int64) + np.repeat(starts - offsets[:-1], lengths)
-        return ExampleStore(self.ids[where], self.supervised[where], offsets)
+        ids = np.empty(offsets[-1], dtype=np.int32)
+        supervised = np.empty(offsets[-1], dtype=bool)
+        for lo in range(0, len(indices), TAKE_BLOCK):
+            hi = min(lo + TAKE_BLOCK, len(indices))
+            # Token t of the new store is token t - offsets[k] + starts[k] of the old one.
+            shift = np.repeat(starts[lo:hi] - offsets[lo:hi], lengths[lo:hi])
+            where = np.arange(offsets[lo], offsets[hi], dtype=np.int64) + shift
+            ids[offsets[lo] : offsets[hi]] = self.ids[where]
+            supervised[offsets[lo] : offsets[hi]] = self.supervised[where]
+        return ExampleStore(ids, supervised, offsets)
 
     def chunked(self, eos_id: int, block_size: int) -> ExampleStore:
         """The examples as documents, each followed by `eos_id`, concatenated and cut into

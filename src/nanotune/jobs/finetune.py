@@ -266,7 +266,6 @@ class _Setup:
 
 
 def _setup(config: RunConfig) -> _Setup:
-    from nanotune.data.pipeline import build_datasets
     from nanotune.jobs.prepare import prepare_model, reward_model, reward_model_folder
     from nanotune.methods import apply_method
     from nanotune.training import seed_everything
@@ -280,7 +279,7 @@ def _setup(config: RunConfig) -> _Setup:
     model, tokenizer = load_model(config.model.name, dtype=getattr(torch, config.model.dtype))
     if config.model.special_tokens:
         tokenizer.add_special_tokens(config.model.special_tokens)
-    data = build_datasets(config.data, tokenizer)
+    data = _datasets(config.data, tokenizer)
     model = prepare_model(
         model,
         tokenizer,
@@ -295,6 +294,32 @@ def _setup(config: RunConfig) -> _Setup:
         _score_before_the_end(data, tokenizer)
     rewards = reward_model(config.eval) if data.splits.get(config.eval.split) else None
     return _Setup(model, tokenizer, data, rewards)
+
+
+def _datasets(cfg: Any, tokenizer: Any) -> Any:
+    """The splits, on every rank. Distributed, rank 0 tokenizes and writes the data cache
+    while the others wait; they then map its entry, so the tokens are made once and held once
+    (in the page cache, shared by every rank's memory map). Data the cache does not keep
+    (hub datasets, classification, the cache off) is built by every rank at once."""
+    from nanotune.data import cache
+    from nanotune.data.pipeline import build_datasets
+    from nanotune.training import dist
+
+    if dist.world_size() == 1 or not cache.cacheable(cfg, tokenizer):
+        return build_datasets(cfg, tokenizer)
+    data = None
+
+    def build() -> None:
+        nonlocal data
+        data = build_datasets(cfg, tokenizer)
+
+    dist.on_main(build)  # its NanotuneError (bad data) reaches every rank
+    if data is None:
+        data = build_datasets(cfg, tokenizer)
+    mapped = dist.gather_objects(data.cached is not None)[1:]
+    if dist.is_main():
+        print(f"data: tokenized on rank 0; {sum(mapped)} of {len(mapped)} other rank(s) mapped it")
+    return data
 
 
 def _score_before_the_end(data: Any, tokenizer: Any) -> None:
