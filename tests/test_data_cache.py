@@ -127,9 +127,20 @@ def test_a_damaged_entry_is_rebuilt_and_the_off_switch_writes_nothing(tmp_path, 
     assert build_datasets(other, gpt2_tokenizer()).cached is None
 
 
-def test_lm_rows_are_formatted_as_read_and_split_as_the_rows_would_be(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(val_fraction=0.1, test_fraction=0.1),
+        dict(val_fraction=0.1, limit=40),  # counted first, only the kept rows formatted
+        dict(val_fraction=0.0, limit=40),
+        dict(format="text", val_fraction=0.1, chunk_tokens=16),
+    ],
+    ids=["fractions", "limit", "limit-no-split", "text"],
+)
+def test_lm_rows_are_formatted_as_read_and_split_as_the_rows_would_be(monkeypatch, options):
     """The streaming build never holds the rows: a source's Row objects die as they are
-    formatted, and the splits, drops and counts equal formatting the split rows one by one."""
+    formatted, and the splits, drops and counts equal splitting the rows first and formatting
+    each split's rows in order (the list pipeline)."""
     import weakref
 
     from nanotune.data import builtin
@@ -149,30 +160,71 @@ def test_lm_rows_are_formatted_as_read_and_split_as_the_rows_would_be(tmp_path, 
     def source():
         nonlocal alive, most
         for i in range(300):
-            row = Probe({"prompt": f"Q{i} " + "w " * (i % 40), "completion": f" A{i}"}, f"s:{i}")
+            words = "w " * (i % 40)
+            row = Probe({"prompt": f"Q{i} " + words, "completion": f" A{i}", "text": words}, f"s:{i}")
             weakref.finalize(row, gone)
             alive += 1
             most = max(most, alive)
             yield row
 
     monkeypatch.setitem(builtin.BUILTINS, "stream-probe", source)
-    cfg = DataConfig(
-        source="builtin:stream-probe", val_fraction=0.1, test_fraction=0.1, max_length=40
-    )
+    cfg = DataConfig(source="builtin:stream-probe", max_length=40, **options)
     tok = gpt2_tokenizer()
     data = build_datasets(cfg, tok)
     assert most <= 2  # the row being formatted (and the one being made)
-    rows = list(source())
-    for name, split in split_rows(rows, {"val": 0.1, "test": 0.1}, cfg.seed).items():
+    fractions = {k: cfg_v for k, cfg_v in (("val", cfg.val_fraction), ("test", cfg.test_fraction)) if cfg_v}
+    for name, split in split_rows(list(source()), fractions, cfg.seed).items():
+        split = split[: cfg.limit]
         want, dropped = [], 0
-        for row in split:
+        if cfg.format == "text":
+            stream = [t for r in split for t in [*tok.encode(r["text"]), tok.eos_id]]
+            blocks = [stream[i : i + 16] for i in range(0, len(stream), 16)]
+            want = [Example(b, list(b)) for b in blocks if len(b) >= 2]
+        for row in split if cfg.format != "text" else []:
             try:
                 want.append(format_completion(row, tok, cfg))
             except TooLong:
                 dropped += 1
         assert _same(data.splits[name], want), name
         assert data.stats[name]["rows"] == len(split)
-        assert data.stats[name]["dropped_too_long"] == dropped > 0
+        assert data.stats[name]["dropped_too_long"] == dropped
+        assert cfg.format == "text" or dropped > 0
+
+
+def test_a_failing_row_is_counted_in_its_split_and_an_error_names_the_first_in_file_order(
+    tmp_path,
+):
+    rows = [{"prompt": f"Q{i}", "completion": f" A{i}"} for i in range(30)]
+    rows[7] = {"prompt": "Q7 " + "w " * 80, "completion": " A7"}  # too long
+    rows[21] = {"prompt": "Q21 " + "w " * 80, "completion": " A21"}
+    source = _write(tmp_path / "r.jsonl", rows)
+    cfg = DataConfig(source=source, val_fraction=0.5, max_length=40)
+    data = build_datasets(cfg, gpt2_tokenizer())
+    drops = {name: c["dropped_too_long"] for name, c in data.stats.items()}
+    assert sum(drops.values()) == 2 and len(data.problems) == 2
+    assert data.stats["train"]["examples"] + data.stats["val"]["examples"] == 28
+    from nanotune.data.formats import TooLong
+
+    with pytest.raises(TooLong, match=r"r\.jsonl:8: example has"):
+        build_datasets(
+            DataConfig(source=source, val_fraction=0.5, max_length=40, truncation="error"),
+            gpt2_tokenizer(),
+        )
+
+
+def test_cacheable_says_what_cache_key_does(tmp_path):
+    from nanotune.data.cache import cache_key, cacheable
+
+    local = _write(tmp_path / "r.jsonl", _chat_rows(3))
+    tok = gpt2_tokenizer()
+    for cfg in (
+        DataConfig(source=local, format="chat"),
+        DataConfig(source="builtin:reverse_words"),
+        DataConfig(source="someone/some-dataset"),  # a hub id: the hub's cache keeps it
+        DataConfig(source=local, format="chat", val_source="someone/other:validation"),
+        DataConfig(source=local, format="classification"),
+    ):
+        assert cacheable(cfg, tok) == (cache_key(cfg, tok) is not None), cfg
 
 
 def test_a_built_split_is_read_from_the_memory_mapped_entry_it_wrote(tmp_path):
@@ -184,6 +236,7 @@ def test_a_built_split_is_read_from_the_memory_mapped_entry_it_wrote(tmp_path):
 
 def test_store_take_and_chunked_equal_their_list_forms(monkeypatch):
     monkeypatch.setattr("nanotune.data.store.TAKE_BLOCK", 4)  # several blocks per gather
+    monkeypatch.setattr("nanotune.data.store.CHUNK", 16)  # labels checked in several chunks
     rng = np.random.default_rng(0)
     examples = []
     for _ in range(30):

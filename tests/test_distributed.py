@@ -228,9 +228,14 @@ def launches(recipe, tmp_path_factory):
     """Start the independent launches at once; each test waits for its own."""
     me = str(Path(__file__).resolve())
     runs = {}
-    for mode in ("parity", "kill", "raise"):
+    for mode in ("parity", "kill", "raise", "baddata"):
         out = tmp_path_factory.mktemp(mode)
         train = ["train", str(recipe), f"output_dir={out / 'run'}"]
+        if mode == "baddata":  # a malformed line: rank 0 finds it while tokenizing, alone
+            rows = (recipe.parent / "data.jsonl").read_text().splitlines()
+            rows.insert(30, "{not json")
+            (out / "bad.jsonl").write_text("\n".join(rows) + "\n")
+            train.append(f"data.source={out / 'bad.jsonl'}")
         runs[mode] = (out, _torchrun(me, mode, str(out), *train))
     yield runs
     for _, proc in runs.values():
@@ -298,6 +303,16 @@ def test_exception_on_one_rank_fails_every_rank_without_hanging(launches):
     code, log = _finish(proc)
     assert code != 0
     assert "IndexError" in log and "rank      : 1" in log, log[-3000:]
+
+
+def test_bad_data_found_by_rank_0_stops_every_rank_with_its_message(launches):
+    """Rank 0 tokenizes while the others wait: its data error reaches them (no hang)."""
+    out, proc = launches["baddata"]
+    code, log = _finish(proc)
+    assert code != 0
+    where = f"{out / 'bad.jsonl'}:31: malformed JSON"
+    assert f"rank 0: {where}" in log and f"rank 1: {where}" in log, log[-3000:]
+    assert not (out / "run").exists()
 
 
 def test_resume_with_another_world_size_is_refused(launches, recipe, capsys):

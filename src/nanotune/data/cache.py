@@ -27,7 +27,7 @@ from nanotune.data.store import ExampleStore
 from nanotune.files.atomic import atomic_dir
 from nanotune.version import __version__
 
-FORMAT = 1  # bump when the entry layout or the examples a config makes change
+FORMAT = 2  # bump when the entry layout or the examples a config makes change
 
 
 def cache_root() -> Path | None:

@@ -255,8 +255,9 @@ class _Formatted:
 
     store: ExampleStore
     example_of: np.ndarray
-    failures: dict[int, TooLong | BadRow]
-    """Why a row made no example, by row index (replayed in split order, where it is counted)."""
+    failures: dict[int, tuple[bool, str]]
+    """Why a row made no example, by row index: (too long, the message), replayed in split
+    order, where it is counted (only the message is kept: an exception's frames hold the row)."""
 
 
 def _text_document(row: Row, tokenizer: TokenizerLike, cfg: DataConfig) -> Example:
@@ -273,7 +274,7 @@ def _format_rows(
     """Format each row as it is read (only the rows in `keep`, when given) into a store."""
     fmt = _text_document if cfg.format == "text" else LM_FORMATS[cfg.format]
     example_of = array("q")
-    failures: dict[int, TooLong | BadRow] = {}
+    failures: dict[int, tuple[bool, str]] = {}
     made = 0
 
     def examples() -> Iterator[Example]:
@@ -286,8 +287,8 @@ def _format_rows(
                 example = fmt(row, tokenizer, cfg)
             except (TooLong, BadRow) as e:
                 if keep is None and _stops(e, cfg):  # every row is used: stop at the first
-                    _left_out(e, cfg, Counter(), [])
-                failures[j] = type(e)(str(e))  # without the traceback, whose frames hold the row
+                    _left_out(e, cfg, Counter(), [])  # raises, as truncation / on_bad_row say
+                failures[j] = (isinstance(e, TooLong), str(e))
                 continue
             example_of[j] = made
             made += 1
@@ -313,10 +314,10 @@ def _build_lm(cfg: DataConfig, tokenizer: TokenizerLike) -> Datasets:
         out = split_rows(list(range(n)), fractions, cfg.seed)
         return {name: ix[: cfg.limit] for name, ix in out.items()}
 
-    if cfg.limit is None:
+    if cfg.limit is None:  # one pass: every row is used
         train = _format_rows(_rows(cfg.source, cfg, stats["train"], problems), cfg, tokenizer, None)
         plan = cut(len(train.example_of))
-    else:
+    else:  # the source is read twice: counted (the cut needs n), then the kept rows formatted
         plan = cut(sum(1 for _ in _rows(cfg.source, cfg, stats["train"], problems)))
         keep = {j for ix in plan.values() for j in ix}
         train = _format_rows(_rows(cfg.source, cfg, Counter(), []), cfg, tokenizer, keep)
@@ -334,7 +335,8 @@ def _build_lm(cfg: DataConfig, tokenizer: TokenizerLike) -> Datasets:
         formatted, ix = parts.pop(name)
         for j in ix:
             if j in formatted.failures:
-                _left_out(formatted.failures[j], cfg, stats[name], problems)
+                too_long, message = formatted.failures[j]
+                _left_out(TooLong(message) if too_long else BadRow(message), cfg, stats[name], problems)
         made = formatted.example_of[ix]
         store = formatted.store.take(made[made >= 0])
         if cfg.format == "text":

@@ -86,7 +86,7 @@ class ExampleStore(Sequence[Example]):
     def chunked(self, eos_id: int, block_size: int) -> ExampleStore:
         """The examples as documents, each followed by `eos_id`, concatenated and cut into
         blocks of `block_size` tokens (a last block shorter than 2 is dropped); all supervised."""
-        ids = np.insert(np.asarray(self.ids), self.offsets[1:], eos_id).astype(np.int32)
+        ids = np.insert(np.asarray(self.ids), self.offsets[1:], eos_id).astype(np.int32, copy=False)
         if len(ids) % block_size == 1:
             ids = ids[:-1]  # a 1-token block has nothing to predict
         offsets = np.append(np.arange(0, len(ids), block_size, dtype=np.int64), len(ids))

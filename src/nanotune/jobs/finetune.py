@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
@@ -19,6 +19,10 @@ from nanotune.errors import NanotuneError, OfflineError
 from nanotune.files.atomic import RunDir, atomic_write, check_target
 from nanotune.files.read import read_text
 from nanotune.jobs import artifacts
+
+if TYPE_CHECKING:
+    from nanotune.data import DataConfig, Datasets
+    from nanotune.tokenizer import Tokenizer
 
 # What a resumed run must share with the original: the model, the method, the data, what fixes
 # the data order and the schedule's length; training knobs such as eval_every may change.
@@ -296,24 +300,19 @@ def _setup(config: RunConfig) -> _Setup:
     return _Setup(model, tokenizer, data, rewards)
 
 
-def _datasets(cfg: Any, tokenizer: Any) -> Any:
+def _datasets(cfg: DataConfig, tokenizer: Tokenizer) -> Datasets:
     """The splits, on every rank. Distributed, rank 0 tokenizes and writes the data cache
     while the others wait; they then map its entry, so the tokens are made once and held once
     (in the page cache, shared by every rank's memory map). Data the cache does not keep
-    (hub datasets, classification, the cache off) is built by every rank at once."""
+    (hub datasets, classification, the cache off on rank 0) is built by every rank at once."""
     from nanotune.data import cache
     from nanotune.data.pipeline import build_datasets
     from nanotune.training import dist
 
-    if dist.world_size() == 1 or not cache.cacheable(cfg, tokenizer):
+    # Rank 0 decides for all: ranks that disagreed would pair up different collectives.
+    if dist.world_size() == 1 or not dist.on_main(lambda: cache.cacheable(cfg, tokenizer)):
         return build_datasets(cfg, tokenizer)
-    data = None
-
-    def build() -> None:
-        nonlocal data
-        data = build_datasets(cfg, tokenizer)
-
-    dist.on_main(build)  # its NanotuneError (bad data) reaches every rank
+    data = dist.main_first(lambda: build_datasets(cfg, tokenizer))
     if data is None:
         data = build_datasets(cfg, tokenizer)
     mapped = dist.gather_objects(data.cached is not None)[1:]

@@ -128,6 +128,33 @@ def on_main(fn: Callable[[], T]) -> T:
     return result
 
 
+def main_first(fn: Callable[[], T]) -> T | None:
+    """Run `fn` on rank 0 while the other ranks wait for it however long it takes (on a gloo
+    group of their own, without the collective timeout: tokenizing a large dataset may take
+    longer); its result on rank 0, None elsewhere. Any failure on rank 0 fails every rank: a
+    NanotuneError with its message, anything else as `rank 0 failed: ...`."""
+    if not _active():
+        return fn()
+    group = td.new_group(backend="gloo", timeout=timedelta(days=7))
+    result, error = None, None
+    if is_main():
+        try:
+            result = fn()
+        except BaseException as e:  # handed to the waiting ranks before it goes on
+            error = e
+    box: list[Any] = [None]
+    if error is not None:
+        box = [(isinstance(error, NanotuneError), str(error) or type(error).__name__)]
+    td.broadcast_object_list(box, src=0, group=group)
+    td.destroy_process_group(group)
+    if error is not None:
+        raise error
+    if box[0] is not None:
+        ours, message = box[0]
+        raise NanotuneError(message if ours else f"rank 0 failed: {message}")
+    return result
+
+
 def all_reduce_sum(x: Tensor) -> Tensor:
     if _active():
         td.all_reduce(x, op=td.ReduceOp.SUM)
