@@ -171,7 +171,7 @@ def test_lm_rows_are_formatted_as_read_and_split_as_the_rows_would_be(monkeypatc
     cfg = DataConfig(source="builtin:stream-probe", max_length=40, **options)
     tok = gpt2_tokenizer()
     data = build_datasets(cfg, tok)
-    assert most <= 2  # the row being formatted (and the one being made)
+    assert most <= 3  # the row being formatted and the next one read (never the source)
     fractions = {k: cfg_v for k, cfg_v in (("val", cfg.val_fraction), ("test", cfg.test_fraction)) if cfg_v}
     for name, split in split_rows(list(source()), fractions, cfg.seed).items():
         split = split[: cfg.limit]
@@ -252,3 +252,45 @@ def test_store_take_and_chunked_equal_their_list_forms(monkeypatch):
         want = [stream[i : i + block] for i in range(0, len(stream), block)]
         want = [Example(b, list(b)) for b in want if len(b) >= 2]
         assert _same(store.chunked(9, block), want), block
+
+
+@pytest.mark.parametrize("fmt", ["completion", "text"])
+def test_batch_encoding_ahead_gives_the_examples_of_encoding_row_by_row(
+    tmp_path, monkeypatch, fmt
+):
+    from nanotune.data import pipeline
+    from nanotune.tokenizer import Tokenizer
+
+    monkeypatch.setenv("NANOTUNE_DATA_CACHE", "off")
+    rows = [
+        {"prompt": f"Q{i} " + "w " * (i % 45), "completion": f" A{i}", "text": f"T{i} " * i}
+        for i in range(60)
+    ]
+    rows[5] = {"prompt": "no completion"}  # a bad row, skipped and counted
+    cfg = DataConfig(
+        source=_write(tmp_path / "r.jsonl", rows),
+        format=fmt,
+        val_fraction=0.2,
+        max_length=40,
+        chunk_tokens=24,
+        on_bad_row="skip",
+    )
+    one_by_one = build_datasets(cfg, gpt2_tokenizer())  # tiktoken: batch_is_faster is False
+    batches = []
+    encode_batch = Tokenizer.encode_batch
+
+    def counted(self, texts, allow_special=True):
+        batches.append(len(texts))
+        return encode_batch(self, texts, allow_special)
+
+    monkeypatch.setattr(Tokenizer, "batch_is_faster", property(lambda self: True))
+    monkeypatch.setattr(Tokenizer, "encode_batch", counted)
+    monkeypatch.setattr(pipeline, "ENCODE_BLOCK", 7)
+    ahead = build_datasets(cfg, gpt2_tokenizer())
+    assert len(batches) >= 60 // 7 and max(batches) <= 14  # a block's texts per call
+    assert ahead.stats == one_by_one.stats and ahead.problems == one_by_one.problems
+    for name in one_by_one.splits:
+        assert _same(ahead.splits[name], one_by_one.splits[name]), name
+    if fmt == "completion":
+        assert sum(c["skipped_bad_row"] for c in one_by_one.stats.values()) == 1
+        assert sum(c["dropped_too_long"] for c in one_by_one.stats.values()) > 0

@@ -73,6 +73,10 @@ def byte_level_tokenizer(
 class _TiktokenBackend:
     """GPT-2-style BPE whose token ids follow merge order, so tiktoken's rank-based BPE is exact."""
 
+    # tiktoken's batch call hands texts to a thread pool: 44 us a ~400-character text against
+    # 14 us one at a time, measured on 2 cores.
+    batch_is_faster = False
+
     def __init__(
         self, ranks: dict[bytes, int], merges: list[tuple[str, str]], special: dict[str, int]
     ):
@@ -141,6 +145,10 @@ class _TiktokenBackend:
 
 class _TokenizersBackend:
     """Any `tokenizers.Tokenizer` (tokenizer.json, HF folders, GGUF vocabularies)."""
+
+    # The Rust batch call (parallel, no Python per text): 38 us a ~400-character text against
+    # 87 us one at a time for SmolLM2's BPE, measured on 2 cores.
+    batch_is_faster = True
 
     def __init__(self, tok: HFTokenizer):
         self.tok = tok

@@ -88,6 +88,11 @@ class Tokenizer:
         """`encode` over many texts using the backend's parallel batch API."""
         return self._backend.encode_batch(list(texts), allow_special)
 
+    @property
+    def batch_is_faster(self) -> bool:
+        """Whether `encode_batch` beats `encode` text by text on this backend."""
+        return self._backend.batch_is_faster
+
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
         return self._backend.decode([int(i) for i in ids], skip_special)
 
