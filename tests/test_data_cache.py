@@ -234,7 +234,9 @@ def test_a_built_split_is_read_from_the_memory_mapped_entry_it_wrote(tmp_path):
     assert isinstance(data.train.ids, np.memmap)  # not a second copy in the heap
 
 
-def test_store_take_and_chunked_equal_their_list_forms(monkeypatch):
+def test_store_take_and_chunked_equal_their_list_forms(monkeypatch, tmp_path):
+    from nanotune.data import cache as data_cache
+
     monkeypatch.setattr("nanotune.data.store.TAKE_BLOCK", 4)  # several blocks per gather
     monkeypatch.setattr("nanotune.data.store.CHUNK", 16)  # labels checked in several chunks
     rng = np.random.default_rng(0)
@@ -245,8 +247,18 @@ def test_store_take_and_chunked_equal_their_list_forms(monkeypatch):
         examples.append(Example(ids, [-100] * cut + ids[cut:]))
     store = ExampleStore.build(examples)
     order = rng.permutation(30)[:17]
-    assert _same(store.take(order), [examples[i] for i in order])
+    view = store.take(order)
+    assert _same(view, [examples[i] for i in order])
+    assert np.shares_memory(view.ids, store.ids)  # a view: no token copied
+    assert view.lengths.tolist() == [len(examples[i].ids) for i in order]
+    assert _same(view.take([3, 0]), [examples[order[3]], examples[order[0]]])
+    assert _same(view.compact(), list(view)) and view.compact().order is None
     assert len(store.take(np.array([], dtype=np.int64))) == 0
+    # Written to the data cache a block at a time, read back memory-mapped, in its order.
+    root = tmp_path / "cache"
+    data_cache.save(root, "k", {"train": view}, {"stats": {}, "problems": []})
+    back = data_cache.load(root, "k")["splits"]["train"]
+    assert _same(back, list(view)) and isinstance(back.ids, np.memmap)
     for block in (2, 5, 7):
         stream = [t for e in examples for t in [*e.ids, 9]]
         want = [stream[i : i + block] for i in range(0, len(stream), block)]

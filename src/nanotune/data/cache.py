@@ -128,9 +128,25 @@ def save(root: Path, key: str, splits: dict[str, ExampleStore], meta: dict[str, 
 
     def write(tmp: Path) -> None:
         for name, store in splits.items():
-            np.save(tmp / f"{name}.ids.npy", np.ascontiguousarray(store.ids))
-            np.save(tmp / f"{name}.supervised.npy", np.ascontiguousarray(store.supervised))
-            np.save(tmp / f"{name}.offsets.npy", np.ascontiguousarray(store.offsets))
+            offsets = np.zeros(len(store) + 1, dtype=np.int64)
+            np.cumsum(store.lengths, out=offsets[1:])
+            # Each split's tokens in its own order, copied a block at a time into the file
+            # (a split is a view of its source's tokens: never copied whole in memory).
+            files = [
+                np.lib.format.open_memmap(
+                    tmp / f"{name}.{part}.npy", mode="w+", dtype=dtype, shape=(int(offsets[-1]),)
+                )
+                for part, dtype in (("ids", np.int32), ("supervised", np.bool_))
+            ]
+            at = 0
+            for block in store.blocks():
+                for out, values in zip(files, block, strict=True):
+                    out[at : at + len(values)] = values
+                at += len(block[0])
+            for out in files:
+                out.flush()
+            del files
+            np.save(tmp / f"{name}.offsets.npy", offsets)
         (tmp / "meta.json").write_text(json.dumps({"splits": list(splits), **meta}))
 
     return atomic_dir(root / key, write, kind="data-cache", what="data cache entry")

@@ -9,7 +9,7 @@ are its ids where supervised and -100 elsewhere (docs/design.md), which is all t
 from __future__ import annotations
 
 from array import array
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import overload
 
 import numpy as np
@@ -17,17 +17,28 @@ import numpy as np
 from nanotune.data.example import IGNORE, Example
 
 CHUNK = 1 << 20  # labels gathered before each conversion to the supervised mask
-TAKE_BLOCK = 1 << 14  # examples gathered at once by `take`
+TAKE_BLOCK = 1 << 14  # examples a view copies out at once (`blocks`)
 
 
 class ExampleStore(Sequence[Example]):
-    """A split's LM examples: `ids` and `supervised` [total tokens], example i at
-    `offsets[i]:offsets[i + 1]`. Reading an item builds its `Example` (lists, as everywhere)."""
+    """A split's LM examples: `ids` and `supervised` [total tokens], token example k at
+    `offsets[k]:offsets[k + 1]`. Reading an item builds its `Example` (lists, as everywhere).
 
-    def __init__(self, ids: np.ndarray, supervised: np.ndarray, offsets: np.ndarray) -> None:
+    `order` makes a store a view: its example i is token example `order[i]`, so the splits cut
+    from one source share its tokens (`take`) and none is copied until it is written
+    (`blocks`, `compact`); None is every token example in turn.
+    """
+
+    def __init__(
+        self,
+        ids: np.ndarray,
+        supervised: np.ndarray,
+        offsets: np.ndarray,
+        order: np.ndarray | None = None,
+    ) -> None:
         if len(ids) != len(supervised) or offsets[-1] != len(ids):
             raise ValueError("ids, supervised and offsets do not describe the same tokens")
-        self.ids, self.supervised, self.offsets = ids, supervised, offsets
+        self.ids, self.supervised, self.offsets, self.order = ids, supervised, offsets, order
 
     @classmethod
     def build(cls, examples: Iterable[Example]) -> ExampleStore:
@@ -64,29 +75,48 @@ class ExampleStore(Sequence[Example]):
         return cls(np.frombuffer(ids, dtype=np.int32), np.concatenate(supervised_parts), offsets)
 
     def take(self, indices: np.ndarray) -> ExampleStore:
-        """The examples at `indices`, in that order, as a new store. Tokens are gathered a
-        block of examples at a time, so the gather's index never spans the whole split."""
+        """The examples at `indices`, in that order: a view sharing these tokens."""
         indices = np.asarray(indices, dtype=np.int64)
         if len(indices) == len(self) and np.array_equal(indices, np.arange(len(self))):
             return self
-        starts, lengths = self.offsets[indices], self.lengths[indices]
-        offsets = np.zeros(len(indices) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offsets[1:])
+        order = indices if self.order is None else self.order[indices]
+        return ExampleStore(self.ids, self.supervised, self.offsets, order)
+
+    def blocks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(ids, supervised) of the examples in order, TAKE_BLOCK examples at a time, so a
+        view is copied out a block at a time (`compact`, the data cache's writer)."""
+        if self.order is None:
+            yield np.asarray(self.ids), np.asarray(self.supervised)
+            return
+        for lo in range(0, len(self.order), TAKE_BLOCK):
+            rows = self.order[lo : lo + TAKE_BLOCK]
+            starts, lengths = self.offsets[rows], self.offsets[rows + 1] - self.offsets[rows]
+            ends = np.cumsum(lengths)
+            # Token t of the block is token t - (ends[k] - lengths[k]) + starts[k], k its example.
+            where = np.arange(ends[-1] if len(ends) else 0, dtype=np.int64)
+            where += np.repeat(starts - (ends - lengths), lengths)
+            yield self.ids[where], self.supervised[where]
+
+    def compact(self) -> ExampleStore:
+        """This store with its own tokens in order (itself when it is not a view)."""
+        if self.order is None:
+            return self
+        offsets = np.zeros(len(self) + 1, dtype=np.int64)
+        np.cumsum(self.lengths, out=offsets[1:])
         ids = np.empty(offsets[-1], dtype=np.int32)
         supervised = np.empty(offsets[-1], dtype=bool)
-        for lo in range(0, len(indices), TAKE_BLOCK):
-            hi = min(lo + TAKE_BLOCK, len(indices))
-            # Token t of the new store is token t - offsets[k] + starts[k] of the old one.
-            shift = np.repeat(starts[lo:hi] - offsets[lo:hi], lengths[lo:hi])
-            where = np.arange(offsets[lo], offsets[hi], dtype=np.int64) + shift
-            ids[offsets[lo] : offsets[hi]] = self.ids[where]
-            supervised[offsets[lo] : offsets[hi]] = self.supervised[where]
+        at = 0
+        for block_ids, block_supervised in self.blocks():
+            ids[at : at + len(block_ids)] = block_ids
+            supervised[at : at + len(block_ids)] = block_supervised
+            at += len(block_ids)
         return ExampleStore(ids, supervised, offsets)
 
     def chunked(self, eos_id: int, block_size: int) -> ExampleStore:
         """The examples as documents, each followed by `eos_id`, concatenated and cut into
         blocks of `block_size` tokens (a last block shorter than 2 is dropped); all supervised."""
-        ids = np.insert(np.asarray(self.ids), self.offsets[1:], eos_id).astype(np.int32, copy=False)
+        own = self.compact()
+        ids = np.insert(np.asarray(own.ids), own.offsets[1:], eos_id).astype(np.int32, copy=False)
         if len(ids) % block_size == 1:
             ids = ids[:-1]  # a 1-token block has nothing to predict
         offsets = np.append(np.arange(0, len(ids), block_size, dtype=np.int64), len(ids))
@@ -95,21 +125,25 @@ class ExampleStore(Sequence[Example]):
     @property
     def lengths(self) -> np.ndarray:
         """Tokens of each example, without building any."""
-        return np.diff(self.offsets)
+        lengths = np.diff(self.offsets)
+        return lengths if self.order is None else lengths[self.order]
 
     @property
     def nbytes(self) -> int:
-        return self.ids.nbytes + self.supervised.nbytes + self.offsets.nbytes
+        """Bytes held, the shared tokens counted in full."""
+        order = 0 if self.order is None else self.order.nbytes
+        return self.ids.nbytes + self.supervised.nbytes + self.offsets.nbytes + order
 
     def __len__(self) -> int:
-        return len(self.offsets) - 1
+        return len(self.offsets) - 1 if self.order is None else len(self.order)
 
     def _example(self, i: int) -> Example:
         if i < 0:
             i += len(self)
         if not 0 <= i < len(self):
             raise IndexError(f"example {i} of {len(self)}")
-        lo, hi = self.offsets[i], self.offsets[i + 1]
+        k = i if self.order is None else self.order[i]
+        lo, hi = self.offsets[k], self.offsets[k + 1]
         ids = self.ids[lo:hi]
         labels = np.where(self.supervised[lo:hi], ids, IGNORE)
         return Example(ids.tolist(), labels.tolist())
