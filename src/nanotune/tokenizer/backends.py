@@ -6,6 +6,8 @@ Both answer the same small interface; `Tokenizer` never asks which one it holds.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import threading
 from contextlib import contextmanager
 from functools import lru_cache
@@ -134,6 +136,14 @@ class _TiktokenBackend:
     def special_tokens(self) -> dict[str, int]:
         return dict(self.special)
 
+    def digest(self) -> bytes:
+        """What decides this backend's ids: the split pattern, the ranks and the specials."""
+        h = hashlib.sha256(GPT2_PATTERN.encode())
+        pairs = self.ranks.items()
+        h.update(b"".join(len(b).to_bytes(2, "little") + b + r.to_bytes(4, "little") for b, r in pairs))
+        h.update(json.dumps(sorted(self.special.items())).encode())
+        return h.digest()
+
     def to_tokenizers(self) -> HFTokenizer:
         vocab = {spell(b): r for b, r in self.ranks.items()}
         tok = byte_level_tokenizer(vocab, self.merges)
@@ -197,6 +207,10 @@ class _TokenizersBackend:
 
     def special_tokens(self) -> dict[str, int]:
         return {t.content: i for i, t in self.tok.get_added_tokens_decoder().items() if t.special}
+
+    def digest(self) -> bytes:
+        """What decides this backend's ids: the whole tokenizer.json it would write."""
+        return hashlib.sha256(self.tok.to_str().encode()).digest()
 
     def to_tokenizers(self) -> HFTokenizer:
         return self.tok

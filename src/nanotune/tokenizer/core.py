@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import tempfile
+import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -172,13 +172,20 @@ class Tokenizer:
         )
 
     def fingerprint(self) -> str:
-        """A digest of everything that decides how text becomes ids: the files `save` writes
-        (vocabulary, merges, special tokens, chat template)."""
-        with tempfile.TemporaryDirectory(prefix="nanotune-tok-") as tmp:
-            self.save(tmp)
-            h = hashlib.sha256()
-            for p in sorted(Path(tmp).iterdir()):
-                h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
+        """A digest of everything that decides how text becomes ids: the backend's vocabulary,
+        merges and special tokens, and the settings `save` writes (BOS, EOS, padding, chat
+        template); read from memory, without writing the files (~20 ms for GPT-2's BPE)."""
+        settings = [
+            type(self._backend).__name__,
+            self.bos_id,
+            self.eos_id,
+            self._pad_id,
+            self.add_bos,
+            self.chat_template,
+            self.gguf_pre,
+        ]
+        h = hashlib.sha256(self._backend.digest())
+        h.update(json.dumps(settings).encode())
         return h.hexdigest()
 
     # --- files ---------------------------------------------------------------------------------
