@@ -130,22 +130,14 @@ def save(root: Path, key: str, splits: dict[str, ExampleStore], meta: dict[str, 
         for name, store in splits.items():
             offsets = np.zeros(len(store) + 1, dtype=np.int64)
             np.cumsum(store.lengths, out=offsets[1:])
-            # Each split's tokens in its own order, copied a block at a time into the file
-            # (a split is a view of its source's tokens: never copied whole in memory).
-            files = [
-                np.lib.format.open_memmap(
-                    tmp / f"{name}.{part}.npy", mode="w+", dtype=dtype, shape=(int(offsets[-1]),)
-                )
-                for part, dtype in (("ids", np.int32), ("supervised", np.bool_))
-            ]
-            at = 0
-            for block in store.blocks():
-                for out, values in zip(files, block, strict=True):
-                    out[at : at + len(values)] = values
-                at += len(block[0])
-            for out in files:
-                out.flush()
-            del files
+            # Each split's tokens in its own order, written a block at a time (a split is a
+            # view of its source's tokens: never copied whole in memory, nor mapped to write).
+            for part, dtype in (("ids", np.int32), ("supervised", np.bool_)):
+                with open(tmp / f"{name}.{part}.npy", "wb") as f:
+                    header = {"descr": np.dtype(dtype).str, "fortran_order": False}
+                    np.lib.format.write_array_header_1_0(f, {**header, "shape": (int(offsets[-1]),)})
+                    for block in store.blocks():
+                        block[part == "supervised"].astype(dtype, copy=False).tofile(f)
             np.save(tmp / f"{name}.offsets.npy", offsets)
         (tmp / "meta.json").write_text(json.dumps({"splits": list(splits), **meta}))
 
