@@ -157,7 +157,13 @@ class _Fields(string.Formatter):
 _FIELDS = _Fields()
 
 
+_ONE_FIELD = re.compile(r"\{([^{}:!]+)\}")
+
+
 def _render(template: str, row: Row, what: str) -> str:
+    whole = _ONE_FIELD.fullmatch(template)
+    if whole is not None:  # the usual "{column}": what the formatter gives, a fifth of the time
+        return as_text(row_field(row, whole[1]))
     try:
         return _FIELDS.vformat(template, (), row)
     except ValueError as e:
