@@ -254,6 +254,8 @@ def test_store_take_and_chunked_equal_their_list_forms(monkeypatch, tmp_path):
     assert _same(view.take([3, 0]), [examples[order[3]], examples[order[0]]])
     assert _same(view.compact(), list(view)) and view.compact().order is None
     assert len(store.take(np.array([], dtype=np.int64))) == 0
+    with pytest.raises(IndexError):
+        store.take([-1])
     # Written to the data cache a block at a time, read back memory-mapped, in its order.
     root = tmp_path / "cache"
     data_cache.save(root, "k", {"train": view}, {"stats": {}, "problems": []})
@@ -266,10 +268,8 @@ def test_store_take_and_chunked_equal_their_list_forms(monkeypatch, tmp_path):
         assert _same(store.chunked(9, block), want), block
 
 
-@pytest.mark.parametrize("fmt", ["completion", "text"])
-def test_batch_encoding_ahead_gives_the_examples_of_encoding_row_by_row(
-    tmp_path, monkeypatch, fmt
-):
+def test_batch_encoding_ahead_gives_the_examples_of_encoding_row_by_row(tmp_path, monkeypatch):
+    fmt = "completion"
     from nanotune.data import pipeline
     from nanotune.tokenizer import Tokenizer
 
@@ -303,6 +303,5 @@ def test_batch_encoding_ahead_gives_the_examples_of_encoding_row_by_row(
     assert ahead.stats == one_by_one.stats and ahead.problems == one_by_one.problems
     for name in one_by_one.splits:
         assert _same(ahead.splits[name], one_by_one.splits[name]), name
-    if fmt == "completion":
-        assert sum(c["skipped_bad_row"] for c in one_by_one.stats.values()) == 1
-        assert sum(c["dropped_too_long"] for c in one_by_one.stats.values()) > 0
+    assert sum(c["skipped_bad_row"] for c in one_by_one.stats.values()) == 1
+    assert sum(c["dropped_too_long"] for c in one_by_one.stats.values()) > 0

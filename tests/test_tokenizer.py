@@ -400,3 +400,21 @@ def test_smollm2_save_loads_in_transformers(smollm, tmp_path):
     again = Tokenizer.from_dir(tmp_path)
     assert again.chat_template == tok.chat_template and again.special_tokens == tok.special_tokens
     assert again.encode_batch(CORPUS) == tok.encode_batch(CORPUS)
+
+
+def test_batch_encoding_ignores_a_padding_setting_in_tokenizer_json(tmp_path, gpt2):
+    """tokenizers pads a batch when tokenizer.json says so; encode_batch gives encode's ids."""
+    gpt2.save(tmp_path)
+    path = tmp_path / "tokenizer.json"
+    spec = json.loads(path.read_text())
+    spec["padding"] = {
+        "strategy": "BatchLongest", "direction": "Right", "pad_to_multiple_of": None,
+        "pad_id": 0, "pad_type_id": 0, "pad_token": "!",
+    }
+    path.write_text(json.dumps(spec))
+    tok = Tokenizer.from_dir(tmp_path)
+    assert tok.batch_is_faster and tok._backend.tok.padding is not None  # the setting is read
+    texts = ["a", "a much longer text than the first one"]
+    assert tok.encode_batch(texts) == [tok.encode(t) for t in texts]
+    assert tok.encode_batch(texts) == tok.encode_batch(texts)  # the setting is put back
+    assert tok.fingerprint() == Tokenizer.from_dir(tmp_path).fingerprint()

@@ -132,12 +132,16 @@ def save(root: Path, key: str, splits: dict[str, ExampleStore], meta: dict[str, 
             np.cumsum(store.lengths, out=offsets[1:])
             # Each split's tokens in its own order, written a block at a time (a split is a
             # view of its source's tokens: never copied whole in memory, nor mapped to write).
-            for part, dtype in (("ids", np.int32), ("supervised", np.bool_)):
-                with open(tmp / f"{name}.{part}.npy", "wb") as f:
+            with (
+                open(tmp / f"{name}.ids.npy", "wb") as ids,
+                open(tmp / f"{name}.supervised.npy", "wb") as supervised,
+            ):
+                for f, dtype in ((ids, np.int32), (supervised, np.bool_)):
                     header = {"descr": np.dtype(dtype).str, "fortran_order": False}
                     np.lib.format.write_array_header_1_0(f, {**header, "shape": (int(offsets[-1]),)})
-                    for block in store.blocks():
-                        block[part == "supervised"].astype(dtype, copy=False).tofile(f)
+                for block_ids, block_supervised in store.blocks():
+                    block_ids.astype(np.int32, copy=False).tofile(ids)
+                    block_supervised.astype(np.bool_, copy=False).tofile(supervised)
             np.save(tmp / f"{name}.offsets.npy", offsets)
         (tmp / "meta.json").write_text(json.dumps({"splits": list(splits), **meta}))
 

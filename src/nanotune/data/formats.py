@@ -157,7 +157,7 @@ class _Fields(string.Formatter):
 _FIELDS = _Fields()
 
 
-_ONE_FIELD = re.compile(r"\{([^{}:!]+)\}")
+_ONE_FIELD = re.compile(r"\{([^{}:!\[\]]+)\}")
 
 
 def _render(template: str, row: Row, what: str) -> str:

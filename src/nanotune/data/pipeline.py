@@ -270,8 +270,9 @@ def _text_document(row: Row, tokenizer: TokenizerLike, cfg: DataConfig) -> Examp
 
 
 ENCODE_BLOCK = 256  # rows whose texts are encoded in one batch call
-BATCHED_FORMATS = ("completion", "alpaca", "text")
-"""Formats whose only tokenizer call is `encode`, so their texts can be encoded ahead."""
+BATCHED_FORMATS = ("completion", "alpaca")
+"""Formats whose only tokenizer call is `encode`, so their texts can be encoded ahead (not
+text: a row may be a whole file, and a block of them would be held encoded at once)."""
 
 
 class _Recorder:

@@ -77,6 +77,8 @@ class ExampleStore(Sequence[Example]):
     def take(self, indices: np.ndarray) -> ExampleStore:
         """The examples at `indices`, in that order: a view sharing these tokens."""
         indices = np.asarray(indices, dtype=np.int64)
+        if len(indices) and not (0 <= indices.min() and indices.max() < len(self)):
+            raise IndexError(f"take: indices outside 0..{len(self) - 1}")
         if len(indices) == len(self) and np.array_equal(indices, np.arange(len(self))):
             return self
         order = indices if self.order is None else self.order[indices]

@@ -139,7 +139,7 @@ class _TiktokenBackend:
     def digest(self) -> bytes:
         """What decides this backend's ids: the split pattern, the ranks and the specials."""
         h = hashlib.sha256(GPT2_PATTERN.encode())
-        pairs = self.ranks.items()
+        pairs = sorted(self.ranks.items(), key=lambda kv: kv[1])  # however they were loaded
         h.update(b"".join(len(b).to_bytes(2, "little") + b + r.to_bytes(4, "little") for b, r in pairs))
         h.update(json.dumps(sorted(self.special.items())).encode())
         return h.digest()
@@ -178,7 +178,16 @@ class _TokenizersBackend:
 
     def encode_batch(self, texts: list[str], allow_special: bool) -> list[list[int]]:
         with self._special_as_text(not allow_special):
-            encodings = self.tok.encode_batch_fast(texts, add_special_tokens=False)
+            # A tokenizer.json may carry a padding setting, which batches apply (and `encode`
+            # does not): off for the call, so each text gets exactly its `encode` ids.
+            padding = self.tok.padding
+            if padding is not None:
+                self.tok.no_padding()
+            try:
+                encodings = self.tok.encode_batch_fast(texts, add_special_tokens=False)
+            finally:
+                if padding is not None:
+                    self.tok.enable_padding(**padding)
         return [e.ids for e in encodings]
 
     def encode_offsets(self, text: str) -> tuple[list[int], Offsets]:
