@@ -45,11 +45,10 @@ def _vouched(spec: str) -> bool:
     return spec.startswith("builtin:") or Path(spec).expanduser().exists()
 
 
-def cacheable(cfg: DataConfig, tokenizer: Any) -> bool:
-    """Whether `build_datasets` would read or write an entry for this data (reads no file)."""
+def _keeps(cfg: DataConfig, tokenizer: Any) -> bool:
+    """LM data from sources this cache can identify, with a tokenizer it can fingerprint."""
     return (
-        cache_root() is not None
-        and cfg.format not in ("classification", "preference")
+        cfg.format not in ("classification", "preference")
         and getattr(tokenizer, "fingerprint", None) is not None
         and all(
             spec is None or _vouched(spec)
@@ -58,11 +57,14 @@ def cacheable(cfg: DataConfig, tokenizer: Any) -> bool:
     )
 
 
-def _source_fingerprint(spec: str) -> list[Any] | None:
-    """What identifies a source's content: its files' names and content digests (~1 GB/s),
-    or the builtin's name; None for sources this cache does not vouch for."""
-    if not _vouched(spec):
-        return None
+def cacheable(cfg: DataConfig, tokenizer: Any) -> bool:
+    """Whether `build_datasets` would read or write an entry for this data (reads no file)."""
+    return cache_root() is not None and _keeps(cfg, tokenizer)
+
+
+def _source_fingerprint(spec: str) -> list[Any]:
+    """What identifies a (vouched) source's content: its files' names and content digests
+    (~1 GB/s), or the builtin's name."""
     if spec.startswith("builtin:"):
         return [spec]
     path = Path(spec).expanduser()
@@ -79,22 +81,14 @@ def _source_fingerprint(spec: str) -> list[Any] | None:
 
 def cache_key(cfg: DataConfig, tokenizer: Any) -> str | None:
     """The entry's name for this data and tokenizer, or None when it cannot be cached."""
-    if cfg.format in ("classification", "preference"):
+    if not _keeps(cfg, tokenizer):
         return None
-    fingerprint = getattr(tokenizer, "fingerprint", None)
-    if fingerprint is None:
-        return None
-    sources = []
-    for spec in (cfg.source, cfg.val_source, cfg.test_source):
-        if spec is None:
-            sources.append(None)
-            continue
-        fp = _source_fingerprint(spec)
-        if fp is None:
-            return None
-        sources.append(fp)
+    sources = [
+        None if spec is None else _source_fingerprint(spec)
+        for spec in (cfg.source, cfg.val_source, cfg.test_source)
+    ]
     blob = json.dumps(
-        [FORMAT, __version__, dataclasses.asdict(cfg), sources, fingerprint()],
+        [FORMAT, __version__, dataclasses.asdict(cfg), sources, tokenizer.fingerprint()],
         sort_keys=True,
         default=str,
     )
