@@ -123,3 +123,41 @@ def test_quantize_int8_replaces_every_linear_and_gives_a_tied_head_its_own_copy(
     assert not [t for t in model.state_dict().values() if t.dtype == torch.float32]
     assert (got - want).abs().max() < 0.05 * want.abs().max()
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9
+
+
+@pytest.mark.skipif(not lin.ONEDNN, reason="oneDNN is off or missing")
+@pytest.mark.parametrize("rows", [1, 8, 77])
+def test_a_packed_bf16_linear_is_bit_identical_to_f_linear(rows):
+    g = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(*s, generator=g).bfloat16() for s in ((2, rows, 64), (96, 64), (96,)))
+    layer = lin.PackedLinear(w, b)
+    assert layer.weight.is_mkldnn and layer.weight.shape == (96, 64)
+    assert (layer.in_features, layer.out_features) == (64, 96)
+    assert torch.equal(layer(x), F.linear(x, w, b))
+    # A strided input is read as its dense copy (F.linear itself rounds some strided ones
+    # differently from their copies).
+    assert torch.equal(layer(x[:, ::2]), F.linear(x[:, ::2].contiguous(), w, b))
+    assert layer(x[:, :0]).shape == (2, 0, 96)
+
+
+@pytest.mark.skipif(not lin.ONEDNN, reason="oneDNN is off or missing")
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_pack_bf16_decodes_the_same_tokens_as_the_unpacked_bf16_model(arch):
+    from tiny import tiny_config
+
+    from nanotune.generate import GenerationConfig, generate_ids
+    from nanotune.models import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(arch)).eval().to(torch.bfloat16)
+    prompts = [[5, 9, 2, 33], [7], [1, 2, 3, 4, 5, 6, 7, 8]]
+    gen = GenerationConfig(max_new_tokens=10, stop_token_ids=())
+    with torch.no_grad():
+        want_logits = model(torch.tensor([prompts[2]]))
+        want = generate_ids(model, prompts, gen)
+        lin.pack_bf16(model)
+        got_logits = model(torch.tensor([prompts[2]]))
+        got = generate_ids(model, prompts, gen)
+    assert not [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert isinstance(model.lm_head, lin.PackedLinear) and not model.wte.weight.is_mkldnn
+    assert torch.equal(got_logits, want_logits) and got == want

@@ -135,6 +135,28 @@ CASES: dict[str, Case] = {
             decode="float32",  # what `nanotune generate` decodes in by default
         ),
         Case(
+            "generate-b1-bf16",
+            "generate",
+            "gpt2",
+            "none",
+            "generate-b1 with nanotune decoding in bfloat16 (`--dtype bfloat16`: bf16 weights "
+            "prepacked for oneDNN on CPU, bf16 activations and KV cache); the peers as in "
+            "generate-b1",
+            batch=1,
+            target_ratio=3.0,
+            decode="bfloat16",
+        ),
+        Case(
+            "generate-b8-bf16",
+            "generate",
+            "gpt2",
+            "none",
+            "generate-b8 with nanotune decoding in bfloat16 (`--dtype bfloat16`)",
+            batch=8,
+            target_ratio=3.0,
+            decode="bfloat16",
+        ),
+        Case(
             "generate-b1-int8",
             "generate",
             "gpt2",

@@ -218,7 +218,7 @@ def render(
         "`train.dtype: auto` picks on this machine: bf16 autocast with float32 master weights "
         "where the CPU multiplies bf16 natively (AVX512_BF16/AMX), float32 elsewhere; serve the "
         "same choice as its `--dtype` (bf16 weights and KV cache); the generate cases the "
-        "`--dtype` their row names (float32, `generate`'s default, or int8).",
+        "`--dtype` their row names (float32, `generate`'s default, bfloat16 or int8).",
         "- dpo: the peer is TRL's `DPOTrainer` (peft `LoraConfig` passed as `peft_config`, so its "
         "reference is the model with adapters disabled; `precompute_ref_log_probs=False`, its `bf16` flag as the side's precision, "
         "no gradient checkpointing, no eval/logging/saving); a step is its `training_step` on a "

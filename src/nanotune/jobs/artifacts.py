@@ -37,7 +37,7 @@ from nanotune.jobs.card import model_card
 from nanotune.methods import SequenceClassifier, lora_layers
 from nanotune.methods.lora import merge as merge_lora
 from nanotune.models import DEFAULT_MODEL
-from nanotune.models.linear import quantize_int8
+from nanotune.models.linear import pack_bf16, quantize_int8
 from nanotune.tokenizer import Tokenizer
 from nanotune.weights import hub, load_model, save_model
 from nanotune.weights.classifier import (
@@ -136,6 +136,8 @@ def for_decoding(model: nn.Module, dtype: str) -> nn.Module:
     if dtype == "int8":  # quantized from the float32 weights, before the rest goes to bf16
         quantize_int8(model)
     model = model.to(DECODE_DTYPES[dtype])
+    if dtype == "bfloat16":  # oneDNN's layout, once, where it multiplies (CPU)
+        pack_bf16(model)
     _return_freed_memory()
     return model
 
