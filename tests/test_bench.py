@@ -232,3 +232,27 @@ def test_llama_cpp_row_says_why_when_llama_cpp_python_is_missing(monkeypatch):
         llamacpp.import_libraries(cases.CASES["generate-llama-cpp"])
     assert llamacpp.gguf_precision("/x/SmolLM2-135M-Instruct.Q4_1.gguf") == "GGUF Q4_1"
     assert llamacpp.gguf_precision("/x/model.gguf") == "GGUF"
+
+
+def test_a_servers_peak_memory_counts_its_child_processes():
+    """transformers serve holds its model in a spawned child: the parent's RSS alone misses it."""
+    import os
+    import subprocess
+    import time
+
+    from nanotune.bench.serving import _rss, _tree_peak
+
+    child = subprocess.Popen(
+        [sys.executable, "-c", "b = bytearray(200 * 2**20); import time; time.sleep(60)"],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        for _ in range(100):
+            if _rss(child.pid, "VmHWM") > 200 * 2**20:
+                break
+            time.sleep(0.05)
+        own = _rss(os.getpid(), "VmHWM")
+        assert _tree_peak(os.getpid()) >= own + 200 * 2**20
+    finally:
+        child.kill()
+        child.wait()
