@@ -380,3 +380,24 @@ def test_text_stream_pieces_join_to_the_full_decode():
     ts = TextStream(tok, stop=("again:",))
     pieces = [ts.push(t) for t in ids]
     assert ts.stopped and "".join(pieces) + ts.finish() == text[: text.index("again:")]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_a_bf16_model_on_cpu_caches_keys_in_float32_with_the_outputs_of_a_bf16_cache(family):
+    """Attention runs in float32 on CPU for bf16 inputs, so a float32 cache holds the same
+    values as a bf16 one (cast once per token instead of per step) and changes no output."""
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(family)).eval().to(torch.bfloat16)
+    assert model.cache_dtype == torch.float32
+    assert Transformer(tiny_config(family)).cache_dtype == torch.float32  # float32 weights
+    ids = torch.randint(0, 96, (2, 7))
+    logits = {}
+    with torch.no_grad():
+        for dtype in (torch.bfloat16, torch.float32):
+            cache = model.init_cache(2, 12, dtype=dtype)
+            steps = [model.lm_head(model.hidden(ids, cache=cache)[:, -1])]
+            for t in (5, 9, 3):
+                step = torch.full((2, 1), t)
+                steps.append(model.lm_head(model.hidden(step, cache=cache)[:, -1]))
+            logits[dtype] = torch.stack(steps)
+    assert torch.equal(logits[torch.bfloat16], logits[torch.float32])

@@ -112,7 +112,7 @@ def _add_dtype_arg(p) -> None:
         "--dtype",
         choices=["float32", "bfloat16", "int8"],
         default="float32",
-        help="weights and KV cache while decoding (bfloat16: faster on GPUs, and on CPUs with "
+        help="weights while decoding (bfloat16: faster on GPUs, and on CPUs with "
         "native bf16, where its weights are prepacked for oneDNN; int8: linear weights in int8 "
         "with per-channel scales, the rest in bfloat16, a quarter of float32's memory; float32, "
         "the default, answers exactly as training computed)",

@@ -140,7 +140,7 @@ CASES: dict[str, Case] = {
             "gpt2",
             "none",
             "generate-b1 with nanotune decoding in bfloat16 (`--dtype bfloat16`: bf16 weights "
-            "prepacked for oneDNN on CPU, bf16 activations and KV cache); the peers as in "
+            "prepacked for oneDNN on CPU, bf16 activations, float32 KV cache); the peers as in "
             "generate-b1",
             batch=1,
             target_ratio=3.0,
@@ -162,7 +162,7 @@ CASES: dict[str, Case] = {
             "gpt2",
             "none",
             "generate-b1 with nanotune decoding from int8 weights (`--dtype int8`: per-channel "
-            "int8 linear weights, bf16 activations and KV cache); the peers as in generate-b1",
+            "int8 linear weights, bf16 activations, float32 KV cache); the peers as in generate-b1",
             batch=1,
             target_ratio=3.0,
             decode="int8",

@@ -244,13 +244,19 @@ class Transformer(nn.Module):
     def device(self) -> torch.device:
         return self.wte.weight.device
 
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        """What the KV cache holds: the weights' dtype, except float32 for bfloat16 weights on
+        CPU, where `_attend` multiplies in float32 anyway: each new key and value is then cast
+        once, not the whole cache at every step (the same values, so the same outputs)."""
+        dtype = self.wte.weight.dtype
+        return torch.float32 if dtype == torch.bfloat16 and self.device.type == "cpu" else dtype
+
     def init_cache(
         self, batch_size: int, max_len: int, dtype: torch.dtype | None = None
     ) -> KVCache:
         max_len = min(max_len, self.config.block_size)
-        return KVCache(
-            self.config, batch_size, max_len, self.device, dtype or self.wte.weight.dtype
-        )
+        return KVCache(self.config, batch_size, max_len, self.device, dtype or self.cache_dtype)
 
     def hidden(
         self,

@@ -137,7 +137,7 @@ class _SlotCache:
     def __init__(self, model: Transformer, rows: int) -> None:
         self.config = model.config
         self.rows = rows
-        self.dtype = model.wte.weight.dtype
+        self.dtype = model.cache_dtype
         self.device = model.device
         self.k: list[Tensor] = []
         self.v: list[Tensor] = []
@@ -202,8 +202,8 @@ class _View:
             V[self.rows, :, self.length : self.length + T] = v
         else:
             D = K.shape[-1]
-            K.view(-1, D).index_copy_(0, self.flat, k.reshape(-1, D))
-            V.view(-1, D).index_copy_(0, self.flat, v.reshape(-1, D))
+            K.view(-1, D).index_copy_(0, self.flat, k.reshape(-1, D).to(K.dtype))
+            V.view(-1, D).index_copy_(0, self.flat, v.reshape(-1, D).to(V.dtype))
         end = self.length + T
         return K[self.rows, :, :end], V[self.rows, :, :end]
 

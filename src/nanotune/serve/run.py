@@ -43,9 +43,9 @@ def serve(
     """Serve `model` (a name, model folder, or a LoRA run's final/, whose base is then served
     with it as an adapter) and the `NAME=DIR` adapters until SIGINT/SIGTERM.
 
-    `dtype` bfloat16 halves the bytes each decode step streams (weights, adapters and KV cache
-    in bf16; logits and sampling stay float32); int8 quarters the linear weights' bytes (the
-    rest in bf16; base only, no --adapter). Answers are then no longer bit-equal to float32,
+    `dtype` bfloat16 halves the bytes each decode step streams (weights and adapters in bf16,
+    the KV cache too on GPU; logits and sampling stay float32); int8 quarters the linear
+    weights' bytes (the rest in bf16; base only, no --adapter). Answers are then no longer bit-equal to float32,
     and whether either is faster depends on the kernels of the device: measure with
     `nanotune bench`.
     """
