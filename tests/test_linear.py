@@ -125,7 +125,7 @@ def test_quantize_int8_replaces_every_linear_and_gives_a_tied_head_its_own_copy(
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9
 
 
-@pytest.mark.skipif(not lin.ONEDNN, reason="oneDNN is off or missing")
+@pytest.mark.skipif(not lin.ONEDNN_BF16, reason="oneDNN is off or has no bf16 on this CPU")
 @pytest.mark.parametrize("rows", [1, 8, 77])
 def test_a_packed_bf16_linear_is_bit_identical_to_f_linear(rows):
     g = torch.Generator().manual_seed(0)
@@ -140,7 +140,7 @@ def test_a_packed_bf16_linear_is_bit_identical_to_f_linear(rows):
     assert layer(x[:, :0]).shape == (2, 0, 96)
 
 
-@pytest.mark.skipif(not lin.ONEDNN, reason="oneDNN is off or missing")
+@pytest.mark.skipif(not lin.ONEDNN_BF16, reason="oneDNN is off or has no bf16 on this CPU")
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_pack_bf16_decodes_the_same_tokens_as_the_unpacked_bf16_model(arch):
     from tiny import tiny_config
@@ -161,3 +161,16 @@ def test_pack_bf16_decodes_the_same_tokens_as_the_unpacked_bf16_model(arch):
     assert not [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     assert isinstance(model.lm_head, lin.PackedLinear) and not model.wte.weight.is_mkldnn
     assert torch.equal(got_logits, want_logits) and got == want
+
+
+def test_pack_bf16_leaves_layers_alone_where_onednn_has_no_bf16(monkeypatch):
+    from tiny import tiny_config
+
+    from nanotune.models import Transformer
+
+    monkeypatch.setattr(lin, "ONEDNN_BF16", False)
+    model = Transformer(tiny_config("llama")).eval().to(torch.bfloat16)
+    lin.pack_bf16(model)
+    assert not [m for m in model.modules() if isinstance(m, lin.PackedLinear)]
+    with torch.no_grad():
+        assert model(torch.tensor([[1, 2, 3]])).shape == (1, 3, model.config.vocab_size)

@@ -424,7 +424,8 @@ def test_adapters_that_cannot_share_the_base_are_refused_with_merge_advice(tiny_
 
 
 def test_bfloat16_serving_answers(tiny_llama_dir, adapters):
-    """--dtype bfloat16: weights, adapters and cache in bf16; requests are answered in full."""
+    """--dtype bfloat16: weights and adapters in bf16 (the base prepacked, the KV cache float32
+    on CPU); requests are answered in full."""
     running = start(tiny_llama_dir, "--dtype", "bfloat16", "--adapter", f"alpha={adapters['alpha']}")
     try:
         client = running.client()

@@ -112,10 +112,10 @@ def _add_dtype_arg(p) -> None:
         "--dtype",
         choices=["float32", "bfloat16", "int8"],
         default="float32",
-        help="weights while decoding (bfloat16: faster on GPUs, and on CPUs with "
-        "native bf16, where its weights are prepacked for oneDNN; int8: linear weights in int8 "
-        "with per-channel scales, the rest in bfloat16, a quarter of float32's memory; float32, "
-        "the default, answers exactly as training computed)",
+        help="weights while decoding (bfloat16: faster where the CPU multiplies bf16 natively, "
+        "its linear weights prepacked for oneDNN; int8: linear weights in int8 with per-channel "
+        "scales, a quarter of float32's bytes, the rest in bfloat16; float32, the default, "
+        "answers exactly as training computed)",
     )
 
 

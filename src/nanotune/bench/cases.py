@@ -231,8 +231,8 @@ CASES: dict[str, Case] = {
             "SmolLM2-135M (real weights, one HF folder for both) behind each side's "
             "OpenAI-compatible server (peer: `transformers serve --continuous-batching`): 200 "
             "greedy chat completions of up to 32 tokens from 16 concurrent clients on loopback; "
-            "tok/s = generated tokens over wall time, ms = p50 latency, memory = the server's "
-            "peak RSS, its child processes included",
+            "tok/s = generated tokens over wall time, ms = p50 latency, memory = the sum of "
+            "each server process's peak RSS, children included",
             batch=16,
             target_ratio=3.0,
         ),

@@ -217,7 +217,7 @@ def render(
         "same autocast; `transformers serve --dtype bfloat16` for serve); nanotune runs what "
         "`train.dtype: auto` picks on this machine: bf16 autocast with float32 master weights "
         "where the CPU multiplies bf16 natively (AVX512_BF16/AMX), float32 elsewhere; serve the "
-        "same choice as its `--dtype` (bf16 weights and KV cache); the generate cases the "
+        "same choice as its `--dtype` (bf16 weights, the KV cache float32 on CPU); the generate cases the "
         "`--dtype` their row names (float32, `generate`'s default, bfloat16 or int8).",
         "- dpo: the peer is TRL's `DPOTrainer` (peft `LoraConfig` passed as `peft_config`, so its "
         "reference is the model with adapters disabled; `precompute_ref_log_probs=False`, its `bf16` flag as the side's precision, "

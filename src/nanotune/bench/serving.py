@@ -3,9 +3,9 @@ transformers CLI's OpenAI-compatible server), same model folder, same requests, 
 
 Each side's server runs in its own process on loopback; `CLIENTS` concurrent clients send
 `REQUESTS` greedy chat completions of `MAX_TOKENS` tokens. Reported: generated tokens/s (from
-each response's `usage`), p50/p95 latency, errors, and the server's peak RSS: the sum of each
-process's peak over the server and its children (transformers 5.25 serves from a spawned child
-process; reading the parent alone measured ~430 MiB for a ~7.8 GB server). Then, on nanotune only, a queue overflow: twice `--max-queue` requests at
+each response's `usage`), p50/p95 latency, errors, and the server's memory: the sum of each
+process's peak RSS over the server and its children (transformers 5.25 serves from a spawned
+child process; reading the parent alone measured ~430 MiB for a ~7.8 GB server). Then, on nanotune only, a queue overflow: twice `--max-queue` requests at
 once, RSS before and after (memory stays bounded: the overflow gets 429, not a queue slot).
 """
 
@@ -59,13 +59,20 @@ def _rss(pid: int, field: str) -> int:
 
 
 def _tree_peak(pid: int) -> int:
-    """Peak RSS of a server: the sum over its process and every descendant (transformers serve
-    runs its model in a spawned child), each process's own peak (VmHWM)."""
-    total = _rss(pid, "VmHWM")
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        for child in (task / "children").read_text().split():
-            total += _tree_peak(int(child))
-    return total
+    """A server's memory: the sum of each process's own peak RSS (VmHWM) over its process and
+    every descendant (transformers serve runs its model in a spawned child). An upper bound
+    of the tree's peak: the peaks may come at different times, and shared pages count once a
+    process. A process or thread that exits while the tree is read counts 0."""
+    try:
+        total = _rss(pid, "VmHWM")
+        children = [
+            int(c)
+            for task in Path(f"/proc/{pid}/task").iterdir()
+            for c in (task / "children").read_text().split()
+        ]
+    except (FileNotFoundError, ProcessLookupError):
+        return 0
+    return total + sum(_tree_peak(child) for child in children)
 
 
 def hf_folder(source: Path, out: Path) -> Path:
@@ -243,7 +250,7 @@ def measure(side: str, quick: bool, source: str | None, precision: str) -> dict[
         "useful_per_s": tokens / wall,
         "flops_per_s": 0.0,
         "peak_bytes": peak,
-        "peak_kind": "server peak RSS, its child processes' included (weights included)",
+        "peak_kind": "server memory: the sum of each process's peak RSS, children included",
         "steps": len(lat),
         "note": (
             f"{len(lat) + len(errors)} requests, {clients} clients, {len(errors)} errors"

@@ -61,7 +61,7 @@ CARD_FILE = "README.md"  # the model card the Hub shows
 DECODE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.bfloat16}
 """What `generate`, `chat` and `serve` may decode in (`--dtype`) -> the dtype of activations and
 unquantized weights (and of the KV cache, except on CPU: `Transformer.cache_dtype`). bfloat16
-halves the bytes a decode step streams (on CPU its linear weights are prepacked for oneDNN,
+halves the weight bytes a decode step streams (on CPU its linear weights are prepacked for oneDNN,
 `models.linear.PackedLinear`), int8 (linear weights in int8 with per-channel scales,
 `models.linear.Int8Linear`; the rest bfloat16) quarters them; logits and sampling stay float32,
 and answers are no longer bit-equal to float32's."""
