@@ -5,8 +5,9 @@ Each side's server runs in its own process on loopback; `CLIENTS` concurrent cli
 `REQUESTS` greedy chat completions of `MAX_TOKENS` tokens. Reported: generated tokens/s (from
 each response's `usage`), p50/p95 latency, errors, and the server's memory: the sum of each
 process's peak RSS over the server and its children (transformers 5.25 serves from a spawned
-child process; reading the parent alone measured ~430 MiB for a ~7.8 GB server). Then, on nanotune only, a queue overflow: twice `--max-queue` requests at
-once, RSS before and after (memory stays bounded: the overflow gets 429, not a queue slot).
+child process; reading the parent alone measured ~430 MiB for a ~7.8 GB server). Then, on
+nanotune only, a queue overflow: twice `--max-queue` requests at once, RSS before and after
+(memory stays bounded: the overflow gets 429, not a queue slot).
 """
 
 from __future__ import annotations

@@ -221,12 +221,10 @@ class PackedLinear(nn.Module):
         return _mm(x.to(torch.bfloat16).contiguous(), self.weight, self.bias)
 
 
-def packable(layer: nn.Module) -> bool:
-    """Whether `pack_bf16` packs this layer: a plain bfloat16 linear on a CPU where oneDNN
-    multiplies bf16."""
+def _packable(layer: nn.Linear) -> bool:
+    """A plain bfloat16 linear on a CPU where oneDNN multiplies bf16."""
     return (
         ONEDNN_BF16
-        and isinstance(layer, nn.Linear)
         and type(layer.weight) in (Tensor, nn.Parameter)
         and layer.weight.dtype == torch.bfloat16
         and layer.weight.device.type == "cpu"
@@ -234,21 +232,22 @@ def packable(layer: nn.Module) -> bool:
     )
 
 
-def pack_bf16(model: nn.Module) -> nn.Module:
-    """Replace every packable linear layer of `model` (in place) by a `PackedLinear`; a head
-    tied to the embedding gets its own packed copy and the embedding keeps its table."""
+def _replace_linears(model: nn.Module, make, where=lambda layer: True) -> nn.Module:
+    """Replace every linear layer of `model` that `where` accepts (in place) by `make(weight,
+    bias)`; a head tied to the embedding gets its own copy and the embedding keeps its table."""
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
-            if packable(child):
-                setattr(module, name, PackedLinear(child.weight, child.bias))
+            if isinstance(child, nn.Linear) and where(child):
+                setattr(module, name, make(child.weight, child.bias))
     return model
+
+
+def pack_bf16(model: nn.Module) -> nn.Module:
+    """Every plain bf16 linear layer of `model` as a `PackedLinear`, where oneDNN multiplies
+    bf16 (elsewhere the model is left as it is)."""
+    return _replace_linears(model, PackedLinear, _packable)
 
 
 def quantize_int8(model: nn.Module) -> nn.Module:
-    """Replace every linear layer of `model` (in place) by an `Int8Linear` of its weights; a
-    head tied to the embedding gets its own int8 copy and the embedding keeps its table."""
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear):
-                setattr(module, name, Int8Linear.quantize(child.weight, child.bias))
-    return model
+    """Every linear layer of `model` as an `Int8Linear` of its weights."""
+    return _replace_linears(model, Int8Linear.quantize)
