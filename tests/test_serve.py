@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -143,6 +144,13 @@ def test_models_lists_the_base_and_each_adapter(server):
     assert models.data[1].parent == "base"
 
 
+def test_models_name_adapters_by_name_not_by_their_folder_on_the_server(server, adapters):
+    r = httpx.get(server.url + "/models", headers={"Authorization": f"Bearer {KEY}"}, timeout=10)
+    cards = r.json()["data"]
+    assert [c["root"] for c in cards] == [c["id"] for c in cards] == ["base", "alpha", "beta"]
+    assert all(str(folder) not in r.text for folder in adapters.values())
+
+
 @pytest.mark.parametrize("name", ["base", "alpha", "beta"])
 def test_completions_equal_generate_plain_and_streamed(server, local, name):
     client = server.client()
@@ -245,6 +253,35 @@ def test_stop_seed_n_and_sampling(server):
     assert len({c.text for c in a.choices}) > 1  # each choice samples on its own
 
 
+def test_several_prompts_with_n_choices_each_through_the_openai_client(server, local):
+    """Two prompts (texts, then token ids), n=2: choice j of prompt p is choices[p * n + j], as
+    OpenAI and vLLM order them; greedy, each is `nanotune generate`'s answer to its prompt, and
+    seeded, each prompt samples as it does alone."""
+    client = server.client()
+    _, tok = local["alpha"]
+    want = [expected(local, "alpha", p, 6) for p in PROMPTS[:2]]
+    assert want[0] != want[1]
+    for prompt in (PROMPTS[:2], [tok.encode(p) for p in PROMPTS[:2]]):
+        r = client.completions.create(
+            model="alpha", prompt=prompt, n=2, max_tokens=6, temperature=0
+        )
+        assert [c.index for c in r.choices] == [0, 1, 2, 3]
+        assert [c.text for c in r.choices] == [want[0], want[0], want[1], want[1]]
+        assert r.usage.prompt_tokens == sum(len(tok.encode(p)) for p in PROMPTS[:2])
+    kw = dict(model="alpha", n=2, max_tokens=6, temperature=1.0, seed=5)
+    both = client.completions.create(prompt=PROMPTS[:2], **kw)
+    alone = [client.completions.create(prompt=p, **kw) for p in PROMPTS[:2]]
+    assert [c.text for c in both.choices] == [c.text for a in alone for c in a.choices]
+
+
+def test_any_int64_seed_samples(server):
+    """vLLM's range; with n, choice j's seed + j still fits torch's generator (< 2**64)."""
+    client = server.client()
+    for seed in (-(2**63), -1, 2**63 - 1):
+        r = client.completions.create(model="base", prompt="Once", max_tokens=2, n=2, seed=seed)
+        assert len(r.choices) == 2
+
+
 def test_echo_logprobs_score_the_prompt_as_lm_eval_reads_them(server, local):
     """lm-evaluation-harness's loglikelihood request: the prompt as token ids, echo, logprobs=1,
     max_tokens=1; it sums token_logprobs over the continuation and checks greediness against
@@ -265,6 +302,64 @@ def test_echo_logprobs_score_the_prompt_as_lm_eval_reads_them(server, local):
     assert abs(lp.token_logprobs[-1] - float(want[-1, greedy])) < 1e-4
 
 
+def test_a_generated_stop_token_is_in_the_logprobs_plain_and_streamed(server, local):
+    """As vLLM reports it: the token a choice stopped on closes `logprobs` (completions and
+    chat, plain and streamed) and counts in usage; its text is not in the answer."""
+    model, tok = local["base"]
+    prompt = tok.encode("Once upon a time")
+    greedy = expected_ids(model, tok, prompt, 3)
+    stop = greedy[2]
+    with torch.no_grad():
+        want = model(torch.tensor([prompt + greedy[:2]]))[0, -1].log_softmax(-1)[stop]
+    client = server.client()
+    common = dict(model="base", max_tokens=8, temperature=0, extra_body={"stop_token_ids": [stop]})
+    r = client.completions.create(prompt=prompt, logprobs=1, **common)
+    lp = r.choices[0].logprobs
+    assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens == 3
+    assert len(lp.token_logprobs) == 3 and abs(lp.token_logprobs[-1] - float(want)) < 1e-4
+    assert r.choices[0].text == tok.decode(greedy[:2])
+    chunks = list(client.completions.create(prompt=prompt, logprobs=1, stream=True, **common))
+    streamed = [x for c in chunks if c.choices[0].logprobs for x in c.choices[0].logprobs.token_logprobs]
+    assert streamed == pytest.approx(lp.token_logprobs, abs=1e-6)
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    # Chat: the same three entries, the last one the stop token's.
+    messages = [{"role": "user", "content": "Hello"}]
+    chat_ids = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True))
+    cgreedy = expected_ids(model, tok, chat_ids, 3)
+    common["extra_body"] = {"stop_token_ids": [cgreedy[2]]}
+    c = client.chat.completions.create(messages=messages, logprobs=True, **common)
+    assert len(c.choices[0].logprobs.content) == 3 and c.choices[0].finish_reason == "stop"
+    chunks = list(client.chat.completions.create(messages=messages, logprobs=True, stream=True, **common))
+    entries = [e for x in chunks if x.choices and x.choices[0].logprobs for e in x.choices[0].logprobs.content]
+    assert [e.logprob for e in entries] == pytest.approx([e.logprob for e in c.choices[0].logprobs.content])
+
+
+def expected_ids(model, tok, prompt: list[int], n: int) -> list[int]:
+    from nanotune.generate import GenerationConfig, generate_ids
+
+    return generate_ids(model, [prompt], GenerationConfig(max_new_tokens=n, stop_token_ids=()), tok)[0]
+
+
+def test_a_stream_keeps_going_while_a_request_that_would_overflow_is_refused(server, local):
+    """The probe's reproduction: a long greedy stream, and during it a request with temperature
+    1e-40 (logits / T overflow): that one is refused, the stream runs to its end unchanged."""
+    model, tok = local["base"]
+    prompt = tok.encode("hi")
+    want = expected_ids(model, tok, prompt, 100)
+    client = server.client()
+    stream = client.completions.create(
+        model="base", prompt=prompt, max_tokens=100, temperature=0, stream=True,
+        extra_body={"stop_token_ids": []},
+    )
+    pieces, bad = [], None
+    for chunk in stream:
+        pieces.append(chunk.choices[0].text)
+        if len(pieces) == 5:
+            bad = server.post("/v1/completions", {"prompt": "hi", "temperature": 1e-40, "max_tokens": 3})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "temperature"
+    assert "".join(pieces) == tok.decode(want)
+
+
 def test_adapters_load_and_unload_at_run_time(server, local, adapters):
     r = server.post("/v1/load_lora_adapter", {"lora_name": "gamma", "lora_path": str(adapters["alpha"])})
     assert r.status_code == 200, r.text
@@ -274,6 +369,25 @@ def test_adapters_load_and_unload_at_run_time(server, local, adapters):
     assert server.post("/v1/unload_lora_adapter", {"lora_name": "gamma"}).status_code == 200
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="gamma", prompt="x", max_tokens=2)
+
+
+def test_a_chat_template_that_fails_to_render_is_a_400_naming_messages(server, adapters, tmp_path):
+    """`{% include %}` in an adapter's template: the sandbox has no loader (a TypeError, not a
+    template error); /tokenize and chat both refuse the messages, and the server goes on."""
+    folder = tmp_path / "included"
+    shutil.copytree(adapters["alpha"], folder)
+    (folder / "chat_template.jinja").write_text("{% include 'other.jinja' %}")
+    r = server.post("/v1/load_lora_adapter", {"lora_name": "included", "lora_path": str(folder)})
+    assert r.status_code == 200, r.text
+    try:
+        body = {"model": "included", "messages": [{"role": "user", "content": "hi"}]}
+        for path in ("/tokenize", "/v1/chat/completions"):
+            r = server.post(path, body)
+            assert r.status_code == 400, r.text
+            assert r.json()["error"]["param"] == "messages"
+        assert server.post("/tokenize", {"model": "included", "prompt": "hi"}).status_code == 200
+    finally:
+        server.post("/v1/unload_lora_adapter", {"lora_name": "included"})
 
 
 # ---- bad requests -----------------------------------------------------------------------
@@ -298,6 +412,19 @@ BAD = [
     ("no api key", "/v1/completions", {"prompt": "hi"}, None, 401, None),
     ("oversized body", "/v1/completions", {"prompt": "x" * 100_000}, KEY, 413, None),
     ("unknown route", "/v1/nothing", {}, KEY, 404, None),
+    ("body not UTF-8", "/v1/completions", '{"prompt": "hi"}'.encode("utf-16"), KEY, 400, None),
+    ("json nested 30,000 deep", "/v1/completions", b'{"prompt": ' + b"[" * 30_000 + b"]" * 30_000 + b"}", KEY, 400, None),
+    ("lone surrogate in a prompt", "/v1/completions", b'{"prompt": ["ok", "a\\ud800"]}', KEY, 400, "prompt[1]"),
+    ("lone surrogate in a message", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\udfff"}]}', KEY, 400, "messages[0].content"),
+    ("seed past int64", "/v1/completions", {"prompt": "hi", "seed": 2**64}, KEY, 400, "seed"),
+    ("logit_bias out of range", "/v1/completions", {"prompt": "hi", "logit_bias": {"1": 500}}, KEY, 400, "logit_bias"),
+    ("logit_bias -Infinity", "/v1/completions", b'{"prompt": "hi", "logit_bias": {"1": -Infinity}}', KEY, 400, "logit_bias"),
+    ("temperature NaN", "/v1/completions", b'{"prompt": "hi", "temperature": NaN}', KEY, 400, "temperature"),
+    ("top_p Infinity", "/v1/completions", b'{"prompt": "hi", "top_p": Infinity}', KEY, 400, "top_p"),
+    ("an int past float's range", "/v1/completions", {"prompt": "hi", "presence_penalty": 10**400}, KEY, 400, "presence_penalty"),
+    ("temperature 1e-40", "/v1/completions", {"prompt": "hi", "temperature": 1e-40}, KEY, 400, "temperature"),
+    ("temperature 1e-300", "/v1/completions", {"prompt": "hi", "temperature": 1e-300}, KEY, 400, "temperature"),
+    ("repetition_penalty 1e-300", "/v1/completions", {"prompt": "hi", "repetition_penalty": 1e-300}, KEY, 400, "repetition_penalty"),
 ]
 
 
@@ -359,6 +486,19 @@ def test_a_full_queue_answers_429_and_recovers(tiny_llama_dir):
         stop(running)
 
 
+def test_a_request_of_more_sequences_than_the_queue_takes_answers_429(tiny_llama_dir):
+    """20,000 prompts can never be queued: 429 naming max_queue, not a 500 from building them."""
+    running = start(tiny_llama_dir, "--max-queue", "8")
+    try:
+        r = running.post("/v1/completions", {"prompt": ["Once"] * 20_000, "max_tokens": 2})
+        assert r.status_code == 429, r.text
+        assert "max_queue=8" in r.json()["error"]["message"]
+        r = running.post("/v1/completions", {"prompt": ["Once", "hi"] * 2, "n": 2, "max_tokens": 2})
+        assert r.status_code == 200 and len(r.json()["choices"]) == 8
+    finally:
+        stop(running)
+
+
 def test_sigterm_finishes_in_flight_requests(tiny_llama_dir):
     running = start(tiny_llama_dir)
     got = {}
@@ -393,6 +533,18 @@ def test_cli_refuses_bad_setups(tiny_llama_dir, tmp_path):
         r = run("--model", str(tiny_llama_dir), "--port", str(s.getsockname()[1]))
     assert r.returncode == 2 and "cannot listen" in r.stderr
     assert os.path.isdir(tmp_path)  # nothing touched
+
+
+def test_the_api_key_can_stay_out_of_the_process_list(monkeypatch, capsys):
+    """--api-key shows in `ps`; its help says so and NANOTUNE_API_KEY is read instead."""
+    from nanotune.cli import build_parser
+
+    monkeypatch.setenv("NANOTUNE_API_KEY", "from-the-environment")
+    assert build_parser().parse_args(["serve"]).api_key == "from-the-environment"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "process list" in help_text and "NANOTUNE_API_KEY to keep it out" in help_text
 
 
 def test_adapters_that_cannot_share_the_base_are_refused_with_merge_advice(tiny_llama_dir, tmp_path):
@@ -443,7 +595,7 @@ def test_the_prefix_cache_keeps_the_longest_match_within_its_bound(tiny_llama_di
 
     model, _ = load_model(tiny_llama_dir)
     slots = _SlotCache(model, 2)
-    slots.reserve(64)
+    slots.reserve(64, 2)
     per_token = sum(t[0, :, :1].numel() * t.element_size() for t in (*slots.k, *slots.v))
     cache = _PrefixCache(max_bytes=25 * per_token)
     cache.add(1, list(range(10)), slots, 0)

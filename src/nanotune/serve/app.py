@@ -79,7 +79,7 @@ class Server:
             "object": "model",
             "created": self.created,
             "owned_by": "nanotune",
-            "root": name if parent is None else self.engine.adapters[name].path,
+            "root": name,  # vLLM gives an adapter's folder: a path on the server, kept private
             "parent": parent,
             "max_model_len": ctx,
         }
@@ -123,11 +123,16 @@ def create_app(server: Server):
                 raise APIError(413, f"request body is over the limit of {server.max_body} bytes")
             chunks.append(chunk)
         try:
-            body = json.loads(b"".join(chunks))
-        except (ValueError, UnicodeDecodeError) as e:
+            # UTF-8 only (RFC 8259): json.loads would take UTF-16 and raw surrogates from bytes.
+            text = b"".join(chunks).decode("utf-8")
+            body = json.loads(text)
+        except ValueError as e:  # UnicodeDecodeError included
             raise APIError(400, f"the request body is not valid JSON: {e}") from None
+        except RecursionError:
+            raise APIError(400, "the request body is nested too deeply") from None
         if not isinstance(body, dict):
             raise APIError(400, "the request body must be a JSON object")
+        protocol.check_text(text, body)
         return body
 
     async def health(request) -> Response:
@@ -159,6 +164,14 @@ def create_app(server: Server):
 
             return put
 
+        wanted = len(parsed.prompts) * parsed.n
+        if wanted > server.engine.max_queue:  # it never fits: say so before building them all
+            raise APIError(
+                429,
+                f"the request has {wanted} sequences (prompts x n), more than the server queues "
+                f"(max_queue={server.engine.max_queue})",
+                kind="rate_limit_error",
+            )
         seqs = []
         for p, prompt in enumerate(parsed.prompts):
             for j in range(parsed.n):
@@ -216,9 +229,7 @@ def create_app(server: Server):
         body = await body_of(request)
         _, tok = server.resolve(protocol._model(body))
         if "messages" in body:
-            prompt = tok.apply_chat_template(
-                protocol.chat_messages(body), add_generation_prompt=True
-            )
+            prompt = protocol.chat_text(body, tok)
         else:
             prompt = body.get("prompt")
             if not isinstance(prompt, str):
@@ -333,7 +344,9 @@ class _Answer:
 
     def usage(self) -> dict[str, int]:
         prompt = sum(len(p) for p in self.parsed.prompts)
-        return protocol.usage(prompt, sum(len(seq.output) for seq in self.seqs))
+        # The stop token a choice ended on counts, as vLLM and OpenAI count it.
+        made = sum(len(seq.output) + (seq.stop_token is not None) for seq in self.seqs)
+        return protocol.usage(prompt, made)
 
     def _echo(self, index: int) -> str:
         seq = self.seqs[index]

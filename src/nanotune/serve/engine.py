@@ -7,9 +7,15 @@ settings and generator, and hands the token to the request. Sequences join and l
 boundaries; a finished or cancelled one frees its slot at once (the last slot moves into it, so
 active sequences always sit in rows 0..n-1 and the batch is a view, never a gather).
 
-The slot cache holds `max_batch` rows; its length grows (doubling) with the longest active
-sequence and is released when the server is idle, so memory follows what is running, not the
-longest request that could come. Requests past `max_queue` waiting are refused, not queued.
+The slot cache holds a row per active sequence (at most `max_batch`) and its length follows the
+longest active sequence (both grown by doubling, released when the server is idle), so memory
+follows what is running, not the longest request that could come: at most
+`max_batch x context x kv_bytes_per_token`. A long prompt is computed `PREFILL_CHUNK` tokens at
+a time, so what one prefill allocates besides the cache is bounded too. Requests past
+`max_queue` waiting are refused, not queued.
+
+One sequence's failure (a sampling setting that makes its logits non-finite, a bug in its
+path) ends that sequence alone; only a failure of the batched forward itself ends them all.
 """
 
 from __future__ import annotations
@@ -34,6 +40,10 @@ BASE = 0  # the adapter id of "no adapter"
 # A prompt with at most this many tokens left to compute (after its cached prefix) joins the
 # next decode step, a row per token; a longer one gets a forward of its own.
 MERGED_PREFILL = 32
+# A longer prompt is computed this many tokens at a time: attention scores, MLP activations and
+# (for echo with logprobs) vocabulary logits exist for one chunk only. An 8,000-token prompt on
+# SmolLM2 computed whole took ~12 GB of temporaries.
+PREFILL_CHUNK = 512
 
 
 class QueueFull(NanotuneError):
@@ -89,6 +99,7 @@ class Sequence:
     output: list[int] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob | None] | None = None
     finish_reason: str | None = None
+    stop_token: int | None = None  # the stop token that ended it (counted, not in `output`)
     cancelled: bool = False
     # Set by the engine:
     slot: int = -1
@@ -132,37 +143,47 @@ class Adapter:
 
 
 class _SlotCache:
-    """Keys and values of `rows` sequences, each in its own row from position 0."""
+    """Keys and values of up to `max_rows` sequences, each in its own row from position 0."""
 
-    def __init__(self, model: Transformer, rows: int) -> None:
+    def __init__(self, model: Transformer, max_rows: int) -> None:
         self.config = model.config
-        self.rows = rows
+        self.max_rows = max_rows
         self.dtype = model.cache_dtype
         self.device = model.device
         self.k: list[Tensor] = []
         self.v: list[Tensor] = []
+        self.rows = 0
         self.capacity = 0
 
-    def reserve(self, length: int) -> None:
-        """Room for `length` positions per row (grown by doubling, up to the context)."""
-        if length <= self.capacity:
+    def reserve(self, length: int, rows: int) -> None:
+        """Room for `rows` rows of `length` positions (each grown by doubling, up to `max_rows`
+        and the context). One layer at a time, so growing holds one layer twice, not all."""
+        if length <= self.capacity and rows <= self.rows:
             return
         c = self.config
-        new = min(c.block_size, max(length, 2 * self.capacity, 64))
-        shape = (self.rows, c.kv_heads, new, c.hd)
-        k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(c.n_layer)]
-        v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(c.n_layer)]
-        for old, fresh in ((self.k, k), (self.v, v)):
-            for o, f in zip(old, fresh, strict=False):
-                f[:, :, : self.capacity] = o
-        self.k, self.v, self.capacity = k, v, new
+        new_len = self.capacity
+        if length > self.capacity:
+            new_len = min(c.block_size, max(length, 2 * self.capacity, 64))
+        new_rows = self.rows
+        if rows > self.rows:
+            new_rows = min(self.max_rows, max(rows, 2 * self.rows))
+        shape = (new_rows, c.kv_heads, new_len, c.hd)
+        for tensors in (self.k, self.v):
+            if not tensors:
+                tensors.extend([None] * c.n_layer)  # type: ignore[list-item]
+            for i, old in enumerate(tensors):
+                fresh = torch.zeros(shape, dtype=self.dtype, device=self.device)
+                if old is not None:
+                    fresh[: self.rows, :, : self.capacity] = old
+                tensors[i] = fresh
+        self.rows, self.capacity = new_rows, new_len
 
     def move(self, src: int, dst: int, length: int) -> None:
         for t in (*self.k, *self.v):
             t[dst, :, :length] = t[src, :, :length]
 
     def release(self) -> None:
-        self.k, self.v, self.capacity = [], [], 0
+        self.k, self.v, self.rows, self.capacity = [], [], 0, 0
 
 
 class _View:
@@ -415,11 +436,14 @@ class Engine:
                 continue
             self._place(seq)
             if (
-                seq.sampling.echo
-                and seq.sampling.logprobs is not None
-                or (len(seq.pending) > MERGED_PREFILL)
+                seq.scores_prompt
+                or seq.sampling.max_tokens == 0
+                or len(seq.pending) > MERGED_PREFILL
             ):
-                self._prefill(seq)
+                try:
+                    self._prefill(seq)
+                except Exception as e:  # its own forward: it fails alone
+                    self._fail(seq, e)
         for seq in [s for s in self._active if s.cancelled]:
             self._finish(seq, "cancelled")
         if self._active:
@@ -442,7 +466,7 @@ class Engine:
         prompt to compute (`pending`)."""
         seq.slot = len(self._active)
         self._active.append(seq)
-        self._cache.reserve(len(seq.prompt) + 1)
+        self._cache.reserve(len(seq.prompt) + 1, len(self._active))
         p, kv = (0, None) if seq.scores_prompt else self._prefixes.match(seq.adapter, seq.prompt)
         if kv is not None:
             for cached, kept in zip(
@@ -452,24 +476,30 @@ class Engine:
         seq.pos, seq.pending = p, seq.prompt[p:]
 
     def _prefill(self, seq: Sequence) -> None:
-        """A forward of its own for a long prompt (or one whose every position is scored)."""
+        """Forwards of its own for a long prompt (or one whose every position is scored), a
+        chunk of `PREFILL_CHUNK` tokens at a time."""
         self._route([seq.adapter])
-        ids = torch.tensor([seq.pending], dtype=torch.long, device=self.model.device)
-        view = _View(self._cache, slice(seq.slot, seq.slot + 1), seq.pos, None)
-        h = self.model.hidden(ids, cache=view)
-        seq.pos, seq.pending = len(seq.prompt), []
-        if self._prefixes.max_bytes:
-            self._prefixes.add(seq.adapter, seq.prompt, self._cache, seq.slot)
         s = seq.sampling
         if seq.scores_prompt:
-            logprobs = self.model.lm_head(h[0, :-1]).float().log_softmax(-1)
-            seq.prompt_logprobs = [None] + [
-                _scored(lp, t, s.logprobs) for lp, t in zip(logprobs, seq.prompt[1:], strict=True)
-            ]
+            seq.prompt_logprobs = [None]
+        while seq.pending:
+            chunk, seq.pending = seq.pending[:PREFILL_CHUNK], seq.pending[PREFILL_CHUNK:]
+            ids = torch.tensor([chunk], dtype=torch.long, device=self.model.device)
+            view = _View(self._cache, slice(seq.slot, seq.slot + 1), seq.pos, None)
+            h = self.model.hidden(ids, cache=view)[0]
+            seq.pos += len(chunk)
+            if seq.scores_prompt:  # each position scores the prompt's next token
+                targets = seq.prompt[seq.pos - len(chunk) + 1 : seq.pos + 1]
+                logprobs = self.model.lm_head(h[: len(targets)]).float().log_softmax(-1)
+                seq.prompt_logprobs += [
+                    _scored(lp, t, s.logprobs) for lp, t in zip(logprobs, targets, strict=True)
+                ]
+        if self._prefixes.max_bytes:
+            self._prefixes.add(seq.adapter, seq.prompt, self._cache, seq.slot)
         if s.max_tokens == 0:  # echo only: the prompt scored, nothing generated
             self._finish(seq, "length")
             return
-        self._advance(seq, self.model.lm_head(h[0, -1]))
+        self._advance(seq, self.model.lm_head(h[-1]))
 
     def _decode(self) -> None:
         """One forward for every active sequence: its last token, or, for one that just joined
@@ -488,7 +518,7 @@ class Engine:
         device = self.model.device
         pos = torch.tensor(positions, device=device)
         S = int(pos.max()) + 1
-        self._cache.reserve(S)
+        self._cache.reserve(S, len(seqs))
         mask = torch.arange(S, device=device)[None, :] <= pos[:, None]
         self._route(adapters)
         # Rows are slots 0..n-1 unless a prompt spreads over several rows of one slot.
@@ -507,7 +537,10 @@ class Engine:
             else:
                 seq.pos += 1
         for row, seq in enumerate(seqs):
-            self._advance(seq, logits[row])
+            try:
+                self._advance(seq, logits[row])
+            except Exception as e:  # its settings or its sampling: it fails alone
+                self._fail(seq, e)
 
     def _advance(self, seq: Sequence, logits: Tensor) -> None:
         """Pick the sequence's next token from its logits [V] and hand it over (or end it)."""
@@ -518,8 +551,12 @@ class Engine:
             scored = logits.log_softmax(-1)
         logits = self._adjust(seq, logits)
         token = int(pick_next(logits[None], seq.seen, seq.config, seq.generator)[0])
+        lp = _scored(scored, token, s.logprobs) if scored is not None else None
         if token in seq.stop_ids:
-            self._finish(seq, "stop")
+            # Reported with its logprob, as vLLM and OpenAI do: clients that score text
+            # (lm-eval's echo + max_tokens 1) read the last logprob as the generated token's.
+            seq.stop_token = token
+            self._finish(seq, "stop", logprob=lp)
             return
         seq.output.append(token)
         if seq.seen is not None:
@@ -527,7 +564,6 @@ class Engine:
         if seq.counts is not None:
             seq.counts[token] += 1
         text = seq.text.push(token)
-        lp = _scored(scored, token, s.logprobs) if scored is not None else None
         seq.sink(Event(token=token, text=text, logprob=lp))
         if seq.text.stopped:
             self._finish(seq, "stop")
@@ -552,7 +588,16 @@ class Engine:
             logits = logits - s.frequency_penalty * c - s.presence_penalty * (c > 0).float()
         return logits
 
-    def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
+    def _fail(self, seq: Sequence, e: Exception) -> None:
+        self._finish(seq, "error", error=f"{type(e).__name__}: {e}")
+
+    def _finish(
+        self,
+        seq: Sequence,
+        reason: str,
+        error: str | None = None,
+        logprob: TokenLogprob | None = None,
+    ) -> None:
         if seq.finish_reason is not None:
             return
         seq.finish_reason = reason
@@ -571,7 +616,15 @@ class Engine:
                 if not adapter.active and self.adapters.get(adapter.name) is not adapter:
                     self._free(adapter)  # unloaded while this request ran
         rest = "" if reason in ("cancelled", "error") else seq.text.finish()
-        seq.sink(Event(text=rest, finish_reason=reason, error=error))
+        seq.sink(
+            Event(
+                token=seq.stop_token,
+                text=rest,
+                logprob=logprob,
+                finish_reason=reason,
+                error=error,
+            )
+        )
 
 
 def _scored(logprobs: Tensor, token: int, k: int) -> TokenLogprob:

@@ -10,6 +10,7 @@ as vLLM does. Extensions shared with vLLM: `top_k`, `repetition_penalty`, `stop_
 from __future__ import annotations
 
 import math
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -21,6 +22,11 @@ from nanotune.tokenizer import Tokenizer
 MAX_LOGPROBS = 20
 MAX_N = 16
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+# Logits divided by a smaller temperature (or scaled by a smaller repetition penalty) can pass
+# float32's range and sample from inf/nan; vLLM raises such a temperature to this (one under
+# 1e-5 it samples greedily), we refuse it: the client learns to send 0 for greedy.
+MIN_TEMPERATURE = 1e-2
+MIN_REPETITION_PENALTY = 1e-2
 
 
 class APIError(Exception):
@@ -73,7 +79,12 @@ def _number(body: dict, name: str, default: float, low: float, high: float, *, o
     value = body.get(name)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    # json.loads takes NaN and Infinity; an int may be too large for a float (isfinite raises).
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or (isinstance(value, float) and not math.isfinite(value))
+    ):
         raise bad(name, f"must be a finite number, got {value!r}")
     if value < low or value > high or (open_low and value == low):
         lo = "(" if open_low else "["
@@ -120,6 +131,50 @@ def _token_list(value: Any, name: str, vocab: int) -> list[int]:
     return list(value)
 
 
+# A lone UTF-16 surrogate reaches a body decoded from UTF-8 only through a \ud800-\udfff escape.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def check_text(raw: str, body: dict) -> None:
+    """Refuse a string that is not valid Unicode: a JSON escape can send a lone UTF-16 surrogate
+    ("\\ud800"), which neither a tokenizer nor a JSON response can encode. `raw`: the body's
+    text, which says whether to look (a walk of every string is for bodies that may have one)."""
+    if not _SURROGATE_ESCAPE.search(raw):
+        return
+    stack: list[tuple[tuple | None, Any]] = [(None, body)]  # (path as (parent, key), value)
+    while stack:  # not recursive: json.loads takes nesting nearly as deep as the stack allows
+        path, value = stack.pop()
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if not _is_text(key):
+                    raise bad(_param(path), "has a key that is not valid Unicode")
+                stack.append(((path, key), item))
+        elif isinstance(value, list):
+            stack.extend(((path, i), item) for i, item in enumerate(value))
+        elif isinstance(value, str) and not _is_text(value):
+            raise bad(_param(path), "is not valid Unicode: it holds a lone UTF-16 surrogate")
+
+
+def _is_text(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _param(path: tuple | None) -> str:
+    """A field's name as errors give it: `messages[0].content`."""
+    keys = []
+    while path is not None:
+        path, key = path
+        keys.append(key)
+    name = ""
+    for key in reversed(keys):
+        name += f"[{key}]" if isinstance(key, int) else f".{key}" if name else key
+    return name or "body"
+
+
 def _unsupported(body: dict, *names: str) -> None:
     for name in names:
         if body.get(name) not in (None, False, [], {}):
@@ -144,19 +199,26 @@ def sampling(body: dict, *, vocab: int, max_tokens: int, logprobs: int | None, e
             raise bad("logit_bias", f"key {key!r} is not a token id") from None
         if not 0 <= token < vocab:
             raise bad("logit_bias", f"token id {token} is not in [0, {vocab})")
-        pairs.append((token, _number({"v": value}, "v", 0.0, -100, 100)))
+        pairs.append((token, _number({"logit_bias": value}, "logit_bias", 0.0, -100, 100)))
     top_k = _int(body, "top_k", 0, -1)
+    temperature = _number(body, "temperature", 1.0, 0.0, 100.0)
+    if 0 < temperature < MIN_TEMPERATURE:
+        raise bad(
+            "temperature",
+            f"must be 0 (greedy) or at least {MIN_TEMPERATURE}, got {temperature}: a smaller "
+            "one overflows the logits",
+        )
     return Sampling(
         max_tokens=max_tokens,
-        temperature=_number(body, "temperature", 1.0, 0.0, 100.0),
+        temperature=temperature,
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0, open_low=True),
         top_k=max(top_k, 0),
-        seed=_int(body, "seed", None, -(2**63)),
+        seed=_int(body, "seed", None, -(2**63), 2**63 - 1),  # int64, as vLLM
         stop=_stop(body),
         stop_token_ids=stop_ids,
         presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
         frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
-        repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.0, 100.0, open_low=True),
+        repetition_penalty=_number(body, "repetition_penalty", 1.0, MIN_REPETITION_PENALTY, 100.0),
         logit_bias=tuple(pairs),
         logprobs=logprobs,
         echo=echo,
@@ -169,7 +231,7 @@ class Parsed:
 
     model: str
     prompts: list[list[int]]
-    sampling: list[Sampling]  # per choice of each prompt (n per prompt; seeds differ)
+    sampling: list[Sampling]  # per choice: prompt p's choice j at p * n + j (seeds differ by j)
     n: int
     stream: bool
     include_usage: bool
@@ -238,7 +300,8 @@ def parse_completion(body: dict, tokenizer: Tokenizer, context: int) -> Parsed:
     for p in prompts:
         _check_length(p, max_tokens, context, "prompt")
     s = sampling(body, vocab=vocab, max_tokens=max_tokens, logprobs=logprobs, echo=echo)
-    return Parsed(_model(body), prompts, _choices(s, n), n, stream, usage, chat=False)
+    choices = _choices(s, n) * len(prompts)
+    return Parsed(_model(body), prompts, choices, n, stream, usage, chat=False)
 
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -274,19 +337,25 @@ def chat_messages(body: dict) -> list[dict[str, str]]:
     return out
 
 
+def chat_text(body: dict, tokenizer: Tokenizer) -> str:
+    """`messages` rendered by the model's chat template, with the assistant's turn opened."""
+    messages = chat_messages(body)
+    if not tokenizer.chat_template:
+        raise bad("model", "this model has no chat template; use /v1/completions")
+    try:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    # The template is data: it may refuse a conversation (raise_exception), divide by zero, or
+    # `{% include %}` with no loader (a TypeError); none of that is a bug of the server's.
+    except Exception as e:
+        raise bad("messages", f"the chat template refused them: {e}") from None
+
+
 def parse_chat(body: dict, tokenizer: Tokenizer, context: int) -> Parsed:
     _unsupported(body, "tools", "functions", "tool_choice", "audio", "prediction")
     fmt = body.get("response_format")
     if fmt not in (None, {"type": "text"}):
         raise bad("response_format", "only {'type': 'text'} is supported")
-    messages = chat_messages(body)
-    if not tokenizer.chat_template:
-        raise bad("model", "this model has no chat template; use /v1/completions")
-    try:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    except Exception as e:  # a template may refuse a conversation (e.g. roles out of order)
-        raise bad("messages", f"the chat template refused them: {e}") from None
-    prompt = tokenizer.encode(text)
+    prompt = tokenizer.encode(chat_text(body, tokenizer))
     limit = body.get("max_completion_tokens", body.get("max_tokens"))
     default = max(context - len(prompt), 0)
     max_tokens = _int({"max_tokens": limit}, "max_tokens", default, 1)
