@@ -161,7 +161,9 @@ def test_lm_rows_are_formatted_as_read_and_split_as_the_rows_would_be(monkeypatc
         nonlocal alive, most
         for i in range(300):
             words = "w " * (i % 40)
-            row = Probe({"prompt": f"Q{i} " + words, "completion": f" A{i}", "text": words}, f"s:{i}")
+            row = Probe(
+                {"prompt": f"Q{i} " + words, "completion": f" A{i}", "text": words}, f"s:{i}"
+            )
             weakref.finalize(row, gone)
             alive += 1
             most = max(most, alive)
@@ -172,7 +174,9 @@ def test_lm_rows_are_formatted_as_read_and_split_as_the_rows_would_be(monkeypatc
     tok = gpt2_tokenizer()
     data = build_datasets(cfg, tok)
     assert most <= 3  # the row being formatted and the next one read (never the source)
-    fractions = {k: cfg_v for k, cfg_v in (("val", cfg.val_fraction), ("test", cfg.test_fraction)) if cfg_v}
+    fractions = {
+        k: cfg_v for k, cfg_v in (("val", cfg.val_fraction), ("test", cfg.test_fraction)) if cfg_v
+    }
     for name, split in split_rows(list(source()), fractions, cfg.seed).items():
         split = split[: cfg.limit]
         want, dropped = [], 0
@@ -305,3 +309,106 @@ def test_batch_encoding_ahead_gives_the_examples_of_encoding_row_by_row(tmp_path
         assert _same(ahead.splits[name], one_by_one.splits[name]), name
     assert sum(c["skipped_bad_row"] for c in one_by_one.stats.values()) == 1
     assert sum(c["dropped_too_long"] for c in one_by_one.stats.values()) > 0
+
+
+def _loss(model, examples) -> float:
+    from nanotune.eval.evaluate import perplexity
+
+    batches = epoch_batches(examples, 4, 0, 0, pad_id=0, shuffle=False)
+    return perplexity(model, batches)["loss"]
+
+
+def test_token_ids_edited_in_the_entry_are_rebuilt_not_trained_on(tmp_path, capsys, tiny_gpt2_dir):
+    from nanotune.data import cache as data_cache
+    from nanotune.weights import load_model
+
+    rows = [{"prompt": f"Question {i}?", "completion": f" Answer {i}."} for i in range(12)]
+    cfg = DataConfig(source=_write(tmp_path / "r.jsonl", rows), val_fraction=0.0)
+    fresh = list(build_datasets(cfg, gpt2_tokenizer()).train)  # read now: it maps the entry
+    entry = build_datasets(cfg, gpt2_tokenizer()).cached
+    ids = np.load(entry / "train.ids.npy", mmap_mode="r+")  # the same size, other tokens
+    ids[:] = (ids + 1) % 50_000
+    ids.flush()
+    del ids
+    edited = data_cache.load(entry.parent, entry.name, verify=False)["splits"]["train"]
+    capsys.readouterr()
+
+    rebuilt = build_datasets(cfg, gpt2_tokenizer())
+    assert rebuilt.cached is None and _same(rebuilt.train, fresh)
+    note = capsys.readouterr().out.strip()
+    assert note == (
+        f"note: data cache entry {entry} is damaged (train.ids.npy differs from the file "
+        "written); building it anew"
+    )
+    model, _ = load_model(str(tiny_gpt2_dir))
+    assert _loss(model, rebuilt.train) == _loss(model, fresh)
+    assert _loss(model, edited) != _loss(model, fresh)  # what it trained on before
+    assert build_datasets(cfg, gpt2_tokenizer()).cached == entry  # written anew, read again
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["chat-template", "added-token", "empty-ids", "empty-offsets", "no-checksums"],
+)
+def test_a_damaged_entry_is_built_anew_with_a_note(tmp_path, capsys, damage):
+    cfg = DataConfig(
+        source=_write(tmp_path / "chat.jsonl", _chat_rows(10)),
+        format="chat",
+        chat_style="markers",
+        val_fraction=0.2,
+    )
+    made = gpt2_tokenizer()
+    fresh = {name: list(split) for name, split in build_datasets(cfg, made).splits.items()}
+    entry = build_datasets(cfg, gpt2_tokenizer()).cached
+    meta = json.loads((entry / "meta.json").read_text())
+    if damage == "chat-template":  # would ship in final/ with the run's tokenizer
+        meta["chat_template"] = "{{ 'pwned' }}"
+    elif damage == "added-token":
+        meta["added_tokens"].append("<|pwned|>")
+    (entry / "meta.json").write_text(json.dumps(meta))
+    if damage == "empty-ids":  # was an EOFError on every run, --dry-run too, until deleted
+        (entry / "train.ids.npy").write_bytes(b"")
+    elif damage == "empty-offsets":
+        (entry / "val.offsets.npy").write_bytes(b"")
+    elif damage == "no-checksums":
+        (entry / "checksums.json").unlink()
+    capsys.readouterr()
+
+    tok = gpt2_tokenizer()
+    again = build_datasets(cfg, tok)
+    out = capsys.readouterr().out
+    assert again.cached is None, damage
+    assert out.startswith(f"note: data cache entry {entry} is damaged (") and out.count("\n") == 1
+    assert again.splits.keys() == fresh.keys()
+    for name in fresh:
+        assert _same(again.splits[name], fresh[name])
+    assert tok.chat_template == made.chat_template and "pwned" not in tok.chat_template
+    assert tok.special_tokens == made.special_tokens
+    assert build_datasets(cfg, gpt2_tokenizer()).cached == entry
+
+
+def test_an_emptied_entry_costs_a_dry_run_a_note_not_a_traceback(
+    tmp_path, capsys, monkeypatch, tiny_gpt2_dir
+):
+    import yaml
+
+    from nanotune.cli import main
+
+    monkeypatch.setenv("NANOTUNE_DATA_CACHE", str(tmp_path / "cache"))
+    rows = [{"prompt": f"say {w}", "completion": f" {w}"} for w in ["cat", "dog", "sun", "sea"]]
+    cfg = {
+        "model": str(tiny_gpt2_dir),
+        "data": {"source": _write(tmp_path / "d.jsonl", rows), "max_length": 32},
+        "train": {"max_steps": 1, "micro_batch_size": 2, "device": "cpu"},
+        "output_dir": str(tmp_path / "run"),
+    }
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(tmp_path / "r.yaml"), "--dry-run"]) == 0
+    (entry,) = (tmp_path / "cache").iterdir()
+    (entry / "train.ids.npy").write_bytes(b"")
+    capsys.readouterr()
+    assert main(["train", str(tmp_path / "r.yaml"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"note: data cache entry {entry} is damaged (train.ids.npy differs" in out
+    assert main(["train", str(tmp_path / "r.yaml"), "--dry-run"]) == 0
+    assert "damaged" not in capsys.readouterr().out  # built anew, trusted again

@@ -77,9 +77,12 @@ def test_templates_reach_row_values_only(gpt2):
     def cfg(template: str) -> DataConfig:
         return DataConfig(source="x", prompt_template=template, completion_template="{quote}")
 
-    # Fields are whole column names (positions with header: false too); conversions and
-    # format specs apply to the value.
-    assert prompt("{2} / {quote!r:>6}") == "second column /   'hi'"
+    # Fields are whole column names (positions with header: false too); a conversion quotes.
+    assert prompt("{2} / {quote!r}") == "second column / 'hi'"
+    # A format spec would pad (a 300 MB prompt from one field) or cut: refused, naming the field.
+    for template in ("X{quote:>300000000}", "{quote!r:>6}", "{quote:.3}", "{quote:*^9}"):
+        with pytest.raises(NanotuneError, match=r"data.prompt_template: .*has a format spec"):
+            cfg(template)
     # No attribute or index lookups: refused when the config is built, before any row.
     for template in ("{quote.__class__}", "{quote.upper}", "{quote[0]}", "{a.b}", "{x:{y.z}}"):
         with pytest.raises(NanotuneError, match=r"data.prompt_template: .*does not name a column"):

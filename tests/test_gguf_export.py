@@ -231,7 +231,14 @@ def test_an_existing_file_or_an_input_is_never_overwritten(tiny_llama_dir, tmp_p
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "already exists" in err and "--overwrite" in err
     assert out.read_bytes() == b"mine"
-    assert main([*argv, "--overwrite"]) == 0
+    # --overwrite replaces only a GGUF nanotune wrote (its nanotune.version key says so).
+    assert main([*argv, "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "refusing to overwrite a file nanotune did not write" in err
+    assert out.read_bytes() == b"mine"
+    out.unlink()
+    assert main(argv) == 0
+    assert main([*argv, "--quant", "f32", "--overwrite"]) == 0  # its own: replaced
     first = out.read_bytes()
     # Its own input, even with --overwrite: refused before anything is loaded or written.
     assert main(["export", "--format", "gguf", "--model", str(out), str(out), "--overwrite"]) == 2

@@ -177,6 +177,10 @@ def test_an_existing_output_is_refused_before_anything_loads(tiny_llama_dir, tmp
     err = refused(argv, capsys, tmp_path, keep={"adapter", "a.gguf"})
     assert "already exists" in err and "--overwrite" in err
     assert (tmp_path / "a.gguf").read_bytes() == b"mine"
+    err = refused([*argv, "--overwrite"], capsys, tmp_path, keep={"adapter", "a.gguf"})
+    assert "nanotune did not write" in err  # --overwrite replaces only its own GGUF files
+    (tmp_path / "a.gguf").unlink()
+    assert main(["export", *argv]) == 0
     assert main(["export", *argv, "--overwrite"]) == 0
     assert GGUFReader(tmp_path / "a.gguf").fields["general.type"].contents() == "adapter"
     with pytest.raises(NanotuneError, match="is a GGUF LoRA adapter, not a model"):

@@ -22,7 +22,8 @@ ALLOWED: dict[str, set[str]] = {
     "models": {"errors"},
     "tokenizer": {"errors", "files"},
     "methods": {"errors", "models"},
-    "weights": {"errors", "files", "models", "tokenizer", "methods"},
+    # version: a GGUF file records the nanotune that wrote it (what --overwrite may replace)
+    "weights": {"errors", "files", "version", "models", "tokenizer", "methods"},
     "data": {"errors", "files", "version"},  # version: the data cache keys on it
     # The loop knows nothing of families or formats.
     "training": {"errors", "files", "hardware"},

@@ -72,7 +72,13 @@ def test_export_writes_the_modelfile_beside_the_gguf(tiny_llama_dir, tmp_path, c
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Modelfile already exists" in err and "--overwrite" in err
     assert (tmp_path / "Modelfile").read_text() == "mine\n" and not other.exists()
-    assert main([*argv[:-1], str(other), "--overwrite"]) == 0
+    # --overwrite replaces only a Modelfile nanotune wrote (its first line says so).
+    assert main([*argv[:-1], str(other), "--overwrite"]) == 2
+    assert "nanotune did not write" in capsys.readouterr().err
+    assert (tmp_path / "Modelfile").read_text() == "mine\n" and not other.exists()
+    (tmp_path / "Modelfile").unlink()
+    assert main([*argv[:-1], str(other)]) == 0
+    assert main([*argv[:-1], str(other), "--overwrite"]) == 0  # its own two files: replaced
     assert "FROM ./other.gguf\n" in (tmp_path / "Modelfile").read_text()
 
 

@@ -4,6 +4,7 @@ whole tree is compared before and after (run, export, merge, demo)."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -177,3 +178,56 @@ def test_demo_output_dir_cannot_be_a_users_folder(sandbox, tiny_llama_dir, capsy
         assert main(args) == 2
         one_line_error(capsys)
     assert tree(sandbox.parent) == before
+
+
+def test_an_output_dir_behind_a_link_is_replaced_where_it_leads(sandbox, capsys):
+    assert train() == 0
+    runs = sandbox / "runs"
+    (runs / "latest").symlink_to("run")
+    assert train("output_dir=runs/latest", "train.lr=2e-2", "--overwrite") == 0
+    # The run the link leads to is replaced; the link stays, and nothing is left beside them
+    # (it was replaced by a folder, the old run kept as a .old-<pid>-latest link).
+    assert (runs / "latest").is_symlink() and os.readlink(runs / "latest") == "run"
+    assert yaml.safe_load((runs / "run" / "config.yaml").read_text())["train"]["lr"] == 2e-2
+    assert (runs / "run" / "final" / "adapter_config.json").is_file()
+    assert sorted(p.name for p in runs.iterdir()) == ["latest", "run"]
+    # A link to a user's folder is refused as the folder itself is.
+    (sandbox / "mine").symlink_to("Documents")
+    capsys.readouterr()
+    before = tree(sandbox)
+    assert train("output_dir=mine", "--overwrite") == 2
+    assert "did not write" in one_line_error(capsys)
+    assert tree(sandbox) == before
+
+
+def test_export_replaces_only_files_it_wrote_and_writes_through_links(
+    sandbox, tiny_gpt2_dir, capsys
+):
+    from gguf import GGUFReader
+
+    def quant(path: Path) -> int:
+        return int(GGUFReader(path).fields["general.file_type"].contents())
+
+    gguf = ["export", "--format", "gguf", "--model", str(tiny_gpt2_dir)]
+    assert main([*gguf, "model.gguf"]) == 0
+    f16 = quant(sandbox / "model.gguf")
+    assert main([*gguf, "--quant", "f32", "model.gguf", "--overwrite"]) == 0  # its own
+    assert quant(sandbox / "model.gguf") != f16
+    (sandbox / "latest.gguf").symlink_to("model.gguf")
+    assert main([*gguf, "latest.gguf", "--overwrite"]) == 0
+    assert os.readlink(sandbox / "latest.gguf") == "model.gguf"
+    assert quant(sandbox / "model.gguf") == f16
+    # A link to a user's file is refused as the file itself is.
+    (sandbox / "thesis.gguf").symlink_to("Documents/thesis.txt")
+    capsys.readouterr()
+    before = tree(sandbox)
+    assert main([*gguf, "thesis.gguf", "--overwrite"]) == 2
+    assert "nanotune did not write" in one_line_error(capsys)
+    assert tree(sandbox) == before
+    # A folder behind a link: replaced where it leads, the link kept.
+    assert main(["export", "--model", str(tiny_gpt2_dir), "exported"]) == 0
+    (sandbox / "out").symlink_to("exported")
+    assert main(["export", "--model", str(tiny_gpt2_dir), "out", "--overwrite"]) == 0
+    assert os.readlink(sandbox / "out") == "exported"
+    assert (sandbox / "exported" / "model.safetensors").is_file()
+    assert not [p.name for p in sandbox.iterdir() if p.name.startswith((".tmp-", ".old-"))]

@@ -142,9 +142,34 @@ def _read_only(box: Path) -> None:
     subprocess.run(["mount", "-o", "remount,bind,ro", str(box / "locked")], check=True)
 
 
+def _their_gguf(box: Path) -> None:
+    """A valid GGUF that another tool wrote (no nanotune.version in its metadata)."""
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(box / "theirs.gguf", "llama")
+    writer.add_name("theirs")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def _chat_template(template: str) -> Callable[[Path], None]:
+    """The model's chat template set to `template`, and chat rows to render with it."""
+
+    def make(box: Path) -> None:
+        (box / "gpt2" / "chat_template.jinja").write_text(template)
+        turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+        (box / "chat.jsonl").write_text(json.dumps({"messages": turns}) + "\n")
+
+    return make
+
+
 TRAIN = ["train", "recipe.yaml"]
+CHAT = [*TRAIN, "data.source=chat.jsonl", "data.format=chat", "data.chat_style=model"]
 GEN = ["generate", "--model", "./gpt2", "--prompt", "hi", "--max-new-tokens", "2"]
 ADAPTED = [*GEN, "--adapter", "adapter"]
+GGUF = ["export", "--format", "gguf", "--model", "./gpt2"]
 
 # (id, make the bad input, argv, what the one line must name)
 CASES: list[tuple[str, Callable[[Path], None] | None, list[str], str]] = [
@@ -218,6 +243,32 @@ CASES: list[tuple[str, Callable[[Path], None] | None, list[str], str]] = [
         "d.csv",
     ),
     ("data-val-fraction", None, [*TRAIN, "data.val_fraction=1.5"], "val_fraction"),
+    (
+        "template-format-width",  # was a 300 MB prompt a row: killed at 24 GB
+        None,
+        [*TRAIN, "data.prompt_template=X{prompt:>300000000}"],
+        "data.prompt_template",
+    ),
+    ("chat-template-include", _chat_template("{% include 'base.jinja' %}"), CHAT, "include"),
+    ("chat-template-import", _chat_template("{% import 'm.jinja' as m %}{{ m }}"), CHAT, "import"),
+    (
+        "chat-template-range",
+        _chat_template("{% for i in range(1e9) %}{{ i }}{% endfor %}"),
+        CHAT,
+        "range(1000000000.0)",
+    ),
+    (
+        "chat-template-huge-range",
+        _chat_template("{% for i in range(10**9) %}{{ i }}{% endfor %}"),
+        CHAT,
+        "range(1000000000)",
+    ),
+    (
+        "chat-template-huge-output",
+        _chat_template("{% for m in messages %}{{ m.content * 10**10 }}{% endfor %}"),
+        CHAT,
+        "chat template",
+    ),
     ("data-format", None, [*TRAIN, "data.format=chatt"], "did you mean 'chat'"),
     ("data-empty-folder", _write("empty/.keep", ""), [*TRAIN, "data.source=empty"], "empty"),
     # model files
@@ -284,6 +335,38 @@ CASES: list[tuple[str, Callable[[Path], None] | None, list[str], str]] = [
     ("output-holds-data", None, [*TRAIN, "output_dir=gpt2", "--overwrite"], "the input"),
     ("output-read-only", _read_only, [*TRAIN, "output_dir=locked/run"], "locked"),
     ("export-users-folder", None, ["export", "--model", "./gpt2", "notes", "--overwrite"], "notes"),
+    (  # a single file: replaced only when nanotune wrote it
+        "export-gguf-over-users-file",
+        None,
+        [*GGUF, "notes/todo.txt", "--overwrite"],
+        "nanotune did not write",
+    ),
+    (
+        "export-gguf-over-their-gguf",
+        _their_gguf,
+        [*GGUF, "theirs.gguf", "--overwrite"],
+        "nanotune did not write",
+    ),
+    (
+        "export-gguf-lora-over-users-file",
+        None,
+        [
+            "export",
+            "--format",
+            "gguf-lora",
+            "--adapter",
+            "adapter",
+            "notes/todo.txt",
+            "--overwrite",
+        ],
+        "nanotune did not write",
+    ),
+    (
+        "export-modelfile-over-users-file",
+        _write("out/Modelfile", "FROM ./mine.gguf\n"),
+        [*GGUF, "--ollama", "out/model.gguf", "--overwrite"],
+        "Modelfile",
+    ),
     (
         "merge-into-adapter",
         None,

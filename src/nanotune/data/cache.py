@@ -6,7 +6,11 @@ nanotune version. It holds each split's `ExampleStore` arrays as .npy files, ope
 and the counts and tokenizer changes (added markers, chat template) the build made. Hub datasets
 (`hf:`) are not cached here (the hub's own cache keeps them); neither are classification or
 preference sets, which are small. Where: $NANOTUNE_DATA_CACHE, else ~/.cache/nanotune/data
-(`$XDG_CACHE_HOME`); `NANOTUNE_DATA_CACHE=off` turns it off. An unreadable entry is rebuilt.
+(`$XDG_CACHE_HOME`); `NANOTUNE_DATA_CACHE=off` turns it off.
+
+An entry is checked before it is trusted, as a checkpoint is: each file's digest is stored with it
+(checksums.json) and compared on every load, so token ids or a chat template edited in place, a
+file cut short or emptied are never trained on or shipped; such an entry is rebuilt, with a note.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import mmap
 import os
 import shutil
 from collections import Counter
@@ -27,7 +32,8 @@ from nanotune.data.store import ExampleStore
 from nanotune.files.atomic import atomic_dir
 from nanotune.version import __version__
 
-FORMAT = 2  # bump when the entry layout or the examples a config makes change
+FORMAT = 3  # bump when the entry layout or the examples a config makes change
+CHECKSUMS = "checksums.json"
 
 
 def cache_root() -> Path | None:
@@ -95,10 +101,54 @@ def cache_key(cfg: DataConfig, tokenizer: Any) -> str | None:
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
-def load(root: Path, key: str) -> dict[str, Any] | None:
-    """The entry's splits (memory-mapped stores) and metadata, or None when absent or unreadable."""
-    entry = root / key
+def _digest(path: Path) -> str:
+    """blake2b of the file's bytes, hashed from its memory map (no copy).
+
+    What checking costs (measured on 2 busy cores, entry in the page cache): a 50M-token entry
+    (250 MB) loads in 0.3-0.55 s checked, ~1 ms unchecked, against ~4 min to tokenize it again
+    (200k tokens/s, SmolLM2 chat rows). blake2b hashes 0.8 GB/s on any x86 CPU; sha256 (what
+    checkpoints use) 1.4 GB/s where the CPU has SHA instructions but 0.4 GB/s where it does not.
+    """
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:  # an empty file cannot be mapped
+            return hashlib.blake2b(b"").hexdigest()
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            return hashlib.blake2b(mapped).hexdigest()
+
+
+class _Damaged(Exception):
+    pass
+
+
+def _verify(entry: Path) -> None:
+    """Raise _Damaged naming the first file that differs from the digest written with it."""
     try:
+        sums = json.loads((entry / CHECKSUMS).read_text())
+    except (OSError, ValueError) as e:
+        raise _Damaged(f"{CHECKSUMS}: {e.__class__.__name__}") from e
+    if not isinstance(sums, dict) or "meta.json" not in sums:
+        raise _Damaged(f"{CHECKSUMS} lists no meta.json")
+    for name, want in sums.items():
+        try:
+            same = _digest(entry / name) == want
+        except OSError as e:
+            raise _Damaged(f"{name}: {e.strerror or e}") from e
+        if not same:
+            raise _Damaged(f"{name} differs from the file written")
+
+
+def load(root: Path, key: str, *, verify: bool = True) -> dict[str, Any] | None:
+    """The entry's splits (memory-mapped stores) and metadata, or None when absent or damaged.
+
+    Every file is checked against its digest first (`verify`; skipped only for an entry this
+    process has just written); a damaged entry is deleted, with a note, to be built anew.
+    """
+    entry = root / key
+    if not entry.is_dir():
+        return None
+    try:
+        if verify:
+            _verify(entry)
         meta = json.loads((entry / "meta.json").read_text())
         splits = {
             name: ExampleStore(
@@ -108,12 +158,12 @@ def load(root: Path, key: str) -> dict[str, Any] | None:
             )
             for name in meta["splits"]
         }
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError, KeyError, TypeError):  # damaged: rebuilt, and written anew
+        meta["stats"] = {name: Counter(c) for name, c in meta["stats"].items()}
+    except (_Damaged, OSError, ValueError, KeyError, TypeError, AttributeError, EOFError) as e:
+        why = str(e) if isinstance(e, _Damaged) else f"{e.__class__.__name__}: {e}"
+        print(f"note: data cache entry {entry} is damaged ({why}); building it anew")
         shutil.rmtree(entry, ignore_errors=True)
         return None
-    meta["stats"] = {name: Counter(c) for name, c in meta["stats"].items()}
     return {**meta, "splits": splits, "entry": entry}
 
 
@@ -138,5 +188,7 @@ def save(root: Path, key: str, splits: dict[str, ExampleStore], meta: dict[str, 
                     block_supervised.astype(np.bool_, copy=False).tofile(supervised)
             np.save(tmp / f"{name}.offsets.npy", offsets)
         (tmp / "meta.json").write_text(json.dumps({"splits": list(splits), **meta}))
+        sums = {p.name: _digest(p) for p in sorted(tmp.iterdir())}
+        (tmp / CHECKSUMS).write_text(json.dumps(sums, indent=1))
 
     return atomic_dir(root / key, write, kind="data-cache", what="data cache entry")

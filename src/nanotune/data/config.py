@@ -188,10 +188,12 @@ def _choices(tp: object) -> list[str]:
 
 
 def _template_problem(template: str) -> str | None:
-    """Why a row template is refused, or None: fields must name whole columns.
+    """Why a row template is refused, or None: fields must name whole columns, as they are.
 
     str.format would follow `{quote.__class__}` or `{quote[0]}` into the value's attributes and
-    items; a template has no business there (nested records are reached with data.columns).
+    items; a template has no business there (nested records are reached with data.columns). A
+    format spec pads (`{quote:>300000000}` makes a 300 MB prompt of every row) or cuts a text
+    value, nothing a prompt needs, so none is taken; a conversion (`{quote!r}`) only quotes.
     """
     try:
         names = _field_names(template)
@@ -202,6 +204,13 @@ def _template_problem(template: str) -> str | None:
             return (
                 f"field {{{name}}} does not name a column; use whole columns like {{quote}}, and "
                 "map nested fields with data.columns (e.g. columns: {answer: answers.text})"
+            )
+    for _, name, spec, conversion in string.Formatter().parse(template):
+        if spec:
+            field = f"{{{name}{'!' + conversion if conversion else ''}:{spec}}}"
+            return (
+                f"field {field} has a format spec (:{spec}); a template inserts each column as "
+                f"it is: write {{{name}}}"
             )
     return None
 

@@ -457,7 +457,7 @@ def build_datasets(cfg: DataConfig, tokenizer: TokenizerLike) -> Datasets:
         else:
             # Train from the written arrays, memory-mapped: the built copies are let go, so the
             # tokens live in the page cache (shared, evictable), not in this process's heap.
-            written = data_cache.load(root, key)
+            written = data_cache.load(root, key, verify=False)  # just written, fsynced
             if written is not None:
                 data.splits = written["splits"]
     return data

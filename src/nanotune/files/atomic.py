@@ -10,7 +10,12 @@
 Every folder nanotune owns carries a `.nanotune` marker naming its kind and the entries it may
 hold. `--overwrite` replaces only such folders, and only when they hold nothing else; it never
 touches the current folder, a parent of it, the home folder or a folder holding the run's own
-inputs (`check_target`). Nothing is removed before every check has passed.
+inputs (`check_target`). A single file carries its mark inside (a GGUF's `nanotune.version`, a
+Modelfile's first line): `--overwrite` replaces only a file its writer recognizes as its own
+(`check_file_target`). Nothing is removed before every check has passed.
+
+An output named by a symbolic link is written where the link points, and the link is kept: a run
+reached through `runs/latest` is replaced in its folder, and `runs/latest` still leads to it.
 """
 
 from __future__ import annotations
@@ -36,6 +41,12 @@ _OLD = ".old-"  # an old folder during a swap, or a run kept until its replaceme
 
 
 # --- files -----------------------------------------------------------------------------------
+
+
+def _through_link(path: Path) -> Path:
+    """`path`, or where it leads when it is a symbolic link (moving the link itself aside would
+    leave it behind, still leading to the old output, beside a new folder in its place)."""
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
 
 
 def _fsync(path: Path) -> None:
@@ -98,7 +109,7 @@ def write_error(
 def atomic_file(path: str | os.PathLike, *, mode: int = 0o644) -> Iterator[Path]:
     """A temporary path beside `path` to write; on success it is fsynced and renamed to `path`
     (a reader sees the old file or the new one, never half), on any failure it is removed."""
-    path = Path(path)
+    path = _through_link(Path(path))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(dir=path.parent, prefix=f"{_TMP}{os.getpid()}-{path.name}-")
@@ -170,7 +181,7 @@ def check_target(
     nanotune's marker, must hold nothing nanotune did not write, and must not be (or contain) the
     current folder, the home folder or any of `inputs` (the run's config, data, model, adapter).
     """
-    target = Path(target).expanduser()
+    target = _through_link(Path(target).expanduser())
     # A killed writer's leftovers first: an old folder it had moved aside is put back, so the
     # checks below see what the user really has there.
     clean_leftovers(target)
@@ -210,13 +221,15 @@ def check_file_target(
     target: str | os.PathLike,
     *,
     overwrite: bool,
+    ours: Callable[[Path], bool],
     inputs: Iterable[str | os.PathLike] = (),
     what: str = "output file",
     flag: str = "--overwrite",
 ) -> bool:
-    """`check_target` for a single file: an existing one needs `overwrite` and must be none of
-    `inputs` (nor inside an input folder); True when it already exists."""
-    target = Path(target).expanduser()
+    """`check_target` for a single file: an existing one needs `overwrite`, must be one nanotune
+    wrote (`ours(path)`: the writer knows its own mark) and none of `inputs` (nor inside an input
+    folder); True when it already exists."""
+    target = _through_link(Path(target).expanduser())
     if target.is_dir():
         raise NanotuneError(f"{target} is a folder; choose a file name for the {what}")
     if not target.exists():
@@ -229,6 +242,11 @@ def check_file_target(
             raise NanotuneError(
                 f"{target}: refusing to overwrite the input {p}; choose another {what}"
             )
+    if not target.is_file() or not ours(target):
+        raise NanotuneError(
+            f"{target}: refusing to overwrite a file nanotune did not write; choose another "
+            f"{what}, or move or delete it yourself"
+        )
     return True
 
 
@@ -302,6 +320,7 @@ def _leftovers(directory: Path, kind: str) -> list[Path]:
 def clean_leftovers(directory: Path) -> None:
     """Remove the temporary siblings of `directory` that a killed writer left, and put back an
     old folder that a killed swap had moved aside."""
+    directory = _through_link(directory)
     for p in _leftovers(directory, "tmp"):
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     for p in _leftovers(directory, "old"):
@@ -327,7 +346,7 @@ def atomic_dir(
     refused); it stays whole until the new folder is complete. A failure of the file system
     is one line (`write_error`; `fixes` are its `what`, `fix_space` and `fix_access`).
     """
-    directory = Path(directory).expanduser()
+    directory = _through_link(Path(directory).expanduser())
     check_target(directory, overwrite=overwrite, inputs=inputs)
     try:
         directory.parent.mkdir(parents=True, exist_ok=True)
@@ -363,7 +382,7 @@ class RunDir:
     """
 
     def __init__(self, path: str | os.PathLike, owns: Iterable[str]):
-        self.path = Path(path).expanduser()
+        self.path = _through_link(Path(path).expanduser())
         self.owns = list(owns)
         self.previous: Path | None = None
         self.created = False

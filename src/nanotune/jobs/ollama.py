@@ -24,6 +24,8 @@ from nanotune.models.config import ModelConfig
 from nanotune.tokenizer import Tokenizer
 
 MODELFILE = "Modelfile"
+HEADER = "# Written by `nanotune export --ollama`"
+"""A Modelfile's first line: `--overwrite` replaces only a Modelfile that starts with it."""
 
 # ChatML over Ollama's messages (system messages included: Ollama puts SYSTEM first when a
 # request has none), then the reply's header, as add_generation_prompt renders it.
@@ -100,7 +102,7 @@ def modelfile_text(
     translation = translate_chat_template(tokenizer)
     sampling = GenerationConfig()
     lines = [
-        "# Written by `nanotune export --ollama`; in this folder: ollama create NAME -f Modelfile",
+        f"{HEADER}; in this folder: ollama create NAME -f Modelfile",
         f"FROM ./{gguf_file}",
     ]
     if translation.template is not None:
@@ -129,8 +131,13 @@ def modelfile_path(gguf: str | os.PathLike) -> Path:
 def check_modelfile_target(gguf: str | os.PathLike, *, overwrite: bool) -> Path:
     """The Modelfile path of `gguf`, refused (one line) if it exists and not `overwrite`."""
     path = modelfile_path(gguf)
-    check_file_target(path, overwrite=overwrite, what="output folder")
+    check_file_target(path, overwrite=overwrite, ours=_ours, what="output folder")
     return path
+
+
+def _ours(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(len(HEADER)) == HEADER.encode()
 
 
 def write_modelfile(

@@ -64,6 +64,19 @@ GGUF_NAMES = {
 }
 
 
+WRITER_KEY = "nanotune.version"
+"""Metadata every GGUF nanotune writes carries (its version; llama.cpp ignores keys it does not
+know): `--overwrite` replaces a GGUF file only when it has this key."""
+
+
+def written_by_nanotune(path: str | Path) -> bool:
+    """Whether the file at `path` is a GGUF that nanotune wrote (reads its header only)."""
+    try:
+        return WRITER_KEY in open_gguf(path).fields
+    except NanotuneError:  # not a GGUF at all
+        return False
+
+
 def open_gguf(path: str | Path) -> GGUFReader:
     path = Path(path).expanduser()
     try:

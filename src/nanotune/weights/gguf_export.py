@@ -30,8 +30,9 @@ from nanotune.files.atomic import atomic_file, check_file_target, clean_leftover
 from nanotune.models.config import ModelConfig
 from nanotune.models.transformer import Transformer
 from nanotune.tokenizer import Tokenizer
+from nanotune.version import __version__
 from nanotune.weights import convert
-from nanotune.weights.gguf import GGUF_NAMES
+from nanotune.weights.gguf import GGUF_NAMES, WRITER_KEY, written_by_nanotune
 
 T = GGMLQuantizationType
 # --quant: the type of the 2-D weights, and the file type llama.cpp records for it.
@@ -201,7 +202,7 @@ def export_gguf(
     path = Path(path).expanduser()
     if quant not in QUANTS:
         raise NanotuneError(f"GGUF quant {quant!r} is not supported; choose {', '.join(QUANTS)}")
-    check_file_target(path, overwrite=overwrite, inputs=inputs)
+    check_file_target(path, overwrite=overwrite, ours=written_by_nanotune, inputs=inputs)
     check_exportable(model, str(path))
     qtype, file_type = QUANTS[quant]
     tensors = gguf_tensors(model)
@@ -224,6 +225,7 @@ def export_gguf(
         _write_metadata(writer, model, tokenizer, name or path.stem)
         writer.add_file_type(file_type)
         writer.add_quantization_version(GGML_QUANT_VERSION)
+        writer.add_string(WRITER_KEY, __version__)
         for (gguf, tensor), kind in zip(tensors, kinds, strict=True):
             w = np.ascontiguousarray(tensor.to("cpu", torch.float32).numpy())
             writer.add_tensor(gguf, quantize(w, kind), raw_dtype=kind)

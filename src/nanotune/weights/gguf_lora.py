@@ -24,6 +24,8 @@ from gguf import GGUFWriter
 
 from nanotune.files.atomic import atomic_file, check_file_target, clean_leftovers
 from nanotune.models.transformer import Transformer
+from nanotune.version import __version__
+from nanotune.weights.gguf import WRITER_KEY, written_by_nanotune
 from nanotune.weights.gguf_export import check_exportable, gguf_name, to_gguf_layout
 from nanotune.weights.peft import hf_lora_pairs, read_adapter_config
 
@@ -68,7 +70,7 @@ def export_gguf_lora(
     ones that train the embedding or add tokens are refused: only a merged model carries those.
     An existing `path` is refused unless `overwrite`, and never replaced when it is an input."""
     path = Path(path).expanduser()
-    check_file_target(path, overwrite=overwrite, inputs=inputs)
+    check_file_target(path, overwrite=overwrite, ours=written_by_nanotune, inputs=inputs)
     check_exportable(base, str(path))
     alpha, tensors = lora_tensors(base, adapter)
     clean_leftovers(path)
@@ -78,6 +80,7 @@ def export_gguf_lora(
         writer.add_name(name or path.stem)
         writer.add_string("adapter.type", "lora")
         writer.add_float32(ALPHA_KEY, alpha)
+        writer.add_string(WRITER_KEY, __version__)
         for tensor_name, data in tensors.items():
             writer.add_tensor(tensor_name, data)
         writer.write_header_to_file()
