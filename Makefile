@@ -17,9 +17,15 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 # The tests also run llama.cpp on nanotune's GGUF exports: llama-cpp-python is a source
-# package, compiled here once (8-11 min on 2 cores; pip caches the wheel for later venvs).
+# package, compiled here once (8-11 min on 2 cores). Native flags, less ggml's AMX backend:
+# on Intel CPUs with AMX it crashes on the first token of every quantized GGUF (llama.cpp
+# issue 20824). GCC's explicit -mno-* flags win over -march=native whatever their order.
+# No wheel cache: a wheel built before this flag (or on another CPU) must not come back.
+LLAMA_NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+LLAMA_CMAKE_ARGS := $(if $(filter x86_64,$(shell uname -m)),-DCMAKE_C_FLAGS="$(LLAMA_NO_AMX)" -DCMAKE_CXX_FLAGS="$(LLAMA_NO_AMX)")
+
 $(TEST_STAMP): $(STAMP)
-	$(PY) -m pip install -q -e '.[llama]'
+	CMAKE_ARGS='$(LLAMA_CMAKE_ARGS)' $(PY) -m pip install -q --no-cache-dir -e '.[llama]'
 	touch $(TEST_STAMP)
 
 demo: $(STAMP)

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import subprocess
 import sys
 
 import pytest
 import torch
 
+from nanotune import bench
 from nanotune.bench import cases, select
+from nanotune.bench.report import SideResult
 from nanotune.cli import main
 from nanotune.errors import NanotuneError
 from nanotune.models import Transformer
@@ -29,13 +32,14 @@ def report(tmp_path_factory):
 
 
 SIDES = ("nanotune", "peer", "peer-bf16")
+CELL = re.compile(r"(?<!\\)\|")  # a table's cell border: "|" not escaped as "\|"
 
 
 def _rows(text: str) -> dict[tuple[str, str], list[str]]:
     """(case, side) -> its table cells, less the precision column (checked by `_precisions`)."""
     rows = {}
     for line in text.splitlines():
-        cells = [c.strip() for c in line.strip("|").split("|")]
+        cells = [c.strip() for c in CELL.split(line.strip("|"))]
         if len(cells) == 10 and cells[1] in SIDES:
             rows[(cells[0], cells[1])] = cells[:2] + cells[3:]
     return rows
@@ -44,7 +48,7 @@ def _rows(text: str) -> dict[tuple[str, str], list[str]]:
 def _precisions(text: str) -> dict[tuple[str, str], str]:
     rows = {}
     for line in text.splitlines():
-        cells = [c.strip() for c in line.strip("|").split("|")]
+        cells = [c.strip() for c in CELL.split(line.strip("|"))]
         if len(cells) == 10 and cells[1] in SIDES:
             rows[(cells[0], cells[1])] = cells[2]
     return rows
@@ -66,6 +70,10 @@ def test_quick_bench_reports_every_case_on_every_side(report):
     rows = _rows(text)
     assert set(rows) == {(c, side) for c in cases.CASES for side in SIDES}
     for (case, side), cells in rows.items():
+        if side != "nanotune" and cells[8].startswith("FAILED: "):
+            # A peer that died (llama.cpp's SIGSEGV on AMX CPUs, say) is a row saying how.
+            assert cells[2:8] == ["–"] * 6 and len(cells[8]) > len("FAILED: "), cells
+            continue
         if case == "qlora" and side != "nanotune" and not torch.cuda.is_available():
             assert cells[8].startswith("n/a on CPU"), cells  # bitsandbytes is CUDA-only
             continue
@@ -124,7 +132,9 @@ def test_every_side_says_its_precision_and_ratios_are_against_the_faster_peer(re
         ratio, against = rows[case, "nanotune"][3].split()
         # The ratio is taken from unrounded throughputs; the cells show them rounded.
         shown = ours / max(fp32, bf16)
-        slack = shown * (_half_ulp(cells["nanotune"]) / ours + _half_ulp(cells[faster]) / max(fp32, bf16))
+        slack = shown * (
+            _half_ulp(cells["nanotune"]) / ours + _half_ulp(cells[faster]) / max(fp32, bf16)
+        )
         assert against == faster and abs(_num(ratio) - shown) <= slack + _half_ulp(ratio), rows
 
 
@@ -135,6 +145,31 @@ def test_report_names_machine_command_and_targets(report):
     assert re.search(r"fp32 [\d,.]+ GFLOP/s, bf16 [\d,.]+ GFLOP/s", text)
     assert "- ISA: " in text
     assert "## Targets" in text and "lora-sft | ≥ 3.0× peer tokens/s" in text
+    (llama,) = [line for line in text.splitlines() if line.startswith("- llama.cpp: ")]
+    if importlib.util.find_spec("llama_cpp") is None:
+        assert llama.startswith("- llama.cpp: llama-cpp-python is not installed"), llama
+    else:  # its build line: the CPU backend's compiled-in features
+        assert re.fullmatch(r"- llama\.cpp: llama-cpp-python [\d.]+; `.*CPU : .+`", llama), llama
+
+
+def test_a_peer_that_dies_is_a_row_saying_how_and_does_not_fail_the_run(monkeypatch, tmp_path):
+    """A peer killed by a signal (llama.cpp's SIGSEGV on the first token on AMX CPUs, llama.cpp
+    issue 20824) is a FAILED row naming the signal and its last stderr line; the run exits 0.
+    nanotune's own side dying still fails it."""
+    crash = "import os, sys; print('ggml: AMX = 1 | x', file=sys.stderr); os.kill(os.getpid(), 11)"
+    proc = subprocess.run([sys.executable, "-c", crash], capture_output=True, text=True)
+    died = bench.how_it_ended(proc)
+    assert died == "died of SIGSEGV (exit status -11); last on stderr: ggml: AMX = 1 | x"
+    ran = SideResult(1.0, 10.0, 1e9, 2**20, "RSS", 4, precision="float32")
+    sides = {"nanotune": ran, "peer": SideResult(error=died), "peer-bf16": ran}
+    monkeypatch.setattr(bench, "run_side", lambda case, side, *_: sides[side])
+    out = tmp_path / "BENCHMARKS.md"
+    assert main(["bench", "--quick", "--cases", "lora-sft", "--output", str(out)]) == 0
+    rows = _rows(out.read_text())
+    assert rows["lora-sft", "peer"][2:] == ["–"] * 6 + [f"FAILED: {died}".replace("|", "\\|")]
+    assert _num(rows["lora-sft", "nanotune"][3].split()[0]) == 1.0  # against peer-bf16 only
+    sides["nanotune"] = SideResult(error=died)
+    assert main(["bench", "--quick", "--cases", "lora-sft", "--output", str(out)]) == 1
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")

@@ -9,12 +9,19 @@ import torch
 
 from nanotune.cli import main
 from nanotune.generate import GenerationConfig, generate_ids
+from nanotune.hardware import cpu_flags
 from nanotune.jobs import artifacts
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
 PROMPTS = ("Reverse the words: stone tiger piano", "What is 2+2?")
 N = 32
+# q8_0: llama.cpp's kernels quantize the activations to 8 bits as well (q8_0 x q8_0 dot products)
+# where nanotune multiplies float32 activations by the dequantized weights, so the logits differ
+# more (measured: first logits up to 1.25 apart at magnitudes ~33) and the greedy paths part
+# after 19 tokens on the second prompt, long after its answer's end of turn: 16 tokens compared.
+N_Q8 = 16
+Q8_TOLERANCE = 2.0
 
 
 def export(argv: list[str]) -> None:
@@ -37,13 +44,13 @@ def llama(path, lora=None):
     )
 
 
-def llama_greedy(model, prompt: list[int]) -> tuple[list[int], torch.Tensor]:
-    """N greedy tokens from llama.cpp's own logits (no sampler: argmax), and the first logits."""
+def llama_greedy(model, prompt: list[int], n: int = N) -> tuple[list[int], torch.Tensor]:
+    """n greedy tokens from llama.cpp's own logits (no sampler: argmax), and the first logits."""
     model.reset()
     model.eval(prompt)
     first = torch.tensor(model.scores[model.n_tokens - 1])
     out = []
-    for _ in range(N):
+    for _ in range(n):
         out.append(int(model.scores[model.n_tokens - 1].argmax()))
         model.eval([out[-1]])
     return out, first
@@ -91,3 +98,38 @@ def test_the_gguf_lora_changes_what_llama_cpp_decodes(exports, smollm2_lora_run)
     base, _ = llama_greedy(llama(exports / "base.gguf"), prompt)
     adapted, _ = llama_greedy(llama(exports / "base.gguf", lora=exports / "lora.gguf"), prompt)
     assert base != adapted
+
+
+def test_llama_cpp_is_built_without_ggml_amx_backend():
+    """ggml's AMX backend crashes on the first token of every quantized GGUF on Intel CPUs with
+    AMX (llama.cpp issue 20824): the Makefile builds llama-cpp-python with -mno-amx-*, and keeps
+    the rest of -march=native (AVX2 where the CPU has it)."""
+    info = llama_cpp.llama_print_system_info().decode()
+    assert "CPU : " in info, info
+    assert "AMX_INT8 = 1" not in info, info
+    if "avx2" in cpu_flags():
+        assert "AVX2 = 1" in info, info
+
+
+@pytest.mark.real_model
+def test_llama_cpp_decodes_the_q8_0_export_as_nanotune_decodes_the_same_file(
+    smollm2_lora_run, tmp_path
+):
+    """The quantized route (the one ggml's AMX backend crashed on): the merged q8_0 export,
+    decoded by llama.cpp in its q8_0 kernels and by nanotune from the same file (dequantized to
+    float32), gives the same greedy tokens."""
+    path = tmp_path / "merged.q8_0.gguf"
+    export(["--format", "gguf", "--quant", "q8_0", "--adapter", str(smollm2_lora_run), str(path)])
+    ours, tokenizer = artifacts.load(str(path))
+    theirs = llama(path)
+    config = GenerationConfig(max_new_tokens=N_Q8, stop_token_ids=())
+    for text in PROMPTS:
+        chat = tokenizer.apply_chat_template([{"role": "user", "content": text}], True)
+        prompt = tokenizer.encode(chat)
+        assert theirs.tokenize(chat.encode(), add_bos=False, special=True) == prompt
+        want = generate_ids(ours, [prompt], config, tokenizer)[0]
+        with torch.no_grad():
+            logits = ours(torch.tensor([prompt]))[0, -1]
+        got, first = llama_greedy(theirs, prompt, N_Q8)
+        assert got == want, (text, tokenizer.decode(got), tokenizer.decode(want))
+        assert (first - logits).abs().max() < Q8_TOLERANCE

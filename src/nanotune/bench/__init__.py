@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -104,8 +105,22 @@ def run_side(
     for line in proc.stdout.splitlines():
         if line.startswith(MARK):
             return SideResult(**json.loads(line[len(MARK) :]))
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    return SideResult(error=lines[-1].strip() if lines else f"exit status {proc.returncode}")
+    return SideResult(error=how_it_ended(proc))
+
+
+def how_it_ended(proc: subprocess.CompletedProcess) -> str:
+    """Why a process left no result: its last line on stderr (a Python error's message), or the
+    signal that killed it (native code crashing, e.g. llama.cpp's SIGSEGV) and that last line."""
+    lines = [ln.strip() for ln in (proc.stderr or "").splitlines() if ln.strip()]
+    last = lines[-1] if lines else ""
+    if proc.returncode >= 0:
+        return last or f"exit status {proc.returncode}"
+    try:
+        name = signal.Signals(-proc.returncode).name
+    except ValueError:
+        name = f"signal {-proc.returncode}"
+    said = f"last on stderr: {last}" if last else "nothing on stderr"
+    return f"died of {name} (exit status {proc.returncode}); {said}"
 
 
 def run(
@@ -130,6 +145,12 @@ def run(
 
     precision = "{} ({})".format(*compute_precision(TrainConfig(), torch.device(device)))
     log(f"nanotune precision: {precision}")
+    llama_cpp = None
+    if any(CASES[c].peer == "llama.cpp" for c in cases):
+        from nanotune.bench.llamacpp import system_info
+
+        llama_cpp = system_info()
+        log(f"llama.cpp: {llama_cpp}")
     results: dict[str, dict[str, SideResult]] = {}
     with tempfile.TemporaryDirectory(prefix="nanotune-bench-") as tmp:
         source = folder = None
@@ -183,6 +204,7 @@ def run(
         quick=quick,
         device=device,
         command=command,
+        llama_cpp=llama_cpp,
         notes=notes,
     )
     atomic_write(output, text)

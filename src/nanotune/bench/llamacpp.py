@@ -7,12 +7,17 @@ given, exactly `gen_new` tokens (an EOS does not stop it), the KV cache cleared 
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from nanotune.bench import how_it_ended
 from nanotune.bench.cases import Case, sizes
 from nanotune.bench.workload import NotApplicable, Workload
 
@@ -21,6 +26,25 @@ def gguf_precision(source: str | os.PathLike) -> str:
     """What llama.cpp computes in: the GGUF's quantization, from its file name (…Q4_1.gguf)."""
     kind = Path(source).stem.rsplit(".", 1)[-1]
     return f"GGUF {kind}" if kind != Path(source).stem else "GGUF"
+
+
+def system_info(timeout: float = 120.0) -> str:
+    """llama-cpp-python's version and llama.cpp's own line on what it was compiled with (CPU
+    features such as AVX512 and AMX, which select its kernels), read in a fresh process: a build
+    that crashes on this CPU must not take the bench down with it."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        return "llama-cpp-python is not installed (pip install 'nanotune[llama]')"
+    version = f"llama-cpp-python {importlib.metadata.version('llama-cpp-python')}"
+    code = "import llama_cpp; print(llama_cpp.llama_print_system_info().decode())"
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout
+        )
+    except subprocess.TimeoutExpired:
+        return f"{version}; its system info timed out after {timeout:.0f} s"
+    if proc.returncode != 0:
+        return f"{version}; its system info failed: {how_it_ended(proc)}"
+    return f"{version}; `{' '.join(proc.stdout.split())}`"
 
 
 def import_libraries(case: Case) -> None:

@@ -80,8 +80,8 @@ def faster_peer(sides: dict[str, SideResult]) -> tuple[str, SideResult] | None:
 
 
 def _row(case: str, side: str, r: SideResult, best: tuple[str, SideResult] | None, peaks) -> str:
-    if not r.ok:
-        why = r.na or "FAILED: " + str(r.error)
+    if not r.ok:  # "|" escaped: a dead process's last stderr line may hold one
+        why = (r.na or "FAILED: " + str(r.error)).replace("|", "\\|")
         return f"| {case} | {side} | – | – | – | – | – | – | – | {why} |"
     ratio = ""
     if side == "nanotune" and best is not None:
@@ -156,9 +156,11 @@ def render(
     quick: bool,
     device: str,
     command: str,
+    llama_cpp: str | None = None,
     notes: str | None = None,
 ) -> str:
-    """The markdown report; `notes` (benchmarks/NOTES.md, hand-written) is appended verbatim."""
+    """The markdown report; `llama_cpp` is llama.cpp's build line (`llamacpp.system_info`) where
+    a case runs it; `notes` (benchmarks/NOTES.md, hand-written) is appended verbatim."""
     s = QUICK if quick else FULL
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     kinds = sorted({r.peak_kind for sides in results.values() for r in sides.values() if r.ok})
@@ -172,6 +174,7 @@ def render(
         f"- machine: {machine(device)}; device {device}",
         f"- ISA: {isa(device)}",
         f"- software: {_versions()}",
+        *([f"- llama.cpp: {llama_cpp}"] if llama_cpp else []),
         "- matmul peak (best GEMM of torch.mm and oneDNN, measured in this run): fp32 "
         f"{peak / 1e9:,.1f} GFLOP/s"
         + (f", bf16 {bf16_peak / 1e9:,.1f} GFLOP/s" if bf16_peak else "")
