@@ -10,13 +10,16 @@ from typing import Any, Literal
 class ModelConfig:
     """Shape and layer choices of one decoder; GPT-2 and Llama differ only in flags.
 
+    The Llama-derived families are Llama plus flags: Qwen2 `qkv_bias`, Qwen3 `qk_norm`, Mistral
+    `sliding_window`, SmolLM3 `nope_layers`. Each flag costs nothing when off.
+
     Tensor layout notes (they matter for weight conversion and LoRA):
       - `attn.qkv` is one fused Linear whose output is [q (n_head*head_dim), k (n_kv_head*head_dim),
         v (n_kv_head*head_dim)], for both families.
       - `mlp.fc` is one Linear; for SwiGLU its output is [gate (intermediate), up (intermediate)].
     """
 
-    family: Literal["gpt2", "llama"] = "gpt2"
+    family: Literal["gpt2", "llama", "qwen2", "qwen3", "mistral", "smollm3"] = "gpt2"
     vocab_size: int = 50257
     block_size: int = 1024  # longest sequence the positions support
     n_layer: int = 12
@@ -32,6 +35,11 @@ class ModelConfig:
     rope_scaling: dict[str, Any] | None = field(default=None, hash=False, compare=True)
     mlp: Literal["gelu", "swiglu"] = "gelu"
     attn_bias: bool = True  # biases on qkv and the attention output projection
+    qkv_bias: bool = False  # biases on q, k and v even without attn_bias (Qwen2)
+    qk_norm: bool = False  # RMSNorm over each head of q and of k, before RoPE (Qwen3)
+    sliding_window: int | None = None  # a query sees this many keys: itself and the ones before
+    window_layers: tuple[int, ...] | None = None  # layers that slide; None: all (with a window)
+    nope_layers: tuple[int, ...] = ()  # layers without rotary positions (SmolLM3)
     mlp_bias: bool = True
     tie_embeddings: bool = True
     dropout: float = 0.0
@@ -43,6 +51,8 @@ class ModelConfig:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
         if self.n_head % self.kv_heads:
             raise ValueError(f"n_head={self.n_head} is not a multiple of n_kv_head={self.kv_heads}")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window={self.sliding_window} must be at least 1")
 
     @property
     def kv_heads(self) -> int:
@@ -55,6 +65,18 @@ class ModelConfig:
     @property
     def ffn(self) -> int:
         return self.intermediate_size or 4 * self.n_embd
+
+    @property
+    def has_qkv_bias(self) -> bool:
+        return self.attn_bias or self.qkv_bias
+
+    def window(self, layer: int) -> int | None:
+        """The sliding window of `layer`, or None where it attends to every earlier key."""
+        if self.sliding_window is None:
+            return None
+        if self.window_layers is not None and layer not in self.window_layers:
+            return None
+        return self.sliding_window
 
     @property
     def qkv_slices(self) -> dict[str, tuple[int, int]]:
@@ -91,6 +113,12 @@ def _gpt2(n_layer: int, n_head: int, n_embd: int) -> ModelConfig:
         bos_token_id=50256,
         eos_token_id=50256,
     )
+
+
+def _llama_like(family: str, **shape: Any) -> ModelConfig:
+    """A Llama-derived family's config: RMSNorm, RoPE, SwiGLU, no biases unless `shape` says."""
+    base = dict(norm="rmsnorm", positions="rope", mlp="swiglu", attn_bias=False, mlp_bias=False)
+    return ModelConfig(family=family, **{**base, **shape})
 
 
 @dataclass(frozen=True)
@@ -162,6 +190,89 @@ PRESETS: dict[str, Preset] = {
             package_file="SmolLM2-135M-Instruct.Q4_1.gguf",
             description="SmolLM2 135M Instruct (Llama); embedded default, offline",
         ),
+        Preset(
+            "qwen2.5-0.5b-instruct",
+            _llama_like(
+                "qwen2",
+                vocab_size=151936,
+                block_size=32768,
+                n_layer=24,
+                n_head=14,
+                n_kv_head=2,
+                n_embd=896,
+                intermediate_size=4864,
+                norm_eps=1e-6,
+                rope_theta=1000000.0,
+                qkv_bias=True,
+                tie_embeddings=True,
+                bos_token_id=151643,
+                eos_token_id=151645,
+            ),
+            hub_id="Qwen/Qwen2.5-0.5B-Instruct",
+            description="Qwen2.5 0.5B Instruct (qwen2), 32k context",
+        ),
+        Preset(
+            "qwen3-0.6b",
+            _llama_like(
+                "qwen3",
+                vocab_size=151936,
+                block_size=40960,
+                n_layer=28,
+                n_head=16,
+                n_kv_head=8,
+                n_embd=1024,
+                head_dim=128,
+                intermediate_size=3072,
+                norm_eps=1e-6,
+                rope_theta=1000000.0,
+                qk_norm=True,
+                tie_embeddings=True,
+                bos_token_id=151643,
+                eos_token_id=151645,
+            ),
+            hub_id="Qwen/Qwen3-0.6B",
+            description="Qwen3 0.6B (qwen3), 40k context",
+        ),
+        Preset(
+            "smollm3-3b",
+            _llama_like(
+                "smollm3",
+                vocab_size=128256,
+                block_size=65536,
+                n_layer=36,
+                n_head=16,
+                n_kv_head=4,
+                n_embd=2048,
+                intermediate_size=11008,
+                norm_eps=1e-6,
+                rope_theta=5000000.0,
+                nope_layers=tuple(range(3, 36, 4)),
+                tie_embeddings=True,
+                eos_token_id=128012,
+            ),
+            hub_id="HuggingFaceTB/SmolLM3-3B",
+            description="SmolLM3 3B (smollm3), 64k context",
+        ),
+        Preset(
+            "mistral-7b-instruct-v0.3",
+            _llama_like(
+                "mistral",
+                vocab_size=32768,
+                block_size=32768,
+                n_layer=32,
+                n_head=32,
+                n_kv_head=8,
+                n_embd=4096,
+                intermediate_size=14336,
+                norm_eps=1e-5,
+                rope_theta=1000000.0,
+                tie_embeddings=False,
+                bos_token_id=1,
+                eos_token_id=2,
+            ),
+            hub_id="mistralai/Mistral-7B-Instruct-v0.3",
+            description="Mistral 7B Instruct v0.3 (mistral), 32k context",
+        ),
     ]
 }
 
@@ -174,6 +285,14 @@ PRESET_ALIASES: dict[str, str] = {
     "openai-community/gpt2-xl": "gpt2-xl",
     "smollm2": "smollm2-135m-instruct",
     "HuggingFaceTB/SmolLM2-135M-Instruct": "smollm2-135m-instruct",
+    "qwen2.5": "qwen2.5-0.5b-instruct",
+    "Qwen/Qwen2.5-0.5B-Instruct": "qwen2.5-0.5b-instruct",
+    "qwen3": "qwen3-0.6b",
+    "Qwen/Qwen3-0.6B": "qwen3-0.6b",
+    "smollm3": "smollm3-3b",
+    "HuggingFaceTB/SmolLM3-3B": "smollm3-3b",
+    "mistral": "mistral-7b-instruct-v0.3",
+    "mistralai/Mistral-7B-Instruct-v0.3": "mistral-7b-instruct-v0.3",
 }
 
 DEFAULT_MODEL = "smollm2-135m-instruct"

@@ -25,4 +25,8 @@ HF_MODULES: dict[str, dict[str, tuple[str, str | None]]] = {
     },
 }
 
-HF_BLOCK_PREFIX = {"gpt2": "transformer.h.{i}.", "llama": "model.layers.{i}."}
+# The Llama-derived families name their linears as Llama does.
+HF_MODULES |= {f: HF_MODULES["llama"] for f in ("qwen2", "qwen3", "mistral", "smollm3")}
+
+HF_BLOCK_PREFIX = {family: "model.layers.{i}." for family in HF_MODULES}
+HF_BLOCK_PREFIX["gpt2"] = "transformer.h.{i}."

@@ -1,4 +1,4 @@
-"""One decoder for the GPT-2 and Llama families.
+"""One decoder for the GPT-2 and Llama families (and Llama's kin: Qwen2, Qwen3, Mistral, SmolLM3).
 
 Shapes: B batch, T new tokens, S keys (cache + new), C n_embd, H heads, K kv heads, D head dim.
 """
@@ -95,12 +95,18 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, layer: int = 0) -> None:
         super().__init__()
         self.config = config
         qkv_out = (config.n_head + 2 * config.kv_heads) * config.hd
-        self.qkv = Linear(config.n_embd, qkv_out, bias=config.attn_bias)
+        self.qkv = Linear(config.n_embd, qkv_out, bias=config.has_qkv_bias)
         self.proj = Linear(config.n_head * config.hd, config.n_embd, bias=config.attn_bias)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(config.hd, config.norm_eps)
+            self.k_norm = RMSNorm(config.hd, config.norm_eps)
+        self.qk_norm = config.qk_norm
+        self.use_rope = layer not in config.nope_layers
+        self.window = config.window(layer)
         self.dropout = config.dropout
 
     def forward(
@@ -122,7 +128,9 @@ class Attention(nn.Module):
         q = q.view(B, q.shape[1], H, D).transpose(1, 2)
         k = k.view(B, T, K, D).transpose(1, 2)
         v = v.view(B, T, K, D).transpose(1, 2)
-        if rope is not None:
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None and self.use_rope:
             cos, sin = rope
             k = apply_rope(k, cos, sin)
             if query_at is not None:  # the angles of each row's query position: [B, 1, 1, D]
@@ -139,7 +147,11 @@ class Attention(nn.Module):
             v = v.repeat_interleave(H // K, dim=1)
         p = self.dropout if self.training else 0.0
         if query_at is not None:  # causal: the query sees keys up to its own position
-            mask = (torch.arange(T, device=q.device) <= query_at[:, None])[:, None, None, :]
+            keys = torch.arange(T, device=q.device)
+            mask = keys <= query_at[:, None]
+            if self.window is not None:
+                mask = mask & (keys > query_at[:, None] - self.window)
+            mask = mask[:, None, None, :]
         if mask is None:
             # Only reached without a cache offset, so plain causal attention is exact.
             y = _attend(q, k, v, dropout_p=p, is_causal=T > 1, enable_gqa=gqa)
@@ -178,10 +190,10 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, layer: int = 0) -> None:
         super().__init__()
         self.norm1 = make_norm(config)
-        self.attn = Attention(config)
+        self.attn = Attention(config, layer)
         self.norm2 = make_norm(config)
         self.mlp = MLP(config)
         self.drop = nn.Dropout(config.dropout)
@@ -221,7 +233,7 @@ class Transformer(nn.Module):
             else None
         )
         self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.norm = make_norm(config)
         self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
@@ -286,8 +298,12 @@ class Transformer(nn.Module):
         if positions is None:
             positions = torch.arange(offset, offset + T, device=input_ids.device).expand(B, T)
         x, rope = self.embed(input_ids, positions)
-        mask = self._mask(B, T, offset, attention_mask, doc_ids, branch_ids, input_ids.device)
-        x = self.run_blocks(x, rope, mask, cache, range(len(self.blocks)))
+        layout = (B, T, offset, attention_mask, doc_ids, branch_ids, input_ids.device)
+        mask = self._mask(*layout)
+        window_mask = None
+        if self.config.sliding_window is not None:
+            window_mask = self._mask(*layout, positions, self.config.sliding_window)
+        x = self.run_blocks(x, rope, mask, cache, range(len(self.blocks)), window_mask=window_mask)
         if cache is not None:
             cache.length += T
         return self.norm(x)
@@ -316,16 +332,27 @@ class Transformer(nn.Module):
         cache: KVCache | None,
         layers: range,
         query_at: Tensor | None = None,
+        window_mask: Tensor | None = None,
     ) -> Tensor:
         """Blocks `layers` over x [B, T, C]; query_at [B] (no mask or cache): the last of them
-        computes only the state at that index of each row, and [B, C] comes back."""
+        computes only the state at that index of each row, and [B, C] comes back.
+
+        mask: what every layer sees (None: plain causal); window_mask: what sliding-window
+        layers see instead (None: no key is out of the window, or, with mask and cache None,
+        plain causal within the window, built here)."""
+        window = self.config.sliding_window
+        if window is not None and mask is None and cache is None and window_mask is None:
+            B, T = x.shape[:2]
+            positions = torch.arange(T, device=x.device).expand(B, T)
+            window_mask = self._mask(B, T, 0, None, None, None, x.device, positions, window)
         for i in layers:
             at = query_at if i == layers[-1] else None
             block = self.blocks[i]
+            m = window_mask if window_mask is not None and block.attn.window else mask
             if self.gradient_checkpointing and self.training:
-                x = checkpoint(block, x, rope, mask, cache, i, at, use_reentrant=False)
+                x = checkpoint(block, x, rope, m, cache, i, at, use_reentrant=False)
             else:
-                x = block(x, rope, mask, cache, i, at)
+                x = block(x, rope, m, cache, i, at)
         return x
 
     @staticmethod
@@ -337,10 +364,19 @@ class Transformer(nn.Module):
         doc_ids: Tensor | None,
         branch_ids: Tensor | None,
         device: torch.device,
+        positions: Tensor | None = None,
+        window: int | None = None,
     ) -> Tensor | None:
-        """Boolean [B, 1, T, S] mask (True = may attend), or None for plain causal attention."""
+        """Boolean [B, 1, T, S] mask (True = may attend), or None for plain causal attention.
+
+        window: each query also sees only keys less than `window` positions back. Distances are
+        positions (queries' `positions` [B, T]; keys' the same without a cache, else counted
+        over the real keys of `attention_mask`): right for packed documents, shared-prefix
+        branches, left padding, and a cache whose rows sit at their own positions (serve)."""
         layout = doc_ids is not None or branch_ids is not None
-        if attention_mask is None and not layout and (offset == 0 or T == 1):
+        if window is not None and offset + T <= window:
+            window = None  # no key can be out of the window
+        if attention_mask is None and not layout and (offset == 0 or T == 1) and window is None:
             return None
         if layout and offset:
             raise ValueError(
@@ -356,6 +392,14 @@ class Transformer(nn.Module):
         if branch_ids is not None:
             q, k = branch_ids[:, None, :, None], branch_ids[:, None, None, :]
             mask = mask & ((k == 0) | (k == q))
+        if window is not None:
+            if offset == 0:
+                k_pos = positions
+            elif attention_mask is not None:
+                k_pos = attention_mask[:, :S].long().cumsum(-1) - 1
+            else:
+                k_pos = torch.arange(S, device=device).expand(B, S)
+            mask = mask & (positions[:, None, :, None] - k_pos[:, None, None, :] < window)
         return mask
 
     def forward(self, input_ids: Tensor, **kwargs) -> Tensor:

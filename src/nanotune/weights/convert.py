@@ -1,7 +1,9 @@
 """Key-name and config maps between Hugging Face checkpoints and nanotune's decoder.
 
-nanotune fuses q/k/v into `attn.qkv` and (for SwiGLU) gate/up into `mlp.fc` for both families;
+nanotune fuses q/k/v into `attn.qkv` and (for SwiGLU) gate/up into `mlp.fc` for every family;
 these maps split and join them. GPT-2's Conv1D stores weights as [in, out]: transposed here.
+Qwen2, Qwen3, Mistral and SmolLM3 checkpoints are Llama's tensor names plus Qwen3's
+`q_norm`/`k_norm`; their configs differ in the flags `config_from_hf` reads.
 """
 
 from __future__ import annotations
@@ -16,9 +18,20 @@ from nanotune.models.config import ModelConfig
 
 GPT2_CONV1D = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
+# HF model_type (= nanotune family) -> the class transformers builds for it.
+ARCHITECTURES = {
+    "gpt2": "GPT2",
+    "llama": "Llama",
+    "qwen2": "Qwen2",
+    "qwen3": "Qwen3",
+    "mistral": "Mistral",
+    "smollm3": "SmolLM3",
+}
+LLAMA_LIKE = ("llama", "qwen2", "qwen3", "mistral", "smollm3")
+
 
 def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> ModelConfig:
-    """ModelConfig from a Hugging Face config.json dict (GPT-2 or Llama architecture)."""
+    """ModelConfig from a Hugging Face config.json dict (GPT-2, Llama or a Llama-derived family)."""
     model_type = hf.get("model_type")
     if model_type == "gpt2":
         return ModelConfig(
@@ -39,14 +52,14 @@ def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> ModelConfi
             bos_token_id=hf.get("bos_token_id"),
             eos_token_id=hf.get("eos_token_id"),
         )
-    if model_type == "llama":
+    if model_type in LLAMA_LIKE:
         if hf.get("hidden_act", "silu") != "silu":
             raise NanotuneError(
                 f"{where}: hidden_act {hf['hidden_act']!r} is not supported (only silu)"
             )
         eos = hf.get("eos_token_id")
         return ModelConfig(
-            family="llama",
+            family=model_type,
             vocab_size=hf["vocab_size"],
             block_size=hf.get("max_position_embeddings", 2048),
             n_layer=hf["num_hidden_layers"],
@@ -63,16 +76,55 @@ def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> ModelConfi
             ),
             rope_scaling=_rope_scaling(hf, where),
             mlp="swiglu",
-            attn_bias=hf.get("attention_bias", False),
+            attn_bias=hf.get("attention_bias", False) and model_type != "qwen2",
+            qkv_bias=model_type == "qwen2",  # Qwen2 always has them, and none on o_proj
+            qk_norm=model_type == "qwen3",
             mlp_bias=hf.get("mlp_bias", False),
             tie_embeddings=hf.get("tie_word_embeddings", False),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_id=eos[0] if isinstance(eos, list) else eos,
+            **_windows(hf, model_type, where),
+            nope_layers=_nope_layers(hf) if model_type == "smollm3" else (),
         )
     raise NanotuneError(
-        f"{where}: model_type {model_type!r} is not supported; nanotune loads GPT-2 and "
-        "Llama-architecture checkpoints (model_type 'gpt2' or 'llama')"
+        f"{where}: model_type {model_type!r} is not supported; nanotune loads the families "
+        f"{', '.join(repr(f) for f in ARCHITECTURES)} (config.json's model_type)"
     )
+
+
+def _windows(hf: dict[str, Any], model_type: str, where: str) -> dict[str, Any]:
+    """sliding_window and window_layers as transformers reads them for each family: Mistral's
+    window applies to every layer; Qwen's and SmolLM3's only with use_sliding_window, and only
+    on the layers `layer_types` (else max_window_layers, or SmolLM3's no-RoPE layers) names."""
+    window = hf.get("sliding_window")
+    if model_type == "llama" or window is None:
+        return {}
+    if model_type != "mistral" and not hf.get("use_sliding_window", False):
+        return {}
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise NanotuneError(f"{where}: sliding_window must be a positive integer, got {window!r}")
+    n = hf["num_hidden_layers"]
+    types = hf.get("layer_types")
+    if model_type == "mistral":
+        layers = None
+    elif types is not None:
+        layers = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
+    elif model_type == "smollm3":
+        layers = _nope_layers(hf)
+    else:
+        layers = tuple(range(hf.get("max_window_layers", 28), n))
+    if layers is not None and len(layers) == n:
+        layers = None
+    return {"sliding_window": window, "window_layers": layers}
+
+
+def _nope_layers(hf: dict[str, Any]) -> tuple[int, ...]:
+    """SmolLM3's layers without RoPE: `no_rope_layers` holds 1 where a layer uses RoPE."""
+    flags = hf.get("no_rope_layers")
+    if flags is None:
+        every = hf.get("no_rope_layer_interval", 4)
+        flags = [int((i + 1) % every != 0) for i in range(hf["num_hidden_layers"])]
+    return tuple(i for i, uses in enumerate(flags) if not uses)
 
 
 def _rope_scaling(hf: dict[str, Any], where: str = "config.json") -> dict[str, Any] | None:
@@ -114,8 +166,8 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
             "torch_dtype": "float32",
         }
     hf = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [f"{ARCHITECTURES[config.family]}ForCausalLM"],
+        "model_type": config.family,
         "vocab_size": config.vocab_size,
         "max_position_embeddings": config.block_size,
         "num_hidden_layers": config.n_layer,
@@ -132,11 +184,21 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
         "tie_word_embeddings": config.tie_embeddings,
         "bos_token_id": config.bos_token_id,
         "eos_token_id": config.eos_token_id,
+        "pad_token_id": None,  # SmolLM3's config defaults to an id of its own 128k vocabulary
         "attention_dropout": config.dropout,
         "torch_dtype": "float32",
     }
     if config.rope_scaling:
         hf["rope_scaling"] = dict(config.rope_scaling)
+    if config.family == "smollm3":
+        hf["no_rope_layers"] = [int(i not in config.nope_layers) for i in range(config.n_layer)]
+    if config.family == "mistral":
+        hf["sliding_window"] = config.sliding_window
+    elif config.family != "llama":  # Qwen2, Qwen3, SmolLM3: a window only where layer_types say
+        windowed = [config.window(i) is not None for i in range(config.n_layer)]
+        hf["use_sliding_window"] = any(windowed)
+        hf["sliding_window"] = config.sliding_window
+        hf["layer_types"] = ["sliding_attention" if w else "full_attention" for w in windowed]
     return hf
 
 
@@ -188,9 +250,13 @@ def from_hf(
         a = p + "self_attn."
         out[q + "attn.qkv.weight"] = torch.cat([take(a + f"{n}_proj.weight") for n in "qkv"])
         out[q + "attn.proj.weight"] = take(a + "o_proj.weight")
-        if config.attn_bias:
+        if config.has_qkv_bias:
             out[q + "attn.qkv.bias"] = torch.cat([take(a + f"{n}_proj.bias") for n in "qkv"])
+        if config.attn_bias:
             out[q + "attn.proj.bias"] = take(a + "o_proj.bias")
+        if config.qk_norm:
+            out[q + "attn.q_norm.weight"] = take(a + "q_norm.weight")
+            out[q + "attn.k_norm.weight"] = take(a + "k_norm.weight")
         m = p + "mlp."
         out[q + "mlp.fc.weight"] = torch.cat(
             [take(m + "gate_proj.weight"), take(m + "up_proj.weight")]
@@ -250,7 +316,8 @@ def _all_used(
 
 
 def to_hf(sd: dict[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
-    """nanotune state dict -> Hugging Face state dict (GPT2LMHeadModel / LlamaForCausalLM names)."""
+    """nanotune state dict -> Hugging Face state dict (GPT2LMHeadModel / LlamaForCausalLM names;
+    the Llama-derived families use Llama's)."""
     out: dict[str, Tensor] = {}
     if config.family == "gpt2":
         out["transformer.wte.weight"] = sd["wte.weight"]
@@ -283,10 +350,14 @@ def to_hf(sd: dict[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
         for name, w in zip("qkv", sd[q + "attn.qkv.weight"].split(qkv), strict=True):
             out[p + f"self_attn.{name}_proj.weight"] = w.contiguous()
         out[p + "self_attn.o_proj.weight"] = sd[q + "attn.proj.weight"]
-        if config.attn_bias:
+        if config.has_qkv_bias:
             for name, b in zip("qkv", sd[q + "attn.qkv.bias"].split(qkv), strict=True):
                 out[p + f"self_attn.{name}_proj.bias"] = b.contiguous()
+        if config.attn_bias:
             out[p + "self_attn.o_proj.bias"] = sd[q + "attn.proj.bias"]
+        if config.qk_norm:
+            out[p + "self_attn.q_norm.weight"] = sd[q + "attn.q_norm.weight"]
+            out[p + "self_attn.k_norm.weight"] = sd[q + "attn.k_norm.weight"]
         gate, up = sd[q + "mlp.fc.weight"].chunk(2)
         out[p + "mlp.gate_proj.weight"] = gate.contiguous()
         out[p + "mlp.up_proj.weight"] = up.contiguous()

@@ -124,7 +124,7 @@ def read_state_dict(directory: str | Path) -> dict[str, Tensor]:
 def load_hf_model(
     directory: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ) -> Transformer:
-    """A Transformer with the weights of an HF GPT-2 or Llama folder."""
+    """A Transformer with the weights of an HF folder of a supported family (`convert`)."""
     directory = Path(directory).expanduser()
     config = read_config(directory)
     sd = convert.from_hf(read_state_dict(directory), config, where=str(directory))
@@ -168,7 +168,7 @@ def write_model(
     """The files of an HF folder, into the existing `directory` (`save_model` makes it atomic).
 
     score: a sequence-classification head [num_labels, n_embd]; the folder is then the body of
-    a GPT2/LlamaForSequenceClassification (its config and `score.weight` too), which
+    a GPT2/Llama/...ForSequenceClassification (its config and `score.weight` too), which
     transformers' AutoModelForSequenceClassification loads, reading the last non-pad token.
     """
     config = model.config
@@ -188,7 +188,7 @@ def write_model(
     if base_model is not None:
         hf_config["_name_or_path"] = hub_id_of(base_model)
     if score is not None:
-        family = "GPT2" if config.family == "gpt2" else "Llama"
+        family = convert.ARCHITECTURES[config.family]
         hf_config["architectures"] = [f"{family}ForSequenceClassification"]
         hf_config["id2label"] = {str(i): f"LABEL_{i}" for i in range(score.shape[0])}
         hf_config["label2id"] = {f"LABEL_{i}": i for i in range(score.shape[0])}

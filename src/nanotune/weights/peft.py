@@ -40,7 +40,7 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 # The full-weight modules an adapter may carry, under their Hugging Face names.
-EMBEDDING = {"gpt2": "transformer.wte", "llama": "model.embed_tokens"}
+EMBEDDING = {family: "model.embed_tokens" for family in HF_MODULES} | {"gpt2": "transformer.wte"}
 HEAD = "lm_head"
 PEFT_DEFAULT_R = 8  # LoraConfig's r when adapter_config.json has none
 _KEY = re.compile(

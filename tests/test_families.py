@@ -1,0 +1,326 @@
+"""The Llama-derived families (Qwen2/2.5, Qwen3, Mistral, SmolLM3) through the one decoder: tiny
+random models built with transformers' own classes load with equal logits, decode the same greedy
+tokens (past a sliding window of 8 where the family has one), train with equal gradients, trade
+LoRA adapters with peft both ways, and merge to a folder transformers loads."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import warnings
+
+import pytest
+import torch
+import transformers as tf
+from conftest import TINY_INIT
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from nanotune.errors import NanotuneError
+from nanotune.generate import GenerationConfig, generate_ids
+from nanotune.methods import MethodConfig, apply_method, lora_layers
+from nanotune.methods.lora import resolve_targets
+from nanotune.models import PRESETS, Transformer
+from nanotune.weights import convert, load_model
+from nanotune.weights.hf import load_hf_model, read_config
+from nanotune.weights.peft import load_adapter, save_adapter
+
+warnings.filterwarnings("ignore")
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+WINDOW = 8
+COMMON = dict(
+    vocab_size=49152,  # SmolLM2's tokenizer, so the folders and GGUF files carry a real one
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=4,  # SmolLM3's fourth layer is its one without RoPE
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+    initializer_range=TINY_INIT,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=None,
+)
+# case -> (config class, model class, config overrides, nanotune family)
+FAMILIES = {
+    "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM, {}, "qwen2"),
+    # Released Qwen2.5 configs have use_sliding_window false; honoured when true, on the layers
+    # from max_window_layers on.
+    "qwen2-window": (
+        tf.Qwen2Config,
+        tf.Qwen2ForCausalLM,
+        dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=2),
+        "qwen2",
+    ),
+    "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM, dict(head_dim=16), "qwen3"),  # 16 != 32/4
+    "mistral": (tf.MistralConfig, tf.MistralForCausalLM, dict(sliding_window=WINDOW), "mistral"),
+    # Mistral 7B v0.2 and later ship no window.
+    "mistral-v0.3": (tf.MistralConfig, tf.MistralForCausalLM, dict(sliding_window=None), "mistral"),
+    "smollm3": (tf.SmolLM3Config, tf.SmolLM3ForCausalLM, dict(tie_word_embeddings=True), "smollm3"),
+}
+CASES = list(FAMILIES)
+# Prompts longer than the window (20 and 13 tokens), decoded to 32 more.
+PROMPTS = [
+    torch.randint(3, 49152, (20,), generator=torch.Generator().manual_seed(1)).tolist(),
+    torch.randint(3, 49152, (13,), generator=torch.Generator().manual_seed(2)).tolist(),
+]
+N = 32
+
+
+def hf_model(case: str, seed: int = 0):
+    config_cls, model_cls, overrides, _ = FAMILIES[case]
+    torch.manual_seed(seed)
+    return model_cls(config_cls(**{**COMMON, **overrides})).eval()
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory, smollm2_tokenizer_dir):
+    """case -> an HF folder saved by transformers (+ SmolLM2's tokenizer files)."""
+    out = {}
+    for case in CASES:
+        d = tmp_path_factory.mktemp(case)
+        hf_model(case).save_pretrained(d)
+        for f in smollm2_tokenizer_dir.iterdir():
+            shutil.copy2(f, d / f.name)
+        out[case] = d
+    return out
+
+
+def hf_greedy(model, prompt: list[int], n: int = N) -> list[int]:
+    out = model.generate(
+        torch.tensor([prompt]),
+        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        max_new_tokens=n,
+        min_new_tokens=n,
+        do_sample=False,
+        pad_token_id=0,
+    )
+    return out[0, len(prompt) :].tolist()
+
+
+def greedy(model: Transformer, prompts, n: int = N) -> list[list[int]]:
+    return generate_ids(model, prompts, GenerationConfig(max_new_tokens=n, stop_token_ids=()))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_config_reads_the_family_flags(case, folders):
+    config = read_config(folders[case])
+    assert config.family == FAMILIES[case][3]
+    assert config.qkv_bias == (config.family == "qwen2") and not config.attn_bias
+    assert config.qk_norm == (config.family == "qwen3")
+    assert config.hd == (16 if case == "qwen3" else 8)
+    assert config.nope_layers == ((3,) if case == "smollm3" else ())
+    windows = [config.window(i) for i in range(config.n_layer)]
+    expected = {"mistral": [WINDOW] * 4, "qwen2-window": [None, None, WINDOW, WINDOW]}
+    assert windows == expected.get(case, [None] * 4)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_logits_and_greedy_tokens_equal_transformers(case, folders):
+    hf = tf.AutoModelForCausalLM.from_pretrained(folders[case]).eval()
+    ours = load_hf_model(folders[case])
+    ids = torch.tensor([PROMPTS[0], PROMPTS[0][::-1]])
+    with torch.no_grad():
+        assert (ours(ids) - hf(ids).logits).abs().max() < 1e-4
+    # Batched: the shorter prompt is left-padded, so the window counts real tokens only.
+    ref = [hf_greedy(hf, p) for p in PROMPTS]
+    assert greedy(ours, PROMPTS) == ref
+    assert greedy(ours, PROMPTS[:1]) == ref[:1]  # alone: no padding, plain KV-cache decoding
+
+
+def test_the_window_changes_what_mistral_computes(folders):
+    """A test that cannot fail is a defect: without its window the same weights decode
+    otherwise, so the window really bounds attention in the parity above."""
+    model = load_hf_model(folders["mistral"])
+    ids = torch.tensor([PROMPTS[0]])
+    with torch.no_grad():
+        windowed = model(ids)
+        model_full = load_hf_model(folders["mistral"])
+        for block in model_full.blocks:
+            block.attn.window = None
+        model_full.config = model_full.config.with_(sliding_window=None)
+        full = model_full(ids)
+    assert (windowed[:, :WINDOW] - full[:, :WINDOW]).abs().max() < 1e-5  # inside the window
+    assert (windowed[:, WINDOW:] - full[:, WINDOW:]).abs().max() > 1e-2  # past it
+
+
+@pytest.mark.parametrize("case", ["mistral", "qwen2-window"])
+def test_packed_documents_each_see_their_own_window(case, folders):
+    """Two documents packed in one row (positions restart, doc ids apart) give the logits each
+    gives alone in transformers."""
+    hf = tf.AutoModelForCausalLM.from_pretrained(folders[case]).eval()
+    ours = load_hf_model(folders[case])
+    a, b = PROMPTS
+    ids = torch.tensor([a + b])
+    positions = torch.tensor([list(range(len(a))) + list(range(len(b)))])
+    doc_ids = torch.tensor([[0] * len(a) + [1] * len(b)])
+    with torch.no_grad():
+        packed = ours(ids, positions=positions, doc_ids=doc_ids)[0]
+        alone = torch.cat([hf(torch.tensor([p])).logits[0] for p in PROMPTS])
+    assert (packed - alone).abs().max() < 1e-4
+
+
+def test_a_classifier_reads_the_last_real_token_through_the_window(folders):
+    """SequenceClassifier's pooled path (only the last token's query in the last block) on
+    right-padded rows equals transformers' MistralForSequenceClassification."""
+    from nanotune.methods import SequenceClassifier
+
+    hf = tf.AutoModelForSequenceClassification.from_pretrained(
+        folders["mistral"], num_labels=3, pad_token_id=0
+    ).eval()
+    clf = SequenceClassifier(load_hf_model(folders["mistral"]), 3)
+    with torch.no_grad():
+        clf.score.weight.copy_(hf.score.weight)
+    lengths = torch.tensor([len(p) for p in PROMPTS])
+    ids = torch.zeros(2, int(lengths.max()), dtype=torch.long)
+    for row, p in enumerate(PROMPTS):
+        ids[row, : len(p)] = torch.tensor(p)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=(ids != 0).long()).logits
+        assert (clf.eval()(ids, lengths) - ref).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_training_gradients_equal_transformers(case, folders):
+    hf = tf.AutoModelForCausalLM.from_pretrained(folders[case]).train()
+    ours = load_hf_model(folders[case]).train()
+    ids = torch.tensor([PROMPTS[0], PROMPTS[0][::-1]])
+    hf(ids, labels=ids).loss.backward()
+    logits = ours(ids)
+    loss = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)
+    )
+    loss.backward()
+    grads = {n: p.grad for n, p in ours.named_parameters()}
+    if ours.config.tie_embeddings:
+        grads["lm_head.weight"] = grads["wte.weight"]
+    ref = dict(hf.named_parameters())
+    for name, g in convert.to_hf(grads, ours.config).items():
+        want = ref[name].grad
+        rel = (g - want).abs().max() / want.abs().max()
+        assert rel < 1e-4, (name, rel.item())
+
+
+def randomise(model, seed: int = 7) -> None:
+    """LoRA's B starts at zero: perturb it so parity means something."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        out = model(ids)
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_lora_adapters_travel_both_ways_with_peft_and_merge_for_transformers(
+    case, folders, tmp_path
+):
+    from nanotune.cli import main
+
+    ids = torch.tensor([PROMPTS[0]])
+    # nanotune's adapter (every linear) loads in peft on the transformers model.
+    ours = load_hf_model(folders[case])
+    apply_method(ours, MethodConfig(name="lora", r=4, alpha=8, targets="all-linear"))
+    assert len(lora_layers(ours)) == 4 * 4  # qkv, o, gate/up, down in each of 4 blocks
+    randomise(ours)
+    ours.eval()
+    adapted = _logits(ours, ids)
+    save_adapter(ours, tmp_path / "ours", base_model=str(folders[case]))
+    base = tf.AutoModelForCausalLM.from_pretrained(folders[case]).eval()
+    assert (_logits(base, ids) - adapted).abs().max() > 1e-2  # the adapter changes the output
+    peft_model = PeftModel.from_pretrained(base, str(tmp_path / "ours")).eval()
+    assert (_logits(peft_model, ids) - adapted).abs().max() < 1e-4
+
+    # peft's adapter loads into nanotune.
+    made = get_peft_model(
+        tf.AutoModelForCausalLM.from_pretrained(folders[case]),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "o_proj", "up_proj"]),
+    )
+    randomise(made, seed=3)
+    made.eval()
+    ref = _logits(made, ids)
+    made.save_pretrained(str(tmp_path / "peft"))
+    fresh = load_hf_model(folders[case])
+    load_adapter(fresh, tmp_path / "peft")
+    assert (_logits(fresh.eval(), ids) - ref).abs().max() < 1e-4
+
+    # nanotune merge: a folder transformers loads with the adapted logits.
+    argv = ["merge", "--model", str(folders[case]), "--adapter", str(tmp_path / "ours")]
+    assert main([*argv, str(tmp_path / "merged")]) == 0
+    merged = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert type(merged).__name__ == type(base).__name__
+    assert (_logits(merged, ids) - adapted).abs().max() < 1e-4
+
+
+def test_unknown_model_types_are_refused_naming_the_families():
+    with pytest.raises(NanotuneError, match="'qwen2', 'qwen3', 'mistral', 'smollm3'"):
+        convert.config_from_hf({"model_type": "mamba"})
+
+
+# Published sizes (parameters, tied embeddings counted once), from the model cards.
+PRESET_SIZES = {
+    "qwen2.5-0.5b-instruct": 0.49e9,
+    "qwen3-0.6b": 0.6e9,
+    "smollm3-3b": 3.08e9,
+    "mistral-7b-instruct-v0.3": 7.25e9,
+}
+
+
+@pytest.mark.parametrize("name", list(PRESET_SIZES))
+def test_presets_have_the_published_shapes_and_lora_targets(name, capsys):
+    from nanotune.cli import main
+
+    config = PRESETS[name].config
+    with torch.device("meta"):
+        model = Transformer(config)
+    n = sum(p.numel() for p in model.parameters())
+    assert abs(n - PRESET_SIZES[name]) / PRESET_SIZES[name] < 0.01, n
+    names = {hf for _, _, hf in resolve_targets(config, "all-linear")}
+    assert names == {
+        f"{m}_proj" for m in ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o")
+    } | {f"mlp.{m}_proj" for m in ("gate", "up", "down")}
+    assert main(["models"]) == 0
+    assert name in capsys.readouterr().out
+
+
+@pytest.fixture
+def mistral_engine(folders):
+    from nanotune.serve.engine import Engine
+
+    model, tok = load_model(folders["mistral"])
+    engine = Engine(model, tok, max_batch=4)
+    engine.start()
+    yield engine, tok
+    engine.stop(timeout=30)
+
+
+def test_serve_engine_decodes_past_the_window_as_transformers(mistral_engine, folders):
+    """The engine's decode rows sit at their own positions in the slot cache; its masks need no
+    change for the window (the decoder counts distances by position)."""
+    from nanotune.serve.engine import BASE, Sampling, Sequence
+
+    engine, tok = mistral_engine
+    hf = tf.AutoModelForCausalLM.from_pretrained(folders["mistral"]).eval()
+    sampling = Sampling(max_tokens=N, temperature=0.0, stop_token_ids=())
+    outputs = [[] for _ in PROMPTS]
+    done = [threading.Event() for _ in PROMPTS]
+
+    def sink(i):
+        def take(event):
+            if event.token is not None:
+                outputs[i].append(event.token)
+            if event.finish_reason is not None:
+                done[i].set()
+
+        return take
+
+    engine.submit([Sequence(p, BASE, sampling, tok, sink(i)) for i, p in enumerate(PROMPTS)])
+    assert all(d.wait(60) for d in done)
+    assert outputs == [hf_greedy(hf, p) for p in PROMPTS]
