@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -23,7 +22,7 @@ import torch
 
 from nanotune.bench.cases import CASES, QUICK_LLAMA
 from nanotune.bench.report import SideResult, render
-from nanotune.bench.workload import MARK, PEER_BF16
+from nanotune.bench.workload import MARK, PEER_BF16, how_it_ended
 from nanotune.errors import NanotuneError
 from nanotune.files.atomic import atomic_write
 from nanotune.models.config import PRESETS
@@ -106,21 +105,6 @@ def run_side(
         if line.startswith(MARK):
             return SideResult(**json.loads(line[len(MARK) :]))
     return SideResult(error=how_it_ended(proc))
-
-
-def how_it_ended(proc: subprocess.CompletedProcess) -> str:
-    """Why a process left no result: its last line on stderr (a Python error's message), or the
-    signal that killed it (native code crashing, e.g. llama.cpp's SIGSEGV) and that last line."""
-    lines = [ln.strip() for ln in (proc.stderr or "").splitlines() if ln.strip()]
-    last = lines[-1] if lines else ""
-    if proc.returncode >= 0:
-        return last or f"exit status {proc.returncode}"
-    try:
-        name = signal.Signals(-proc.returncode).name
-    except ValueError:
-        name = f"signal {-proc.returncode}"
-    said = f"last on stderr: {last}" if last else "nothing on stderr"
-    return f"died of {name} (exit status {proc.returncode}); {said}"
 
 
 def run(

@@ -17,9 +17,8 @@ from typing import Any
 
 import torch
 
-from nanotune.bench import how_it_ended
 from nanotune.bench.cases import Case, sizes
-from nanotune.bench.workload import NotApplicable, Workload
+from nanotune.bench.workload import NotApplicable, Workload, how_it_ended
 
 
 def gguf_precision(source: str | os.PathLike) -> str:

@@ -4,6 +4,8 @@ and how a worker reads its memory."""
 from __future__ import annotations
 
 import resource
+import signal
+import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,3 +88,18 @@ def peak_since(device: str, how: str, baseline: int) -> int:
     if how == "RSS high-water mark":
         return (rss("VmHWM") or 0) - baseline
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
+
+
+def how_it_ended(proc: subprocess.CompletedProcess) -> str:
+    """Why a process left no result: its last line on stderr (a Python error's message), or the
+    signal that killed it (native code crashing, e.g. llama.cpp's SIGSEGV) and that last line."""
+    lines = [ln.strip() for ln in (proc.stderr or "").splitlines() if ln.strip()]
+    last = lines[-1] if lines else ""
+    if proc.returncode >= 0:
+        return last or f"exit status {proc.returncode}"
+    try:
+        name = signal.Signals(-proc.returncode).name
+    except ValueError:
+        name = f"signal {-proc.returncode}"
+    said = f"last on stderr: {last}" if last else "nothing on stderr"
+    return f"died of {name} (exit status {proc.returncode}); {said}"
