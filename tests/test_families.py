@@ -1,7 +1,8 @@
 """The Llama-derived families (Qwen2/2.5, Qwen3, Mistral, SmolLM3) through the one decoder: tiny
 random models built with transformers' own classes load with equal logits, decode the same greedy
 tokens (past a sliding window of 8 where the family has one), train with equal gradients, trade
-LoRA adapters with peft both ways, and merge to a folder transformers loads."""
+LoRA adapters with peft both ways, merge to a folder transformers loads, and export GGUF that
+llama.cpp decodes as nanotune does."""
 
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ from nanotune.methods import MethodConfig, apply_method, lora_layers
 from nanotune.methods.lora import resolve_targets
 from nanotune.models import PRESETS, Transformer
 from nanotune.weights import convert, load_model
+from nanotune.weights.gguf import load_gguf_model, open_gguf
+from nanotune.weights.gguf_export import export_gguf
 from nanotune.weights.hf import load_hf_model, read_config
 from nanotune.weights.peft import load_adapter, save_adapter
 
@@ -86,6 +89,25 @@ def folders(tmp_path_factory, smollm2_tokenizer_dir):
             shutil.copy2(f, d / f.name)
         out[case] = d
     return out
+
+
+@pytest.fixture(scope="module")
+def ggufs(folders, tmp_path_factory):
+    """case -> (model, {quant: its GGUF export}), each written once for the module."""
+    made = {}
+
+    def get(case: str):
+        if case not in made:
+            model, tokenizer = load_model(folders[case])
+            out = tmp_path_factory.mktemp(f"gguf-{case}")
+            paths = {q: export_gguf(model, tokenizer, out / f"{q}.gguf", quant=q) for q in QUANTS}
+            made[case] = model, paths
+        return made[case]
+
+    return get
+
+
+QUANTS = ("f32", "q8_0")
 
 
 def hf_greedy(model, prompt: list[int], n: int = N) -> list[int]:
@@ -259,6 +281,40 @@ def test_lora_adapters_travel_both_ways_with_peft_and_merge_for_transformers(
     assert (_logits(merged, ids) - adapted).abs().max() < 1e-4
 
 
+def flags(config) -> tuple:
+    """What selects the layers (the config a GGUF reads back may spell defaults otherwise)."""
+    return (
+        config.family,
+        config.hd,
+        config.kv_heads,
+        config.has_qkv_bias,
+        config.attn_bias,
+        config.qk_norm,
+        config.tie_embeddings,
+        config.nope_layers,
+        [config.window(i) for i in range(config.n_layer)],
+        round(config.norm_eps, 9),
+        config.rope_theta,
+    )
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_gguf_export_reads_back_to_the_same_model(case, ggufs):
+    model, paths = ggufs(case)
+    ids = torch.tensor([PROMPTS[0]])
+    path = paths["f32"]
+    arch = {"mistral": "llama"}.get(model.config.family, model.config.family)
+    assert open_gguf(path).fields["general.architecture"].contents() == arch
+    back = load_gguf_model(path)
+    # Read back, a Llama GGUF with a window is Mistral; without one it is (exactly) a Llama.
+    assert back.config.family == ("llama" if case == "mistral-v0.3" else model.config.family)
+    assert flags(back.config)[1:] == flags(model.config)[1:]
+    assert (_logits(back, ids) - _logits(model, ids)).abs().max() < 1e-5
+    q8 = load_gguf_model(paths["q8_0"])
+    assert flags(q8.config)[1:] == flags(model.config)[1:]
+    assert (_logits(q8, ids) - _logits(model, ids)).abs().max() < 0.25  # rows of one block
+
+
 def test_unknown_model_types_are_refused_naming_the_families():
     with pytest.raises(NanotuneError, match="'qwen2', 'qwen3', 'mistral', 'smollm3'"):
         convert.config_from_hf({"model_type": "mamba"})
@@ -324,3 +380,71 @@ def test_serve_engine_decodes_past_the_window_as_transformers(mistral_engine, fo
     engine.submit([Sequence(p, BASE, sampling, tok, sink(i)) for i, p in enumerate(PROMPTS)])
     assert all(d.wait(60) for d in done)
     assert outputs == [hf_greedy(hf, p) for p in PROMPTS]
+
+
+# llama.cpp (this build) applies no sliding window for the llama and qwen2 architectures, as
+# for the Mistral its own convert_hf_to_gguf writes: the window is in the metadata, unused there.
+LLAMA_CPP_CASES = [c for c in CASES if c not in ("mistral", "qwen2-window")]
+# q8_0: llama.cpp quantizes the activations to 8 bits too, where nanotune multiplies float32
+# activations by the dequantized weights; on these random models (near-even next-token odds) the
+# greedy paths part (after 1 to 13 tokens, measured), so the logits are compared along
+# llama.cpp's path instead: within Q8_TOLERANCE of nanotune's on the same file (measured <= 0.04).
+Q8_TOLERANCE = 0.1
+
+
+def llama_cpp_greedy(path, prompt: list[int], n: int, lora=None) -> tuple[list[int], torch.Tensor]:
+    """n greedy tokens from llama.cpp's own logits (argmax), and the logits [n, V] that chose
+    each."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    kwargs = {"lora_path": str(lora)} if lora else {}
+    model = llama_cpp.Llama(
+        model_path=str(path),
+        n_ctx=128,
+        n_threads=1,
+        logits_all=True,
+        verbose=False,
+        type_k=0,  # a float32 KV cache, as nanotune's
+        type_v=0,
+        **kwargs,
+    )
+    model.eval(prompt)
+    out, scores = [], []
+    for _ in range(n):
+        scores.append(torch.tensor(model.scores[model.n_tokens - 1]))
+        out.append(int(scores[-1].argmax()))
+        model.eval([out[-1]])
+    model.close()
+    return out, torch.stack(scores)
+
+
+def along(model: Transformer, prompt: list[int], path: list[int]) -> torch.Tensor:
+    """nanotune's logits [len(path), V] that pick each token of `path` after `prompt`."""
+    ids = torch.tensor([prompt + path[:-1]])
+    return _logits(model, ids)[0, len(prompt) - 1 :]
+
+
+@pytest.mark.parametrize("case", LLAMA_CPP_CASES)
+def test_llama_cpp_decodes_the_gguf_exports_as_nanotune(case, folders, ggufs, tmp_path):
+    from nanotune.weights.gguf_lora import export_gguf_lora
+
+    model, paths = ggufs(case)
+    f32, q8_path = paths["f32"], paths["q8_0"]
+    model = load_hf_model(folders[case])  # its own copy: LoRA is applied to it below
+    q8 = load_gguf_model(q8_path)  # what nanotune decodes from the same quantized file
+    for prompt, want in zip(PROMPTS, greedy(model, PROMPTS), strict=True):
+        out, scores = llama_cpp_greedy(f32, prompt, N)
+        assert out == want
+        assert (scores - along(model, prompt, out)).abs().max() < 1e-4
+        out, scores = llama_cpp_greedy(q8_path, prompt, N)
+        assert (scores - along(q8, prompt, out)).abs().max() < Q8_TOLERANCE
+    # The base's GGUF plus a GGUF LoRA adapter decodes as nanotune with the adapter.
+    apply_method(model, MethodConfig(name="lora", r=4, alpha=8, targets="all-linear"))
+    randomise(model)
+    model.eval()
+    save_adapter(model, tmp_path / "adapter", base_model=str(folders[case]))
+    base, _ = load_model(folders[case])
+    lora = export_gguf_lora(base, tmp_path / "adapter", tmp_path / "lora.gguf")
+    prompt = PROMPTS[0]
+    out, scores = llama_cpp_greedy(f32, prompt, N, lora=lora)
+    assert out == greedy(model, [prompt])[0]
+    assert (scores - along(model, prompt, out)).abs().max() < 1e-4

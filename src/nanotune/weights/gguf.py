@@ -1,9 +1,11 @@
-"""llama.cpp GGUF files (architectures `llama` and `gpt2`): dequantized into a float Transformer,
-and the vocabulary they carry (the one reader of the file; the tokenizer gets its metadata decoded).
+"""llama.cpp GGUF files (architectures `llama`, `qwen2`, `qwen3`, `smollm3` and `gpt2`): dequantized
+into a float Transformer, and the vocabulary they carry (the one reader of the file; the tokenizer
+gets its metadata decoded).
 
 Tensors are renamed to Hugging Face names and handed to `convert.from_hf`, as a safetensors
-checkpoint would be: llama.cpp keeps Llama's Q/K rows in its interleaved rotary order (undone
-here) and GPT-2's Conv1D weights as [out, in] (transposed back to Conv1D's [in, out] here).
+checkpoint would be: llama.cpp keeps Llama's (and SmolLM3's) Q/K rows in its interleaved rotary
+order (undone here; Qwen's rotate halves, as Hugging Face does) and GPT-2's Conv1D weights as
+[out, in] (transposed back to Conv1D's [in, out] here).
 """
 
 from __future__ import annotations
@@ -57,11 +59,26 @@ GPT2_TOP_NAMES = {
     "output_norm": "transformer.ln_f",
     "output": "lm_head",
 }
-# Per GGUF architecture (= nanotune family): (HF block prefix, block names, top-level names).
+QWEN3_BLOCK_NAMES = LLAMA_BLOCK_NAMES | {
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+}
+# Per nanotune family: (HF block prefix, block names, top-level names).
 GGUF_NAMES = {
     "llama": ("model.layers.", LLAMA_BLOCK_NAMES, LLAMA_TOP_NAMES),
+    "mistral": ("model.layers.", LLAMA_BLOCK_NAMES, LLAMA_TOP_NAMES),
+    "qwen2": ("model.layers.", LLAMA_BLOCK_NAMES, LLAMA_TOP_NAMES),
+    "qwen3": ("model.layers.", QWEN3_BLOCK_NAMES, LLAMA_TOP_NAMES),
+    "smollm3": ("model.layers.", LLAMA_BLOCK_NAMES, LLAMA_TOP_NAMES),
     "gpt2": ("transformer.h.", GPT2_BLOCK_NAMES, GPT2_TOP_NAMES),
 }
+# The llama.cpp architecture of each family: Mistral is a Llama to llama.cpp (convert_hf_to_gguf
+# writes it so), its sliding window a metadata key; read back, a Llama with a window is Mistral.
+GGUF_ARCH = {family: family for family in GGUF_NAMES} | {"mistral": "llama"}
+# Architectures whose Q/K rows llama.cpp keeps in its interleaved rotary order (rope type NORM);
+# the others (NEOX) rotate halves, as Hugging Face does, and are stored as they are.
+PERMUTED_QK = ("llama", "smollm3")
+SMOLLM3_NOPE_EVERY = 4  # llama.cpp's SmolLM3 skips RoPE on every 4th layer (no GGUF key for it)
 
 
 WRITER_KEY = "nanotune.version"
@@ -95,12 +112,12 @@ def _field(reader: GGUFReader, key: str, default: Any = None) -> Any:
 
 
 def config_from_gguf(reader: GGUFReader, where: str) -> ModelConfig:
-    """ModelConfig from a GGUF's `llama.*` or `gpt2.*` metadata; untied when an `output.weight`
-    exists."""
+    """ModelConfig from a GGUF's `{arch}.*` metadata; untied when an `output.weight` exists."""
     arch = _field(reader, "general.architecture")
-    if arch not in GGUF_NAMES:
+    archs = sorted(set(GGUF_ARCH.values()))
+    if arch not in archs:
         raise NanotuneError(
-            f"{where}: GGUF architecture {arch!r} is not supported (llama and gpt2 only)"
+            f"{where}: GGUF architecture {arch!r} is not supported (one of {', '.join(archs)})"
         )
     if _field(reader, "general.type") == "adapter":
         raise NanotuneError(
@@ -149,7 +166,7 @@ def config_from_gguf(reader: GGUFReader, where: str) -> ModelConfig:
             f"{where}: per-frequency RoPE factors (rope_freqs, Llama 3.1 style) are not supported "
             "in GGUF; load the model's Hugging Face folder instead"
         )
-    scaling = _field(reader, "llama.rope.scaling.type", "none")
+    scaling = _field(reader, f"{arch}.rope.scaling.type", "none")
     if scaling not in ("none", "linear"):
         raise NanotuneError(
             f"{where}: GGUF RoPE scaling {scaling!r} is not supported (none or linear); "
@@ -158,20 +175,35 @@ def config_from_gguf(reader: GGUFReader, where: str) -> ModelConfig:
     rope_scaling = None
     if scaling == "linear":
         rope_scaling = {"rope_type": "linear", "factor": need("rope.scaling.factor")}
+    window = _field(reader, f"{arch}.attention.sliding_window")
+    pattern = _field(reader, f"{arch}.attention.sliding_window_pattern")
+    window_layers = None
+    if window and isinstance(pattern, list):  # per layer: True where it slides
+        window_layers = tuple(i for i, slides in enumerate(pattern) if slides)
+    n_layer = common["n_layer"]
     return ModelConfig(
-        family="llama",
+        family="mistral" if arch == "llama" and window else arch,
         **common,
-        n_kv_head=_field(reader, "llama.attention.head_count_kv", n_head),
-        head_dim=_field(reader, "llama.attention.key_length", n_embd // n_head),
+        n_kv_head=_field(reader, f"{arch}.attention.head_count_kv", n_head),
+        head_dim=_field(reader, f"{arch}.attention.key_length", n_embd // n_head),
         intermediate_size=need("feed_forward_length"),
         norm="rmsnorm",
-        norm_eps=float(_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        norm_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
         positions="rope",
-        rope_theta=float(_field(reader, "llama.rope.freq_base", 10000.0)),
+        rope_theta=float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
         rope_scaling=rope_scaling,
         mlp="swiglu",
-        attn_bias="blk.0.attn_q.bias" in names,
+        attn_bias="blk.0.attn_output.bias" in names,
+        qkv_bias="blk.0.attn_q.bias" in names,
+        qk_norm="blk.0.attn_q_norm.weight" in names,
         mlp_bias=False,
+        sliding_window=window or None,
+        window_layers=window_layers,
+        nope_layers=(
+            tuple(range(SMOLLM3_NOPE_EVERY - 1, n_layer, SMOLLM3_NOPE_EVERY))
+            if arch == "smollm3"
+            else ()
+        ),
     )
 
 
@@ -197,8 +229,9 @@ _CONV1D_WEIGHTS = tuple(f"{module}.weight" for module in convert.GPT2_CONV1D)
 
 
 def read_gguf_state_dict(reader: GGUFReader, config: ModelConfig, where: str) -> dict[str, Tensor]:
-    """Dequantized tensors with Hugging Face names (Llama or GPT-2), tensor by tensor."""
+    """Dequantized tensors with Hugging Face names (Llama's or GPT-2's), tensor by tensor."""
     sd: dict[str, Tensor] = {}
+    permuted = GGUF_ARCH[config.family] in PERMUTED_QK
     for t in reader.tensors:
         name = _hf_name(t.name, config.family)
         if name is None:
@@ -213,9 +246,9 @@ def read_gguf_state_dict(reader: GGUFReader, config: ModelConfig, where: str) ->
         if config.family == "gpt2":
             if name.endswith(_CONV1D_WEIGHTS):
                 w = w.T
-        elif name.endswith(("q_proj.weight", "q_proj.bias")):
+        elif permuted and name.endswith(("q_proj.weight", "q_proj.bias")):
             w = _unpermute(w, config.n_head)
-        elif name.endswith(("k_proj.weight", "k_proj.bias")):
+        elif permuted and name.endswith(("k_proj.weight", "k_proj.bias")):
             w = _unpermute(w, config.kv_heads)
         w = np.ascontiguousarray(w, dtype=np.float32)
         if not w.flags.writeable:  # F32 tensors come back as views of the read-only file map
@@ -244,7 +277,8 @@ def load_gguf_model(
     device: str | torch.device = "cpu",
     reader: GGUFReader | None = None,
 ) -> Transformer:
-    """A float Transformer from a llama or gpt2 GGUF file (quantized tensors are dequantized).
+    """A float Transformer from a GGUF file of a supported architecture (quantized tensors are
+    dequantized).
 
     `reader`: the file already open (parsing its metadata takes seconds), e.g. shared with the
     tokenizer.

@@ -1,10 +1,10 @@
-"""llama.cpp GGUF files out (architectures `llama` and `gpt2`): a float Transformer and its
-tokenizer as one .gguf that llama.cpp and Ollama run, and that `weights.gguf` reads back to the
-same model.
+"""llama.cpp GGUF files out (architectures `llama`, `qwen2`, `qwen3`, `smollm3` and `gpt2`; Mistral
+as `llama`): a float Transformer and its tokenizer as one .gguf that llama.cpp and Ollama run, and
+that `weights.gguf` reads back to the same model.
 
 The layout is the inverse of the reader's, as llama.cpp's convert_hf_to_gguf writes it: its name
-maps reversed, Llama's Q/K rows permuted back to llama.cpp's rotary order, GPT-2's Conv1D weights
-transposed to [out, in], the metadata under the keys llama.cpp reads.
+maps reversed, Llama's (and SmolLM3's) Q/K rows permuted back to llama.cpp's rotary order, GPT-2's
+Conv1D weights transposed to [out, in], the metadata under the keys llama.cpp reads.
 """
 
 from __future__ import annotations
@@ -32,7 +32,14 @@ from nanotune.models.transformer import Transformer
 from nanotune.tokenizer import Tokenizer
 from nanotune.version import __version__
 from nanotune.weights import convert
-from nanotune.weights.gguf import GGUF_NAMES, WRITER_KEY, written_by_nanotune
+from nanotune.weights.gguf import (
+    GGUF_ARCH,
+    GGUF_NAMES,
+    PERMUTED_QK,
+    SMOLLM3_NOPE_EVERY,
+    WRITER_KEY,
+    written_by_nanotune,
+)
 
 T = GGMLQuantizationType
 # --quant: the type of the 2-D weights, and the file type llama.cpp records for it.
@@ -51,7 +58,7 @@ _CONV1D_WEIGHTS = tuple(f"{module}.weight" for module in convert.GPT2_CONV1D)
 
 def gguf_name(hf_name: str, family: str) -> str:
     """The llama.cpp name of a Hugging Face tensor name (`model.layers.3.self_attn.q_proj.weight`
-    -> `blk.3.attn_q.weight`) of the `llama` or `gpt2` family."""
+    -> `blk.3.attn_q.weight`) of a model of `family`."""
     prefix, blocks, top = GGUF_NAMES[family]
     stem, _, kind = hf_name.rpartition(".")
     if stem.startswith(prefix):
@@ -75,6 +82,8 @@ def to_gguf_layout(hf_name: str, w: Tensor, config: ModelConfig) -> Tensor:
     """One Hugging Face tensor in llama.cpp's layout (row order and orientation)."""
     if config.family == "gpt2":
         return w.T if hf_name.endswith(_CONV1D_WEIGHTS) else w
+    if GGUF_ARCH[config.family] not in PERMUTED_QK:
+        return w
     if hf_name.endswith(("q_proj.weight", "q_proj.bias")):
         return permute(w, config.n_head)
     if hf_name.endswith(("k_proj.weight", "k_proj.bias")):
@@ -117,11 +126,18 @@ def check_exportable(model: Transformer, where: str) -> None:
     config = model.config
     if config.family not in GGUF_NAMES:
         raise NanotuneError(
-            f"{where}: a {config.family} model; GGUF export writes the llama and gpt2 "
-            "architectures; export it as an HF folder (--format hf) instead"
+            f"{where}: a {config.family} model; GGUF export writes the families "
+            f"{', '.join(GGUF_NAMES)}; export it as an HF folder (--format hf) instead"
         )
-    if config.family == "llama" and config.mlp_bias:
-        raise NanotuneError(f"{where}: MLP biases have no place in a llama GGUF; use --format hf")
+    arch = GGUF_ARCH[config.family]
+    if config.family != "gpt2" and config.mlp_bias:
+        raise NanotuneError(f"{where}: MLP biases have no place in a {arch} GGUF; use --format hf")
+    every = SMOLLM3_NOPE_EVERY
+    if arch == "smollm3" and config.nope_layers != tuple(range(every - 1, config.n_layer, every)):
+        raise NanotuneError(
+            f"{where}: llama.cpp's smollm3 skips RoPE on every {every}th layer, this model on "
+            f"layers {list(config.nope_layers)}; use --format hf"
+        )
     scaling = (config.rope_scaling or {}).get("rope_type", (config.rope_scaling or {}).get("type"))
     if scaling not in (None, "linear"):
         raise NanotuneError(
@@ -171,9 +187,13 @@ def _write_llama_metadata(writer: GGUFWriter, c: ModelConfig) -> None:
         writer.add_value_length(c.hd)
     writer.add_rope_freq_base(float(c.rope_theta))
     if c.rope_scaling:
-        writer.add_string("llama.rope.scaling.type", "linear")
+        writer.add_string(f"{writer.arch}.rope.scaling.type", "linear")
         writer.add_rope_scaling_factor(float(c.rope_scaling["factor"]))
     writer.add_layer_norm_rms_eps(float(c.norm_eps))
+    if c.sliding_window is not None:
+        writer.add_sliding_window(c.sliding_window)
+        if c.window_layers is not None:  # per layer: True where it slides
+            writer.add_sliding_window_pattern([c.window(i) is not None for i in range(c.n_layer)])
 
 
 def gguf_tensors(model: Transformer) -> list[tuple[str, Tensor]]:
@@ -195,7 +215,7 @@ def export_gguf(
     overwrite: bool = False,
     inputs: Iterable[str | os.PathLike] = (),
 ) -> Path:
-    """Write `model` (a plain Llama or GPT-2 Transformer: merge adapters first) and `tokenizer`
+    """Write `model` (a plain Transformer, adapters merged first) and `tokenizer`
     to the GGUF file `path`, atomically. `quant`: one of `QUANTS` for the matrices (see
     `_tensor_type`); `name` goes in general.name (default: the file's stem). An existing `path`
     is refused unless `overwrite`, and never replaced when it is one of `inputs`."""
@@ -221,7 +241,7 @@ def export_gguf(
     ]
     clean_leftovers(path)
     with atomic_file(path) as tmp:
-        writer = GGUFWriter(tmp, model.config.family)
+        writer = GGUFWriter(tmp, GGUF_ARCH[model.config.family])
         _write_metadata(writer, model, tokenizer, name or path.stem)
         writer.add_file_type(file_type)
         writer.add_quantization_version(GGML_QUANT_VERSION)

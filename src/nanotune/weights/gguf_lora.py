@@ -25,7 +25,7 @@ from gguf import GGUFWriter
 from nanotune.files.atomic import atomic_file, check_file_target, clean_leftovers
 from nanotune.models.transformer import Transformer
 from nanotune.version import __version__
-from nanotune.weights.gguf import WRITER_KEY, written_by_nanotune
+from nanotune.weights.gguf import GGUF_ARCH, WRITER_KEY, written_by_nanotune
 from nanotune.weights.gguf_export import check_exportable, gguf_name, to_gguf_layout
 from nanotune.weights.peft import hf_lora_pairs, read_adapter_config
 
@@ -44,7 +44,7 @@ def lora_tensors(
         applied = alpha / A.shape[0] if alpha else 1.0  # llama.cpp's scale (1 without alpha)
         B = B.float() * (scale / applied)
         weight = f"{module}.weight"
-        if config.family == "llama":  # Q/K row order; GPT-2's pairs are [out, r] already
+        if config.family != "gpt2":  # Q/K row order; GPT-2's pairs are [out, r] already
             B = to_gguf_layout(weight, B, config)
         name = gguf_name(weight, config.family)
         tensors[f"{name}.lora_a"] = _array(A)
@@ -75,7 +75,7 @@ def export_gguf_lora(
     alpha, tensors = lora_tensors(base, adapter)
     clean_leftovers(path)
     with atomic_file(path) as tmp:
-        writer = GGUFWriter(tmp, base.config.family)
+        writer = GGUFWriter(tmp, GGUF_ARCH[base.config.family])
         writer.add_type("adapter")
         writer.add_name(name or path.stem)
         writer.add_string("adapter.type", "lora")
