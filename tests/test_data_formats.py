@@ -17,6 +17,7 @@ from nanotune.data import (
 from nanotune.data.example import Row
 from nanotune.data.formats import (
     END_MARKER,
+    FORMATS,
     format_alpaca,
     format_chat,
     format_classification,
@@ -361,3 +362,21 @@ def test_truncation_never_cuts_the_answer(tmp_path, gpt2):
     path.write_text(json.dumps({"prompt": "hi", "completion": long_prompt}))
     with pytest.raises(NanotuneError, match=":1: example has"):
         build_datasets(DataConfig(**base, truncate_prompt=True, truncation="error"), gpt2)
+
+
+def test_every_format_is_one_row_of_the_table():
+    from typing import get_args
+
+    from nanotune.data.config import Format
+    from nanotune.data.pipeline import task_of
+    from nanotune.eval.config import METRICS
+
+    assert get_args(Format) == tuple(FORMATS)
+    for name, spec in FORMATS.items():
+        assert task_of(DataConfig(source="x", format=name)) == spec.task
+        assert spec.metrics and set(spec.metrics) <= set(METRICS)
+        assert spec.cacheable == (spec.task == "lm")  # the cache stores ExampleStores only
+    with pytest.raises(NanotuneError, match="packing applies to language-model formats"):
+        DataConfig(source="x", format="preference", pack=True)
+    with pytest.raises(NanotuneError, match="chunk_tokens: 64 exceeds max_length=32"):
+        DataConfig(source="x", format="text", chunk_tokens=64, max_length=32)

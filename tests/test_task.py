@@ -157,7 +157,22 @@ def test_the_task_is_not_re_derived():
                 continue
             found += [f"{rel}: {m.group(0)}" for m in re.finditer(pattern, text)]
     assert found == []
-    # In data/pipeline.py the format is read once, by task_of.
-    pipeline = (SRC / "data/pipeline.py").read_text()
-    reads = re.findall(r"cfg\.format (?:==|in) \(?\"(?:classification|preference)", pipeline)
-    assert len(reads) == 1 and 'if cfg.format in ("classification", "preference")' in pipeline
+
+
+def test_formats_are_decided_by_their_table_only():
+    """What a format is (its task, chunking, caching, default metrics) is read from
+    data/formats.py's FORMATS; no other module compares a format to a format's name."""
+    from nanotune.data.formats import FORMATS
+
+    names = "|".join(FORMATS)
+    compares = re.compile(
+        rf"""format["')\]]* *(?:[!=]=|(?:not )?in) *[(\[{{]?["'](?:{names})["']"""
+    )
+    found = []
+    for path in sorted(SRC.rglob("*.py")):
+        rel = path.relative_to(SRC).as_posix()
+        if rel != "data/formats.py":
+            found += [f"{rel}: {m.group(0)}" for m in compares.finditer(path.read_text())]
+    assert found == []
+    assert compares.search('if cfg.format in ("classification", "preference")')
+    assert compares.search('data.get("format") == "preference"')

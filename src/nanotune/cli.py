@@ -459,6 +459,7 @@ def _add_eval(sub) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from nanotune.config import RunConfig, load_config
+    from nanotune.data.formats import FORMATS
     from nanotune.eval import RunSummary, compare, write_report
     from nanotune.eval.compare import metrics_table
     from nanotune.jobs.evaluate import evaluate_job
@@ -483,10 +484,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if len(columns) != len(args.column):
             raise NanotuneError("--column takes FIELD=COLUMN, e.g. --column label=category")
         data = {k: getattr(args, k) for k in EVAL_DATA_FIELDS}
-        default = {"classification": "accuracy", "text": "perplexity"}.get(
-            args.format, "perplexity,squad"
-        )
-        section = {"metrics": default.split(","), "split": "train", **given}
+        metrics = list(FORMATS[args.format].metrics)
+        section = {"metrics": metrics, "split": "train", **given}
         run = RunConfig.from_dict(
             {
                 "model": DEFAULT_MODEL,

@@ -30,6 +30,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from nanotune.data.config import DataConfig
+from nanotune.data.formats import FORMATS
 from nanotune.errors import NanotuneError
 from nanotune.eval.config import EvalConfig
 from nanotune.files.atomic import atomic_write
@@ -71,7 +72,7 @@ class RunConfig:
         if self.eval.reward_model and self.eval.reward_model.startswith("~"):
             self.eval.reward_model = os.path.expanduser(self.eval.reward_model)
         objective = self.preference.objective
-        if objective is not None and self.data.format != "preference":
+        if objective is not None and FORMATS[self.data.format].task != "preference":
             raise NanotuneError(
                 f"preference.objective: {objective} learns from preference pairs, but "
                 f"data.format is {self.data.format}; set data.format: preference (rows with "

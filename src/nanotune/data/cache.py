@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from nanotune.data.config import DataConfig
+from nanotune.data.formats import FORMATS
 from nanotune.data.store import ExampleStore
 from nanotune.files.atomic import atomic_dir
 from nanotune.version import __version__
@@ -54,11 +55,10 @@ def _vouched(spec: str) -> bool:
 def _keeps(cfg: DataConfig, tokenizer: Any) -> bool:
     """LM data from sources this cache can identify, with a tokenizer it can fingerprint."""
     return (
-        cfg.format not in ("classification", "preference")
+        FORMATS[cfg.format].cacheable
         and getattr(tokenizer, "fingerprint", None) is not None
         and all(
-            spec is None or _vouched(spec)
-            for spec in (cfg.source, cfg.val_source, cfg.test_source)
+            spec is None or _vouched(spec) for spec in (cfg.source, cfg.val_source, cfg.test_source)
         )
     )
 
@@ -182,7 +182,9 @@ def save(root: Path, key: str, splits: dict[str, ExampleStore], meta: dict[str, 
             ):
                 for f, dtype in ((ids, np.int32), (supervised, np.bool_)):
                     header = {"descr": np.dtype(dtype).str, "fortran_order": False}
-                    np.lib.format.write_array_header_1_0(f, {**header, "shape": (int(offsets[-1]),)})
+                    np.lib.format.write_array_header_1_0(
+                        f, {**header, "shape": (int(offsets[-1]),)}
+                    )
                 for block_ids, block_supervised in store.blocks():
                     block_ids.astype(np.int32, copy=False).tofile(ids)
                     block_supervised.astype(np.bool_, copy=False).tofile(supervised)

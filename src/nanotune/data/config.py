@@ -8,9 +8,10 @@ from dataclasses import dataclass, field, fields
 from types import UnionType
 from typing import Literal, Union, get_args, get_origin, get_type_hints
 
+from nanotune.data.formats import FORMATS
 from nanotune.errors import NanotuneError
 
-Format = Literal["completion", "chat", "alpaca", "text", "classification", "preference"]
+Format = Literal[tuple(FORMATS)]  # the names of the table of formats (data/formats.py)
 ChatStyle = Literal["auto", "model", "markers"]
 TextUnit = Literal["file", "paragraph", "line"]
 FileFormat = Literal["csv", "tsv", "jsonl", "json", "parquet", "text"]
@@ -170,11 +171,12 @@ class DataConfig:
             why = _template_problem(getattr(self, name))
             if why:
                 raise bad(name, f"{getattr(self, name)!r}: {why}")
-        if self.format == "text" and self.chunk_tokens > self.max_length:
+        spec = FORMATS[self.format]
+        if spec.documents and self.chunk_tokens > self.max_length:
             raise bad("chunk_tokens", f"{self.chunk_tokens} exceeds max_length={self.max_length}")
-        if self.pack and self.format in ("classification", "preference"):
+        if self.pack and spec.task != "lm":
             raise bad("pack", f"packing applies to language-model formats, not {self.format}")
-        if self.balance and self.format != "classification":
+        if self.balance and spec.task != "classification":
             raise bad("balance", "class balancing applies to format: classification only")
 
 

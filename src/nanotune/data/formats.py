@@ -13,10 +13,18 @@ import json
 import re
 import string
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
-from nanotune.data.config import DataConfig
-from nanotune.data.example import IGNORE, BadRow, ClassExample, Example, PreferenceExample, Row
+from nanotune.data.example import (
+    IGNORE,
+    BadRow,
+    ClassExample,
+    Example,
+    PreferenceExample,
+    Row,
+    Task,
+)
 from nanotune.errors import NanotuneError
 
 # Turn markers for models without a chat template (GPT-2); added as special tokens.
@@ -48,6 +56,21 @@ class TokenizerLike(Protocol):
     def encode_chat(self, messages: list[dict[str, str]]) -> tuple[list[int], list[bool]]: ...
 
 
+class FormatOptions(Protocol):
+    """The part of `nanotune.data.DataConfig` the formats read (that module reads the table of
+    formats at the end of this one, so this one does not import it)."""
+
+    format: str
+    max_length: int
+    truncate_prompt: bool
+    train_on_prompt: bool
+    prompt_template: str
+    separator: str
+    completion_template: str
+    system_prompt: str
+    chat_style: str
+
+
 class TooLong(NanotuneError):
     """An example longer than max_length that may not be cut (its supervised part would be)."""
 
@@ -59,7 +82,7 @@ Segment = tuple[list[int], bool]  # (token ids, is the supervised "answer" part)
 MARKERS_TEMPLATE_TAG = "{# nanotune chat markers (data.chat_style: markers) #}"
 
 
-def uses_markers(cfg: DataConfig, tokenizer: TokenizerLike) -> bool:
+def uses_markers(cfg: FormatOptions, tokenizer: TokenizerLike) -> bool:
     """True when chat rows are rendered with nanotune's <|user|>... markers, not the model's template."""
     if cfg.chat_style == "markers":
         return True
@@ -73,7 +96,7 @@ def uses_markers(cfg: DataConfig, tokenizer: TokenizerLike) -> bool:
     return not template or template.startswith(MARKERS_TEMPLATE_TAG)
 
 
-def markers_chat_template(cfg: DataConfig, tokenizer: TokenizerLike) -> str:
+def markers_chat_template(cfg: FormatOptions, tokenizer: TokenizerLike) -> str:
     """A jinja chat template rendering exactly the text the markers format trains on: BOS when
     the model expects it, data.system_prompt when a conversation has no system turn, each turn
     as `<|role|>\\n` content `<|end|>\\n`, and `<|assistant|>\\n` as the generation prompt."""
@@ -103,7 +126,7 @@ def markers_chat_template(cfg: DataConfig, tokenizer: TokenizerLike) -> str:
 
 
 def use_markers_template(
-    cfg: DataConfig, tokenizer: TokenizerLike, rows: Sequence[Row] = ()
+    cfg: FormatOptions, tokenizer: TokenizerLike, rows: Sequence[Row] = ()
 ) -> None:
     """Give a markers chat format's tokenizer the template that renders it, so the tokenizer
     saved with the fine-tune chats (`nanotune chat`, `generate --chat`) as it trained."""
@@ -111,16 +134,14 @@ def use_markers_template(
         tokenizer.chat_template = markers_chat_template(cfg, tokenizer)
 
 
-def renders_chat(cfg: DataConfig, rows: Sequence[Row] = ()) -> bool:
-    """True when the format renders conversations: chat always, preference when a row holds
-    messages or transcripts (`rows`: the rows to be formatted)."""
-    if cfg.format == "preference":
-        return any(preference_is_chat(r) for r in rows)
-    return cfg.format == "chat"
+def renders_chat(cfg: FormatOptions, rows: Sequence[Row] = ()) -> bool:
+    """True when the format renders conversations (`rows`: the rows to be formatted; a
+    preference row is a conversation when it holds messages or transcripts)."""
+    return FORMATS[cfg.format].renders_chat(rows)
 
 
 def required_special_tokens(
-    cfg: DataConfig, tokenizer: TokenizerLike, rows: Sequence[Row] = ()
+    cfg: FormatOptions, tokenizer: TokenizerLike, rows: Sequence[Row] = ()
 ) -> list[str]:
     """Special tokens the format needs that the tokenizer lacks; the caller adds them and resizes the model.
 
@@ -178,7 +199,7 @@ def as_text(value: Any) -> str:
     return str(value)
 
 
-def _assemble(segments: Sequence[Segment], cfg: DataConfig, row: Row) -> Example:
+def _assemble(segments: Sequence[Segment], cfg: FormatOptions, row: Row) -> Example:
     """Concatenate segments into an Example, applying train_on_prompt and the truncation policy."""
     ids: list[int] = []
     labels: list[int] = []
@@ -204,7 +225,7 @@ def _assemble(segments: Sequence[Segment], cfg: DataConfig, row: Row) -> Example
     return Example(ids, labels)
 
 
-def format_completion(row: Row, tokenizer: TokenizerLike, cfg: DataConfig) -> Example:
+def format_completion(row: Row, tokenizer: TokenizerLike, cfg: FormatOptions) -> Example:
     prompt = _render(cfg.prompt_template, row, "prompt_template") + cfg.separator
     completion = _render(cfg.completion_template, row, "completion_template")
     return _assemble(
@@ -217,7 +238,7 @@ def format_completion(row: Row, tokenizer: TokenizerLike, cfg: DataConfig) -> Ex
     )
 
 
-def format_alpaca(row: Row, tokenizer: TokenizerLike, cfg: DataConfig) -> Example:
+def format_alpaca(row: Row, tokenizer: TokenizerLike, cfg: FormatOptions) -> Example:
     extra = str(row.get("input") or "")
     prompt = ALPACA_PROMPT.format(
         extra=", paired with an input that provides further context" if extra else "",
@@ -374,7 +395,7 @@ def _generation_segments(messages: list[dict[str, str]], tokenizer: TokenizerLik
 
 
 def _chat_segments(
-    messages: list[dict[str, str]], tokenizer: TokenizerLike, cfg: DataConfig, where: str
+    messages: list[dict[str, str]], tokenizer: TokenizerLike, cfg: FormatOptions, where: str
 ) -> list[Segment]:
     if uses_markers(cfg, tokenizer):
         missing = [t for t in MARKER_TOKENS if t not in tokenizer.special_tokens]
@@ -389,13 +410,13 @@ def _chat_segments(
     return _template_segments(messages, tokenizer, where)
 
 
-def format_chat(row: Row, tokenizer: TokenizerLike, cfg: DataConfig) -> Example:
+def format_chat(row: Row, tokenizer: TokenizerLike, cfg: FormatOptions) -> Example:
     messages = row_messages(row, cfg.system_prompt)
     return _assemble(_chat_segments(messages, tokenizer, cfg, row.where), cfg, row)
 
 
 def chat_prompt_ids(
-    messages: list[dict[str, str]], tokenizer: TokenizerLike, cfg: DataConfig
+    messages: list[dict[str, str]], tokenizer: TokenizerLike, cfg: FormatOptions
 ) -> list[int]:
     """Token ids of a conversation ending where the assistant's reply starts (for generation),
     rendered exactly as training renders it."""
@@ -467,7 +488,7 @@ def _last_supervised(segments: Sequence[Segment]) -> tuple[list[int], list[int]]
 
 
 def _chat_pair(
-    row: Row, tokenizer: TokenizerLike, cfg: DataConfig
+    row: Row, tokenizer: TokenizerLike, cfg: FormatOptions
 ) -> tuple[list[int], list[int], list[int]]:
     convs = {which: _conversation(row, which) for which in PAIR}
     for which, conv in convs.items():
@@ -500,7 +521,7 @@ def _chat_pair(
 
 
 def _text_pair(
-    row: Row, tokenizer: TokenizerLike, cfg: DataConfig
+    row: Row, tokenizer: TokenizerLike, cfg: FormatOptions
 ) -> tuple[list[int], list[int], list[int]]:
     prompt_text = _render(cfg.prompt_template, row, "prompt_template") + cfg.separator
     responses = []
@@ -512,7 +533,7 @@ def _text_pair(
     return bos(tokenizer) + tokenizer.encode(prompt_text), *responses
 
 
-def format_preference(row: Row, tokenizer: TokenizerLike, cfg: DataConfig) -> PreferenceExample:
+def format_preference(row: Row, tokenizer: TokenizerLike, cfg: FormatOptions) -> PreferenceExample:
     """A prompt (encoded once) and two responses, each ending in EOS (text) or the template's
     end of turn (conversations), all of whose tokens are supervised."""
     if preference_is_chat(row):
@@ -553,7 +574,7 @@ def class_index(value: Any, label_names: list[str], where: str) -> int:
 
 
 def format_classification(
-    row: Row, tokenizer: TokenizerLike, cfg: DataConfig, label_names: list[str]
+    row: Row, tokenizer: TokenizerLike, cfg: FormatOptions, label_names: list[str]
 ) -> ClassExample:
     ids = bos(tokenizer) + tokenizer.encode(as_text(row_field(row, "text")))
     label = class_index(row_field(row, "label"), label_names, row.where)
@@ -569,8 +590,71 @@ def format_classification(
     return ClassExample(ids, label)
 
 
-LM_FORMATS: dict[str, Callable[[Row, TokenizerLike, DataConfig], Example]] = {
-    "completion": format_completion,
-    "chat": format_chat,
-    "alpaca": format_alpaca,
+def format_text(row: Row, tokenizer: TokenizerLike, cfg: FormatOptions) -> Example:
+    """A document, every token supervised; documents are later joined and cut into chunks."""
+    text = row_field(row, "text")
+    # Several texts in one row (e.g. all answers to a question) form one document.
+    text = " ".join(map(str, text)) if isinstance(text, list) else as_text(text)
+    doc = bos(tokenizer) + tokenizer.encode(text)
+    return Example(doc, doc)
+
+
+# ---- the table of formats --------------------------------------------------------------------
+
+
+def _never(rows: Sequence[Row]) -> bool:
+    return False
+
+
+def _always(rows: Sequence[Row]) -> bool:
+    return True
+
+
+def _any_conversation(rows: Sequence[Row]) -> bool:
+    return any(preference_is_chat(r) for r in rows)
+
+
+@dataclass(frozen=True)
+class FormatSpec:
+    """What one `data.format` is. The pipeline, the data cache, the config checks, the model card
+    and the CLI read this table; none of them compares format names."""
+
+    task: Task
+    """What the examples train (`Datasets.task`): lm, classification or preference."""
+    make: Callable[..., Example | ClassExample | PreferenceExample]
+    """Row -> example: `make(row, tokenizer, cfg)`; classification also takes `label_names`."""
+    cacheable: bool
+    """Its tokenized examples are kept in the data cache (LM stores; the others are small)."""
+    metrics: tuple[str, ...]
+    """What `nanotune eval --data` measures when no metrics are given."""
+    encoded_ahead: bool = False
+    """Its only tokenizer call is `encode`, so a block of rows' texts can be batch-encoded
+    ahead (not text: a row may be a whole file, and a block of them would be held at once)."""
+    documents: bool = False
+    """Rows are documents, joined and cut into `chunk_tokens` chunks (not one example each)."""
+    renders_chat: Callable[[Sequence[Row]], bool] = _never
+    """Whether rows render as conversations (chat markers, the chat template), given the rows."""
+
+
+FORMATS: dict[str, FormatSpec] = {
+    "completion": FormatSpec(
+        "lm", format_completion, cacheable=True, metrics=("perplexity", "squad"), encoded_ahead=True
+    ),
+    "chat": FormatSpec(
+        "lm", format_chat, cacheable=True, metrics=("perplexity", "squad"), renders_chat=_always
+    ),
+    "alpaca": FormatSpec(
+        "lm", format_alpaca, cacheable=True, metrics=("perplexity", "squad"), encoded_ahead=True
+    ),
+    "text": FormatSpec("lm", format_text, cacheable=True, metrics=("perplexity",), documents=True),
+    "classification": FormatSpec(
+        "classification", format_classification, cacheable=False, metrics=("accuracy",)
+    ),
+    "preference": FormatSpec(
+        "preference",
+        format_preference,
+        cacheable=False,
+        metrics=("perplexity", "squad"),
+        renders_chat=_any_conversation,
+    ),
 }

@@ -16,13 +16,9 @@ from nanotune.data import cache as data_cache
 from nanotune.data.config import DataConfig
 from nanotune.data.example import BadRow, ClassExample, Example, PreferenceExample, Row, Task
 from nanotune.data.formats import (
-    LM_FORMATS,
+    FORMATS,
     TokenizerLike,
     TooLong,
-    as_text,
-    bos,
-    format_classification,
-    format_preference,
     required_special_tokens,
     row_field,
     use_markers_template,
@@ -80,9 +76,7 @@ MAX_PROBLEMS = 20
 
 def task_of(cfg: DataConfig) -> Task:
     """The task a data config calls for; every later part reads `Datasets.task` instead."""
-    if cfg.format in ("classification", "preference"):
-        return cfg.format
-    return "lm"
+    return FORMATS[cfg.format].task
 
 
 def _rows(spec: str, cfg: DataConfig, stats: Counter, problems: list[str]) -> Iterator[Row]:
@@ -220,14 +214,13 @@ def _formatted(
 ) -> list[ClassExample] | list[PreferenceExample]:
     """The classification or preference example of each row, in order; each row is dropped
     from `rows` once formatted, so rows and examples are never all held at once."""
+    make = FORMATS[cfg.format].make
+    named = {} if label_names is None else {"label_names": label_names}
     made = []
     for i in range(len(rows)):
         row, rows[i] = rows[i], None
         try:
-            if task_of(cfg) == "classification":
-                made.append(format_classification(row, tokenizer, cfg, label_names or []))
-            else:
-                made.append(format_preference(row, tokenizer, cfg))
+            made.append(make(row, tokenizer, cfg, **named))
         except (TooLong, BadRow) as e:
             _left_out(e, cfg, stats, problems)
     return made
@@ -261,18 +254,7 @@ class _Formatted:
     order, where it is counted (only the message is kept: an exception's frames hold the row)."""
 
 
-def _text_document(row: Row, tokenizer: TokenizerLike, cfg: DataConfig) -> Example:
-    text = row_field(row, "text")
-    # Several texts in one row (e.g. all answers to a question) form one document.
-    text = " ".join(map(str, text)) if isinstance(text, list) else as_text(text)
-    doc = bos(tokenizer) + tokenizer.encode(text)
-    return Example(doc, doc)
-
-
-ENCODE_BLOCK = 256  # rows whose texts are encoded in one batch call
-BATCHED_FORMATS = ("completion", "alpaca")
-"""Formats whose only tokenizer call is `encode`, so their texts can be encoded ahead (not
-text: a row may be a whole file, and a block of them would be held encoded at once)."""
+ENCODE_BLOCK = 256  # rows whose texts are encoded in one batch call (FormatSpec.encoded_ahead)
 
 
 class _Recorder:
@@ -327,8 +309,9 @@ def _format_rows(
 ) -> _Formatted:
     """Format each row as it is read (only the rows in `keep`, when given) into a store; where
     the tokenizer encodes faster in batches, a block of rows at a time (`ENCODE_BLOCK`)."""
-    fmt = _text_document if cfg.format == "text" else LM_FORMATS[cfg.format]
-    batched = cfg.format in BATCHED_FORMATS and getattr(tokenizer, "batch_is_faster", False)
+    spec = FORMATS[cfg.format]
+    fmt = spec.make
+    batched = spec.encoded_ahead and getattr(tokenizer, "batch_is_faster", False)
     example_of = array("q")
     failures: dict[int, tuple[bool, str]] = {}
     made = 0
@@ -399,10 +382,12 @@ def _build_lm(cfg: DataConfig, tokenizer: TokenizerLike) -> Datasets:
         for j in ix:
             if j in formatted.failures:
                 too_long, message = formatted.failures[j]
-                _left_out(TooLong(message) if too_long else BadRow(message), cfg, stats[name], problems)
+                _left_out(
+                    TooLong(message) if too_long else BadRow(message), cfg, stats[name], problems
+                )
         made = formatted.example_of[ix]
         store = formatted.store.take(made[made >= 0])
-        if cfg.format == "text":
+        if FORMATS[cfg.format].documents:
             store = store.chunked(tokenizer.eos_id, cfg.chunk_tokens)
         del formatted
         splits[name] = store
@@ -435,7 +420,7 @@ def build_datasets(cfg: DataConfig, tokenizer: TokenizerLike) -> Datasets:
                 tokenizer.chat_template = hit["chat_template"]
             return Datasets(
                 hit["splits"],
-                "lm",
+                task_of(cfg),
                 hit["stats"],
                 hit["problems"],
                 None,

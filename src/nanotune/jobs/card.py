@@ -7,6 +7,8 @@ from typing import Any
 
 import yaml
 
+from nanotune.data.config import DataConfig
+from nanotune.data.formats import FORMATS
 from nanotune.eval.compare import compare_rows, fmt, verdict
 from nanotune.training.config import DEFAULT_BETA
 from nanotune.version import __version__
@@ -88,7 +90,8 @@ def model_card(
         )
     preference = config.get("preference") or {}
     objective = preference.get("objective")
-    if objective is None and data.get("format") == "preference":
+    spec = FORMATS.get(data.get("format", DataConfig.format))
+    if objective is None and spec is not None and spec.task == "preference":
         objective = "dpo"
     if objective:
         meta["tags"].append("reward-model" if objective == "reward" else objective)
