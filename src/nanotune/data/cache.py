@@ -33,7 +33,7 @@ from nanotune.data.store import ExampleStore
 from nanotune.files.atomic import atomic_dir
 from nanotune.version import __version__
 
-FORMAT = 3  # bump when the entry layout or the examples a config makes change
+FORMAT = 4  # bump when the entry layout or the examples a config makes change
 CHECKSUMS = "checksums.json"
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, fields
 from types import UnionType
 from typing import Literal, Union, get_args, get_origin, get_type_hints
 
-from nanotune.data.formats import FORMATS
+from nanotune.data.formats import CHAT_LAYOUTS, FORMATS
 from nanotune.errors import NanotuneError
 
 Format = Literal[tuple(FORMATS)]  # the names of the table of formats (data/formats.py)
@@ -34,7 +34,12 @@ class DataConfig:
     source: str = ""
     """Where the rows come from: the train split, or all rows when fractions split them."""
     format: Format = "completion"
-    """How a row becomes an example.
+    """How a row becomes an example (the table of formats: data/formats.py).
+
+    chat: a conversation in any common layout, recognised from the row: OpenAI `messages`
+    (content a string or text parts), ShareGPT `conversations` (from/value), an HH-RLHF
+    `dialogue`, or user/assistant, question/answer, prompt/completion or Alpaca
+    instruction/input/output columns; content that is not text is a bad row.
 
     preference: a prompt and a chosen and a rejected response (`prompt`/`chosen`/`rejected`,
     text or chat messages), or two HH-RLHF transcripts (`chosen`/`rejected` whole dialogues
@@ -42,9 +47,10 @@ class DataConfig:
     columns: dict[str, str | int] = field(default_factory=dict)
     """Canonical field -> column in the data, e.g. {text: sms, label: category}.
 
-    The canonical names are the ones the format reads (prompt/completion, messages, dialogue (an
-    HH-RLHF "\n\nHuman: …\n\nAssistant: …" transcript), system/user/assistant,
-    context/question/answer, instruction/input/output, text, label, prompt/chosen/rejected). A
+    The canonical names are the ones the format reads (prompt/completion, messages,
+    conversations (ShareGPT), dialogue (an HH-RLHF "\n\nHuman: …\n\nAssistant: …"
+    transcript), system/user/assistant, context/question/answer, instruction/input/output, text,
+    label, prompt/chosen/rejected). A
     dotted column name (answers.text) reads a field of a nested record. With header: false the
     columns of a csv/tsv file are named by position from 1: {label: 1, text: 2}."""
     file_format: FileFormat | None = None
@@ -130,6 +136,11 @@ class DataConfig:
             if allowed and value is not None and value not in allowed:
                 close = difflib.get_close_matches(str(value), allowed, n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
+                if f.name == "format" and str(value).lower() in CHAT_LAYOUTS:
+                    hint = (
+                        " (format: chat reads ShareGPT conversations, OpenAI messages and "
+                        "Alpaca rows as they are; map other column names with data.columns)"
+                    )
                 raise bad(f.name, f"{value!r} is not one of {', '.join(allowed)}{hint}")
         for name in ("header", "quoting"):
             if getattr(self, name) not in (True, None) and self.file_format not in (

@@ -283,30 +283,111 @@ def transcript_messages(text: str, where: str) -> list[dict[str, str]]:
     ]
 
 
+# ShareGPT speakers (`from`) -> roles; tool turns are refused until tool calling is built.
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "model": "assistant",
+    "system": "system",
+}
+# Names people give the layouts `format: chat` reads (its refusal of them as formats says so).
+CHAT_LAYOUTS = ("sharegpt", "openai", "messages", "conversations", "chatml", "vicuna")
+TOOL_TURNS = ("function_call", "tool_calls", "observation", "tool", "function")
+NOT_YET_TOOLS = "tool calling is not supported yet"
+
+
+def _content(value: Any, where: str, field: str) -> str:
+    """A message's text: a string, or OpenAI content parts whose text parts are joined with
+    newlines (as vLLM does for text-only models). Anything else is a bad row: str() of a parts
+    list or of None would train on Python's repr of it."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        texts = []
+        for i, part in enumerate(value):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind != "text" or not isinstance(part.get("text"), str):
+                what = f"a part of type {kind!r}" if kind else f"not a text part ({_kind(part)})"
+                raise BadRow(
+                    f"{where}: {field}[{i}] is {what}; only text parts "
+                    '({"type": "text", "text": …}) are trained on'
+                )
+            texts.append(part["text"])
+        return "\n".join(texts)
+    raise BadRow(
+        f"{where}: {field} is {_kind(value)}; it must be text or a list of "
+        '{"type": "text", "text": …} parts'
+    )
+
+
+def _kind(value: Any) -> str:
+    """How a value is named in a message: null, a list, an int, …"""
+    if value is None:
+        return "null"
+    name = type(value).__name__
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
+
+
+def _message(m: Any, where: str, field: str) -> dict[str, str]:
+    """One message as {role, content}: OpenAI's {role, content} or ShareGPT's {from, value}."""
+    if isinstance(m, dict) and "role" in m:
+        role = m["role"]
+        if m.get("tool_calls") or role in ("tool", "function"):
+            raise BadRow(f"{where}: {field} is a tool call or result; {NOT_YET_TOOLS}")
+        if "content" not in m:
+            raise BadRow(f"{where}: {field} has no 'content'")
+        return {"role": str(role), "content": _content(m["content"], where, f"{field}.content")}
+    if isinstance(m, dict) and "from" in m:
+        speaker = m["from"]
+        if speaker in TOOL_TURNS:
+            raise BadRow(f"{where}: {field}.from is {speaker!r} (a tool turn); {NOT_YET_TOOLS}")
+        if speaker not in SHAREGPT_ROLES:
+            raise BadRow(
+                f"{where}: {field}.from is {speaker!r}; use one of {', '.join(SHAREGPT_ROLES)}"
+            )
+        if "value" not in m:
+            raise BadRow(f"{where}: {field} has no 'value'")
+        value = m["value"]
+        if not isinstance(value, str):
+            raise BadRow(f"{where}: {field}.value is {_kind(value)}; it must be text")
+        return {"role": SHAREGPT_ROLES[speaker], "content": value}
+    raise BadRow(
+        f"{where}: {field} needs 'role' and 'content' (OpenAI) or 'from' and 'value' (ShareGPT)"
+    )
+
+
+def _messages(raw: Any, where: str, field: str) -> list[dict[str, str]]:
+    """A list of messages in either layout (OpenAI or ShareGPT), as {role, content} dicts."""
+    if not isinstance(raw, list) or not raw:
+        raise BadRow(
+            f"{where}: {field!r} must be a non-empty list of {{role, content}} (OpenAI) or "
+            "{from, value} (ShareGPT) objects"
+        )
+    return [_message(m, where, f"{field}[{i}]") for i, m in enumerate(raw)]
+
+
 def row_messages(row: Row, system_prompt: str = "") -> list[dict[str, str]]:
-    """The conversation in a chat row: `messages`, a `dialogue` transcript (HH-RLHF's
-    "\n\nHuman: …\n\nAssistant: …"), system/user/assistant, context/question/answer or
-    prompt/completion columns."""
+    """The conversation in a chat row, in whichever common layout it is stored:
+    OpenAI `messages` ({role, content}, content a string or text parts), ShareGPT
+    `conversations` ({from, value}; either list in either name), a `dialogue` transcript
+    (HH-RLHF's "\n\nHuman: …\n\nAssistant: …"), or system/user/assistant,
+    context/question/answer, prompt/completion or Alpaca instruction/input/output columns.
+    A top-level `system` column is the system turn of a conversation that has none."""
     if row.get("dialogue") is not None:
         messages = transcript_messages(str(row["dialogue"]), row.where)
         if messages[-1]["role"] != "assistant" or not messages[-1]["content"]:
             raise BadRow(f"{row.where}: the dialogue does not end with an assistant reply")
     elif row.get("messages") is not None:
-        raw = row["messages"]
-        if not isinstance(raw, list):
-            raise BadRow(f"{row.where}: 'messages' must be a list of {{role, content}} objects")
-        messages = []
-        for i, m in enumerate(raw):
-            if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise BadRow(f"{row.where}: messages[{i}] needs 'role' and 'content'")
-            messages.append({"role": str(m["role"]), "content": str(m["content"])})
+        messages = _messages(row["messages"], row.where, "messages")
+    elif row.get("conversations") is not None:
+        messages = _messages(row["conversations"], row.where, "conversations")
     elif row.get("user") is not None:
         messages = [
             {"role": "user", "content": str(row["user"])},
             {"role": "assistant", "content": _answer_text(row_field(row, "assistant"))},
         ]
-        if row.get("system"):
-            messages.insert(0, {"role": "system", "content": str(row["system"])})
     elif row.get("question") is not None:
         question = str(row["question"])
         if row.get("context"):
@@ -320,16 +401,32 @@ def row_messages(row: Row, system_prompt: str = "") -> list[dict[str, str]]:
             {"role": "user", "content": str(row["prompt"])},
             {"role": "assistant", "content": _answer_text(row_field(row, "completion"))},
         ]
+    elif row.get("instruction") is not None:
+        instruction = _content(row["instruction"], row.where, "instruction")
+        extra = row.get("input")
+        if extra:
+            instruction += "\n\n" + _content(extra, row.where, "input")
+        messages = [
+            {"role": "user", "content": instruction},
+            {
+                "role": "assistant",
+                "content": _content(row_field(row, "output"), row.where, "output"),
+            },
+        ]
     else:
         raise BadRow(
-            f"{row.where}: no conversation found; a chat row needs 'messages', user/assistant, "
-            "question/answer or prompt/completion columns (map yours with data.columns)"
+            f"{row.where}: no conversation found; a chat row needs 'messages' (OpenAI), "
+            "'conversations' (ShareGPT), user/assistant, question/answer, prompt/completion or "
+            "instruction/output columns (map yours with data.columns)"
         )
     for i, m in enumerate(messages):
         if m["role"] not in ROLE_MARKERS:
             raise BadRow(
                 f"{row.where}: messages[{i}] has role {m['role']!r}; use system, user or assistant"
             )
+    if row.get("system") and messages[0]["role"] != "system":
+        system = _content(row["system"], row.where, "system")
+        messages.insert(0, {"role": "system", "content": system})
     if system_prompt and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": system_prompt})
     return messages
@@ -442,37 +539,28 @@ def preference_is_chat(row: Row) -> bool:
     return row.get("prompt") is None or any(isinstance(row.get(k), list) for k in ("prompt", *PAIR))
 
 
-def _message_list(value: Any, where: str, what: str) -> list[dict[str, str]]:
-    if not isinstance(value, list) or not value:
-        raise BadRow(f"{where}: {what!r} must be text or a non-empty list of {{role, content}}")
-    for i, m in enumerate(value):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise BadRow(f"{where}: {what}[{i}] needs 'role' and 'content'")
-    return [{"role": str(m["role"]), "content": str(m["content"])} for m in value]
-
-
 def _conversation(row: Row, which: str) -> list[dict[str, str]]:
     """The whole conversation ending in the `which` response (chosen or rejected)."""
     value = row_field(row, which)
     prompt = row.get("prompt")
     if prompt is None:  # whole dialogues: HH-RLHF transcripts or message lists
         if isinstance(value, list):
-            return _message_list(value, row.where, which)
+            return _messages(value, row.where, which)
         try:
-            return transcript_messages(str(value), row.where)
+            return transcript_messages(_content(value, row.where, which), row.where)
         except BadRow as e:
             raise BadRow(
                 f"{row.where}: no prompt, and {which} is not an HH-RLHF transcript "
                 "('\\n\\nHuman: …\\n\\nAssistant: …'); give a prompt column (data.columns)"
             ) from e
     head = (
-        _message_list(prompt, row.where, "prompt")
+        _messages(prompt, row.where, "prompt")
         if isinstance(prompt, list)
-        else [{"role": "user", "content": as_text(prompt)}]
+        else [{"role": "user", "content": _content(prompt, row.where, "prompt")}]
     )
     if isinstance(value, list):
-        return head + _message_list(value, row.where, which)
-    return head + [{"role": "assistant", "content": as_text(value)}]
+        return head + _messages(value, row.where, which)
+    return head + [{"role": "assistant", "content": _content(value, row.where, which)}]
 
 
 def _last_supervised(segments: Sequence[Segment]) -> tuple[list[int], list[int]]:
@@ -526,7 +614,7 @@ def _text_pair(
     prompt_text = _render(cfg.prompt_template, row, "prompt_template") + cfg.separator
     responses = []
     for which in PAIR:
-        text = as_text(row_field(row, which))
+        text = _content(row_field(row, which), row.where, which)
         if not text.strip():
             raise BadRow(f"{row.where}: the {which} response is empty")
         responses.append(tokenizer.encode(text) + [tokenizer.eos_id])
