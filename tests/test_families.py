@@ -315,6 +315,18 @@ def test_gguf_export_reads_back_to_the_same_model(case, ggufs):
     assert (_logits(q8, ids) - _logits(model, ids)).abs().max() < 0.25  # rows of one block
 
 
+# transformers' GGUF loader reads qwen2 and llama; its qwen3 mapping ignores key_length (head_dim
+# 128 assumed: right for the released Qwen3, not for this tiny one) and it has no smollm3; it
+# applies no window (as llama.cpp).
+@pytest.mark.parametrize("case", ["qwen2", "mistral-v0.3"])
+def test_transformers_reads_the_gguf_export(case, ggufs):
+    model, paths = ggufs(case)
+    path = paths["f32"]
+    hf = tf.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name).eval()
+    ids = torch.tensor([PROMPTS[0]])
+    assert (_logits(hf, ids) - _logits(model, ids)).abs().max() < 1e-4
+
+
 def test_unknown_model_types_are_refused_naming_the_families():
     with pytest.raises(NanotuneError, match="'qwen2', 'qwen3', 'mistral', 'smollm3'"):
         convert.config_from_hf({"model_type": "mamba"})
