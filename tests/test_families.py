@@ -298,6 +298,34 @@ def flags(config) -> tuple:
     )
 
 
+@pytest.mark.parametrize("case", ["qwen3", "mistral"])
+def test_a_lora_runs_final_folder_loads_with_auto_peft(case, folders, tmp_path):
+    """A real (short) fine-tune of the family, as a user runs it: its final/ is a PEFT folder
+    that AutoPeftModelForCausalLM loads by the base's path, with nanotune's logits."""
+    from peft import AutoPeftModelForCausalLM
+
+    from nanotune.config import RunConfig
+    from nanotune.jobs import artifacts
+    from nanotune.jobs.finetune import train
+
+    config = RunConfig.from_dict(
+        {
+            "model": {"name": str(folders[case])},
+            "method": {"name": "lora", "r": 4, "alpha": 8, "targets": "all-linear"},
+            "data": {"source": "builtin:reverse_words", "format": "chat", "limit": 16},
+            "train": {"max_steps": 2, "micro_batch_size": 8, "lr": 1e-2, "seed": 0},
+            "output_dir": str(tmp_path / "run"),
+        }
+    )
+    final = train(config, progress=False).final_dir
+    tuned, _ = artifacts.load(None, final)
+    hf = AutoPeftModelForCausalLM.from_pretrained(str(final)).eval()
+    ids = torch.tensor([PROMPTS[0]])
+    base = tf.AutoModelForCausalLM.from_pretrained(folders[case]).eval()
+    assert (_logits(base, ids) - _logits(tuned, ids)).abs().max() > 1e-3  # it trained
+    assert (_logits(hf, ids) - _logits(tuned, ids)).abs().max() < 1e-4
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_gguf_export_reads_back_to_the_same_model(case, ggufs):
     model, paths = ggufs(case)
