@@ -265,3 +265,90 @@ def test_preference_conversations_refuse_what_is_not_text(smol_pair):
 def test_a_layout_named_as_format_points_to_chat():
     with pytest.raises(NanotuneError, match="format: chat reads ShareGPT conversations"):
         DataConfig(source="x", format="sharegpt")
+
+
+# --- data from Python --------------------------------------------------------------------------
+
+PY_ROWS = [
+    {"conversations": _sharegpt(CHAT)},
+    {"messages": [SYSTEM, *CHAT]},
+    {"instruction": "Name the colour of grass.", "input": None, "output": "Green"},
+] * 3
+
+
+def _recipe(tmp_path, model) -> dict:
+    return {
+        "model": str(model),
+        "method": {"name": "lora", "r": 2},
+        "data": {"format": "chat", "max_length": 96},
+        "train": {"max_steps": 2, "micro_batch_size": 2, "lr": 1e-3},
+        "eval": {"metrics": ["perplexity"], "max_examples": 2},
+        "output_dir": str(tmp_path / "run"),
+    }
+
+
+@pytest.mark.parametrize("kind", ["list", "dataframe"])
+def test_train_from_python_rows(kind, tmp_path, tiny_llama_dir, monkeypatch):
+    import nanotune
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("NANOTUNE_DATA_CACHE", str(cache))
+    rows, held_out = PY_ROWS, PY_ROWS[:2]
+    if kind == "dataframe":
+        pd = pytest.importorskip("pandas")
+        rows, held_out = pd.DataFrame(rows), pd.DataFrame(held_out)
+        assert rows["input"].isna().all()  # read as None (no input), never the text "nan"
+    result = nanotune.train(
+        _recipe(tmp_path, tiny_llama_dir), data={"train": rows, "eval": held_out}, progress=False
+    )
+    assert result.step == 2 and result.train_loss is not None
+    assert result.after["perplexity"] > 0
+    saved = (result.run_dir / "config.yaml").read_text()
+    assert "source: python:train" in saved and "val_source: python:eval" in saved
+    assert not cache.exists()  # rows from Python are not cached (data/cache.py says why)
+
+
+def test_python_rows_are_read_as_file_rows(smol_pair, tmp_path):
+    """The same rows from a list, a datasets.Dataset and a file make the same examples; a bad
+    row names the split and its index."""
+    datasets = pytest.importorskip("datasets")
+    from nanotune.data.sources import python_sources
+
+    tok = smol_pair["plain"][0]
+    rows = [{"messages": [SYSTEM, *CHAT]}, GOOD]
+    source = _write(tmp_path / "chat.jsonl", rows)
+    from_file = build_datasets(DataConfig(source=source, format="chat"), tok).train
+    cfg = DataConfig(source="python:train", format="chat")
+    for given in (rows, datasets.Dataset.from_list(rows)):
+        objects = python_sources({"train": given})
+        made = build_datasets(cfg, tok, objects).train
+        assert [list(e.ids) for e in made] == [list(e.ids) for e in from_file]
+        assert [list(e.labels) for e in made] == [list(e.labels) for e in from_file]
+    bad = python_sources({"train": [GOOD, BAD_ROWS["null content"][0]]})
+    with pytest.raises(
+        NanotuneError, match=r'^data\["train"\]\[1\]: messages\[1\]\.content is null'
+    ):
+        build_datasets(cfg, tok, bad)
+    with pytest.raises(NanotuneError, match=r'^data\["train"\]\[0\]: expected a dict'):
+        build_datasets(cfg, tok, python_sources({"train": ["Hi"]}))
+    with pytest.raises(NanotuneError, match="python:train: names rows handed to nanotune.train"):
+        build_datasets(cfg, tok)
+
+
+@pytest.mark.parametrize(
+    "data, says",
+    [
+        ([GOOD], "give a mapping of splits to rows"),
+        ({"eval": [GOOD]}, "give a mapping of splits to rows"),
+        ({"train": [GOOD], "dev": [GOOD]}, "data\\['dev'\\]: not a split"),
+        ({"train": iter([GOOD])}, "data\\['train'\\]: a list_iterator is not rows"),
+        ({"train": {"messages": []}}, "data\\['train'\\]: a dict is not rows"),
+        ({"train": [GOOD], "eval": [GOOD], "val": [GOOD]}, "both the validation split"),
+    ],
+)
+def test_python_data_that_is_not_rows_is_refused_before_loading(data, says, tmp_path):
+    import nanotune
+
+    with pytest.raises(NanotuneError, match=says):
+        nanotune.train(_recipe(tmp_path, "no-such-model"), data=data, progress=False)
+    assert not (tmp_path / "run").exists()

@@ -14,7 +14,9 @@ __all__ = ["NanotuneError", "__version__", "train"]
 
 
 def train(config: Any, **kwargs: Any) -> RunResult:
-    """Run one fine-tuning job: `nanotune.train("recipe.yaml")`; see `nanotune.jobs.finetune.train`.
+    """Run one fine-tuning job: `nanotune.train("recipe.yaml")`, or from Python objects:
+    `nanotune.train({"data": {"format": "chat"}}, data={"train": rows})`; see
+    `nanotune.jobs.finetune.train`.
 
     Imports torch on first use only, so `import nanotune` stays light.
     """

@@ -5,7 +5,10 @@ source's files (their content), the tokenizer (the files it saves) and the
 nanotune version. It holds each split's `ExampleStore` arrays as .npy files, opened memory-mapped,
 and the counts and tokenizer changes (added markers, chat template) the build made. Hub datasets
 (`hf:`) are not cached here (the hub's own cache keeps them); neither are classification or
-preference sets, which are small. Where: $NANOTUNE_DATA_CACHE, else ~/.cache/nanotune/data
+preference sets, which are small. Nor are rows handed to `nanotune.train(data=...)`: a digest of
+Python rows would need a faithful serialization of any value a row may hold (numpy arrays print
+abbreviated, objects print their id), and a collision trains on another data set's tokens without
+a word; the rows are in memory already, so only the tokenizing is repeated. Where: $NANOTUNE_DATA_CACHE, else ~/.cache/nanotune/data
 (`$XDG_CACHE_HOME`); `NANOTUNE_DATA_CACHE=off` turns it off.
 
 An entry is checked before it is trusted, as a checkpoint is: each file's digest is stored with it
@@ -29,6 +32,7 @@ import numpy as np
 
 from nanotune.data.config import DataConfig
 from nanotune.data.formats import FORMATS
+from nanotune.data.sources import PYTHON
 from nanotune.data.store import ExampleStore
 from nanotune.files.atomic import atomic_dir
 from nanotune.version import __version__
@@ -49,6 +53,8 @@ def cache_root() -> Path | None:
 def _vouched(spec: str) -> bool:
     """Sources whose content this cache can identify: builtins and local files or folders
     (not hub ids or saved datasets by split name, which have caches of their own)."""
+    if spec.startswith(PYTHON):
+        return False
     return spec.startswith("builtin:") or Path(spec).expanduser().exists()
 
 

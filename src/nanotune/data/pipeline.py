@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 from array import array
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ from nanotune.data.formats import (
     row_field,
     use_markers_template,
 )
-from nanotune.data.sources import balance_rows, iter_source, split_rows
+from nanotune.data.sources import balance_rows, iter_source, python_rows, split_rows
 from nanotune.data.store import ExampleStore
 from nanotune.errors import NanotuneError
 
@@ -79,17 +79,26 @@ def task_of(cfg: DataConfig) -> Task:
     return FORMATS[cfg.format].task
 
 
-def _rows(spec: str, cfg: DataConfig, stats: Counter, problems: list[str]) -> Iterator[Row]:
+Objects = Mapping[str, Any]
+"""Rows given in Python by source name (`python:<split>`, see `sources.python_sources`)."""
+
+
+def _rows(
+    spec: str, cfg: DataConfig, objects: Objects, stats: Counter, problems: list[str]
+) -> Iterator[Row]:
     """The rows of one source as they are read, columns mapped; an unreadable row is raised
     or counted in `stats` (on_bad_row) and left out."""
-    items = iter_source(
-        spec,
-        cfg.text_unit,
-        cfg.hf_config,
-        file_format=cfg.file_format,
-        header=cfg.header,
-        quoting=cfg.quoting,
-    )
+    if spec in objects:
+        items = python_rows(spec, objects[spec])
+    else:
+        items = iter_source(
+            spec,
+            cfg.text_unit,
+            cfg.hf_config,
+            file_format=cfg.file_format,
+            header=cfg.header,
+            quoting=cfg.quoting,
+        )
     for item in items:
         if isinstance(item, BadRow):
             _bad(item, cfg, stats, problems)
@@ -180,9 +189,11 @@ def _check_not_empty(cfg: DataConfig, name: str, n: int) -> None:
         )
 
 
-def _split(cfg: DataConfig, stats: dict[str, Counter], problems: list[str]) -> dict[str, list[Row]]:
+def _split(
+    cfg: DataConfig, objects: Objects, stats: dict[str, Counter], problems: list[str]
+) -> dict[str, list[Row]]:
     stats["train"] = Counter()
-    rows = list(_rows(cfg.source, cfg, stats["train"], problems))
+    rows = list(_rows(cfg.source, cfg, objects, stats["train"], problems))
     stratify = task_of(cfg) == "classification" and cfg.stratify
     fractions = _held_out(cfg)
     if cfg.balance and rows:
@@ -195,7 +206,7 @@ def _split(cfg: DataConfig, stats: dict[str, Counter], problems: list[str]) -> d
         stats[name] = Counter()  # their bad rows were counted under train, where they were read
     for name, given in _given(cfg).items():
         stats[name] = Counter()
-        out[name] = list(_rows(given, cfg, stats[name], problems))
+        out[name] = list(_rows(given, cfg, objects, stats[name], problems))
     for name, split_rows_ in out.items():
         if cfg.limit is not None:
             out[name] = split_rows_[: cfg.limit]
@@ -344,7 +355,7 @@ def _format_rows(
     return _Formatted(store, np.frombuffer(example_of, dtype=np.int64), failures)
 
 
-def _build_lm(cfg: DataConfig, tokenizer: TokenizerLike) -> Datasets:
+def _build_lm(cfg: DataConfig, tokenizer: TokenizerLike, objects: Objects) -> Datasets:
     """LM splits, each row formatted as it is read: a split is cut as row indices (the same
     cut `split_rows` makes of the rows), so the rows are never all held, only their tokens.
     With a `limit`, the rows are counted first and only the kept ones formatted."""
@@ -361,16 +372,20 @@ def _build_lm(cfg: DataConfig, tokenizer: TokenizerLike) -> Datasets:
         return {name: ix[: cfg.limit] for name, ix in out.items()}
 
     if cfg.limit is None:  # one pass: every row is used
-        train = _format_rows(_rows(cfg.source, cfg, stats["train"], problems), cfg, tokenizer, None)
+        train = _format_rows(
+            _rows(cfg.source, cfg, objects, stats["train"], problems), cfg, tokenizer, None
+        )
         plan = cut(len(train.example_of))
     else:  # the source is read twice: counted (the cut needs n), then the kept rows formatted
-        plan = cut(sum(1 for _ in _rows(cfg.source, cfg, stats["train"], problems)))
+        plan = cut(sum(1 for _ in _rows(cfg.source, cfg, objects, stats["train"], problems)))
         keep = {j for ix in plan.values() for j in ix}
-        train = _format_rows(_rows(cfg.source, cfg, Counter(), []), cfg, tokenizer, keep)
+        train = _format_rows(_rows(cfg.source, cfg, objects, Counter(), []), cfg, tokenizer, keep)
     parts = {name: (train, ix) for name, ix in plan.items()}
     for name, spec in given.items():
         keep = None if cfg.limit is None else set(range(cfg.limit))
-        formatted = _format_rows(_rows(spec, cfg, stats[name], problems), cfg, tokenizer, keep)
+        formatted = _format_rows(
+            _rows(spec, cfg, objects, stats[name], problems), cfg, tokenizer, keep
+        )
         parts[name] = (formatted, list(range(len(formatted.example_of)))[: cfg.limit])
     del train
     for name, (_, ix) in parts.items():
@@ -403,13 +418,18 @@ def _check_has_examples(cfg: DataConfig, name: str, n: int, problems: list[str])
         )
 
 
-def build_datasets(cfg: DataConfig, tokenizer: TokenizerLike) -> Datasets:
+def build_datasets(
+    cfg: DataConfig, tokenizer: TokenizerLike, objects: Objects | None = None
+) -> Datasets:
     """Read, split and format every split. Adds any chat markers the format needs to `tokenizer`
     (listed in `added_tokens`: the caller must resize the model's embeddings to match).
+
+    objects: rows given in Python, by the source names that stand for them (`python:train`).
 
     LM data from files and builtins is read back from the data cache (`data/cache.py`) when
     this data, these options and this tokenizer were built before; `Datasets.cached` says so.
     """
+    objects = objects or {}
     root, key = data_cache.cache_root(), data_cache.cache_key(cfg, tokenizer)
     if root is not None and key is not None:
         hit = data_cache.load(root, key)
@@ -427,7 +447,8 @@ def build_datasets(cfg: DataConfig, tokenizer: TokenizerLike) -> Datasets:
                 hit["added_tokens"],
                 cached=hit["entry"],
             )
-    data = _build_lm(cfg, tokenizer) if task_of(cfg) == "lm" else _build(cfg, tokenizer)
+    build = _build_lm if task_of(cfg) == "lm" else _build
+    data = build(cfg, tokenizer, objects)
     if root is not None and key is not None:
         meta = {
             "stats": data.stats,
@@ -448,11 +469,11 @@ def build_datasets(cfg: DataConfig, tokenizer: TokenizerLike) -> Datasets:
     return data
 
 
-def _build(cfg: DataConfig, tokenizer: TokenizerLike) -> Datasets:
+def _build(cfg: DataConfig, tokenizer: TokenizerLike, objects: Objects) -> Datasets:
     """Classification and preference splits, small enough to hold as rows and lists."""
     stats: dict[str, Counter] = {}
     problems: list[str] = []
-    rows = _split(cfg, stats, problems)
+    rows = _split(cfg, objects, stats, problems)
     task = task_of(cfg)
     label_names = None
     if task == "classification":

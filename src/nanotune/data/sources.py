@@ -1,4 +1,5 @@
-"""Sources: files, folders, builtin and Hugging Face datasets -> rows that remember where they came from.
+"""Sources: files, folders, builtin and Hugging Face datasets, Python objects -> rows that
+remember where they came from.
 
 A row is a plain dict (`Row`) with a `where` attribute such as ``"train.jsonl:12"`` (a 1-based
 line; parquet and datasets rows are named by 0-based index, ``"x.parquet: row 0"``) so every later
@@ -17,7 +18,7 @@ import os
 import random
 import re
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -408,6 +409,11 @@ def iter_source(
 ) -> Iterator[Row | BadRow]:
     """Rows of one source string; the options are `DataConfig`'s fields of the same names.
     Unreadable rows are yielded as `BadRow`s."""
+    if spec.startswith(PYTHON):
+        raise NanotuneError(
+            f"{spec}: names rows handed to nanotune.train(config, data=...), and none were; pass "
+            "them again, or point data.source at a file"
+        )
     if spec.startswith("builtin:"):
         from nanotune.data.builtin import BUILTINS
 
@@ -448,6 +454,63 @@ def iter_source(
             )
         return (row for f in files for row in _file_rows(f, *options))
     return _file_rows(path, *options)
+
+
+# data.source of the rows of a split given to `nanotune.train(config, data={split: rows})`.
+PYTHON = "python:"
+PYTHON_SPLITS = {"train": "source", "val": "val_source", "eval": "val_source"}
+PYTHON_SPLITS |= {"validation": "val_source", "test": "test_source"}
+
+
+def python_sources(data: Any) -> dict[str, Any]:
+    """The sources of `nanotune.train(data=...)`: {"python:<split>": rows}, checked before any
+    model is loaded. Each split's rows: a list of dicts, a `datasets.Dataset` (or
+    IterableDataset) or a pandas DataFrame."""
+    if not isinstance(data, Mapping) or "train" not in data:
+        raise NanotuneError(
+            'data: give a mapping of splits to rows, e.g. data={"train": rows, "eval": rows2}'
+        )
+    fields: dict[str, str] = {}
+    for split, rows in data.items():
+        if split not in PYTHON_SPLITS:
+            raise NanotuneError(
+                f"data[{split!r}]: not a split; use {', '.join(map(repr, PYTHON_SPLITS))}"
+            )
+        if PYTHON_SPLITS[split] in fields:
+            raise NanotuneError(
+                f"data: {fields[PYTHON_SPLITS[split]]!r} and {split!r} are both the validation split"
+            )
+        fields[PYTHON_SPLITS[split]] = split
+        _records(rows, split)  # refuses what is not rows now, not after the model loads
+    return {PYTHON + split: rows for split, rows in data.items()}
+
+
+def _is_pandas(obj: Any) -> bool:
+    # Duck-typed: pandas is not a dependency, only read when a DataFrame is handed in.
+    return type(obj).__module__.startswith("pandas") and hasattr(obj, "to_dict")
+
+
+def _records(obj: Any, split: str) -> Any:
+    """What to iterate for a split's rows; each pass of it reads them again."""
+    if _is_pandas(obj):
+        if not hasattr(obj, "columns"):
+            raise NanotuneError(f"data[{split!r}]: a pandas Series is not rows; pass a DataFrame")
+        # A missing value (NaN, NA) is None, as in a JSON file: never the text "nan".
+        return obj.astype(object).where(obj.notna(), None).to_dict(orient="records")
+    if isinstance(obj, (Mapping, str, bytes)) or not hasattr(obj, "__iter__") or iter(obj) is obj:
+        raise NanotuneError(
+            f"data[{split!r}]: a {type(obj).__name__} is not rows; pass a list of dicts, a "
+            "datasets.Dataset or a pandas DataFrame (an iterator is read more than once: use a list)"
+        )
+    return obj
+
+
+def python_rows(spec: str, obj: Any) -> Iterator[Row | BadRow]:
+    """The rows of a split given in Python, each named `data["<split>"][<index>]`."""
+    split = spec.removeprefix(PYTHON)
+    for n, item in enumerate(_records(obj, split)):
+        row = dict(item) if isinstance(item, Mapping) else item  # never the caller's dict
+        yield _object_row(row, f'data["{split}"][{n}]', "a dict (one row)")
 
 
 def split_rows(

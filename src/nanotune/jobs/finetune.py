@@ -114,9 +114,11 @@ RUN_ENTRIES = (
 
 def run_inputs(config: RunConfig, config_path: str | Path | None = None) -> list[Path]:
     """The local files and folders a run reads: an overwrite must never remove one of them."""
+    from nanotune.data.sources import PYTHON
+
     candidates = [config_path, config.model.name, config.eval.reward_model]
     for spec in (config.data.source, config.data.val_source, config.data.test_source):
-        if spec:
+        if spec and not spec.startswith(PYTHON):  # rows handed to train(data=...), no path
             candidates += [spec, spec.rsplit(":", 1)[0]]  # `folder:split` names a saved dataset
     found = []
     for c in candidates:
@@ -184,8 +186,9 @@ def _write_results(
 
 
 def train(
-    config: RunConfig | str | Path,
+    config: RunConfig | dict[str, Any] | str | Path,
     *,
+    data: dict[str, Any] | None = None,
     resume: bool = False,
     overwrite: bool = False,
     overrides: list[str] = (),
@@ -193,8 +196,12 @@ def train(
 ) -> RunResult:
     """Run one fine-tuning job and write its run directory; see docs/design.md for the parts.
 
-    config: a RunConfig, a YAML path or a packaged recipe name (`overrides` apply to the last
-        two, e.g. ["train.lr=1e-4"]).
+    config: a RunConfig, a recipe mapping (`RunConfig.from_dict`), a YAML path or a packaged
+        recipe name (`overrides` apply to all but the first, e.g. ["train.lr=1e-4"]).
+    data: rows given in Python, by split ("train", and "val"/"eval" or "test"): each a list of
+        dicts, a `datasets.Dataset` or a pandas DataFrame. They replace the config's sources of
+        those splits, are read as a file's rows are (a bad row is named `data["train"][3]`),
+        and are not kept in the data cache.
     resume: continue the run in `output_dir` from its latest checkpoint (same model/method/data).
     overwrite: replace an existing `output_dir` that nanotune wrote; the old run is removed only
         once the new one has a checkpoint, and never a folder holding user files or inputs.
@@ -202,17 +209,30 @@ def train(
     Under torchrun every process runs this with the same arguments (see docs/distributed.md);
     rank 0 alone writes the run directory.
     """
+    from nanotune.data.sources import PYTHON, PYTHON_SPLITS, python_sources
     from nanotune.training import dist
 
-    path = None if isinstance(config, RunConfig) else config
-    if not isinstance(config, RunConfig):
-        config = load_config(config, overrides)
+    objects = {} if data is None else python_sources(data)
+    # The config names each given split's rows by a source string that stands for them.
+    given = [f"data.{PYTHON_SPLITS[k.removeprefix(PYTHON)]}={k}" for k in objects]
+    path = config if isinstance(config, (str, Path)) else None
+    if isinstance(config, RunConfig):
+        config = RunConfig.from_dict(config.to_dict(), given) if given else config
+    elif isinstance(config, dict):
+        config = RunConfig.from_dict(config, [*given, *overrides])
+    else:
+        config = load_config(config, [*given, *overrides])
     recipe = path if path is not None and not Path(path).is_file() else None
     inputs = run_inputs(config, path if recipe is None else None)
     try:
         with dist.session(config.train.device, config.train.dist_timeout):
             return _train(
-                config, resume=resume, overwrite=overwrite, progress=progress, inputs=inputs
+                config,
+                resume=resume,
+                overwrite=overwrite,
+                progress=progress,
+                inputs=inputs,
+                objects=objects,
             )
     except OfflineError as e:
         raise OfflineError(e.reason, _offline_fix(recipe)) from e
@@ -231,14 +251,20 @@ def _offline_fix(recipe: str | Path | None) -> str:
 
 
 def _train(
-    config: RunConfig, *, resume: bool, overwrite: bool, progress: bool, inputs: list[Path]
+    config: RunConfig,
+    *,
+    resume: bool,
+    overwrite: bool,
+    progress: bool,
+    inputs: list[Path],
+    objects: dict[str, Any],
 ) -> RunResult:
     from nanotune.training.dist import is_main, on_main
 
     # Every check and every input first (the run directory, model, data, method, reward
     # model): a run that cannot start writes nothing and removes nothing.
     on_main(lambda: check_run_dir(config, resume=resume, overwrite=overwrite, inputs=inputs))
-    setup = _setup(config)
+    setup = _setup(config, objects)
     run = RunDir(config.output_dir, RUN_ENTRIES)
     if resume:
         run_dir = run.path
@@ -269,7 +295,7 @@ class _Setup:
     reward_model: Any
 
 
-def _setup(config: RunConfig) -> _Setup:
+def _setup(config: RunConfig, objects: dict[str, Any] | None = None) -> _Setup:
     from nanotune.jobs.prepare import prepare_model, reward_model, reward_model_folder
     from nanotune.methods import apply_method
     from nanotune.training import seed_everything
@@ -283,7 +309,7 @@ def _setup(config: RunConfig) -> _Setup:
     model, tokenizer = load_model(config.model.name, dtype=getattr(torch, config.model.dtype))
     if config.model.special_tokens:
         tokenizer.add_special_tokens(config.model.special_tokens)
-    data = _datasets(config.data, tokenizer)
+    data = _datasets(config.data, tokenizer, objects or {})
     model = prepare_model(
         model,
         tokenizer,
@@ -300,7 +326,7 @@ def _setup(config: RunConfig) -> _Setup:
     return _Setup(model, tokenizer, data, rewards)
 
 
-def _datasets(cfg: DataConfig, tokenizer: Tokenizer) -> Datasets:
+def _datasets(cfg: DataConfig, tokenizer: Tokenizer, objects: dict[str, Any]) -> Datasets:
     """The splits, on every rank. Distributed, rank 0 tokenizes and writes the data cache
     while the others wait; they then map its entry, so the tokens are made once and held once
     (in the page cache, shared by every rank's memory map). Data the cache does not keep
@@ -311,10 +337,10 @@ def _datasets(cfg: DataConfig, tokenizer: Tokenizer) -> Datasets:
 
     # Rank 0 decides for all: ranks that disagreed would pair up different collectives.
     if dist.world_size() == 1 or not dist.on_main(lambda: cache.cacheable(cfg, tokenizer)):
-        return build_datasets(cfg, tokenizer)
-    data = dist.main_first(lambda: build_datasets(cfg, tokenizer))
+        return build_datasets(cfg, tokenizer, objects)
+    data = dist.main_first(lambda: build_datasets(cfg, tokenizer, objects))
     if data is None:
-        data = build_datasets(cfg, tokenizer)
+        data = build_datasets(cfg, tokenizer, objects)
     mapped = dist.gather_objects(data.cached is not None)[1:]
     if dist.is_main():
         print(f"data: tokenized on rank 0; {sum(mapped)} of {len(mapped)} other rank(s) mapped it")
