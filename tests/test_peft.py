@@ -670,4 +670,6 @@ def test_smollm2_adapter_loads_in_peft_by_its_hub_id(smollm2, tmp_path, monkeypa
     ids = torch.tensor([tokenizer.encode("The capital of France is")])
     with torch.no_grad():
         ours, theirs = model(ids), hf(ids).logits
-    assert (theirs - ours).abs().max() <= 1e-4
+    # Logits up to ~30 through 30 layers, summed in another order (peft adds each LoRA product
+    # apart): measured 0.6e-4 to 1.0e-4, so 1e-4 sat on the edge.
+    assert (theirs - ours).abs().max() <= 3e-4
