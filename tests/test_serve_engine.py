@@ -123,3 +123,47 @@ def test_the_slot_cache_holds_rows_for_what_runs_and_keeps_them_when_it_grows(ti
     assert cache.k[0][0, :, :10].eq(1).all() and cache.k[0][0, :, 10:].eq(0).all()
     cache.reserve(10, 40)
     assert cache.rows == 16  # never past max_batch
+
+
+FAMILY_CASES = ("qwen3", "gemma3")  # issue 31: a Qwen3 and a Gemma 3 served with two adapters
+
+
+@pytest.mark.parametrize("case", FAMILY_CASES)
+def test_batching_across_adapters_is_exact_for_other_families(
+    case, tmp_path, smollm2_tokenizer_dir
+):
+    """Six concurrent greedy requests over the base and two adapters of a tiny model of another
+    family decode in one batch the tokens each decodes alone."""
+    from conftest import _copy_files
+    from test_families import FAMILIES, hf_model
+    from test_serve import make_adapter
+
+    from nanotune.jobs import artifacts
+
+    if case not in FAMILIES:
+        pytest.skip(f"{case} is not a supported family yet")
+    base = tmp_path / "base"
+    hf_model(case).save_pretrained(base)
+    _copy_files(smollm2_tokenizer_dir, base)
+    paths = {name: make_adapter(base, tmp_path / name, seed) for name, seed in (("a", 1), ("b", 2))}
+    model, tok = load_model(base)
+    engine = Engine(model, tok, max_batch=8)
+    ids = {None: BASE} | {name: engine.load_adapter(name, p).id for name, p in paths.items()}
+    prompts = [tok.encode(t) for t in ("The quick brown fox", "Once upon a time", "1, 2, 3,")]
+    jobs = [([None, "a", "b"][i % 3], prompts[i % 3], 6 + 2 * i) for i in range(6)]
+    sinks = [Collect() for _ in jobs]
+    seqs = [
+        Sequence(p, ids[a], Sampling(max_tokens=n, temperature=0.0, stop_token_ids=()), tok, c)
+        for (a, p, n), c in zip(jobs, sinks, strict=True)
+    ]
+    engine.submit(seqs)  # queued before the loop starts: admitted together
+    engine.start()
+    try:
+        for c in sinks:
+            assert c.done.wait(60)
+    finally:
+        engine.stop(timeout=30)
+    assert engine.peak_running == len(jobs)
+    for (a, p, n), seq in zip(jobs, seqs, strict=True):
+        alone, _ = artifacts.load(str(base), None if a is None else str(paths[a]))
+        assert seq.output == greedy(alone, tok, p, n), (case, a)
