@@ -49,6 +49,28 @@ def test_our_subcommands_are_registered():
     assert {"generate", "chat", "models", "export"} <= set(SUBCOMMANDS)
 
 
+def test_options_read_the_librarys_choices_and_defaults(tmp_path, capsys):
+    """--dtype's choices, serve's limits and --quant's types are the library's, not copies."""
+    from nanotune.models.decoding import DECODE_DTYPES
+    from nanotune.serve import limits
+    from nanotune.weights.gguf_export import QUANTS
+
+    for command in ("generate", "chat", "serve"):
+        sub = next(a for a in build_parser()._actions if a.dest == "command").choices[command]
+        assert next(a for a in sub._actions if a.dest == "dtype").choices == DECODE_DTYPES
+    args = build_parser().parse_args(["serve"])
+    assert (args.max_batch, args.max_queue, args.prefix_cache_mb, args.max_body_kb * 1024) == (
+        limits.MAX_BATCH,
+        limits.MAX_QUEUE,
+        limits.PREFIX_CACHE_MB,
+        limits.MAX_BODY,
+    )
+    out = tmp_path / "m.gguf"
+    assert main(["export", str(out), "--format", "gguf", "--quant", "q5_k_m"]) == 2
+    assert f"choose from {', '.join(QUANTS)}" in one_line_error(capsys)
+    assert not out.exists()
+
+
 @pytest.mark.parametrize(
     "option, value, field",
     [
@@ -168,7 +190,7 @@ def test_generate_in_bfloat16_merges_the_adapter_and_decodes_in_bf16(
     ids = torch.tensor([tok.encode("Hello there, how are you?")])
     with torch.no_grad():
         want = model.eval()(ids)
-        fast = artifacts.for_decoding(model, "bfloat16")
+        fast, _ = artifacts.load(str(tiny_gpt2_dir), tmp_path / "adapter", dtype="bfloat16")
         assert not lora_layers(fast) and fast.wte.weight.dtype == torch.bfloat16
         got = fast(ids).float()
     assert (got - want).abs().max() < 0.05 * want.abs().max()  # bf16: 8 bits of mantissa
@@ -180,13 +202,11 @@ def test_generate_in_bfloat16_merges_the_adapter_and_decodes_in_bf16(
     assert e.value.code == 2
 
 
-def test_generate_in_int8_decodes_from_int8_weights_and_agrees_with_float32(
-    tiny_llama_dir, capsys
-):
+def test_generate_in_int8_decodes_from_int8_weights_and_agrees_with_float32(tiny_llama_dir, capsys):
     import torch
 
     from nanotune.generate import GenerationConfig, generate_ids
-    from nanotune.jobs import artifacts
+    from nanotune.models.decoding import for_decoding
     from nanotune.models.linear import Int8Linear
     from nanotune.weights import load_model
 
@@ -194,7 +214,7 @@ def test_generate_in_int8_decodes_from_int8_weights_and_agrees_with_float32(
     ids = torch.tensor([tok.encode("Hello there, how are you?")])
     with torch.no_grad():
         want = model.eval()(ids)
-        fast = artifacts.for_decoding(model, "int8")
+        fast = for_decoding(model, "int8")
         got = fast(ids).float()
     layers = [m for m in fast.modules() if isinstance(m, Int8Linear)]
     assert len(layers) == 1 + 4 * fast.config.n_layer  # every block's linears and the head

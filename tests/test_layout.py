@@ -38,7 +38,7 @@ for part in ALLOWED:
         ALLOWED[part].add("lazy")
 BELOW_JOBS = set(ALLOWED)
 ALLOWED["jobs"] = BELOW_JOBS
-ALLOWED["bench"] = BELOW_JOBS | {"jobs"}  # decodes as `generate` does (jobs.artifacts)
+ALLOWED["bench"] = BELOW_JOBS  # decodes in `--dtype` as `generate` does (models.decoding)
 ALLOWED["serve"] = BELOW_JOBS | {"jobs"}  # an entry point, on jobs/artifacts like the CLI
 ALLOWED["cli"] = BELOW_JOBS | {"jobs", "bench", "serve", "nanotune", "version"}
 ALLOWED["__main__"] = {"cli"}

@@ -108,9 +108,11 @@ def _generation_config(args: argparse.Namespace):
 
 
 def _add_dtype_arg(p) -> None:
+    from nanotune.models.decoding import DECODE_DTYPES
+
     p.add_argument(
         "--dtype",
-        choices=["float32", "bfloat16", "int8"],
+        choices=DECODE_DTYPES,
         default="float32",
         help="weights while decoding (bfloat16: faster where the CPU multiplies bf16 natively, "
         "its linear weights prepacked for oneDNN; int8: linear weights in int8 with per-channel "
@@ -124,8 +126,9 @@ def _load(args: argparse.Namespace):
     which holds the run's added tokens and chat template) applied when given, in --dtype."""
     from nanotune.jobs import artifacts
 
-    model, tokenizer = artifacts.load(args.model, getattr(args, "adapter", None))
-    return artifacts.for_decoding(model, getattr(args, "dtype", "float32")), tokenizer
+    return artifacts.load(
+        args.model, getattr(args, "adapter", None), getattr(args, "dtype", "float32")
+    )
 
 
 def _add_generate(sub) -> None:
@@ -286,10 +289,11 @@ def _add_export(sub) -> None:
     )
     p.add_argument(
         "--quant",
-        choices=("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"),
-        help="GGUF weight type (default: f16). As llama.cpp: norms, biases and GPT-2's position "
-        "table stay f32; q8_0 keeps a matrix whose rows are not a multiple of 32 at f16; q4_0/q4_1 "
-        "give the output head q8_0 and refuse such a matrix, naming it",
+        metavar="TYPE",
+        help="GGUF weight type (default: f16; an unknown TYPE is refused with the list). As "
+        "llama.cpp: norms, biases and GPT-2's position table stay f32; q8_0 keeps a matrix "
+        "whose rows are not a multiple of 32 at f16; q4_0/q4_1 give the output head q8_0 and "
+        "refuse such a matrix, naming it",
     )
     p.add_argument(
         "--ollama",
@@ -313,13 +317,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     from nanotune.methods.lora import merge
     from nanotune.weights import save_model
     from nanotune.weights.gguf import written_by_nanotune
-    from nanotune.weights.gguf_export import export_gguf
+    from nanotune.weights.gguf_export import QUANTS, export_gguf
     from nanotune.weights.resolve import hub_id_of
 
     out = Path(args.out)
     gguf = args.format in ("gguf", "gguf-lora")
     if args.quant is not None and not gguf:
         raise NanotuneError("--quant applies to --format gguf only; drop it or add --format gguf")
+    if args.quant is not None and args.quant not in QUANTS:  # before the (slow) load
+        raise NanotuneError(f"--quant {args.quant!r}: choose from {', '.join(QUANTS)}")
     if args.ollama and args.format != "gguf":
         raise NanotuneError(
             "--ollama writes a Modelfile beside a model GGUF: use it with --format gguf (for a "
@@ -899,6 +905,8 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 
 def _add_serve(sub) -> None:
+    from nanotune.serve import limits
+
     p = sub.add_parser(
         "serve",
         help="an OpenAI-compatible HTTP server for a model and its LoRA adapters",
@@ -929,17 +937,25 @@ def _add_serve(sub) -> None:
         "a key given here shows in the process list (ps), set NANOTUNE_API_KEY to keep it out",
     )
     _add_dtype_arg(p)
-    p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together")
     p.add_argument(
-        "--max-queue", type=int, default=256, help="requests waiting before new ones get 429"
+        "--max-batch", type=int, default=limits.MAX_BATCH, help="sequences decoded together"
     )
     p.add_argument(
-        "--max-body-kb", type=int, default=1024, help="largest request body in KiB (413 above)"
+        "--max-queue",
+        type=int,
+        default=limits.MAX_QUEUE,
+        help="requests waiting before new ones get 429",
+    )
+    p.add_argument(
+        "--max-body-kb",
+        type=int,
+        default=limits.MAX_BODY // 1024,
+        help="largest request body in KiB (413 above)",
     )
     p.add_argument(
         "--prefix-cache-mb",
         type=int,
-        default=256,
+        default=limits.PREFIX_CACHE_MB,
         help="keys/values of recent prompts kept so a prompt that starts the same way (system "
         "prompt, few-shot context) prefills only the rest; 0 = off",
     )

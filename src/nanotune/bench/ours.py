@@ -5,7 +5,7 @@ Model `nanotune.models.Transformer` (SmolLM2 through `nanotune.weights.load_mode
 `epoch_batches` returns), losses `nanotune.training.losses` and `.preference` (DPO against the
 adapters-off base, as `finetune` wires it for LoRA), the trainer's optimizer (`build_optimizer`),
 gradient clipping and precision (`autocast_for`), generation `nanotune.generate.generate_ids`
-on the model `jobs.artifacts.for_decoding` prepares for that precision.
+on the model `models.decoding.for_decoding` prepares for that precision.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def build(
     model = _model(case, quick, device, source)
     if case.kind == "generate":
         from nanotune.generate import GenerationConfig, generate_ids
-        from nanotune.jobs.artifacts import for_decoding
+        from nanotune.models.decoding import for_decoding
 
         model = for_decoding(model.eval(), precision)  # `--dtype` (int8 for the -int8 cases)
         # No stop tokens: every row generates exactly max_new_tokens, as on the peer side.

@@ -27,7 +27,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from nanotune.config import RunConfig
@@ -37,7 +36,7 @@ from nanotune.jobs.card import model_card
 from nanotune.methods import SequenceClassifier, lora_layers
 from nanotune.methods.lora import merge as merge_lora
 from nanotune.models import DEFAULT_MODEL
-from nanotune.models.linear import pack_bf16, quantize_int8
+from nanotune.models.decoding import DecodeDtype, for_decoding
 from nanotune.tokenizer import Tokenizer
 from nanotune.weights import hub, load_model, save_model
 from nanotune.weights.classifier import (
@@ -58,13 +57,6 @@ from nanotune.weights.peft import (
 
 Loaded = tuple[nn.Module, Tokenizer]
 CARD_FILE = "README.md"  # the model card the Hub shows
-DECODE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.bfloat16}
-"""What `generate`, `chat` and `serve` may decode in (`--dtype`) -> the dtype of activations and
-unquantized weights (and of the KV cache, except on CPU: `Transformer.cache_dtype`). bfloat16
-halves the weight bytes a decode step streams (on CPU its linear weights are prepacked for oneDNN,
-`models.linear.PackedLinear`), int8 (linear weights in int8 with per-channel scales,
-`models.linear.Int8Linear`; the rest bfloat16) quarters them; logits and sampling stay float32,
-and answers are no longer bit-equal to float32's."""
 
 
 def save_final(
@@ -126,36 +118,6 @@ def _merged(model: nn.Module) -> Iterator[nn.Module]:
             setattr(model.get_submodule(parent), leaf, layer)
 
 
-def for_decoding(model: nn.Module, dtype: str) -> nn.Module:
-    """`model` (in place) in `dtype` for generation; LoRA adapters are merged first (in float32)
-    for a reduced dtype, so a step costs one matmul per layer and rounds once."""
-    if dtype not in DECODE_DTYPES:
-        raise NanotuneError(f"--dtype {dtype!r}: choose from {', '.join(DECODE_DTYPES)}")
-    if DECODE_DTYPES[dtype] == torch.float32:
-        return model
-    if lora_layers(model):
-        merge_lora(model)
-    if dtype == "int8":  # quantized from the float32 weights, before the rest goes to bf16
-        quantize_int8(model)
-    model = model.to(DECODE_DTYPES[dtype])
-    if dtype == "bfloat16":  # oneDNN's layout, once, where it multiplies (CPU)
-        pack_bf16(model)
-    _return_freed_memory()
-    return model
-
-
-def _return_freed_memory() -> None:
-    """Hand the heap pages the float32 weights were freed from back to the OS (glibc's
-    `malloc_trim`; a no-op elsewhere): tensors of a few MB come from the heap, which keeps
-    freed pages, so a model just converted would keep its float32 footprint in RSS."""
-    import ctypes
-
-    try:
-        ctypes.CDLL(None).malloc_trim(0)  # the process's own symbols: libc's on Linux
-    except (OSError, AttributeError, TypeError):
-        pass
-
-
 def base_of(adapter: str | os.PathLike) -> str:
     """The base model an adapter folder names (`base_model_name_or_path`)."""
     base = read_adapter_config(adapter).get("base_model_name_or_path")
@@ -173,12 +135,25 @@ def apply_adapter(model: nn.Module, tokenizer: Tokenizer, adapter: str | os.Path
     return model, adapter_tokenizer(adapter, tokenizer)
 
 
-def load(model: str | None = None, adapter: str | os.PathLike | None = None) -> Loaded:
+def load(
+    model: str | None = None,
+    adapter: str | os.PathLike | None = None,
+    dtype: DecodeDtype = "float32",
+) -> Loaded:
     """Any nanotune output, ready for inference: a model name or folder, a run's `final/`
-    (adapter or classifier folder), or a base with `adapter`.
+    (adapter or classifier folder), or a base with `adapter`; in `dtype` for decoding
+    (`models.decoding`), adapters merged first (in float32) for a reduced dtype, so a step costs
+    one matmul per layer and rounds once.
 
     Without `model`, the base comes from the adapter's config (else the default model).
     """
+    loaded, tokenizer = _load(model, adapter)
+    if dtype != "float32":
+        merge_lora(loaded)
+    return for_decoding(loaded, dtype), tokenizer
+
+
+def _load(model: str | None, adapter: str | os.PathLike | None) -> Loaded:
     if adapter is None and model is not None and (Path(model) / CLASSIFIER_FILE).is_file():
         return load_classifier(model)
     if adapter is None and model is not None and (Path(model) / CONFIG_FILE).is_file():

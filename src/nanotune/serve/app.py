@@ -26,10 +26,9 @@ from nanotune.errors import NanotuneError
 from nanotune.generate import completion_text
 from nanotune.serve import protocol
 from nanotune.serve.engine import BASE, Engine, Event, QueueFull, Sequence
+from nanotune.serve.limits import MAX_BODY
 from nanotune.serve.protocol import APIError, Parsed
 from nanotune.tokenizer import Tokenizer
-
-MAX_BODY = 1 << 20  # bytes; a request body past this is refused (413)
 
 
 def _imports():

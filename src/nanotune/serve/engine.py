@@ -32,6 +32,7 @@ from torch import Tensor
 from nanotune.errors import NanotuneError
 from nanotune.generate import GenerationConfig, TextStream, default_stop_ids, pick_next
 from nanotune.models.transformer import Transformer
+from nanotune.serve.limits import MAX_BATCH, MAX_QUEUE, PREFIX_CACHE_MB
 from nanotune.serve.lora import Routing, serve_adapters, served_layers
 from nanotune.tokenizer import Tokenizer
 from nanotune.weights.peft import adapter_pairs, adapter_tokenizer
@@ -299,9 +300,9 @@ class Engine:
         model: Transformer,
         tokenizer: Tokenizer,
         *,
-        max_batch: int = 16,
-        max_queue: int = 256,
-        prefix_cache_mb: int = 256,
+        max_batch: int = MAX_BATCH,
+        max_queue: int = MAX_QUEUE,
+        prefix_cache_mb: int = PREFIX_CACHE_MB,
     ) -> None:
         if max_batch < 1 or max_queue < 1:
             raise NanotuneError("--max-batch and --max-queue must be at least 1")

@@ -9,8 +9,9 @@ from nanotune.errors import NanotuneError
 from nanotune.jobs import artifacts
 from nanotune.methods import SequenceClassifier
 from nanotune.models import DEFAULT_MODEL
-from nanotune.serve.app import MAX_BODY, Server, run_server
+from nanotune.serve.app import Server, run_server
 from nanotune.serve.engine import Engine
+from nanotune.serve.limits import MAX_BATCH, MAX_BODY, MAX_QUEUE, PREFIX_CACHE_MB
 from nanotune.weights.peft import CONFIG_FILE
 
 
@@ -33,9 +34,9 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8000,
     api_key: str | None = None,
-    max_batch: int = 16,
-    max_queue: int = 256,
-    prefix_cache_mb: int = 256,
+    max_batch: int = MAX_BATCH,
+    max_queue: int = MAX_QUEUE,
+    prefix_cache_mb: int = PREFIX_CACHE_MB,
     max_body: int = MAX_BODY,
     served_name: str | None = None,
     dtype: str = "float32",
@@ -67,15 +68,14 @@ def serve(
             "to; merge each adapter into its base (`nanotune merge`) and serve that, or use "
             "--dtype bfloat16"
         )
-    base, tokenizer = artifacts.load(model)
+    base_name = served_name or model or DEFAULT_MODEL
+    if base_name in names:
+        raise NanotuneError(f"--adapter name {base_name!r} is the base model's name; rename it")
+    base, tokenizer = artifacts.load(model, dtype=dtype)
     if isinstance(base, SequenceClassifier):
         raise NanotuneError(
             f"{model}: is a classifier, which does not generate text; use `nanotune classify`"
         )
-    base_name = served_name or model or DEFAULT_MODEL
-    if base_name in names:
-        raise NanotuneError(f"--adapter name {base_name!r} is the base model's name; rename it")
-    base = artifacts.for_decoding(base, dtype)
     engine = Engine(
         base, tokenizer, max_batch=max_batch, max_queue=max_queue, prefix_cache_mb=prefix_cache_mb
     )
