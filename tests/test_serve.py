@@ -575,6 +575,47 @@ def test_adapters_that_cannot_share_the_base_are_refused_with_merge_advice(tiny_
     assert engine.adapters == {} and all(not layer.pairs for layer in engine.layers.values())
 
 
+def test_an_adapter_loaded_onto_an_int8_engine_is_refused_with_merge_advice(
+    tiny_llama_dir, adapters
+):
+    """int8 replaces the base's linears that adapters attach to: every way in (start-up's
+    --adapter and run-time loading alike) ends in Engine.load_adapter, which refuses it."""
+    from nanotune.errors import NanotuneError
+    from nanotune.models.decoding import for_decoding
+    from nanotune.serve.engine import Engine
+    from nanotune.weights import load_model
+
+    model, tok = load_model(tiny_llama_dir)
+    engine = Engine(for_decoding(model, "int8"), tok)
+    with pytest.raises(NanotuneError, match="--dtype int8.*nanotune merge"):
+        engine.load_adapter("alpha", adapters["alpha"])
+    assert engine.adapters == {}
+
+
+def test_a_run_time_adapter_load_on_an_int8_server_is_a_400_and_it_goes_on(
+    tiny_llama_dir, adapters
+):
+    running = start(tiny_llama_dir, "--dtype", "int8", "--api-key", KEY)
+    try:
+        body = {"lora_name": "gamma", "lora_path": str(adapters["alpha"])}
+        r = running.post("/v1/load_lora_adapter", body)
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert "--dtype int8" in error["message"] and "nanotune merge" in error["message"]
+        client = running.client()
+        (base,) = (m.id for m in client.models.list().data)  # no adapter came in
+        got = client.completions.create(
+            model=base,
+            prompt="Once",
+            max_tokens=4,
+            temperature=0,
+            extra_body={"stop_token_ids": []},
+        )
+        assert got.usage.completion_tokens == 4
+    finally:
+        stop(running)
+
+
 def test_bfloat16_serving_answers(tiny_llama_dir, adapters):
     """--dtype bfloat16: weights and adapters in bf16 (the base prepacked, the KV cache float32
     on CPU); requests are answered in full."""

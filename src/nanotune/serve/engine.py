@@ -31,6 +31,7 @@ from torch import Tensor
 
 from nanotune.errors import NanotuneError
 from nanotune.generate import GenerationConfig, TextStream, default_stop_ids, pick_next
+from nanotune.models.linear import Int8Linear
 from nanotune.models.transformer import Transformer
 from nanotune.serve.limits import MAX_BATCH, MAX_QUEUE, PREFIX_CACHE_MB
 from nanotune.serve.lora import Routing, serve_adapters, served_layers
@@ -334,6 +335,13 @@ class Engine:
         folder changes nothing)."""
         if not name or name in self.adapters:
             raise NanotuneError(f"an adapter named {name!r} is already loaded; unload it first")
+        # Every way in (serve's --adapter, /v1/load_lora_adapter) passes here.
+        if any(isinstance(layer.base, Int8Linear) for layer in self.layers.values()):
+            raise NanotuneError(
+                f"adapter {name!r} ({path}): the base is served with --dtype int8, whose "
+                "quantized linear layers adapters cannot attach to; merge the adapter into its "
+                "base (`nanotune merge`) and serve that, or serve with --dtype bfloat16"
+            )
         pairs = adapter_pairs(self.model, path)  # reads and checks; the model is untouched
         tokenizer = adapter_tokenizer(path, self.tokenizer)
         with self._model_lock:
