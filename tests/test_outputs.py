@@ -211,6 +211,110 @@ def test_a_tracker_that_is_not_installed_is_refused_in_the_config(monkeypatch):
         RunConfig.from_dict({"train": {"report_to": ["wandbb"]}})
 
 
+@pytest.fixture
+def fake_trackers(monkeypatch) -> list[tuple[str, dict]]:
+    """wandb, mlflow and trackio as modules that record their calls (no service offline)."""
+    import importlib.machinery
+    import sys
+    import types
+
+    calls: list[tuple[str, dict]] = []
+
+    def module(name: str, **functions) -> None:
+        fake = types.ModuleType(name)
+        fake.__spec__ = importlib.machinery.ModuleSpec(name, None)  # find_spec finds it
+        for key, fn in functions.items():
+            setattr(fake, key, fn)
+        monkeypatch.setitem(sys.modules, name, fake)
+
+    def record(what: str, result=None):
+        def call(*args, **kw):
+            calls.append((what, {"args": args, **kw}))
+            return result(**kw) if callable(result) else result
+
+        return call
+
+    run = types.SimpleNamespace
+    module(
+        "wandb",
+        init=record(
+            "wandb.init",
+            lambda id, **_: run(
+                id=id or "wb-1", log=record("wandb.log"), finish=record("wandb.finish")
+            ),
+        ),
+    )
+    module(
+        "mlflow",
+        set_experiment=record("mlflow.set_experiment"),
+        start_run=record(
+            "mlflow.start_run", lambda run_id=None, **_: run(info=run(run_id=run_id or "ml-1"))
+        ),
+        log_params=record("mlflow.log_params"),
+        log_metrics=record("mlflow.log_metrics"),
+        end_run=record("mlflow.end_run"),
+    )
+    module(
+        "trackio",
+        init=record("trackio.init"),
+        log=record("trackio.log"),
+        finish=record("trackio.finish"),
+    )
+    return calls
+
+
+def _called(calls: list[tuple[str, dict]], what: str) -> list[dict]:
+    return [kw for name, kw in calls if name == what]
+
+
+def test_a_resumed_run_continues_its_tracker_runs_with_the_config_logged_once(
+    tmp_path, fake_trackers, monkeypatch
+):
+    from nanotune.training.logger import RunLogger
+
+    monkeypatch.setenv("WANDB_PROJECT", "from-env")
+    hparams = {"train": {"lr": 0.001, "report_to": ["wandb"]}, "model": "gpt2"}
+    trackers = ["wandb", "mlflow", "trackio"]
+    log = RunLogger(tmp_path, 4, 0, False, trackers, hparams=hparams)
+    log.log({"step": 1, "train_loss": 2.0})
+    log.close()
+    (wb,) = _called(fake_trackers, "wandb.init")
+    assert wb["project"] == "from-env" and wb["config"] == hparams and wb["id"] is None
+    assert _called(fake_trackers, "mlflow.log_params") == [
+        {"args": ({"train.lr": 0.001, "train.report_to": ["wandb"], "model": "gpt2"},)}
+    ]
+    assert _called(fake_trackers, "trackio.init")[0]["config"] == hparams
+    saved = json.loads((tmp_path / "trackers.json").read_text())
+    assert saved == {"wandb": "wb-1", "mlflow": "ml-1", "trackio": tmp_path.name}
+
+    fake_trackers.clear()
+    log = RunLogger(tmp_path, 4, 2, False, trackers, project="mine", hparams=hparams)
+    log.log({"step": 3, "train_loss": 1.5})
+    log.close()
+    (wb,) = _called(fake_trackers, "wandb.init")
+    assert (wb["project"], wb["id"], wb["resume"]) == ("mine", "wb-1", "allow")
+    assert _called(fake_trackers, "mlflow.set_experiment") == [{"args": ("mine",)}]
+    assert _called(fake_trackers, "mlflow.start_run") == [{"args": (), "run_id": "ml-1"}]
+    assert _called(fake_trackers, "mlflow.log_params") == []  # logged when the run began
+    (tr,) = _called(fake_trackers, "trackio.init")
+    assert (tr["project"], tr["name"], tr["resume"]) == ("mine", tmp_path.name, "allow")
+    assert [kw["step"] for kw in _called(fake_trackers, "wandb.log")] == [3]
+    assert json.loads((tmp_path / "trackers.json").read_text()) == saved
+
+
+def test_a_run_gives_the_trackers_its_resolved_config(
+    tmp_path, tiny_gpt2_dir, fake_trackers, monkeypatch
+):
+    monkeypatch.delenv("WANDB_PROJECT", raising=False)
+    config = _config(tmp_path, str(tiny_gpt2_dir), report_to=["wandb", "mlflow"], lr=1e-3)
+    train(config, progress=False)
+    (wb,) = _called(fake_trackers, "wandb.init")
+    assert wb["project"] == "nanotune" and wb["config"] == config.to_dict()
+    (params,) = _called(fake_trackers, "mlflow.log_params")
+    assert params["args"][0]["train.lr"] == 1e-3 and params["args"][0]["method.r"] == 2
+    assert _called(fake_trackers, "wandb.log") and _called(fake_trackers, "mlflow.log_metrics")
+
+
 def test_no_tracker_by_default(run_dir):
     assert (run_dir / "metrics.jsonl").is_file() and not (run_dir / "tensorboard").exists()
 

@@ -94,7 +94,12 @@ class TrainConfig:
         default_factory=list
     )
     """Experiment trackers that also receive the metrics (metrics.jsonl is always written);
-    each is an optional package, imported only when named here."""
+    each is an optional package, imported only when named here. Each gets the run's config as
+    hyperparameters, and `--resume` continues the same tracker run (its id is kept in the run
+    directory, `trackers.json`)."""
+    project: str | None = None
+    """The trackers' project (the MLflow experiment); None: W&B's WANDB_PROJECT, else
+    'nanotune' (MLflow: its own default experiment)."""
     push_to_hub: str | None = None
     """Hub repository id (owner/name) that final/ is uploaded to after a successful run; needs
     a token (HF_TOKEN or `hf auth login`)."""

@@ -478,7 +478,13 @@ class Trainer:
         if not resume:
             seed_everything(cfg.seed)
         log = RunLogger(
-            self.run_dir, self.total_steps, pos.step, self.progress, self.config.report_to
+            self.run_dir,
+            self.total_steps,
+            pos.step,
+            self.progress,
+            cfg.report_to,
+            project=cfg.project,
+            hparams=self.resolved_config or {"train": asdict(cfg)},
         )
         for note in notes:
             log.info(note)
