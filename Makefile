@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-llama
 
-.PHONY: demo test lint bench-quick
+.PHONY: demo test test-fast lint bench-quick
 
 $(STAMP): pyproject.toml Makefile
 	python3 -m venv $(VENV)
@@ -34,6 +34,11 @@ demo: $(STAMP)
 test: $(TEST_STAMP)
 	$(VENV)/bin/ruff check src tests
 	$(PY) -m pytest -q
+
+# The quick tier: no llama.cpp build, no real SmolLM2 checkpoint, no llama.cpp run.
+test-fast: $(STAMP)
+	$(VENV)/bin/ruff check src tests
+	$(PY) -m pytest -q -m "not real_model and not llama_cpp"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests

@@ -13,6 +13,7 @@ from nanotune.hardware import cpu_flags
 from nanotune.jobs import artifacts
 
 llama_cpp = pytest.importorskip("llama_cpp")
+pytestmark = pytest.mark.llama_cpp
 
 PROMPTS = ("Reverse the words: stone tiger piano", "What is 2+2?")
 N = 32
