@@ -208,7 +208,7 @@ def module_slices(config: ModelConfig, module: str) -> dict[str, tuple[int, int]
     """Row slices of a decoder linear that a target may name (empty: only the whole matrix)."""
     if module == "attn.qkv":
         return config.qkv_slices
-    if module == "mlp.fc" and config.mlp == "swiglu":
+    if module == "mlp.fc" and config.mlp in ("swiglu", "geglu"):
         return config.fc_slices
     return {}
 

@@ -11,7 +11,10 @@ class ModelConfig:
     """Shape and layer choices of one decoder; GPT-2 and Llama differ only in flags.
 
     The Llama-derived families are Llama plus flags: Qwen2 `qkv_bias`, Qwen3 `qk_norm`, Mistral
-    `sliding_window`, SmolLM3 `nope_layers`. Each flag costs nothing when off.
+    `sliding_window`, SmolLM3 `nope_layers`. Gemma 2 and 3 are Llama with `norm_plus_one`,
+    `post_norms`, `embed_scale`, `mlp="geglu"`, `query_pre_attn_scalar`, sliding `window_layers`
+    (Gemma 3's with their own `rope_local_theta`, and `qk_norm`), Gemma 2's `attn_softcap` and
+    `final_softcap`. Each flag costs nothing when off.
 
     Tensor layout notes (they matter for weight conversion and LoRA):
       - `attn.qkv` is one fused Linear whose output is [q (n_head*head_dim), k (n_kv_head*head_dim),
@@ -19,7 +22,9 @@ class ModelConfig:
       - `mlp.fc` is one Linear; for SwiGLU its output is [gate (intermediate), up (intermediate)].
     """
 
-    family: Literal["gpt2", "llama", "qwen2", "qwen3", "mistral", "smollm3"] = "gpt2"
+    family: Literal["gpt2", "llama", "qwen2", "qwen3", "mistral", "smollm3", "gemma2", "gemma3"] = (
+        "gpt2"
+    )
     vocab_size: int = 50257
     block_size: int = 1024  # longest sequence the positions support
     n_layer: int = 12
@@ -33,13 +38,20 @@ class ModelConfig:
     positions: Literal["learned", "rope"] = "learned"
     rope_theta: float = 10000.0
     rope_scaling: dict[str, Any] | None = field(default=None, hash=False, compare=True)
-    mlp: Literal["gelu", "swiglu"] = "gelu"
+    mlp: Literal["gelu", "swiglu", "geglu"] = "gelu"  # geglu: tanh-GELU(gate) * up (Gemma)
     attn_bias: bool = True  # biases on qkv and the attention output projection
     qkv_bias: bool = False  # biases on q, k and v even without attn_bias (Qwen2)
     qk_norm: bool = False  # RMSNorm over each head of q and of k, before RoPE (Qwen3)
     sliding_window: int | None = None  # a query sees this many keys: itself and the ones before
     window_layers: tuple[int, ...] | None = None  # layers that slide; None: all (with a window)
     nope_layers: tuple[int, ...] = ()  # layers without rotary positions (SmolLM3)
+    rope_local_theta: float | None = None  # RoPE base of the sliding layers (Gemma 3)
+    norm_plus_one: bool = False  # RMSNorm as x * (1 + w), in float32 (Gemma)
+    post_norms: bool = False  # norms after attention and MLP too, before the residual (Gemma)
+    embed_scale: bool = False  # token embeddings times sqrt(n_embd) (Gemma)
+    query_pre_attn_scalar: float | None = None  # attention scale 1/sqrt(this); None: head dim
+    attn_softcap: float | None = None  # attention logits as c * tanh(logits / c) (Gemma 2)
+    final_softcap: float | None = None  # output logits as c * tanh(logits / c) (Gemma 2)
     mlp_bias: bool = True
     tie_embeddings: bool = True
     dropout: float = 0.0
@@ -86,8 +98,8 @@ class ModelConfig:
 
     @property
     def fc_slices(self) -> dict[str, tuple[int, int]]:
-        """Output rows of `mlp.fc` by part: gate and up for SwiGLU, one block for GELU."""
-        if self.mlp == "swiglu":
+        """Output rows of `mlp.fc` by part: gate and up for SwiGLU and GeGLU, one block for GELU."""
+        if self.mlp in ("swiglu", "geglu"):
             return {"gate": (0, self.ffn), "up": (self.ffn, 2 * self.ffn)}
         return {"fc": (0, self.ffn)}
 
@@ -119,6 +131,59 @@ def _llama_like(family: str, **shape: Any) -> ModelConfig:
     """A Llama-derived family's config: RMSNorm, RoPE, SwiGLU, no biases unless `shape` says."""
     base = dict(norm="rmsnorm", positions="rope", mlp="swiglu", attn_bias=False, mlp_bias=False)
     return ModelConfig(family=family, **{**base, **shape})
+
+
+def _gemma(family: str, n_layer: int, **shape: Any) -> ModelConfig:
+    """A Gemma's config: Llama plus Gemma's norms, scaled embedding and GeGLU; local layers
+    alternate with global ones (Gemma 2) or five to one (Gemma 3, local RoPE base 10k)."""
+    every = 2 if family == "gemma2" else 6
+    base = dict(
+        norm_eps=1e-6,
+        mlp="geglu",
+        head_dim=256,
+        query_pre_attn_scalar=256,
+        window_layers=tuple(i for i in range(n_layer) if (i + 1) % every),
+        qk_norm=family == "gemma3",
+        rope_local_theta=10000.0 if family == "gemma3" else None,
+        norm_plus_one=True,
+        post_norms=True,
+        embed_scale=True,
+        tie_embeddings=True,
+        bos_token_id=2,
+        eos_token_id=1,
+    )
+    return _llama_like(family, n_layer=n_layer, **{**base, **shape})
+
+
+def _gemma3(n_embd: int, n_layer: int, ffn: int) -> ModelConfig:
+    return _gemma(
+        "gemma3",
+        n_layer,
+        vocab_size=262144,
+        block_size=32768,
+        n_head=4,
+        n_kv_head=1,
+        n_embd=n_embd,
+        intermediate_size=ffn,
+        rope_theta=1000000.0,
+        sliding_window=512,
+    )
+
+
+GEMMA2_2B = _gemma(
+    "gemma2",
+    26,
+    vocab_size=256000,
+    block_size=8192,
+    n_head=8,
+    n_kv_head=4,
+    n_embd=2304,
+    intermediate_size=9216,
+    rope_theta=10000.0,
+    sliding_window=4096,
+    attn_softcap=50.0,
+    final_softcap=30.0,
+)
 
 
 @dataclass(frozen=True)
@@ -273,6 +338,36 @@ PRESETS: dict[str, Preset] = {
             hub_id="mistralai/Mistral-7B-Instruct-v0.3",
             description="Mistral 7B Instruct v0.3 (mistral), 32k context",
         ),
+        Preset(
+            "gemma-3-270m",
+            _gemma3(640, 18, 2048),
+            hub_id="google/gemma-3-270m",
+            description="Gemma 3 270M (gemma3), 32k context",
+        ),
+        Preset(
+            "gemma-3-270m-it",
+            _gemma3(640, 18, 2048),
+            hub_id="google/gemma-3-270m-it",
+            description="Gemma 3 270M Instruct (gemma3), 32k context",
+        ),
+        Preset(
+            "gemma-3-1b-it",
+            _gemma3(1152, 26, 6912),
+            hub_id="google/gemma-3-1b-it",
+            description="Gemma 3 1B Instruct (gemma3), 32k context",
+        ),
+        Preset(
+            "gemma-2-2b",
+            GEMMA2_2B,
+            hub_id="google/gemma-2-2b",
+            description="Gemma 2 2B (gemma2), 8k context",
+        ),
+        Preset(
+            "gemma-2-2b-it",
+            GEMMA2_2B,
+            hub_id="google/gemma-2-2b-it",
+            description="Gemma 2 2B Instruct (gemma2), 8k context",
+        ),
     ]
 }
 
@@ -293,6 +388,11 @@ PRESET_ALIASES: dict[str, str] = {
     "HuggingFaceTB/SmolLM3-3B": "smollm3-3b",
     "mistral": "mistral-7b-instruct-v0.3",
     "mistralai/Mistral-7B-Instruct-v0.3": "mistral-7b-instruct-v0.3",
+    "google/gemma-3-270m": "gemma-3-270m",
+    "google/gemma-3-270m-it": "gemma-3-270m-it",
+    "google/gemma-3-1b-it": "gemma-3-1b-it",
+    "google/gemma-2-2b": "gemma-2-2b",
+    "google/gemma-2-2b-it": "gemma-2-2b-it",
 }
 
 DEFAULT_MODEL = "smollm2-135m-instruct"

@@ -234,11 +234,14 @@ def _packable(layer: nn.Linear) -> bool:
 
 def _replace_linears(model: nn.Module, make, where=lambda layer: True) -> nn.Module:
     """Replace every linear layer of `model` that `where` accepts (in place) by `make(weight,
-    bias)`; a head tied to the embedding gets its own copy and the embedding keeps its table."""
+    bias)`; a head tied to the embedding gets its own copy and the embedding keeps its table.
+    Forward hooks move to the replacement (Gemma 2's output soft-cap is one)."""
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear) and where(child):
-                setattr(module, name, make(child.weight, child.bias))
+                new = make(child.weight, child.bias)
+                new._forward_hooks.update(child._forward_hooks)
+                setattr(module, name, new)
     return model
 
 

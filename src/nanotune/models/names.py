@@ -25,8 +25,10 @@ HF_MODULES: dict[str, dict[str, tuple[str, str | None]]] = {
     },
 }
 
-# The Llama-derived families name their linears as Llama does.
-HF_MODULES |= {f: HF_MODULES["llama"] for f in ("qwen2", "qwen3", "mistral", "smollm3")}
+# The Llama-derived families (Gemma included) name their linears as Llama does.
+HF_MODULES |= {
+    f: HF_MODULES["llama"] for f in ("qwen2", "qwen3", "mistral", "smollm3", "gemma2", "gemma3")
+}
 
 HF_BLOCK_PREFIX = {family: "model.layers.{i}." for family in HF_MODULES}
 HF_BLOCK_PREFIX["gpt2"] = "transformer.h.{i}."

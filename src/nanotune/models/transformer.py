@@ -1,4 +1,5 @@
-"""One decoder for the GPT-2 and Llama families (and Llama's kin: Qwen2, Qwen3, Mistral, SmolLM3).
+"""One decoder for the GPT-2 and Llama families (and Llama's kin: Qwen2, Qwen3, Mistral, SmolLM3,
+Gemma 2 and Gemma 3).
 
 Shapes: B batch, T new tokens, S keys (cache + new), C n_embd, H heads, K kv heads, D head dim.
 """
@@ -6,6 +7,7 @@ Shapes: B batch, T new tokens, S keys (cache + new), C n_embd, H heads, K kv hea
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +18,8 @@ from nanotune.models.config import ModelConfig
 from nanotune.models.linear import Linear
 
 RoPE = tuple[Tensor, Tensor] | None
-"""Rotary angles (cos, sin), each [B, 1, T, D], or None for learned positions."""
+"""Rotary angles (cos, sin), each [B, 1, T, D] ([2, B, 1, T, D] where the sliding layers have
+their own base: global, local), or None for learned positions."""
 
 
 class RMSNorm(nn.Module):
@@ -34,15 +37,55 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
-def make_norm(config: ModelConfig) -> nn.Module:
+class RMSNormPlusOne(nn.Module):
+    """Gemma's RMSNorm: x * (1 + w), in float32 whatever the input (cast back after the scale),
+    its weight stored zero-centred as the checkpoints hold it."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * (1.0 + self.weight.float())).to(x.dtype)
+
+
+def make_norm(config: ModelConfig, dim: int | None = None) -> nn.Module:
+    dim = dim or config.n_embd
     if config.norm == "rmsnorm":
-        return RMSNorm(config.n_embd, config.norm_eps)
-    return nn.LayerNorm(config.n_embd, eps=config.norm_eps)
+        norm = RMSNormPlusOne if config.norm_plus_one else RMSNorm
+        return norm(dim, config.norm_eps)
+    return nn.LayerNorm(dim, eps=config.norm_eps)
+
+
+def soft_cap(x: Tensor, cap: float) -> Tensor:
+    """cap * tanh(x / cap): Gemma 2's bound on attention and output logits."""
+    return torch.tanh(x / cap) * cap
+
+
+def _cap_logits(cap: float, head: nn.Module, inputs: tuple, logits: Tensor) -> Tensor:
+    """The output head's forward hook where the config soft-caps final logits: every caller of
+    `lm_head` (training, evaluation, decoding) gets capped logits, and a layer replacing the
+    head for decoding (`linear.pack_bf16`, `quantize_int8`) takes the hook along."""
+    return soft_cap(logits, cap)
 
 
 def rope_inv_freq(config: ModelConfig) -> Tensor:
-    d = config.hd
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    """[D/2] inverse frequencies, or [2, D/2] (global, local) where the sliding layers have a base
+    of their own (Gemma 3: scaling applies to the global layers only)."""
+    inv_freq = _scaled(_inv_freq(config.rope_theta, config.hd), config)
+    if config.rope_local_theta is None:
+        return inv_freq
+    return torch.stack([inv_freq, _inv_freq(config.rope_local_theta, config.hd).float()])
+
+
+def _inv_freq(theta: float, d: int) -> Tensor:
+    return 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+
+
+def _scaled(inv_freq: Tensor, config: ModelConfig) -> Tensor:
     scaling = config.rope_scaling or {}
     kind = scaling.get("rope_type", scaling.get("type"))
     if kind == "llama3":
@@ -102,11 +145,19 @@ class Attention(nn.Module):
         self.qkv = Linear(config.n_embd, qkv_out, bias=config.has_qkv_bias)
         self.proj = Linear(config.n_head * config.hd, config.n_embd, bias=config.attn_bias)
         if config.qk_norm:
-            self.q_norm = RMSNorm(config.hd, config.norm_eps)
-            self.k_norm = RMSNorm(config.hd, config.norm_eps)
+            self.q_norm = make_norm(config, config.hd)
+            self.k_norm = make_norm(config, config.hd)
         self.qk_norm = config.qk_norm
         self.use_rope = layer not in config.nope_layers
         self.window = config.window(layer)
+        # Which angles of a two-base RoPE this layer takes: 1 (local) where it slides.
+        self.rope_index = None
+        if config.rope_local_theta is not None:
+            self.rope_index = int(self.window is not None)
+        self.scale = None  # None: SDPA's 1/sqrt(head dim)
+        if config.query_pre_attn_scalar is not None:
+            self.scale = config.query_pre_attn_scalar**-0.5
+        self.softcap = config.attn_softcap
         self.dropout = config.dropout
 
     def forward(
@@ -132,6 +183,8 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None and self.use_rope:
             cos, sin = rope
+            if self.rope_index is not None:
+                cos, sin = cos[self.rope_index], sin[self.rope_index]
             k = apply_rope(k, cos, sin)
             if query_at is not None:  # the angles of each row's query position: [B, 1, 1, D]
                 rows = torch.arange(B, device=q.device)
@@ -152,11 +205,13 @@ class Attention(nn.Module):
             if self.window is not None:
                 mask = mask & (keys > query_at[:, None] - self.window)
             mask = mask[:, None, None, :]
-        if mask is None:
+        if self.softcap is not None:  # no fused kernel caps the scores: attend explicitly
+            y = _attend_capped(q, k, v, mask, self.scale, self.softcap, p)
+        elif mask is None:
             # Only reached without a cache offset, so plain causal attention is exact.
-            y = _attend(q, k, v, dropout_p=p, is_causal=T > 1, enable_gqa=gqa)
+            y = _attend(q, k, v, dropout_p=p, is_causal=T > 1, enable_gqa=gqa, scale=self.scale)
         else:
-            y = _attend(q, k, v, attn_mask=mask, dropout_p=p, enable_gqa=gqa)
+            y = _attend(q, k, v, attn_mask=mask, dropout_p=p, enable_gqa=gqa, scale=self.scale)
         return self.proj(y.transpose(1, 2).reshape(B, q.shape[2], H * D))
 
 
@@ -173,11 +228,33 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Tensor:
     return F.scaled_dot_product_attention(q, k, v, **kwargs)
 
 
+def _attend_capped(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float | None, cap: float, p: float
+) -> Tensor:
+    """Attention with soft-capped scores (Gemma 2), in float32 as `_attend` on CPU; mask as
+    `Attention.forward` passes it (None: plain causal, no cache offset)."""
+    dtype = q.dtype
+    q, k, v = q.float(), k.float(), v.float()
+    if k.shape[1] != q.shape[1]:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    scores = soft_cap((q @ k.transpose(-2, -1)) * (scale or q.shape[-1] ** -0.5), cap)
+    if mask is None:
+        T, S = scores.shape[-2:]
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    # A query with no key (a pad row) gets zeros, as from SDPA, not a NaN row that would reach
+    # the real rows through its value at the same position.
+    weights = scores.masked_fill(~mask, float("-inf")).softmax(-1).masked_fill(~mask, 0.0)
+    weights = F.dropout(weights, p) if p else weights
+    return (weights @ v).to(dtype)
+
+
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.swiglu = config.mlp == "swiglu"
-        fc_out = 2 * config.ffn if self.swiglu else config.ffn
+        self.geglu = config.mlp == "geglu"
+        fc_out = 2 * config.ffn if self.swiglu or self.geglu else config.ffn
         self.fc = Linear(config.n_embd, fc_out, bias=config.mlp_bias)
         self.proj = Linear(config.ffn, config.n_embd, bias=config.mlp_bias)
 
@@ -186,6 +263,9 @@ class MLP(nn.Module):
         if self.swiglu:
             gate, up = h.chunk(2, dim=-1)
             return self.proj(F.silu(gate) * up)
+        if self.geglu:
+            gate, up = h.chunk(2, dim=-1)
+            return self.proj(F.gelu(gate, approximate="tanh") * up)
         return self.proj(F.gelu(h, approximate="tanh"))
 
 
@@ -196,6 +276,10 @@ class Block(nn.Module):
         self.attn = Attention(config, layer)
         self.norm2 = make_norm(config)
         self.mlp = MLP(config)
+        self.post_norms = config.post_norms
+        if config.post_norms:  # Gemma: each sublayer's output normed before the residual
+            self.post_attn_norm = make_norm(config)
+            self.post_mlp_norm = make_norm(config)
         self.drop = nn.Dropout(config.dropout)
 
     def forward(
@@ -209,11 +293,15 @@ class Block(nn.Module):
     ) -> Tensor:
         """[B, T, C]; with query_at [B], the output at that index of each row only, [B, C]
         (see `Attention.forward`): the MLP then runs on B positions instead of B x T."""
-        y = self.drop(self.attn(self.norm1(x), rope, mask, cache, layer, query_at))
+        y = self.attn(self.norm1(x), rope, mask, cache, layer, query_at)
         if query_at is not None:
             x = x[torch.arange(x.shape[0], device=x.device), query_at][:, None]
-        x = x + y
-        x = x + self.drop(self.mlp(self.norm2(x)))
+        if self.post_norms:
+            x = x + self.drop(self.post_attn_norm(y))
+            x = x + self.drop(self.post_mlp_norm(self.mlp(self.norm2(x))))
+        else:
+            x = x + self.drop(y)
+            x = x + self.drop(self.mlp(self.norm2(x)))
         return x[:, 0] if query_at is not None else x
 
 
@@ -238,10 +326,15 @@ class Transformer(nn.Module):
         self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
+        self._cap_head()
         if config.positions == "rope":
             self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
         self.gradient_checkpointing = False
         self.apply(self._init_weights)
+
+    def _cap_head(self) -> None:
+        if self.config.final_softcap is not None:
+            self.lm_head.register_forward_hook(partial(_cap_logits, self.config.final_softcap))
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -311,6 +404,8 @@ class Transformer(nn.Module):
     def embed(self, input_ids: Tensor, positions: Tensor) -> tuple[Tensor, RoPE]:
         """The input to block 0 [B, T, C], and the rotary angles every block uses (RoPE models)."""
         x = self.wte(input_ids)
+        if self.config.embed_scale:  # the scale rounded to the table's dtype, as Gemma does
+            x = x * torch.tensor(self.config.n_embd**0.5, dtype=x.dtype)
         rope = self.rope(positions, x.dtype)
         if self.wpe is not None:
             x = x + self.wpe(positions)
@@ -320,7 +415,10 @@ class Transformer(nn.Module):
         """cos, sin [B, 1, T, D] of `positions` [B, T]; None for learned positions."""
         if self.wpe is not None:
             return None
-        angles = positions[:, None, :, None].float() * self.inv_freq  # [B, 1, T, D/2]
+        if self.inv_freq.dim() == 2:  # global and local bases: [2, B, 1, T, D/2]
+            angles = positions[None, :, None, :, None].float() * self.inv_freq[:, None, None, None]
+        else:
+            angles = positions[:, None, :, None].float() * self.inv_freq  # [B, 1, T, D/2]
         angles = torch.cat((angles, angles), dim=-1)
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
@@ -431,6 +529,7 @@ class Transformer(nn.Module):
                 head.weight[:n_old] = head_old
                 head.weight[n_old:] = head_old.mean(0, keepdim=True)
             self.lm_head = head
+        self._cap_head()
         self.config = self.config.with_(vocab_size=vocab_size)
         for block in self.blocks:
             block.attn.config = self.config

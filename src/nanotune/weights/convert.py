@@ -3,7 +3,8 @@
 nanotune fuses q/k/v into `attn.qkv` and (for SwiGLU) gate/up into `mlp.fc` for every family;
 these maps split and join them. GPT-2's Conv1D stores weights as [in, out]: transposed here.
 Qwen2, Qwen3, Mistral and SmolLM3 checkpoints are Llama's tensor names plus Qwen3's
-`q_norm`/`k_norm`; their configs differ in the flags `config_from_hf` reads.
+`q_norm`/`k_norm`; their configs differ in the flags `config_from_hf` reads. Gemma 2 and 3 add
+the pre/post-feedforward and post-attention norms (held as they are stored: zero-centred).
 """
 
 from __future__ import annotations
@@ -26,8 +27,19 @@ ARCHITECTURES = {
     "qwen3": "Qwen3",
     "mistral": "Mistral",
     "smollm3": "SmolLM3",
+    "gemma2": "Gemma2",
+    "gemma3": "Gemma3",
 }
 LLAMA_LIKE = ("llama", "qwen2", "qwen3", "mistral", "smollm3")
+# HF model_type -> nanotune family, where they differ.
+GEMMA_TYPES = {"gemma2": "gemma2", "gemma3_text": "gemma3"}
+# nanotune block norm -> HF name, for the families with Gemma's four norms per block.
+GEMMA_NORMS = {
+    "norm1": "input_layernorm",
+    "post_attn_norm": "post_attention_layernorm",
+    "norm2": "pre_feedforward_layernorm",
+    "post_mlp_norm": "post_feedforward_layernorm",
+}
 
 
 def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> ModelConfig:
@@ -86,9 +98,80 @@ def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> ModelConfi
             **_windows(hf, model_type, where),
             nope_layers=_nope_layers(hf) if model_type == "smollm3" else (),
         )
+    if model_type in GEMMA_TYPES:
+        return _gemma_config(hf, GEMMA_TYPES[model_type], where)
+    if model_type == "gemma3":
+        raise NanotuneError(
+            f"{where}: a multimodal Gemma 3 (model_type 'gemma3', with a vision tower); nanotune "
+            "loads the text-only checkpoints (model_type 'gemma3_text': gemma-3-270m, gemma-3-1b)"
+        )
     raise NanotuneError(
         f"{where}: model_type {model_type!r} is not supported; nanotune loads the families "
         f"{', '.join(repr(f) for f in ARCHITECTURES)} (config.json's model_type)"
+    )
+
+
+def _gemma_config(hf: dict[str, Any], family: str, where: str) -> ModelConfig:
+    """Gemma 2 / Gemma 3 (text): Llama plus Gemma's flags. Local (sliding) and global layers
+    alternate (Gemma 2) or come five to one (Gemma 3) unless `layer_types` names them; Gemma 3's
+    local layers rotate with their own base."""
+    act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
+    if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
+        raise NanotuneError(
+            f"{where}: hidden_activation {act!r} is not supported (gelu_pytorch_tanh)"
+        )
+    if hf.get("use_bidirectional_attention"):
+        raise NanotuneError(
+            f"{where}: bidirectional attention (an embedding model) is not supported"
+        )
+    n = hf["num_hidden_layers"]
+    every = 2 if family == "gemma2" else hf.get("sliding_window_pattern", 6)
+    types = hf.get("layer_types") or [
+        "sliding_attention" if (i + 1) % every else "full_attention" for i in range(n)
+    ]
+    window = hf.get("sliding_window")
+    layers = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
+    params = hf.get("rope_parameters") or {}
+    if family == "gemma3":
+        global_, local = params.get("full_attention") or {}, params.get("sliding_attention") or {}
+        theta = hf.get("rope_theta", global_.get("rope_theta", 1_000_000.0))
+        local_theta = hf.get("rope_local_base_freq", local.get("rope_theta", 10_000.0))
+        scaling = _rope_scaling({"rope_scaling": hf.get("rope_scaling") or global_}, where)
+    else:
+        theta, local_theta = hf.get("rope_theta", params.get("rope_theta", 10_000.0)), None
+        scaling = _rope_scaling(hf, where)
+    eos = hf.get("eos_token_id")
+    return ModelConfig(
+        family=family,
+        vocab_size=hf["vocab_size"],
+        block_size=hf.get("max_position_embeddings", 8192),
+        n_layer=n,
+        n_head=hf["num_attention_heads"],
+        n_kv_head=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+        n_embd=hf["hidden_size"],
+        head_dim=hf.get("head_dim", 256),
+        intermediate_size=hf["intermediate_size"],
+        norm="rmsnorm",
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        positions="rope",
+        rope_theta=theta,
+        rope_scaling=scaling,
+        rope_local_theta=local_theta,
+        mlp="geglu",
+        attn_bias=hf.get("attention_bias", False),
+        qk_norm=family == "gemma3",
+        mlp_bias=False,
+        tie_embeddings=hf.get("tie_word_embeddings", True),
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_id=eos[0] if isinstance(eos, list) else eos,
+        sliding_window=window if window and layers else None,
+        window_layers=layers if window and layers and len(layers) < n else None,
+        norm_plus_one=True,
+        post_norms=True,
+        embed_scale=True,
+        query_pre_attn_scalar=hf.get("query_pre_attn_scalar", 256),
+        attn_softcap=hf.get("attn_logit_softcapping"),
+        final_softcap=hf.get("final_logit_softcapping"),
     )
 
 
@@ -165,6 +248,8 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
             "eos_token_id": config.eos_token_id,
             "torch_dtype": "float32",
         }
+    if config.family in ("gemma2", "gemma3"):
+        return _gemma_config_to_hf(config)
     hf = {
         "architectures": [f"{ARCHITECTURES[config.family]}ForCausalLM"],
         "model_type": config.family,
@@ -199,6 +284,45 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
         hf["use_sliding_window"] = any(windowed)
         hf["sliding_window"] = config.sliding_window
         hf["layer_types"] = ["sliding_attention" if w else "full_attention" for w in windowed]
+    return hf
+
+
+def _gemma_config_to_hf(config: ModelConfig) -> dict[str, Any]:
+    windowed = [config.window(i) is not None for i in range(config.n_layer)]
+    hf = {
+        "architectures": [f"{ARCHITECTURES[config.family]}ForCausalLM"],
+        "model_type": "gemma2" if config.family == "gemma2" else "gemma3_text",
+        "vocab_size": config.vocab_size,
+        "max_position_embeddings": config.block_size,
+        "num_hidden_layers": config.n_layer,
+        "num_attention_heads": config.n_head,
+        "num_key_value_heads": config.kv_heads,
+        "hidden_size": config.n_embd,
+        "head_dim": config.hd,
+        "intermediate_size": config.ffn,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "rms_norm_eps": config.norm_eps,
+        "attention_bias": config.attn_bias,
+        "query_pre_attn_scalar": config.query_pre_attn_scalar or config.hd,
+        "sliding_window": config.sliding_window,
+        "layer_types": ["sliding_attention" if w else "full_attention" for w in windowed],
+        "attn_logit_softcapping": config.attn_softcap,
+        "final_logit_softcapping": config.final_softcap,
+        "tie_word_embeddings": config.tie_embeddings,
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": config.eos_token_id,
+        "pad_token_id": None,
+        "attention_dropout": config.dropout,
+        "torch_dtype": "float32",
+    }
+    global_ = {"rope_type": "default", "rope_theta": config.rope_theta}
+    if config.rope_scaling:
+        global_ = {**dict(config.rope_scaling), "rope_theta": config.rope_theta}
+    if config.family == "gemma2":
+        hf["rope_parameters"] = global_
+    else:
+        local = {"rope_type": "default", "rope_theta": config.rope_local_theta or config.rope_theta}
+        hf["rope_parameters"] = {"full_attention": global_, "sliding_attention": local}
     return hf
 
 
@@ -245,8 +369,8 @@ def from_hf(
     out["wte.weight"] = take("embed_tokens.weight")
     for i in range(config.n_layer):
         p, q = f"layers.{i}.", f"blocks.{i}."
-        out[q + "norm1.weight"] = take(p + "input_layernorm.weight")
-        out[q + "norm2.weight"] = take(p + "post_attention_layernorm.weight")
+        for norm, hf_norm in _block_norms(config).items():
+            out[q + norm + ".weight"] = take(p + hf_norm + ".weight")
         a = p + "self_attn."
         out[q + "attn.qkv.weight"] = torch.cat([take(a + f"{n}_proj.weight") for n in "qkv"])
         out[q + "attn.proj.weight"] = take(a + "o_proj.weight")
@@ -270,6 +394,13 @@ def from_hf(
     out["norm.weight"] = take("norm.weight")
     out["lm_head.weight"] = out["wte.weight"] if config.tie_embeddings else take("lm_head.weight")
     return _all_used(out, sd, used, config, where)
+
+
+def _block_norms(config: ModelConfig) -> dict[str, str]:
+    """nanotune norm -> HF name, in one block of a Llama-like family."""
+    if config.post_norms:
+        return GEMMA_NORMS
+    return {"norm1": "input_layernorm", "norm2": "post_attention_layernorm"}
 
 
 def _taker(sd: dict[str, Tensor], where: str):
@@ -345,8 +476,8 @@ def to_hf(sd: dict[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
     qkv = [s[1] - s[0] for s in config.qkv_slices.values()]
     for i in range(config.n_layer):
         p, q = f"model.layers.{i}.", f"blocks.{i}."
-        out[p + "input_layernorm.weight"] = sd[q + "norm1.weight"]
-        out[p + "post_attention_layernorm.weight"] = sd[q + "norm2.weight"]
+        for norm, hf_norm in _block_norms(config).items():
+            out[p + hf_norm + ".weight"] = sd[q + norm + ".weight"]
         for name, w in zip("qkv", sd[q + "attn.qkv.weight"].split(qkv), strict=True):
             out[p + f"self_attn.{name}_proj.weight"] = w.contiguous()
         out[p + "self_attn.o_proj.weight"] = sd[q + "attn.proj.weight"]

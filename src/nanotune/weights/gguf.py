@@ -1,11 +1,13 @@
-"""llama.cpp GGUF files (architectures `llama`, `qwen2`, `qwen3`, `smollm3` and `gpt2`): dequantized
+"""llama.cpp GGUF files (architectures `llama`, `qwen2`, `qwen3`, `smollm3`, `gemma2`, `gemma3` and
+`gpt2`): dequantized
 into a float Transformer, and the vocabulary they carry (the one reader of the file; the tokenizer
 gets its metadata decoded).
 
 Tensors are renamed to Hugging Face names and handed to `convert.from_hf`, as a safetensors
 checkpoint would be: llama.cpp keeps Llama's (and SmolLM3's) Q/K rows in its interleaved rotary
 order (undone here; Qwen's rotate halves, as Hugging Face does) and GPT-2's Conv1D weights as
-[out, in] (transposed back to Conv1D's [in, out] here).
+[out, in] (transposed back to Conv1D's [in, out] here); Gemma's norm weights with llama.cpp's
++1 folded in (taken off here: Hugging Face and nanotune hold them zero-centred).
 """
 
 from __future__ import annotations
@@ -63,6 +65,16 @@ QWEN3_BLOCK_NAMES = LLAMA_BLOCK_NAMES | {
     "attn_q_norm": "self_attn.q_norm",
     "attn_k_norm": "self_attn.k_norm",
 }
+GEMMA2_BLOCK_NAMES = {
+    **{k: v for k, v in LLAMA_BLOCK_NAMES.items() if k != "ffn_norm"},
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+GEMMA3_BLOCK_NAMES = GEMMA2_BLOCK_NAMES | {
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+}
 # Per nanotune family: (HF block prefix, block names, top-level names).
 GGUF_NAMES = {
     "llama": ("model.layers.", LLAMA_BLOCK_NAMES, LLAMA_TOP_NAMES),
@@ -70,6 +82,8 @@ GGUF_NAMES = {
     "qwen2": ("model.layers.", LLAMA_BLOCK_NAMES, LLAMA_TOP_NAMES),
     "qwen3": ("model.layers.", QWEN3_BLOCK_NAMES, LLAMA_TOP_NAMES),
     "smollm3": ("model.layers.", LLAMA_BLOCK_NAMES, LLAMA_TOP_NAMES),
+    "gemma2": ("model.layers.", GEMMA2_BLOCK_NAMES, LLAMA_TOP_NAMES),
+    "gemma3": ("model.layers.", GEMMA3_BLOCK_NAMES, LLAMA_TOP_NAMES),
     "gpt2": ("transformer.h.", GPT2_BLOCK_NAMES, GPT2_TOP_NAMES),
 }
 # The llama.cpp architecture of each family: Mistral is a Llama to llama.cpp (convert_hf_to_gguf
@@ -79,6 +93,16 @@ GGUF_ARCH = {family: family for family in GGUF_NAMES} | {"mistral": "llama"}
 # the others (NEOX) rotate halves, as Hugging Face does, and are stored as they are.
 PERMUTED_QK = ("llama", "smollm3")
 SMOLLM3_NOPE_EVERY = 4  # llama.cpp's SmolLM3 skips RoPE on every 4th layer (no GGUF key for it)
+# What llama.cpp fixes for Gemma (no GGUF key): every n-th layer is global, the others slide;
+# Gemma 3's sliding layers rotate with base 10000; queries are scaled by 1/sqrt(head dim).
+GEMMA_GLOBAL_EVERY = {"gemma2": 2, "gemma3": 6}
+GEMMA3_LOCAL_THETA = 10_000.0
+GEMMA_NORM_SHIFT = 1.0  # llama.cpp's Gemma norms multiply by w, Hugging Face's by (1 + w)
+
+
+def gemma_window_layers(family: str, n_layer: int) -> tuple[int, ...]:
+    every = GEMMA_GLOBAL_EVERY[family]
+    return tuple(i for i in range(n_layer) if (i + 1) % every)
 
 
 WRITER_KEY = "nanotune.version"
@@ -175,6 +199,8 @@ def config_from_gguf(reader: GGUFReader, where: str) -> ModelConfig:
     rope_scaling = None
     if scaling == "linear":
         rope_scaling = {"rope_type": "linear", "factor": need("rope.scaling.factor")}
+    if arch in GEMMA_GLOBAL_EVERY:
+        return _gemma_config(reader, arch, common, need)
     window = _field(reader, f"{arch}.attention.sliding_window")
     pattern = _field(reader, f"{arch}.attention.sliding_window_pattern")
     window_layers = None
@@ -204,6 +230,42 @@ def config_from_gguf(reader: GGUFReader, where: str) -> ModelConfig:
             if arch == "smollm3"
             else ()
         ),
+    )
+
+
+def _gemma_config(reader: GGUFReader, arch: str, common: dict, need) -> ModelConfig:
+    """Gemma 2 / 3 as llama.cpp runs them (see GEMMA_GLOBAL_EVERY)."""
+    n_embd, n_head, n_layer = common["n_embd"], common["n_head"], common["n_layer"]
+    hd = _field(reader, f"{arch}.attention.key_length", n_embd // n_head)
+    window = _field(reader, f"{arch}.attention.sliding_window")
+    layers = gemma_window_layers(arch, n_layer)
+    scaling = None
+    if _field(reader, f"{arch}.rope.scaling.type", "none") == "linear":
+        scaling = {"rope_type": "linear", "factor": need("rope.scaling.factor")}
+    return ModelConfig(
+        family=arch,
+        **common,
+        n_kv_head=_field(reader, f"{arch}.attention.head_count_kv", n_head),
+        head_dim=hd,
+        intermediate_size=need("feed_forward_length"),
+        norm="rmsnorm",
+        norm_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
+        positions="rope",
+        rope_theta=float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
+        rope_scaling=scaling,
+        rope_local_theta=GEMMA3_LOCAL_THETA if arch == "gemma3" else None,
+        mlp="geglu",
+        attn_bias=False,
+        qk_norm=arch == "gemma3",
+        mlp_bias=False,
+        sliding_window=window or None,
+        window_layers=layers if window and len(layers) < n_layer else None,
+        norm_plus_one=True,
+        post_norms=True,
+        embed_scale=True,
+        query_pre_attn_scalar=hd,
+        attn_softcap=_field(reader, f"{arch}.attn_logit_softcapping"),
+        final_softcap=_field(reader, f"{arch}.final_logit_softcapping"),
     )
 
 
@@ -250,6 +312,8 @@ def read_gguf_state_dict(reader: GGUFReader, config: ModelConfig, where: str) ->
             w = _unpermute(w, config.n_head)
         elif permuted and name.endswith(("k_proj.weight", "k_proj.bias")):
             w = _unpermute(w, config.kv_heads)
+        elif config.norm_plus_one and name.endswith("norm.weight"):
+            w = w - GEMMA_NORM_SHIFT
         w = np.ascontiguousarray(w, dtype=np.float32)
         if not w.flags.writeable:  # F32 tensors come back as views of the read-only file map
             w = w.copy()

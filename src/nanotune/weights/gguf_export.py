@@ -1,10 +1,11 @@
-"""llama.cpp GGUF files out (architectures `llama`, `qwen2`, `qwen3`, `smollm3` and `gpt2`; Mistral
-as `llama`): a float Transformer and its tokenizer as one .gguf that llama.cpp and Ollama run, and
+"""llama.cpp GGUF files out (architectures `llama`, `qwen2`, `qwen3`, `smollm3`, `gemma2`, `gemma3`
+and `gpt2`; Mistral as `llama`): a float Transformer and its tokenizer as one .gguf that llama.cpp and Ollama run, and
 that `weights.gguf` reads back to the same model.
 
 The layout is the inverse of the reader's, as llama.cpp's convert_hf_to_gguf writes it: its name
 maps reversed, Llama's (and SmolLM3's) Q/K rows permuted back to llama.cpp's rotary order, GPT-2's
-Conv1D weights transposed to [out, in], the metadata under the keys llama.cpp reads.
+Conv1D weights transposed to [out, in], Gemma's norm weights shifted by +1 (llama.cpp multiplies
+by w where Hugging Face multiplies by 1 + w), the metadata under the keys llama.cpp reads.
 """
 
 from __future__ import annotations
@@ -33,11 +34,15 @@ from nanotune.tokenizer import Tokenizer
 from nanotune.version import __version__
 from nanotune.weights import convert
 from nanotune.weights.gguf import (
+    GEMMA3_LOCAL_THETA,
+    GEMMA_GLOBAL_EVERY,
+    GEMMA_NORM_SHIFT,
     GGUF_ARCH,
     GGUF_NAMES,
     PERMUTED_QK,
     SMOLLM3_NOPE_EVERY,
     WRITER_KEY,
+    gemma_window_layers,
     written_by_nanotune,
 )
 
@@ -82,6 +87,8 @@ def to_gguf_layout(hf_name: str, w: Tensor, config: ModelConfig) -> Tensor:
     """One Hugging Face tensor in llama.cpp's layout (row order and orientation)."""
     if config.family == "gpt2":
         return w.T if hf_name.endswith(_CONV1D_WEIGHTS) else w
+    if config.norm_plus_one and hf_name.endswith("norm.weight"):
+        return w + GEMMA_NORM_SHIFT
     if GGUF_ARCH[config.family] not in PERMUTED_QK:
         return w
     if hf_name.endswith(("q_proj.weight", "q_proj.bias")):
@@ -138,6 +145,8 @@ def check_exportable(model: Transformer, where: str) -> None:
             f"{where}: llama.cpp's smollm3 skips RoPE on every {every}th layer, this model on "
             f"layers {list(config.nope_layers)}; use --format hf"
         )
+    if arch in GEMMA_GLOBAL_EVERY:
+        _check_gemma(config, arch, where)
     scaling = (config.rope_scaling or {}).get("rope_type", (config.rope_scaling or {}).get("type"))
     if scaling not in (None, "linear"):
         raise NanotuneError(
@@ -151,6 +160,30 @@ def check_exportable(model: Transformer, where: str) -> None:
         raise NanotuneError(
             f"{where}: the model has weights outside the base architecture (e.g. {extra[0]!r}); "
             "merge its adapters first"
+        )
+
+
+def _check_gemma(config: ModelConfig, arch: str, where: str) -> None:
+    """What llama.cpp fixes for Gemma (see `weights.gguf.GEMMA_GLOBAL_EVERY`) must hold."""
+    layers = gemma_window_layers(arch, config.n_layer)
+    windows = [config.window(i) is not None for i in range(config.n_layer)]
+    if config.sliding_window is not None and windows != [
+        i in layers for i in range(config.n_layer)
+    ]:
+        raise NanotuneError(
+            f"{where}: llama.cpp's {arch} slides on all layers but every "
+            f"{GEMMA_GLOBAL_EVERY[arch]}th, this model on layers "
+            f"{[i for i, w in enumerate(windows) if w]}; use --format hf"
+        )
+    if config.query_pre_attn_scalar not in (None, config.hd):
+        raise NanotuneError(
+            f"{where}: llama.cpp's {arch} scales queries by 1/sqrt(head dim {config.hd}), this model "
+            f"by 1/sqrt({config.query_pre_attn_scalar}); use --format hf"
+        )
+    if arch == "gemma3" and config.rope_local_theta != GEMMA3_LOCAL_THETA:
+        raise NanotuneError(
+            f"{where}: llama.cpp's gemma3 rotates its sliding layers with base "
+            f"{GEMMA3_LOCAL_THETA:g}, this model with {config.rope_local_theta}; use --format hf"
         )
 
 
@@ -190,6 +223,10 @@ def _write_llama_metadata(writer: GGUFWriter, c: ModelConfig) -> None:
         writer.add_string(f"{writer.arch}.rope.scaling.type", "linear")
         writer.add_rope_scaling_factor(float(c.rope_scaling["factor"]))
     writer.add_layer_norm_rms_eps(float(c.norm_eps))
+    if c.attn_softcap is not None:
+        writer.add_attn_logit_softcapping(float(c.attn_softcap))
+    if c.final_softcap is not None:
+        writer.add_final_logit_softcapping(float(c.final_softcap))
     if c.sliding_window is not None:
         writer.add_sliding_window(c.sliding_window)
         if c.window_layers is not None:  # per layer: True where it slides
