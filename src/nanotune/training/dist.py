@@ -10,6 +10,7 @@ result) does not depend on how the rows are spread over processes.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import re
 from collections.abc import Callable, Iterator
@@ -99,6 +100,11 @@ def session(device: str = "auto", timeout_s: float = 300.0) -> Iterator[None]:
         raise
     finally:
         if started:
+            # Free what still holds the group (a DDP wrapper in a reference cycle) while the
+            # interpreter is whole: a gloo group whose worker threads outlive it is torn down
+            # during finalization, which can abort the process after a finished run (seen once,
+            # SIGABRT after `done:` in a resumed 2-rank run on a loaded machine).
+            gc.collect()
             td.destroy_process_group()
 
 
