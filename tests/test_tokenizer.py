@@ -278,10 +278,13 @@ def test_gguf_vocabulary_is_built_from_plain_metadata(tmp_path):
 
 
 def test_gguf_errors_name_the_file(tmp_path):
-    path = tmp_path / "spm.gguf"
-    _write_gguf(path, model="llama")
-    with pytest.raises(NanotuneError, match="spm.gguf.*'llama' is not supported"):
+    path = tmp_path / "rwkv.gguf"
+    _write_gguf(path, model="rwkv")
+    with pytest.raises(NanotuneError, match="rwkv.gguf.*'rwkv' is not supported"):
         load_gguf_tokenizer(path)
+    _write_gguf(tmp_path / "spm.gguf", model="llama")  # SentencePiece, but no scores
+    with pytest.raises(NanotuneError, match="spm.gguf.*tokenizer.ggml.scores"):
+        load_gguf_tokenizer(tmp_path / "spm.gguf")
     _write_gguf(tmp_path / "odd.gguf", pre="made-up")
     with pytest.raises(NanotuneError, match="odd.gguf.*'made-up'"):
         load_gguf_tokenizer(tmp_path / "odd.gguf")

@@ -1,4 +1,5 @@
-"""The byte-level BPE a GGUF file describes in its `tokenizer.ggml.*` metadata, both ways.
+"""The byte-level BPE a GGUF file describes in its `tokenizer.ggml.*` metadata, both ways; and,
+read only, the SentencePiece BPE of llama.cpp's 'llama' vocabularies (Gemma's).
 
 This module reads and writes no file: the weights loader opens the GGUF once and hands over the
 values of the keys in `GGUF_KEYS` already decoded (strings, ints, lists), as `gguf.GGUFReader`
@@ -11,7 +12,8 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from tokenizers import AddedToken
+from tokenizers import AddedToken, decoders, models, normalizers
+from tokenizers import Tokenizer as HFTokenizer
 
 from nanotune.errors import NanotuneError
 from nanotune.tokenizer.backends import (
@@ -22,16 +24,19 @@ from nanotune.tokenizer.backends import (
     spell,
 )
 
-# The metadata this module reads (a GGUF holds more, e.g. scores of SentencePiece vocabularies).
+# The metadata this module reads.
 GGUF_KEYS = (
     "tokenizer.ggml.model",
     "tokenizer.ggml.pre",
     "tokenizer.ggml.tokens",
+    "tokenizer.ggml.scores",
+    "tokenizer.ggml.add_space_prefix",
     "tokenizer.ggml.merges",
     "tokenizer.ggml.token_type",
     "tokenizer.ggml.bos_token_id",
     "tokenizer.ggml.eos_token_id",
     "tokenizer.ggml.padding_token_id",
+    "tokenizer.ggml.unknown_token_id",
     "tokenizer.ggml.add_bos_token",
     "tokenizer.chat_template",
 )
@@ -65,10 +70,12 @@ _GGUF_NORMAL, _GGUF_CONTROL, _GGUF_USER_DEFINED = 1, 3, 4
 def read_gguf_vocab(fields: Mapping[str, Any], where: str) -> tuple[Backend, dict[str, Any]]:
     """(backend, Tokenizer settings) from decoded `tokenizer.*` metadata; `where` names the file."""
     model = fields.get("tokenizer.ggml.model")
+    if model == "llama":
+        return _sentencepiece(fields, where)
     if model != "gpt2":
         raise NanotuneError(
-            f"{where}: GGUF tokenizer model {model!r} is not supported; only byte-level BPE "
-            "('gpt2') is; use the model's HF folder with tokenizer.json instead"
+            f"{where}: GGUF tokenizer model {model!r} is not supported; byte-level BPE ('gpt2') "
+            "and SentencePiece BPE ('llama') are; use the model's HF folder with tokenizer.json"
         )
     pre = fields.get("tokenizer.ggml.pre", "default")
     if pre not in GGUF_PRE_SPLITS:
@@ -83,14 +90,23 @@ def read_gguf_vocab(fields: Mapping[str, Any], where: str) -> tuple[Backend, dic
     if not tokens:
         raise NanotuneError(f"{where}: GGUF has no tokenizer.ggml.tokens; it holds no vocabulary")
     hf = byte_level_tokenizer(_vocab(tokens), merges, GGUF_PRE_SPLITS[pre])
-    alphabet = set(byte_spelling().values())
+    return _with_added(hf, tokens, types, set(byte_spelling().values())), _settings(
+        fields, where, _LLAMA_CPP_PRE.get(pre, pre)
+    )
+
+
+def _with_added(
+    hf: HFTokenizer, tokens: list[str], types: list[int], alphabet: set[str] | None
+) -> Backend:
+    """`hf` with the GGUF's control tokens as special tokens and its user-defined ones matched
+    whole; `alphabet`: the characters a token may be spelled in (None: any)."""
     # Control tokens are special; one spelled outside the byte alphabet is a llama.cpp
     # mislabel that transformers skips too (adding it would grow the vocab).
     hf.add_special_tokens(
         [
             AddedToken(t, special=True, normalized=False)
             for t, kind in zip(tokens, types, strict=False)
-            if kind == _GGUF_CONTROL and set(t) <= alphabet
+            if kind == _GGUF_CONTROL and (alphabet is None or set(t) <= alphabet)
         ]
     )
     # User-defined tokens (e.g. `<think>`) are matched whole but are not special.
@@ -101,15 +117,60 @@ def read_gguf_vocab(fields: Mapping[str, Any], where: str) -> tuple[Backend, dic
             if kind == _GGUF_USER_DEFINED and hf.token_to_id(t) is not None
         ]
     )
-    return _TokenizersBackend(hf), {
+    return _TokenizersBackend(hf)
+
+
+def _settings(fields: Mapping[str, Any], where: str, gguf_pre: str | None) -> dict[str, Any]:
+    return {
         "bos_id": fields.get("tokenizer.ggml.bos_token_id"),
         "eos_id": fields.get("tokenizer.ggml.eos_token_id"),
         "pad_id": fields.get("tokenizer.ggml.padding_token_id"),
         "chat_template": fields.get("tokenizer.chat_template"),
         "add_bos": bool(fields.get("tokenizer.ggml.add_bos_token", False)),
-        "gguf_pre": _LLAMA_CPP_PRE.get(pre, pre),
+        "gguf_pre": gguf_pre,
         "name": where,
     }
+
+
+def _sentencepiece(fields: Mapping[str, Any], where: str) -> tuple[Backend, dict[str, Any]]:
+    """llama.cpp's 'llama' vocabulary (SentencePiece BPE: spaces as '▁', bytes as <0xNN> pieces
+    where no piece fits) as a `tokenizers` BPE, as transformers converts it: the merges are every
+    split of a piece into two pieces, ranked by the merged piece's score."""
+    tokens: list[str] = fields.get("tokenizer.ggml.tokens") or []
+    scores: list[float] = fields.get("tokenizer.ggml.scores") or []
+    types: list[int] = fields.get("tokenizer.ggml.token_type", [])
+    if not tokens or len(scores) != len(tokens):
+        raise NanotuneError(
+            f"{where}: a SentencePiece GGUF vocabulary needs tokenizer.ggml.tokens and as many "
+            "tokenizer.ggml.scores; re-convert the file"
+        )
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = []
+    for piece, score in zip(tokens, scores, strict=True):
+        splits = [(piece[:k], piece[k:]) for k in range(1, len(piece))]
+        found = [(a, b) for a, b in splits if a in vocab and b in vocab]
+        found.sort(key=lambda m: (vocab[m[0]], vocab[m[1]]))
+        merges.extend((a, b, score) for a, b in found)
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    unk = fields.get("tokenizer.ggml.unknown_token_id")
+    hf = HFTokenizer(
+        models.BPE(
+            vocab,
+            [(a, b) for a, b, _ in merges],
+            unk_token=tokens[unk] if unk is not None else None,
+            fuse_unk=True,
+            byte_fallback=True,
+        )
+    )
+    steps = [normalizers.Replace(" ", "▁")]
+    if fields.get("tokenizer.ggml.add_space_prefix", False):
+        steps.insert(0, normalizers.Prepend("▁"))
+    hf.normalizer = normalizers.Sequence(steps)
+    hf.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+        + ([decoders.Strip(" ", 1, 0)] if fields.get("tokenizer.ggml.add_space_prefix") else [])
+    )
+    return _with_added(hf, tokens, types, None), _settings(fields, where, None)
 
 
 def _vocab(tokens: list[str]) -> dict[str, int]:
