@@ -91,3 +91,24 @@ def test_greedy_tokens_equal_transformers(models):
     ]
     got = generate_ids(ours, [ids], GenerationConfig(max_new_tokens=8, stop_token_ids=()))[0]
     assert got == want.tolist()
+
+
+@pytest.mark.llama_cpp
+def test_llama_cpp_decodes_the_same_greedy_tokens(models, assembled):
+    """llama.cpp on the same file: the same 8 greedy tokens after each prompt. Its logits are
+    not compared closely: its K-quant products quantize the activations to 8 bits too (up to
+    ~1 apart, on logits of ~20-30)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    ours, _, _, ours_tok = models
+    cpp = llama_cpp.Llama(
+        model_path=str(assembled[1].path), n_ctx=128, n_threads=1, verbose=False, type_k=0, type_v=0
+    )
+    try:
+        for prompt in PROMPTS:
+            ids = [ours_tok.bos_id, *ours_tok.encode(prompt)]
+            cpp.reset()
+            want = [t for t, _ in zip(cpp.generate(ids, temp=0.0, top_k=1), range(8), strict=False)]
+            got = generate_ids(ours, [ids], GenerationConfig(max_new_tokens=8, stop_token_ids=()))
+            assert got[0] == want, prompt
+    finally:
+        cpp.close()
