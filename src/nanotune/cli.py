@@ -235,9 +235,9 @@ def _add_models(sub) -> None:
 
 def _offline(preset) -> bool:
     """Whether the preset's weights are on this machine now (package or hub cache); no network."""
-    from nanotune.weights.resolve import package_file
+    from nanotune.weights.resolve import package_installed
 
-    if package_file(preset) is not None:
+    if package_installed(preset):  # a chunked package counts before its first assembly
         return True
     if preset.hub_id:
         from huggingface_hub import try_to_load_from_cache

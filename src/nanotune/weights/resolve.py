@@ -67,6 +67,14 @@ def package_file(preset: Preset, *, assemble: bool = False) -> Path | None:
     return None
 
 
+def package_installed(preset: Preset) -> bool:
+    """Whether the preset's weights are on this machine in a package, assembled or not (a
+    check that writes nothing)."""
+    if package_file(preset) is not None:
+        return True
+    return bool(preset.package_assemble) and importlib.util.find_spec(preset.package) is not None
+
+
 def models_cache() -> Path:
     """Where assembled package files live: $XDG_CACHE_HOME/nanotune/models."""
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
