@@ -66,7 +66,7 @@ def test_options_read_the_librarys_choices_and_defaults(tmp_path, capsys):
         limits.MAX_BODY,
     )
     out = tmp_path / "m.gguf"
-    assert main(["export", str(out), "--format", "gguf", "--quant", "q5_k_m"]) == 2
+    assert main(["export", str(out), "--format", "gguf", "--quant", "q2_k"]) == 2
     assert f"choose from {', '.join(QUANTS)}" in one_line_error(capsys)
     assert not out.exists()
 

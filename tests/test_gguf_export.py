@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 
 import pytest
 import torch
@@ -412,3 +413,14 @@ def test_smollm2_with_a_trained_lora_exports_merged(smollm2_lora_run, tmp_path):
             assert (logits(loaded, ids) - logits(tuned, ids)).abs().max() < 1e-3
         else:
             assert greedy(loaded, tokenizer, prompt) == greedy(tuned, tokenizer, prompt)
+
+
+def test_k_quants_without_llama_cpp_are_refused_before_the_load(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp raises ImportError
+    out = tmp_path / "m.gguf"
+    # A model that does not exist: the refusal comes before any load would fail on it.
+    argv = ["export", "--format", "gguf", "--quant", "q4_k_m", "--model", str(tmp_path / "none")]
+    assert main([*argv, str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install 'nanotune[llama]'" in err
+    assert list(tmp_path.iterdir()) == []

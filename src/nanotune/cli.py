@@ -293,7 +293,8 @@ def _add_export(sub) -> None:
         help="GGUF weight type (default: f16; an unknown TYPE is refused with the list). As "
         "llama.cpp: norms, biases and GPT-2's position table stay f32; q8_0 keeps a matrix "
         "whose rows are not a multiple of 32 at f16; q4_0/q4_1 give the output head q8_0 and "
-        "refuse such a matrix, naming it",
+        "refuse such a matrix, naming it; q4_k_s/q4_k_m/q5_k_s/q5_k_m/q6_k are made by "
+        "llama.cpp's quantizer (the `llama` extra), which picks each tensor's type",
     )
     p.add_argument(
         "--ollama",
@@ -317,15 +318,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     from nanotune.methods.lora import merge
     from nanotune.weights import save_model
     from nanotune.weights.gguf import written_by_nanotune
-    from nanotune.weights.gguf_export import QUANTS, export_gguf
+    from nanotune.weights.gguf_export import check_quant, export_gguf
     from nanotune.weights.resolve import hub_id_of
 
     out = Path(args.out)
     gguf = args.format in ("gguf", "gguf-lora")
     if args.quant is not None and not gguf:
         raise NanotuneError("--quant applies to --format gguf only; drop it or add --format gguf")
-    if args.quant is not None and args.quant not in QUANTS:  # before the (slow) load
-        raise NanotuneError(f"--quant {args.quant!r}: choose from {', '.join(QUANTS)}")
+    if args.quant is not None and args.format == "gguf":  # before the (slow) load
+        check_quant(args.quant)
     if args.ollama and args.format != "gguf":
         raise NanotuneError(
             "--ollama writes a Modelfile beside a model GGUF: use it with --format gguf (for a "

@@ -129,6 +129,23 @@ def atomic_file(path: str | os.PathLike, *, mode: int = 0o644) -> Iterator[Path]
         raise
 
 
+@contextmanager
+def scratch_file(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary file beside `path` for an intermediate step (removed on exit, however it
+    exits), named as `atomic_file` names its own so that `clean_leftovers(path)` removes it
+    when a killed process leaves it behind."""
+    path = _through_link(Path(path))
+    try:
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f"{_TMP}{os.getpid()}-{path.name}-")
+        os.close(fd)
+    except OSError as e:
+        raise (write_error(e, path) or e) from e
+    try:
+        yield Path(name)
+    finally:
+        Path(name).unlink(missing_ok=True)
+
+
 def atomic_write(path: str | os.PathLike, data: str | bytes, *, mode: int = 0o644) -> Path:
     """Write `data` to `path` so that a reader sees the old file or the new one, never half."""
     with atomic_file(path, mode=mode) as tmp:

@@ -10,7 +10,10 @@ by w where Hugging Face multiplies by 1 + w), the metadata under the keys llama.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -27,7 +30,7 @@ from gguf.quants import quantize
 from torch import Tensor
 
 from nanotune.errors import NanotuneError
-from nanotune.files.atomic import atomic_file, check_file_target, clean_leftovers
+from nanotune.files.atomic import atomic_file, check_file_target, clean_leftovers, scratch_file
 from nanotune.models.config import ModelConfig
 from nanotune.models.transformer import Transformer
 from nanotune.tokenizer import Tokenizer
@@ -55,7 +58,15 @@ QUANTS = {
     "q8_0": (T.Q8_0, LlamaFileType.MOSTLY_Q8_0),
     "q4_0": (T.Q4_0, LlamaFileType.MOSTLY_Q4_0),
     "q4_1": (T.Q4_1, LlamaFileType.MOSTLY_Q4_1),
+    "q4_k_s": (T.Q4_K, LlamaFileType.MOSTLY_Q4_K_S),
+    "q4_k_m": (T.Q4_K, LlamaFileType.MOSTLY_Q4_K_M),
+    "q5_k_s": (T.Q5_K, LlamaFileType.MOSTLY_Q5_K_S),
+    "q5_k_m": (T.Q5_K, LlamaFileType.MOSTLY_Q5_K_M),
+    "q6_k": (T.Q6_K, LlamaFileType.MOSTLY_Q6_K),
 }
+# The gguf package cannot write K-quants: llama.cpp's own quantizer (llama-cpp-python, the
+# `llama` extra) makes these from an f32 GGUF, choosing each tensor's type itself.
+K_QUANTS = ("q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k")
 FLOATS = (T.F32, T.F16, T.BF16)
 
 _CONV1D_WEIGHTS = tuple(f"{module}.weight" for module in convert.GPT2_CONV1D)
@@ -127,6 +138,56 @@ def _tensor_type(
             "refuses it too); use --quant q8_0 (which keeps such tensors at f16) or f16"
         )
     return kind
+
+
+def check_quant(quant: str) -> None:
+    """Refuse an unknown `quant`, or a K-quant without llama.cpp's quantizer installed (cheap:
+    callers check before loading a model)."""
+    if quant not in QUANTS:
+        raise NanotuneError(f"GGUF quant {quant!r}: choose from {', '.join(QUANTS)}")
+    if quant in K_QUANTS:
+        try:
+            import llama_cpp  # noqa: F401
+        except ImportError as e:
+            raise NanotuneError(
+                f"GGUF quant {quant!r} is made by llama.cpp's quantizer, which is not installed: "
+                "pip install 'nanotune[llama]' (or choose q8_0, q4_0 or q4_1)"
+            ) from e
+
+
+def _llama_quantize(src: Path, dst: Path, file_type: LlamaFileType, where: str) -> None:
+    """llama.cpp's llama-quantize, in process: the f32 GGUF `src` to `dst` as `file_type`
+    (metadata copied, general.file_type set; a tensor whose rows are not whole 256-value
+    super-blocks falls back to a 32-value type such as q5_0 or q8_0, as llama-quantize does)."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = int(file_type)
+    # llama.cpp writes a line per tensor, to stderr and through llama-cpp-python's log callback
+    # (Python's sys.stderr): keep them for the error, and the terminal quiet.
+    with tempfile.TemporaryFile("w+", errors="replace") as log:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(log.fileno(), 2)
+        try:
+            with contextlib.redirect_stderr(log):
+                failed = llama_cpp.llama_model_quantize(
+                    str(src).encode(), str(dst).encode(), params
+                )
+        finally:
+            log.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+        log.seek(0)
+        lines = log.read().splitlines()
+    if failed:
+        cause = next((x.strip() for x in reversed(lines) if x.strip()), "no message")
+        raise NanotuneError(
+            f"{where}: llama.cpp's quantizer failed to write {file_type.name} ({cause}); "
+            "try --quant q8_0 or f16"
+        )
+    if not written_by_nanotune(dst):  # --overwrite finds nanotune's files by this key
+        raise NanotuneError(f"{where}: llama.cpp's quantizer dropped the {WRITER_KEY} key")
 
 
 def check_exportable(model: Transformer, where: str) -> None:
@@ -254,14 +315,14 @@ def export_gguf(
 ) -> Path:
     """Write `model` (a plain Transformer, adapters merged first) and `tokenizer`
     to the GGUF file `path`, atomically. `quant`: one of `QUANTS` for the matrices (see
-    `_tensor_type`); `name` goes in general.name (default: the file's stem). An existing `path`
+    `_tensor_type`; K_QUANTS are written as f32 to a scratch file beside `path`, then quantized
+    by llama.cpp); `name` goes in general.name (default: the file's stem). An existing `path`
     is refused unless `overwrite`, and never replaced when it is one of `inputs`."""
     path = Path(path).expanduser()
-    if quant not in QUANTS:
-        raise NanotuneError(f"GGUF quant {quant!r} is not supported; choose {', '.join(QUANTS)}")
+    check_quant(quant)
     check_file_target(path, overwrite=overwrite, ours=written_by_nanotune, inputs=inputs)
     check_exportable(model, str(path))
-    qtype, file_type = QUANTS[quant]
+    qtype, file_type = QUANTS["f32" if quant in K_QUANTS else quant]
     tensors = gguf_tensors(model)
     names = {n for n, _ in tensors}
     # Every type is chosen (and a tensor no type fits refused) before anything is written.
@@ -277,17 +338,35 @@ def export_gguf(
         for n, t in tensors
     ]
     clean_leftovers(path)
+    name = name or path.stem
     with atomic_file(path) as tmp:
-        writer = GGUFWriter(tmp, GGUF_ARCH[model.config.family])
-        _write_metadata(writer, model, tokenizer, name or path.stem)
-        writer.add_file_type(file_type)
-        writer.add_quantization_version(GGML_QUANT_VERSION)
-        writer.add_string(WRITER_KEY, __version__)
-        for (gguf, tensor), kind in zip(tensors, kinds, strict=True):
-            w = np.ascontiguousarray(tensor.to("cpu", torch.float32).numpy())
-            writer.add_tensor(gguf, quantize(w, kind), raw_dtype=kind)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
+        if quant in K_QUANTS:
+            with scratch_file(path) as f32:
+                _write(f32, model, tokenizer, name, file_type, tensors, kinds)
+                _llama_quantize(f32, tmp, QUANTS[quant][1], str(path))
+        else:
+            _write(tmp, model, tokenizer, name, file_type, tensors, kinds)
     return path
+
+
+def _write(
+    path: Path,
+    model: Transformer,
+    tokenizer: Tokenizer,
+    name: str,
+    file_type: LlamaFileType,
+    tensors: list[tuple[str, Tensor]],
+    kinds: list[GGMLQuantizationType],
+) -> None:
+    writer = GGUFWriter(path, GGUF_ARCH[model.config.family])
+    _write_metadata(writer, model, tokenizer, name)
+    writer.add_file_type(file_type)
+    writer.add_quantization_version(GGML_QUANT_VERSION)
+    writer.add_string(WRITER_KEY, __version__)
+    for (gguf, tensor), kind in zip(tensors, kinds, strict=True):
+        w = np.ascontiguousarray(tensor.to("cpu", torch.float32).numpy())
+        writer.add_tensor(gguf, quantize(w, kind), raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
