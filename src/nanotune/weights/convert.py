@@ -251,27 +251,11 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
     if config.family in ("gemma2", "gemma3"):
         return _gemma_config_to_hf(config)
     hf = {
-        "architectures": [f"{ARCHITECTURES[config.family]}ForCausalLM"],
+        **_rope_decoder_fields(config),
         "model_type": config.family,
-        "vocab_size": config.vocab_size,
-        "max_position_embeddings": config.block_size,
-        "num_hidden_layers": config.n_layer,
-        "num_attention_heads": config.n_head,
-        "num_key_value_heads": config.kv_heads,
-        "hidden_size": config.n_embd,
-        "head_dim": config.hd,
-        "intermediate_size": config.ffn,
         "hidden_act": "silu",
-        "rms_norm_eps": config.norm_eps,
         "rope_theta": config.rope_theta,
-        "attention_bias": config.attn_bias,
         "mlp_bias": config.mlp_bias,
-        "tie_word_embeddings": config.tie_embeddings,
-        "bos_token_id": config.bos_token_id,
-        "eos_token_id": config.eos_token_id,
-        "pad_token_id": None,  # SmolLM3's config defaults to an id of its own 128k vocabulary
-        "attention_dropout": config.dropout,
-        "torch_dtype": "float32",
     }
     if config.rope_scaling:
         hf["rope_scaling"] = dict(config.rope_scaling)
@@ -287,11 +271,10 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
     return hf
 
 
-def _gemma_config_to_hf(config: ModelConfig) -> dict[str, Any]:
-    windowed = [config.window(i) is not None for i in range(config.n_layer)]
-    hf = {
+def _rope_decoder_fields(config: ModelConfig) -> dict[str, Any]:
+    """The config.json fields every RoPE family (Llama and its descendants, Gemma) writes alike."""
+    return {
         "architectures": [f"{ARCHITECTURES[config.family]}ForCausalLM"],
-        "model_type": "gemma2" if config.family == "gemma2" else "gemma3_text",
         "vocab_size": config.vocab_size,
         "max_position_embeddings": config.block_size,
         "num_hidden_layers": config.n_layer,
@@ -300,20 +283,28 @@ def _gemma_config_to_hf(config: ModelConfig) -> dict[str, Any]:
         "hidden_size": config.n_embd,
         "head_dim": config.hd,
         "intermediate_size": config.ffn,
-        "hidden_activation": "gelu_pytorch_tanh",
         "rms_norm_eps": config.norm_eps,
         "attention_bias": config.attn_bias,
+        "tie_word_embeddings": config.tie_embeddings,
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": config.eos_token_id,
+        "pad_token_id": None,  # SmolLM3's config defaults to an id of its own 128k vocabulary
+        "attention_dropout": config.dropout,
+        "torch_dtype": "float32",
+    }
+
+
+def _gemma_config_to_hf(config: ModelConfig) -> dict[str, Any]:
+    windowed = [config.window(i) is not None for i in range(config.n_layer)]
+    hf = {
+        **_rope_decoder_fields(config),
+        "model_type": "gemma2" if config.family == "gemma2" else "gemma3_text",
+        "hidden_activation": "gelu_pytorch_tanh",
         "query_pre_attn_scalar": config.query_pre_attn_scalar or config.hd,
         "sliding_window": config.sliding_window,
         "layer_types": ["sliding_attention" if w else "full_attention" for w in windowed],
         "attn_logit_softcapping": config.attn_softcap,
         "final_logit_softcapping": config.final_softcap,
-        "tie_word_embeddings": config.tie_embeddings,
-        "bos_token_id": config.bos_token_id,
-        "eos_token_id": config.eos_token_id,
-        "pad_token_id": None,
-        "attention_dropout": config.dropout,
-        "torch_dtype": "float32",
     }
     global_ = {"rope_type": "default", "rope_theta": config.rope_theta}
     if config.rope_scaling:
