@@ -484,7 +484,7 @@ def test_presets_have_the_published_shapes_and_lora_targets(name, capsys):
 
 @pytest.fixture
 def mistral_engine(folders):
-    from nanotune.serve.engine import Engine
+    from nanotune.decoding.engine import Engine
 
     model, tok = load_model(folders["mistral"])
     engine = Engine(model, tok, max_batch=4)
@@ -496,7 +496,7 @@ def mistral_engine(folders):
 def test_serve_engine_decodes_past_the_window_as_transformers(mistral_engine, folders):
     """The engine's decode rows sit at their own positions in the slot cache; its masks need no
     change for the window (the decoder counts distances by position)."""
-    from nanotune.serve.engine import BASE, Sampling, Sequence
+    from nanotune.decoding.engine import BASE, Sampling, Sequence
 
     engine, tok = mistral_engine
     hf = tf.AutoModelForCausalLM.from_pretrained(folders["mistral"]).eval()

@@ -26,8 +26,11 @@ ALLOWED: dict[str, set[str]] = {
     "weights": {"errors", "files", "version", "models", "tokenizer", "methods"},
     "data": {"errors", "files", "version"},  # version: the data cache keys on it
     # The loop knows nothing of families or formats.
-    "training": {"errors", "files", "hardware"},
+    "training": {"errors", "files", "hardware", "decoding"},  # decoding: GRPO's generation
     "generate": {"errors", "models"},
+    # The continuous-batching engine, below serve/ (HTTP over it) and training/ (GRPO generates
+    # with it): models and generate for the decode, tokenizer and weights for adapter folders.
+    "decoding": {"errors", "models", "generate", "tokenizer", "weights"},
     "classify": {"errors", "data", "methods"},
     "eval": {"errors", "files", "data", "generate"},
     "config": {"errors", "files", "data", "eval", "methods", "models", "training"},

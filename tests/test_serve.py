@@ -550,9 +550,9 @@ def test_the_api_key_can_stay_out_of_the_process_list(monkeypatch, capsys):
 def test_adapters_that_cannot_share_the_base_are_refused_with_merge_advice(tiny_llama_dir, tmp_path):
     """DoRA rescales the base output, a trained embedding changes the shared vocabulary: both
     are refused at load, naming the folder and the way out (merge), and nothing changes."""
+    from nanotune.decoding.engine import Engine
     from nanotune.errors import NanotuneError
     from nanotune.methods.lora import apply_lora
-    from nanotune.serve.engine import Engine
     from nanotune.weights import load_model
     from nanotune.weights.peft import save_adapter
 
@@ -580,9 +580,9 @@ def test_an_adapter_loaded_onto_an_int8_engine_is_refused_with_merge_advice(
 ):
     """int8 replaces the base's linears that adapters attach to: every way in (start-up's
     --adapter and run-time loading alike) ends in Engine.load_adapter, which refuses it."""
+    from nanotune.decoding.engine import Engine
     from nanotune.errors import NanotuneError
     from nanotune.models.decoding import for_decoding
-    from nanotune.serve.engine import Engine
     from nanotune.weights import load_model
 
     model, tok = load_model(tiny_llama_dir)
@@ -631,7 +631,7 @@ def test_bfloat16_serving_answers(tiny_llama_dir, adapters):
 
 
 def test_the_prefix_cache_keeps_the_longest_match_within_its_bound(tiny_llama_dir):
-    from nanotune.serve.engine import _PrefixCache, _SlotCache
+    from nanotune.decoding.engine import _PrefixCache, _SlotCache
     from nanotune.weights import load_model
 
     model, _ = load_model(tiny_llama_dir)

@@ -9,9 +9,9 @@ import threading
 import pytest
 import torch
 
+from nanotune.decoding import engine as engine_mod
+from nanotune.decoding.engine import BASE, Engine, Event, Sampling, Sequence, _SlotCache
 from nanotune.generate import GenerationConfig, generate_ids
-from nanotune.serve import engine as engine_mod
-from nanotune.serve.engine import BASE, Engine, Event, Sampling, Sequence, _SlotCache
 from nanotune.weights import load_model
 
 

@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nanotune.decoding.engine import BASE, Engine, Event, QueueFull, Sequence
 from nanotune.errors import NanotuneError
 from nanotune.generate import completion_text
 from nanotune.serve import protocol
-from nanotune.serve.engine import BASE, Engine, Event, QueueFull, Sequence
 from nanotune.serve.limits import MAX_BODY
 from nanotune.serve.protocol import APIError, Parsed
 from nanotune.tokenizer import Tokenizer

@@ -16,7 +16,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from nanotune.serve.engine import Sampling, TokenLogprob
+from nanotune.decoding.engine import Sampling, TokenLogprob
 from nanotune.tokenizer import Tokenizer
 
 MAX_LOGPROBS = 20

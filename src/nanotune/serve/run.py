@@ -5,12 +5,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from nanotune.decoding.engine import Engine
 from nanotune.errors import NanotuneError
 from nanotune.jobs import artifacts
 from nanotune.methods import SequenceClassifier
 from nanotune.models import DEFAULT_MODEL
 from nanotune.serve.app import Server, run_server
-from nanotune.serve.engine import Engine
 from nanotune.serve.limits import MAX_BATCH, MAX_BODY, MAX_QUEUE, PREFIX_CACHE_MB
 from nanotune.weights.peft import CONFIG_FILE
 

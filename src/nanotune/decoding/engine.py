@@ -1,8 +1,8 @@
-"""The decode loop behind `nanotune serve`: continuous batching over one base and many adapters.
+"""The decode loop behind `nanotune serve` and GRPO: continuous batching over one base and many adapters.
 
 One thread owns the model. Each turn of its loop it admits waiting sequences (a prefill each,
 into a free slot of the KV cache), then runs ONE forward for every active sequence, whatever
-adapter each uses (`serve.lora`), picks each row's next token with that request's own sampling
+adapter each uses (`decoding.lora`), picks each row's next token with that request's own sampling
 settings and generator, and hands the token to the request. Sequences join and leave at token
 boundaries; a finished or cancelled one frees its slot at once (the last slot moves into it, so
 active sequences always sit in rows 0..n-1 and the batch is a view, never a gather).
@@ -29,12 +29,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from nanotune.decoding.limits import MAX_BATCH, MAX_QUEUE, PREFIX_CACHE_MB
+from nanotune.decoding.lora import Routing, serve_adapters, served_layers
 from nanotune.errors import NanotuneError
 from nanotune.generate import GenerationConfig, TextStream, default_stop_ids, pick_next
 from nanotune.models.linear import Int8Linear
 from nanotune.models.transformer import Transformer
-from nanotune.serve.limits import MAX_BATCH, MAX_QUEUE, PREFIX_CACHE_MB
-from nanotune.serve.lora import Routing, serve_adapters, served_layers
 from nanotune.tokenizer import Tokenizer
 from nanotune.weights.peft import adapter_pairs, adapter_tokenizer
 
