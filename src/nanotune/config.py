@@ -294,8 +294,8 @@ FOREIGN_KEYS = {
 FOREIGN_HINTS = {
     "bf16": "write train.dtype: bfloat16 (autocast compute) and/or model.dtype: bfloat16 "
     "(the weights as loaded)",
-    "fp16": "write model.dtype: float16 (the weights as loaded); train.dtype is auto, float32 "
-    "or bfloat16",
+    "fp16": "write train.dtype: float16 (autocast compute with a loss scaler) and/or "
+    "model.dtype: float16 (the weights as loaded)",
     "load_best_model_at_end": "nanotune restores the best evaluation's weights before the run "
     "ends by default: train.keep_best (true), judged every train.eval_every steps",
 }

@@ -51,9 +51,10 @@ def cpu_bf16_flags() -> list[str]:
 
 def native_bf16(device: torch.device) -> bool:
     """Whether `device` multiplies bfloat16 in hardware, so bf16 compute beats float32: a CUDA GPU
-    with bf16 support, or a CPU with AVX512_BF16 or AMX."""
+    with native bf16 (not the emulated bf16 torch also reports for a T4 or V100), or a CPU
+    with AVX512_BF16 or AMX."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     if os.environ.get("NANOTUNE_NATIVE_BF16") == "0":
         return False
     return device.type == "cpu" and bool(cpu_bf16_flags())

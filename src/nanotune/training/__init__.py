@@ -25,7 +25,7 @@ _LAZY = {
     "lr_at": "schedule",
     "Interrupted": "trainer",
     "Trainer": "trainer",
-    "autocast_for": "trainer",
+    "autocast_for": "precision",
     "TrainResult": "trainer",
     "build_optimizer": "trainer",
     "check_trainable": "trainer",

@@ -64,11 +64,12 @@ class TrainConfig:
     """Resumable checkpoints (checkpoints/step-N) kept on disk; older ones are deleted."""
     seed: int = 1337
     """Seeds torch, python and numpy, and the data order of every epoch."""
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    """Compute precision (bf16/fp32 also accepted): auto = bfloat16 autocast (fp32 master
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Compute precision (bf16/fp16/fp32 also accepted): auto = bfloat16 autocast (fp32 master
     weights, optimizer state, loss and norms) where the device multiplies bf16 in hardware - a
-    CUDA GPU with bf16, a CPU with AVX512_BF16 or AMX - and float32 otherwise; the run log says
-    which was chosen and why. float32 is exact and reproducible across machines."""
+    GPU with native bf16 (Ampere and later), a CPU with AVX512_BF16 or AMX - else float16
+    autocast with a loss scaler (GradScaler) on a GPU, float32 on a CPU; the run log says which
+    was chosen and why. float32 is exact and reproducible across machines."""
     compile: bool = False
     """Compile the loss computation with torch.compile."""
     gradient_checkpointing: bool = False

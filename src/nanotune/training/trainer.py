@@ -27,7 +27,6 @@ import torch
 from torch import Tensor, nn
 
 from nanotune.errors import NanotuneError
-from nanotune.hardware import cpu_bf16_flags, native_bf16
 from nanotune.training import checkpoint as ckpt
 from nanotune.training import dist
 from nanotune.training.config import TrainConfig
@@ -40,6 +39,7 @@ from nanotune.training.losses import (
     Objective,
     trim_padding,
 )
+from nanotune.training.precision import autocast_for, compute_precision, grad_scaler_for
 from nanotune.training.prefix import PrefixStore, available_memory
 from nanotune.training.schedule import lr_at
 
@@ -101,36 +101,6 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
         return torch.optim.AdamW(groups, fused=True, **kwargs)
     except (RuntimeError, TypeError):
         return torch.optim.AdamW(groups, **kwargs)
-
-
-def compute_precision(config: TrainConfig, device: torch.device) -> tuple[str, str]:
-    """The precision `config.dtype` trains in on `device`, and why: auto is bfloat16 autocast
-    where the device multiplies bf16 in hardware (a CUDA GPU with bf16, a CPU with AVX512_BF16
-    or AMX), float32 otherwise."""
-    if config.dtype != "auto":
-        return config.dtype, "train.dtype"
-    found = native_bf16(device)
-    if device.type == "cuda":
-        why = "this GPU supports bf16" if found else "this GPU has no bf16"
-    elif device.type == "cpu":
-        flags = "/".join(cpu_bf16_flags())
-        if found:
-            why = f"this CPU has {flags}"
-        else:
-            why = "NANOTUNE_NATIVE_BF16=0" if flags else "this CPU has no AVX512_BF16 or AMX"
-    else:
-        why = f"no bf16 autocast on {device.type}"
-    return ("bfloat16" if found else "float32"), f"train.dtype auto: {why}"
-
-
-def autocast_for(
-    config: TrainConfig, device: torch.device
-) -> Callable[[], contextlib.AbstractContextManager]:
-    """The compute precision of `config.dtype` on `device` (see `compute_precision`), as a
-    context factory: bfloat16 autocast, or float32 without autocast."""
-    if compute_precision(config, device)[0] == "float32":
-        return contextlib.nullcontext
-    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def parameter_counts(model: nn.Module) -> tuple[int, int]:
@@ -282,6 +252,8 @@ class Trainer:
         # After wrapping: FSDP2 replaces the parameters with sharded ones.
         self.optimizer = build_optimizer(self.model, config)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        # float16 autocast only (a disabled scaler passes everything through unchanged).
+        self.scaler = grad_scaler_for(config, self.device, self.params)
 
     @contextlib.contextmanager
     def full_model(self) -> Iterator[nn.Module]:
@@ -333,7 +305,7 @@ class Trainer:
                         loss = loss * scale
                     else:
                         loss = self.engine(self.loss_fn, mb) * scale
-                loss.backward()
+                self.scaler.scale(loss).backward()
             loss_sum += loss.detach()
             tokens += mb["input_ids"].numel()
             if self.step_sums:
@@ -360,12 +332,22 @@ class Trainer:
         # reaches neither the weights nor a checkpoint.
         if not math.isfinite(stats["loss"]):
             raise self._non_finite(step, "loss", stats["loss"])
+        scaled = self.scaler.is_enabled()
+        if scaled:  # the true gradients, for clipping; an overflow is found here
+            self.scaler.unscale_(self.optimizer)
         if self.config.max_grad_norm is not None:
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
             stats["grad_norm"] = float(dist.full_tensor(norm))
-            if not math.isfinite(stats["grad_norm"]):
+            # Under a loss scaler an overflow is expected now and then: the scaler skips that
+            # step and halves the scale, so only an unscaled run stops on it.
+            if not scaled and not math.isfinite(stats["grad_norm"]):
                 raise self._non_finite(step, "gradient norm", stats["grad_norm"])
-        self.optimizer.step()
+        if scaled:
+            stats["loss_scale"] = float(self.scaler.get_scale())
+            self.scaler.step(self.optimizer)  # skipped where the gradients overflowed
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         stats["supervised_fraction"] = n_labels / max(1.0, stats["tokens"])
         if "n_real" in batch and "n_computed" in batch:  # the batch's own figure, before trimming
@@ -407,6 +389,7 @@ class Trainer:
             "schedule": {"total_steps": self.total_steps},  # lr is a pure function of the step
             "rng": dist.gather_objects(ckpt.rng_state()),  # per rank: dropout differs by rank
             "world_size": world_size(),
+            "grad_scaler": self.scaler.state_dict(),  # {} unless float16 autocast
         }
 
     def _save(self, pos: _Position) -> Path:
@@ -462,6 +445,8 @@ class Trainer:
             )
         ckpt.load_trainable(self.model, weights, path)
         ckpt.load_optimizer_state(self.optimizer, state["optimizer"])
+        if state.get("grad_scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["grad_scaler"])
         rng = state["rng"]
         ckpt.set_rng_state(rng[dist.rank()] if isinstance(rng, list) else rng)
         known = {f.name for f in fields(_Position)}  # older checkpoints lack the newer fields
@@ -493,7 +478,8 @@ class Trainer:
         # The first record of each process carries the counts, for the report's headline.
         trainable, total = parameter_counts(self.model)
         precision, why = compute_precision(cfg, self.device)
-        log.info(f"compute precision: {precision} ({why})")
+        scaler = ", loss scaling by a GradScaler" if self.scaler.is_enabled() else ""
+        log.info(f"compute precision: {precision} ({why}){scaler}")
         once = {"trainable_params": trainable, "total_params": total, "precision": precision}
         prefix = self._frozen_prefix(log)
         self.model.train()
