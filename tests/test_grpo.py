@@ -1,0 +1,205 @@
+"""GRPO: the loss against TRL's GRPOTrainer computation, advantages, rewards, generation through
+the decoding engine during training, and whole runs (resume after SIGKILL)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from nanotune.errors import NanotuneError
+from nanotune.training.grpo import (
+    GRPOObjective,
+    Prompt,
+    Reward,
+    completion_logps,
+    group_advantages,
+    score,
+)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+# ---- parity with TRL's GRPOTrainer loss -------------------------------------------------------
+
+
+def trl_grpo_loss(policy, inputs: dict, *, loss_type: str, beta: float, eps, eps_high, temp, L):
+    """TRL GRPOTrainer's own `_compute_loss` and `_get_per_token_logps_and_entropies` (its fused
+    LM head at `temp`, its clipping, KL and reduction) on an HF model, with only the trainer's
+    plumbing stood in for. The model is in eval mode: one micro-batch, no accumulation."""
+    import contextlib
+
+    from trl.trainer.grpo_trainer import GRPOTrainer
+    from trl.trainer.utils import add_fused_lm_head
+
+    add_fused_lm_head(policy, temperature=temp, outputs=("log_probs", "entropy"))
+    same = SimpleNamespace(
+        device="cpu",
+        num_processes=1,
+        autocast=contextlib.nullcontext,
+        gather=lambda x: x,
+        gather_for_metrics=lambda x: x,
+        reduce=lambda x, reduction="sum": x,
+        sync_gradients=True,
+        is_main_process=True,
+    )
+    trainer = SimpleNamespace(
+        model=policy,
+        accelerator=same,
+        args=SimpleNamespace(use_bias_correction_kl=False, delta=None, steps_per_generation=1),
+        loss_type=loss_type,
+        beta=beta,
+        epsilon_low=eps,
+        epsilon_high=eps_high,
+        top_entropy_quantile=1.0,
+        off_policy_mask_threshold=None,
+        importance_sampling_level="token",
+        use_vllm=False,
+        vllm_importance_sampling_correction=False,
+        current_gradient_accumulation_steps=1,
+        max_completion_length=L,
+        aux_loss_enabled=False,
+        _entropy_bonus_enabled=False,
+        _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
+    )
+    trainer._get_per_token_logps_and_entropies = (
+        GRPOTrainer._get_per_token_logps_and_entropies.__get__(trainer)
+    )
+    value = GRPOTrainer._compute_loss(trainer, policy, inputs)
+    return value, trainer._metrics["eval"]
+
+
+@pytest.fixture(scope="module")
+def hf_and_ours(request):
+    from transformers import AutoModelForCausalLM
+
+    from nanotune.weights import load_model
+
+    def make(fixture: str):
+        folder = request.getfixturevalue(fixture)
+        hf = AutoModelForCausalLM.from_pretrained(folder).eval()
+        ours = load_model(folder)[0].eval()
+        return hf, ours
+
+    return make
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo", "bnpo"])
+@pytest.mark.parametrize("fixture", ["tiny_gpt2_dir", "tiny_llama_dir"])
+def test_grpo_loss_and_gradients_equal_trls_grpo_trainer(fixture, loss_type, hf_and_ours):
+    """A fixed batch (prompts, completions of uneven lengths, advantages of both signs, old
+    log-probs that put ratios outside the clip range, reference log-probs): our loss (summed
+    over the micro-batch, divided by the step's count) and every weight's gradient equal TRL's."""
+    from nanotune.weights import convert
+
+    hf, ours = hf_and_ours(fixture)
+    g = torch.Generator().manual_seed(5)
+    N, P, L = 6, 5, 7  # completions, prompt tokens (GPT-2's absolute positions: no left pad)
+    lengths = [7, 3, 5, 1, 7, 4]
+    prompt = torch.randint(3, 1000, (N, P), generator=g)
+    completion = torch.randint(3, 1000, (N, L), generator=g)
+    cmask = torch.tensor([[1] * n + [0] * (L - n) for n in lengths])
+    completion = completion * cmask  # padding id 0 after each completion
+    advantages = torch.randn(N, generator=g)
+    temp, beta, eps, eps_high = 0.7, 0.05, 0.2, 0.28
+    # The policy's own log-probs, then old ones moved so that some ratios leave [1-eps, 1+eps_high].
+    obj = GRPOObjective(
+        None,
+        [Prompt(prompt[i].tolist(), "", "", f"row {i}") for i in range(N)],
+        [],
+        num_generations=2,
+        temperature=temp,
+        max_new_tokens=L,
+        beta=beta,
+        epsilon=eps,
+        epsilon_high=eps_high,
+        num_iterations=2,  # old log-probs are used
+        loss_type=loss_type,
+        reference=lambda m: None,
+    )
+    ours_batch = obj._batch(
+        obj.prompts,
+        [completion[i, : lengths[i]].tolist() for i in range(N)],
+        [False] * N,
+        advantages,
+    )
+    with torch.no_grad():
+        current = completion_logps(ours, ours_batch, temp)
+    keep = ours_batch["targets"] != -100
+    old = (current + torch.randn(current.shape, generator=g) * 0.3) * keep
+    ref = (current + torch.randn(current.shape, generator=g) * 0.5) * keep
+
+    def completion_frame(x):  # our [N, T] target frame -> TRL's [N, L]
+        out = torch.zeros(N, L)
+        for i in range(N):
+            out[i, : lengths[i]] = x[i, P - 1 : P - 1 + lengths[i]]
+        return out
+
+    inputs = {
+        "prompt_ids": prompt,
+        "prompt_mask": torch.ones(N, P, dtype=torch.long),
+        "completion_ids": completion,
+        "completion_mask": cmask,
+        "advantages": advantages,
+        "old_per_token_logps": completion_frame(old),
+        "ref_per_token_logps": completion_frame(ref),
+        "num_items_in_batch": cmask.sum(),
+    }
+    trl_value, trl_metrics = trl_grpo_loss(
+        hf, inputs, loss_type=loss_type, beta=beta, eps=eps, eps_high=eps_high, temp=temp, L=L
+    )
+    hf.zero_grad()
+    trl_value.backward()
+
+    ours_batch |= {"old_logps": old, "ref_logps": ref}
+    loss, sums = obj.loss_and_sums(ours, ours_batch)
+    value = loss / obj.count(ours_batch)
+    value.backward()
+
+    assert abs(float(value) - float(trl_value)) <= 1e-5
+    assert abs(float(trl_value)) > 1e-3
+    n = obj.count(ours_batch)
+    assert float(sums["kl"]) / n == pytest.approx(trl_metrics["kl"][0], abs=1e-5)
+    region = trl_metrics["clip_ratio/region_mean"][0]
+    assert float(sums["clip_fraction"]) / n == pytest.approx(region, abs=1e-6) and region > 0
+    ours_params = dict(ours.named_parameters(remove_duplicate=False))
+    grads = convert.to_hf({k: p.grad for k, p in ours_params.items()}, ours.config)
+    theirs = {k: p.grad for k, p in hf.named_parameters()}
+    assert set(theirs) <= set(grads)
+    worst = max(float((grads[k] - theirs[k]).abs().max()) for k in theirs)
+    largest = max(float(t.abs().max()) for t in theirs.values())
+    assert worst <= 1e-5 and largest > 1e-4
+
+
+# ---- advantages and rewards ---------------------------------------------------------------------
+
+
+def test_group_advantages_are_trls():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0], dtype=torch.float64)
+    adv, zero = group_advantages(rewards, 4, "group")
+    std = torch.tensor([1.0, 0, 0, 1]).std()
+    assert torch.allclose(adv[:4], (rewards[:4] - 0.5) / (std + 1e-4))
+    assert adv[4:].abs().max() == 0 and zero.tolist() == [False] * 4 + [True] * 4
+    adv, _ = group_advantages(rewards, 4, "batch")
+    assert torch.allclose(adv[:4], (rewards[:4] - 0.5) / (rewards.std() + 1e-4))
+    adv, _ = group_advantages(rewards, 4, "none")
+    assert adv[:4].tolist() == [0.5, -0.5, -0.5, 0.5]
+
+
+def test_a_reward_that_raises_or_is_not_finite_names_itself_and_the_row():
+    def boom(completions, **kw):
+        raise KeyError("answer")
+
+    def nan(completions, **kw):
+        return [1.0, float("nan")]
+
+    args = (["a", "b"], ["p", "p"], ["r", "r"], [[1], [2]], ["data.train[0]", "data.train[7]"])
+    with pytest.raises(NanotuneError, match="reward boom raised KeyError"):
+        score([Reward("boom", boom)], *args)
+    with pytest.raises(NanotuneError, match=r"reward nan gave nan for data.train\[7\]"):
+        score([Reward("nan", nan)], *args)
+    out = score([Reward("one", lambda c, **kw: [1, 2.5])], *args)
+    assert out.tolist() == [[1.0], [2.5]]
