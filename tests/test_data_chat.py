@@ -168,25 +168,63 @@ BAD_ROWS = {
         {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": None}]},
         "conversations[1].value is null",
     ),
-    "sharegpt tool turn": (
+    "tool result without a call": (
+        {
+            "messages": [
+                {"role": "user", "content": "Weather?"},
+                {"role": "assistant", "content": "Let me look."},
+                {"role": "tool", "content": "sunny", "tool_call_id": "c1"},
+                {"role": "assistant", "content": "Sunny"},
+            ]
+        },
+        "messages[2] is a tool result with no tool call before it",
+    ),
+    "sharegpt observation without a call": (
         {
             "conversations": [
                 {"from": "human", "value": "Weather?"},
-                {"from": "function_call", "value": '{"name": "weather"}'},
                 {"from": "observation", "value": "sunny"},
                 {"from": "gpt", "value": "Sunny"},
             ]
         },
-        "conversations[1].from is 'function_call' (a tool turn); tool calling is not supported",
+        "conversations[1] is a tool result with no tool call before it",
     ),
-    "openai tool calls": (
+    "tool call without a name": (
         {
             "messages": [
                 {"role": "user", "content": "Weather?"},
-                {"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]},
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {"id": "c1", "type": "function", "function": {"arguments": "{}"}}
+                    ],
+                },
             ]
         },
-        "messages[1] is a tool call or result; tool calling is not supported",
+        "messages[1].tool_calls[0] has no function name",
+    ),
+    "sharegpt call that is not JSON": (
+        {
+            "conversations": [
+                {"from": "human", "value": "Weather?"},
+                {"from": "function_call", "value": "weather(Paris)"},
+            ]
+        },
+        "conversations[1].value is not valid JSON",
+    ),
+    "call arguments that are not an object": (
+        {
+            "messages": [
+                {"role": "user", "content": "Weather?"},
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [{"function": {"name": "weather", "arguments": "[1, 2]"}}],
+                },
+            ]
+        },
+        "messages[1].tool_calls[0].function.arguments is a list",
     ),
 }
 GOOD = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}

@@ -37,7 +37,7 @@ from nanotune.data.store import ExampleStore
 from nanotune.files.atomic import atomic_dir
 from nanotune.version import __version__
 
-FORMAT = 4  # bump when the entry layout or the examples a config makes change
+FORMAT = 5  # bump when the entry layout or the examples a config makes change
 CHECKSUMS = "checksums.json"
 
 

@@ -5,10 +5,14 @@ from __future__ import annotations
 import difflib
 import string
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from types import UnionType
-from typing import Literal, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
-from nanotune.data.formats import CHAT_LAYOUTS, FORMATS
+from nanotune.data.example import BadRow
+from nanotune.data.formats import CHAT_LAYOUTS, FORMATS, may_render_chat
+from nanotune.data.templates import resolve_chat_template
+from nanotune.data.tools import tool_schemas
 from nanotune.errors import NanotuneError
 
 Format = Literal[tuple(FORMATS)]  # the names of the table of formats (data/formats.py)
@@ -110,6 +114,15 @@ class DataConfig:
     chat_style: ChatStyle = "auto"
     """chat: the model's chat template, nanotune's <|user|>… markers, or auto (the model's when
     the tokenizer has one)."""
+    chat_template: str = ""
+    """chat: the chat template to train with instead of the model's ("" = the model's): a
+    packaged one (chatml-tools: ChatML turns with Hermes-style <tool_call> JSON, for tool calling
+    on models whose own template drops tools, such as SmolLM2) or a template file. The run saves
+    it with its tokenizer, so generate, serve and the GGUF export render as it trained."""
+    tools: list[dict[str, Any]] | str | None = None
+    """chat: tool (function) schemas for every conversation without a `tools` column: a list of
+    OpenAI {type: function, function: {name, description, parameters}} objects or a JSON file
+    of one; rendered by the chat template as transformers' apply_chat_template(tools=...)."""
     label_names: list[str] | None = None
     """classification: class names in label order; null = the sorted distinct labels."""
     chunk_tokens: int = 128
@@ -182,6 +195,14 @@ class DataConfig:
             why = _template_problem(getattr(self, name))
             if why:
                 raise bad(name, f"{getattr(self, name)!r}: {why}")
+        if self.chat_template:
+            if not may_render_chat(self.format):
+                raise bad("chat_template", f"applies to conversations, not format: {self.format}")
+            if self.chat_style == "markers":
+                raise bad("chat_template", "a template, or chat_style: markers; not both")
+            resolve_chat_template(self.chat_template)  # a missing file is told before any load
+        if self.tools is not None:
+            self.tools = _tools(self.tools)
         spec = FORMATS[self.format]
         if spec.documents and self.chunk_tokens > self.max_length:
             raise bad("chunk_tokens", f"{self.chunk_tokens} exceeds max_length={self.max_length}")
@@ -189,6 +210,22 @@ class DataConfig:
             raise bad("pack", f"packing applies to language-model formats, not {self.format}")
         if self.balance and spec.task != "classification":
             raise bad("balance", "class balancing applies to format: classification only")
+
+
+def _tools(value: Any) -> list[dict[str, Any]] | None:
+    """data.tools read: inline schemas, or a JSON file of them."""
+    where = "data.tools"
+    if isinstance(value, str):
+        path = Path(value).expanduser()
+        try:
+            value = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise NanotuneError(f"data.tools: cannot read {path} ({e})") from e
+        where = f"data.tools ({path})"
+    try:
+        return tool_schemas(value, where, "the schemas")
+    except BadRow as e:
+        raise NanotuneError(str(e)) from None
 
 
 def _choices(tp: object) -> list[str]:

@@ -25,8 +25,17 @@ from nanotune.data.example import (
     Row,
     Task,
 )
+from nanotune.data.templates import resolve_chat_template, template_tokens
+from nanotune.data.tools import (
+    check_tool_turns,
+    missing_tool_parts,
+    tool_calls,
+    tool_schemas,
+    uses_tools,
+)
 from nanotune.errors import NanotuneError
 
+Message = dict[str, Any]  # {role, content} and, where they apply, tool_calls, tool_call_id, name
 # Turn markers for models without a chat template (GPT-2); added as special tokens.
 ROLE_MARKERS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
 END_MARKER = "<|end|>"
@@ -50,10 +59,12 @@ class TokenizerLike(Protocol):
     def encode(self, text: str, allow_special: bool = True) -> list[int]: ...
 
     def apply_chat_template(
-        self, messages: list[dict[str, str]], add_generation_prompt: bool = False
+        self, messages: list[Message], add_generation_prompt: bool = False, **extra: Any
     ) -> str: ...
 
-    def encode_chat(self, messages: list[dict[str, str]]) -> tuple[list[int], list[bool]]: ...
+    def encode_chat(
+        self, messages: list[Message], add_generation_prompt: bool = False, **extra: Any
+    ) -> tuple[list[int], list[bool]]: ...
 
 
 class FormatOptions(Protocol):
@@ -69,6 +80,8 @@ class FormatOptions(Protocol):
     completion_template: str
     system_prompt: str
     chat_style: str
+    chat_template: str
+    tools: Any
 
 
 class TooLong(NanotuneError):
@@ -146,9 +159,15 @@ def required_special_tokens(
     """Special tokens the format needs that the tokenizer lacks; the caller adds them and resizes the model.
 
     rows: the rows to be formatted (a preference format needs the markers only for conversations)."""
-    if not renders_chat(cfg, rows) or not uses_markers(cfg, tokenizer):
+    if not renders_chat(cfg, rows):
         return []
-    return [t for t in MARKER_TOKENS if t not in tokenizer.special_tokens]
+    if cfg.chat_template:  # a packaged template's turn tokens (GPT-2 has no <|im_start|>)
+        wanted = template_tokens(cfg.chat_template)
+    elif uses_markers(cfg, tokenizer):
+        wanted = tuple(MARKER_TOKENS)
+    else:
+        return []
+    return [t for t in wanted if t not in tokenizer.special_tokens]
 
 
 def bos(tokenizer: TokenizerLike) -> list[int]:
@@ -283,7 +302,8 @@ def transcript_messages(text: str, where: str) -> list[dict[str, str]]:
     ]
 
 
-# ShareGPT speakers (`from`) -> roles; tool turns are refused until tool calling is built.
+# ShareGPT speakers (`from`) -> roles. A call turn's value is the JSON of its call(s), as
+# LLaMA-Factory's ShareGPT layout stores them; an observation is a tool's result.
 SHAREGPT_ROLES = {
     "human": "user",
     "user": "user",
@@ -291,11 +311,16 @@ SHAREGPT_ROLES = {
     "assistant": "assistant",
     "model": "assistant",
     "system": "system",
+    "function_call": "assistant",
+    "tool_calls": "assistant",
+    "observation": "tool",
+    "tool": "tool",
+    "function": "tool",
 }
+SHAREGPT_CALLS = ("function_call", "tool_calls")
+CHAT_ROLES = ("system", "user", "assistant", "tool")
 # Names people give the layouts `format: chat` reads (its refusal of them as formats says so).
 CHAT_LAYOUTS = ("sharegpt", "openai", "messages", "conversations", "chatml", "vicuna")
-TOOL_TURNS = ("function_call", "tool_calls", "observation", "tool", "function")
-NOT_YET_TOOLS = "tool calling is not supported yet"
 
 
 def _content(value: Any, where: str, field: str) -> str:
@@ -330,19 +355,44 @@ def _kind(value: Any) -> str:
     return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
 
 
-def _message(m: Any, where: str, field: str) -> dict[str, str]:
-    """One message as {role, content}: OpenAI's {role, content} or ShareGPT's {from, value}."""
+def _openai_message(m: dict, where: str, field: str) -> Message:
+    """OpenAI's {role, content}, an assistant's `tool_calls` (or the older `function_call`) and
+    `reasoning_content`, a tool result's `tool_call_id` and `name` (role `function`: the older
+    name of a tool result)."""
+    role = "tool" if m["role"] == "function" else m["role"]
+    if "content" not in m:
+        raise BadRow(f"{where}: {field} has no 'content'")
+    calls = m.get("tool_calls") or ([m["function_call"]] if m.get("function_call") else None)
+    if role == "assistant" and calls:
+        where_calls = f"{field}.{'tool_calls' if m.get('tool_calls') else 'function_call'}"
+        out: Message = {
+            "role": role,
+            "content": "",
+            "tool_calls": tool_calls(calls, where, where_calls),
+        }
+        if m["content"] is not None:  # a call's content may be null (OpenAI sends it so)
+            out["content"] = _content(m["content"], where, f"{field}.content")
+    else:
+        out = {"role": str(role), "content": _content(m["content"], where, f"{field}.content")}
+    if role == "assistant" and m.get("reasoning_content") is not None:
+        out["reasoning_content"] = _content(
+            m["reasoning_content"], where, f"{field}.reasoning_content"
+        )
+    if role == "tool":
+        for key in ("tool_call_id", "name"):
+            if m.get(key) is not None:
+                if not isinstance(m[key], str):
+                    raise BadRow(f"{where}: {field}.{key} is {_kind(m[key])}; it must be text")
+                out[key] = m[key]
+    return out
+
+
+def _message(m: Any, where: str, field: str) -> Message:
+    """One message as {role, content, …}: OpenAI's {role, content} or ShareGPT's {from, value}."""
     if isinstance(m, dict) and "role" in m:
-        role = m["role"]
-        if m.get("tool_calls") or role in ("tool", "function"):
-            raise BadRow(f"{where}: {field} is a tool call or result; {NOT_YET_TOOLS}")
-        if "content" not in m:
-            raise BadRow(f"{where}: {field} has no 'content'")
-        return {"role": str(role), "content": _content(m["content"], where, f"{field}.content")}
+        return _openai_message(m, where, field)
     if isinstance(m, dict) and "from" in m:
         speaker = m["from"]
-        if speaker in TOOL_TURNS:
-            raise BadRow(f"{where}: {field}.from is {speaker!r} (a tool turn); {NOT_YET_TOOLS}")
         if speaker not in SHAREGPT_ROLES:
             raise BadRow(
                 f"{where}: {field}.from is {speaker!r}; use one of {', '.join(SHAREGPT_ROLES)}"
@@ -350,6 +400,12 @@ def _message(m: Any, where: str, field: str) -> dict[str, str]:
         if "value" not in m:
             raise BadRow(f"{where}: {field} has no 'value'")
         value = m["value"]
+        if speaker in SHAREGPT_CALLS:
+            return {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": tool_calls(value, where, f"{field}.value"),
+            }
         if not isinstance(value, str):
             raise BadRow(f"{where}: {field}.value is {_kind(value)}; it must be text")
         return {"role": SHAREGPT_ROLES[speaker], "content": value}
@@ -358,23 +414,31 @@ def _message(m: Any, where: str, field: str) -> dict[str, str]:
     )
 
 
-def _messages(raw: Any, where: str, field: str) -> list[dict[str, str]]:
-    """A list of messages in either layout (OpenAI or ShareGPT), as {role, content} dicts."""
+def _messages(raw: Any, where: str, field: str) -> list[Message]:
+    """A list of messages in either layout (OpenAI or ShareGPT), as {role, content, …} dicts."""
     if not isinstance(raw, list) or not raw:
         raise BadRow(
             f"{where}: {field!r} must be a non-empty list of {{role, content}} (OpenAI) or "
             "{from, value} (ShareGPT) objects"
         )
-    return [_message(m, where, f"{field}[{i}]") for i, m in enumerate(raw)]
+    messages = [_message(m, where, f"{field}[{i}]") for i, m in enumerate(raw)]
+    for i, m in enumerate(messages):
+        if m["role"] not in CHAT_ROLES:
+            raise BadRow(
+                f"{where}: {field}[{i}] has role {m['role']!r}; use system, user, assistant or tool"
+            )
+    check_tool_turns(messages, where, field)
+    return messages
 
 
-def row_messages(row: Row, system_prompt: str = "") -> list[dict[str, str]]:
+def row_messages(row: Row, system_prompt: str = "") -> list[Message]:
     """The conversation in a chat row, in whichever common layout it is stored:
     OpenAI `messages` ({role, content}, content a string or text parts), ShareGPT
     `conversations` ({from, value}; either list in either name), a `dialogue` transcript
     (HH-RLHF's "\n\nHuman: …\n\nAssistant: …"), or system/user/assistant,
     context/question/answer, prompt/completion or Alpaca instruction/input/output columns.
-    A top-level `system` column is the system turn of a conversation that has none."""
+    A top-level `system` column is the system turn of a conversation that has none.
+    Messages may carry tool calls and results (`tool_calls`, role `tool`): see `data/tools.py`."""
     if row.get("dialogue") is not None:
         messages = transcript_messages(str(row["dialogue"]), row.where)
         if messages[-1]["role"] != "assistant" or not messages[-1]["content"]:
@@ -419,11 +483,6 @@ def row_messages(row: Row, system_prompt: str = "") -> list[dict[str, str]]:
             "'conversations' (ShareGPT), user/assistant, question/answer, prompt/completion or "
             "instruction/output columns (map yours with data.columns)"
         )
-    for i, m in enumerate(messages):
-        if m["role"] not in ROLE_MARKERS:
-            raise BadRow(
-                f"{row.where}: messages[{i}] has role {m['role']!r}; use system, user or assistant"
-            )
     if row.get("system") and messages[0]["role"] != "system":
         system = _content(row["system"], row.where, "system")
         messages.insert(0, {"role": "system", "content": system})
@@ -432,7 +491,7 @@ def row_messages(row: Row, system_prompt: str = "") -> list[dict[str, str]]:
     return messages
 
 
-def _marker_segments(messages: list[dict[str, str]], tokenizer: TokenizerLike) -> list[Segment]:
+def _marker_segments(messages: list[Message], tokenizer: TokenizerLike) -> list[Segment]:
     enc = tokenizer.encode
     segments: list[Segment] = [(bos(tokenizer), False)]
     for m in messages:
@@ -445,12 +504,14 @@ def _marker_segments(messages: list[dict[str, str]], tokenizer: TokenizerLike) -
 
 
 def _template_segments(
-    messages: list[dict[str, str]], tokenizer: TokenizerLike, where: str
+    messages: list[Message], tokenizer: TokenizerLike, where: str, extra: dict[str, Any]
 ) -> list[Segment]:
-    """Render prefix by prefix; each new piece of text is tokenized on its own."""
+    """Render prefix by prefix at each assistant turn; each new piece of text is tokenized on
+    its own. Only the assistant turns are boundaries: what lies between two replies (a user
+    turn, a run of tool results a template groups into one turn) is one piece."""
 
-    def render(msgs: list[dict[str, str]], gen: bool = False) -> str:
-        return tokenizer.apply_chat_template(msgs, add_generation_prompt=gen)
+    def render(msgs: list[Message], gen: bool = False) -> str:
+        return tokenizer.apply_chat_template(msgs, add_generation_prompt=gen, **extra)
 
     def piece(before: str, after: str) -> str:
         if not after.startswith(before):
@@ -464,36 +525,75 @@ def _template_segments(
     # follows it (e.g. a newline) belongs to the scaffolding of the next turn.
     special = set(tokenizer.special_tokens.values()) | {tokenizer.eos_id}
     segments: list[Segment] = []
-    try:
-        prev = render([])
-    except Exception:  # some templates index messages[0]; an empty conversation renders as nothing
-        prev = ""
+    # From the start: what a template writes before any turn (BOS, a system turn listing the
+    # tools) is part of the text, as transformers renders it.
+    prev = ""
     for k, m in enumerate(messages):
-        if m["role"] == "assistant":
-            head = render(messages[:k], gen=True)
-            segments.append((tokenizer.encode(piece(prev, head)), False))
-            prev = head
+        if m["role"] != "assistant":
+            continue
+        head = render(messages[:k], gen=True)
+        segments.append((tokenizer.encode(piece(prev, head)), False))
         full = render(messages[: k + 1])
-        ids = tokenizer.encode(piece(prev, full))
-        if m["role"] == "assistant":
-            end = next((i + 1 for i, t in enumerate(ids) if t in special), len(ids))
-            segments += [(ids[:end], True), (ids[end:], False)]
-        else:
-            segments.append((ids, False))
+        ids = tokenizer.encode(piece(head, full))
+        end = next((i + 1 for i, t in enumerate(ids) if t in special), len(ids))
+        segments += [(ids[:end], True), (ids[end:], False)]
         prev = full
+    if messages[-1]["role"] != "assistant":
+        segments.append((tokenizer.encode(piece(prev, render(messages))), False))
     return segments
 
 
-def _generation_segments(messages: list[dict[str, str]], tokenizer: TokenizerLike) -> list[Segment]:
+def _generation_segments(
+    messages: list[Message], tokenizer: TokenizerLike, extra: dict[str, Any]
+) -> list[Segment]:
     """The whole conversation in one piece, supervised where the template's `{% generation %}`
     blocks are: the template's own answer, not the prefix-by-prefix guess."""
-    ids, mask = tokenizer.encode_chat(messages)
+    ids, mask = tokenizer.encode_chat(messages, **extra)
     return [([t], m) for t, m in zip(ids, mask, strict=True)]
 
 
+# Templates known to render tool calling (or not), by their text: one probe render each.
+_RENDERS_TOOLS: dict[str, list[str]] = {}
+
+
+def _check_renders_tools(tokenizer: TokenizerLike, cfg: FormatOptions) -> None:
+    """Refuse, naming the fix, a template (or the markers) that would drop tools, calls or
+    results from the text: the model would train on replies to requests it never saw."""
+    fix = (
+        "set data.chat_template: chatml-tools (a packaged ChatML template with Hermes-style "
+        "<tool_call> JSON, for models with <|im_start|> turns such as SmolLM2) or a path to a "
+        "template file that renders them"
+    )
+    if uses_markers(cfg, tokenizer):
+        raise NanotuneError(
+            f"the conversations have tools, tool calls or tool results, which nanotune's "
+            f"<|user|> chat markers do not render; {fix}"
+        )
+    template = tokenizer.chat_template or ""
+    if template not in _RENDERS_TOOLS:
+        if len(_RENDERS_TOOLS) > 16:
+            _RENDERS_TOOLS.clear()
+        _RENDERS_TOOLS[template] = missing_tool_parts(tokenizer.apply_chat_template)
+    missing = _RENDERS_TOOLS[template]
+    if missing:
+        name = getattr(tokenizer, "name", "the model")
+        raise NanotuneError(
+            f"the conversations have tools, tool calls or tool results, but the chat template of "
+            f"{name} drops {', '.join(missing)}; {fix}"
+        )
+
+
 def _chat_segments(
-    messages: list[dict[str, str]], tokenizer: TokenizerLike, cfg: FormatOptions, where: str
+    messages: list[Message],
+    tokenizer: TokenizerLike,
+    cfg: FormatOptions,
+    where: str,
+    tools: list[dict[str, Any]] | None = None,
 ) -> list[Segment]:
+    extra: dict[str, Any] = {}
+    if uses_tools(messages, tools):
+        _check_renders_tools(tokenizer, cfg)
+        extra = {"tools": tools} if tools else {}
     if uses_markers(cfg, tokenizer):
         missing = [t for t in MARKER_TOKENS if t not in tokenizer.special_tokens]
         if missing:
@@ -503,29 +603,50 @@ def _chat_segments(
             )
         return _marker_segments(messages, tokenizer)
     if tokenizer.marks_generation:
-        return _generation_segments(messages, tokenizer)
-    return _template_segments(messages, tokenizer, where)
+        return _generation_segments(messages, tokenizer, extra)
+    return _template_segments(messages, tokenizer, where, extra)
+
+
+def row_tools(row: Row, cfg: FormatOptions) -> list[dict[str, Any]] | None:
+    """The tool schemas a conversation is rendered with: the row's `tools`, else data.tools."""
+    if row.get("tools") is not None:
+        return tool_schemas(row["tools"], row.where, "tools")
+    return cfg.tools or None
 
 
 def format_chat(row: Row, tokenizer: TokenizerLike, cfg: FormatOptions) -> Example:
     messages = row_messages(row, cfg.system_prompt)
-    return _assemble(_chat_segments(messages, tokenizer, cfg, row.where), cfg, row)
+    tools = row_tools(row, cfg)
+    return _assemble(_chat_segments(messages, tokenizer, cfg, row.where, tools), cfg, row)
 
 
 def chat_prompt_ids(
-    messages: list[dict[str, str]], tokenizer: TokenizerLike, cfg: FormatOptions
+    messages: list[Message],
+    tokenizer: TokenizerLike,
+    cfg: FormatOptions,
+    tools: list[dict[str, Any]] | None = None,
 ) -> list[int]:
     """Token ids of a conversation ending where the assistant's reply starts (for generation),
-    rendered exactly as training renders it."""
+    rendered exactly as training renders it (with `tools`, the schemas it may call)."""
     messages = row_messages(Row({"messages": messages}, "chat"), cfg.system_prompt)
     if uses_markers(cfg, tokenizer):
+        if uses_tools(messages, tools):
+            _check_renders_tools(tokenizer, cfg)
         segments = _marker_segments(messages, tokenizer) + [
             (tokenizer.encode(ROLE_MARKERS["assistant"] + "\n"), False)
         ]
     else:
-        rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        extra = {"tools": tools} if tools else {}
+        rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, **extra)
         return tokenizer.encode(rendered)
     return [t for ids, _ in segments for t in ids]
+
+
+def use_chat_template(cfg: FormatOptions, tokenizer: TokenizerLike) -> None:
+    """Give the tokenizer the template data.chat_template names (packaged or a file), so the
+    run renders, trains and is saved with it (generate, serve and the GGUF export then use it)."""
+    if cfg.chat_template:
+        tokenizer.chat_template = resolve_chat_template(cfg.chat_template)
 
 
 # ---- preference pairs ------------------------------------------------------------------------
@@ -700,6 +821,11 @@ def _always(rows: Sequence[Row]) -> bool:
 
 def _any_conversation(rows: Sequence[Row]) -> bool:
     return any(preference_is_chat(r) for r in rows)
+
+
+def may_render_chat(format: str) -> bool:
+    """Whether rows of `format` may render as conversations (some or all of them)."""
+    return FORMATS[format].renders_chat is not _never
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from nanotune.data.formats import (
     TooLong,
     required_special_tokens,
     row_field,
+    use_chat_template,
     use_markers_template,
 )
 from nanotune.data.sources import balance_rows, iter_source, python_rows, split_rows
@@ -430,6 +431,7 @@ def build_datasets(
     this data, these options and this tokenizer were built before; `Datasets.cached` says so.
     """
     objects = objects or {}
+    use_chat_template(cfg, tokenizer)  # before the cache key: the tokenizer's digest holds it
     root, key = data_cache.cache_root(), data_cache.cache_key(cfg, tokenizer)
     if root is not None and key is not None:
         hit = data_cache.load(root, key)
