@@ -191,15 +191,92 @@ def test_group_advantages_are_trls():
 
 def test_a_reward_that_raises_or_is_not_finite_names_itself_and_the_row():
     def boom(completions, **kw):
-        raise KeyError("answer")
+        if "b" in completions:
+            raise KeyError("answer")
+        return [0.0] * len(completions)
 
     def nan(completions, **kw):
         return [1.0, float("nan")]
 
     args = (["a", "b"], ["p", "p"], ["r", "r"], [[1], [2]], ["data.train[0]", "data.train[7]"])
-    with pytest.raises(NanotuneError, match="reward boom raised KeyError"):
+    with pytest.raises(
+        NanotuneError, match=r"reward boom raised KeyError: 'answer' on data.train\[7\]"
+    ):
         score([Reward("boom", boom)], *args)
     with pytest.raises(NanotuneError, match=r"reward nan gave nan for data.train\[7\]"):
         score([Reward("nan", nan)], *args)
     out = score([Reward("one", lambda c, **kw: [1, 2.5])], *args)
     assert out.tolist() == [[1.0], [2.5]]
+
+
+# ---- whole runs ---------------------------------------------------------------------------------
+
+ROWS = [{"prompt": f"{a}+{b}=", "completion": str(a + b)} for a in range(6) for b in range(6)]
+
+
+def grpo_config(folder, out, **rl) -> dict:
+    return {
+        "model": str(folder),
+        "data": {"format": "completion", "val_fraction": 0.2},
+        "method": {"name": "lora", "r": 4, "alpha": 8},
+        "train": {
+            "max_steps": 4,
+            "micro_batch_size": 4,
+            "grad_accum": 2,
+            "lr": 1e-2,
+            "seed": 3,
+            "dtype": "float32",
+            "save_every": 1,
+        },
+        "rl": {
+            "algorithm": "grpo",
+            "num_generations": 4,
+            "max_new_tokens": 6,
+            "beta": 0.05,
+            "num_iterations": 2,
+            "rewards": ["numeric_match", "length"],
+            "reward_weights": [1.0, 0.1],
+            **rl,
+        },
+        "eval": {"metrics": ["exact_match"], "max_new_tokens": 6},
+        "output_dir": str(out),
+    }
+
+
+def test_grpo_run_logs_rollout_metrics_and_heldout_reward(tiny_llama_dir, tmp_path):
+    import json
+
+    import nanotune
+
+    seen = []
+
+    def first_char_is_digit(completions, **kw):
+        seen.append(len(completions))
+        return [float(c[:1].isdigit()) for c in completions]
+
+    result = nanotune.train(
+        grpo_config(tiny_llama_dir, tmp_path / "run"),
+        data={"train": ROWS},
+        rewards=[first_char_is_digit],
+        progress=False,
+    )
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    # Generation at steps 1 and 3 (num_iterations 2): its metrics come with those steps.
+    generated = [r for r in steps if "reward" in r]
+    assert [r["step"] for r in generated] == [1, 3]
+    for key in (
+        "rewards/numeric_match/mean",
+        "rewards/first_char_is_digit/std",
+        "kl",
+        "advantage_std",
+        "clip_fraction",
+        "completion_length_mean",
+        "zero_std_fraction",
+    ):
+        assert key in generated[0], key
+    # held-out (7 val prompts) before, 2 generations of 2 prompts x 4 completions, after
+    assert seen == [7, 8, 8, 7]
+    assert "rl_reward" in result.before and "rl_reward" in result.after
+    assert "exact_match" in result.after

@@ -37,6 +37,7 @@ from nanotune.files.atomic import atomic_write
 from nanotune.methods.config import MethodConfig
 from nanotune.models.config import DEFAULT_MODEL
 from nanotune.training.config import PreferenceConfig, TrainConfig
+from nanotune.training.rl_config import RLConfig
 
 
 @dataclass
@@ -61,6 +62,8 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     preference: PreferenceConfig = field(default_factory=PreferenceConfig)
     """What preference pairs train (data.format: preference): DPO, SimPO, ORPO or a reward model."""
+    rl: RLConfig = field(default_factory=RLConfig)
+    """Online RL from reward functions (rl.algorithm: grpo) on the data's prompts."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     output_dir: str = "runs/run"
     """The run directory: config.yaml, metrics.jsonl, checkpoints/, final/."""
@@ -77,6 +80,12 @@ class RunConfig:
                 f"preference.objective: {objective} learns from preference pairs, but "
                 f"data.format is {self.data.format}; set data.format: preference (rows with "
                 "prompt/chosen/rejected) or remove preference.objective"
+            )
+        if self.rl.algorithm is not None and FORMATS[self.data.format].task != "lm":
+            raise NanotuneError(
+                f"rl.algorithm: {self.rl.algorithm} samples answers to prompts, but data.format "
+                f"{self.data.format} has none; use completion or chat rows (the answer is the "
+                "reference the rewards compare with)"
             )
         if objective == "reward" and self.eval.generation_metrics:
             raise NanotuneError(

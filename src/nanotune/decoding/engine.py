@@ -293,6 +293,17 @@ class _PrefixCache:
             self.bytes -= self._size(self.entries.pop(key))
 
 
+def check_adapters_attach(dtype: str, what: str = "--adapter") -> None:
+    """Refuse LoRA adapters over a base decoded in `dtype` int8: its quantized linear layers
+    hold no float weight for them to attach to."""
+    if dtype == "int8":
+        raise NanotuneError(
+            f"{what}: the base is served with --dtype int8, whose quantized linear layers "
+            "adapters cannot attach to; merge the adapter into its base (`nanotune merge`) and "
+            "serve that, or serve with --dtype bfloat16"
+        )
+
+
 class Engine:
     """Owns the model and its decode thread; requests come in by `submit`."""
 
@@ -304,7 +315,11 @@ class Engine:
         max_batch: int = MAX_BATCH,
         max_queue: int = MAX_QUEUE,
         prefix_cache_mb: int = PREFIX_CACHE_MB,
+        route_adapters: bool = True,
     ) -> None:
+        """route_adapters: wrap the block linears (in place) so adapter folders can be loaded
+        and chosen per row (serving); False leaves the model's modules as they are, so a model
+        being trained decodes as it is, its own LoRA layers included (GRPO)."""
         if max_batch < 1 or max_queue < 1:
             raise NanotuneError("--max-batch and --max-queue must be at least 1")
         if prefix_cache_mb < 0:
@@ -313,7 +328,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
         self.context = model.config.block_size
-        self.routing: Routing = serve_adapters(model)
+        self.routing: Routing = serve_adapters(model) if route_adapters else Routing()
         self.layers = served_layers(model)
         self.adapters: dict[str, Adapter] = {}  # by name; unloaded ones leave this at once
         self._by_id: dict[int, Adapter] = {}
@@ -335,13 +350,11 @@ class Engine:
         folder changes nothing)."""
         if not name or name in self.adapters:
             raise NanotuneError(f"an adapter named {name!r} is already loaded; unload it first")
+        if not self.layers:
+            raise NanotuneError("this engine decodes its model as it is; it takes no adapters")
         # Every way in (serve's --adapter, /v1/load_lora_adapter) passes here.
         if any(isinstance(layer.base, Int8Linear) for layer in self.layers.values()):
-            raise NanotuneError(
-                f"adapter {name!r} ({path}): the base is served with --dtype int8, whose "
-                "quantized linear layers adapters cannot attach to; merge the adapter into its "
-                "base (`nanotune merge`) and serve that, or serve with --dtype bfloat16"
-            )
+            check_adapters_attach("int8", f"adapter {name!r} ({path})")
         pairs = adapter_pairs(self.model, path)  # reads and checks; the model is untouched
         tokenizer = adapter_tokenizer(path, self.tokenizer)
         with self._model_lock:
@@ -400,6 +413,36 @@ class Engine:
             "prefix_hits": self._prefixes.hits,
             "prefix_tokens_reused": self._prefixes.reused,
         }
+
+    def run(self, prompts: list[list[int]], sampling: list[Sampling]) -> list[Sequence]:
+        """Decode every prompt (on the base) to its end in the calling thread, batched
+        continuously as the server's thread does, and return the finished sequences in order.
+        For a caller that owns the model between calls (GRPO's generation during training);
+        not while `start` has a thread running. A sequence that fails raises here."""
+        if self._thread is not None:
+            raise RuntimeError("Engine.run with the engine thread running")
+        errors: list[str] = []
+
+        def sink(event: Event) -> None:
+            if event.error:
+                errors.append(event.error)
+
+        seqs = [
+            Sequence(list(p), BASE, s, self.tokenizer, sink)
+            for p, s in zip(prompts, sampling, strict=True)
+        ]
+        for lo in range(0, len(seqs), self.max_queue):
+            self.submit(seqs[lo : lo + self.max_queue])
+            with torch.inference_mode(), self._model_lock:
+                while self._waiting or self._active:
+                    room = self.max_batch - len(self._active)
+                    self._step(
+                        [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+                    )
+        self._cache.release()
+        if errors:
+            raise RuntimeError(f"decoding failed: {errors[0]}")
+        return seqs
 
     # ---- the loop -------------------------------------------------------------------------
 

@@ -6,7 +6,7 @@ directory (never overwritten by accident, resumed only with a compatible config)
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -190,6 +190,7 @@ def train(
     *,
     data: dict[str, Any] | None = None,
     resume: bool = False,
+    rewards: Sequence[Callable[..., Any]] = (),
     overwrite: bool = False,
     overrides: list[str] = (),
     progress: bool = True,
@@ -203,6 +204,8 @@ def train(
         those splits, are read as a file's rows are (a bad row is named `data["train"][3]`),
         and are not kept in the data cache.
     resume: continue the run in `output_dir` from its latest checkpoint (same model/method/data).
+    rewards: reward functions for `rl.algorithm: grpo`, besides those of `rl.rewards`:
+        fn(completions, prompts=, reference=, completion_ids=) -> one float per completion.
     overwrite: replace an existing `output_dir` that nanotune wrote; the old run is removed only
         once the new one has a checkpoint, and never a folder holding user files or inputs.
 
@@ -234,6 +237,7 @@ def train(
                 inputs=inputs,
                 objects=objects,
             )
+                rewards=rewards,
     except OfflineError as e:
         raise OfflineError(e.reason, _offline_fix(recipe)) from e
 
@@ -259,12 +263,13 @@ def _train(
     inputs: list[Path],
     objects: dict[str, Any],
 ) -> RunResult:
+    rewards: Sequence[Callable[..., Any]] = (),
     from nanotune.training.dist import is_main, on_main
 
     # Every check and every input first (the run directory, model, data, method, reward
     # model): a run that cannot start writes nothing and removes nothing.
     on_main(lambda: check_run_dir(config, resume=resume, overwrite=overwrite, inputs=inputs))
-    setup = _setup(config, objects)
+    setup = _setup(config, objects, rewards)
     run = RunDir(config.output_dir, RUN_ENTRIES)
     if resume:
         run_dir = run.path
@@ -294,8 +299,13 @@ class _Setup:
     data: Any
     reward_model: Any
 
+    rl_rewards: Any = None  # GRPO's reward functions (training.grpo.Reward)
 
-def _setup(config: RunConfig, objects: dict[str, Any] | None = None) -> _Setup:
+def _setup(
+    config: RunConfig,
+    objects: dict[str, Any] | None = None,
+    rl_functions: Sequence[Callable[..., Any]] = (),
+) -> _Setup:
     from nanotune.jobs.prepare import prepare_model, reward_model, reward_model_folder
     from nanotune.methods import apply_method
     from nanotune.training import seed_everything
@@ -306,6 +316,16 @@ def _setup(config: RunConfig, objects: dict[str, Any] | None = None) -> _Setup:
     if "reward" in config.eval.metrics:  # a reward run not trained yet: said before the loads
         reward_model_folder(config.eval.reward_model)
     seed_everything(config.train.seed)  # model init (LoRA A, heads) depends on it
+    rl_rewards = None
+    if config.rl.algorithm:  # reward files load (and fail) before the model does
+        from nanotune.training.rewards import build_rewards
+
+        rl_rewards = build_rewards(config.rl, rl_functions)
+    elif rl_functions:
+        raise NanotuneError(
+            "rewards=[...] score sampled completions, but rl.algorithm is not set; set "
+            "rl.algorithm: grpo or leave rewards out"
+        )
     model, tokenizer = load_model(config.model.name, dtype=getattr(torch, config.model.dtype))
     if config.model.special_tokens:
         tokenizer.add_special_tokens(config.model.special_tokens)
@@ -321,9 +341,13 @@ def _setup(config: RunConfig, objects: dict[str, Any] | None = None) -> _Setup:
     model = apply_method(model, config.method)
     _check_trainable(model, data, config)
     if config.preference.objective == "reward":
+    if config.rl.algorithm:
+        from nanotune.jobs import grpo
+
+        grpo.check(config, model)
         _score_before_the_end(data, tokenizer)
     rewards = reward_model(config.eval) if data.splits.get(config.eval.split) else None
-    return _Setup(model, tokenizer, data, rewards)
+    return _Setup(model, tokenizer, data, rewards, rl_rewards)
 
 
 def _datasets(cfg: DataConfig, tokenizer: Tokenizer, objects: dict[str, Any]) -> Datasets:
@@ -457,7 +481,19 @@ def _fit(config: RunConfig, setup: _Setup, run_dir: Path, *, resume: bool, progr
         print(f"note: no {config.eval.split!r} split, so no before/after evaluation (eval.split)")
     model.to(dist.device_for(tc.device))
     before = _evaluate(model, tokenizer, examples, config, data)
-    objective = _objective(config, model, data.task)
+    rl_heldout: list = []
+    if config.rl.algorithm:  # the held-out prompts' mean reward joins the eval metrics
+        from nanotune.jobs import grpo
+
+        rl_heldout = grpo.prompts_of(examples, tokenizer, config.eval.split)
+        scored = grpo.heldout_reward(
+            model, tokenizer, rl_heldout, setup.rl_rewards, config.rl.max_new_tokens
+        )
+        before = ({**before[0], **scored}, *before[1:]) if before else (scored, None)
+        prompts = grpo.prompts_of(data.train, tokenizer, "train")
+        objective = grpo.objective(config, model, tokenizer, prompts, setup.rl_rewards)
+    else:
+        objective = _objective(config, model, data.task)
     if getattr(objective, "needs_ref_logps", False):
         _reference_logps(config, model, tokenizer, data, run_dir, resume=resume)
 
@@ -468,7 +504,7 @@ def _fit(config: RunConfig, setup: _Setup, run_dir: Path, *, resume: bool, progr
         max_length=config.data.max_length,
     )
 
-    def train_batches(epoch: int) -> Sequence[dict]:
+    def lm_batches(epoch: int) -> Sequence[dict]:
         return epoch_batches(
             data.train,
             tc.batch_size * world_size(),  # the global batch; each rank takes its rows
@@ -479,10 +515,13 @@ def _fit(config: RunConfig, setup: _Setup, run_dir: Path, *, resume: bool, progr
         )
 
     val = (
+    train_batches = lm_batches
+    if config.rl.algorithm:
+        train_batches = grpo.prompt_batches(config, len(prompts))
         epoch_batches(
             data.val, tc.micro_batch_size * world_size(), tc.seed, 0, shuffle=False, **batching
         )
-        if data.val
+        if data.val and not config.rl.algorithm  # GRPO has no validation loss
         else []
     )
     trainer = Trainer(
@@ -502,6 +541,11 @@ def _fit(config: RunConfig, setup: _Setup, run_dir: Path, *, resume: bool, progr
     with torch.no_grad():
         after = trainer.engine(lambda m, _: _evaluate(m, tokenizer, examples, config, data), None)
     dist.reshard(trainer.engine)
+        if config.rl.algorithm:
+            scored = grpo.heldout_reward(
+                model, tokenizer, rl_heldout, setup.rl_rewards, config.rl.max_new_tokens
+            )
+            after = ({**after[0], **scored}, *after[1:]) if after else (scored, None)
     with trainer.full_model() as trained:  # FSDP2: whole weights on rank 0 while saving
         on_main(
             lambda: artifacts.save_final(

@@ -202,9 +202,10 @@ def score(
         except NanotuneError:
             raise
         except Exception as e:
+            row, e = _failing_row(reward, completions, prompts, references, completion_ids, e)
+            where = rows[row] if row is not None else f"rows {rows[0]}..{rows[-1]}"
             raise NanotuneError(
-                f"reward {reward.name} raised {type(e).__name__}: {e} (scoring "
-                f"{len(completions)} completions of rows {rows[0]}..{rows[-1]}); fix the function"
+                f"reward {reward.name} raised {type(e).__name__}: {e} on {where}; fix the function"
             ) from e
         values = list(values) if values is not None else []
         if len(values) != len(completions):
@@ -224,6 +225,28 @@ def score(
                 )
             out[i, j] = v
     return out
+
+
+def _failing_row(
+    reward: Reward,
+    completions: list[str],
+    prompts: list[str],
+    references: list[str],
+    completion_ids: list[list[int]],
+    error: Exception,
+) -> tuple[int | None, Exception]:
+    """The first completion the function raises on when called on it alone (and that error)."""
+    for i in range(len(completions)):
+        try:
+            reward.fn(
+                completions[i : i + 1],
+                prompts=prompts[i : i + 1],
+                reference=references[i : i + 1],
+                completion_ids=completion_ids[i : i + 1],
+            )
+        except Exception as e:
+            return i, e
+    return None, error
 
 
 # ---- the objective ------------------------------------------------------------------------------
@@ -296,11 +319,13 @@ class GRPOObjective:
     def loss_and_sums(self, model: nn.Module, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         mask = (batch["targets"] != IGNORE).float()
         logps = completion_logps(model, batch, self.temperature)
-        old = batch.get("old_logps") if self.num_iterations > 1 else None
+        T = logps.shape[-1]  # the trainer trims padding columns off input_ids and targets
+        old = batch["old_logps"][:, :T] if self.num_iterations > 1 else None
+        ref = batch["ref_logps"][:, :T] if self.beta else None
         terms = token_terms(
             logps,
             old,
-            batch.get("ref_logps"),
+            ref,
             batch["advantages"],
             mask,
             beta=self.beta,

@@ -287,6 +287,9 @@ class Trainer:
         every rank stops after the same step."""
         for g in self.optimizer.param_groups:
             g["lr"] = lr
+        rollout: dict[str, float] = {}
+        if hasattr(self.objective, "prepare"):  # GRPO: the step's completions, sampled now
+            batch, rollout = self.objective.prepare(self.model, batch, step)
         # Every rank holds the global batch, so this count is already global: each label
         # weighs the same whatever micro-batch or rank it falls in (transformers#35203).
         n_labels = self.objective.count(batch)
@@ -352,7 +355,7 @@ class Trainer:
         stats["supervised_fraction"] = n_labels / max(1.0, stats["tokens"])
         if "n_real" in batch and "n_computed" in batch:  # the batch's own figure, before trimming
             stats["padding_efficiency"] = batch["n_real"] / max(1, batch["n_computed"])
-        return stats, bool(totals[2] > 0)
+        return stats | rollout, bool(totals[2] > 0)
 
     def _non_finite(self, step: int, what: str, value: float) -> NanotuneError:
         self.optimizer.zero_grad(set_to_none=True)
@@ -390,6 +393,8 @@ class Trainer:
             "rng": dist.gather_objects(ckpt.rng_state()),  # per rank: dropout differs by rank
             "world_size": world_size(),
             "grad_scaler": self.scaler.state_dict(),  # {} unless float16 autocast
+            # GRPO: the generation batch that later steps of its num_iterations reuse.
+            "objective": self.objective.state() if hasattr(self.objective, "state") else None,
         }
 
     def _save(self, pos: _Position) -> Path:
@@ -449,6 +454,8 @@ class Trainer:
             self.scaler.load_state_dict(state["grad_scaler"])
         rng = state["rng"]
         ckpt.set_rng_state(rng[dist.rank()] if isinstance(rng, list) else rng)
+        if hasattr(self.objective, "load_state"):
+            self.objective.load_state(state.get("objective"))
         known = {f.name for f in fields(_Position)}  # older checkpoints lack the newer fields
         return _Position(**{k: v for k, v in state.items() if k in known}), notes
 

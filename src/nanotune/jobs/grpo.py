@@ -1,0 +1,146 @@
+"""What a GRPO run (`rl.algorithm: grpo`) wires: the training prompts and their reference
+answers, the decoding engine over the live policy, the rewards, the objective, the prompt
+batches per step, and the held-out mean reward before and after training."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from nanotune.decoding.engine import Engine, Sampling
+from nanotune.errors import NanotuneError
+from nanotune.eval.evaluate import split_prompt
+from nanotune.training.grpo import GRPOObjective, Prompt, Reward, score
+
+MAX_ENGINE_BATCH = 256  # completions decoded together at most
+
+
+def prompts_of(examples: Sequence[Any], tokenizer: Any, split: str) -> list[Prompt]:
+    """Each example's prompt (its unsupervised prefix) and reference (its first supervised span,
+    as text): a completion or chat row's answer, formatted as for supervised training."""
+    out = []
+    for i, ex in enumerate(examples):
+        where = f"{split} example {i}"
+        prompt, answer = split_prompt(ex.ids, ex.labels, where)
+        text = tokenizer.decode(prompt)
+        reference = tokenizer.decode(answer, skip_special=True).strip()
+        out.append(Prompt(prompt, text, reference, f"{where} ({text[-40:]!r})"))
+    return out
+
+
+def check(config: Any, model: nn.Module) -> None:
+    """What a GRPO run refuses before its run directory exists."""
+    from nanotune.jobs.reference import reference_context
+    from nanotune.training.dist import world_size
+
+    rl, tc = config.rl, config.train
+    if tc.batch_size % rl.num_generations:
+        raise NanotuneError(
+            f"rl.num_generations: {rl.num_generations} must divide the completions per step "
+            f"(train.micro_batch_size x train.grad_accum = {tc.batch_size}); a step trains "
+            f"{tc.batch_size} // {rl.num_generations} prompts"
+        )
+    if rl.beta and reference_context(model) is None:
+        raise NanotuneError(
+            f"rl.beta: {rl.beta} needs the reference policy, which is the model with its LoRA "
+            "adapters off; train with method.name: lora, or set rl.beta: 0"
+        )
+    if world_size() > 1:
+        raise NanotuneError(
+            "rl.algorithm: grpo runs in one process for now; run it without torchrun"
+        )
+
+
+def objective(
+    config: Any, model: nn.Module, tokenizer: Any, prompts: list[Prompt], rewards: list[Reward]
+) -> GRPOObjective:
+    from nanotune.jobs.reference import reference_context
+    from nanotune.training import autocast_for
+    from nanotune.training.dist import device_for
+
+    rl, tc = config.rl, config.train
+    engine = Engine(
+        model,
+        tokenizer,
+        max_batch=min(MAX_ENGINE_BATCH, tc.batch_size),
+        max_queue=MAX_ENGINE_BATCH,
+        # Weights change between steps, so no cached keys/values may outlive one.
+        prefix_cache_mb=0,
+        route_adapters=False,
+    )
+    return GRPOObjective(
+        engine,
+        prompts,
+        rewards,
+        num_generations=rl.num_generations,
+        temperature=rl.temperature,
+        top_p=rl.top_p,
+        max_new_tokens=rl.max_new_tokens,
+        beta=rl.beta,
+        epsilon=rl.epsilon,
+        epsilon_high=rl.epsilon_high,
+        num_iterations=rl.num_iterations,
+        loss_type=rl.loss_type,
+        scale_rewards=rl.scale_rewards,
+        mask_truncated_completions=rl.mask_truncated_completions,
+        seed=tc.seed,
+        pad_id=tokenizer.pad_id if tokenizer.pad_id is not None else 0,
+        reference=reference_context(model) if rl.beta else None,
+        autocast=autocast_for(tc, device_for(tc.device)),
+    )
+
+
+def prompt_batches(config: Any, n_prompts: int) -> Callable[[int], list[dict]]:
+    """epoch -> its steps' batches of prompt indices (shuffled by the seed and the epoch), each
+    repeated num_iterations times: those steps train on one generation batch."""
+    rl, tc = config.rl, config.train
+    per_step = tc.batch_size // rl.num_generations
+
+    def batches(epoch: int) -> list[dict]:
+        order = torch.randperm(n_prompts, generator=torch.Generator().manual_seed(tc.seed + epoch))
+        out = []
+        for lo in range(0, n_prompts - per_step + 1, per_step):
+            out += [{"prompt_index": order[lo : lo + per_step]}] * rl.num_iterations
+        return out
+
+    return batches
+
+
+@torch.no_grad()
+def heldout_reward(
+    model: nn.Module, tokenizer: Any, prompts: list[Prompt], rewards: list[Reward], max_new: int
+) -> dict[str, float]:
+    """Mean weighted reward (and each reward's mean) of greedy completions of held-out prompts."""
+    if not prompts:
+        return {}
+    was_training = model.training
+    engine = Engine(
+        model,
+        tokenizer,
+        max_batch=min(MAX_ENGINE_BATCH, len(prompts)),
+        max_queue=MAX_ENGINE_BATCH,
+        prefix_cache_mb=0,
+        route_adapters=False,
+    )
+    done = engine.run(
+        [p.ids for p in prompts], [Sampling(max_tokens=max_new, temperature=0.0)] * len(prompts)
+    )
+    model.train(was_training)
+    ids = [s.output for s in done]
+    texts = [tokenizer.decode(i, skip_special=True) for i in ids]
+    per_func = score(
+        rewards,
+        texts,
+        [p.text for p in prompts],
+        [p.reference for p in prompts],
+        ids,
+        [p.where for p in prompts],
+    )
+    weights = torch.tensor([r.weight for r in rewards], dtype=torch.float64)
+    out = {"rl_reward": float((per_func * weights).sum(1).mean())}
+    if len(rewards) > 1:
+        out |= {f"rl_reward_{r.name}": float(per_func[:, j].mean()) for j, r in enumerate(rewards)}
+    return out

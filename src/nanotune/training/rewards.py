@@ -1,0 +1,129 @@
+"""Reward functions for GRPO: the built-ins named in `rl.rewards`, and user functions from
+`path/to/file.py:function` (loaded once, by the config, never by the data).
+
+Each takes TRL's reward signature: fn(completions, prompts=..., reference=...,
+completion_ids=...) -> one float per completion.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from nanotune.errors import NanotuneError
+from nanotune.training.grpo import Reward
+from nanotune.training.rl_config import BUILTIN_REWARDS, RLConfig
+
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def _normalize(text: str) -> str:
+    return " ".join(text.strip().lower().split()).rstrip(".")
+
+
+def exact_match(completions: list[str], reference: list[str], **_: Any) -> list[float]:
+    """1 when the completion equals the reference (case, outer spaces, a final dot aside)."""
+    return [
+        float(_normalize(c) == _normalize(r)) for c, r in zip(completions, reference, strict=True)
+    ]
+
+
+def _first_number(text: str) -> float | None:
+    m = _NUMBER.search(text.replace(",", ""))
+    return float(m.group(0)) if m else None
+
+
+def numeric_match(completions: list[str], reference: list[str], **_: Any) -> list[float]:
+    """1 when the completion's first number equals the reference's (1e-6 apart at most)."""
+    out = []
+    for c, r in zip(completions, reference, strict=True):
+        want, got = _first_number(r), _first_number(c)
+        out.append(float(want is not None and got is not None and abs(want - got) <= 1e-6))
+    return out
+
+
+def contains(completions: list[str], reference: list[str], **_: Any) -> list[float]:
+    """1 when the reference appears in the completion (case aside)."""
+    return [
+        float(_normalize(r) in _normalize(c)) for c, r in zip(completions, reference, strict=True)
+    ]
+
+
+def format_reward(pattern: str) -> Callable[..., list[float]]:
+    """1 when the whole completion matches `pattern` (re.fullmatch, DOTALL)."""
+    try:
+        compiled = re.compile(pattern, re.DOTALL)
+    except re.error as e:
+        raise NanotuneError(
+            f"rl.format_pattern: {pattern!r} is not a regular expression ({e})"
+        ) from e
+
+    def format(completions: list[str], **_: Any) -> list[float]:
+        return [float(compiled.fullmatch(c) is not None) for c in completions]
+
+    return format
+
+
+def length_penalty(max_new_tokens: int) -> Callable[..., list[float]]:
+    """-(completion tokens / max_new_tokens): 0 for an empty completion, -1 for a full one."""
+
+    def length(completions: list[str], completion_ids: list[list[int]], **_: Any) -> list[float]:
+        return [-len(ids) / max_new_tokens for ids in completion_ids]
+
+    return length
+
+
+def load_function(spec: str) -> Callable[..., Sequence[float]]:
+    """The function `name` of `path/to/file.py:name`, the file run once as its own module."""
+    path_text, _, name = spec.rpartition(":")
+    path = Path(path_text).expanduser()
+    if not path.is_file():
+        raise NanotuneError(f"rl.rewards: {spec}: no file {path}; give path/to/file.py:function")
+    module_name = f"nanotune_reward_{abs(hash(str(path.resolve())))}"
+    module = sys.modules.get(module_name)
+    if module is None:
+        loader = importlib.util.spec_from_file_location(module_name, path)
+        if loader is None or loader.loader is None:
+            raise NanotuneError(f"rl.rewards: {spec}: {path} cannot be imported as Python")
+        module = importlib.util.module_from_spec(loader)
+        try:
+            loader.loader.exec_module(module)
+        except Exception as e:
+            raise NanotuneError(
+                f"rl.rewards: {spec}: importing {path} raised {type(e).__name__}: {e}"
+            ) from e
+        sys.modules[module_name] = module
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise NanotuneError(f"rl.rewards: {spec}: {path} has no function {name!r}")
+    return fn
+
+
+def build_rewards(cfg: RLConfig, extra: Sequence[Callable[..., Any]] = ()) -> list[Reward]:
+    """The rewards of `rl.rewards` (weighted by `rl.reward_weights`), then the Python callables
+    given to `nanotune.train(..., rewards=[...])` (weight 1 each)."""
+    weights = cfg.reward_weights or [1.0] * len(cfg.rewards)
+    out = []
+    for spec, weight in zip(cfg.rewards, weights, strict=True):
+        if spec == "format":
+            fn = format_reward(cfg.format_pattern)
+        elif spec == "length":
+            fn = length_penalty(cfg.max_new_tokens)
+        elif spec in BUILTIN_REWARDS:
+            fn = {"exact_match": exact_match, "numeric_match": numeric_match, "contains": contains}[
+                spec
+            ]
+        else:
+            fn = load_function(spec)
+        out.append(Reward(spec, fn, float(weight)))
+    for fn in extra:
+        if not callable(fn):
+            raise NanotuneError(f"rewards=[...]: {fn!r} is not a function")
+        out.append(Reward(getattr(fn, "__name__", repr(fn)), fn, 1.0))
+    if not out:
+        raise NanotuneError("GRPO needs at least one reward: set rl.rewards or pass rewards=[fn]")
+    return out
