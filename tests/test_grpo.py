@@ -280,3 +280,103 @@ def test_grpo_run_logs_rollout_metrics_and_heldout_reward(tiny_llama_dir, tmp_pa
     assert seen == [7, 8, 8, 7]
     assert "rl_reward" in result.before and "rl_reward" in result.after
     assert "exact_match" in result.after
+
+
+# ---- generation through the engine equals `nanotune generate` -----------------------------------
+
+
+def _lora_model(folder, seed=0):
+    from nanotune.methods import MethodConfig, apply_method
+    from nanotune.weights import load_model
+
+    torch.manual_seed(seed)
+    model, tok = load_model(folder)
+    model = apply_method(model, MethodConfig(name="lora", r=4, alpha=8))
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():  # adapters that change the output (B starts at zero)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return model.train(), tok
+
+
+def _engine_objective(model, tok, prompts, temperature):
+    from nanotune.decoding.engine import Engine
+
+    engine = Engine(model, tok, max_batch=16, prefix_cache_mb=0, route_adapters=False)
+    model.train()  # as the trainer holds it; generation switches to eval and back
+    return GRPOObjective(
+        engine,
+        [Prompt(p, "", "", f"row {i}") for i, p in enumerate(prompts)],
+        [],
+        num_generations=3,
+        temperature=temperature,
+        top_p=0.9,
+        max_new_tokens=8,
+        seed=5,
+        pad_id=0,
+    )
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "sampled"])
+def test_engine_generation_with_live_adapters_equals_generate(tiny_llama_dir, temperature):
+    """The policy's completions from the batched engine (6 at once, the model's own LoRA layers
+    live) are what `generate` gives for each prompt alone with the same weights and seed."""
+    from nanotune.generate import GenerationConfig, generate_ids
+
+    model, tok = _lora_model(tiny_llama_dir)
+    prompts = [tok.encode(t) for t in ("2+3=", "the cat sat on", "x")]
+    obj = _engine_objective(model, tok, prompts, temperature)
+    ids, truncated = obj.generate(model, [0, 2], step=4)
+    assert model.training  # handed back in training mode
+    assert "lora" in type(model.blocks[0].attn.qkv).__name__.lower()  # modules left as they were
+    rows = [0, 0, 0, 2, 2, 2]
+    for r, (row, got) in enumerate(zip(rows, ids, strict=True)):
+        cfg = GenerationConfig(
+            max_new_tokens=8, temperature=temperature, top_p=0.9, seed=obj.sampling_seed(4, r)
+        )
+        want = generate_ids(model.eval(), [prompts[row]], cfg, tok)[0]
+        assert got[: len(want)] == want and len(got) - len(want) in (0, 1)
+        assert truncated[r] == (len(want) == 8)
+    if temperature:  # the seeds differ per completion, so a group is not 3 copies
+        assert ids[0] != ids[1] or ids[1] != ids[2]
+
+
+def test_engine_generation_during_training_equals_nanotune_generate(
+    tiny_llama_dir, tmp_path, monkeypatch
+):
+    """Step 2 of a GRPO run samples (through the engine, adapters live) exactly what
+    `nanotune generate` samples from the adapter saved after step 1, with the same seed."""
+    import nanotune
+    from nanotune.generate import GenerationConfig, generate_ids
+    from nanotune.jobs import artifacts
+
+    recorded = {}
+    real = GRPOObjective.generate
+
+    def recording(self, model, rows, step):
+        out = real(self, model, rows, step)
+        recorded[step] = ([self.prompts[i].ids for i in rows for _ in range(self.G)], out[0])
+        return out
+
+    def first_token_parity(completions, completion_ids, **kw):  # varies within a group
+        return [float(ids[0] % 2) if ids else 0.0 for ids in completion_ids]
+
+    monkeypatch.setattr(GRPOObjective, "generate", recording)
+    for steps in (1, 2):
+        cfg = grpo_config(tiny_llama_dir, tmp_path / f"run{steps}", num_iterations=1, beta=0.0)
+        cfg["train"] |= {"max_steps": steps, "schedule": "constant", "lr": 5e-2}
+        cfg["eval"]["max_examples"] = 1
+        nanotune.train(cfg, data={"train": ROWS}, rewards=[first_token_parity], progress=False)
+    model, tok = artifacts.load(str(tmp_path / "run1" / "final"))
+    prompts, completions = recorded[2]
+    seed = 3 * 1_000_003 + 2  # GRPOObjective.sampling_seed(step=2, row) with train.seed 3
+    for r, (prompt, got) in enumerate(zip(prompts, completions, strict=True)):
+        cfg = GenerationConfig(max_new_tokens=6, temperature=1.0, seed=seed * 100_003 + r)
+        want = generate_ids(model, [prompt], cfg, tok)[0]
+        assert got[: len(want)] == want and len(got) - len(want) in (0, 1)
+    # Step 1 did train the adapter that generated step 2: its logits are not the base's.
+    base, _ = artifacts.load(str(tiny_llama_dir))
+    ids = torch.tensor([prompts[0]])
+    with torch.no_grad():
+        assert (model(ids) - base(ids)).abs().max() > 1e-6
