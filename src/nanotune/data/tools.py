@@ -197,7 +197,7 @@ def parse_tool_calls(text: str) -> tuple[str, list[dict[str, Any]]]:
     kept: list[str] = []
     pos = 0
     for match in [*_CALL.finditer(text)]:
-        call = _call(match[1])
+        call = read_call(match[1])
         if call is None:
             continue
         kept.append(text[pos : match.start()])
@@ -205,14 +205,15 @@ def parse_tool_calls(text: str) -> tuple[str, list[dict[str, Any]]]:
         calls.append(call)
     rest = text[pos:]
     tail = _OPEN_CALL.search(rest)
-    if tail is not None and (call := _call(tail[1])) is not None:
+    if tail is not None and (call := read_call(tail[1])) is not None:
         calls.append(call)
         rest = rest[: tail.start()]
     kept.append(rest)
     return "".join(kept).strip() if calls else text, calls
 
 
-def _call(body: str) -> dict[str, Any] | None:
+def read_call(body: str) -> dict[str, Any] | None:
+    """One call's JSON (`{"name": …, "arguments": {…}}`) as an OpenAI call, or None."""
     try:
         value = json.loads(body)
     except json.JSONDecodeError:

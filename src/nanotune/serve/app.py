@@ -5,7 +5,8 @@ Routes follow the OpenAI API as vLLM serves it: `/v1/models`, `/v1/completions`,
 `/v1/load_lora_adapter` and `/v1/unload_lora_adapter`, `/health`, and vLLM's `/tokenize`,
 `/detokenize` and `/tokenizer_info` (lm-evaluation-harness tokenizes through them). Every
 request is checked in `serve.protocol` and then handed to the one `Engine`; every failure is an
-OpenAI-style error body, and the server keeps serving after it.
+OpenAI-style error body, and the server keeps serving after it. Chat requests' `tools` and
+`tool_choice` are read, and their replies' calls parsed into `tool_calls`, in `serve.tools`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from nanotune.generate import completion_text
 from nanotune.serve import protocol
 from nanotune.serve.limits import MAX_BODY
 from nanotune.serve.protocol import APIError, Parsed
+from nanotune.serve.tools import CallStream, answer, tool_request
 from nanotune.tokenizer import Tokenizer
 
 
@@ -149,7 +151,8 @@ def create_app(server: Server):
     async def chat(request) -> Response:
         body = await body_of(request)
         adapter, tok = server.resolve(protocol._model(body))
-        parsed = protocol.parse_chat(body, tok, server.engine.context)
+        tools = tool_request(body, tok, protocol._model(body) or server.base_name)
+        parsed = protocol.parse_chat(body, tok, server.engine.context, tools)
         return await run(request, parsed, adapter, tok)
 
     async def run(request, parsed: Parsed, adapter: int, tok: Tokenizer) -> Response:
@@ -325,6 +328,9 @@ class _Answer:
         self.scored: list[list] = [[] for _ in seqs]
         self.finish: list[str | None] = [None] * len(seqs)
         self.error: str | None = None
+        tools = parsed.tools if parsed.tools is not None and parsed.tools.parses else None
+        # Streamed replies whose tool calls are parsed as they arrive, per choice.
+        self.calls = [CallStream(tools.prefill) for _ in seqs] if tools is not None else None
 
     @property
     def done(self) -> bool:
@@ -369,10 +375,14 @@ class _Answer:
             text = completion_text(self.tok, seq.output, seq.sampling.stop)
             reason = "stop" if self.finish[i] == "stop" else "length"
             if self.parsed.chat:
+                message = {"role": "assistant", "content": text}
+                if self.calls is not None:
+                    message, called = answer(text, self.parsed.tools)
+                    reason = "tool_calls" if called else reason
                 choices.append(
                     {
                         "index": i,
-                        "message": {"role": "assistant", "content": text},
+                        "message": message,
                         "logprobs": self._logprobs(i),
                         "finish_reason": reason,
                     }
@@ -412,6 +422,8 @@ class _Answer:
         reason = event.finish_reason
         if reason is not None:
             reason = "stop" if reason == "stop" else "length"
+        if self.parsed.chat and self.calls is not None:
+            return self._tool_delta(index, event, reason)
         if not event.text and reason is None:
             return None
         lp = None
@@ -424,6 +436,21 @@ class _Answer:
             delta = {"content": event.text} if event.text else {}
             return {"index": index, "delta": delta, "logprobs": lp, "finish_reason": reason}
         return {"index": index, "text": event.text, "logprobs": lp, "finish_reason": reason}
+
+    def _tool_delta(self, index: int, event: Event, reason: str | None) -> dict[str, Any] | None:
+        """A streamed chat piece when tool calls are parsed: text as content, each call whole."""
+        stream = self.calls[index]
+        delta = stream.feed(event.text)
+        if reason is not None:
+            for key, value in stream.finish().items():
+                delta[key] = delta.get(key, "" if key == "content" else []) + value
+            reason = "tool_calls" if stream.calls else reason
+        lp = None
+        if event.logprob is not None:
+            lp = protocol.chat_logprobs(self.tok, [event.logprob])
+        if not delta and reason is None and lp is None:
+            return None
+        return {"index": index, "delta": delta, "logprobs": lp, "finish_reason": reason}
 
 
 async def _sse(answer: _Answer, queue: asyncio.Queue, seqs: list[Sequence]) -> AsyncIterator[str]:

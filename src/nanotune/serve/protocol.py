@@ -3,7 +3,7 @@
 Requests are plain JSON objects (no schema library): each field is checked by name, and a bad
 one raises `APIError` naming it, which the app turns into OpenAI's error body
 `{"error": {"message", "type", "param", "code"}}`. Fields the API defines but nanotune does not
-implement are refused when set (`tools`, `suffix`, ...); fields it does not know are ignored,
+implement are refused when set (`suffix`, `audio`, ...); fields it does not know are ignored,
 as vLLM does. Extensions shared with vLLM: `top_k`, `repetition_penalty`, `stop_token_ids`.
 """
 
@@ -16,6 +16,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from nanotune.data.example import BadRow
+from nanotune.data.tools import tool_calls
 from nanotune.decoding.engine import Sampling, TokenLogprob
 from nanotune.tokenizer import Tokenizer
 
@@ -237,6 +239,7 @@ class Parsed:
     include_usage: bool
     chat: bool
     top_logprobs: int | None = None  # chat: alternatives per token, when logprobs is true
+    tools: Any = None  # chat: the `serve.tools.ToolRequest` whose calls the answer parses
 
 
 def _common(body: dict) -> tuple[int, bool, bool]:
@@ -334,28 +337,50 @@ def chat_messages(body: dict) -> list[dict[str, str]]:
         elif not isinstance(content, str):
             raise bad(f"{where}.content", "must be a string or a list of text parts")
         out.append({"role": "system" if role == "developer" else role, "content": content})
+        out[-1].update(_tool_fields(m, role, where))
     return out
 
 
-def chat_text(body: dict, tokenizer: Tokenizer) -> str:
-    """`messages` rendered by the model's chat template, with the assistant's turn opened."""
+def _tool_fields(m: dict, role: str, where: str) -> dict[str, Any]:
+    """An assistant's `tool_calls` (arguments as objects, as templates write them) and a tool
+    result's `tool_call_id`/`name`, checked."""
+    if role == "assistant" and m.get("tool_calls"):
+        try:
+            return {"tool_calls": tool_calls(m["tool_calls"], "", f"{where}.tool_calls")}
+        except BadRow as e:
+            raise bad(f"{where}.tool_calls", str(e).removeprefix(": ")) from None
+    if role == "tool":
+        kept = {k: m[k] for k in ("tool_call_id", "name") if m.get(k) is not None}
+        for k, v in kept.items():
+            if not isinstance(v, str):
+                raise bad(f"{where}.{k}", "must be a string")
+        return kept
+    return {}
+
+
+def chat_text(body: dict, tokenizer: Tokenizer, tools: Any = None) -> str:
+    """`messages` rendered by the model's chat template, with the assistant's turn opened
+    (`tools`: a `serve.tools.ToolRequest`, whose schemas are rendered)."""
     messages = chat_messages(body)
     if not tokenizer.chat_template:
         raise bad("model", "this model has no chat template; use /v1/completions")
+    extra = {"tools": tools.tools} if tools is not None and tools.tools else {}
     try:
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, **extra)
     # The template is data: it may refuse a conversation (raise_exception), divide by zero, or
     # `{% include %}` with no loader (a TypeError); none of that is a bug of the server's.
     except Exception as e:
         raise bad("messages", f"the chat template refused them: {e}") from None
 
 
-def parse_chat(body: dict, tokenizer: Tokenizer, context: int) -> Parsed:
-    _unsupported(body, "tools", "functions", "tool_choice", "audio", "prediction")
+def parse_chat(body: dict, tokenizer: Tokenizer, context: int, tools: Any = None) -> Parsed:
+    """A chat request; `tools`: its `serve.tools.ToolRequest` (the caller checks `tools`)."""
+    _unsupported(body, "audio", "prediction")
     fmt = body.get("response_format")
     if fmt not in (None, {"type": "text"}):
         raise bad("response_format", "only {'type': 'text'} is supported")
-    prompt = tokenizer.encode(chat_text(body, tokenizer))
+    prompt = tokenizer.encode(chat_text(body, tokenizer, tools))
+    prompt += tools.prefill_ids if tools is not None else []  # a forced call's start
     limit = body.get("max_completion_tokens", body.get("max_tokens"))
     default = max(context - len(prompt), 0)
     max_tokens = _int({"max_tokens": limit}, "max_tokens", default, 1)
@@ -372,7 +397,7 @@ def parse_chat(body: dict, tokenizer: Tokenizer, context: int) -> Parsed:
         logprobs=(top or 0) if want else None,
         echo=False,
     )
-    return Parsed(_model(body), [prompt], _choices(s, n), n, stream, usage, True, top)
+    return Parsed(_model(body), [prompt], _choices(s, n), n, stream, usage, True, top, tools)
 
 
 def _model(body: dict) -> str:
