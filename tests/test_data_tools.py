@@ -352,3 +352,40 @@ def test_a_fine_tune_saves_the_template_it_trained_with(tmp_path, tiny_llama_dir
     result = nanotune.train(recipe, data={"train": rows}, progress=False)
     saved = json.loads((result.run_dir / "final" / "tokenizer_config.json").read_text())
     assert saved["chat_template"] == CHATML_TOOLS
+
+
+def test_builtin_tool_calls_answers_are_one_call_scored_by_the_parsed_call(pairs):
+    from nanotune.data.builtin import TOOLS as BUILTIN_TOOLS
+    from nanotune.data.builtin import tool_calls
+    from nanotune.eval.evaluate import split_prompt
+    from nanotune.eval.metrics import tool_call_scores
+
+    rows = list(tool_calls(40, seed=3))
+    assert rows == list(tool_calls(40, seed=3)) != list(tool_calls(40, seed=4))  # seeded
+    names = {r["messages"][1]["tool_calls"][0]["function"]["name"] for r in rows}
+    assert names == {t["function"]["name"] for t in BUILTIN_TOOLS}
+    tok = pairs["chatml-tools"][0]
+    cfg = DataConfig(source="x", format="chat")
+    refs = []
+    for row in rows:
+        ex = format_chat(row, tok, cfg)
+        _, ref = split_prompt(ex.ids, ex.labels)
+        refs.append(tok.decode(ref, skip_special=True).strip())
+        call = row["messages"][1]["tool_calls"][0]["function"]
+        assert refs[-1] == (
+            f"<tool_call>\n{json.dumps({'name': call['name'], 'arguments': call['arguments']})}"
+            "\n</tool_call>"
+        )
+    assert tool_call_scores(refs, refs) == {"tool_call": 1.0, "tool_call_name": 1.0}
+    # other arguments, another name, other spacing, plain text, a call never closed
+    first = json.loads(refs[0].split("\n")[1])
+    wrong_args = refs[0].replace(str(first["arguments"][next(iter(first["arguments"]))]), "0", 1)
+    answers = [
+        wrong_args,
+        refs[1].replace(rows[1]["messages"][1]["tool_calls"][0]["function"]["name"], "nope"),
+        "<tool_call>" + json.dumps(json.loads(refs[2].split("\n")[1]), indent=2) + "</tool_call>",
+        "I cannot call tools.",
+        refs[4].removesuffix("</tool_call>"),
+    ]
+    scores = tool_call_scores(answers, refs[:5])
+    assert scores == {"tool_call": 2 / 5, "tool_call_name": 3 / 5}

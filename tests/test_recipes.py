@@ -21,6 +21,7 @@ RECIPES = [
     "demo-dpo",
     "demo-orpo",
     "demo-reward",
+    "demo-tools",
     "eli5-full",
     "hh-rlhf-dpo",
     "hh-rlhf-lora",

@@ -7,6 +7,10 @@
 - ``word_order``: classify a word list as "sorted" (alphabetical) or "shuffled".
 - ``reverse_words_pairs``: preference pairs over the same lists: the reversal chosen, and
   rejected the same reversal with two neighbouring words swapped (subtly wrong, same length).
+- ``tool_calls``: a request ("What is 17 times 23?", "Weather in Oslo in fahrenheit?") answered
+  by one call of a small calculator/weather/time tool set (`TOOLS`, in each row's `tools`):
+  the right name and arguments, scored by the `tool_call` metric (format: chat, with a template
+  that renders tools, e.g. data.chat_template: chatml-tools).
 
 Every row carries the fields several formats read (prompt/completion, user/assistant,
 instruction/input/output, text/label), so any matching format works without a column mapping.
@@ -117,9 +121,88 @@ def word_order(n: int = N_SYNTHETIC, seed: int = 0) -> Iterator[Row]:
         yield Row({"text": " ".join(words), "label": label}, f"builtin:word_order: row {i}")
 
 
+def _function(name: str, description: str, properties: dict, required: list[str]) -> dict:
+    return {
+        "type": "function",
+        "function": {
+            "name": name,
+            "description": description,
+            "parameters": {"type": "object", "properties": properties, "required": required},
+        },
+    }
+
+
+_NUMBER = {"type": "number"}
+_CITY = {"type": "string"}
+TOOLS = [
+    _function("add", "a + b", {"a": _NUMBER, "b": _NUMBER}, ["a", "b"]),
+    _function("multiply", "a * b", {"a": _NUMBER, "b": _NUMBER}, ["a", "b"]),
+    _function(
+        "get_weather",
+        "Current weather in a city",
+        {"city": _CITY, "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+        ["city"],
+    ),
+    _function("get_time", "Local time in a city", {"city": _CITY}, ["city"]),
+]
+CITIES = (
+    "Paris Oslo Tokyo Lima Cairo Berlin Madrid Toronto Sydney Nairobi Dublin Seoul Quito Rome "
+    "Vienna Lisbon Athens Prague Warsaw Helsinki Manila Delhi Bogota Havana Denver Boston"
+).split()
+# (tool, question templates); {a} {b} numbers, {city} a city
+_ASKS = {
+    "add": [
+        "What is {a} plus {b}?",
+        "Add {a} and {b}.",
+        "Compute {a} + {b}.",
+        "Sum of {a} and {b}?",
+    ],
+    "multiply": ["What is {a} times {b}?", "Multiply {a} by {b}.", "Compute {a} * {b}."],
+    "get_weather": [
+        "What's the weather in {city}?",
+        "Is it raining in {city} right now?",
+        "How warm is it in {city}?",
+    ],
+    "get_weather_f": [
+        "What's the weather in {city} in fahrenheit?",
+        "Temperature in {city}, in fahrenheit please.",
+    ],
+    "get_time": ["What time is it in {city}?", "Local time in {city}?"],
+}
+
+
+def tool_calls(n: int = N_SYNTHETIC, seed: int = 0) -> Iterator[Row]:
+    """`n` requests, each answered by one call of `TOOLS` (right name, right arguments); the
+    same rows for the same seed."""
+    rng = random.Random(seed)
+    kinds = list(_ASKS)
+    for i in range(n):
+        kind = kinds[i % len(kinds)]
+        a, b, city = rng.randint(2, 999), rng.randint(2, 999), rng.choice(CITIES)
+        question = rng.choice(_ASKS[kind]).format(a=a, b=b, city=city)
+        if kind in ("add", "multiply"):
+            name, args = kind, {"a": a, "b": b}
+        elif kind == "get_weather_f":
+            name, args = "get_weather", {"city": city, "unit": "fahrenheit"}
+        else:
+            name, args = kind, {"city": city}
+        call = {"type": "function", "function": {"name": name, "arguments": args}}
+        yield Row(
+            {
+                "tools": TOOLS,
+                "messages": [
+                    {"role": "user", "content": question},
+                    {"role": "assistant", "content": None, "tool_calls": [call]},
+                ],
+            },
+            f"builtin:tool_calls: row {i}",
+        )
+
+
 BUILTINS: dict[str, Callable[[], Iterator[Row]]] = {
     "chatterbot": chatterbot,
     "reverse_words": reverse_words,
     "reverse_words_pairs": reverse_words_pairs,
+    "tool_calls": tool_calls,
     "word_order": word_order,
 }

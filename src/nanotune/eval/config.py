@@ -9,7 +9,9 @@ from typing import Literal, get_args
 from nanotune.errors import NanotuneError
 from nanotune.generate import MAX_NEW_TOKENS
 
-Metric = Literal["perplexity", "accuracy", "preference", "exact_match", "squad", "tag_f1", "reward"]
+Metric = Literal[
+    "perplexity", "accuracy", "preference", "exact_match", "squad", "tag_f1", "tool_call", "reward"
+]
 # Metric name -> what it needs. LM metrics read batches, generation metrics read model outputs.
 METRICS = {
     "perplexity": "LM batches: loss and perplexity on the supervised tokens",
@@ -19,10 +21,12 @@ METRICS = {
     "exact_match": "generation: the generation equals the reference (whitespace-trimmed)",
     "squad": "generation: SQuAD exact match and token F1 (official normalisation)",
     "tag_f1": "generation: comma-separated tag-set precision/recall/F1 (micro and macro)",
+    "tool_call": "generation: the tool calls parsed from the answer (Hermes/Qwen <tool_call> "
+    "JSON) equal the reference's, names and arguments; and how often the names alone do",
     "reward": "generation: mean score of a Hugging Face reward model (needs reward_model)",
 }
 assert tuple(METRICS) == get_args(Metric)
-GENERATION_METRICS = ("exact_match", "squad", "tag_f1", "reward")
+GENERATION_METRICS = ("exact_match", "squad", "tag_f1", "tool_call", "reward")
 
 
 @dataclass

@@ -23,6 +23,7 @@ from nanotune.eval.metrics import (
     perplexity_from_nll,
     squad_scores,
     tag_scores,
+    tool_call_scores,
 )
 
 
@@ -201,6 +202,8 @@ def generation_metrics(
         out |= squad_scores(gens.outputs, golds or [[r] for r in gens.references])
     if "tag_f1" in metrics:
         out |= tag_scores(gens.outputs, gens.references)
+    if "tool_call" in metrics:
+        out |= tool_call_scores(gens.outputs, gens.references)
     return out
 
 

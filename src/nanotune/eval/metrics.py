@@ -1,4 +1,4 @@
-"""Pure metric functions: perplexity, classification, SQuAD EM/F1, tag-set F1.
+"""Pure metric functions: perplexity, classification, SQuAD EM/F1, tag-set F1, tool calls.
 
 All scores are fractions in [0, 1] (SQuAD's script prints percentages; we keep one scale so a
 before/after table reads the same for every metric).
@@ -6,12 +6,15 @@ before/after table reads the same for every metric).
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import string
 from collections import Counter
 from collections.abc import Sequence
+from typing import Any
 
+from nanotune.data.tools import parse_tool_calls
 from nanotune.errors import NanotuneError
 
 # --- language modelling ------------------------------------------------------------------------
@@ -130,6 +133,32 @@ def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
     _check_same_length(predictions, references)
     hits = sum(p.strip() == r.strip() for p, r in zip(predictions, references, strict=True))
     return hits / len(references)
+
+
+# --- tool calls ---------------------------------------------------------------------------------
+
+
+def _calls(text: str) -> list[tuple[str, Any]]:
+    """(name, arguments) of each call in a reply, in order."""
+    _, calls = parse_tool_calls(text)
+    return [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls]
+
+
+def tool_call_scores(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """tool_call: the fraction of answers whose parsed calls equal the reference's (names and
+    arguments as JSON values, in order; an answer without calls matches a reference without
+    calls when the texts are equal); tool_call_name: the same for the names alone."""
+    _check_same_length(predictions, references)
+    exact = names = 0
+    for p, r in zip(predictions, references, strict=True):
+        got, want = _calls(p), _calls(r)
+        if not want:
+            hit = not got and p.strip() == r.strip()
+            exact, names = exact + hit, names + hit
+            continue
+        exact += got == want
+        names += [n for n, _ in got] == [n for n, _ in want]
+    return {"tool_call": exact / len(references), "tool_call_name": names / len(references)}
 
 
 # --- tag sets (the quotes task: "love, life, inspirational") -------------------------------------

@@ -55,7 +55,7 @@ def evaluate_model(
     if not classify and "accuracy" in cfg.metrics:
         raise NanotuneError(
             "eval.metrics: accuracy needs format: classification data; for generated answers use "
-            "exact_match, squad or tag_f1"
+            "exact_match, squad, tag_f1 or tool_call"
         )
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
     metrics: dict[str, Any] = {}
