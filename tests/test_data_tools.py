@@ -389,3 +389,27 @@ def test_builtin_tool_calls_answers_are_one_call_scored_by_the_parsed_call(pairs
     ]
     scores = tool_call_scores(answers, refs[:5])
     assert scores == {"tool_call": 2 / 5, "tool_call_name": 3 / 5}
+
+
+def test_preference_pairs_of_tool_calls_render_the_tools(pairs):
+    from nanotune.data.formats import format_preference
+
+    tok = pairs["chatml-tools"][0]
+    wrong = _call("get_weather", {"city": "Lyon"})
+    row = {
+        "tools": TOOLS,
+        "prompt": [ASK],
+        "chosen": [
+            {"role": "assistant", "content": None, "tool_calls": [_call("get_weather", PARIS)]}
+        ],
+        "rejected": [{"role": "assistant", "content": None, "tool_calls": [wrong]}],
+    }
+    ex = format_preference(Row(row, "p:1"), tok, DataConfig(source="x", format="preference"))
+    assert '<tools>\n{"type": "function", "function": {"name": "get_weather"' in tok.decode(
+        ex.prompt
+    )
+    assert tok.decode(ex.chosen) == (
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}'
+        "\n</tool_call><|im_end|>"
+    )
+    assert '"Lyon"' in tok.decode(ex.rejected)

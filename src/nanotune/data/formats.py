@@ -705,7 +705,7 @@ def _chat_pair(
             raise BadRow(
                 f"{row.where}: the {which} conversation does not end with an assistant reply"
             )
-        if not conv[-1]["content"].strip():
+        if not conv[-1]["content"].strip() and not conv[-1].get("tool_calls"):
             raise BadRow(f"{row.where}: the {which} response is empty")
     if convs["chosen"][:-1] != convs["rejected"][:-1]:
         pairs = zip(convs["chosen"], convs["rejected"], strict=False)
@@ -717,9 +717,11 @@ def _chat_pair(
     if len(convs["chosen"]) < 2:
         raise BadRow(f"{row.where}: no prompt before the last reply")
     rendered = {}
+    tools = row_tools(row, cfg)
     for which, conv in convs.items():
         messages = row_messages(Row({"messages": conv}, row.where), cfg.system_prompt)
-        rendered[which] = _last_supervised(_chat_segments(messages, tokenizer, cfg, row.where))
+        segments = _chat_segments(messages, tokenizer, cfg, row.where, tools)
+        rendered[which] = _last_supervised(segments)
     prompt = rendered["chosen"][0]
     if rendered["rejected"][0] != prompt:  # a whole-conversation tokenization merged across
         raise BadRow(
