@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 
-from nanotune import bench
+from nanotune.bench import suite as bench
 from nanotune.bench import cases, select
 from nanotune.bench.report import SideResult
 from nanotune.cli import main

@@ -229,12 +229,13 @@ def test_generate_in_int8_decodes_from_int8_weights_and_agrees_with_float32(tiny
 
 
 def test_serve_refuses_int8_with_adapters_before_loading_anything(tmp_path):
+    from nanotune.serve.config import ServeCommand
     from nanotune.serve.run import serve
 
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "adapter_config.json").write_text("{}")
-    with pytest.raises(NanotuneError, match="--dtype int8 quantizes"):
-        serve("gpt2", [f"a={tmp_path / 'a'}"], dtype="int8")
+    with pytest.raises(NanotuneError, match="served with --dtype int8"):
+        serve(ServeCommand(model="./absent", adapter=(f"a={tmp_path / 'a'}",), dtype="int8"))
 
 
 def test_chat_repl_keeps_history_resets_and_exits_on_eof(tiny_llama_dir, monkeypatch, capsys):
@@ -379,17 +380,18 @@ def test_version(capsys):
     assert e.value.code == 0 and capsys.readouterr().out == f"nanotune {__version__}\n"
 
 
-def test_eval_takes_key_value_overrides_and_refuses_set(capsys, empty_cwd):
+def test_eval_takes_key_value_overrides_and_flags_override_only_what_is_given(capsys, empty_cwd):
+    from nanotune.cli import options
+    from nanotune.jobs.config import EvalCommand
+
     args = build_parser().parse_args(
         ["eval", "--recipe", "r.yaml", "eval.max_examples=1", "--samples", "2"]
     )
-    assert (args.overrides, args.num_samples, args.max_examples) == (
-        ["eval.max_examples=1"],
-        2,
-        None,
-    )
-    assert main(["eval", "--recipe", "demo", "--set", "eval.max_examples=1"]) == 2
-    assert "--set is gone; give overrides as KEY=VALUE" in one_line_error(capsys)
+    command = options(EvalCommand, args)
+    assert (command.overrides, command.eval_section) == (["eval.max_examples=1"], {"num_samples": 2})
+    with pytest.raises(SystemExit) as e:  # the old --set: argparse's own refusal
+        main(["eval", "--recipe", "demo", "--set", "eval.max_examples=1"])
+    assert e.value.code == 2 and "unrecognized arguments: --set" in capsys.readouterr().err
     assert main(["eval", "--recipe", "demo", "eval.max_exmples=1"]) == 2
     assert "override eval.max_exmples=1: " in one_line_error(capsys)
 
@@ -406,3 +408,41 @@ def test_option_flags_come_from_the_config_dataclasses(capsys):
         "--split {train,val,test}" in out
         and "--format {completion,chat,alpaca,text,classification,preference}" in out
     )
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_every_option_is_a_field_of_the_commands_dataclass(command):
+    """No option is declared by hand: each one's dest is a field of the command's dataclass (a
+    nested section's field for grouped ones), its choices the field's Literal, its default the
+    field's; and every field has its option."""
+    import dataclasses
+    import typing
+
+    from nanotune.cli import COMMANDS, _value_type
+
+    cls, _ = COMMANDS[command]
+    expected = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = _value_type(hints[f.name])
+        if "section" in f.metadata:
+            section = f.metadata["section"]
+            inner = {s.name: s for s in dataclasses.fields(section)}
+            for name in f.metadata["only"]:
+                expected[f"{f.name}.{name}"] = (section, inner[name], None)
+        elif dataclasses.is_dataclass(tp) and "positional" not in f.metadata:
+            for s in dataclasses.fields(tp):
+                expected[f"{f.name}.{s.name}"] = (tp, s, s.default)
+        else:
+            expected[f.name] = (cls, f, f.default)
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices[command]
+    actions = {a.dest: a for a in sub._actions if a.dest != "help"}
+    assert set(actions) == set(expected)
+    for dest, (owner, f, default) in expected.items():
+        tp = _value_type(typing.get_type_hints(owner)[f.name])
+        if typing.get_origin(tp) is typing.Literal:
+            assert actions[dest].choices == typing.get_args(tp), dest
+        else:
+            assert actions[dest].choices is None, dest
+        if default is not dataclasses.MISSING and not isinstance(default, tuple):
+            assert actions[dest].default == default, dest

@@ -356,10 +356,12 @@ def test_one_max_new_tokens_default():
     from nanotune.eval import EvalConfig
     from nanotune.generate import MAX_NEW_TOKENS, GenerationConfig
 
+    from nanotune.cli import COMMANDS, options
+
     parser = build_parser()
     for command in ("generate", "chat"):
         args = parser.parse_args([command, "--prompt", "x"] if command == "generate" else [command])
-        assert args.max_new_tokens == MAX_NEW_TOKENS
+        assert options(COMMANDS[command][0], args).sampling.max_new_tokens == MAX_NEW_TOKENS
     assert GenerationConfig().max_new_tokens == EvalConfig().max_new_tokens == MAX_NEW_TOKENS
 
 

@@ -142,7 +142,36 @@ def test_push_without_a_token_is_one_clear_line(run_dir, monkeypatch, capsys):
     assert "no Hugging Face token; pass --token, set HF_TOKEN" in err and err.count("\n") == 1
 
 
-def test_push_uploads_exactly_final_without_the_marker(run_dir, monkeypatch, capsys):
+def test_one_resolver_says_what_every_kind_of_output_is(run_dir, tiny_gpt2_dir, tmp_path):
+    """inspect_output, which load, merge, export, push and serve all ask: a run directory reads
+    as its final/, an adapter names its base, a lone .gguf in a folder is that file."""
+    inspect = artifacts.inspect_output
+    final = run_dir / "final"
+    for given in (run_dir, final):
+        found = inspect(given)
+        assert (found.kind, found.path) == ("adapter", final)
+        assert found.base == artifacts.base_of(final)
+    assert (inspect(tiny_gpt2_dir).kind, inspect(tiny_gpt2_dir).base) == ("model", None)
+    (tmp_path / "clf").mkdir()
+    (tmp_path / "clf" / "classifier.json").write_text("{}")
+    assert inspect(tmp_path / "clf").kind == "classifier"
+    (tmp_path / "g").mkdir()
+    (tmp_path / "g" / "m.gguf").write_bytes(b"GGUF")
+    assert (inspect(tmp_path / "g").kind, inspect(tmp_path / "g").path) == (
+        "gguf",
+        tmp_path / "g" / "m.gguf",
+    )
+    assert inspect("gpt2").kind == "name" and inspect(run_dir / "checkpoints").kind == "unknown"
+    with pytest.raises(NanotuneError, match="not an adapter folder .* it is a model"):
+        inspect(tiny_gpt2_dir).expect("adapter", "--adapter")
+    # Every entrance takes a run directory for its final/: generate, merge, export, serve.
+    assert main(["merge", "--adapter", str(run_dir), str(tmp_path / "merged")]) == 0
+    assert inspect(tmp_path / "merged").kind == "model"
+
+
+@pytest.fixture
+def fake_hub(monkeypatch) -> dict:
+    """huggingface_hub's HfApi replaced: what a push created and uploaded, file by file."""
     import huggingface_hub
     from huggingface_hub.utils import filter_repo_objects
 
@@ -163,10 +192,18 @@ def test_push_uploads_exactly_final_without_the_marker(run_dir, monkeypatch, cap
             )
             calls["upload"] = (repo_id, folder_path)
             calls["files"] = sorted(filter_repo_objects(files, ignore_patterns=ignore_patterns))
+            calls["texts"] = {
+                f: (Path(folder_path) / f).read_bytes() for f in calls["files"] if "gguf" not in f
+            }
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    return calls
+
+
+def test_push_uploads_exactly_final_without_the_marker(run_dir, fake_hub, capsys):
+    calls = fake_hub
     assert main(["push", str(run_dir), "me/my-lora", "--private", "--token", "tok"]) == 0
     assert "pushed to https://huggingface.co/me/my-lora" in capsys.readouterr().out
     final = run_dir / "final"
@@ -179,6 +216,26 @@ def test_push_uploads_exactly_final_without_the_marker(run_dir, monkeypatch, cap
     assert main(["push", str(final), "me/my-lora", "--token", "tok"]) == 0
     with pytest.raises(NanotuneError, match="neither a run directory"):
         artifacts.push(run_dir / "checkpoints", "me/my-lora", token="tok")
+
+
+def test_push_a_gguf_file_or_a_folder_holding_one_with_a_model_card(
+    run_dir, fake_hub, tmp_path, capsys
+):
+    """A GGUF goes up alone with a model card naming its base (recorded in the file by the
+    export) and its weight type; the file itself is untouched and nothing is left behind."""
+    folder = tmp_path / "gguf"
+    folder.mkdir()
+    gguf = folder / "tuned.gguf"
+    assert main(["export", str(gguf), "--model", str(run_dir), "--format", "gguf"]) == 0
+    for given in (gguf, folder):
+        fake_hub.clear()
+        assert main(["push", str(given), "me/tuned-gguf", "--token", "tok"]) == 0
+        assert fake_hub["files"] == ["README.md", "tuned.gguf"]
+        card = fake_hub["texts"]["README.md"].decode()
+        base = artifacts.inspect_output(run_dir).base
+        assert "| weight type | F16 |" in card and f"| base model | {base} |" in card
+        assert "library_name: gguf" in card and "ollama run hf.co/me/tuned-gguf" in card
+    assert sorted(p.name for p in folder.iterdir()) == ["tuned.gguf"]
 
 
 def test_push_to_hub_without_a_token_is_refused_before_training(
@@ -313,6 +370,68 @@ def test_a_run_gives_the_trackers_its_resolved_config(
     (params,) = _called(fake_trackers, "mlflow.log_params")
     assert params["args"][0]["train.lr"] == 1e-3 and params["args"][0]["method.r"] == 2
     assert _called(fake_trackers, "wandb.log") and _called(fake_trackers, "mlflow.log_metrics")
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("wandb") is None or importlib.util.find_spec("mlflow") is None,
+    reason="needs wandb and mlflow (the dev extra)",
+)
+def test_a_resumed_run_continues_the_same_wandb_and_mlflow_runs(
+    tmp_path, tiny_gpt2_dir, monkeypatch
+):
+    """The real trackers, offline: W&B in offline mode, MLflow on a local file store. A run
+    killed after step 2 and resumed is one W&B run and one MLflow run, with the resolved config
+    as hyperparameters and the loss at every step 1..4 (the steps after the checkpoint once)."""
+    import shutil
+
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_PROJECT", raising=False)
+    store = (tmp_path / "mlruns").as_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # a local file store, as asked
+    mlflow.set_tracking_uri(store)
+    config = _config(
+        tmp_path,
+        str(tiny_gpt2_dir),
+        report_to=["wandb", "mlflow"],
+        max_steps=4,
+        save_every=2,
+        log_every=1,
+        lr=1e-3,
+    )
+    import wandb
+
+    opened, real_init = [], wandb.init
+
+    def init(**kw):  # the real run, its config read back as W&B holds it
+        run = real_init(**kw)
+        opened.append((run.id, dict(run.config)))
+        return run
+
+    monkeypatch.setattr(wandb, "init", init)
+    first = train(config, progress=False)
+    ids = json.loads((first.run_dir / "trackers.json").read_text())
+    # As if killed after the checkpoint at step 2: what came after it is gone.
+    shutil.rmtree(first.run_dir / "checkpoints" / "step-4")
+    train(config, resume=True, progress=False)
+    assert json.loads((first.run_dir / "trackers.json").read_text()) == ids
+
+    client = MlflowClient(store)
+    (experiment,) = [e for e in client.search_experiments() if e.name == "nanotune"]
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.run_id == ids["mlflow"]
+    assert run.data.params["train.lr"] == "0.001" and run.data.params["method.r"] == "2"
+    history = client.get_metric_history(run.info.run_id, "loss")
+    assert sorted({m.step for m in history}) == [1, 2, 3, 4]
+
+    assert [run_id for run_id, _ in opened] == [ids["wandb"]] * 2
+    assert opened[0][1]["train"]["lr"] == 1e-3 and opened[0][1]["method"]["r"] == 2
+    runs = sorted((first.run_dir / "wandb").glob("offline-run-*"))  # in the run directory
+    assert len(runs) == 2 and {r.name.rsplit("-", 1)[1] for r in runs} == {ids["wandb"]}
 
 
 def test_no_tracker_by_default(run_dir):

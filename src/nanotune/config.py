@@ -485,3 +485,46 @@ def load_config(name_or_path: str | Path, overrides: list[str] = ()) -> RunConfi
         )
     with resources.as_file(packaged / f"{name_or_path}.yaml") as path:
         return RunConfig.from_yaml(path, overrides)
+
+
+def doc_line(cls: type, name: str) -> str:
+    """The first paragraph of a field's attribute docstring, as one line."""
+    return " ".join(field_docs(cls).get(name, "").split("\n\n")[0].split())
+
+
+def config_reference() -> str:
+    """Every config field, by section: dotted name, type, default and its one-line doc (the
+    epilog of `nanotune train --help`)."""
+    lines = ["config fields (YAML keys, or KEY=VALUE overrides):"]
+    hints = typing.get_type_hints(RunConfig)
+    top = []
+    for section in dataclasses.fields(RunConfig):
+        cls = hints[section.name]
+        if not dataclasses.is_dataclass(cls):
+            top.append(section)
+            continue
+        lines += ["", f"{section.name}:"]
+        lines += _field_lines(cls, dataclasses.fields(cls), f"{section.name}.")
+    return "\n".join([*lines, "", "run:", *_field_lines(RunConfig, top, "")])
+
+
+def _yaml_value(value: Any) -> str:
+    """A default as YAML writes it (true, null, '', [a, b])."""
+    value = list(value) if isinstance(value, tuple) else value  # betas: (0.9, 0.999)
+    text = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()
+    return text.removesuffix("...").strip()
+
+
+def _field_lines(cls: type, fields: list[dataclasses.Field], prefix: str) -> list[str]:
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in fields:
+        if f.default_factory is not dataclasses.MISSING:
+            shown = _yaml_value(f.default_factory())
+        elif f.default is not dataclasses.MISSING:
+            shown = _yaml_value(f.default)
+        else:
+            shown = "(required)"
+        out.append(f"  {prefix}{f.name}: {type_name(hints[f.name])} = {shown}")
+        out.append(f"      {doc_line(cls, f.name)}")
+    return out

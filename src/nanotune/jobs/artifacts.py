@@ -23,16 +23,19 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from torch import nn
 
 from nanotune.config import RunConfig
 from nanotune.errors import NanotuneError
 from nanotune.files.atomic import atomic_dir, check_target
-from nanotune.jobs.card import model_card
+from nanotune.jobs.card import gguf_card, model_card
+from nanotune.jobs.config import MergeCommand, PushCommand
 from nanotune.methods import SequenceClassifier, lora_layers
 from nanotune.methods.lora import merge as merge_lora
 from nanotune.models import DEFAULT_MODEL
@@ -128,6 +131,70 @@ def base_of(adapter: str | os.PathLike) -> str:
     return base
 
 
+OutputKind = Literal["adapter", "classifier", "model", "gguf", "unknown", "name"]
+
+
+@dataclass(frozen=True)
+class Output:
+    """What a path names, as every entrance reads it (load, merge, export, push, serve).
+
+    kind: `adapter` (PEFT adapter folder, a LoRA run's final/), `classifier` (classifier.json
+    beside a model folder or adapter), `model` (an HF folder), `gguf` (a .gguf file, or a folder
+    holding just one), `unknown` (something else on disk), `name` (not on disk: a preset or hub
+    id). path: the output itself (a run directory's final/, the .gguf in its folder); None for
+    a name."""
+
+    kind: OutputKind
+    path: Path | None
+    given: str
+
+    @property
+    def ref(self) -> str:
+        """The output as the loaders take it: as given ("./gpt2" stays a path, not the preset
+        gpt2), or the final/ or .gguf found inside."""
+        if self.path is None or self.path == Path(self.given).expanduser():
+            return self.given
+        return str(self.path)
+
+    @property
+    def base(self) -> str | None:
+        """The base model an adapter (or a LoRA classifier) names."""
+        if self.path is not None and (self.path / CONFIG_FILE).is_file():
+            return base_of(self.path)
+        return None
+
+    def expect(self, kind: OutputKind, flag: str) -> Output:
+        """This output, refused in one line when it is not a `kind`."""
+        if self.kind != kind:
+            what = {"name": "no such folder", "unknown": "not a nanotune output"}.get(
+                self.kind, f"a {self.kind}"
+            )
+            need = {"adapter": f"an adapter folder (no {CONFIG_FILE})"}.get(kind, f"a {kind}")
+            raise NanotuneError(f"{flag} {self.given}: not {need}; it is {what}")
+        return self
+
+
+def inspect_output(name_or_path: str | os.PathLike) -> Output:
+    """What kind of nanotune output (or model) `name_or_path` is: a folder, its final/ when it
+    is a run directory, a .gguf file, or a name that is not on disk."""
+    given = str(name_or_path)
+    path = Path(given).expanduser()
+    if not path.exists():
+        return Output("name", None, given)
+    if path.is_file():
+        return Output("gguf" if path.suffix == ".gguf" else "unknown", path, given)
+    for folder in (path, path / "final"):
+        for marker, kind in ((CLASSIFIER_FILE, "classifier"), (CONFIG_FILE, "adapter")):
+            if (folder / marker).is_file():
+                return Output(kind, folder, given)
+        if (folder / "config.json").is_file():
+            return Output("model", folder, given)
+    ggufs = sorted(path.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return Output("gguf", ggufs[0], given)
+    return Output("unknown", path, given)
+
+
 def apply_adapter(model: nn.Module, tokenizer: Tokenizer, adapter: str | os.PathLike) -> Loaded:
     """`model` with the adapter folder loaded onto it, and the tokenizer saved with the adapter
     (it holds the run's added tokens and chat template)."""
@@ -154,12 +221,19 @@ def load(
 
 
 def _load(model: str | None, adapter: str | os.PathLike | None) -> Loaded:
-    if adapter is None and model is not None and (Path(model) / CLASSIFIER_FILE).is_file():
-        return load_classifier(model)
-    if adapter is None and model is not None and (Path(model) / CONFIG_FILE).is_file():
-        model, adapter = None, model  # a LoRA run's final/ passed as the model
-    if adapter is not None and (Path(adapter) / CLASSIFIER_FILE).is_file():
-        return load_classifier(adapter)
+    if adapter is None and model is not None:
+        given = inspect_output(model)
+        if given.kind == "classifier":
+            return load_classifier(given.path)
+        if given.kind == "adapter":  # a LoRA run's final/ (or its run directory) as the model
+            model, adapter = None, given.path
+        else:
+            model = given.ref
+    if adapter is not None:
+        given = inspect_output(adapter)
+        if given.kind == "classifier":
+            return load_classifier(given.path)
+        adapter = given.expect("adapter", "--adapter").path
     if model is None:
         model = base_of(adapter) if adapter is not None else DEFAULT_MODEL
     loaded, tokenizer = load_model(model)
@@ -177,6 +251,7 @@ def merge(
 ) -> Path:
     """Fold the adapter folder into its base and write a plain HF folder (a classifier folder
     with the head for SEQ_CLS adapters). The base defaults to the adapter's own."""
+    adapter = inspect_output(adapter).expect("adapter", "--adapter").path
     base = base or base_of(adapter)
     target = Path(out)
     inputs = [p for p in (base, adapter) if Path(p).exists()]
@@ -197,15 +272,21 @@ def merge(
 
 
 def push_folder(path: str | os.PathLike) -> Path:
-    """What `nanotune push` uploads: a run's `final/`, or a folder that is itself an output."""
-    path = Path(path).expanduser()
-    for folder in (path / "final", path):
-        if any((folder / f).is_file() for f in (CONFIG_FILE, CLASSIFIER_FILE, "config.json")):
-            return folder
-    raise NanotuneError(
-        f"{path}: neither a run directory with final/ nor an adapter or model folder "
-        f"({CONFIG_FILE} or config.json); pass the run's output_dir or its final/ folder"
-    )
+    """What `nanotune push` uploads: a run's `final/`, or a folder that is itself an output; a
+    GGUF file goes up in a folder of its own with a model card (`gguf_card`)."""
+    given = inspect_output(path)
+    if given.kind == "name":
+        raise NanotuneError(
+            f"{path}: no such file or folder; pass a run's output_dir, its final/ folder, a "
+            "model or adapter folder, or a .gguf file"
+        )
+    if given.kind == "unknown":
+        raise NanotuneError(
+            f"{path}: neither a run directory with final/ nor an adapter or model folder "
+            f"({CONFIG_FILE} or config.json) nor a .gguf file; pass the run's output_dir or "
+            "its final/ folder"
+        )
+    return given.path
 
 
 def check_push(repo_id: str, token: str | None = None) -> str:
@@ -216,6 +297,24 @@ def check_push(repo_id: str, token: str | None = None) -> str:
 def push(
     path: str | os.PathLike, repo_id: str, *, private: bool = False, token: str | None = None
 ) -> str:
-    """Upload a run's `final/` (or an output folder) to the Hub repository `repo_id`; its URL."""
-    folder = push_folder(path)
-    return hub.upload(folder, repo_id, private=private, token=token)
+    """Upload a run's `final/` (or an output folder, or a GGUF file with a model card naming its
+    base and quantization) to the Hub repository `repo_id`; its URL."""
+    found = push_folder(path)
+    if found.is_dir():
+        return hub.upload(found, repo_id, private=private, token=token)
+    hub.push_token(repo_id, token)  # refused offline or without a token, before any copy
+    with tempfile.TemporaryDirectory(prefix="nanotune-push-") as tmp:
+        folder = Path(tmp)
+        os.symlink(found.resolve(), folder / found.name)
+        (folder / CARD_FILE).write_text(gguf_card(found, repo_id), encoding="utf-8")
+        return hub.upload(folder, repo_id, private=private, token=token)
+
+
+def push_command(c: PushCommand) -> int:
+    print(f"pushed to {push(c.run_dir, c.repo_id, private=c.private, token=c.token)}")
+    return 0
+
+
+def merge_command(c: MergeCommand) -> int:
+    print(f"wrote {merge(c.model, c.adapter, c.out_dir, overwrite=c.overwrite)}")
+    return 0

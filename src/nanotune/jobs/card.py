@@ -138,3 +138,36 @@ def model_card(
             + _table(("metric", "before", "after", "delta", ""), body)
         )
     return "\n\n".join(parts) + "\n"
+
+
+def gguf_card(path, repo_id: str) -> str:
+    """README.md for a GGUF file pushed alone: the Hub's metadata (base model, gguf tag), the
+    weight type and how llama.cpp and Ollama run it."""
+    from nanotune.weights.gguf import gguf_facts
+
+    facts = gguf_facts(path)
+    base = facts["base_model"]
+    meta: dict[str, Any] = {}
+    if base and HUB_ID.match(base):
+        meta["base_model"] = base
+    meta["library_name"] = "gguf"
+    meta["tags"] = ["nanotune", "gguf", *filter(None, [facts["architecture"]])]
+    meta["pipeline_tag"] = "text-generation"
+    name = path.name
+    rows = [
+        ("file", f"`{name}`"),
+        ("architecture", facts["architecture"]),
+        ("weight type", facts["quant"]),
+        ("context length", facts["context_length"]),
+        ("base model", base or "not recorded in the file"),
+        ("written by", f"nanotune {facts['nanotune']}" if facts["nanotune"] else "not nanotune"),
+    ]
+    table = "\n".join(f"| {k} | {v} |" for k, v in rows if v is not None)
+    return (
+        f"---\n{yaml.safe_dump(meta, sort_keys=False)}---\n\n"
+        f"# {repo_id.split('/')[-1]}\n\n"
+        f"A GGUF model file for llama.cpp and Ollama, pushed with nanotune {__version__}.\n\n"
+        f"| | |\n|---|---|\n{table}\n\n"
+        f'```bash\nllama-cli -m {name} -p "Hello"\n'
+        f"ollama run hf.co/{repo_id}\n```\n"
+    )

@@ -11,6 +11,7 @@ import re
 import time
 from pathlib import Path
 
+from nanotune.jobs.config import DemoCommand
 from nanotune.jobs.finetune import RunResult, train
 from nanotune.recipes import load_recipe
 
@@ -75,3 +76,8 @@ def run_demo(
     print(f"\ndemo finished in {time.perf_counter() - start:.0f} s")
     print(f"report: {result.report}")
     return result
+
+
+def demo_command(c: DemoCommand) -> int:
+    run_demo(c.output_dir, overwrite=c.overwrite, overrides=c.overrides)
+    return 0

@@ -19,6 +19,7 @@ from nanotune.errors import NanotuneError, OfflineError
 from nanotune.files.atomic import RunDir, atomic_write, check_target
 from nanotune.files.read import read_text
 from nanotune.jobs import artifacts
+from nanotune.jobs.config import TrainCommand
 
 if TYPE_CHECKING:
     from nanotune.data import DataConfig, Datasets
@@ -189,8 +190,8 @@ def train(
     config: RunConfig | dict[str, Any] | str | Path,
     *,
     data: dict[str, Any] | None = None,
-    resume: bool = False,
     rewards: Sequence[Callable[..., Any]] = (),
+    resume: bool = False,
     overwrite: bool = False,
     overrides: list[str] = (),
     progress: bool = True,
@@ -203,9 +204,9 @@ def train(
         dicts, a `datasets.Dataset` or a pandas DataFrame. They replace the config's sources of
         those splits, are read as a file's rows are (a bad row is named `data["train"][3]`),
         and are not kept in the data cache.
-    resume: continue the run in `output_dir` from its latest checkpoint (same model/method/data).
     rewards: reward functions for `rl.algorithm: grpo`, besides those of `rl.rewards`:
         fn(completions, prompts=, reference=, completion_ids=) -> one float per completion.
+    resume: continue the run in `output_dir` from its latest checkpoint (same model/method/data).
     overwrite: replace an existing `output_dir` that nanotune wrote; the old run is removed only
         once the new one has a checkpoint, and never a folder holding user files or inputs.
 
@@ -236,8 +237,8 @@ def train(
                 progress=progress,
                 inputs=inputs,
                 objects=objects,
-            )
                 rewards=rewards,
+            )
     except OfflineError as e:
         raise OfflineError(e.reason, _offline_fix(recipe)) from e
 
@@ -262,8 +263,8 @@ def _train(
     progress: bool,
     inputs: list[Path],
     objects: dict[str, Any],
-) -> RunResult:
     rewards: Sequence[Callable[..., Any]] = (),
+) -> RunResult:
     from nanotune.training.dist import is_main, on_main
 
     # Every check and every input first (the run directory, model, data, method, reward
@@ -298,8 +299,8 @@ class _Setup:
     tokenizer: Any
     data: Any
     reward_model: Any
-
     rl_rewards: Any = None  # GRPO's reward functions (training.grpo.Reward)
+
 
 def _setup(
     config: RunConfig,
@@ -315,7 +316,6 @@ def _setup(
         artifacts.check_push(config.train.push_to_hub)
     if "reward" in config.eval.metrics:  # a reward run not trained yet: said before the loads
         reward_model_folder(config.eval.reward_model)
-    seed_everything(config.train.seed)  # model init (LoRA A, heads) depends on it
     rl_rewards = None
     if config.rl.algorithm:  # reward files load (and fail) before the model does
         from nanotune.training.rewards import build_rewards
@@ -326,6 +326,7 @@ def _setup(
             "rewards=[...] score sampled completions, but rl.algorithm is not set; set "
             "rl.algorithm: grpo or leave rewards out"
         )
+    seed_everything(config.train.seed)  # model init (LoRA A, heads) depends on it
     model, tokenizer = load_model(config.model.name, dtype=getattr(torch, config.model.dtype))
     if config.model.special_tokens:
         tokenizer.add_special_tokens(config.model.special_tokens)
@@ -340,11 +341,11 @@ def _setup(
     )
     model = apply_method(model, config.method)
     _check_trainable(model, data, config)
-    if config.preference.objective == "reward":
     if config.rl.algorithm:
         from nanotune.jobs import grpo
 
         grpo.check(config, model)
+    if config.preference.objective == "reward":
         _score_before_the_end(data, tokenizer)
     rewards = reward_model(config.eval) if data.splits.get(config.eval.split) else None
     return _Setup(model, tokenizer, data, rewards, rl_rewards)
@@ -514,10 +515,10 @@ def _fit(config: RunConfig, setup: _Setup, run_dir: Path, *, resume: bool, progr
             **batching,
         )
 
-    val = (
     train_batches = lm_batches
     if config.rl.algorithm:
         train_batches = grpo.prompt_batches(config, len(prompts))
+    val = (
         epoch_batches(
             data.val, tc.micro_batch_size * world_size(), tc.seed, 0, shuffle=False, **batching
         )
@@ -540,12 +541,12 @@ def _fit(config: RunConfig, setup: _Setup, run_dir: Path, *, resume: bool, progr
     # evaluation does (DDP and FSDP2 act there), without gradients.
     with torch.no_grad():
         after = trainer.engine(lambda m, _: _evaluate(m, tokenizer, examples, config, data), None)
-    dist.reshard(trainer.engine)
         if config.rl.algorithm:
             scored = grpo.heldout_reward(
                 model, tokenizer, rl_heldout, setup.rl_rewards, config.rl.max_new_tokens
             )
             after = ({**after[0], **scored}, *after[1:]) if after else (scored, None)
+    dist.reshard(trainer.engine)
     with trainer.full_model() as trained:  # FSDP2: whole weights on rank 0 while saving
         on_main(
             lambda: artifacts.save_final(
@@ -580,3 +581,23 @@ def _fit(config: RunConfig, setup: _Setup, run_dir: Path, *, resume: bool, progr
         samples=evaluated[2],
         report=evaluated[3],
     )
+
+
+def train_command(c: TrainCommand) -> int:
+    """`nanotune train`: --print-config and --dry-run stop before training; under torchrun every
+    rank trains and rank 0 reports."""
+    if c.print_config or c.dry_run:
+        resolved = load_config(c.config, c.overrides)
+        if c.print_config:
+            print(resolved.to_yaml(), end="")
+        else:
+            dry_run(resolved)
+        return 0
+    from nanotune.training.dist import is_main
+
+    result = train(c.config, overrides=c.overrides, resume=c.resume, overwrite=c.overwrite)
+    if is_main():  # under torchrun every rank returns here; one report is enough
+        print(f"done: {result.step} steps; final model in {result.final_dir}")
+        if result.report:
+            print(f"report: {result.report}")
+    return 0

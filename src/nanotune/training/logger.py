@@ -62,8 +62,8 @@ def _tracker(
     if name == "mlflow":
         import mlflow
 
-        if project:
-            mlflow.set_experiment(project)
+        # Like wandb's project: the environment's experiment, else "nanotune" (not "Default").
+        mlflow.set_experiment(project or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "nanotune")
         if run_id:
             active = mlflow.start_run(run_id=run_id)  # its params were logged when it began
         else:

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGUFReader
+from gguf import GGUFReader, LlamaFileType
 from gguf.quants import dequantize
 from torch import Tensor
 
@@ -128,6 +128,26 @@ def open_gguf(path: str | Path) -> GGUFReader:
         raise NanotuneError(
             f"{path} is not a readable GGUF file ({type(e).__name__}: {e}); re-download it"
         ) from None
+
+
+def gguf_facts(path: str | Path) -> dict[str, Any]:
+    """What a model card says of a GGUF file: its name, architecture, weight type (llama.cpp's
+    file type, e.g. Q4_K_M), context length, base model and the nanotune that wrote it."""
+    reader = open_gguf(path)
+    arch = _field(reader, "general.architecture")
+    file_type = _field(reader, "general.file_type")
+    try:
+        quant = LlamaFileType(file_type).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+    except ValueError:
+        quant = None if file_type is None else str(file_type)
+    return {
+        "name": _field(reader, "general.name"),
+        "architecture": arch,
+        "quant": quant,
+        "context_length": _field(reader, f"{arch}.context_length"),
+        "base_model": _field(reader, "general.base_model.0.name"),
+        "nanotune": _field(reader, WRITER_KEY),
+    }
 
 
 def _field(reader: GGUFReader, key: str, default: Any = None) -> Any:

@@ -48,6 +48,7 @@ from nanotune.weights.gguf import (
     gemma_window_layers,
     written_by_nanotune,
 )
+from nanotune.weights.resolve import HUB_ID
 
 T = GGMLQuantizationType
 # --quant: the type of the 2-D weights, and the file type llama.cpp records for it.
@@ -310,13 +311,15 @@ def export_gguf(
     *,
     quant: str = "f16",
     name: str | None = None,
+    base_model: str | None = None,
     overwrite: bool = False,
     inputs: Iterable[str | os.PathLike] = (),
 ) -> Path:
     """Write `model` (a plain Transformer, adapters merged first) and `tokenizer`
     to the GGUF file `path`, atomically. `quant`: one of `QUANTS` for the matrices (see
     `_tensor_type`; K_QUANTS are written as f32 to a scratch file beside `path`, then quantized
-    by llama.cpp); `name` goes in general.name (default: the file's stem). An existing `path`
+    by llama.cpp); `name` goes in general.name (default: the file's stem), `base_model` (the hub
+    id or path it was fine-tuned from) in general.base_model.0.*. An existing `path`
     is refused unless `overwrite`, and never replaced when it is one of `inputs`."""
     path = Path(path).expanduser()
     check_quant(quant)
@@ -342,10 +345,10 @@ def export_gguf(
     with atomic_file(path) as tmp:
         if quant in K_QUANTS:
             with scratch_file(path) as f32:
-                _write(f32, model, tokenizer, name, file_type, tensors, kinds)
+                _write(f32, model, tokenizer, name, file_type, tensors, kinds, base_model)
                 _llama_quantize(f32, tmp, QUANTS[quant][1], str(path))
         else:
-            _write(tmp, model, tokenizer, name, file_type, tensors, kinds)
+            _write(tmp, model, tokenizer, name, file_type, tensors, kinds, base_model)
     return path
 
 
@@ -357,12 +360,18 @@ def _write(
     file_type: LlamaFileType,
     tensors: list[tuple[str, Tensor]],
     kinds: list[GGMLQuantizationType],
+    base_model: str | None = None,
 ) -> None:
     writer = GGUFWriter(path, GGUF_ARCH[model.config.family])
     _write_metadata(writer, model, tokenizer, name)
     writer.add_file_type(file_type)
     writer.add_quantization_version(GGML_QUANT_VERSION)
     writer.add_string(WRITER_KEY, __version__)
+    if base_model:  # what the Hub and `nanotune push`'s model card name as the base
+        writer.add_base_model_count(1)
+        writer.add_base_model_name(0, base_model)
+        if HUB_ID.match(base_model):
+            writer.add_base_model_repo_url(0, f"https://huggingface.co/{base_model}")
     for (gguf, tensor), kind in zip(tensors, kinds, strict=True):
         w = np.ascontiguousarray(tensor.to("cpu", torch.float32).numpy())
         writer.add_tensor(gguf, quantize(w, kind), raw_dtype=kind)
