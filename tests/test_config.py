@@ -27,7 +27,7 @@ def load(extra: dict, overrides: list[str] = ()) -> RunConfig:
         ({"method": {"rank": 4}}, "method.rank: unknown key; did you mean 'r'?"),
         ({"train": {"lr": "fast"}}, "train.lr: expected a number, got 'fast'"),
         ({"train": {"max_steps": 2.5}}, "train.max_steps: expected an integer, got 2.5"),
-        ({"train": {"compile": "yes"}}, "train.compile: expected true or false, got 'yes'"),
+        ({"train": {"compile": "yes"}}, "train.compile: expected bool or auto, got 'yes'"),
         ({"train": {"lr": 0}}, "train.lr: must be > 0, got 0.0"),
         ({"train": {"lr": -1e-4}}, "train.lr: must be > 0"),
         ({"train": {"schedule": "cosin"}}, "did you mean 'cosine'?"),

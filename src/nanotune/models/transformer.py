@@ -209,7 +209,10 @@ class Attention(nn.Module):
             y = _attend_capped(q, k, v, mask, self.scale, self.softcap, p)
         elif mask is None:
             # Only reached without a cache offset, so plain causal attention is exact.
-            y = _attend(q, k, v, dropout_p=p, is_causal=T > 1, enable_gqa=gqa, scale=self.scale)
+            # A Python branch, not `is_causal=T > 1`: under torch.compile with a dynamic length
+            # that would be a symbolic bool, which SDPA refuses.
+            causal = True if T > 1 else False  # noqa: SIM210
+            y = _attend(q, k, v, dropout_p=p, is_causal=causal, enable_gqa=gqa, scale=self.scale)
         else:
             y = _attend(q, k, v, attn_mask=mask, dropout_p=p, enable_gqa=gqa, scale=self.scale)
         return self.proj(y.transpose(1, 2).reshape(B, q.shape[2], H * D))
@@ -330,7 +333,26 @@ class Transformer(nn.Module):
         if config.positions == "rope":
             self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
         self.gradient_checkpointing = False
+        self._compiled_blocks: list[nn.Module] | None = None
         self.apply(self._init_weights)
+
+    def compile_blocks(self, enable: bool = True, *, dynamic: bool | None = True) -> None:
+        """Run each block through `torch.compile` (inductor) wherever gradients are recorded and
+        there is no KV cache: the training forward and its backward. Evaluation, scoring under
+        no_grad and decoding stay eager, so they never wait for a compile of their own.
+
+        Blocks of one shape share one compiled graph (their weights are its inputs), so the
+        compile time does not grow with depth; the first block is a second graph where the
+        embeddings are frozen (LoRA: its input needs no gradient). dynamic=True traces the
+        sequence length and batch as symbols: one compile serves every length (see
+        benchmarks/NOTES.md for the measured choice against bucketed static shapes); a batch of
+        one row or one token among larger ones adds a graph (torch specialises sizes 0 and 1).
+        enable=False goes back to eager.
+        """
+        if not enable:
+            self._compiled_blocks = None
+            return
+        self._compiled_blocks = [torch.compile(b, dynamic=dynamic) for b in self.blocks]
 
     def _cap_head(self) -> None:
         if self.config.final_softcap is not None:
@@ -443,14 +465,22 @@ class Transformer(nn.Module):
             B, T = x.shape[:2]
             positions = torch.arange(T, device=x.device).expand(B, T)
             window_mask = self._mask(B, T, 0, None, None, None, x.device, positions, window)
+        compiled = self._compiled_blocks
+        compiled = compiled if cache is None and torch.is_grad_enabled() else None
         for i in layers:
             at = query_at if i == layers[-1] else None
             block = self.blocks[i]
             m = window_mask if window_mask is not None and block.attn.window else mask
-            if self.gradient_checkpointing and self.training:
-                x = checkpoint(block, x, rope, m, cache, i, at, use_reentrant=False)
+            if compiled is not None:
+                # The layer index only addresses a cache, and there is none: 0 for every layer,
+                # so the shared graph is not specialised (and recompiled) per layer.
+                block, args = compiled[i], (x, rope, m, None, 0, at)
             else:
-                x = block(x, rope, m, cache, i, at)
+                args = (x, rope, m, cache, i, at)
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(block, *args, use_reentrant=False)
+            else:
+                x = block(*args)
         return x
 
     @staticmethod

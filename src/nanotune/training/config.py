@@ -70,8 +70,11 @@ class TrainConfig:
     GPU with native bf16 (Ampere and later), a CPU with AVX512_BF16 or AMX - else float16
     autocast with a loss scaler (GradScaler) on a GPU, float32 on a CPU; the run log says which
     was chosen and why. float32 is exact and reproducible across machines."""
-    compile: bool = False
-    """Compile the loss computation with torch.compile."""
+    compile: bool | Literal["auto"] = "auto"
+    """Run the model's blocks through torch.compile (inductor) for the training forward and
+    backward: true, false, or auto = time the first steps eager and compile only where the rest
+    of the run is long enough to win the compile time back (on a CPU: past ~10 minutes of
+    steps). Varied lengths do not recompile; the run log gives the compile seconds."""
     gradient_checkpointing: bool = False
     """Recompute block activations in the backward pass to save memory."""
     frozen_prefix_cache: bool = True

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from nanotune.errors import NanotuneError
 from nanotune.training import checkpoint as ckpt
 from nanotune.training import dist
+from nanotune.training.compiled import CompiledBlocks
 from nanotune.training.config import TrainConfig
 from nanotune.training.dist import all_reduce_sum, barrier, is_main, rank_rows, world_size
 from nanotune.training.logger import RunLogger
@@ -240,10 +241,9 @@ class Trainer:
         # per step (preference metrics); every other objective runs its plain `loss_sum`.
         self.step_sums = hasattr(self.objective, "loss_and_sums")
         self.loss_fn = self.objective.loss_and_sums if self.step_sums else self.objective.loss_sum
-        if config.compile:
-            self.loss_fn = torch.compile(self.loss_fn)
         for m in check_trainable(model, config):
             m.gradient_checkpointing = True
+        self.compiled = CompiledBlocks(self.model, config.compile, self.device)
         # A classifier's body keeps an LM head that takes no part in its loss.
         unused = isinstance(self.objective, ClassificationObjective) or getattr(
             self.objective, "scores_sequences", False
@@ -489,6 +489,8 @@ class Trainer:
         log.info(f"compute precision: {precision} ({why}){scaler}")
         once = {"trainable_params": trainable, "total_params": total, "precision": precision}
         prefix = self._frozen_prefix(log)
+        self.compiled.start(log.info)
+        steps_here = 0
         self.model.train()
         best = pos.best
         result = TrainResult(
@@ -511,8 +513,16 @@ class Trainer:
                         continue
                     lr = lr_at(pos.step, self.total_steps, cfg)
                     batch = batches[pos.batch_index]
+                    step_start = time.perf_counter()
                     stats, interrupted = self._train_step(
                         batch, lr, pos.step + 1, signals.signum is not None
+                    )
+                    steps_here += 1
+                    once |= self.compiled.after_step(
+                        steps_here,
+                        time.perf_counter() - step_start,
+                        self.total_steps - pos.step - 1,
+                        log.info,
                     )
                     pos.step, pos.batch_index = pos.step + 1, pos.batch_index + 1
                     step = pos.step
@@ -570,6 +580,7 @@ class Trainer:
             if cfg.keep_best and best["step"] is not None and best["step"] != pos.step:
                 self._restore_best(best, log, result)
         finally:
+            self.compiled.close(log.info)
             if prefix is not None:
                 log.info(f"frozen prefix: {prefix.describe()}")
                 self.model.cache_frozen_prefix(None)

@@ -1,0 +1,128 @@
+"""`train.compile`: the training forward and backward of the model's blocks through torch.compile.
+
+What is compiled is each transformer block (the model's `compile_blocks`): blocks of one shape
+share one graph, so compile time does not grow with depth, and lengths and batch sizes are
+traced as symbols, so a run with varied lengths compiles once (measured against bucketed static
+lengths in benchmarks/NOTES.md). The LM head and the fused losses stay eager: they are a few
+large products already fused by hand. Evaluation and decoding stay eager too.
+
+`auto` runs the first steps eager, times them, and compiles only where the rest of the run,
+eager, would last longer than the break-even of this device kind (`BREAK_EVEN_S`): the compile
+seconds divided by the share of a step that compiling saves.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from nanotune.errors import NanotuneError
+from nanotune.training.dist import all_reduce_sum, world_size
+
+BREAK_EVEN_S = {"cpu": 600.0, "cuda": 120.0}
+"""Seconds of eager training left past which `auto` compiles, per device kind.
+
+CPU (2 shared cores, Xeon with AMX, torch 2.13; benchmarks/NOTES.md): a cold compile takes
+20-35 s per block graph (each of fp32/bf16, LoRA/full is its own); the steady step saves ~30% in
+float32 at toy widths (128) and nothing measurable in bf16 at width 256, so the break-even is
+~100 s at best and never at worst: 600 s keeps short and tiny runs eager. CUDA: not measured
+here (no GPU in reach); torch.compile's usual 30-60 s compile and 1.3-2x step put it near 120 s,
+and `benchmarks/gpu_check.py` prints the figures to set it from."""
+
+AUTO_AFTER = 2
+"""Eager steps `auto` times before it decides (the first one pays one-off allocation costs)."""
+
+
+def compile_targets(model: nn.Module) -> list[nn.Module]:
+    """The modules of `model` that can run their blocks compiled (a classifier's body, ...)."""
+    return [m for m in model.modules() if hasattr(m, "compile_blocks")]
+
+
+class CompiledBlocks:
+    """Switches a model's blocks between eager and compiled per `train.compile` and says what it
+    did and what it cost in the run log."""
+
+    def __init__(self, model: nn.Module, mode: bool | str, device: torch.device) -> None:
+        self.targets = compile_targets(model)
+        self.mode = mode
+        self.device = device
+        if mode is True and not self.targets:
+            raise NanotuneError(
+                "train.compile: this model has no blocks to compile; set train.compile: false"
+            )
+        self.on = False
+        self.decided = mode is not True and mode is not False and not self.targets
+        self._first_s: float | None = None
+        self.compile_s: float | None = None
+        """Seconds the first compiled step took beyond the second one: the compile."""
+        self._frames_at_start = 0
+
+    def start(self, info) -> None:
+        """Before the first step: compile now for `true`; `auto` waits for timed eager steps."""
+        if self.mode is True:
+            self._enable(info, "train.compile true")
+        elif self.mode is False:
+            return
+        elif not self.targets:
+            info("train.compile auto: eager (this model has no blocks to compile)")
+        elif self.device.type not in BREAK_EVEN_S:
+            self.decided = True
+            info(f"train.compile auto: eager (no measured break-even on {self.device.type})")
+
+    def after_step(self, steps_here: int, step_s: float, steps_left: int, info) -> dict:
+        """After each step of this process (`steps_here` of them, the last `step_s` seconds):
+        `auto` decides after AUTO_AFTER eager steps; metrics to log (compile_s once known)."""
+        if not self.decided and steps_here >= AUTO_AFTER:
+            self.decided = True
+            # Every rank decides alike, on the mean of their timings.
+            step_s = float(all_reduce_sum(torch.tensor([step_s], dtype=torch.float64))[0])
+            step_s /= world_size()
+            eager_left = step_s * steps_left
+            break_even = BREAK_EVEN_S[self.device.type]
+            why = (
+                f"~{eager_left:,.0f} s of eager steps left ({step_s:.2f} s a step x {steps_left}), "
+                f"break-even on {self.device.type} {break_even:,.0f} s"
+            )
+            if eager_left >= break_even:
+                self._enable(info, f"train.compile auto: compiled ({why})")
+            else:
+                info(f"train.compile auto: eager ({why})")
+            return {}
+        if not self.on or self.compile_s is not None:
+            return {}
+        if self._first_s is None:
+            self._first_s = step_s
+            return {}
+        self.compile_s = max(0.0, self._first_s - step_s)
+        info(
+            f"compiled blocks: {self.compile_s:.1f} s to compile (the first compiled step, "
+            f"{self._first_s:.1f} s, less the next one, {step_s:.2f} s)"
+        )
+        return {"compile_s": self.compile_s}
+
+    def graphs(self) -> int:
+        """Frames torch.compile compiled since the blocks were switched on: one per kind of block
+        (a family with local and global layers has two), never one per length."""
+        from torch._dynamo.utils import counters
+
+        return counters["frames"]["total"] - self._frames_at_start if self.on else 0
+
+    def close(self, info) -> None:
+        """After the run: back to eager (what the caller handed in), with the recompile count."""
+        if not self.on:
+            return
+        if self._first_s is not None and self.compile_s is None:  # one compiled step only
+            info(f"compiled blocks: the only compiled step took {self._first_s:.1f} s")
+        info(f"compiled blocks: {self.graphs()} graph(s) compiled in the run")
+        for m in self.targets:
+            m.compile_blocks(False)
+        self.on = False
+
+    def _enable(self, info, why: str) -> None:
+        from torch._dynamo.utils import counters
+
+        self._frames_at_start = counters["frames"]["total"]
+        for m in self.targets:
+            m.compile_blocks(True)
+        self.on = self.decided = True
+        info(f"{why}: the blocks run through torch.compile (inductor), lengths as symbols")
