@@ -18,6 +18,46 @@ SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_INIT = 0.1
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--device",
+        choices=("cpu", "cuda"),
+        default=None,
+        help="where tests marked `device` run (default: NANOTUNE_TEST_DEVICE, else cpu); "
+        "`python -m nanotune.bench.gpu_check` runs them with --device cuda",
+    )
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "device: device-sensitive (precision, compiled steps): runs on --device, so a GPU check "
+        "runs it on CUDA",
+    )
+
+
+@pytest.fixture(scope="session")
+def on_device(request) -> torch.device:
+    """The device of the `device`-marked tests: --device, else NANOTUNE_TEST_DEVICE, else cpu.
+    Asked for cuda where there is none, they skip with the reason."""
+    import os
+
+    name = request.config.getoption("--device") or os.environ.get("NANOTUNE_TEST_DEVICE", "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        pytest.skip("--device cuda: no CUDA device on this machine")
+    return torch.device(name)
+
+
+@pytest.fixture
+def cuda_device(on_device) -> torch.device:
+    """For checks that mean something on a GPU only (what the card multiplies natively)."""
+    if on_device.type != "cuda":
+        pytest.skip(
+            "CUDA only: run with --device cuda on a GPU (python -m nanotune.bench.gpu_check)"
+        )
+    return on_device
+
+
 def _package_dir(name: str) -> Path:
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
