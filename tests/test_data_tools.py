@@ -264,6 +264,9 @@ def test_tool_calls_are_supervised_and_results_are_not(pairs):
         '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}'
         "\n</tool_call><|im_end|>It is 21 degrees and sunny in Paris.<|im_end|>"
     )
+    absent = json.loads(json.dumps(row))
+    del absent["messages"][2]["content"]  # OpenAI lets a call's content be absent, not only null
+    assert format_chat(Row(absent, "x:1"), tok, DataConfig(source="x", format="chat")) == ex
     text = tok.decode(ex.ids)
     assert "<|im_start|>tool\n<tool_response>\nsunny, 21 C\n</tool_response><|im_end|>" in text
     assert '<tools>\n{"type": "function", "function": {"name": "get_weather"' in text

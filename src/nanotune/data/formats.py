@@ -360,8 +360,6 @@ def _openai_message(m: dict, where: str, field: str) -> Message:
     `reasoning_content`, a tool result's `tool_call_id` and `name` (role `function`: the older
     name of a tool result)."""
     role = "tool" if m["role"] == "function" else m["role"]
-    if "content" not in m:
-        raise BadRow(f"{where}: {field} has no 'content'")
     calls = m.get("tool_calls") or ([m["function_call"]] if m.get("function_call") else None)
     if role == "assistant" and calls:
         where_calls = f"{field}.{'tool_calls' if m.get('tool_calls') else 'function_call'}"
@@ -370,8 +368,10 @@ def _openai_message(m: dict, where: str, field: str) -> Message:
             "content": "",
             "tool_calls": tool_calls(calls, where, where_calls),
         }
-        if m["content"] is not None:  # a call's content may be null (OpenAI sends it so)
+        if m.get("content") is not None:  # a call's content may be null or absent (OpenAI's)
             out["content"] = _content(m["content"], where, f"{field}.content")
+    elif "content" not in m:
+        raise BadRow(f"{where}: {field} has no 'content'")
     else:
         out = {"role": str(role), "content": _content(m["content"], where, f"{field}.content")}
     if role == "assistant" and m.get("reasoning_content") is not None:
