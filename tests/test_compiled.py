@@ -150,6 +150,19 @@ def test_auto_is_eager_for_a_short_run_and_compiles_past_the_break_even(
     assert frames() - before == 2  # LoRA: the first block and the rest
 
 
+def test_false_never_compiles(tmp_path, capsys):
+    """compile: false stays eager however long the run looks (auto alone decides on timings)."""
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setitem(compiled_mod.BREAK_EVEN_S, "cpu", 0.0)
+    before = frames()
+    try:
+        _trainer(tmp_path, False).fit()
+    finally:
+        monkeypatch.undo()
+    assert frames() == before
+    assert "train.compile" not in capsys.readouterr().out
+
+
 def test_resume_is_bit_identical_within_compiled_mode(tmp_path):
     whole = _trainer(tmp_path / "whole", True, save_every=3, keep_last=5)
     whole.fit()

@@ -51,7 +51,8 @@ class CompiledBlocks:
                 "train.compile: this model has no blocks to compile; set train.compile: false"
             )
         self.on = False
-        self.decided = mode is not True and mode is not False and not self.targets
+        # Only auto decides during the run (true decides in `start`).
+        self.decided = mode is False or (mode == "auto" and not self.targets)
         self._first_s: float | None = None
         self.compile_s: float | None = None
         """Seconds the first compiled step took beyond the second one: the compile."""
