@@ -58,14 +58,21 @@ def _vouched(spec: str) -> bool:
     return spec.startswith("builtin:") or Path(spec).expanduser().exists()
 
 
+def _specs(cfg: DataConfig) -> list[str | None]:
+    """Every source string the data reads: the source or each of data.sources, then val, test."""
+    train = [s.source for s in cfg.sources] if cfg.sources else [cfg.source]
+    return [*train, cfg.val_source, cfg.test_source]
+
+
 def _keeps(cfg: DataConfig, tokenizer: Any) -> bool:
-    """LM data from sources this cache can identify, with a tokenizer it can fingerprint."""
+    """LM data from sources this cache can identify, with a tokenizer it can fingerprint (a
+    stream is never kept: it is read as it trains, for data that does not fit on disk)."""
+    formats = [cfg.source_config(i).format for i in range(len(cfg.sources))] or [cfg.format]
     return (
-        FORMATS[cfg.format].cacheable
+        not cfg.streaming
+        and all(FORMATS[f].cacheable for f in formats)
         and getattr(tokenizer, "fingerprint", None) is not None
-        and all(
-            spec is None or _vouched(spec) for spec in (cfg.source, cfg.val_source, cfg.test_source)
-        )
+        and all(spec is None or _vouched(spec) for spec in _specs(cfg))
     )
 
 
@@ -95,10 +102,8 @@ def cache_key(cfg: DataConfig, tokenizer: Any) -> str | None:
     """The entry's name for this data and tokenizer, or None when it cannot be cached."""
     if not _keeps(cfg, tokenizer):
         return None
-    sources = [
-        None if spec is None else _source_fingerprint(spec)
-        for spec in (cfg.source, cfg.val_source, cfg.test_source)
-    ]
+    # dataclasses.asdict(cfg) holds data.sources whole (weights, fractions, options, order).
+    sources = [None if spec is None else _source_fingerprint(spec) for spec in _specs(cfg)]
     blob = json.dumps(
         [FORMAT, __version__, dataclasses.asdict(cfg), sources, tokenizer.fingerprint()],
         sort_keys=True,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import difflib
 import string
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
@@ -20,6 +20,37 @@ ChatStyle = Literal["auto", "model", "markers"]
 TextUnit = Literal["file", "paragraph", "line"]
 FileFormat = Literal["csv", "tsv", "jsonl", "json", "parquet", "text"]
 Quoting = Literal["none", "csv", "multiline"]
+
+
+@dataclass
+class DataSource:
+    """One entry of `data.sources`: a source mixed into the training set, with its share and any
+    reading or formatting option that differs from the data section's (null = the section's)."""
+
+    source: str
+    """A file, folder, builtin:<name> or hf:<id>[:<split>], as data.source."""
+    weight: float | None = None
+    """Share of each epoch, relative to the other weighted entries: the weighted entries
+    together give as many examples an epoch as they hold, split in proportion to their weights
+    (a small source is repeated, a large one sampled, seeded per epoch)."""
+    fraction: float | None = None
+    """Examples an epoch as a multiple of this source's own: 0.5 = a seeded half, 2 = each twice.
+    An entry with neither weight nor fraction is fraction 1 (each example once an epoch)."""
+    format: Format | None = None
+    columns: dict[str, str | int] | None = None
+    file_format: FileFormat | None = None
+    header: bool | None = None
+    quoting: Quoting | None = None
+    text_unit: TextUnit | None = None
+    hf_config: str | None = None
+    prompt_template: str | None = None
+    completion_template: str | None = None
+    system_prompt: str | None = None
+    limit: int | None = None
+
+
+# DataSource fields that stand for the DataConfig field of the same name.
+SOURCE_OPTIONS = tuple(f.name for f in fields(DataSource) if f.name not in ("weight", "fraction"))
 
 
 @dataclass
@@ -131,16 +162,46 @@ class DataConfig:
     """text: a plain-text file is one document (file), or one per blank-line paragraph or line."""
     hf_config: str | None = None
     """hf: dataset configuration name (the second argument of datasets.load_dataset)."""
+    sources: list[DataSource] = field(default_factory=list)
+    """Several training sources mixed into one set, instead of `source`: a list of
+    {source, weight | fraction, and any of format, columns, file_format, header, quoting,
+    text_unit, hf_config, prompt_template, completion_template, system_prompt, limit}.
+
+    Each epoch takes a seeded, exact number of examples from each (see weight and fraction), so
+    a resumed run sees the same order; held-out fractions are cut from each source. LM formats."""
+    streaming: bool = False
+    """Read the training source as a stream, tokenizing rows as they arrive (hf: sources load
+    as a datasets IterableDataset): for sets that do not fit on disk. Needs train.max_steps (a
+    stream has no known length; it starts again when it ends); never cached; LM formats."""
+    shuffle_buffer: int = 10000
+    """streaming: examples held and drawn from at random (seeded); 0 = the stream's order."""
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> NanotuneError:
             return NanotuneError(f"data.{name}: {why}")
 
-        if not self.source:
+        self.sources = [_source_entry(i, s) for i, s in enumerate(self.sources)]
+        if self.sources and self.source:
+            raise bad("sources", "give data.source or data.sources, not both")
+        if not self.source and not self.sources:
             raise bad(
                 "source",
                 "no data source given; set it to a file, folder, builtin:<name> or hf:<id>",
             )
+        if self.streaming:
+            if self.sources:
+                raise bad("streaming", "mixing streamed sources is not supported; give one source")
+            for name in ("val_fraction", "test_fraction"):
+                if getattr(self, name):
+                    raise bad(name, "a stream cannot be split; give val_source / test_source")
+            if self.balance:
+                raise bad("balance", "class balancing needs every row; not with streaming")
+        if (
+            not isinstance(self.shuffle_buffer, int)
+            or isinstance(self.shuffle_buffer, bool)
+            or self.shuffle_buffer < 0
+        ):
+            raise bad("shuffle_buffer", f"{self.shuffle_buffer!r} must be an integer >= 0")
         # The config loader checks these Literal fields; a DataConfig built in code, here.
         hints = get_type_hints(DataConfig)
         for f in fields(self):
@@ -210,6 +271,70 @@ class DataConfig:
             raise bad("pack", f"packing applies to language-model formats, not {self.format}")
         if self.balance and spec.task != "classification":
             raise bad("balance", "class balancing applies to format: classification only")
+        if self.streaming and spec.task != "lm":
+            raise bad("streaming", f"streams language-model formats, not format: {self.format}")
+        for i in range(len(self.sources)):
+            self.source_config(i)  # each entry's own options checked, named by its index
+
+    def source_config(self, i: int) -> DataConfig:
+        """The options of `sources[i]` alone: the section's, with the entry's source and its
+        own values; no mix, no given val/test sources (those are read once, for the mix)."""
+        entry = self.sources[i]
+        own = {k: getattr(entry, k) for k in SOURCE_OPTIONS if getattr(entry, k) is not None}
+        try:
+            sub = replace(
+                self,
+                sources=[],
+                val_source=None,
+                test_source=None,
+                **own,
+            )
+        except NanotuneError as e:
+            raise NanotuneError(
+                str(e).replace("data.", f"data.sources[{i}].", 1)
+                if str(e).startswith("data.")
+                else f"data.sources[{i}]: {e}"
+            ) from None
+        if FORMATS[sub.format].task != "lm":
+            raise NanotuneError(
+                f"data.sources[{i}].format: mixing takes language-model formats (completion, "
+                f"chat, alpaca, text), not {sub.format}; train {sub.format} data from one source"
+            )
+        return sub
+
+
+def _source_entry(i: int, value: Any) -> DataSource:
+    """One `data.sources` entry checked: known keys, a source, one positive weight or fraction."""
+    where = f"data.sources[{i}]"
+    if isinstance(value, dict):
+        names = [f.name for f in fields(DataSource)]
+        for key in value:
+            if key not in names:
+                close = difflib.get_close_matches(str(key), names, n=1)
+                hint = f"did you mean {close[0]!r}?" if close else f"use one of {', '.join(names)}"
+                raise NanotuneError(f"{where}.{key}: unknown key; {hint}")
+        if "source" not in value:
+            raise NanotuneError(f"{where}.source: required; name a file, builtin:<name> or hf:<id>")
+        value = DataSource(**value)
+    if not isinstance(value, DataSource):
+        raise NanotuneError(
+            f"{where}: expected a mapping such as {{source: a.jsonl, weight: 3}}, got {value!r}"
+        )
+    if not isinstance(value.source, str) or not value.source:
+        raise NanotuneError(f"{where}.source: name a file, folder, builtin:<name> or hf:<id>")
+    if value.weight is not None and value.fraction is not None:
+        raise NanotuneError(
+            f"{where}.weight: give weight (a share of the mix) or fraction (of this source), not both"
+        )
+    for name in ("weight", "fraction"):
+        v = getattr(value, name)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0):
+            raise NanotuneError(f"{where}.{name}: {v!r} must be a number > 0")
+    if value.limit is not None and (
+        isinstance(value.limit, bool) or not isinstance(value.limit, int) or value.limit < 1
+    ):
+        raise NanotuneError(f"{where}.limit: {value.limit!r} must be a positive integer or null")
+    return value
 
 
 def _tools(value: Any) -> list[dict[str, Any]] | None:

@@ -6,7 +6,7 @@ import itertools
 from array import array
 from collections import Counter
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from nanotune.data.formats import (
     use_chat_template,
     use_markers_template,
 )
+from nanotune.data.mix import MixPart, describe, with_counts
 from nanotune.data.sources import balance_rows, iter_source, python_rows, split_rows
 from nanotune.data.store import ExampleStore
 from nanotune.errors import NanotuneError
@@ -47,6 +48,8 @@ class Datasets:
     added_tokens: list[str] = field(default_factory=list)
     cached: Path | None = None
     """The data cache entry these examples were read from, None when built now."""
+    sources: list[MixPart] = field(default_factory=list)
+    """data.sources: each source's counts; the train split holds their examples in turn."""
 
     @property
     def train(self) -> ExampleStore | list[ClassExample] | list[PreferenceExample]:
@@ -67,6 +70,8 @@ class Datasets:
                 if c[k]
             ]
             lines.append(line + (f" ({', '.join(left)})" if left else ""))
+            if name == "train" and self.sources:
+                lines += describe(self.sources)
         if self.cached is not None:
             lines.append(f"(tokenized examples read from the data cache: {self.cached})")
         return "\n".join(lines)
@@ -448,8 +453,9 @@ def build_datasets(
                 None,
                 hit["added_tokens"],
                 cached=hit["entry"],
+                sources=[MixPart(**p) for p in hit.get("sources", [])],
             )
-    build = _build_lm if task_of(cfg) == "lm" else _build
+    build = _build_mix if cfg.sources else _build_lm if task_of(cfg) == "lm" else _build
     data = build(cfg, tokenizer, objects)
     if root is not None and key is not None:
         meta = {
@@ -457,6 +463,7 @@ def build_datasets(
             "problems": data.problems,
             "added_tokens": data.added_tokens,
             "chat_template": getattr(tokenizer, "chat_template", None),
+            "sources": [p.to_dict() for p in data.sources],
         }
         try:
             data_cache.save(root, key, data.splits, meta)
@@ -469,6 +476,43 @@ def build_datasets(
             if written is not None:
                 data.splits = written["splits"]
     return data
+
+
+def _build_mix(cfg: DataConfig, tokenizer: TokenizerLike, objects: Objects) -> Datasets:
+    """data.sources: each source built as one LM source is (its held-out fractions cut from it),
+    the splits joined source after source; given val/test sources read once."""
+    stats: dict[str, Counter] = {}
+    problems: list[str] = []
+    added: list[str] = []
+    pieces: dict[str, list[ExampleStore]] = {}
+    parts = []
+    alone = {"sources": [], "val_source": None, "test_source": None}
+    builds = [(None, cfg.source_config(i)) for i in range(len(cfg.sources))]
+    builds += [
+        (name, replace(cfg, source=spec, **alone, val_fraction=0.0, test_fraction=0.0))
+        for name, spec in _given(cfg).items()
+    ]
+    for given, sub in builds:
+        part = _build_lm(sub, tokenizer, objects)
+        added += [t for t in part.added_tokens if t not in added]
+        problems += part.problems[: MAX_PROBLEMS - len(problems)]
+        for name, store in part.splits.items():
+            name = given or name  # a given split's rows are its source's "train"
+            pieces.setdefault(name, []).append(store)
+            stats.setdefault(name, Counter()).update(part.stats["train" if given else name])
+        if given is None:
+            entry = cfg.sources[len(parts)]
+            parts.append(
+                MixPart(
+                    entry.source,
+                    part.stats["train"]["rows"],
+                    len(part.train),
+                    entry.weight,
+                    entry.fraction,
+                )
+            )
+    splits = {name: ExampleStore.concat(stores) for name, stores in pieces.items()}
+    return Datasets(splits, "lm", stats, problems, None, added, sources=with_counts(parts))
 
 
 def _build(cfg: DataConfig, tokenizer: TokenizerLike, objects: Objects) -> Datasets:

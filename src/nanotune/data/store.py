@@ -74,6 +74,21 @@ class ExampleStore(Sequence[Example]):
         np.cumsum(np.frombuffer(lengths, dtype=np.int64), out=offsets[1:])
         return cls(np.frombuffer(ids, dtype=np.int32), np.concatenate(supervised_parts), offsets)
 
+    @classmethod
+    def concat(cls, stores: Sequence[ExampleStore]) -> ExampleStore:
+        """The examples of `stores`, one store after another, in a store of their own."""
+        if len(stores) == 1:
+            return stores[0]
+        own = [s.compact() for s in stores]
+        lengths = np.concatenate([s.lengths for s in own])
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        ids = np.concatenate([np.asarray(s.ids[s.offsets[0] : s.offsets[-1]]) for s in own])
+        supervised = np.concatenate(
+            [np.asarray(s.supervised[s.offsets[0] : s.offsets[-1]]) for s in own]
+        )
+        return cls(ids.astype(np.int32, copy=False), supervised, offsets)
+
     def take(self, indices: np.ndarray) -> ExampleStore:
         """The examples at `indices`, in that order: a view sharing these tokens."""
         indices = np.asarray(indices, dtype=np.int64)

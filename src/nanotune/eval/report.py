@@ -66,6 +66,8 @@ class RunSummary:
     metrics_path: str | os.PathLike | None = None
     data_stats: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
     """Per split: rows, examples, skipped_bad_row, dropped_too_long (`Datasets.stats`)."""
+    data_sources: list[dict[str, Any]] = field(default_factory=list)
+    """data.sources: each source's rows, examples and examples an epoch (`Datasets.sources`)."""
     title: str = "nanotune run report"
 
 
@@ -234,7 +236,24 @@ def _data_lines(stats: Mapping[str, Mapping[str, int]]) -> list[tuple[str, str]]
     return [("examples", kept), ("rows left out", "; ".join(left) or "none")]
 
 
-def _facts_table(figures: dict[str, Any], stats: Mapping[str, Mapping[str, int]]) -> str:
+def _sources_line(sources: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """The training mix: each source's examples an epoch and their share."""
+    if not sources:
+        return []
+    total = sum(s["per_epoch"] for s in sources) or 1
+    shown = " · ".join(
+        f"{s['source']} {s['per_epoch']:,} ({100 * s['per_epoch'] / total:.1f}%, of "
+        f"{s['examples']:,} examples)"
+        for s in sources
+    )
+    return [("training sources, an epoch", shown)]
+
+
+def _facts_table(
+    figures: dict[str, Any],
+    stats: Mapping[str, Mapping[str, int]],
+    sources: list[dict[str, Any]] = (),
+) -> str:
     lines: list[tuple[str, str]] = []
     if "steps" in figures:
         lines.append(("optimizer steps", f"{figures['steps']:,}"))
@@ -247,6 +266,7 @@ def _facts_table(figures: dict[str, Any], stats: Mapping[str, Mapping[str, int]]
     if "precision" in figures:
         lines.append(("compute precision", figures["precision"]))
     lines += _data_lines(stats)
+    lines += _sources_line(list(sources))
     if "padding_efficiency" in figures:
         share = f"{100 * figures['padding_efficiency']:.1f}%"
         lines.append(("padding efficiency", f"{share} of computed tokens are real"))
@@ -347,7 +367,7 @@ def render_report(summary: RunSummary, records: list[dict[str, Any]]) -> str:
         if before or after
         else "<p class=note>No evaluation metrics.</p>"
     )
-    facts = _facts_table(training_figures(records), summary.data_stats)
+    facts = _facts_table(training_figures(records), summary.data_stats, summary.data_sources)
     parts.append(
         f"<div class=row><div><h3>{heading}</h3>{result}</div>"
         + (f"<div><h3>The run</h3>{facts}</div>" if facts else "")

@@ -71,6 +71,7 @@ def save_final(
     before: dict[str, Any] | None = None,
     after: dict[str, Any] | None = None,
     data_stats: dict[str, Any] | None = None,
+    data_sources: list[dict[str, Any]] | None = None,
 ) -> Path:
     """Write a trained model to `final/` in its form from the table above, with its model card
     (README.md, from the run's config and before/after metrics), all in one atomic swap."""
@@ -81,7 +82,14 @@ def save_final(
         # loads (`eval.reward_model` names it); the trained model gets its adapters back.
         with _merged(model.body):
             return save_final(
-                model, tokenizer, config, final, before=before, after=after, data_stats=data_stats
+                model,
+                tokenizer,
+                config,
+                final,
+                before=before,
+                after=after,
+                data_stats=data_stats,
+                data_sources=data_sources,
             )
     adapter = bool(lora_layers(model.body if classifier else model))
 
@@ -100,6 +108,7 @@ def save_final(
             before=before,
             after=after,
             data_stats=data_stats,
+            data_sources=data_sources,
         )
         (tmp / CARD_FILE).write_text(text, encoding="utf-8")
 

@@ -64,6 +64,7 @@ def model_card(
     before: dict[str, Any] | None = None,
     after: dict[str, Any] | None = None,
     data_stats: dict[str, Any] | None = None,
+    data_sources: list[dict[str, Any]] | None = None,
 ) -> str:
     """README.md text for `final/`, from the run's resolved config (`RunConfig.to_dict()`)."""
     model, method, data, train = (config.get(k) or {} for k in ("model", "method", "data", "train"))
@@ -128,6 +129,18 @@ def model_card(
     if data_stats:
         rows = [(s, c.get("rows", 0), c.get("examples", 0)) for s, c in data_stats.items()]
         parts.append(_table(("split", "rows", "examples"), rows))
+    if data_sources:  # data.sources: the mix, as each epoch draws it
+        total = sum(s["per_epoch"] for s in data_sources) or 1
+        rows = [
+            (
+                f"`{s['source']}`",
+                s["rows"],
+                s["examples"],
+                f"{s['per_epoch']} ({100 * s['per_epoch'] / total:.1f}%)",
+            )
+            for s in data_sources
+        ]
+        parts.append(_table(("training source", "rows", "examples", "per epoch"), rows))
     parts.append("## Training\n\n" + _fields(train, TRAIN_KEYS))
     rows = compare_rows(before or {}, after or {})
     if rows:

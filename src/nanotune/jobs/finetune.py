@@ -118,7 +118,8 @@ def run_inputs(config: RunConfig, config_path: str | Path | None = None) -> list
     from nanotune.data.sources import PYTHON
 
     candidates = [config_path, config.model.name, config.eval.reward_model]
-    for spec in (config.data.source, config.data.val_source, config.data.test_source):
+    mixed = [s.source for s in config.data.sources]
+    for spec in (config.data.source, *mixed, config.data.val_source, config.data.test_source):
         if spec and not spec.startswith(PYTHON):  # rows handed to train(data=...), no path
             candidates += [spec, spec.rsplit(":", 1)[0]]  # `folder:split` names a saved dataset
     found = []
@@ -168,6 +169,7 @@ def _write_results(
     after: tuple,
     reward_model: Any,
     data_stats: dict,
+    data_sources: list[dict] = (),
 ) -> tuple[dict, dict, list, Path]:
     """Compare the two evaluations (rewards score both sets of responses), then write eval.json
     and report.html."""
@@ -180,7 +182,9 @@ def _write_results(
     b, a, shown = result.before, result.after, result.samples
     results = {"split": config.eval.split, "before": b, "after": a, "samples": shown}
     atomic_write(run_dir / "eval.json", json.dumps(results, indent=1, default=str))
-    summary = RunSummary(config.to_dict(), b, a, shown, run_dir / "metrics.jsonl", data_stats)
+    summary = RunSummary(
+        config.to_dict(), b, a, shown, run_dir / "metrics.jsonl", data_stats, list(data_sources)
+    )
     report = write_report(run_dir, summary)
     print(f"\n{config.eval.split} split, before and after fine-tuning:\n{compare(b, a)}")
     return b, a, shown, report
@@ -465,6 +469,7 @@ def _reference_logps(
 
 def _fit(config: RunConfig, setup: _Setup, run_dir: Path, *, resume: bool, progress: bool):
     from nanotune.data.batching import epoch_batches
+    from nanotune.data.mix import epoch_examples
     from nanotune.methods import trainable_report
     from nanotune.training import Trainer, dist
     from nanotune.training.dist import is_main, on_main, world_size
@@ -507,7 +512,7 @@ def _fit(config: RunConfig, setup: _Setup, run_dir: Path, *, resume: bool, progr
 
     def lm_batches(epoch: int) -> Sequence[dict]:
         return epoch_batches(
-            data.train,
+            epoch_examples(data.train, data.sources, tc.seed, epoch),  # data.sources' draw
             tc.batch_size * world_size(),  # the global batch; each rank takes its rows
             tc.seed,
             epoch,
@@ -547,6 +552,7 @@ def _fit(config: RunConfig, setup: _Setup, run_dir: Path, *, resume: bool, progr
             )
             after = ({**after[0], **scored}, *after[1:]) if after else (scored, None)
     dist.reshard(trainer.engine)
+    sources = [p.to_dict() for p in data.sources]
     with trainer.full_model() as trained:  # FSDP2: whole weights on rank 0 while saving
         on_main(
             lambda: artifacts.save_final(
@@ -557,13 +563,16 @@ def _fit(config: RunConfig, setup: _Setup, run_dir: Path, *, resume: bool, progr
                 before=before[0],
                 after=after[0],
                 data_stats=data.stats,
+                data_sources=sources,
             )
         )
     if config.train.push_to_hub:
         on_main(lambda: artifacts.push(final, config.train.push_to_hub))
     evaluated = (
         on_main(
-            lambda: _write_results(run_dir, config, before, after, setup.reward_model, data.stats)
+            lambda: _write_results(
+                run_dir, config, before, after, setup.reward_model, data.stats, sources
+            )
         )
         if examples
         else ({}, {}, [], None)
