@@ -27,6 +27,7 @@ from nanotune.data.formats import (
 from nanotune.data.mix import MixPart, describe, with_counts
 from nanotune.data.sources import balance_rows, iter_source, python_rows, split_rows
 from nanotune.data.store import ExampleStore
+from nanotune.data.stream import Stream
 from nanotune.errors import NanotuneError
 
 
@@ -64,6 +65,12 @@ class Datasets:
         lines = []
         for name, c in self.stats.items():
             line = f"{name}: {c['examples']} examples from {c['rows']} rows"
+            stream = self.splits.get(name)
+            if getattr(stream, "streamed", False):
+                line = (
+                    f"{name}: streamed from {stream.source}, tokenized as it trains "
+                    f"({c['examples']} examples from {c['rows']} rows read so far)"
+                )
             left = [
                 f"{c[k]} {k.replace('_', ' ')}"
                 for k in ("skipped_bad_row", "dropped_too_long")
@@ -104,6 +111,7 @@ def _rows(
             file_format=cfg.file_format,
             header=cfg.header,
             quoting=cfg.quoting,
+            streaming=cfg.streaming,
         )
     for item in items:
         if isinstance(item, BadRow):
@@ -455,6 +463,8 @@ def build_datasets(
                 cached=hit["entry"],
                 sources=[MixPart(**p) for p in hit.get("sources", [])],
             )
+    if cfg.streaming:  # never cached: a stream is read as it trains
+        return _build_stream(cfg, tokenizer, objects)
     build = _build_mix if cfg.sources else _build_lm if task_of(cfg) == "lm" else _build
     data = build(cfg, tokenizer, objects)
     if root is not None and key is not None:
@@ -476,6 +486,77 @@ def build_datasets(
             if written is not None:
                 data.splits = written["splits"]
     return data
+
+
+def _build_stream(cfg: DataConfig, tokenizer: TokenizerLike, objects: Objects) -> Datasets:
+    """data.streaming: the train split a `Stream` (rows formatted as the trainer reads them);
+    given val/test sources built as usual."""
+    problems: list[str] = []
+    added = required_special_tokens(cfg, tokenizer)
+    if added:
+        tokenizer.add_special_tokens(added)
+    use_markers_template(cfg, tokenizer)
+    stats = {"train": Counter()}
+    spec = FORMATS[cfg.format]
+    batched = spec.encoded_ahead and getattr(tokenizer, "batch_is_faster", False)
+
+    def examples() -> Iterator[Example]:
+        counts = stats["train"]
+        rows = _rows(cfg.source, cfg, objects, counts, problems)
+        rows = itertools.islice(rows, cfg.limit) if cfg.limit is not None else rows
+        made = _stream_examples(rows, cfg, tokenizer, counts, problems, batched)
+        if spec.documents:
+            made = _stream_chunks(made, tokenizer.eos_id, cfg.chunk_tokens)
+        for ex in made:
+            counts["examples"] += 1
+            yield ex
+
+    splits: dict[str, Any] = {"train": Stream(cfg.source, examples, stats["train"])}
+    alone = {"streaming": False, "val_source": None, "test_source": None}
+    for name, given in _given(cfg).items():
+        part = _build_lm(replace(cfg, source=given, **alone), tokenizer, objects)
+        splits[name], stats[name] = part.train, part.stats["train"]
+        added += [t for t in part.added_tokens if t not in added]
+        problems += part.problems[: MAX_PROBLEMS - len(problems)]
+    return Datasets(splits, "lm", stats, problems, None, added)
+
+
+def _stream_examples(
+    rows: Iterator[Row],
+    cfg: DataConfig,
+    tokenizer: TokenizerLike,
+    counts: Counter,
+    problems: list[str],
+    batched: bool,
+) -> Iterator[Example]:
+    """Each row's example as the rows arrive (a block of ENCODE_BLOCK encoded at once where
+    the tokenizer is faster in batches); a row that makes none is counted or stops the run."""
+    fmt = FORMATS[cfg.format].make
+    rows = iter(rows)
+    while block := list(itertools.islice(rows, ENCODE_BLOCK if batched else 1)):
+        encoder = _encoding_ahead(block, cfg, tokenizer, fmt) if batched else tokenizer
+        for row in block:
+            counts["rows"] += 1
+            try:
+                yield fmt(row, encoder, cfg)
+            except (TooLong, BadRow) as e:
+                _left_out(e, cfg, counts, problems)
+
+
+def _stream_chunks(docs: Iterator[Example], eos_id: int, size: int) -> Iterator[Example]:
+    """Documents each followed by `eos_id`, concatenated and cut into blocks of `size` tokens,
+    as `ExampleStore.chunked` cuts them (a last block shorter than 2 is dropped)."""
+    buf: list[int] = []
+    for doc in docs:
+        buf += [*doc.ids, eos_id]
+        start = 0
+        while len(buf) - start >= size:
+            block = buf[start : start + size]
+            start += size
+            yield Example(block, list(block))
+        del buf[:start]
+    if len(buf) >= 2:
+        yield Example(buf, list(buf))
 
 
 def _build_mix(cfg: DataConfig, tokenizer: TokenizerLike, objects: Objects) -> Datasets:

@@ -371,7 +371,9 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _hub_dataset(dataset_id: str, split: str | None, config: str | None) -> Iterator[Row | BadRow]:
+def _hub_dataset(
+    dataset_id: str, split: str | None, config: str | None, streaming: bool = False
+) -> Iterator[Row | BadRow]:
     datasets = _require_datasets(f"Hugging Face dataset {dataset_id!r}")
     split = split or "train"
     online = _hub_reachable()
@@ -382,7 +384,8 @@ def _hub_dataset(dataset_id: str, split: str | None, config: str | None) -> Iter
         # Offline: only a copy already in the local datasets cache can be used (no retry loops).
         datasets.config.HF_HUB_OFFLINE = huggingface_hub.constants.HF_HUB_OFFLINE = True
     try:
-        ds = datasets.load_dataset(dataset_id, config, split=split)
+        # streaming: a datasets IterableDataset, its rows fetched as they are read.
+        ds = datasets.load_dataset(dataset_id, config, split=split, streaming=streaming)
     except Exception as e:  # datasets raises many types (connection, not found, bad config)
         why = (
             "the hub is unreachable and it is not in the local cache"
@@ -406,9 +409,11 @@ def iter_source(
     file_format: str | None = None,
     header: bool = True,
     quoting: str | None = None,
+    streaming: bool = False,
 ) -> Iterator[Row | BadRow]:
     """Rows of one source string; the options are `DataConfig`'s fields of the same names.
-    Unreadable rows are yielded as `BadRow`s."""
+    Unreadable rows are yielded as `BadRow`s. Files are read as the rows are asked for;
+    `streaming` also streams a hub dataset (instead of downloading it first)."""
     if spec.startswith(PYTHON):
         raise NanotuneError(
             f"{spec}: names rows handed to nanotune.train(config, data=...), and none were; pass "
@@ -425,14 +430,14 @@ def iter_source(
         return BUILTINS[name]()
     if spec.startswith("hf:"):
         dataset_id, split = _split_suffix(spec.removeprefix("hf:"))
-        return _hub_dataset(dataset_id, split, hf_config)
+        return _hub_dataset(dataset_id, split, hf_config, streaming)
     path = Path(spec).expanduser()
     if not path.exists():
         base, split = _split_suffix(spec)
         if split is not None and _is_saved_dataset(Path(base)):
             return _saved_dataset(Path(base), split)
         if spec.count("/") == 1 and not spec.startswith((".", "/")) and Path(spec).suffix == "":
-            return _hub_dataset(base, split, hf_config)
+            return _hub_dataset(base, split, hf_config, streaming)
         raise NanotuneError(f"{spec}: no such file or folder; check data.source (or write hf:<id>)")
     if _is_saved_dataset(path):
         return _saved_dataset(path, None)

@@ -316,6 +316,8 @@ def _setup(
     from nanotune.training import seed_everything
     from nanotune.weights import load_model
 
+    if config.data.streaming:
+        _check_streaming(config)
     if config.train.push_to_hub:  # no token or offline: refused now, not after training
         artifacts.check_push(config.train.push_to_hub)
     if "reward" in config.eval.metrics:  # a reward run not trained yet: said before the loads
@@ -353,6 +355,19 @@ def _setup(
         _score_before_the_end(data, tokenizer)
     rewards = reward_model(config.eval) if data.splits.get(config.eval.split) else None
     return _Setup(model, tokenizer, data, rewards, rl_rewards)
+
+
+def _check_streaming(config: RunConfig) -> None:
+    """What a streamed training set cannot do, refused before anything loads."""
+    if not config.train.max_steps:
+        raise NanotuneError(
+            "data.streaming: a stream has no known length, so the run needs train.max_steps "
+            "(the stream starts again when it ends)"
+        )
+    if config.rl.algorithm:
+        raise NanotuneError("data.streaming: GRPO samples from every prompt; not with a stream")
+    if config.eval.split == "train":
+        raise NanotuneError("eval.split: train is streamed; evaluate on val or test")
 
 
 def _datasets(cfg: DataConfig, tokenizer: Tokenizer, objects: dict[str, Any]) -> Datasets:
@@ -510,7 +525,18 @@ def _fit(config: RunConfig, setup: _Setup, run_dir: Path, *, resume: bool, progr
         max_length=config.data.max_length,
     )
 
+    if getattr(data.train, "streamed", False):  # data.streaming: max_steps batches, one "epoch"
+        streamed = data.train.batches(
+            tc.batch_size * world_size(),
+            tc.seed,
+            tc.max_steps,
+            shuffle_buffer=config.data.shuffle_buffer,
+            **{k: v for k, v in batching.items() if k != "task"},
+        )
+
     def lm_batches(epoch: int) -> Sequence[dict]:
+        if getattr(data.train, "streamed", False):
+            return streamed
         return epoch_batches(
             epoch_examples(data.train, data.sources, tc.seed, epoch),  # data.sources' draw
             tc.batch_size * world_size(),  # the global batch; each rank takes its rows
