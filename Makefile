@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-llama
 
-.PHONY: demo test test-fast lint bench-quick
+.PHONY: demo test check lint
 
 $(STAMP): pyproject.toml Makefile
 	python3 -m venv $(VENV)
@@ -36,12 +36,15 @@ demo: $(STAMP)
 
 test: $(TEST_STAMP)
 	$(VENV)/bin/ruff check src tests
-	$(PY) -m pytest -q
+	$(VENV)/bin/ruff format --check src tests
+	$(PY) -m pytest -q --durations=15
 
-# The quick tier: no llama.cpp build, no real SmolLM2 checkpoint, no llama.cpp run.
-test-fast: $(STAMP)
+# Before a commit: lint, formatting and the fast tests (no llama.cpp build, no real checkpoint,
+# nothing marked slow: end-to-end runs, servers, torchrun, SIGKILL, compiles).
+check: $(STAMP)
 	$(VENV)/bin/ruff check src tests
-	$(PY) -m pytest -q -m "not real_model and not llama_cpp"
+	$(VENV)/bin/ruff format --check src tests
+	$(PY) -m pytest -q -m "not slow and not real_model and not llama_cpp"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests

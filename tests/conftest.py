@@ -36,6 +36,29 @@ def pytest_configure(config):
     )
 
 
+# Whole modules `make check` leaves out (marked `slow` here, one place): they train end to end,
+# start servers or processes (torchrun, SIGKILL), or compile. A slow test elsewhere carries
+# @pytest.mark.slow itself.
+SLOW_MODULES = {
+    "test_bench",
+    "test_compiled",
+    "test_demo",
+    "test_distributed",
+    "test_grpo",
+    "test_interrupt",
+    "test_lm_eval",
+    "test_preference_runs",
+    "test_recipes",
+    "test_serve",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.module.__name__.rpartition(".")[2] in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def on_device(request) -> torch.device:
     """The device of the `device`-marked tests: --device, else NANOTUNE_TEST_DEVICE, else cpu.
