@@ -388,7 +388,10 @@ def test_eval_takes_key_value_overrides_and_flags_override_only_what_is_given(ca
         ["eval", "--recipe", "r.yaml", "eval.max_examples=1", "--samples", "2"]
     )
     command = options(EvalCommand, args)
-    assert (command.overrides, command.eval_section) == (["eval.max_examples=1"], {"num_samples": 2})
+    assert (command.overrides, command.eval_section) == (
+        ["eval.max_examples=1"],
+        {"num_samples": 2},
+    )
     with pytest.raises(SystemExit) as e:  # the old --set: argparse's own refusal
         main(["eval", "--recipe", "demo", "--set", "eval.max_examples=1"])
     assert e.value.code == 2 and "unrecognized arguments: --set" in capsys.readouterr().err

@@ -387,7 +387,7 @@ def test_jsonl_is_read_line_by_line_and_a_line_may_hold_u2028(tmp_path):
     # str.splitlines would cut this row at U+2028, which JSON allows raw inside a string.
     path = tmp_path / "d.jsonl"
     path.write_bytes(
-        json.dumps({"text": "a\u2028b"}, ensure_ascii=False).encode() + b"\r\n{\"text\": \"c\"}\n"
+        json.dumps({"text": "a\u2028b"}, ensure_ascii=False).encode() + b'\r\n{"text": "c"}\n'
     )
     got = list(iter_source(str(path)))
     assert [dict(r) for r in got] == [{"text": "a\u2028b"}, {"text": "c"}]

@@ -106,11 +106,15 @@ def adapters(tiny_llama_dir, tmp_path_factory) -> dict[str, Path]:
 def server(tiny_llama_dir, adapters):
     running = start(
         tiny_llama_dir,
-        "--served-model-name", "base",
+        "--served-model-name",
+        "base",
         *(a for name, path in adapters.items() for a in ("--adapter", f"{name}={path}")),
-        "--api-key", KEY,
-        "--max-batch", "8",
-        "--max-body-kb", "64",
+        "--api-key",
+        KEY,
+        "--max-batch",
+        "8",
+        "--max-body-kb",
+        "64",
     )
     yield running
     stop(running)
@@ -178,12 +182,18 @@ def test_chat_equals_generate_plain_and_streamed(server, local, name):
     client = server.client()
     want = expected(local, name, "Hello there", 10, chat=True)
     messages = [{"role": "user", "content": "Hello there"}]
-    got = client.chat.completions.create(model=name, messages=messages, max_tokens=10, temperature=0)
+    got = client.chat.completions.create(
+        model=name, messages=messages, max_tokens=10, temperature=0
+    )
     assert got.choices[0].message.content == want
     assert got.choices[0].message.role == "assistant"
     chunks = list(
         client.chat.completions.create(
-            model=name, messages=messages, max_tokens=10, temperature=0, stream=True,
+            model=name,
+            messages=messages,
+            max_tokens=10,
+            temperature=0,
+            stream=True,
             stream_options={"include_usage": True},
         )
     )
@@ -199,8 +209,9 @@ def test_batching_across_adapters_equals_one_at_a_time(server):
 
     def ask(job):
         name, prompt, n = job
-        r = client.completions.create(model=name, prompt=prompt, max_tokens=n, temperature=0,
-                                      logprobs=0)
+        r = client.completions.create(
+            model=name, prompt=prompt, max_tokens=n, temperature=0, logprobs=0
+        )
         return r.choices[0].logprobs.tokens
 
     alone = [ask(job) for job in jobs]
@@ -319,7 +330,9 @@ def test_a_generated_stop_token_is_in_the_logprobs_plain_and_streamed(server, lo
     assert len(lp.token_logprobs) == 3 and abs(lp.token_logprobs[-1] - float(want)) < 1e-4
     assert r.choices[0].text == tok.decode(greedy[:2])
     chunks = list(client.completions.create(prompt=prompt, logprobs=1, stream=True, **common))
-    streamed = [x for c in chunks if c.choices[0].logprobs for x in c.choices[0].logprobs.token_logprobs]
+    streamed = [
+        x for c in chunks if c.choices[0].logprobs for x in c.choices[0].logprobs.token_logprobs
+    ]
     assert streamed == pytest.approx(lp.token_logprobs, abs=1e-6)
     assert chunks[-1].choices[0].finish_reason == "stop"
     # Chat: the same three entries, the last one the stop token's.
@@ -329,15 +342,26 @@ def test_a_generated_stop_token_is_in_the_logprobs_plain_and_streamed(server, lo
     common["extra_body"] = {"stop_token_ids": [cgreedy[2]]}
     c = client.chat.completions.create(messages=messages, logprobs=True, **common)
     assert len(c.choices[0].logprobs.content) == 3 and c.choices[0].finish_reason == "stop"
-    chunks = list(client.chat.completions.create(messages=messages, logprobs=True, stream=True, **common))
-    entries = [e for x in chunks if x.choices and x.choices[0].logprobs for e in x.choices[0].logprobs.content]
-    assert [e.logprob for e in entries] == pytest.approx([e.logprob for e in c.choices[0].logprobs.content])
+    chunks = list(
+        client.chat.completions.create(messages=messages, logprobs=True, stream=True, **common)
+    )
+    entries = [
+        e
+        for x in chunks
+        if x.choices and x.choices[0].logprobs
+        for e in x.choices[0].logprobs.content
+    ]
+    assert [e.logprob for e in entries] == pytest.approx(
+        [e.logprob for e in c.choices[0].logprobs.content]
+    )
 
 
 def expected_ids(model, tok, prompt: list[int], n: int) -> list[int]:
     from nanotune.generate import GenerationConfig, generate_ids
 
-    return generate_ids(model, [prompt], GenerationConfig(max_new_tokens=n, stop_token_ids=()), tok)[0]
+    return generate_ids(
+        model, [prompt], GenerationConfig(max_new_tokens=n, stop_token_ids=()), tok
+    )[0]
 
 
 def test_a_stream_keeps_going_while_a_request_that_would_overflow_is_refused(server, local):
@@ -348,20 +372,28 @@ def test_a_stream_keeps_going_while_a_request_that_would_overflow_is_refused(ser
     want = expected_ids(model, tok, prompt, 100)
     client = server.client()
     stream = client.completions.create(
-        model="base", prompt=prompt, max_tokens=100, temperature=0, stream=True,
+        model="base",
+        prompt=prompt,
+        max_tokens=100,
+        temperature=0,
+        stream=True,
         extra_body={"stop_token_ids": []},
     )
     pieces, bad = [], None
     for chunk in stream:
         pieces.append(chunk.choices[0].text)
         if len(pieces) == 5:
-            bad = server.post("/v1/completions", {"prompt": "hi", "temperature": 1e-40, "max_tokens": 3})
+            bad = server.post(
+                "/v1/completions", {"prompt": "hi", "temperature": 1e-40, "max_tokens": 3}
+            )
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "temperature"
     assert "".join(pieces) == tok.decode(want)
 
 
 def test_adapters_load_and_unload_at_run_time(server, local, adapters):
-    r = server.post("/v1/load_lora_adapter", {"lora_name": "gamma", "lora_path": str(adapters["alpha"])})
+    r = server.post(
+        "/v1/load_lora_adapter", {"lora_name": "gamma", "lora_path": str(adapters["alpha"])}
+    )
     assert r.status_code == 200, r.text
     client = server.client()
     got = client.completions.create(model="gamma", prompt=PROMPTS[0], max_tokens=8, temperature=0)
@@ -399,32 +431,158 @@ BAD = [
     ("missing messages", "/v1/chat/completions", {"model": "base"}, KEY, 400, "messages"),
     ("missing prompt", "/v1/completions", {"model": "base"}, KEY, 400, "prompt"),
     ("unknown model", "/v1/completions", {"model": "nope", "prompt": "hi"}, KEY, 404, "model"),
-    ("negative max_tokens", "/v1/completions", {"prompt": "hi", "max_tokens": -1}, KEY, 400, "max_tokens"),
-    ("temperature < 0", "/v1/completions", {"prompt": "hi", "temperature": -0.5}, KEY, 400, "temperature"),
-    ("top_p > 1", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_p": 1.5}, KEY, 400, "top_p"),
-    ("over-long prompt", "/v1/completions", {"prompt": "word " * 200, "max_tokens": 4}, KEY, 400, "prompt"),
-    ("prompt + max_tokens over context", "/v1/completions", {"prompt": "hi", "max_tokens": 500}, KEY, 400, "max_tokens"),
-    ("bad role", "/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, KEY, 400, "messages[0].role"),
+    (
+        "negative max_tokens",
+        "/v1/completions",
+        {"prompt": "hi", "max_tokens": -1},
+        KEY,
+        400,
+        "max_tokens",
+    ),
+    (
+        "temperature < 0",
+        "/v1/completions",
+        {"prompt": "hi", "temperature": -0.5},
+        KEY,
+        400,
+        "temperature",
+    ),
+    (
+        "top_p > 1",
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}], "top_p": 1.5},
+        KEY,
+        400,
+        "top_p",
+    ),
+    (
+        "over-long prompt",
+        "/v1/completions",
+        {"prompt": "word " * 200, "max_tokens": 4},
+        KEY,
+        400,
+        "prompt",
+    ),
+    (
+        "prompt + max_tokens over context",
+        "/v1/completions",
+        {"prompt": "hi", "max_tokens": 500},
+        KEY,
+        400,
+        "max_tokens",
+    ),
+    (
+        "bad role",
+        "/v1/chat/completions",
+        {"messages": [{"role": "robot", "content": "x"}]},
+        KEY,
+        400,
+        "messages[0].role",
+    ),
     ("token id out of range", "/v1/completions", {"prompt": [1, 10**9]}, KEY, 400, "prompt"),
     ("n too large", "/v1/completions", {"prompt": "hi", "n": 1000}, KEY, 400, "n"),
-    ("tools", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, KEY, 400, "tools"),
+    (
+        "tools",
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
+        KEY,
+        400,
+        "tools",
+    ),
     ("wrong api key", "/v1/completions", {"prompt": "hi"}, "wrong", 401, None),
     ("no api key", "/v1/completions", {"prompt": "hi"}, None, 401, None),
     ("oversized body", "/v1/completions", {"prompt": "x" * 100_000}, KEY, 413, None),
     ("unknown route", "/v1/nothing", {}, KEY, 404, None),
     ("body not UTF-8", "/v1/completions", '{"prompt": "hi"}'.encode("utf-16"), KEY, 400, None),
-    ("json nested 30,000 deep", "/v1/completions", b'{"prompt": ' + b"[" * 30_000 + b"]" * 30_000 + b"}", KEY, 400, None),
-    ("lone surrogate in a prompt", "/v1/completions", b'{"prompt": ["ok", "a\\ud800"]}', KEY, 400, "prompt[1]"),
-    ("lone surrogate in a message", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\udfff"}]}', KEY, 400, "messages[0].content"),
+    (
+        "json nested 30,000 deep",
+        "/v1/completions",
+        b'{"prompt": ' + b"[" * 30_000 + b"]" * 30_000 + b"}",
+        KEY,
+        400,
+        None,
+    ),
+    (
+        "lone surrogate in a prompt",
+        "/v1/completions",
+        b'{"prompt": ["ok", "a\\ud800"]}',
+        KEY,
+        400,
+        "prompt[1]",
+    ),
+    (
+        "lone surrogate in a message",
+        "/v1/chat/completions",
+        b'{"messages": [{"role": "user", "content": "\\udfff"}]}',
+        KEY,
+        400,
+        "messages[0].content",
+    ),
     ("seed past int64", "/v1/completions", {"prompt": "hi", "seed": 2**64}, KEY, 400, "seed"),
-    ("logit_bias out of range", "/v1/completions", {"prompt": "hi", "logit_bias": {"1": 500}}, KEY, 400, "logit_bias"),
-    ("logit_bias -Infinity", "/v1/completions", b'{"prompt": "hi", "logit_bias": {"1": -Infinity}}', KEY, 400, "logit_bias"),
-    ("temperature NaN", "/v1/completions", b'{"prompt": "hi", "temperature": NaN}', KEY, 400, "temperature"),
-    ("top_p Infinity", "/v1/completions", b'{"prompt": "hi", "top_p": Infinity}', KEY, 400, "top_p"),
-    ("an int past float's range", "/v1/completions", {"prompt": "hi", "presence_penalty": 10**400}, KEY, 400, "presence_penalty"),
-    ("temperature 1e-40", "/v1/completions", {"prompt": "hi", "temperature": 1e-40}, KEY, 400, "temperature"),
-    ("temperature 1e-300", "/v1/completions", {"prompt": "hi", "temperature": 1e-300}, KEY, 400, "temperature"),
-    ("repetition_penalty 1e-300", "/v1/completions", {"prompt": "hi", "repetition_penalty": 1e-300}, KEY, 400, "repetition_penalty"),
+    (
+        "logit_bias out of range",
+        "/v1/completions",
+        {"prompt": "hi", "logit_bias": {"1": 500}},
+        KEY,
+        400,
+        "logit_bias",
+    ),
+    (
+        "logit_bias -Infinity",
+        "/v1/completions",
+        b'{"prompt": "hi", "logit_bias": {"1": -Infinity}}',
+        KEY,
+        400,
+        "logit_bias",
+    ),
+    (
+        "temperature NaN",
+        "/v1/completions",
+        b'{"prompt": "hi", "temperature": NaN}',
+        KEY,
+        400,
+        "temperature",
+    ),
+    (
+        "top_p Infinity",
+        "/v1/completions",
+        b'{"prompt": "hi", "top_p": Infinity}',
+        KEY,
+        400,
+        "top_p",
+    ),
+    (
+        "an int past float's range",
+        "/v1/completions",
+        {"prompt": "hi", "presence_penalty": 10**400},
+        KEY,
+        400,
+        "presence_penalty",
+    ),
+    (
+        "temperature 1e-40",
+        "/v1/completions",
+        {"prompt": "hi", "temperature": 1e-40},
+        KEY,
+        400,
+        "temperature",
+    ),
+    (
+        "temperature 1e-300",
+        "/v1/completions",
+        {"prompt": "hi", "temperature": 1e-300},
+        KEY,
+        400,
+        "temperature",
+    ),
+    (
+        "repetition_penalty 1e-300",
+        "/v1/completions",
+        {"prompt": "hi", "repetition_penalty": 1e-300},
+        KEY,
+        400,
+        "repetition_penalty",
+    ),
 ]
 
 
@@ -445,10 +603,18 @@ def test_bad_requests_get_an_openai_error_and_the_server_goes_on(
 def test_client_disconnect_mid_stream_frees_its_slot(server):
     """A client that goes away mid-stream: its sequence stops at the next token (the server's
     running count drops back) and the next request is served."""
-    body = {"model": "alpha", "prompt": "Once", "max_tokens": 100, "stream": True, "temperature": 0,
-            "stop_token_ids": []}
+    body = {
+        "model": "alpha",
+        "prompt": "Once",
+        "max_tokens": 100,
+        "stream": True,
+        "temperature": 0,
+        "stop_token_ids": [],
+    }
     headers = {"Authorization": f"Bearer {KEY}"}
-    with httpx.stream("POST", server.url + "/completions", json=body, headers=headers, timeout=30) as r:
+    with httpx.stream(
+        "POST", server.url + "/completions", json=body, headers=headers, timeout=30
+    ) as r:
         assert r.status_code == 200
         lines = r.iter_lines()
         assert next(lines).startswith("data: ")
@@ -478,7 +644,9 @@ def test_a_full_queue_answers_429_and_recovers(tiny_llama_dir):
     try:
         body = {"prompt": "Once", "max_tokens": 100, "stop_token_ids": [], "temperature": 0}
         with concurrent.futures.ThreadPoolExecutor(6) as pool:
-            codes = list(pool.map(lambda _: running.post("/v1/completions", body).status_code, range(6)))
+            codes = list(
+                pool.map(lambda _: running.post("/v1/completions", body).status_code, range(6))
+            )
         assert 429 in codes and 200 in codes
         r = running.post("/v1/completions", {"prompt": "hi", "max_tokens": 2})
         assert r.status_code == 200
@@ -504,8 +672,10 @@ def test_sigterm_finishes_in_flight_requests(tiny_llama_dir):
     got = {}
 
     def ask():
-        got["r"] = running.post("/v1/completions", {"prompt": "Once", "max_tokens": 60,
-                                                   "stop_token_ids": [], "temperature": 0})
+        got["r"] = running.post(
+            "/v1/completions",
+            {"prompt": "Once", "max_tokens": 60, "stop_token_ids": [], "temperature": 0},
+        )
 
     t = threading.Thread(target=ask)
     t.start()
@@ -522,8 +692,12 @@ def test_sigterm_finishes_in_flight_requests(tiny_llama_dir):
 
 def test_cli_refuses_bad_setups(tiny_llama_dir, tmp_path):
     def run(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "nanotune", "serve", *args],
-                              capture_output=True, text=True, timeout=120)
+        return subprocess.run(
+            [sys.executable, "-m", "nanotune", "serve", *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
     r = run("--model", str(tiny_llama_dir), "--adapter", f"x={tmp_path}")
     assert r.returncode == 2 and "not an adapter folder" in r.stderr
@@ -547,7 +721,9 @@ def test_the_api_key_can_stay_out_of_the_process_list(monkeypatch, capsys):
     assert "process list" in help_text and "NANOTUNE_API_KEY to keep it out" in help_text
 
 
-def test_adapters_that_cannot_share_the_base_are_refused_with_merge_advice(tiny_llama_dir, tmp_path):
+def test_adapters_that_cannot_share_the_base_are_refused_with_merge_advice(
+    tiny_llama_dir, tmp_path
+):
     """DoRA rescales the base output, a trained embedding changes the shared vocabulary: both
     are refused at load, naming the folder and the way out (merge), and nothing changes."""
     from nanotune.decoding.engine import Engine
@@ -619,12 +795,19 @@ def test_a_run_time_adapter_load_on_an_int8_server_is_a_400_and_it_goes_on(
 def test_bfloat16_serving_answers(tiny_llama_dir, adapters):
     """--dtype bfloat16: weights and adapters in bf16 (the base prepacked, the KV cache float32
     on CPU); requests are answered in full."""
-    running = start(tiny_llama_dir, "--dtype", "bfloat16", "--adapter", f"alpha={adapters['alpha']}")
+    running = start(
+        tiny_llama_dir, "--dtype", "bfloat16", "--adapter", f"alpha={adapters['alpha']}"
+    )
     try:
         client = running.client()
         for model in (client.models.list().data[0].id, "alpha"):
-            r = client.completions.create(model=model, prompt="Once", max_tokens=6,
-                                          temperature=0, extra_body={"stop_token_ids": []})
+            r = client.completions.create(
+                model=model,
+                prompt="Once",
+                max_tokens=6,
+                temperature=0,
+                extra_body={"stop_token_ids": []},
+            )
             assert r.usage.completion_tokens == 6 and r.choices[0].finish_reason == "length"
     finally:
         stop(running)

@@ -411,8 +411,12 @@ def test_batch_encoding_ignores_a_padding_setting_in_tokenizer_json(tmp_path, gp
     path = tmp_path / "tokenizer.json"
     spec = json.loads(path.read_text())
     spec["padding"] = {
-        "strategy": "BatchLongest", "direction": "Right", "pad_to_multiple_of": None,
-        "pad_id": 0, "pad_type_id": 0, "pad_token": "!",
+        "strategy": "BatchLongest",
+        "direction": "Right",
+        "pad_to_multiple_of": None,
+        "pad_id": 0,
+        "pad_type_id": 0,
+        "pad_token": "!",
     }
     path.write_text(json.dumps(spec))
     tok = Tokenizer.from_dir(tmp_path)

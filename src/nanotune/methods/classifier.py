@@ -19,6 +19,7 @@ class PrefixStates(Protocol):
 
     def put(self, input_ids: Tensor, lengths: Tensor, states: Tensor) -> None: ...
 
+
 REWARD_LABEL = "reward"
 """The one label of a reward model: its single output is the score."""
 

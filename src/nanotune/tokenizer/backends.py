@@ -140,7 +140,9 @@ class _TiktokenBackend:
         """What decides this backend's ids: the split pattern, the ranks and the specials."""
         h = hashlib.sha256(GPT2_PATTERN.encode())
         pairs = sorted(self.ranks.items(), key=lambda kv: kv[1])  # however they were loaded
-        h.update(b"".join(len(b).to_bytes(2, "little") + b + r.to_bytes(4, "little") for b, r in pairs))
+        h.update(
+            b"".join(len(b).to_bytes(2, "little") + b + r.to_bytes(4, "little") for b, r in pairs)
+        )
         h.update(json.dumps(sorted(self.special.items())).encode())
         return h.digest()
 
