@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-llama
 
-.PHONY: demo test check lint
+.PHONY: demo test check lint gpu-check
 
 $(STAMP): pyproject.toml Makefile
 	python3 -m venv $(VENV)
@@ -45,6 +45,13 @@ check: $(STAMP)
 	$(VENV)/bin/ruff check src tests
 	$(VENV)/bin/ruff format --check src tests
 	$(PY) -m pytest -q -m "not slow and not real_model and not llama_cpp"
+
+# On a machine with a GPU (under five minutes): the device-sensitive tests on CUDA (parity,
+# precision, fp16 and bf16 steps, compiled steps), eager against compiled training, and
+# `nanotune bench --device cuda --quick`, in one summary table. Without CUDA every part is
+# skipped with the reason.
+gpu-check: $(STAMP)
+	$(PY) -m nanotune.bench.gpu_check --device cuda
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests
