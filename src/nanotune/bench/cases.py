@@ -433,7 +433,9 @@ def train_flops(case: Case, cfg: ModelConfig, lengths: list[int], head_tokens: i
 
 
 def generate_flops(cfg: ModelConfig, batch: int, prompt: int, new: int) -> float:
-    """Prefill of the prompt, then one token at a time against the cache; head on new tokens only."""
+    """Prefill of the prompt, then one token at a time against the cache.
+
+    The head runs on new tokens only."""
     N = cfg.n_layer * block_matmul_params(cfg)
     hdim = cfg.n_head * cfg.hd
     head = 2 * cfg.vocab_size * cfg.n_embd

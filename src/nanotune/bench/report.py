@@ -44,7 +44,9 @@ def machine(device: str) -> str:
 
 
 ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")
-"""The CPU features that decide which kernels are fast here (bf16 matmuls need avx512_bf16 or AMX)."""
+"""The CPU features that decide which kernels are fast here.
+
+bf16 matmuls need avx512_bf16 or AMX."""
 
 
 def isa(device: str) -> str:
@@ -220,10 +222,11 @@ def render(
         "same autocast; `transformers serve --dtype bfloat16` for serve); nanotune runs what "
         "`train.dtype: auto` picks on this machine: bf16 autocast with float32 master weights "
         "where the CPU multiplies bf16 natively (AVX512_BF16/AMX), float32 elsewhere; serve the "
-        "same choice as its `--dtype` (bf16 weights, the KV cache float32 on CPU); the generate cases the "
-        "`--dtype` their row names (float32, `generate`'s default, bfloat16 or int8).",
+        "same choice as its `--dtype` (bf16 weights, the KV cache float32 on CPU); the generate "
+        "cases the `--dtype` their row names (float32, `generate`'s default, bfloat16 or int8).",
         "- dpo: the peer is TRL's `DPOTrainer` (peft `LoraConfig` passed as `peft_config`, so its "
-        "reference is the model with adapters disabled; `precompute_ref_log_probs=False`, its `bf16` flag as the side's precision, "
+        "reference is the model with adapters disabled; `precompute_ref_log_probs=False`, its "
+        "`bf16` flag as the side's precision, "
         "no gradient checkpointing, no eval/logging/saving); a step is its `training_step` on a "
         "batch from its own collator, then clipping, the optimizer it creates and zeroed "
         "gradients. nanotune: `collate_preference` (a row per pair: the prompt once, both "

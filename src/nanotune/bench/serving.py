@@ -256,7 +256,8 @@ def measure(side: str, quick: bool, source: str | None, precision: str) -> dict[
         "note": (
             f"{len(lat) + len(errors)} requests, {clients} clients, {len(errors)} errors"
             + (f" ({errors[0]})" if errors else "")
-            + f", p50 {p50 * 1e3:,.0f} ms, p95 {p95 * 1e3:,.0f} ms, {tokens} tokens in {wall:,.1f} s"
+            + f", p50 {p50 * 1e3:,.0f} ms, p95 {p95 * 1e3:,.0f} ms"
+            + f", {tokens} tokens in {wall:,.1f} s"
             + note
         ),
     }
