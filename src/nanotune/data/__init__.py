@@ -1,4 +1,6 @@
-"""Data: sources -> rows -> formats -> Example/ClassExample/PreferenceExample -> batches (padded or packed)."""
+"""Data: sources -> rows -> formats -> Example/ClassExample/PreferenceExample -> batches.
+
+Batches are padded or packed."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
-"""Batches for one epoch: deterministic for (seed, epoch), right-padded to the longest row, or packed.
+"""One epoch's batches, deterministic for (seed, epoch): right-padded to the longest row or packed.
 
 `epoch_batches` returns the whole epoch as a sequence (collated lazily), so a trainer can resume at
-batch k and split a global batch across ranks by slicing. Each batch is a dict of tensors (contract in docs/design.md)
-plus python ints under keys starting with ``n_``:
+batch k and split a global batch across ranks by slicing. Each batch is a dict of tensors
+(contract in docs/design.md) plus python ints under keys starting with ``n_``:
 
   n_examples    examples in the batch
   n_real        real (non-pad) tokens
@@ -35,7 +35,7 @@ def _rng(seed: int, epoch: int) -> random.Random:
 
 
 def pack_examples(lengths: Sequence[int], order: Sequence[int], max_length: int) -> list[list[int]]:
-    """Group example indices (in `order`) into sequences of at most `max_length` tokens, first fit."""
+    """Group example indices (in `order`) first fit into sequences of <= `max_length` tokens."""
     done: list[list[int]] = []
     open_bins: list[tuple[int, list[int]]] = []  # (tokens used, indices)
     for i in order:

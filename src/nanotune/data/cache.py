@@ -8,8 +8,9 @@ and the counts and tokenizer changes (added markers, chat template) the build ma
 preference sets, which are small. Nor are rows handed to `nanotune.train(data=...)`: a digest of
 Python rows would need a faithful serialization of any value a row may hold (numpy arrays print
 abbreviated, objects print their id), and a collision trains on another data set's tokens without
-a word; the rows are in memory already, so only the tokenizing is repeated. Where: $NANOTUNE_DATA_CACHE, else ~/.cache/nanotune/data
-(`$XDG_CACHE_HOME`); `NANOTUNE_DATA_CACHE=off` turns it off.
+a word; the rows are in memory already, so only the tokenizing is repeated. Where:
+$NANOTUNE_DATA_CACHE, else ~/.cache/nanotune/data (`$XDG_CACHE_HOME`); `NANOTUNE_DATA_CACHE=off`
+turns it off.
 
 An entry is checked before it is trusted, as a checkpoint is: each file's digest is stored with it
 (checksums.json) and compared on every load, so token ids or a chat template edited in place, a

@@ -17,7 +17,9 @@ Task = Literal["lm", "classification", "preference"]
 
 @dataclass
 class Example:
-    """A language-model example. `labels` are unshifted: ids[i] where token i is supervised, else -100."""
+    """A language-model example.
+
+    `labels` are unshifted: ids[i] where token i is supervised, else -100."""
 
     ids: list[int]
     labels: list[int]

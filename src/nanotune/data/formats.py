@@ -1,10 +1,11 @@
-"""Formats: one row -> `Example` (token ids + unshifted labels), `ClassExample` or `PreferenceExample`.
+"""Formats: one row -> `Example`, `ClassExample` or `PreferenceExample`.
 
-Labels come from token spans: each part of an example (prompt, completion, chat turn) is
-tokenized on its own and the parts are concatenated, so the supervised span is known exactly and
-never found by searching for a template string (which breaks when a template tokenizes differently
-in context). A chat template that marks the assistant's text with `{% generation %}` blocks says
-exactly what to supervise; its mask is used as transformers' `return_assistant_tokens_mask` gives it.
+An `Example` is token ids and unshifted labels. Labels come from token spans: each part of an
+example (prompt, completion, chat turn) is tokenized on its own and the parts are concatenated, so
+the supervised span is known exactly and never found by searching for a template string (which
+breaks when a template tokenizes differently in context). A chat template that marks the
+assistant's text with `{% generation %}` blocks says exactly what to supervise; its mask is used
+as transformers' `return_assistant_tokens_mask` gives it.
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ MARKERS_TEMPLATE_TAG = "{# nanotune chat markers (data.chat_style: markers) #}"
 
 
 def uses_markers(cfg: FormatOptions, tokenizer: TokenizerLike) -> bool:
-    """True when chat rows are rendered with nanotune's <|user|>... markers, not the model's template."""
+    """True when chat rows render with nanotune's <|user|>... markers, not the model's template."""
     if cfg.chat_style == "markers":
         return True
     if cfg.chat_style == "model" and not tokenizer.chat_template:
@@ -129,7 +130,10 @@ def markers_chat_template(cfg: FormatOptions, tokenizer: TokenizerLike) -> str:
             "{% endif %}",
             "{% for message in messages %}",
             "{% if message['role'] not in MARKERS %}",
-            "{{ raise_exception('role ' + message['role'] + ' is not system, user or assistant') }}",
+            (
+                "{{ raise_exception('role ' + message['role'] + "
+                "' is not system, user or assistant') }}"
+            ),
             "{% endif %}",
             "{{ MARKERS[message['role']] + '\\n' + message['content'] + END + '\\n' }}",
             "{% endfor %}",
@@ -156,9 +160,10 @@ def renders_chat(cfg: FormatOptions, rows: Sequence[Row] = ()) -> bool:
 def required_special_tokens(
     cfg: FormatOptions, tokenizer: TokenizerLike, rows: Sequence[Row] = ()
 ) -> list[str]:
-    """Special tokens the format needs that the tokenizer lacks; the caller adds them and resizes the model.
+    """Special tokens the format needs that the tokenizer lacks.
 
-    rows: the rows to be formatted (a preference format needs the markers only for conversations)."""
+    The caller adds them and resizes the model. rows: the rows to be formatted (a preference
+    format needs the markers only for conversations)."""
     if not renders_chat(cfg, rows):
         return []
     if cfg.chat_template:  # a packaged template's turn tokens (GPT-2 has no <|im_start|>)
@@ -516,8 +521,8 @@ def _template_segments(
     def piece(before: str, after: str) -> str:
         if not after.startswith(before):
             raise NanotuneError(
-                f"{where}: the model's chat template does not render conversations prefix by prefix; "
-                "set data.chat_style: markers"
+                f"{where}: the model's chat template does not render conversations prefix by "
+                "prefix; set data.chat_style: markers"
             )
         return after[len(before) :]
 
@@ -598,8 +603,9 @@ def _chat_segments(
         missing = [t for t in MARKER_TOKENS if t not in tokenizer.special_tokens]
         if missing:
             raise NanotuneError(
-                f"tokenizer lacks chat markers {', '.join(missing)}; add required_special_tokens(cfg, "
-                "tokenizer) with tokenizer.add_special_tokens and resize the model's embeddings"
+                f"tokenizer lacks chat markers {', '.join(missing)}; add "
+                "required_special_tokens(cfg, tokenizer) with tokenizer.add_special_tokens and "
+                "resize the model's embeddings"
             )
         return _marker_segments(messages, tokenizer)
     if tokenizer.marks_generation:
@@ -780,7 +786,8 @@ def class_index(value: Any, label_names: list[str], where: str) -> int:
         if 0 <= i < len(label_names):
             return i
     raise BadRow(
-        f"{where}: label {value!r} is not one of {', '.join(label_names)}; fix the row or data.label_names"
+        f"{where}: label {value!r} is not one of {', '.join(label_names)}; "
+        "fix the row or data.label_names"
     )
 
 
@@ -794,7 +801,8 @@ def format_classification(
     if len(ids) > cfg.max_length:
         if not cfg.truncate_prompt:
             raise TooLong(
-                f"{row.where}: text has {len(ids)} tokens, more than data.max_length={cfg.max_length}; "
+                f"{row.where}: text has {len(ids)} tokens, more than "
+                f"data.max_length={cfg.max_length}; "
                 "raise max_length, set truncation: drop or truncate_prompt: true"
             )
         ids = ids[: cfg.max_length]

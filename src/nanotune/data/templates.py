@@ -1,4 +1,4 @@
-"""Chat templates packaged with nanotune, and `data.chat_template`: which template a run trains with.
+"""Chat templates packaged with nanotune, and `data.chat_template`: which one a run trains with.
 
 A template is a Python string here, not a file: the package ships its modules whole, while package
 data ships only what pyproject's globs name (recipes/*.yaml), and a string constant is read
