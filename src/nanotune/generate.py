@@ -50,6 +50,10 @@ class GenerationConfig:
     """Stop at any of these token ids; None = the tokenizer's eos and chat end-of-turn token."""
     seed: int | None = None
     """Seed for reproducible sampling."""
+    compile: bool = False
+    """Decode through torch.compile: one graph per step on static shapes (the KV cache read
+    whole, rounded up to 128 columns), compiled once per batch size and cache length; the
+    prompt stays eager. Pays off over long or many generations (the first costs the compile)."""
 
     def __post_init__(self) -> None:
         # Every float first: NaN passes every comparison below, and inf is no setting either.
@@ -319,7 +323,14 @@ def _steps(
     was_training = model.training
     model.eval()
     try:
-        cache = model.init_cache(B, T0 + n_new)
+        hidden = model.hidden
+        if config.compile:  # the prompt eager, each new token through one compiled graph
+            from nanotune.models.compiled_decode import CompiledDecoder, cache_len
+
+            cache = model.init_cache(B, cache_len(T0 + n_new, model.config.block_size))
+            hidden = CompiledDecoder(model).hidden
+        else:
+            cache = model.init_cache(B, T0 + n_new)
         h = model.hidden(ids, positions=positions, attention_mask=mask, cache=cache)
         logits = model.lm_head(h[:, -1])
         out: list[list[int]] = [[] for _ in range(B)]
@@ -343,7 +354,7 @@ def _steps(
             tokens = tokens.masked_fill(torch.tensor(done, device=device), pad_id)[:, None]
             if seen is not None:
                 seen.scatter_(1, tokens, True)
-            h = model.hidden(tokens, positions=next_pos, attention_mask=mask, cache=cache)
+            h = hidden(tokens, positions=next_pos, attention_mask=mask, cache=cache)
             logits = model.lm_head(h[:, -1])
             if next_pos is not None:
                 next_pos = next_pos + 1
