@@ -157,7 +157,8 @@ def _json(path: Path) -> Iterator[Row | BadRow]:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise NanotuneError(
-            f"{path}:{e.lineno}: malformed JSON ({e.msg}); a .json source must be one valid list of objects"
+            f"{path}:{e.lineno}: malformed JSON ({e.msg}); "
+            "a .json source must be one valid list of objects"
         ) from e
     wrapped = (
         isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list)
@@ -393,8 +394,9 @@ def _hub_dataset(
             else str(e).splitlines()[0]
         )
         raise NanotuneError(
-            f"hf:{dataset_id}:{split}: cannot load ({why}); download it where the hub is reachable and "
-            "point data.source at local files (.jsonl/.csv/.parquet) or a datasets.save_to_disk folder"
+            f"hf:{dataset_id}:{split}: cannot load ({why}); download it where the hub is reachable "
+            "and point data.source at local files (.jsonl/.csv/.parquet) or a "
+            "datasets.save_to_disk folder"
         ) from e
     finally:
         datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE = flags
@@ -483,7 +485,8 @@ def python_sources(data: Any) -> dict[str, Any]:
             )
         if PYTHON_SPLITS[split] in fields:
             raise NanotuneError(
-                f"data: {fields[PYTHON_SPLITS[split]]!r} and {split!r} are both the validation split"
+                f"data: {fields[PYTHON_SPLITS[split]]!r} and {split!r} "
+                "are both the validation split"
             )
         fields[PYTHON_SPLITS[split]] = split
         _records(rows, split)  # refuses what is not rows now, not after the model loads
@@ -505,7 +508,8 @@ def _records(obj: Any, split: str) -> Any:
     if isinstance(obj, (Mapping, str, bytes)) or not hasattr(obj, "__iter__") or iter(obj) is obj:
         raise NanotuneError(
             f"data[{split!r}]: a {type(obj).__name__} is not rows; pass a list of dicts, a "
-            "datasets.Dataset or a pandas DataFrame (an iterator is read more than once: use a list)"
+            "datasets.Dataset or a pandas DataFrame "
+            "(an iterator is read more than once: use a list)"
         )
     return obj
 

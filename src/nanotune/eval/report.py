@@ -210,7 +210,8 @@ def _result_table(before: dict[str, Any], after: dict[str, Any]) -> str:
         cls = verdict(name, d)
         mark = {"better": "▲ better", "worse": "▼ worse"}.get(cls, "")
         rows.append(
-            f"<tr><td>{html.escape(name)}</td><td class=num>{fmt(b)}</td><td class=num>{fmt(a)}</td>"
+            f"<tr><td>{html.escape(name)}</td><td class=num>{fmt(b)}</td>"
+            f"<td class=num>{fmt(a)}</td>"
             f'<td class="num {cls}">{fmt(d, signed=True)}</td><td class={cls or "same"}>{mark}</td>'
             "</tr>"
         )

@@ -37,7 +37,8 @@ from nanotune.version import __version__
 
 MARKER = ".nanotune"
 _TMP = ".tmp-"  # temporary siblings: .tmp-<pid>-<name>-<random>
-_OLD = ".old-"  # an old folder during a swap, or a run kept until its replacement ends: .old-<pid>-<name>
+# an old folder during a swap, or a run kept until its replacement ends: .old-<pid>-<name>
+_OLD = ".old-"
 
 
 # --- files -----------------------------------------------------------------------------------

@@ -1,15 +1,18 @@
 """What a run writes to `final/`, and how any nanotune output is loaded back.
 
 The one place that decides both, so the writer and every reader (generate, chat, classify, eval,
-merge, export) agree:
+merge, export) agree. Per run, what `final/` holds -> what it is loaded back as:
 
-| run | `final/` | loaded back as |
-|---|---|---|
-| LoRA, DoRA, QLoRA (added tokens and trained embeddings included) | PEFT adapter + tokenizer | base model + adapter |
-| classifier, LoRA body | `classifier.json` + PEFT SEQ_CLS adapter (head inside) | base + adapter + head |
-| classifier, full or last_n body | `classifier.json` + HF folder + `classifier.safetensors` | folder + head |
-| reward model (one output), any body (LoRA merged) | the same, and the folder is an HF `…ForSequenceClassification` (num_labels 1) | folder + head; transformers: AutoModelForSequenceClassification |
-| full, last_n | HF model folder | the folder |
+- LoRA, DoRA, QLoRA (added tokens and trained embeddings included): PEFT adapter + tokenizer
+  -> base model + adapter
+- classifier, LoRA body: `classifier.json` + PEFT SEQ_CLS adapter (head inside)
+  -> base + adapter + head
+- classifier, full or last_n body: `classifier.json` + HF folder + `classifier.safetensors`
+  -> folder + head
+- reward model (one output), any body (LoRA merged): the same, and the folder is an HF
+  `…ForSequenceClassification` (num_labels 1)
+  -> folder + head; transformers: AutoModelForSequenceClassification
+- full, last_n: HF model folder -> the folder
 
 Every `final/` also holds a model card, `README.md` (`jobs/card.py`). The base is recorded by its
 hub id (or absolute path) so transformers and PEFT find it; `weights.resolve` maps a preset's hub

@@ -43,7 +43,8 @@ def evaluate_job(
     datasets = build_datasets(data, tokenizer)
     if cfg.split not in datasets.splits:
         raise NanotuneError(
-            f"eval.split: {cfg.split!r} is not a split of this data (has {', '.join(datasets.splits)}); "
+            f"eval.split: {cfg.split!r} is not a split of this data "
+            f"(has {', '.join(datasets.splits)}); "
             "set data.val_fraction / val_source or choose another split"
         )
     if datasets.task == "classification" and finetuned:
