@@ -43,7 +43,8 @@ def apply_method(model: nn.Module, cfg: MethodConfig) -> nn.Module:
         n_layer = len(body.blocks)
         if cfg.last_n > n_layer:
             raise NanotuneError(
-                f"method.last_n={cfg.last_n} exceeds the model's {n_layer} blocks; use at most {n_layer}"
+                f"method.last_n={cfg.last_n} exceeds the model's {n_layer} blocks; "
+                f"use at most {n_layer}"
             )
         for block in body.blocks[n_layer - cfg.last_n :]:
             block.requires_grad_(True)

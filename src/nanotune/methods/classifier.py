@@ -38,12 +38,14 @@ class SequenceClassifier(nn.Module):
         super().__init__()
         if num_labels < 1:
             raise NanotuneError(
-                f"a classifier needs at least 1 output (a reward model), got num_labels={num_labels}"
+                "a classifier needs at least 1 output (a reward model), "
+                f"got num_labels={num_labels}"
             )
         names = [str(i) for i in range(num_labels)] if label_names is None else list(label_names)
         if len(names) != num_labels:
             raise NanotuneError(
-                f"label_names has {len(names)} names for num_labels={num_labels}; give one per label"
+                f"label_names has {len(names)} names for num_labels={num_labels}; "
+                "give one per label"
             )
         self.body = body
         self.label_names = names

@@ -80,7 +80,7 @@ class LoRALinear(nn.Module):
         dora: bool = False,
         dropout: float = 0.0,
     ) -> Adapter:
-        """Add a zero-initialised pair (A kaiming-uniform, B zeros, as PEFT) on output rows `rows`."""
+        """Add a zero-init pair (A kaiming-uniform, B zeros, as PEFT) on output rows `rows`."""
         start, end = rows
         for a in self.adapters:
             if start < a.end and a.start < end:

@@ -7,11 +7,12 @@ in `benchmarks/NOTES.md`. `linear()` sends float32 CPU products of plain tensors
 (forward, input gradient and weight gradient alike) and everything else to `F.linear`, so GPU,
 reduced precision weights, NF4 and tensor subclasses are untouched.
 
-Under CPU bfloat16 autocast (`train.dtype: bfloat16`, or `auto` where `hardware.native_bf16()` says the CPU
-multiplies bf16 in hardware) the same oneDNN path multiplies in bf16 with float32 accumulation,
-as autocast would, with two differences: a frozen weight is cast once and its bf16 copy kept
-(autocast casts it again at every call: ~270 ms of a GPT-2 LoRA step), and backward still keeps
-only what it needs. Trainable weights stay float32 masters; their bf16 casts are per call.
+Under CPU bfloat16 autocast (`train.dtype: bfloat16`, or `auto` where `hardware.native_bf16()`
+says the CPU multiplies bf16 in hardware) the same oneDNN path multiplies in bf16 with float32
+accumulation, as autocast would, with two differences: a frozen weight is cast once and its bf16
+copy kept (autocast casts it again at every call: ~270 ms of a GPT-2 LoRA step), and backward
+still keeps only what it needs. Trainable weights stay float32 masters; their bf16 casts are per
+call.
 
 `NANOTUNE_ONEDNN=0` turns the oneDNN path off (read once, at import).
 """

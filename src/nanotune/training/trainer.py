@@ -270,7 +270,7 @@ class Trainer:
         return self._epoch_cache[1]
 
     def _micro_batches(self, batch: Batch) -> list[Batch]:
-        """Global micro-batches of `micro_batch_size * world_size` rows; this rank's rows of each."""
+        """This rank's rows of each global micro-batch (`micro_batch_size * world_size` rows)."""
         rows = self.config.micro_batch_size * world_size()
         n = len(batch["input_ids"])
         out = []

@@ -1,4 +1,4 @@
-"""Hugging Face hub downloads: safe files only, the shared cache, and a fast clear failure offline."""
+"""Hugging Face hub downloads: safe files only, the shared cache, a fast clear failure offline."""
 
 from __future__ import annotations
 
