@@ -14,6 +14,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 
 from nanotune.config import RunConfig
 from nanotune.data import DataConfig, build_datasets
@@ -262,3 +263,56 @@ def test_sigkill_then_resume_trains_the_same_mixed_order(tmp_path, tiny_gpt2_dir
         "training sources, an epoch" in report
         and "banana.jsonl 22 (24.4%, of 63 examples)" in report
     )
+
+
+def test_streamed_sources_interleave_by_weight_and_resume_at_the_same_row(tmp_path):
+    """data.streaming with data.sources: 0.75/0.25 over 400 examples within 1% (each source
+    starting again when it ends; interleaved within one example of the shares, then through
+    the shuffle buffer), counted per source as trained; batch k read anew equals batch k."""
+    tok = gpt2_tokenizer()
+    cfg = _mix(tmp_path, streaming=True, shuffle_buffer=16)
+    data = build_datasets(cfg, tok)
+    first = {tok.encode("apple")[0]: "apple", tok.encode("banana")[0]: "banana"}
+    batches = data.train.batches(8, 3, 50, pad_id=tok.pad_id, shuffle_buffer=16)
+    seen = [batches[k] for k in range(50)]
+    counts = Counter(first[row[0]] for b in seen for row in b["input_ids"].tolist())
+    assert abs(counts["apple"] / 400 - 0.75) < 0.01 and abs(counts["banana"] / 400 - 0.25) < 0.01
+    trained = {p.source.rsplit("/", 1)[-1]: p.per_epoch for p in data.train.parts()}
+    assert trained == {"apple.jsonl": counts["apple"], "banana.jsonl": counts["banana"]}
+    assert "sources[0] " in data.summary() and " trained on (" in data.summary()
+    for k in (0, 21, 49):
+        again = data.train.batches(8, 3, 50, pad_id=tok.pad_id, shuffle_buffer=16)[k]
+        assert torch.equal(again["input_ids"], seen[k]["input_ids"])
+    with pytest.raises(NanotuneError, match=r"^data\.sources\[0\]\.fraction: a stream's size"):
+        DataConfig(sources=[{"source": "a.jsonl", "fraction": 0.5}], streaming=True)
+
+
+def test_a_streamed_mix_trains_with_a_given_val_source(tmp_path, tiny_gpt2_dir):
+    """nanotune.train on two streamed sources and a val_source: the model card and the report
+    count each source's examples trained on (4 steps of 4 at 3:1 is 12 and 4)."""
+    import nanotune
+
+    data = tmp_path / "data"
+    data.mkdir()
+    recipe = {
+        "model": str(tiny_gpt2_dir),
+        "method": {"name": "lora", "r": 2},
+        "data": {
+            "sources": [
+                {"source": _write(data / "apple.jsonl", "apple", 30), "weight": 3},
+                {"source": _write(data / "banana.jsonl", "banana", 70), "weight": 1},
+            ],
+            "val_source": _write(data / "cherry.jsonl", "cherry", 6),
+            "streaming": True,
+            "shuffle_buffer": 0,
+            "max_length": 32,
+        },
+        "train": {"max_steps": 4, "micro_batch_size": 4},
+        "eval": {"metrics": ["perplexity"]},
+        "output_dir": str(tmp_path / "run"),
+    }
+    result = nanotune.train(recipe, progress=False)
+    card = (result.final_dir / "README.md").read_text()
+    assert "apple.jsonl` | 12 | 12 | 12 (75.0%) |" in card
+    report = result.report.read_text()
+    assert "banana.jsonl 4 (25.0%, of 4 examples)" in report

@@ -159,8 +159,6 @@ def test_what_a_stream_cannot_do_is_said_before_loading(tmp_path, data, train, s
     }
     with pytest.raises(NanotuneError, match=says):
         nanotune.train(recipe, progress=False)
-    with pytest.raises(NanotuneError, match=r"^data\.streaming: mixing streamed sources"):
-        DataConfig(sources=[{"source": "a.jsonl"}], streaming=True)
 
 
 def test_a_stream_with_no_examples_is_one_clear_error():
@@ -169,3 +167,27 @@ def test_a_stream_with_no_examples_is_one_clear_error():
     with pytest.raises(NanotuneError, match=r"^python:train: the stream gave no training examples"):
         stream.batches(4, 0, 2, pad_id=tok.pad_id)[0]
     assert stream.stats["dropped_too_long"] == 23
+
+
+def test_an_hf_source_streams_an_iterable_dataset(tmp_path, monkeypatch):
+    """hf:<id>:<split> with streaming: load_dataset(..., streaming=True), called when training
+    asks for the first batch (nothing is read before), and its rows batch as the file's do."""
+    from nanotune.data import sources
+
+    calls = []
+
+    def load_dataset(path, name=None, split=None, streaming=False):
+        calls.append((path, name, split, streaming))
+        return datasets.Dataset.from_list(ROWS).to_iterable_dataset()
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.setattr(sources, "_hub_reachable", lambda timeout=3.0: True)
+    tok = gpt2_tokenizer()
+    cfg = DataConfig(source="hf:someone/rows:train", streaming=True, shuffle_buffer=0)
+    stream = build_datasets(cfg, tok).train
+    assert calls == []
+    got = stream.batches(4, 0, 2, pad_id=tok.pad_id)
+    flat = build_datasets(DataConfig(source=_write(tmp_path / "rows.jsonl", ROWS)), tok).train
+    want = epoch_batches(flat, 4, 0, 0, shuffle=False, pad_id=tok.pad_id)
+    assert _same(got[0], want[0]) and _same(got[1], want[1])
+    assert calls == [("someone/rows", None, "train", True)]

@@ -168,13 +168,16 @@ class DataConfig:
     text_unit, hf_config, prompt_template, completion_template, system_prompt, limit}.
 
     Each epoch takes a seeded, exact number of examples from each (see weight and fraction), so
-    a resumed run sees the same order; held-out fractions are cut from each source. LM formats."""
+    a resumed run sees the same order; held-out fractions are cut from each source. LM formats.
+    With streaming, the sources are interleaved by weight (every prefix of the stream within
+    one example of the weights' shares), each starting again when it ends."""
     streaming: bool = False
     """Read the training source as a stream, tokenizing rows as they arrive (hf: sources load
     as a datasets IterableDataset): for sets that do not fit on disk. Needs train.max_steps (a
     stream has no known length; it starts again when it ends); never cached; LM formats."""
-    shuffle_buffer: int = 10000
-    """streaming: examples held and drawn from at random (seeded); 0 = the stream's order."""
+    shuffle_buffer: int = 1000
+    """streaming: examples held and drawn from at random (seeded); 0 = the stream's order.
+    The buffer is filled before the first step, so a larger one starts later."""
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> NanotuneError:
@@ -182,15 +185,21 @@ class DataConfig:
 
         self.sources = [_source_entry(i, s) for i, s in enumerate(self.sources)]
         if self.sources and self.source:
-            raise bad("sources", "give data.source or data.sources, not both")
+            raise bad(
+                "sources",
+                "give data.source or data.sources, not both (data.source= clears a recipe's)",
+            )
         if not self.source and not self.sources:
             raise bad(
                 "source",
                 "no data source given; set it to a file, folder, builtin:<name> or hf:<id>",
             )
         if self.streaming:
-            if self.sources:
-                raise bad("streaming", "mixing streamed sources is not supported; give one source")
+            for i, entry in enumerate(self.sources):
+                if entry.fraction is not None:
+                    raise NanotuneError(
+                        f"data.sources[{i}].fraction: a stream's size is unknown; give weights"
+                    )
             for name in ("val_fraction", "test_fraction"):
                 if getattr(self, name):
                     raise bad(name, "a stream cannot be split; give val_source / test_source")

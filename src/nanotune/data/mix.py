@@ -12,7 +12,7 @@ continues the same order.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -31,7 +31,8 @@ class MixPart:
     weight: float | None = None
     fraction: float | None = None
     per_epoch: int = 0
-    """Examples of it in each epoch (`epoch_counts`)."""
+    """Examples of it in each epoch (`epoch_counts`); streamed, the examples trained on."""
+    streamed: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -88,6 +89,22 @@ def epoch_examples(train: Any, parts: Sequence[MixPart], seed: int, epoch: int) 
     return train.take(epoch_indices(parts, seed, epoch)) if parts else train
 
 
+def interleaved(
+    sources: Sequence[Iterator[Any]], weights: Sequence[float], drawn: list[int]
+) -> Iterator[Any]:
+    """(source index, item) of `sources` (endless iterators) in the shares of `weights`,
+    deterministically: the next item comes from the source furthest below its share (smooth
+    weighted round robin), so every prefix holds each source's share within one item. `drawn`
+    counts each source's items."""
+    total = sum(weights)
+    shares = [w / total for w in weights]
+    while True:
+        n = sum(drawn) + 1
+        i = max(range(len(sources)), key=lambda k: (n * shares[k] - drawn[k], -k))
+        drawn[i] += 1
+        yield i, next(sources[i])
+
+
 def describe(parts: Sequence[MixPart]) -> list[str]:
     """One line per source: examples, and their share of each epoch."""
     total = sum(p.per_epoch for p in parts) or 1
@@ -98,8 +115,9 @@ def describe(parts: Sequence[MixPart]) -> list[str]:
             if p.weight is not None
             else f"fraction {1.0 if p.fraction is None else p.fraction:g}"
         )
+        each = "trained on" if p.streamed else "an epoch"
         lines.append(
             f"  sources[{i}] {p.source}: {p.examples} examples from {p.rows} rows; "
-            f"{p.per_epoch} an epoch ({100 * p.per_epoch / total:.1f}%, {share})"
+            f"{p.per_epoch} {each} ({100 * p.per_epoch / total:.1f}%, {share})"
         )
     return lines

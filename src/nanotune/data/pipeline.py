@@ -24,10 +24,10 @@ from nanotune.data.formats import (
     use_chat_template,
     use_markers_template,
 )
-from nanotune.data.mix import MixPart, describe, with_counts
+from nanotune.data.mix import MixPart, describe, interleaved, with_counts
 from nanotune.data.sources import balance_rows, iter_source, python_rows, split_rows
 from nanotune.data.store import ExampleStore
-from nanotune.data.stream import Stream
+from nanotune.data.stream import SourcedExample, Stream
 from nanotune.errors import NanotuneError
 
 
@@ -77,8 +77,8 @@ class Datasets:
                 if c[k]
             ]
             lines.append(line + (f" ({', '.join(left)})" if left else ""))
-            if name == "train" and self.sources:
-                lines += describe(self.sources)
+            if name == "train" and (self.sources or getattr(stream, "streamed", False)):
+                lines += describe(self.sources or stream.parts())
         if self.cached is not None:
             lines.append(f"(tokenized examples read from the data cache: {self.cached})")
         return "\n".join(lines)
@@ -497,28 +497,77 @@ def _build_stream(cfg: DataConfig, tokenizer: TokenizerLike, objects: Objects) -
         tokenizer.add_special_tokens(added)
     use_markers_template(cfg, tokenizer)
     stats = {"train": Counter()}
-    spec = FORMATS[cfg.format]
-    batched = spec.encoded_ahead and getattr(tokenizer, "batch_is_faster", False)
 
-    def examples() -> Iterator[Example]:
-        counts = stats["train"]
-        rows = _rows(cfg.source, cfg, objects, counts, problems)
-        rows = itertools.islice(rows, cfg.limit) if cfg.limit is not None else rows
-        made = _stream_examples(rows, cfg, tokenizer, counts, problems, batched)
+    def examples_of(sub: DataConfig, counts: Counter) -> Iterator[Example]:
+        spec = FORMATS[sub.format]
+        batched = spec.encoded_ahead and getattr(tokenizer, "batch_is_faster", False)
+        rows = _rows(sub.source, sub, objects, counts, problems)
+        rows = itertools.islice(rows, sub.limit) if sub.limit is not None else rows
+        made = _stream_examples(rows, sub, tokenizer, counts, problems, batched)
         if spec.documents:
-            made = _stream_chunks(made, tokenizer.eos_id, cfg.chunk_tokens)
+            made = _stream_chunks(made, tokenizer.eos_id, sub.chunk_tokens)
         for ex in made:
             counts["examples"] += 1
             yield ex
 
-    splits: dict[str, Any] = {"train": Stream(cfg.source, examples, stats["train"])}
-    alone = {"streaming": False, "val_source": None, "test_source": None}
+    if cfg.sources:
+        stream = _mixed_stream(cfg, tokenizer, examples_of, stats["train"])
+    else:
+        stream = Stream(cfg.source, lambda: examples_of(cfg, stats["train"]), stats["train"])
+    splits: dict[str, Any] = {"train": stream}
+    alone = {"streaming": False, "sources": [], "val_source": None, "test_source": None}
     for name, given in _given(cfg).items():
         part = _build_lm(replace(cfg, source=given, **alone), tokenizer, objects)
         splits[name], stats[name] = part.train, part.stats["train"]
         added += [t for t in part.added_tokens if t not in added]
         problems += part.problems[: MAX_PROBLEMS - len(problems)]
     return Datasets(splits, "lm", stats, problems, None, added)
+
+
+def _mixed_stream(cfg: DataConfig, tokenizer: TokenizerLike, examples_of, total: Counter) -> Stream:
+    """data.sources streamed: each source read as one streamed source is, again when it ends,
+    interleaved by weight (`mix.interleaved`); `total` sums the sources' counts as they read."""
+    subs = [cfg.source_config(i) for i in range(len(cfg.sources))]
+    for sub in subs:
+        added = required_special_tokens(sub, tokenizer)
+        if added:
+            tokenizer.add_special_tokens(added)
+        use_markers_template(sub, tokenizer)
+    counts = [Counter() for _ in subs]
+    drawn = [0] * len(subs)
+
+    def endless(i: int) -> Iterator[Example]:
+        while True:
+            made = 0
+            for ex in examples_of(subs[i], counts[i]):
+                made += 1
+                yield ex
+            if not made:
+                raise NanotuneError(
+                    f"{subs[i].source}: the stream gave no training examples "
+                    f"(data.sources[{i}]); check its source, columns and data.max_length"
+                )
+
+    def examples() -> Iterator[Example]:
+        for c in counts:  # a new reading (a resumed run) counts from the start again
+            c.clear()
+        drawn[:] = [0] * len(subs)
+        weights = [1.0 if e.weight is None else e.weight for e in cfg.sources]
+        for i, ex in interleaved([endless(i) for i in range(len(subs))], weights, drawn):
+            total.clear()
+            for c in counts:
+                total.update(c)
+            yield SourcedExample(ex.ids, ex.labels, i)
+
+    def parts() -> list[MixPart]:
+        return [
+            MixPart(e.source, c["rows"], c["examples"], e.weight or 1.0, None, trained[i], True)
+            for i, (e, c) in enumerate(zip(cfg.sources, counts, strict=True))
+        ]
+
+    stream = Stream("data.sources", examples, total, parts)
+    trained = stream.trained
+    return stream
 
 
 def _stream_examples(

@@ -13,11 +13,19 @@ from __future__ import annotations
 import random
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from nanotune.data.batching import OPEN_BINS, collate_lm
 from nanotune.data.example import Example
 from nanotune.errors import NanotuneError
+
+
+@dataclass
+class SourcedExample(Example):
+    """An example of a streamed mix, with the index of its entry in data.sources."""
+
+    source: int = -1
 
 
 class Stream:
@@ -29,8 +37,21 @@ class Stream:
 
     streamed = True
 
-    def __init__(self, source: str, examples: Callable[[], Iterator[Example]], stats: Counter):
+    def __init__(
+        self,
+        source: str,
+        examples: Callable[[], Iterator[Example]],
+        stats: Counter,
+        parts: Callable[[], list[Any]] | None = None,
+    ):
         self.source, self._examples, self.stats = source, examples, stats
+        self._parts = parts
+        self.trained: Counter = Counter()
+        """A mix's examples batched so far, by source index (`SourcedExample.source`)."""
+
+    def parts(self) -> list[Any]:
+        """A mix's sources (`data.mix.MixPart`) with what was read and drawn of each so far."""
+        return self._parts() if self._parts is not None else []
 
     def __bool__(self) -> bool:  # its length is unknown until it is read
         return True
@@ -160,10 +181,17 @@ class StreamedBatches(Sequence[dict[str, Any]]):
             raise IndexError(f"batch {k} of {self._steps}")
         if self._batches is None or k < self._next:
             self._stream.stats.clear()  # counted again from the start of the stream
+            self._stream.trained.clear()
             self._batches, self._next = self._all(), 0
         while self._next < k:  # skipped batches are formed (to know where k starts), not collated
-            next(self._batches)
-            self._next += 1
-        rows = next(self._batches)
-        self._next += 1
+            self._count(next(self._batches))
+        rows = self._count(next(self._batches))
         return collate_lm(rows, self._pad_id, self._pack)
+
+    def _count(self, rows: list[list[Example]]) -> list[list[Example]]:
+        self._next += 1
+        for row in rows:
+            for ex in row:
+                if isinstance(ex, SourcedExample):
+                    self._stream.trained[ex.source] += 1
+        return rows

@@ -578,7 +578,8 @@ def _fit(config: RunConfig, setup: _Setup, run_dir: Path, *, resume: bool, progr
             )
             after = ({**after[0], **scored}, *after[1:]) if after else (scored, None)
     dist.reshard(trainer.engine)
-    sources = [p.to_dict() for p in data.sources]
+    mixed = data.train.parts() if getattr(data.train, "streamed", False) else data.sources
+    sources = [p.to_dict() for p in mixed]
     with trainer.full_model() as trained:  # FSDP2: whole weights on rank 0 while saving
         on_main(
             lambda: artifacts.save_final(
