@@ -201,7 +201,7 @@ def tiny_gpt2_dir(tmp_path_factory, gpt2_tokenizer_dir) -> Path:
 
 
 def tiny_llama_config(**overrides):
-    """LlamaConfig of the tiny Llama fixtures: GQA 4 heads / 2 kv heads, hidden 32, SmolLM2 vocab."""
+    """The tiny Llama fixtures' LlamaConfig: GQA 4 heads / 2 kv heads, hidden 32, SmolLM2 vocab."""
     from transformers import LlamaConfig
 
     kwargs = dict(

@@ -1,4 +1,4 @@
-"""Label masks of every format: the supervised tokens decode to exactly the answer and its end token."""
+"""Label masks of every format: supervised tokens decode to exactly the answer and its end token."""
 
 from __future__ import annotations
 

@@ -327,7 +327,7 @@ def test_huge_lr_diverges_into_one_clear_error(tmp_path):
         trainer(tmp_path, lr=1e30, max_steps=20, schedule="constant").fit()
 
 
-# --- a full disk -----------------------------------------------------------------------------------
+# --- a full disk ----------------------------------------------------------------------------------
 
 
 @pytest.fixture

@@ -113,7 +113,8 @@ def test_gpt2_has_no_chat_template_until_given():
     with pytest.raises(NanotuneError, match="no chat template"):
         tok.apply_chat_template([{"role": "user", "content": "hi"}])
     tok.chat_template = (
-        "{% for m in messages %}{% if m.role == 'tool' %}{{ raise_exception('no tools') }}{% endif %}"
+        "{% for m in messages %}{% if m.role == 'tool' %}{{ raise_exception('no tools') }}"
+        "{% endif %}"
         "<|{{ m.role }}|>{{ m.content }}<|end|>{% endfor %}"
         "{% if add_generation_prompt %}<|assistant|>{% endif %}{{ eos_token }}"
     )
@@ -181,7 +182,7 @@ def _train_bpe(vocab_size: int = 400) -> tuple[dict[str, int], list[tuple[str, s
 
 def test_gpt2_files_out_of_merge_order_fall_back_to_exact_bpe(tmp_path):
     vocab, merges = _train_bpe()
-    # Ids that do not follow merge order: tiktoken's rank-based BPE would differ, so must not be used.
+    # Ids out of merge order: tiktoken's rank-based BPE would differ, so must not be used.
     tokens = sorted(vocab, key=lambda t: (len(t), t), reverse=True)
     shuffled = {t: i for i, t in enumerate(tokens)}
     shuffled["<|endoftext|>"] = len(shuffled)
@@ -197,7 +198,7 @@ def test_gpt2_files_out_of_merge_order_fall_back_to_exact_bpe(tmp_path):
         assert tok.decode(tok.encode(text)) == text
 
 
-# --- GGUF (tiny files written here) ----------------------------------------------------------------
+# --- GGUF (tiny files written here) ---------------------------------------------------------------
 
 
 def _write_gguf(path: Path, model: str = "gpt2", pre: str = "llama-bpe") -> None:
@@ -332,7 +333,7 @@ def test_a_tokenizer_json_with_an_empty_vocab_is_refused_naming_it(tmp_path):
         Tokenizer.from_dir(tmp_path)
 
 
-# --- SmolLM2 (the real GGUF) ------------------------------------------------------------------------
+# --- SmolLM2 (the real GGUF) ----------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")

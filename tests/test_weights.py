@@ -355,7 +355,8 @@ def test_shard_listed_but_missing(tiny_gpt2_dir, tmp_path):
         ("[1, 2]", r"config\.json should hold a JSON object .*, not a JSON list"),
         ('{"model_type": "gpt2"}', r"config\.json: required key 'vocab_size' is missing"),
         (
-            '{"model_type": "gpt2", "vocab_size": 50257, "n_layer": "2", "n_head": 4, "n_embd": 32}',
+            '{"model_type": "gpt2", "vocab_size": 50257, "n_layer": "2", '
+            '"n_head": 4, "n_embd": 32}',
             r"config\.json: n_layer must be a positive integer, got '2'",
         ),
         (
