@@ -124,7 +124,8 @@ def test_fraction_entries_and_counts_in_summary_cache_and_held_out(tmp_path):
         ({"weight": 1}, r"^data\.sources\[1\]\.source: required"),
         (
             {"source": "a.jsonl", "format": "classification"},
-            r"^data\.sources\[1\]\.format: mixing takes",
+            r"^data\.sources\[1\]\.format: classification trains classification, but data\.format "
+            r"completion trains lm; mixed sources train one task",
         ),
         (
             {"source": "a.jsonl", "format": "sharegpt"},
@@ -141,6 +142,67 @@ def test_a_bad_entry_is_one_line_naming_index_and_field(entry, says):
         with pytest.raises(NanotuneError, match=says) as e:
             build()
         assert "\n" not in str(e.value)
+
+
+def _rows_file(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_classification_sources_mix_with_every_sources_class_names(tmp_path):
+    """Two classification sources with their own columns and classes: the class names are all
+    of theirs, and each epoch takes 2:1 of them (a list split, drawn as a store is)."""
+    tok = gpt2_tokenizer()
+    sms = [{"sms": f"win {i} now", "kind": "spam" if i % 2 else "ham"} for i in range(40)]
+    news = [{"text": f"story {i}", "label": "news"} for i in range(20)]
+    cfg = DataConfig(
+        format="classification",
+        sources=[
+            {
+                "source": _rows_file(tmp_path / "sms.jsonl", sms),
+                "weight": 2,
+                "columns": {"text": "sms", "label": "kind"},
+            },
+            {"source": _rows_file(tmp_path / "news.jsonl", news), "weight": 1},
+        ],
+    )
+    data = build_datasets(cfg, tok)
+    assert data.label_names == ["ham", "news", "spam"] and data.task == "classification"
+    assert [(p.examples, p.per_epoch) for p in data.sources] == [(40, 40), (20, 20)]
+    epoch = epoch_examples(data.train, data.sources, 0, 0)
+    assert Counter(data.label_names[e.label] for e in epoch) == {"ham": 20, "spam": 20, "news": 20}
+    moved = DataConfig(
+        format="classification", sources=[{**cfg.sources[0].__dict__, "weight": 5}, cfg.sources[1]]
+    )
+    moved_data = build_datasets(moved, tok)
+    epoch = epoch_examples(moved_data.train, moved_data.sources, 0, 1)
+    assert Counter(data.label_names[e.label] for e in epoch)["news"] == 10  # 60 * 1/6
+    batches = epoch_batches(epoch, 8, 0, 1, task="classification", pad_id=tok.pad_id)
+    assert sum(b["n_examples"] for b in batches) == 60
+
+
+def test_preference_sources_mix(tmp_path):
+    tok = gpt2_tokenizer()
+    pairs = [{"prompt": f"Q{i}?", "chosen": " yes", "rejected": " no"} for i in range(30)]
+    more = [{"question": f"R{i}?", "chosen": " up", "rejected": " down"} for i in range(10)]
+    cfg = DataConfig(
+        format="preference",
+        sources=[
+            {"source": _rows_file(tmp_path / "p.jsonl", pairs), "fraction": 0.5},
+            {
+                "source": _rows_file(tmp_path / "q.jsonl", more),
+                "fraction": 3,
+                "columns": {"prompt": "question"},
+            },
+        ],
+        val_fraction=0.2,
+    )
+    data = build_datasets(cfg, tok)
+    assert [(p.examples, p.per_epoch) for p in data.sources] == [(24, 12), (8, 24)]
+    assert len(data.val) == 8 and data.task == "preference"
+    epoch = epoch_examples(data.train, data.sources, 4, 2)
+    ups = sum(e.chosen[0] == tok.encode(" up")[0] for e in epoch)
+    assert len(epoch) == 36 and ups == 24
 
 
 def test_source_and_sources_exclude_each_other():

@@ -168,7 +168,8 @@ class DataConfig:
     text_unit, hf_config, prompt_template, completion_template, system_prompt, limit}.
 
     Each epoch takes a seeded, exact number of examples from each (see weight and fraction), so
-    a resumed run sees the same order; held-out fractions are cut from each source. LM formats.
+    a resumed run sees the same order; held-out fractions are cut from each source. Every entry
+    trains data.format's task (language modelling, classification or preference pairs).
     With streaming, the sources are interleaved by weight (every prefix of the stream within
     one example of the weights' shares), each starting again when it ends."""
     streaming: bool = False
@@ -304,10 +305,12 @@ class DataConfig:
                 if str(e).startswith("data.")
                 else f"data.sources[{i}]: {e}"
             ) from None
-        if FORMATS[sub.format].task != "lm":
+        task, shared = FORMATS[sub.format].task, FORMATS[self.format].task
+        if task != shared:
             raise NanotuneError(
-                f"data.sources[{i}].format: mixing takes language-model formats (completion, "
-                f"chat, alpaca, text), not {sub.format}; train {sub.format} data from one source"
+                f"data.sources[{i}].format: {sub.format} trains {task}, but data.format "
+                f"{self.format} trains {shared}; mixed sources train one task (set data.format "
+                "to one of the entries' formats)"
             )
         return sub
 

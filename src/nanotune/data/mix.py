@@ -85,8 +85,11 @@ def epoch_indices(parts: Sequence[MixPart], seed: int, epoch: int) -> np.ndarray
 
 def epoch_examples(train: Any, parts: Sequence[MixPart], seed: int, epoch: int) -> Any:
     """The examples epoch `epoch` trains on: the whole split, or this epoch's draw of a mix
-    (a view of the split's store)."""
-    return train.take(epoch_indices(parts, seed, epoch)) if parts else train
+    (a view of an LM split's store, a list of the others' examples)."""
+    if not parts:
+        return train
+    indices = epoch_indices(parts, seed, epoch)
+    return train.take(indices) if hasattr(train, "take") else [train[i] for i in indices]
 
 
 def interleaved(

@@ -608,21 +608,30 @@ def _stream_chunks(docs: Iterator[Example], eos_id: int, size: int) -> Iterator[
         yield Example(buf, list(buf))
 
 
+def _mix_builds(cfg: DataConfig) -> list[tuple[str | None, DataConfig]]:
+    """What a mix reads: each entry alone (None), then each given split's source (its name)."""
+    alone = {"sources": [], "val_source": None, "test_source": None}
+    builds: list[tuple[str | None, DataConfig]] = [
+        (None, cfg.source_config(i)) for i in range(len(cfg.sources))
+    ]
+    builds += [
+        (name, replace(cfg, source=spec, **alone, val_fraction=0.0, test_fraction=0.0))
+        for name, spec in _given(cfg).items()
+    ]
+    return builds
+
+
 def _build_mix(cfg: DataConfig, tokenizer: TokenizerLike, objects: Objects) -> Datasets:
-    """data.sources: each source built as one LM source is (its held-out fractions cut from it),
+    """data.sources: each source built as one source is (its held-out fractions cut from it),
     the splits joined source after source; given val/test sources read once."""
+    if task_of(cfg) != "lm":
+        return _build_mix_lists(cfg, tokenizer, objects)
     stats: dict[str, Counter] = {}
     problems: list[str] = []
     added: list[str] = []
     pieces: dict[str, list[ExampleStore]] = {}
     parts = []
-    alone = {"sources": [], "val_source": None, "test_source": None}
-    builds = [(None, cfg.source_config(i)) for i in range(len(cfg.sources))]
-    builds += [
-        (name, replace(cfg, source=spec, **alone, val_fraction=0.0, test_fraction=0.0))
-        for name, spec in _given(cfg).items()
-    ]
-    for given, sub in builds:
+    for given, sub in _mix_builds(cfg):
         part = _build_lm(sub, tokenizer, objects)
         added += [t for t in part.added_tokens if t not in added]
         problems += part.problems[: MAX_PROBLEMS - len(problems)]
@@ -643,6 +652,49 @@ def _build_mix(cfg: DataConfig, tokenizer: TokenizerLike, objects: Objects) -> D
             )
     splits = {name: ExampleStore.concat(stores) for name, stores in pieces.items()}
     return Datasets(splits, "lm", stats, problems, None, added, sources=with_counts(parts))
+
+
+def _build_mix_lists(cfg: DataConfig, tokenizer: TokenizerLike, objects: Objects) -> Datasets:
+    """A classification or preference mix: every source's rows read and split first (the class
+    names are those of every source's training rows), then each formatted with its options."""
+    stats: dict[str, Counter] = {}
+    problems: list[str] = []
+    read = []
+    for given, sub in _mix_builds(cfg):
+        counts: dict[str, Counter] = {}
+        read.append((given, sub, _split(sub, objects, counts, problems), counts))
+    label_names = None
+    if task_of(cfg) == "classification":
+        train_rows = [r for given, _, rows, _ in read if given is None for r in rows["train"]]
+        try:
+            label_names = _label_names(cfg, train_rows)
+        except BadRow as e:
+            raise NanotuneError(f"{e} (classification needs a label on every row)") from e
+    added: list[str] = []
+    for _, sub, rows, _ in read:
+        every_row = [r for split_rows_ in rows.values() for r in split_rows_]
+        more = required_special_tokens(sub, tokenizer, every_row)
+        if more:
+            tokenizer.add_special_tokens(more)
+            added += more
+        use_markers_template(sub, tokenizer, every_row)
+    splits: dict[str, list[Any]] = {}
+    parts = []
+    for given, sub, rows, counts in read:
+        for name in list(rows):
+            made = _formatted(rows.pop(name), sub, tokenizer, label_names, counts[name], problems)
+            counts[name]["examples"] = len(made)
+            _check_has_examples(sub, name, len(made), problems)
+            splits.setdefault(given or name, []).extend(made)
+            stats.setdefault(given or name, Counter()).update(counts[name])
+        if given is None:
+            entry = cfg.sources[len(parts)]
+            c = counts["train"]
+            parts.append(
+                MixPart(entry.source, c["rows"], c["examples"], entry.weight, entry.fraction)
+            )
+    task = task_of(cfg)
+    return Datasets(splits, task, stats, problems, label_names, added, sources=with_counts(parts))
 
 
 def _build(cfg: DataConfig, tokenizer: TokenizerLike, objects: Objects) -> Datasets:
