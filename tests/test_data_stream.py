@@ -191,3 +191,12 @@ def test_an_hf_source_streams_an_iterable_dataset(tmp_path, monkeypatch):
     want = epoch_batches(flat, 4, 0, 0, shuffle=False, pad_id=tok.pad_id)
     assert _same(got[0], want[0]) and _same(got[1], want[1])
     assert calls == [("someone/rows", None, "train", True)]
+
+
+def test_nanotune_eval_refuses_a_streamed_split(tmp_path, tiny_gpt2_dir):
+    from nanotune.eval.config import EvalConfig
+    from nanotune.jobs.evaluate import evaluate_job
+
+    cfg = DataConfig(source=_write(tmp_path / "rows.jsonl", ROWS), streaming=True)
+    with pytest.raises(NanotuneError, match=r"^eval\.split: train is read as a stream"):
+        evaluate_job(str(tiny_gpt2_dir), cfg, EvalConfig(split="train"))

@@ -47,6 +47,11 @@ def evaluate_job(
             f"(has {', '.join(datasets.splits)}); "
             "set data.val_fraction / val_source or choose another split"
         )
+    if getattr(datasets.splits[cfg.split], "streamed", False):
+        raise NanotuneError(
+            f"eval.split: {cfg.split} is read as a stream (data.streaming); evaluate on a "
+            "val_source or test_source"
+        )
     if datasets.task == "classification" and finetuned:
         raise NanotuneError(
             "a classifier's head is saved with its adapter: evaluate it with --adapter DIR"

@@ -207,7 +207,8 @@ def train(
     data: rows given in Python, by split ("train", and "val"/"eval" or "test"): each a list of
         dicts, a `datasets.Dataset` or a pandas DataFrame. They replace the config's sources of
         those splits, are read as a file's rows are (a bad row is named `data["train"][3]`),
-        and are not kept in the data cache.
+        and are not kept in the data cache. A `datasets.IterableDataset` is read whole too,
+        unless `data.streaming: true`: then it is tokenized as training reads it.
     rewards: reward functions for `rl.algorithm: grpo`, besides those of `rl.rewards`:
         fn(completions, prompts=, reference=, completion_ids=) -> one float per completion.
     resume: continue the run in `output_dir` from its latest checkpoint (same model/method/data).
