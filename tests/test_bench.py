@@ -16,8 +16,8 @@ import sys
 import pytest
 import torch
 
-from nanotune.bench import suite as bench
 from nanotune.bench import cases, select
+from nanotune.bench import suite as bench
 from nanotune.bench.report import SideResult
 from nanotune.cli import main
 from nanotune.errors import NanotuneError

@@ -352,11 +352,9 @@ def test_lora_targets_default_fits_every_family(tiny_llama_dir):
 
 
 def test_one_max_new_tokens_default():
-    from nanotune.cli import build_parser
+    from nanotune.cli import COMMANDS, build_parser, options
     from nanotune.eval import EvalConfig
     from nanotune.generate import MAX_NEW_TOKENS, GenerationConfig
-
-    from nanotune.cli import COMMANDS, options
 
     parser = build_parser()
     for command in ("generate", "chat"):
