@@ -1,5 +1,5 @@
-"""The Llama-derived families (Qwen2/2.5, Qwen3, Mistral, SmolLM3, Gemma 2 and 3) through the one
-decoder: tiny
+"""The Llama-derived families (Qwen2/2.5, Qwen3, Mistral, SmolLM3, Gemma 2 and 3, Phi-3) and GPT-NeoX
+(Pythia) through the one decoder: tiny
 random models built with transformers' own classes load with equal logits, decode the same greedy
 tokens (past a sliding window of 8 where the family has one), train with equal gradients, trade
 LoRA adapters with peft both ways, merge to a folder transformers loads, and export GGUF that
@@ -21,7 +21,8 @@ from nanotune.errors import NanotuneError
 from nanotune.generate import GenerationConfig, generate_ids
 from nanotune.methods import MethodConfig, apply_method, lora_layers
 from nanotune.methods.lora import resolve_targets
-from nanotune.models import PRESETS, Transformer
+from nanotune.models import PRESETS, ModelConfig, Transformer
+from nanotune.models.transformer import longrope
 from nanotune.weights import convert, load_model
 from nanotune.weights.gguf import load_gguf_model, open_gguf
 from nanotune.weights.gguf_export import export_gguf
@@ -86,6 +87,27 @@ FAMILIES = {
         "gemma3",
     ),
 }
+# Phi-3: fused qkv_proj/gate_up_proj; rotary on half of each head (as Phi-4-mini on 3/4); longrope
+# (Phi-3.5-mini, the 128k Phi-3s) with an original context of 16, so the 20-token prompt turns by
+# the long factors and the 13-token one switches to them while decoding, and Phi-3-mini-4k's window.
+PHI3_LONGROPE = dict(
+    original_max_position_embeddings=16,
+    sliding_window=WINDOW,
+    rope_scaling=dict(
+        rope_type="longrope", short_factor=[1.0, 1.2, 1.5, 2.0], long_factor=[2.0, 4.0, 8.0, 16.0]
+    ),
+)
+FAMILIES |= {
+    "phi3": (tf.Phi3Config, tf.Phi3ForCausalLM, dict(partial_rotary_factor=0.5), "phi3"),
+    "phi3-longrope": (tf.Phi3Config, tf.Phi3ForCausalLM, PHI3_LONGROPE, "phi3"),
+    # Pythia: parallel residual, rotary on half of each head (Pythia: a quarter of 64), biases.
+    "gpt_neox": (
+        tf.GPTNeoXConfig,
+        tf.GPTNeoXForCausalLM,
+        dict(rotary_pct=0.5, use_parallel_residual=True, layer_norm_eps=1e-5),
+        "gpt_neox",
+    ),
+}
 CASES = list(FAMILIES)
 # Prompts longer than the window (20 and 13 tokens), decoded to 32 more.
 PROMPTS = [
@@ -103,6 +125,11 @@ def hf_model(case: str, seed: int = 0):
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if "norm" in name:
+                    p.normal_(0, 0.3)
+    if FAMILIES[case][3] == "gpt_neox":  # biases and LayerNorm shifts start at 0: make them count
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("bias"):
                     p.normal_(0, 0.3)
     return model
 
@@ -159,19 +186,25 @@ def greedy(model: Transformer, prompts, n: int = N) -> list[list[int]]:
 def test_config_reads_the_family_flags(case, folders):
     config = read_config(folders[case])
     assert config.family == FAMILIES[case][3]
-    assert config.qkv_bias == (config.family == "qwen2") and not config.attn_bias
+    assert config.qkv_bias == (config.family == "qwen2")
+    assert config.attn_bias == config.parallel_residual == (config.family == "gpt_neox")
+    assert config.partial_rotary_factor == (0.5 if case in ("phi3", "gpt_neox") else 1.0)
+    assert (config.rope_scaling or {}).get("rope_type") == (
+        "longrope" if case == "phi3-longrope" else None
+    )
     assert config.qk_norm == (config.family in ("qwen3", "gemma3"))
     assert config.hd == (16 if case in ("qwen3", "gemma2", "gemma3") else 8)
     assert config.nope_layers == ((3,) if case == "smollm3" else ())
     gemma = config.family.startswith("gemma")
     assert config.norm_plus_one == config.post_norms == config.embed_scale == gemma
-    assert config.mlp == ("geglu" if gemma else "swiglu")
+    assert config.mlp == ("geglu" if gemma else "gelu_exact" if case == "gpt_neox" else "swiglu")
     assert config.attn_softcap == config.final_softcap == (0.5 if case == "gemma2" else None)
     assert config.rope_local_theta == (10000.0 if case == "gemma3" else None)
     windows = [config.window(i) for i in range(config.n_layer)]
     W, G = WINDOW, None
     expected = {
         "mistral": [W] * 4,
+        "phi3-longrope": [W] * 4,
         "qwen2-window": [G, G, W, W],
         "gemma2": [W, G, W, G],
         "gemma3": [W, W, W, W, W, G],
@@ -211,6 +244,11 @@ def test_the_window_changes_what_mistral_computes(folders):
 @pytest.mark.parametrize(
     "case, changes",
     [
+        ("phi3", dict(partial_rotary_factor=1.0)),
+        ("phi3-longrope", dict(rope_scaling=None)),
+        ("gpt_neox", dict(parallel_residual=False)),
+        ("gpt_neox", dict(partial_rotary_factor=0.25)),
+        ("gpt_neox", dict(mlp="gelu")),
         ("gemma2", dict(attn_softcap=None)),
         ("gemma2", dict(final_softcap=None)),
         ("gemma2", dict(query_pre_attn_scalar=64)),
@@ -218,13 +256,76 @@ def test_the_window_changes_what_mistral_computes(folders):
         ("gemma3", dict(sliding_window=None, window_layers=None)),
     ],
 )
-def test_each_gemma_flag_changes_what_is_computed(case, changes, folders):
+def test_each_flag_changes_what_is_computed(case, changes, folders):
     """The parity above means something: without each flag the same weights compute otherwise."""
     model = load_hf_model(folders[case])
     other = Transformer(model.config.with_(**changes))
     other.load_state_dict(model.state_dict())
     ids = torch.tensor([PROMPTS[0]])
-    assert (_logits(other.eval(), ids) - _logits(model, ids)).abs().max() > 1e-2
+    # GELU's two forms differ by ~1e-3 at most, so its bar is lower.
+    bar = 1e-4 if changes.get("mlp") == "gelu" else 1e-2
+    assert (_logits(other.eval(), ids) - _logits(model, ids)).abs().max() > bar
+
+
+def test_a_sequential_gpt_neox_equals_transformers(tmp_path):
+    """use_parallel_residual false (some GPT-NeoX checkpoints): the MLP reads x + attention."""
+    torch.manual_seed(0)
+    config = tf.GPTNeoXConfig(
+        **{**COMMON, **FAMILIES["gpt_neox"][2], "use_parallel_residual": False}
+    )
+    tf.GPTNeoXForCausalLM(config).save_pretrained(tmp_path)
+    hf = tf.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ours = load_hf_model(tmp_path)
+    assert not ours.config.parallel_residual
+    ids = torch.tensor([PROMPTS[0]])
+    assert (_logits(ours, ids) - _logits(hf, ids)).abs().max() < 1e-4
+
+
+def test_longrope_turns_a_row_by_its_own_length():
+    """Rows batched together turn as each does alone: the 20-token row by the long factors, the
+    left-padded 13-token one by the short (transformers picks one set for the whole batch)."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**_phi3_tiny())).eval()
+    with torch.no_grad():  # weights of the tiny models' scale, so positions move the logits
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, TINY_INIT)
+    short = torch.tensor([PROMPTS[1]])
+    batch = torch.zeros(2, 20, dtype=torch.long)
+    batch[0], batch[1, 7:] = torch.tensor(PROMPTS[0]), short[0]
+    mask = (torch.arange(20) >= torch.tensor([[0], [7]])).long()
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        together = model(batch, positions=positions, attention_mask=mask)
+        alone = model(short)
+        long = model(torch.tensor([PROMPTS[0]]))
+        # The same model with an original context of 4: the 13 tokens turn by the long factors.
+        scaling = {**model.config.rope_scaling, "original_max_position_embeddings": 4}
+        scaling["attention_factor"] = model.longrope[1]
+        turned_long = Transformer(model.config.with_(rope_scaling=scaling))
+        turned_long.load_state_dict(model.state_dict())
+        other = turned_long.eval()(short)
+    assert (together[1, 7:] - alone[0]).abs().max() < 1e-5
+    assert (together[0] - long[0]).abs().max() < 1e-5
+    assert (alone - other).abs().max() > 1e-2
+
+
+def _phi3_tiny() -> dict:
+    return dict(
+        family="phi3",
+        vocab_size=49152,
+        block_size=128,
+        n_layer=2,
+        n_head=4,
+        n_embd=32,
+        intermediate_size=64,
+        norm="rmsnorm",
+        positions="rope",
+        mlp="swiglu",
+        attn_bias=False,
+        mlp_bias=False,
+        rope_scaling={**PHI3_LONGROPE["rope_scaling"], "original_max_position_embeddings": 16},
+    )
 
 
 def test_the_output_soft_cap_survives_int8_decoding(folders):
@@ -254,15 +355,17 @@ def test_packed_documents_each_see_their_own_window(case, folders):
     assert (packed - alone).abs().max() < 1e-4
 
 
-def test_a_classifier_reads_the_last_real_token_through_the_window(folders):
+@pytest.mark.parametrize("case", ["mistral", "phi3-longrope", "gpt_neox"])
+def test_a_classifier_reads_the_last_real_token_through_the_window(case, folders):
     """SequenceClassifier's pooled path (only the last token's query in the last block) on
-    right-padded rows equals transformers' MistralForSequenceClassification."""
+    right-padded rows equals transformers' *ForSequenceClassification (Mistral's window,
+    GPT-NeoX's parallel residual on the one pooled position)."""
     from nanotune.methods import SequenceClassifier
 
     hf = tf.AutoModelForSequenceClassification.from_pretrained(
-        folders["mistral"], num_labels=3, pad_token_id=0
+        folders[case], num_labels=3, pad_token_id=0
     ).eval()
-    clf = SequenceClassifier(load_hf_model(folders["mistral"]), 3)
+    clf = SequenceClassifier(load_hf_model(folders[case]), 3)
     with torch.no_grad():
         clf.score.weight.copy_(hf.score.weight)
     lengths = torch.tensor([len(p) for p in PROMPTS])
@@ -272,6 +375,10 @@ def test_a_classifier_reads_the_last_real_token_through_the_window(folders):
     with torch.no_grad():
         ref = hf(input_ids=ids, attention_mask=(ids != 0).long()).logits
         assert (clf.eval()(ids, lengths) - ref).abs().max() < 1e-4
+
+
+# The one tensor whose file name is not its module's: GPT-NeoX's head, saved as `embed_out`.
+SAVED_AS = {"embed_out.weight": "lm_head.weight"}
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -290,7 +397,7 @@ def test_training_gradients_equal_transformers(case, folders):
         grads["lm_head.weight"] = grads["wte.weight"]
     ref = dict(hf.named_parameters())
     for name, g in convert.to_hf(grads, ours.config).items():
-        want = ref[name].grad
+        want = ref[SAVED_AS.get(name, name)].grad
         rel = (g - want).abs().max() / want.abs().max()
         assert rel < 1e-4, (name, rel.item())
 
@@ -302,6 +409,14 @@ def randomise(model, seed: int = 7) -> None:
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+LLAMA = ["q_proj", "k_proj", "o_proj", "up_proj"]
+# Each family's own module names (Phi-3 and GPT-NeoX fuse q/k/v, and Phi-3 gate/up).
+PEFT_TARGETS = {
+    "phi3": ["qkv_proj", "o_proj", "gate_up_proj"],
+    "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h"],
+}
 
 
 def _logits(model, ids):
@@ -333,7 +448,7 @@ def test_lora_adapters_travel_both_ways_with_peft_and_merge_for_transformers(
     # peft's adapter loads into nanotune.
     made = get_peft_model(
         tf.AutoModelForCausalLM.from_pretrained(folders[case]),
-        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "o_proj", "up_proj"]),
+        LoraConfig(r=4, lora_alpha=8, target_modules=PEFT_TARGETS.get(FAMILIES[case][3], LLAMA)),
     )
     randomise(made, seed=3)
     made.eval()
@@ -371,10 +486,23 @@ def flags(config) -> tuple:
         config.query_pre_attn_scalar,
         config.attn_softcap,
         config.final_softcap,
+        config.partial_rotary_factor,
+        config.parallel_residual,
+        _longrope(config),
     )
 
 
-@pytest.mark.parametrize("case", ["qwen3", "mistral"])
+def _longrope(config) -> tuple | None:
+    """Longrope as it computes (a GGUF holds the factors as float32, the attention factor
+    written out)."""
+    long = longrope(config)
+    if long is None:
+        return None
+    factors = [config.rope_scaling[k] for k in ("short_factor", "long_factor")]
+    return long[0], round(long[1], 6), [[round(f, 6) for f in fs] for fs in factors]
+
+
+@pytest.mark.parametrize("case", ["qwen3", "mistral", "phi3-longrope", "gpt_neox"])
 def test_a_lora_runs_final_folder_loads_with_auto_peft(case, folders, tmp_path):
     """A real (short) fine-tune of the family, as a user runs it: its final/ is a PEFT folder
     that AutoPeftModelForCausalLM loads by the base's path, with nanotune's logits."""
@@ -407,7 +535,7 @@ def test_gguf_export_reads_back_to_the_same_model(case, ggufs):
     model, paths = ggufs(case)
     ids = torch.tensor([PROMPTS[0]])
     path = paths["f32"]
-    arch = {"mistral": "llama"}.get(model.config.family, model.config.family)
+    arch = {"mistral": "llama", "gpt_neox": "gptneox"}.get(model.config.family, model.config.family)
     assert open_gguf(path).fields["general.architecture"].contents() == arch
     back = load_gguf_model(path)
     # Read back, a Llama GGUF with a window is Mistral; without one it is (exactly) a Llama.
@@ -435,12 +563,17 @@ GGUF_UNREAD = {
 }
 
 
-@pytest.mark.parametrize("case", ["qwen2", "mistral-v0.3", "gemma2", "gemma3"])
+@pytest.mark.parametrize("case", ["qwen2", "mistral-v0.3", "gemma2", "gemma3", "phi3"])
 def test_transformers_reads_the_gguf_export(case, ggufs):
     model, paths = ggufs(case)
     path = paths["f32"]
+    config = tf.AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    for key, value in GGUF_UNREAD.get(case, {}).items():
+        setattr(config, key, value)
+    if case == "phi3":  # its phi3 mapping skips rope.dimension_count
+        config.rope_parameters["partial_rotary_factor"] = 0.5
     hf = tf.AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=path.name, **GGUF_UNREAD.get(case, {})
+        str(path.parent), gguf_file=path.name, config=config
     ).eval()
     ids = torch.tensor([PROMPTS[0]])
     assert (_logits(hf, ids) - _logits(model, ids)).abs().max() < 1e-4
@@ -462,6 +595,19 @@ PRESET_SIZES = {
     "gemma-3-1b-it": 1.0e9,
     "gemma-2-2b": 2.61e9,
     "gemma-2-2b-it": 2.61e9,
+    "phi-3-mini-4k-instruct": 3.82e9,
+    "phi-3.5-mini-instruct": 3.82e9,
+    "pythia-160m": 162_322_944,  # the safetensors' count (the name rounds the same)
+    "pythia-410m": 405_334_016,
+}
+ALL_LINEAR = {
+    "phi3": {"self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"},
+    "gpt_neox": {
+        "attention.query_key_value",
+        "attention.dense",
+        "mlp.dense_h_to_4h",
+        "mlp.dense_4h_to_h",
+    },
 }
 
 
@@ -475,7 +621,7 @@ def test_presets_have_the_published_shapes_and_lora_targets(name, capsys):
     n = sum(p.numel() for p in model.parameters())
     assert abs(n - PRESET_SIZES[name]) / PRESET_SIZES[name] < 0.01, n
     names = {hf for _, _, hf in resolve_targets(config, "all-linear")}
-    assert names == {
+    assert names == ALL_LINEAR.get(config.family) or names == {
         f"{m}_proj" for m in ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o")
     } | {f"mlp.{m}_proj" for m in ("gate", "up", "down")}
     assert main(["models"]) == 0
@@ -518,18 +664,21 @@ def test_serve_engine_decodes_past_the_window_as_transformers(mistral_engine, fo
     assert outputs == [hf_greedy(hf, p) for p in PROMPTS]
 
 
-# llama.cpp (this build) applies no sliding window for the llama and qwen2 architectures, as
+# llama.cpp (this build) applies no sliding window for the llama, qwen2 and phi3 architectures, as
 # for the Mistral its own convert_hf_to_gguf writes: the window is in the metadata, unused there.
-LLAMA_CPP_CASES = [c for c in CASES if c not in ("mistral", "qwen2-window")]
+# It also picks Phi-3's long or short factors once, by the context it is given (128 here, past the
+# tiny longrope's 16), where transformers and nanotune pick them by the positions in a forward.
+LLAMA_CPP_CASES = [c for c in CASES if c not in ("mistral", "qwen2-window", "phi3-longrope")]
 # q8_0: llama.cpp quantizes the activations to 8 bits too, where nanotune multiplies float32
 # activations by the dequantized weights; on these random models (near-even next-token odds) the
 # greedy paths part (after 1 to 13 tokens, measured), so the logits are compared along
 # llama.cpp's path instead: within Q8_TOLERANCE of nanotune's on the same file (measured <= 0.04).
 Q8_TOLERANCE = 0.1
-# f32: llama.cpp's logits within 1e-4 of nanotune's, except through GELU (Gemma's GeGLU): ggml's
-# CPU GELU looks its values up in a float16 table (GGML_GELU_FP16), ~1e-3 off tanh-GELU (measured
-# <= 1.5e-3); the greedy tokens are still equal.
-F32_TOLERANCE = {"gemma2": 5e-3, "gemma3": 5e-3}
+# f32: llama.cpp's logits within 1e-4 of nanotune's, except through GELU (Gemma's GeGLU, GPT-NeoX's
+# MLP): ggml's CPU GELU looks its values up in a float16 table (GGML_GELU_FP16), ~1e-3 off
+# tanh-GELU (measured <= 1.5e-3), and GPT-NeoX's is the exact (erf) one, where ggml's gptneox
+# computes the tanh one (measured <= 9e-4); the greedy tokens are still equal.
+F32_TOLERANCE = {"gemma2": 5e-3, "gemma3": 5e-3, "gpt_neox": 5e-3}
 # q8_0 through Gemma 3's six blocks (the read-back above: 0.29 against the float model): measured
 # 0.10 against nanotune on the same file.
 Q8_TOLERANCES = {"gemma3": 0.2}
@@ -566,6 +715,7 @@ def along(model: Transformer, prompt: list[int], path: list[int]) -> torch.Tenso
     return _logits(model, ids)[0, len(prompt) - 1 :]
 
 
+@pytest.mark.llama_cpp
 @pytest.mark.parametrize("case", LLAMA_CPP_CASES)
 def test_llama_cpp_decodes_the_gguf_exports_as_nanotune(case, folders, ggufs, tmp_path):
     from nanotune.weights.gguf_lora import export_gguf_lora

@@ -320,6 +320,12 @@ def _steps(
     else:
         generator.seed()
 
+    # Longrope (Phi-3): a row turns by the long factors once it is longer than the original
+    # context, every position of it; its cache, short-turned, is recomputed when it gets there
+    # (as transformers' Phi-3 does), so the tokens so far are kept.
+    longrope = model.longrope[0] if getattr(model, "longrope", None) else None
+    history = [ids]
+
     was_training = model.training
     model.eval()
     try:
@@ -354,7 +360,18 @@ def _steps(
             tokens = tokens.masked_fill(torch.tensor(done, device=device), pad_id)[:, None]
             if seen is not None:
                 seen.scatter_(1, tokens, True)
-            h = hidden(tokens, positions=next_pos, attention_mask=mask, cache=cache)
+            if longrope is not None:
+                history.append(tokens)
+                at = next_pos if next_pos is not None else torch.tensor(T0 + step)
+            if longrope is not None and bool((at == longrope).any()):
+                ids = torch.cat(history, dim=1)
+                S = ids.shape[1]
+                cache.length = 0
+                if mask is not None:
+                    positions = (mask[:, :S].cumsum(-1) - 1).clamp(min=0)
+                h = model.hidden(ids, positions=positions, attention_mask=mask, cache=cache)
+            else:
+                h = hidden(tokens, positions=next_pos, attention_mask=mask, cache=cache)
             logits = model.lm_head(h[:, -1])
             if next_pos is not None:
                 next_pos = next_pos + 1

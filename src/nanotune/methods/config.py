@@ -34,7 +34,10 @@ class MethodConfig:
     suffix as PEFT does.
 
     GPT-2: `c_attn`, `c_proj`, `attn.c_proj`, `c_fc`, `mlp.c_proj`, `c_attn.q`/`.k`/`.v` for
-    separate pairs on slices of the fused c_attn; Llama: `q_proj` … `down_proj`."""
+    separate pairs on slices of the fused c_attn; Llama: `q_proj` … `down_proj`; Phi-3:
+    `qkv_proj`, `o_proj`, `gate_up_proj`, `down_proj` (`qkv_proj.q`, `gate_up_proj.up`, … for
+    slices); GPT-NeoX: `query_key_value` (`.q`/`.k`/`.v`), `dense`, `dense_h_to_4h`,
+    `dense_4h_to_h`."""
     rslora: bool = False
     """Rank-stabilised scaling alpha/sqrt(r)."""
     dora: bool = False

@@ -14,7 +14,10 @@ class ModelConfig:
     `sliding_window`, SmolLM3 `nope_layers`. Gemma 2 and 3 are Llama with `norm_plus_one`,
     `post_norms`, `embed_scale`, `mlp="geglu"`, `query_pre_attn_scalar`, sliding `window_layers`
     (Gemma 3's with their own `rope_local_theta`, and `qk_norm`), Gemma 2's `attn_softcap` and
-    `final_softcap`. Each flag costs nothing when off.
+    `final_softcap`. Phi-3 is Llama with fused checkpoint projections (nanotune's own layout) and
+    `partial_rotary_factor` / `rope_scaling` longrope where its config says; GPT-NeoX (Pythia) is
+    GPT-2's LayerNorm and biases with RoPE on part of each head (`partial_rotary_factor`),
+    `parallel_residual` and exact GELU (`mlp="gelu_exact"`). Each flag costs nothing when off.
 
     Tensor layout notes (they matter for weight conversion and LoRA):
       - `attn.qkv` is one fused Linear whose output is [q (n_head*head_dim), k (n_kv_head*head_dim),
@@ -22,9 +25,18 @@ class ModelConfig:
       - `mlp.fc` is one Linear; for SwiGLU its output is [gate (intermediate), up (intermediate)].
     """
 
-    family: Literal["gpt2", "llama", "qwen2", "qwen3", "mistral", "smollm3", "gemma2", "gemma3"] = (
-        "gpt2"
-    )
+    family: Literal[
+        "gpt2",
+        "llama",
+        "qwen2",
+        "qwen3",
+        "mistral",
+        "smollm3",
+        "gemma2",
+        "gemma3",
+        "phi3",
+        "gpt_neox",
+    ] = "gpt2"
     vocab_size: int = 50257
     block_size: int = 1024  # longest sequence the positions support
     n_layer: int = 12
@@ -37,8 +49,13 @@ class ModelConfig:
     norm_eps: float = 1e-5
     positions: Literal["learned", "rope"] = "learned"
     rope_theta: float = 10000.0
+    # llama3, linear, or longrope (Phi-3: short_factor, long_factor,
+    # original_max_position_embeddings, optional factor and attention_factor)
     rope_scaling: dict[str, Any] | None = field(default=None, hash=False, compare=True)
-    mlp: Literal["gelu", "swiglu", "geglu"] = "gelu"  # geglu: tanh-GELU(gate) * up (Gemma)
+    partial_rotary_factor: float = 1.0  # RoPE turns the first int(head_dim * this) dims of a head
+    # gelu: tanh-GELU (GPT-2); gelu_exact: erf GELU (GPT-NeoX); geglu: tanh-GELU(gate) * up (Gemma)
+    mlp: Literal["gelu", "gelu_exact", "swiglu", "geglu"] = "gelu"
+    parallel_residual: bool = False  # x + attn(norm1(x)) + mlp(norm2(x)) (GPT-NeoX)
     attn_bias: bool = True  # biases on qkv and the attention output projection
     qkv_bias: bool = False  # biases on q, k and v even without attn_bias (Qwen2)
     qk_norm: bool = False  # RMSNorm over each head of q and of k, before RoPE (Qwen3)
@@ -77,6 +94,11 @@ class ModelConfig:
     @property
     def ffn(self) -> int:
         return self.intermediate_size or 4 * self.n_embd
+
+    @property
+    def rotary_dim(self) -> int:
+        """How many leading dims of each head RoPE turns (all but with a partial factor)."""
+        return int(self.hd * self.partial_rotary_factor)
 
     @property
     def has_qkv_bias(self) -> bool:
@@ -184,6 +206,51 @@ GEMMA2_2B = _gemma(
     attn_softcap=50.0,
     final_softcap=30.0,
 )
+
+
+def _phi3_mini(block_size: int, sliding_window: int) -> ModelConfig:
+    """Phi-3-mini's shape (Phi-3.5-mini's too). The 128k models' longrope factors are read from
+    the checkpoint's config.json when it loads; a preset records the shape and the context."""
+    return _llama_like(
+        "phi3",
+        vocab_size=32064,
+        block_size=block_size,
+        n_layer=32,
+        n_head=32,
+        n_kv_head=32,
+        n_embd=3072,
+        intermediate_size=8192,
+        norm_eps=1e-5,
+        rope_theta=10000.0,
+        sliding_window=sliding_window,
+        tie_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=32000,
+    )
+
+
+def _pythia(n_layer: int, n_head: int, n_embd: int) -> ModelConfig:
+    return ModelConfig(
+        family="gpt_neox",
+        vocab_size=50304,
+        block_size=2048,
+        n_layer=n_layer,
+        n_head=n_head,
+        n_embd=n_embd,
+        intermediate_size=4 * n_embd,
+        norm="layernorm",
+        norm_eps=1e-5,
+        positions="rope",
+        rope_theta=10000.0,
+        partial_rotary_factor=0.25,
+        mlp="gelu_exact",
+        parallel_residual=True,
+        attn_bias=True,
+        mlp_bias=True,
+        tie_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
 
 
 @dataclass(frozen=True)
@@ -380,6 +447,30 @@ PRESETS: dict[str, Preset] = {
             hub_id="google/gemma-2-2b-it",
             description="Gemma 2 2B Instruct (gemma2), 8k context",
         ),
+        Preset(
+            "phi-3-mini-4k-instruct",
+            _phi3_mini(4096, 2047),
+            hub_id="microsoft/Phi-3-mini-4k-instruct",
+            description="Phi-3 mini 3.8B Instruct (phi3), 4k context",
+        ),
+        Preset(
+            "phi-3.5-mini-instruct",
+            _phi3_mini(131072, 262144),
+            hub_id="microsoft/Phi-3.5-mini-instruct",
+            description="Phi-3.5 mini 3.8B Instruct (phi3, longrope), 128k context",
+        ),
+        Preset(
+            "pythia-160m",
+            _pythia(12, 12, 768),
+            hub_id="EleutherAI/pythia-160m",
+            description="Pythia 160M (gpt_neox), 2k context",
+        ),
+        Preset(
+            "pythia-410m",
+            _pythia(24, 16, 1024),
+            hub_id="EleutherAI/pythia-410m",
+            description="Pythia 410M (gpt_neox), 2k context",
+        ),
     ]
 }
 
@@ -405,6 +496,13 @@ PRESET_ALIASES: dict[str, str] = {
     "google/gemma-3-1b-it": "gemma-3-1b-it",
     "google/gemma-2-2b": "gemma-2-2b",
     "google/gemma-2-2b-it": "gemma-2-2b-it",
+    "phi3": "phi-3-mini-4k-instruct",
+    "microsoft/Phi-3-mini-4k-instruct": "phi-3-mini-4k-instruct",
+    "phi3.5": "phi-3.5-mini-instruct",
+    "microsoft/Phi-3.5-mini-instruct": "phi-3.5-mini-instruct",
+    "pythia": "pythia-160m",
+    "EleutherAI/pythia-160m": "pythia-160m",
+    "EleutherAI/pythia-410m": "pythia-410m",
 }
 
 DEFAULT_MODEL = "smollm2-135m-instruct"

@@ -1,5 +1,5 @@
 """One decoder for the GPT-2 and Llama families (and Llama's kin: Qwen2, Qwen3, Mistral, SmolLM3,
-Gemma 2 and Gemma 3).
+Gemma 2, Gemma 3 and Phi-3; and GPT-NeoX, GPT-2's layers with RoPE and a parallel residual).
 
 Shapes: B batch, T new tokens, S keys (cache + new), C n_embd, H heads, K kv heads, D head dim.
 """
@@ -73,19 +73,47 @@ def _cap_logits(cap: float, head: nn.Module, inputs: tuple, logits: Tensor) -> T
 
 
 def rope_inv_freq(config: ModelConfig) -> Tensor:
-    """[D/2] inverse frequencies, or [2, D/2] (global, local) where the sliding layers have a base
-    of their own (Gemma 3: scaling applies to the global layers only)."""
-    inv_freq = _scaled(_inv_freq(config.rope_theta, config.hd), config)
+    """[R/2] inverse frequencies (R: the rotary dims, D unless partial), or [2, R/2] (global,
+    local) where the sliding layers have a base of their own (Gemma 3: scaling applies to the
+    global layers only). Longrope: the short factors' (see `rope_buffers`)."""
+    inv_freq = _scaled(_inv_freq(config.rope_theta, config.rotary_dim), config)
     if config.rope_local_theta is None:
         return inv_freq
-    return torch.stack([inv_freq, _inv_freq(config.rope_local_theta, config.hd).float()])
+    return torch.stack([inv_freq, _inv_freq(config.rope_local_theta, config.rotary_dim).float()])
+
+
+def rope_buffers(config: ModelConfig) -> dict[str, Tensor]:
+    """The rotary buffers a RoPE model holds: `inv_freq`, and for longrope (Phi-3) also
+    `long_inv_freq`, the frequencies past the original context."""
+    buffers = {"inv_freq": rope_inv_freq(config)}
+    if longrope(config) is not None:
+        long = _scaled(_inv_freq(config.rope_theta, config.rotary_dim), config, long=True)
+        buffers["long_inv_freq"] = long
+    return buffers
+
+
+def longrope(config: ModelConfig) -> tuple[int, float] | None:
+    """(original context, attention factor) of a longrope config (Phi-3's su/longrope), else None.
+
+    As transformers computes it: the factor is the config's, else context / original context,
+    and the attention factor (cos and sin are scaled by it) the config's, else
+    sqrt(1 + ln(factor) / ln(original context)) when the factor exceeds 1."""
+    scaling = config.rope_scaling or {}
+    if scaling.get("rope_type", scaling.get("type")) not in ("longrope", "su"):
+        return None
+    original = scaling["original_max_position_embeddings"]
+    factor = scaling.get("factor") or config.block_size / original
+    attention = scaling.get("attention_factor")
+    if attention is None:
+        attention = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
+    return original, float(attention)
 
 
 def _inv_freq(theta: float, d: int) -> Tensor:
     return 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
 
 
-def _scaled(inv_freq: Tensor, config: ModelConfig) -> Tensor:
+def _scaled(inv_freq: Tensor, config: ModelConfig, long: bool = False) -> Tensor:
     scaling = config.rope_scaling or {}
     kind = scaling.get("rope_type", scaling.get("type"))
     if kind == "llama3":
@@ -101,13 +129,22 @@ def _scaled(inv_freq: Tensor, config: ModelConfig) -> Tensor:
         inv_freq = torch.where(mid, blended, inv_freq)
     elif kind == "linear":
         inv_freq = inv_freq / scaling["factor"]
+    elif kind in ("longrope", "su"):
+        # Phi-3: each frequency divided by its own factor, long ones past the original context.
+        factors = scaling["long_factor" if long else "short_factor"]
+        inv_freq = inv_freq / torch.tensor(factors, dtype=torch.float64)
     elif kind not in (None, "default"):
         raise ValueError(f"unsupported rope_scaling type {kind!r}")
     return inv_freq.float()
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate pairs (i, i + D/2): the Hugging Face Llama layout. x: [B, H, T, D]."""
+    """Rotate pairs (i, i + R/2): the Hugging Face Llama layout. x: [B, H, T, D]; cos, sin
+    [..., R]: with R < D (partial rotary: Phi-3 variants, GPT-NeoX) the first R dims turn, the
+    rest pass as they are."""
+    r = cos.shape[-1]
+    if r != x.shape[-1]:
+        return torch.cat((apply_rope(x[..., :r], cos, sin), x[..., r:]), dim=-1)
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
     return x * cos + rotated * sin
@@ -257,6 +294,7 @@ class MLP(nn.Module):
         super().__init__()
         self.swiglu = config.mlp == "swiglu"
         self.geglu = config.mlp == "geglu"
+        self.approximate = "none" if config.mlp == "gelu_exact" else "tanh"
         fc_out = 2 * config.ffn if self.swiglu or self.geglu else config.ffn
         self.fc = Linear(config.n_embd, fc_out, bias=config.mlp_bias)
         self.proj = Linear(config.ffn, config.n_embd, bias=config.mlp_bias)
@@ -269,7 +307,7 @@ class MLP(nn.Module):
         if self.geglu:
             gate, up = h.chunk(2, dim=-1)
             return self.proj(F.gelu(gate, approximate="tanh") * up)
-        return self.proj(F.gelu(h, approximate="tanh"))
+        return self.proj(F.gelu(h, approximate=self.approximate))
 
 
 class Block(nn.Module):
@@ -280,6 +318,7 @@ class Block(nn.Module):
         self.norm2 = make_norm(config)
         self.mlp = MLP(config)
         self.post_norms = config.post_norms
+        self.parallel_residual = config.parallel_residual
         if config.post_norms:  # Gemma: each sublayer's output normed before the residual
             self.post_attn_norm = make_norm(config)
             self.post_mlp_norm = make_norm(config)
@@ -299,7 +338,9 @@ class Block(nn.Module):
         y = self.attn(self.norm1(x), rope, mask, cache, layer, query_at)
         if query_at is not None:
             x = x[torch.arange(x.shape[0], device=x.device), query_at][:, None]
-        if self.post_norms:
+        if self.parallel_residual:  # GPT-NeoX: the MLP reads the block's input, not x + y
+            x = x + self.drop(y) + self.drop(self.mlp(self.norm2(x)))
+        elif self.post_norms:
             x = x + self.drop(self.post_attn_norm(y))
             x = x + self.drop(self.post_mlp_norm(self.mlp(self.norm2(x))))
         else:
@@ -330,8 +371,10 @@ class Transformer(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
         self._cap_head()
+        self.longrope = longrope(config) if config.positions == "rope" else None
         if config.positions == "rope":
-            self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+            for name, buffer in rope_buffers(config).items():
+                self.register_buffer(name, buffer, persistent=False)
         self.gradient_checkpointing = False
         self._compiled_blocks: list[nn.Module] | None = None
         self.apply(self._init_weights)
@@ -437,12 +480,26 @@ class Transformer(nn.Module):
         """cos, sin [B, 1, T, D] of `positions` [B, T]; None for learned positions."""
         if self.wpe is not None:
             return None
+        if self.longrope is not None:
+            return self._longrope(positions, dtype)
         if self.inv_freq.dim() == 2:  # global and local bases: [2, B, 1, T, D/2]
             angles = positions[None, :, None, :, None].float() * self.inv_freq[:, None, None, None]
         else:
             angles = positions[:, None, :, None].float() * self.inv_freq  # [B, 1, T, D/2]
         angles = torch.cat((angles, angles), dim=-1)
         return angles.cos().to(dtype), angles.sin().to(dtype)
+
+    def _longrope(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """Phi-3's longrope: a row whose furthest position reaches past the original context
+        turns by the long factors, else by the short ones, as transformers chooses per forward
+        (by the whole batch's furthest position there; per row here, so that rows batched
+        together compute what each computes alone); cos and sin scaled by the attention factor."""
+        original, attention = self.longrope
+        long = (positions.amax(-1) >= original)[:, None, None, None]  # [B, 1, 1, 1]
+        inv_freq = torch.where(long, self.long_inv_freq, self.inv_freq)  # [B, 1, 1, D/2]
+        angles = positions[:, None, :, None].float() * inv_freq
+        angles = torch.cat((angles, angles), dim=-1)
+        return (angles.cos() * attention).to(dtype), (angles.sin() * attention).to(dtype)
 
     def run_blocks(
         self,

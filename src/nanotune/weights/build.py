@@ -7,7 +7,7 @@ from torch import Tensor
 
 from nanotune.errors import NanotuneError
 from nanotune.models.config import ModelConfig
-from nanotune.models.transformer import Transformer, rope_inv_freq
+from nanotune.models.transformer import Transformer, rope_buffers
 
 
 def build_model(
@@ -44,5 +44,6 @@ def build_model(
         model.lm_head.weight = model.wte.weight
     # Non-persistent buffers are not in the state dict and are still on meta.
     if config.positions == "rope":
-        model.register_buffer("inv_freq", rope_inv_freq(config).to(device), persistent=False)
+        for name, buffer in rope_buffers(config).items():
+            model.register_buffer(name, buffer.to(device), persistent=False)
     return model.eval()

@@ -5,6 +5,9 @@ these maps split and join them. GPT-2's Conv1D stores weights as [in, out]: tran
 Qwen2, Qwen3, Mistral and SmolLM3 checkpoints are Llama's tensor names plus Qwen3's
 `q_norm`/`k_norm`; their configs differ in the flags `config_from_hf` reads. Gemma 2 and 3 add
 the pre/post-feedforward and post-attention norms (held as they are stored: zero-centred).
+Phi-3 stores q/k/v and gate/up fused as nanotune does (`qkv_proj`, `gate_up_proj`: copied as they
+are). GPT-NeoX (`gpt_neox.*`, head `embed_out`) fuses q/k/v per head, its rows permuted to
+nanotune's order here (`names.hf_row_order`).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from torch import Tensor
 
 from nanotune.errors import NanotuneError
 from nanotune.models.config import ModelConfig
+from nanotune.models.names import hf_row_order
 
 GPT2_CONV1D = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
@@ -29,8 +33,12 @@ ARCHITECTURES = {
     "smollm3": "SmolLM3",
     "gemma2": "Gemma2",
     "gemma3": "Gemma3",
+    "phi3": "Phi3",
+    "gpt_neox": "GPTNeoX",
 }
-LLAMA_LIKE = ("llama", "qwen2", "qwen3", "mistral", "smollm3")
+LLAMA_LIKE = ("llama", "qwen2", "qwen3", "mistral", "smollm3", "phi3")
+# GPT-NeoX's hidden_act -> nanotune's MLP: "gelu" is the exact (erf) GELU there.
+NEOX_ACTS = {"gelu": "gelu_exact", "gelu_new": "gelu", "gelu_pytorch_tanh": "gelu"}
 # HF model_type -> nanotune family, where they differ.
 GEMMA_TYPES = {"gemma2": "gemma2", "gemma3_text": "gemma3"}
 # nanotune block norm -> HF name, for the families with Gemma's four norms per block.
@@ -86,7 +94,10 @@ def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> ModelConfi
             rope_theta=hf.get(
                 "rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)
             ),
-            rope_scaling=_rope_scaling(hf, where),
+            rope_scaling=(
+                _longrope_scaling(hf, where) if model_type == "phi3" else _rope_scaling(hf, where)
+            ),
+            partial_rotary_factor=_partial_rotary(hf) if model_type == "phi3" else 1.0,
             mlp="swiglu",
             attn_bias=hf.get("attention_bias", False) and model_type != "qwen2",
             qkv_bias=model_type == "qwen2",  # Qwen2 always has them, and none on o_proj
@@ -100,6 +111,8 @@ def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> ModelConfi
         )
     if model_type in GEMMA_TYPES:
         return _gemma_config(hf, GEMMA_TYPES[model_type], where)
+    if model_type == "gpt_neox":
+        return _neox_config(hf, where)
     if model_type == "gemma3":
         raise NanotuneError(
             f"{where}: a multimodal Gemma 3 (model_type 'gemma3', with a vision tower); nanotune "
@@ -175,6 +188,82 @@ def _gemma_config(hf: dict[str, Any], family: str, where: str) -> ModelConfig:
     )
 
 
+def _neox_config(hf: dict[str, Any], where: str) -> ModelConfig:
+    """GPT-NeoX (Pythia): GPT-2's LayerNorms and biases, RoPE on the first rotary_pct of each
+    head, attention and MLP side by side (use_parallel_residual), exact GELU, untied head."""
+    act = hf.get("hidden_act", "gelu")
+    if act not in NEOX_ACTS:
+        raise NanotuneError(
+            f"{where}: hidden_act {act!r} is not supported (one of {', '.join(NEOX_ACTS)})"
+        )
+    eos = hf.get("eos_token_id")
+    return ModelConfig(
+        family="gpt_neox",
+        vocab_size=hf["vocab_size"],
+        block_size=hf.get("max_position_embeddings", 2048),
+        n_layer=hf["num_hidden_layers"],
+        n_head=hf["num_attention_heads"],
+        n_embd=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        norm="layernorm",
+        norm_eps=hf.get("layer_norm_eps", 1e-5),
+        positions="rope",
+        rope_theta=hf.get("rotary_emb_base", _rope_parameters(hf).get("rope_theta", 10000.0)),
+        rope_scaling=_rope_scaling(hf, where),
+        partial_rotary_factor=hf.get(
+            "rotary_pct", _rope_parameters(hf).get("partial_rotary_factor", 0.25)
+        ),
+        mlp=NEOX_ACTS[act],
+        attn_bias=hf.get("attention_bias", True),
+        mlp_bias=True,
+        parallel_residual=hf.get("use_parallel_residual", True),
+        tie_embeddings=hf.get("tie_word_embeddings", False),
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_id=eos[0] if isinstance(eos, list) else eos,
+    )
+
+
+def _rope_parameters(hf: dict[str, Any]) -> dict[str, Any]:
+    """transformers 5's `rope_parameters` (rope_theta, partial_rotary_factor, scaling), or {}."""
+    params = hf.get("rope_parameters")
+    return params if isinstance(params, dict) else {}
+
+
+def _partial_rotary(hf: dict[str, Any]) -> float:
+    """Phi-3's partial_rotary_factor (Phi-4-mini: 0.75), top level or in rope_parameters."""
+    return hf.get("partial_rotary_factor") or _rope_parameters(hf).get("partial_rotary_factor", 1.0)
+
+
+def _longrope_scaling(hf: dict[str, Any], where: str) -> dict[str, Any] | None:
+    """Phi-3's rope_scaling: none, or su/longrope (yarn too, which transformers' Phi-3 reads as
+    longrope) with short and long factors; its original context is the top-level
+    original_max_position_embeddings where there is one (transformers gives it priority)."""
+    scaling = _rope_scaling(hf, where)
+    if scaling is None:
+        return None
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind not in ("su", "longrope", "yarn"):
+        raise NanotuneError(
+            f"{where}: Phi-3 rope_scaling type {kind!r} is not supported (longrope, su)"
+        )
+    scaling = {k: v for k, v in scaling.items() if k not in ("type", "partial_rotary_factor")}
+    scaling["rope_type"] = "longrope"
+    original = hf.get("original_max_position_embeddings")
+    if original is None:
+        original = scaling.get("original_max_position_embeddings", hf["max_position_embeddings"])
+    scaling["original_max_position_embeddings"] = original
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
+    half = int(head_dim * _partial_rotary(hf)) // 2
+    for key in ("short_factor", "long_factor"):
+        factors = scaling.get(key)
+        if not isinstance(factors, list) or len(factors) != half:
+            raise NanotuneError(
+                f"{where}: rope_scaling.{key} must be a list of {half} numbers (half the rotary "
+                f"dims), got {factors!r}; re-save the model (save_pretrained)"
+            )
+    return scaling
+
+
 def _windows(hf: dict[str, Any], model_type: str, where: str) -> dict[str, Any]:
     """sliding_window and window_layers as transformers reads them for each family: Mistral's
     window applies to every layer; Qwen's and SmolLM3's only with use_sliding_window, and only
@@ -182,13 +271,13 @@ def _windows(hf: dict[str, Any], model_type: str, where: str) -> dict[str, Any]:
     window = hf.get("sliding_window")
     if model_type == "llama" or window is None:
         return {}
-    if model_type != "mistral" and not hf.get("use_sliding_window", False):
+    if model_type not in ("mistral", "phi3") and not hf.get("use_sliding_window", False):
         return {}
     if isinstance(window, bool) or not isinstance(window, int) or window < 1:
         raise NanotuneError(f"{where}: sliding_window must be a positive integer, got {window!r}")
     n = hf["num_hidden_layers"]
     types = hf.get("layer_types")
-    if model_type == "mistral":
+    if model_type in ("mistral", "phi3"):  # every layer slides
         layers = None
     elif types is not None:
         layers = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
@@ -250,6 +339,8 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
         }
     if config.family in ("gemma2", "gemma3"):
         return _gemma_config_to_hf(config)
+    if config.family == "gpt_neox":
+        return _neox_config_to_hf(config)
     hf = {
         **_rope_decoder_fields(config),
         "model_type": config.family,
@@ -259,6 +350,13 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
     }
     if config.rope_scaling:
         hf["rope_scaling"] = dict(config.rope_scaling)
+    if config.family == "phi3":
+        hf["partial_rotary_factor"] = config.partial_rotary_factor
+        hf["sliding_window"] = config.sliding_window
+        if config.rope_scaling:  # transformers' Phi-3 reads the original context at top level
+            original = config.rope_scaling["original_max_position_embeddings"]
+            hf["original_max_position_embeddings"] = original
+        return hf
     if config.family == "smollm3":
         hf["no_rope_layers"] = [int(i not in config.nope_layers) for i in range(config.n_layer)]
     if config.family == "mistral":
@@ -268,6 +366,34 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
         hf["use_sliding_window"] = any(windowed)
         hf["sliding_window"] = config.sliding_window
         hf["layer_types"] = ["sliding_attention" if w else "full_attention" for w in windowed]
+    return hf
+
+
+def _neox_config_to_hf(config: ModelConfig) -> dict[str, Any]:
+    hf = {
+        "architectures": ["GPTNeoXForCausalLM"],
+        "model_type": "gpt_neox",
+        "vocab_size": config.vocab_size,
+        "max_position_embeddings": config.block_size,
+        "num_hidden_layers": config.n_layer,
+        "num_attention_heads": config.n_head,
+        "hidden_size": config.n_embd,
+        "intermediate_size": config.ffn,
+        "hidden_act": "gelu" if config.mlp == "gelu_exact" else "gelu_new",
+        "layer_norm_eps": config.norm_eps,
+        "rotary_pct": config.partial_rotary_factor,
+        "rotary_emb_base": config.rope_theta,
+        "use_parallel_residual": config.parallel_residual,
+        "attention_bias": config.attn_bias,
+        "tie_word_embeddings": config.tie_embeddings,
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": config.eos_token_id,
+        "attention_dropout": config.dropout,
+        "hidden_dropout": config.dropout,
+        "torch_dtype": "float32",
+    }
+    if config.rope_scaling:
+        hf["rope_scaling"] = dict(config.rope_scaling)
     return hf
 
 
@@ -354,6 +480,8 @@ def from_hf(
             out["wte.weight"] if config.tie_embeddings else take("lm_head.weight")
         )
         return _all_used(out, sd, used, config, where)
+    if config.family == "gpt_neox":
+        return _neox_from_hf(sd, config, where)
 
     sd = _strip_prefix(sd, "model.")
     take, used = _taker(sd, where)
@@ -363,7 +491,10 @@ def from_hf(
         for norm, hf_norm in _block_norms(config).items():
             out[q + norm + ".weight"] = take(p + hf_norm + ".weight")
         a = p + "self_attn."
-        out[q + "attn.qkv.weight"] = torch.cat([take(a + f"{n}_proj.weight") for n in "qkv"])
+        if config.family == "phi3":  # fused as nanotune fuses them
+            out[q + "attn.qkv.weight"] = take(a + "qkv_proj.weight")
+        else:
+            out[q + "attn.qkv.weight"] = torch.cat([take(a + f"{n}_proj.weight") for n in "qkv"])
         out[q + "attn.proj.weight"] = take(a + "o_proj.weight")
         if config.has_qkv_bias:
             out[q + "attn.qkv.bias"] = torch.cat([take(a + f"{n}_proj.bias") for n in "qkv"])
@@ -373,9 +504,12 @@ def from_hf(
             out[q + "attn.q_norm.weight"] = take(a + "q_norm.weight")
             out[q + "attn.k_norm.weight"] = take(a + "k_norm.weight")
         m = p + "mlp."
-        out[q + "mlp.fc.weight"] = torch.cat(
-            [take(m + "gate_proj.weight"), take(m + "up_proj.weight")]
-        )
+        if config.family == "phi3":
+            out[q + "mlp.fc.weight"] = take(m + "gate_up_proj.weight")
+        else:
+            out[q + "mlp.fc.weight"] = torch.cat(
+                [take(m + "gate_proj.weight"), take(m + "up_proj.weight")]
+            )
         out[q + "mlp.proj.weight"] = take(m + "down_proj.weight")
         if config.mlp_bias:
             out[q + "mlp.fc.bias"] = torch.cat(
@@ -384,6 +518,40 @@ def from_hf(
             out[q + "mlp.proj.bias"] = take(m + "down_proj.bias")
     out["norm.weight"] = take("norm.weight")
     out["lm_head.weight"] = out["wte.weight"] if config.tie_embeddings else take("lm_head.weight")
+    return _all_used(out, sd, used, config, where)
+
+
+# GPT-NeoX's linears (after `layers.N.`) and where they live in nanotune.
+NEOX_LINEARS = {
+    "attention.query_key_value": "attn.qkv",
+    "attention.dense": "attn.proj",
+    "mlp.dense_h_to_4h": "mlp.fc",
+    "mlp.dense_4h_to_h": "mlp.proj",
+}
+NEOX_HEAD = "embed_out.weight"  # what transformers writes (its module is named lm_head)
+
+
+def _neox_from_hf(sd: dict[str, Tensor], config: ModelConfig, where: str) -> dict[str, Tensor]:
+    sd = _strip_prefix(sd, "gpt_neox.")
+    take, used = _taker(sd, where)
+    out = {"wte.weight": take("embed_in.weight")}
+    order = hf_row_order(config, "attn.qkv").argsort()
+    for i in range(config.n_layer):
+        p, q = f"layers.{i}.", f"blocks.{i}."
+        for norm, hf_norm in _block_norms(config).items():
+            out[q + norm + ".weight"] = take(p + hf_norm + ".weight")
+            out[q + norm + ".bias"] = take(p + hf_norm + ".bias")
+        for hf_lin, lin in NEOX_LINEARS.items():
+            kinds = ("weight", "bias") if config.attn_bias or lin.startswith("mlp") else ("weight",)
+            for kind in kinds:
+                w = take(f"{p}{hf_lin}.{kind}")
+                out[f"{q}{lin}.{kind}"] = w[order] if lin == "attn.qkv" else w
+    out["norm.weight"] = take("final_layer_norm.weight")
+    out["norm.bias"] = take("final_layer_norm.bias")
+    if config.tie_embeddings:
+        out["lm_head.weight"] = out["wte.weight"]
+    else:
+        out["lm_head.weight"] = take(NEOX_HEAD if NEOX_HEAD in sd else "lm_head.weight")
     return _all_used(out, sd, used, config, where)
 
 
@@ -414,7 +582,13 @@ SCORE = "score.weight"
 """The head of an HF sequence-classification folder (a nanotune reward model writes one)."""
 
 # Buffers some checkpoints carry that the model rebuilds itself (causal masks, RoPE frequencies).
-DERIVED = ("attn.bias", "attn.masked_bias", "rotary_emb.inv_freq")
+DERIVED = (
+    "attn.bias",
+    "attn.masked_bias",
+    "attention.bias",
+    "attention.masked_bias",
+    "rotary_emb.inv_freq",
+)
 
 
 def _all_used(
@@ -462,6 +636,8 @@ def to_hf(sd: dict[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
         if not config.tie_embeddings:
             out["lm_head.weight"] = sd["lm_head.weight"]
         return out
+    if config.family == "gpt_neox":
+        return _neox_to_hf(sd, config)
 
     out["model.embed_tokens.weight"] = sd["wte.weight"]
     qkv = [s[1] - s[0] for s in config.qkv_slices.values()]
@@ -469,8 +645,11 @@ def to_hf(sd: dict[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
         p, q = f"model.layers.{i}.", f"blocks.{i}."
         for norm, hf_norm in _block_norms(config).items():
             out[p + hf_norm + ".weight"] = sd[q + norm + ".weight"]
-        for name, w in zip("qkv", sd[q + "attn.qkv.weight"].split(qkv), strict=True):
-            out[p + f"self_attn.{name}_proj.weight"] = w.contiguous()
+        if config.family == "phi3":
+            out[p + "self_attn.qkv_proj.weight"] = sd[q + "attn.qkv.weight"]
+        else:
+            for name, w in zip("qkv", sd[q + "attn.qkv.weight"].split(qkv), strict=True):
+                out[p + f"self_attn.{name}_proj.weight"] = w.contiguous()
         out[p + "self_attn.o_proj.weight"] = sd[q + "attn.proj.weight"]
         if config.has_qkv_bias:
             for name, b in zip("qkv", sd[q + "attn.qkv.bias"].split(qkv), strict=True):
@@ -480,9 +659,12 @@ def to_hf(sd: dict[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
         if config.qk_norm:
             out[p + "self_attn.q_norm.weight"] = sd[q + "attn.q_norm.weight"]
             out[p + "self_attn.k_norm.weight"] = sd[q + "attn.k_norm.weight"]
-        gate, up = sd[q + "mlp.fc.weight"].chunk(2)
-        out[p + "mlp.gate_proj.weight"] = gate.contiguous()
-        out[p + "mlp.up_proj.weight"] = up.contiguous()
+        if config.family == "phi3":
+            out[p + "mlp.gate_up_proj.weight"] = sd[q + "mlp.fc.weight"]
+        else:
+            gate, up = sd[q + "mlp.fc.weight"].chunk(2)
+            out[p + "mlp.gate_proj.weight"] = gate.contiguous()
+            out[p + "mlp.up_proj.weight"] = up.contiguous()
         out[p + "mlp.down_proj.weight"] = sd[q + "mlp.proj.weight"]
         if config.mlp_bias:
             gb, ub = sd[q + "mlp.fc.bias"].chunk(2)
@@ -492,4 +674,24 @@ def to_hf(sd: dict[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
     out["model.norm.weight"] = sd["norm.weight"]
     if not config.tie_embeddings:
         out["lm_head.weight"] = sd["lm_head.weight"]
+    return out
+
+
+def _neox_to_hf(sd: dict[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
+    out = {"gpt_neox.embed_in.weight": sd["wte.weight"]}
+    order = hf_row_order(config, "attn.qkv")
+    for i in range(config.n_layer):
+        p, q = f"gpt_neox.layers.{i}.", f"blocks.{i}."
+        for norm, hf_norm in _block_norms(config).items():
+            out[p + hf_norm + ".weight"] = sd[q + norm + ".weight"]
+            out[p + hf_norm + ".bias"] = sd[q + norm + ".bias"]
+        for hf_lin, lin in NEOX_LINEARS.items():
+            for kind in ("weight", "bias"):
+                w = sd.get(f"{q}{lin}.{kind}")
+                if w is not None:
+                    out[f"{p}{hf_lin}.{kind}"] = w[order] if lin == "attn.qkv" else w
+    out["gpt_neox.final_layer_norm.weight"] = sd["norm.weight"]
+    out["gpt_neox.final_layer_norm.bias"] = sd["norm.bias"]
+    if not config.tie_embeddings:
+        out[NEOX_HEAD] = sd["lm_head.weight"]
     return out

@@ -1,5 +1,5 @@
-"""llama.cpp GGUF files (architectures `llama`, `qwen2`, `qwen3`, `smollm3`, `gemma2`, `gemma3` and
-`gpt2`), of any type gguf's numpy quants read (K-quants included): dequantized
+"""llama.cpp GGUF files (architectures `llama`, `qwen2`, `qwen3`, `smollm3`, `gemma2`, `gemma3`,
+`phi3`, `gptneox` and `gpt2`), of any type gguf's numpy quants read (K-quants included): dequantized
 into a float Transformer, and the vocabulary they carry (the one reader of the file; the tokenizer
 gets its metadata decoded).
 
@@ -7,11 +7,14 @@ Tensors are renamed to Hugging Face names and handed to `convert.from_hf`, as a 
 checkpoint would be: llama.cpp keeps Llama's (and SmolLM3's) Q/K rows in its interleaved rotary
 order (undone here; Qwen's rotate halves, as Hugging Face does) and GPT-2's Conv1D weights as
 [out, in] (transposed back to Conv1D's [in, out] here); Gemma's norm weights with llama.cpp's
-+1 folded in (taken off here: Hugging Face and nanotune hold them zero-centred).
++1 folded in (taken off here: Hugging Face and nanotune hold them zero-centred); GPT-NeoX's fused
+qkv as [q, k, v] (convert_hf_to_gguf undoes its per-head interleaving; redone here); Phi-3's
+longrope factors as the tensors rope_factors_long/short (read into the config).
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +27,7 @@ from torch import Tensor
 from nanotune.errors import NanotuneError
 from nanotune.files.read import check_finite
 from nanotune.models.config import ModelConfig
+from nanotune.models.names import hf_row_order
 from nanotune.models.transformer import Transformer
 from nanotune.tokenizer import GGUF_KEYS, Tokenizer
 from nanotune.weights import convert
@@ -75,6 +79,32 @@ GEMMA3_BLOCK_NAMES = GEMMA2_BLOCK_NAMES | {
     "attn_q_norm": "self_attn.q_norm",
     "attn_k_norm": "self_attn.k_norm",
 }
+PHI3_BLOCK_NAMES = {
+    "attn_qkv": "self_attn.qkv_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_up": "mlp.gate_up_proj",  # gate and up fused, as Phi-3 and nanotune hold them
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+NEOX_BLOCK_NAMES = {
+    "attn_qkv": "attention.query_key_value",
+    "attn_output": "attention.dense",
+    "ffn_up": "mlp.dense_h_to_4h",
+    "ffn_down": "mlp.dense_4h_to_h",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+NEOX_TOP_NAMES = {
+    "token_embd": "gpt_neox.embed_in",
+    "output_norm": "gpt_neox.final_layer_norm",
+    "output": "embed_out",
+}
+# Phi-3's longrope factors: model tensors in GGUF, config in Hugging Face.
+ROPE_FACTORS = {
+    "long_factor": "rope_factors_long.weight",
+    "short_factor": "rope_factors_short.weight",
+}
 # Per nanotune family: (HF block prefix, block names, top-level names).
 GGUF_NAMES = {
     "llama": ("model.layers.", LLAMA_BLOCK_NAMES, LLAMA_TOP_NAMES),
@@ -84,11 +114,13 @@ GGUF_NAMES = {
     "smollm3": ("model.layers.", LLAMA_BLOCK_NAMES, LLAMA_TOP_NAMES),
     "gemma2": ("model.layers.", GEMMA2_BLOCK_NAMES, LLAMA_TOP_NAMES),
     "gemma3": ("model.layers.", GEMMA3_BLOCK_NAMES, LLAMA_TOP_NAMES),
+    "phi3": ("model.layers.", PHI3_BLOCK_NAMES, LLAMA_TOP_NAMES),
+    "gpt_neox": ("gpt_neox.layers.", NEOX_BLOCK_NAMES, NEOX_TOP_NAMES),
     "gpt2": ("transformer.h.", GPT2_BLOCK_NAMES, GPT2_TOP_NAMES),
 }
 # The llama.cpp architecture of each family: Mistral is a Llama to llama.cpp (convert_hf_to_gguf
 # writes it so), its sliding window a metadata key; read back, a Llama with a window is Mistral.
-GGUF_ARCH = {family: family for family in GGUF_NAMES} | {"mistral": "llama"}
+GGUF_ARCH = {family: family for family in GGUF_NAMES} | {"mistral": "llama", "gpt_neox": "gptneox"}
 # Architectures whose Q/K rows llama.cpp keeps in its interleaved rotary order (rope type NORM);
 # the others (NEOX) rotate halves, as Hugging Face does, and are stored as they are.
 PERMUTED_QK = ("llama", "smollm3")
@@ -205,6 +237,8 @@ def config_from_gguf(reader: GGUFReader, where: str) -> ModelConfig:
             attn_bias=True,
             mlp_bias=True,
         )
+    if arch == "gptneox":
+        return _neox_config(reader, common, need)
     if "rope_freqs.weight" in names:
         raise NanotuneError(
             f"{where}: per-frequency RoPE factors (rope_freqs, Llama 3.1 style) are not supported "
@@ -227,17 +261,21 @@ def config_from_gguf(reader: GGUFReader, where: str) -> ModelConfig:
     if window and isinstance(pattern, list):  # per layer: True where it slides
         window_layers = tuple(i for i, slides in enumerate(pattern) if slides)
     n_layer = common["n_layer"]
+    hd = _field(reader, f"{arch}.attention.key_length", n_embd // n_head)
+    if arch == "phi3":
+        rope_scaling = _longrope(reader, arch, common["block_size"])
     return ModelConfig(
         family="mistral" if arch == "llama" and window else arch,
         **common,
         n_kv_head=_field(reader, f"{arch}.attention.head_count_kv", n_head),
-        head_dim=_field(reader, f"{arch}.attention.key_length", n_embd // n_head),
+        head_dim=hd,
         intermediate_size=need("feed_forward_length"),
         norm="rmsnorm",
         norm_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
         positions="rope",
         rope_theta=float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
         rope_scaling=rope_scaling,
+        partial_rotary_factor=_partial(_field(reader, f"{arch}.rope.dimension_count", hd), hd),
         mlp="swiglu",
         attn_bias="blk.0.attn_output.bias" in names,
         qkv_bias="blk.0.attn_q.bias" in names,
@@ -250,6 +288,51 @@ def config_from_gguf(reader: GGUFReader, where: str) -> ModelConfig:
             if arch == "smollm3"
             else ()
         ),
+    )
+
+
+def _partial(rotary: int, hd: int) -> float:
+    """The partial_rotary_factor whose int(hd * factor) is `rotary` (a float division may land
+    just below it)."""
+    factor = rotary / hd
+    return factor if int(hd * factor) == rotary else math.nextafter(factor, math.inf)
+
+
+def _longrope(reader: GGUFReader, arch: str, context: int) -> dict[str, Any] | None:
+    """Phi-3's longrope scaling from its factor tensors and metadata, or None without them."""
+    tensors = {t.name: t for t in reader.tensors}
+    if not all(name in tensors for name in ROPE_FACTORS.values()):
+        return None
+    scaling: dict[str, Any] = {"rope_type": "longrope"}
+    for key, name in ROPE_FACTORS.items():
+        scaling[key] = [float(x) for x in np.asarray(tensors[name].data, dtype=np.float64)]
+    scaling["original_max_position_embeddings"] = int(
+        _field(reader, f"{arch}.rope.scaling.original_context_length", context)
+    )
+    attention = _field(reader, f"{arch}.rope.scaling.attn_factor")
+    if attention is not None:
+        scaling["attention_factor"] = float(attention)
+    return scaling
+
+
+def _neox_config(reader: GGUFReader, common: dict, need) -> ModelConfig:
+    """GPT-NeoX as llama.cpp's gptneox runs it; its GELU is read as the exact one of
+    Hugging Face's GPT-NeoX (llama.cpp computes the tanh one)."""
+    names = {t.name for t in reader.tensors}
+    hd = common["n_embd"] // common["n_head"]
+    return ModelConfig(
+        family="gpt_neox",
+        **common,
+        intermediate_size=need("feed_forward_length"),
+        norm="layernorm",
+        norm_eps=float(_field(reader, "gptneox.attention.layer_norm_epsilon", 1e-5)),
+        positions="rope",
+        rope_theta=float(_field(reader, "gptneox.rope.freq_base", 10000.0)),
+        partial_rotary_factor=_partial(_field(reader, "gptneox.rope.dimension_count", hd), hd),
+        mlp="gelu_exact",
+        attn_bias="blk.0.attn_qkv.bias" in names,
+        mlp_bias=True,
+        parallel_residual=bool(_field(reader, "gptneox.use_parallel_residual", True)),
     )
 
 
@@ -314,7 +397,10 @@ def read_gguf_state_dict(reader: GGUFReader, config: ModelConfig, where: str) ->
     """Dequantized tensors with Hugging Face names (Llama's or GPT-2's), tensor by tensor."""
     sd: dict[str, Tensor] = {}
     permuted = GGUF_ARCH[config.family] in PERMUTED_QK
+    neox = hf_row_order(config, "attn.qkv")
     for t in reader.tensors:
+        if t.name in ROPE_FACTORS.values():  # read into the config
+            continue
         name = _hf_name(t.name, config.family)
         if name is None:
             raise NanotuneError(f"{where}: unexpected tensor {t.name!r} for a {config.family} GGUF")
@@ -335,6 +421,8 @@ def read_gguf_state_dict(reader: GGUFReader, config: ModelConfig, where: str) ->
             w = _unpermute(w, config.kv_heads)
         elif config.norm_plus_one and name.endswith("norm.weight"):
             w = w - GEMMA_NORM_SHIFT
+        elif neox is not None and ".query_key_value." in name:
+            w = w[neox.numpy()]  # [q, k, v] back to GPT-NeoX's per-head interleaving
         w = np.ascontiguousarray(w, dtype=np.float32)
         if not w.flags.writeable:  # F32 tensors come back as views of the read-only file map
             w = w.copy()

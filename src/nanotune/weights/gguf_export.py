@@ -1,11 +1,12 @@
-"""llama.cpp GGUF files out (architectures `llama`, `qwen2`, `qwen3`, `smollm3`, `gemma2`, `gemma3`
-and `gpt2`; Mistral as `llama`): a float Transformer and its tokenizer as one .gguf that llama.cpp and Ollama run, and
+"""llama.cpp GGUF files out (architectures `llama`, `qwen2`, `qwen3`, `smollm3`, `gemma2`, `gemma3`,
+`phi3`, `gptneox` and `gpt2`; Mistral as `llama`): a float Transformer and its tokenizer as one .gguf that llama.cpp and Ollama run, and
 that `weights.gguf` reads back to the same model.
 
 The layout is the inverse of the reader's, as llama.cpp's convert_hf_to_gguf writes it: its name
 maps reversed, Llama's (and SmolLM3's) Q/K rows permuted back to llama.cpp's rotary order, GPT-2's
 Conv1D weights transposed to [out, in], Gemma's norm weights shifted by +1 (llama.cpp multiplies
-by w where Hugging Face multiplies by 1 + w), the metadata under the keys llama.cpp reads.
+by w where Hugging Face multiplies by 1 + w), GPT-NeoX's per-head fused qkv as [q, k, v], Phi-3's
+longrope factors as tensors, the metadata under the keys llama.cpp reads.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from torch import Tensor
 from nanotune.errors import NanotuneError
 from nanotune.files.atomic import atomic_file, check_file_target, clean_leftovers, scratch_file
 from nanotune.models.config import ModelConfig
-from nanotune.models.transformer import Transformer
+from nanotune.models.names import hf_row_order
+from nanotune.models.transformer import Transformer, longrope
 from nanotune.tokenizer import Tokenizer
 from nanotune.version import __version__
 from nanotune.weights import convert
@@ -43,6 +45,7 @@ from nanotune.weights.gguf import (
     GGUF_ARCH,
     GGUF_NAMES,
     PERMUTED_QK,
+    ROPE_FACTORS,
     SMOLLM3_NOPE_EVERY,
     WRITER_KEY,
     gemma_window_layers,
@@ -99,6 +102,10 @@ def to_gguf_layout(hf_name: str, w: Tensor, config: ModelConfig) -> Tensor:
     """One Hugging Face tensor in llama.cpp's layout (row order and orientation)."""
     if config.family == "gpt2":
         return w.T if hf_name.endswith(_CONV1D_WEIGHTS) else w
+    if config.family == "gpt_neox":
+        if ".query_key_value." in hf_name:  # per-head interleaved to [q, k, v]
+            return w[hf_row_order(config, "attn.qkv").argsort().to(w.device)]
+        return w
     if config.norm_plus_one and hf_name.endswith("norm.weight"):
         return w + GEMMA_NORM_SHIFT
     if GGUF_ARCH[config.family] not in PERMUTED_QK:
@@ -199,7 +206,7 @@ def check_exportable(model: Transformer, where: str) -> None:
             f"{', '.join(GGUF_NAMES)}; export it as an HF folder (--format hf) instead"
         )
     arch = GGUF_ARCH[config.family]
-    if config.family != "gpt2" and config.mlp_bias:
+    if config.family not in ("gpt2", "gpt_neox") and config.mlp_bias:
         raise NanotuneError(f"{where}: MLP biases have no place in a {arch} GGUF; use --format hf")
     every = SMOLLM3_NOPE_EVERY
     if arch == "smollm3" and config.nope_layers != tuple(range(every - 1, config.n_layer, every)):
@@ -210,10 +217,15 @@ def check_exportable(model: Transformer, where: str) -> None:
     if arch in GEMMA_GLOBAL_EVERY:
         _check_gemma(config, arch, where)
     scaling = (config.rope_scaling or {}).get("rope_type", (config.rope_scaling or {}).get("type"))
-    if scaling not in (None, "linear"):
+    phi3_longrope = arch == "phi3" and longrope(config) is not None
+    if scaling not in (None, "linear") and not phi3_longrope:
         raise NanotuneError(
-            f"{where}: RoPE scaling {scaling!r} cannot be written to GGUF (none or linear); "
-            "use --format hf"
+            f"{where}: RoPE scaling {scaling!r} cannot be written to GGUF (none or linear; "
+            "longrope for phi3); use --format hf"
+        )
+    if config.partial_rotary_factor != 1.0 and arch not in ("phi3", "gptneox"):
+        raise NanotuneError(
+            f"{where}: partial rotary dims have no GGUF key for {arch}; use --format hf"
         )
     with torch.device("meta"):
         plain = set(Transformer(config).state_dict())
@@ -261,6 +273,11 @@ def _write_metadata(writer: GGUFWriter, model: Transformer, tokenizer: Tokenizer
     writer.add_vocab_size(c.vocab_size)
     if c.family == "gpt2":
         writer.add_layer_norm_eps(float(c.norm_eps))
+    elif c.family == "gpt_neox":
+        writer.add_layer_norm_eps(float(c.norm_eps))
+        writer.add_rope_dimension_count(c.rotary_dim)
+        writer.add_rope_freq_base(float(c.rope_theta))
+        writer.add_parallel_residual(c.parallel_residual)
     else:
         _write_llama_metadata(writer, c)
     for key, value in tokenizer.gguf_metadata(c.vocab_size).items():
@@ -276,12 +293,16 @@ def _write_metadata(writer: GGUFWriter, model: Transformer, tokenizer: Tokenizer
 
 def _write_llama_metadata(writer: GGUFWriter, c: ModelConfig) -> None:
     writer.add_head_count_kv(c.kv_heads)
-    writer.add_rope_dimension_count(c.hd)
+    writer.add_rope_dimension_count(c.rotary_dim)
     if c.hd != c.n_embd // c.n_head:
         writer.add_key_length(c.hd)
         writer.add_value_length(c.hd)
     writer.add_rope_freq_base(float(c.rope_theta))
-    if c.rope_scaling:
+    long = longrope(c)
+    if long is not None:  # Phi-3: the factors are tensors (`gguf_tensors`)
+        writer.add_rope_scaling_orig_ctx_len(long[0])
+        writer.add_rope_scaling_attn_factors(long[1])
+    elif c.rope_scaling:
         writer.add_string(f"{writer.arch}.rope.scaling.type", "linear")
         writer.add_rope_scaling_factor(float(c.rope_scaling["factor"]))
     writer.add_layer_norm_rms_eps(float(c.norm_eps))
@@ -298,10 +319,16 @@ def _write_llama_metadata(writer: GGUFWriter, c: ModelConfig) -> None:
 def gguf_tensors(model: Transformer) -> list[tuple[str, Tensor]]:
     """(llama.cpp name, tensor in llama.cpp's layout) for every weight of a plain `model`."""
     config = model.config
-    return [
+    tensors = [
         (gguf_name(hf_name, config.family), to_gguf_layout(hf_name, t.detach(), config))
         for hf_name, t in convert.to_hf(model.state_dict(), config).items()
     ]
+    if longrope(config) is not None:
+        tensors += [
+            (name, torch.tensor(config.rope_scaling[key], dtype=torch.float32))
+            for key, name in ROPE_FACTORS.items()
+        ]
+    return tensors
 
 
 def export_gguf(

@@ -9,7 +9,8 @@ reversed). llama.cpp adds `alpha / r * B @ A` with r the pair's own rank, so a p
 another (rsLoRA, alpha_pattern) has the difference folded into its B. The base file holds Llama's
 Q/K rows in llama.cpp's rotary order, so lora_b's rows are permuted the same way (A's columns are
 the input, untouched); GPT-2's one c_attn pair is the fused attn_qkv's, in nn.Linear orientation
-as PEFT keeps it.
+as PEFT keeps it, and GPT-NeoX's query_key_value pair has its B rows moved from the per-head
+interleaving to llama.cpp's [q, k, v], as the base weight's rows are.
 """
 
 from __future__ import annotations

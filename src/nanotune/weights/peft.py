@@ -4,7 +4,10 @@ PEFT keeps lora_A [r, in] and lora_B [out, r] in nn.Linear orientation even for 
 (`fan_in_fan_out` only transposes the base weight), so A/B copy across unchanged. What PEFT cannot
 name, separate pairs on slices of GPT-2's fused c_attn, is written exactly as one c_attn LoRA of
 rank sum(r): A stacked, B block-structured with zeros, its alpha set by `alpha_pattern` so the
-scale is kept.
+scale is kept. Phi-3's and GPT-NeoX's fused modules (`qkv_proj`, `gate_up_proj`,
+`query_key_value`) are whole nanotune linears, so their pairs copy across as GPT-2's `c_attn`
+does; GPT-NeoX's per-head qkv row order applies to B's rows and DoRA's magnitude
+(`names.hf_row_order`), which keeps the product exact.
 
 A run that trained the token embedding (`train_embeddings`, e.g. for added chat markers) keeps
 it in the adapter as PEFT's `modules_to_save`: the whole embedding and, for a language model,
@@ -32,7 +35,7 @@ from nanotune.methods import nf4
 from nanotune.methods.classifier import SequenceClassifier
 from nanotune.methods.lora import Adapter, LoRALinear, lora_layers, module_rows, wrap_linear
 from nanotune.models.config import ModelConfig
-from nanotune.models.names import HF_BLOCK_PREFIX, HF_MODULES
+from nanotune.models.names import HF_BLOCK_PREFIX, HF_MODULES, hf_row_order
 from nanotune.tokenizer import Tokenizer
 from nanotune.weights.resolve import hub_id_of
 
@@ -40,11 +43,14 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 # The full-weight modules an adapter may carry, under their Hugging Face names.
-EMBEDDING = {family: "model.embed_tokens" for family in HF_MODULES} | {"gpt2": "transformer.wte"}
+EMBEDDING = {family: "model.embed_tokens" for family in HF_MODULES} | {
+    "gpt2": "transformer.wte",
+    "gpt_neox": "gpt_neox.embed_in",
+}
 HEAD = "lm_head"
 PEFT_DEFAULT_R = 8  # LoraConfig's r when adapter_config.json has none
 _KEY = re.compile(
-    r"^(?:transformer\.h|model\.layers)\.(\d+)\.(.+)\.(lora_A\.weight|lora_B\.weight|lora_magnitude_vector(?:\.weight)?)$"
+    r"^(?:transformer\.h|model\.layers|gpt_neox\.layers)\.(\d+)\.(.+)\.(lora_A\.weight|lora_B\.weight|lora_magnitude_vector(?:\.weight)?)$"
 )
 
 
@@ -59,7 +65,21 @@ def _body(model: nn.Module) -> nn.Module:
 def _export_layer(
     layer: LoRALinear, config: ModelConfig, module: str
 ) -> list[tuple[str, int, float, Tensor, Tensor, Tensor | None]]:
-    """(hf module name, r, alpha, A, B, magnitude) for one LoRALinear, in PEFT's terms."""
+    """(hf module name, r, alpha, A, B, magnitude) for one LoRALinear, in PEFT's terms (B's rows
+    and the magnitude in the checkpoint's row order)."""
+    order = hf_row_order(config, module)
+    pairs = _export_pairs(layer, config, module)
+    if order is None:
+        return pairs
+    return [
+        (n, r, alpha, A, B[order.to(B.device)], None if m is None else m[order.to(m.device)])
+        for n, r, alpha, A, B, m in pairs
+    ]
+
+
+def _export_pairs(
+    layer: LoRALinear, config: ModelConfig, module: str
+) -> list[tuple[str, int, float, Tensor, Tensor, Tensor | None]]:
     names = _hf_names(config)
     ads = layer.adapters
     direct = [names.get((module, None if a.name == "all" else a.name)) for a in ads]
@@ -342,7 +362,8 @@ def hf_lora_pairs(
     body: nn.Module, directory: str | os.PathLike, fix: str
 ) -> list[tuple[str, Tensor, Tensor, float]]:
     """A LoRA adapter folder as PEFT names it: (Hugging Face module name, e.g.
-    `model.layers.0.self_attn.q_proj`, A [r, in], B [out, r], scale) per pair, checked against
+    `model.layers.0.self_attn.q_proj`, A [r, in], B [out, r] with its rows in the checkpoint's
+    order (GPT-NeoX's per-head qkv interleaving), scale) per pair, checked against
     `body` (a plain Transformer, left untouched). The delta of the module's weight is
     `scale * B @ A`. DoRA and trained embeddings or added tokens are refused; `fix` says what to
     do instead."""
@@ -354,7 +375,8 @@ def hf_lora_pairs(
         i, module = pair.path.removeprefix("blocks.").split(".", 1)
         name = HF_BLOCK_PREFIX[config.family].format(i=i) + names[(module, pair.part)]
         scale = pair.alpha / (math.sqrt(pair.r) if plan.rslora else pair.r)
-        out.append((name, pair.A, pair.B, scale))
+        order = hf_row_order(config, module)
+        out.append((name, pair.A, pair.B if order is None else pair.B[order], scale))
     return out
 
 
@@ -447,6 +469,10 @@ def _plan(model: nn.Module, directory: str | os.PathLike) -> _Plan:
                 f"model needs [{rows[1] - rows[0]}]; it was made for another base model"
             )
         alpha = _pattern(cfg.get("alpha_pattern") or {}, full, cfg.get("lora_alpha", 8))
+        order = hf_row_order(config, module)
+        if order is not None:  # the checkpoint's row order to nanotune's
+            B = B[order.argsort()]
+            mag = None if mag is None else mag[order.argsort()]
         plan.append(_Pair(path, part, rows, r, alpha, A, B, mag))
     return _Plan(
         pairs=plan,
