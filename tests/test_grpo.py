@@ -209,6 +209,67 @@ def test_a_reward_that_raises_or_is_not_finite_names_itself_and_the_row():
     assert out.tolist() == [[1.0], [2.5]]
 
 
+def test_builtin_rewards():
+    from nanotune.training.rewards import contains, exact_match, format_reward, numeric_match
+
+    done = ["12", "7 + 5 = 12", "To add 7 and 5,", " Twelve. ", "1,200 apples"]
+    ref = ["12", "12", "12", "twelve", "1200"]
+    assert numeric_match(done, reference=ref) == [1.0, 1.0, 0.0, 0.0, 1.0]
+    assert exact_match(done, reference=ref) == [1.0, 0.0, 0.0, 1.0, 0.0]
+    assert contains(done, reference=ref) == [1.0, 1.0, 0.0, 1.0, 0.0]
+    assert format_reward(r"\s*-?\d+\s*")(done) == [1.0, 0.0, 0.0, 0.0, 0.0]
+    with pytest.raises(NanotuneError, match="rl.format_pattern"):
+        format_reward("(")
+
+
+def test_rewards_from_config_and_python(tmp_path):
+    from nanotune.training.rewards import build_rewards
+    from nanotune.training.rl_config import RLConfig
+
+    (tmp_path / "mine.py").write_text(
+        "def shout(completions, **kw):\n    return [float(c.isupper()) for c in completions]\n"
+    )
+    cfg = RLConfig(
+        algorithm="grpo",
+        rewards=["numeric_match", f"{tmp_path}/mine.py:shout", "length"],
+        reward_weights=[1.0, 0.5, 0.1],
+        max_new_tokens=4,
+    )
+
+    def python_fn(completions, **kw):
+        return [0.25] * len(completions)
+
+    rewards = build_rewards(cfg, [python_fn])
+    assert [(r.name, r.weight) for r in rewards] == [
+        ("numeric_match", 1.0),
+        (f"{tmp_path}/mine.py:shout", 0.5),
+        ("length", 0.1),
+        ("python_fn", 1.0),
+    ]
+    out = score(rewards, ["HI 3", "x"], ["p", "p"], ["3", "3"], [[1, 2], [5]], ["a", "b"])
+    assert out.tolist() == [[1.0, 1.0, -0.5, 0.25], [0.0, 0.0, -0.25, 0.25]]
+    with pytest.raises(NanotuneError, match="has no function 'nope'"):
+        build_rewards(RLConfig(rewards=[f"{tmp_path}/mine.py:nope"]))
+    with pytest.raises(NanotuneError, match="no file"):
+        build_rewards(RLConfig(rewards=["missing.py:f"]))
+    with pytest.raises(NanotuneError, match="neither a built-in reward"):
+        RLConfig(rewards=["numbers"])
+    with pytest.raises(NanotuneError, match="2 weights for 1 rewards"):
+        RLConfig(rewards=["format"], reward_weights=[1.0, 2.0])
+    with pytest.raises(NanotuneError, match="num_generations: must be at least 2"):
+        RLConfig(num_generations=1)
+
+
+def test_builtin_arithmetic_is_every_problem_once():
+    from nanotune.data.builtin import arithmetic
+
+    rows = list(arithmetic())
+    assert len(rows) == 13 * 13 + 13 * 14 // 2 == len({r["prompt"] for r in rows})
+    for r in rows:
+        a, op, b = r["prompt"].removeprefix("What is ").removesuffix("?").split()
+        assert int(r["completion"]) == (int(a) + int(b) if op == "+" else int(a) - int(b)) >= 0
+
+
 # ---- whole runs ---------------------------------------------------------------------------------
 
 ROWS = [{"prompt": f"{a}+{b}=", "completion": str(a + b)} for a in range(6) for b in range(6)]
@@ -340,6 +401,23 @@ def test_engine_generation_with_live_adapters_equals_generate(tiny_llama_dir, te
         assert truncated[r] == (len(want) == 8)
     if temperature:  # the seeds differ per completion, so a group is not 3 copies
         assert ids[0] != ids[1] or ids[1] != ids[2]
+
+
+def test_generation_in_bf16_autocast_then_training(tiny_llama_dir):
+    """Sampled under the training precision (bf16 autocast: LoRA slices and bf16 weight copies
+    are made while decoding), then trained: nothing made during generation is an inference
+    tensor the backward pass or the next bf16 matmul would refuse."""
+    model, tok = _lora_model(tiny_llama_dir)
+    prompts = [tok.encode(t) for t in ("2+3=", "x")]
+    obj = _engine_objective(model, tok, prompts, 1.0)
+    obj.autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+    obj.rewards = [Reward("len", lambda c, completion_ids, **kw: [len(i) for i in completion_ids])]
+    rollout = obj.rollout(model, torch.tensor([0, 1]), step=1)
+    with obj.autocast():
+        loss, _ = obj.loss_and_sums(model, rollout["batch"])
+    loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if "lora" in n]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
 
 
 def test_engine_generation_during_training_equals_nanotune_generate(

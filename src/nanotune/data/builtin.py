@@ -4,6 +4,8 @@
   from the installed package, never copied into this repository.
 - ``reverse_words``: "Reverse the words: a b c" -> "c b a". Exact-match scoring is objective and a
   135M model learns it in minutes of LoRA on a CPU.
+- ``arithmetic``: "What is 7 + 5?" -> "12", every sum and difference of 0..12 once (260 rows),
+  for GRPO with a numeric-match reward.
 - ``word_order``: classify a word list as "sorted" (alphabetical) or "shuffled".
 - ``reverse_words_pairs``: preference pairs over the same lists: the reversal chosen, and
   rejected the same reversal with two neighbouring words swapped (subtly wrong, same length).
@@ -199,7 +201,32 @@ def tool_calls(n: int = N_SYNTHETIC, seed: int = 0) -> Iterator[Row]:
         )
 
 
+def arithmetic(largest: int = 12, seed: int = 0) -> Iterator[Row]:
+    """Every sum and every non-negative difference of two numbers 0..`largest` ("What is 7 + 5?"
+    -> "12"), each once, in a seeded order: a held-out split holds problems never trained on.
+    SmolLM2-135M-Instruct answers some of them (it often explains instead), so a reward for the
+    right number has signal from the start (the GRPO recipe)."""
+    problems = [(a, "+", b) for a in range(largest + 1) for b in range(largest + 1)]
+    problems += [(a, "-", b) for a in range(largest + 1) for b in range(a + 1)]
+    random.Random(seed).shuffle(problems)
+    for i, (a, op, b) in enumerate(problems):
+        question, answer = f"What is {a} {op} {b}?", str(a + b if op == "+" else a - b)
+        yield Row(
+            {
+                "prompt": question,
+                "completion": answer,
+                "user": question,
+                "assistant": answer,
+                "instruction": question,
+                "input": "",
+                "output": answer,
+            },
+            f"builtin:arithmetic: row {i}",
+        )
+
+
 BUILTINS: dict[str, Callable[[], Iterator[Row]]] = {
+    "arithmetic": arithmetic,
     "chatterbot": chatterbot,
     "reverse_words": reverse_words,
     "reverse_words_pairs": reverse_words_pairs,

@@ -433,7 +433,9 @@ class Engine:
         ]
         for lo in range(0, len(seqs), self.max_queue):
             self.submit(seqs[lo : lo + self.max_queue])
-            with torch.inference_mode(), self._model_lock:
+            # no_grad, not inference_mode: the caller's model goes on training, and tensors
+            # its layers derive here (LoRA slices, bf16 weight copies) must stay ordinary ones.
+            with torch.no_grad(), self._model_lock:
                 while self._waiting or self._active:
                     room = self.max_batch - len(self._active)
                     self._step(

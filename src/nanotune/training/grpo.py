@@ -389,7 +389,7 @@ class GRPOObjective:
             for r in range(len(prompt_rows) * self.G)
         ]
         prompts = [self.prompts[i].ids for i in prompt_rows for _ in range(self.G)]
-        with _eval_mode(model):
+        with _eval_mode(model), self.autocast():  # sampled in the precision it trains in
             done = self.engine.run(prompts, sampling)
         ids = [s.output + ([s.stop_token] if s.stop_token is not None else []) for s in done]
         return ids, [s.finish_reason == "length" for s in done]

@@ -32,16 +32,17 @@ def exact_match(completions: list[str], reference: list[str], **_: Any) -> list[
     ]
 
 
-def _first_number(text: str) -> float | None:
-    m = _NUMBER.search(text.replace(",", ""))
-    return float(m.group(0)) if m else None
+def _last_number(text: str) -> float | None:
+    found = _NUMBER.findall(text.replace(",", ""))
+    return float(found[-1]) if found else None
 
 
 def numeric_match(completions: list[str], reference: list[str], **_: Any) -> list[float]:
-    """1 when the completion's first number equals the reference's (1e-6 apart at most)."""
+    """1 when the completion's last number (its final answer: "3 + 4 = 7") equals the
+    reference's (1e-6 apart at most)."""
     out = []
     for c, r in zip(completions, reference, strict=True):
-        want, got = _first_number(r), _first_number(c)
+        want, got = _last_number(r), _last_number(c)
         out.append(float(want is not None and got is not None and abs(want - got) <= 1e-6))
     return out
 
