@@ -466,6 +466,49 @@ def test_lora_adapters_travel_both_ways_with_peft_and_merge_for_transformers(
     assert (_logits(merged, ids) - adapted).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize(
+    "case, targets",
+    [
+        ("gpt_neox", ["query_key_value.q", "query_key_value.v", "dense_h_to_4h"]),
+        ("phi3", ["qkv_proj.k", "gate_up_proj.up", "o_proj"]),
+    ],
+)
+def test_dora_and_slice_pairs_on_fused_modules_travel_with_peft(case, targets, folders, tmp_path):
+    """What the fused modules make harder: nanotune's separate pairs on the q/k/v (gate/up)
+    slices go out as one block-structured PEFT pair, GPT-NeoX's B rows and DoRA magnitudes in its
+    per-head order; and a PEFT DoRA adapter on the fused modules loads back exactly."""
+    ids = torch.tensor([PROMPTS[0]])
+    ours = load_hf_model(folders[case])
+    apply_method(ours, MethodConfig(name="dora", r=4, alpha=8, targets=targets))
+    randomise(ours)
+    with torch.no_grad():  # magnitudes off the weight norms, so DoRA is more than LoRA
+        for n, p in ours.named_parameters():
+            if "lora_magnitude" in n:
+                p.mul_(1.5)
+    adapted = _logits(ours.eval(), ids)
+    save_adapter(ours, tmp_path / "ours", base_model=str(folders[case]))
+    base = tf.AutoModelForCausalLM.from_pretrained(folders[case]).eval()
+    assert (_logits(base, ids) - adapted).abs().max() > 1e-2
+    peft_model = PeftModel.from_pretrained(base, str(tmp_path / "ours")).eval()
+    assert (_logits(peft_model, ids) - adapted).abs().max() < 1e-4
+
+    made = get_peft_model(
+        tf.AutoModelForCausalLM.from_pretrained(folders[case]),
+        LoraConfig(r=4, lora_alpha=8, target_modules=PEFT_TARGETS[case], use_dora=True),
+    )
+    randomise(made, seed=3)
+    with torch.no_grad():
+        for n, p in made.named_parameters():
+            if "lora_magnitude" in n:
+                p.mul_(1.5)
+    made.eval()
+    ref = _logits(made, ids)
+    made.save_pretrained(str(tmp_path / "peft"))
+    fresh = load_hf_model(folders[case])
+    load_adapter(fresh, tmp_path / "peft")
+    assert (_logits(fresh.eval(), ids) - ref).abs().max() < 1e-4
+
+
 def flags(config) -> tuple:
     """What selects the layers (the config a GGUF reads back may spell defaults otherwise)."""
     return (
