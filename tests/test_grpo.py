@@ -341,6 +341,12 @@ def test_grpo_run_logs_rollout_metrics_and_heldout_reward(tiny_llama_dir, tmp_pa
     assert seen == [7, 8, 8, 7]
     assert "rl_reward" in result.before and "rl_reward" in result.after
     assert "exact_match" in result.after
+    from nanotune.eval.report import curves
+
+    series = curves(records)  # what the report plots
+    assert [s for s, _ in series["reward"]] == [1, 3] and len(series["kl"]) == 4
+    assert "rewards/first_char_is_digit/mean" in series and "rewards/length/std" not in series
+    assert "grpo" in (tmp_path / "run" / "report.html").read_text()
 
 
 # ---- generation through the engine equals `nanotune generate` -----------------------------------

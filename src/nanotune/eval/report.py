@@ -97,12 +97,14 @@ def _number(v: Any) -> bool:
 
 # Training-step series of preference runs, drawn beside their evaluation counterparts.
 PREFERENCE_SERIES = ("reward_accuracy", "reward_margin", "logps_chosen", "logps_rejected")
+# And of GRPO runs (training/grpo.py), with every reward function's mean (`rewards/<name>/mean`).
+GRPO_SERIES = ("reward", "kl", "clip_fraction", "completion_length_mean", "zero_std_fraction")
 
 
 def curves(records: list[dict[str, Any]]) -> dict[str, list[tuple[float, float]]]:
     """{name: [(step, value)]} from metrics records: `loss` (training), `lr`, the preference
-    metrics of training steps (`PREFERENCE_SERIES`) and every numeric key starting with `eval`
-    or `val`."""
+    and GRPO metrics of training steps (`PREFERENCE_SERIES`, `GRPO_SERIES`, each reward's
+    mean) and every numeric key starting with `eval` or `val`."""
     out: dict[str, list] = {}
     for r in records:
         step = r.get("step")
@@ -113,7 +115,8 @@ def curves(records: list[dict[str, Any]]) -> dict[str, list[tuple[float, float]]
                 continue
             if key == "train_loss":
                 key = "loss"
-            if key in ("loss", "lr", *PREFERENCE_SERIES) or key.startswith(("eval", "val")):
+            grpo = key in GRPO_SERIES or (key.startswith("rewards/") and key.endswith("/mean"))
+            if key in ("loss", "lr", *PREFERENCE_SERIES) or grpo or key.startswith(("eval", "val")):
                 out.setdefault(key, []).append((step, value))
     return out
 
