@@ -260,6 +260,44 @@ def test_rewards_from_config_and_python(tmp_path):
         RLConfig(num_generations=1)
 
 
+def test_reward_model_reward_scores_prompt_and_completion(tmp_path, gpt2_tokenizer_dir):
+    import shutil
+
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    from nanotune.config import RunConfig
+    from nanotune.eval import RewardModel
+    from nanotune.jobs import grpo
+
+    torch.manual_seed(0)
+    folder = tmp_path / "rm"
+    cfg = GPT2Config(
+        vocab_size=50257, n_positions=64, n_embd=32, n_layer=2, n_head=4, num_labels=1,
+        pad_token_id=50256, initializer_range=0.2,
+    )  # fmt: skip
+    GPT2ForSequenceClassification(cfg).save_pretrained(folder)
+    for f in gpt2_tokenizer_dir.iterdir():
+        shutil.copy2(f, folder / f.name)
+    run = RunConfig.from_dict(
+        {
+            "data": {"source": "x.jsonl"},
+            "rl": {"algorithm": "grpo", "rewards": ["reward_model"], "reward_model": str(folder)},
+        }
+    )
+    rewards = grpo.rewards(run)
+    done, prompts = ["Seven minutes.", "no"], ["How long to boil an egg?", "Say yes."]
+    out = score(rewards, done, prompts, ["", ""], [[1], [2]], ["a", "b"])
+    want = RewardModel(str(folder)).score(prompts, done)
+    assert out[:, 0].tolist() == pytest.approx(want, abs=1e-6) and want[0] != want[1]
+    with pytest.raises(NanotuneError, match="needs rl.reward_model"):
+        RunConfig.from_dict(
+            {
+                "data": {"source": "x.jsonl"},
+                "rl": {"algorithm": "grpo", "rewards": ["reward_model"]},
+            }
+        )
+
+
 def test_builtin_arithmetic_is_every_problem_once():
     from nanotune.data.builtin import arithmetic
 

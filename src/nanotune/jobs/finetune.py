@@ -324,10 +324,10 @@ def _setup(
     if "reward" in config.eval.metrics:  # a reward run not trained yet: said before the loads
         reward_model_folder(config.eval.reward_model)
     rl_rewards = None
-    if config.rl.algorithm:  # reward files load (and fail) before the model does
-        from nanotune.training.rewards import build_rewards
+    if config.rl.algorithm:  # reward files and models load (and fail) before the model does
+        from nanotune.jobs import grpo
 
-        rl_rewards = build_rewards(config.rl, rl_functions)
+        rl_rewards = grpo.rewards(config, rl_functions)
     elif rl_functions:
         raise NanotuneError(
             "rewards=[...] score sampled completions, but rl.algorithm is not set; set "

@@ -31,6 +31,24 @@ def prompts_of(examples: Sequence[Any], tokenizer: Any, split: str) -> list[Prom
     return out
 
 
+def rewards(config: Any, functions: Sequence[Callable[..., Any]] = ()) -> list[Reward]:
+    """`rl.rewards` and the Python `functions`, with the reward model loaded when one is named."""
+    from nanotune.training.rewards import build_rewards
+
+    scorer = None
+    if "reward_model" in config.rl.rewards:
+        from nanotune.eval import RewardModel
+        from nanotune.jobs.prepare import reward_model_folder
+
+        model = RewardModel(reward_model_folder(config.rl.reward_model))
+
+        def reward_model(completions: list[str], prompts: list[str], **_: Any) -> list[float]:
+            return model.score(prompts, completions)
+
+        scorer = reward_model
+    return build_rewards(config.rl, functions, scorer)
+
+
 def check(config: Any, model: nn.Module) -> None:
     """What a GRPO run refuses before its run directory exists."""
     from nanotune.jobs.reference import reference_context

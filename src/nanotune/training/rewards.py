@@ -104,9 +104,14 @@ def load_function(spec: str) -> Callable[..., Sequence[float]]:
     return fn
 
 
-def build_rewards(cfg: RLConfig, extra: Sequence[Callable[..., Any]] = ()) -> list[Reward]:
+def build_rewards(
+    cfg: RLConfig,
+    extra: Sequence[Callable[..., Any]] = (),
+    reward_model: Callable[..., Sequence[float]] | None = None,
+) -> list[Reward]:
     """The rewards of `rl.rewards` (weighted by `rl.reward_weights`), then the Python callables
-    given to `nanotune.train(..., rewards=[...])` (weight 1 each)."""
+    given to `nanotune.train(..., rewards=[...])` (weight 1 each). `reward_model` scores the
+    `reward_model` reward (the job loads it: `jobs/grpo.py`)."""
     weights = cfg.reward_weights or [1.0] * len(cfg.rewards)
     out = []
     for spec, weight in zip(cfg.rewards, weights, strict=True):
@@ -114,6 +119,10 @@ def build_rewards(cfg: RLConfig, extra: Sequence[Callable[..., Any]] = ()) -> li
             fn = format_reward(cfg.format_pattern)
         elif spec == "length":
             fn = length_penalty(cfg.max_new_tokens)
+        elif spec == "reward_model":
+            if reward_model is None:
+                raise ValueError("the reward_model reward needs its scorer")
+            fn = reward_model
         elif spec in BUILTIN_REWARDS:
             fn = {"exact_match": exact_match, "numeric_match": numeric_match, "contains": contains}[
                 spec

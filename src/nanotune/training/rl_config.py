@@ -7,7 +7,7 @@ from typing import Literal
 
 from nanotune.errors import NanotuneError
 
-BUILTIN_REWARDS = ("exact_match", "numeric_match", "contains", "format", "length")
+BUILTIN_REWARDS = ("exact_match", "numeric_match", "contains", "format", "length", "reward_model")
 
 
 @dataclass
@@ -46,13 +46,16 @@ class RLConfig:
     mask_truncated_completions: bool = False
     """Completions cut by max_new_tokens take no part in the loss."""
     rewards: list[str] = field(default_factory=lambda: ["exact_match"])
-    """Reward functions: built-ins (exact_match, numeric_match, contains, format, length) or
-    path/to/file.py:function (fn(completions, prompts=, reference=, completion_ids=) -> floats;
+    """Reward functions: built-ins (exact_match, numeric_match, contains, format, length,
+    reward_model) or path/to/file.py:function (fn(completions, prompts=, reference=, completion_ids=) -> floats;
     loaded once); Python callables come through nanotune.train(config, rewards=[fn])."""
     reward_weights: list[float] | None = None
     """One weight per reward (null: 1 each); the reward is their weighted sum."""
     format_pattern: str = r"\s*\S.*"
     """Regular expression the whole completion must match for the `format` reward."""
+    reward_model: str | None = None
+    """The `reward_model` reward's scorer: a sequence-classification model (folder, hub id or a
+    nanotune reward run, as eval.reward_model) scoring (prompt, completion)."""
 
     def __post_init__(self) -> None:
         if self.algorithm not in (None, "grpo"):
@@ -84,6 +87,11 @@ class RLConfig:
                     f"rl.rewards: {name!r} is neither a built-in reward "
                     f"({', '.join(BUILTIN_REWARDS)}) nor path/to/file.py:function"
                 )
+        if "reward_model" in self.rewards and not self.reward_model:
+            raise NanotuneError(
+                "rl.rewards: reward_model needs rl.reward_model (a reward model folder, e.g. "
+                "runs/demo-reward)"
+            )
         if self.reward_weights is not None and len(self.reward_weights) != len(self.rewards):
             raise NanotuneError(
                 f"rl.reward_weights: {len(self.reward_weights)} weights for "
