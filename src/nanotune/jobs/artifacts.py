@@ -263,7 +263,10 @@ def merge(
 ) -> Path:
     """Fold the adapter folder into its base and write a plain HF folder (a classifier folder
     with the head for SEQ_CLS adapters). The base defaults to the adapter's own."""
-    adapter = inspect_output(adapter).expect("adapter", "--adapter").path
+    given = inspect_output(adapter)
+    if given.kind != "classifier" or given.base is None:  # a LoRA classifier's adapter merges too
+        given.expect("adapter", "--adapter")
+    adapter = given.path
     base = base or base_of(adapter)
     target = Path(out)
     inputs = [p for p in (base, adapter) if Path(p).exists()]
