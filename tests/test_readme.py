@@ -55,7 +55,10 @@ def test_every_readme_command_parses() -> None:
 
 
 def test_readme_config_loads(tmp_path: Path) -> None:
-    (yaml_block,) = blocks("yaml")
+    yaml_block, *others = blocks("yaml")
+    for n, block in enumerate(others):  # the data examples load as configs too
+        (tmp_path / f"{n}.yaml").write_text(block)
+        assert load_config(tmp_path / f"{n}.yaml").data
     path = tmp_path / "my.yaml"
     path.write_text(yaml_block)
     config = load_config(path, ["train.lr=1e-4", "method.r=8"])
