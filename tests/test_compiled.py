@@ -23,6 +23,7 @@ from tests.tiny import tiny_config
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 V = 96
+CPU = torch.device("cpu")
 
 
 @pytest.fixture(autouse=True)
@@ -148,6 +149,23 @@ def test_auto_is_eager_for_a_short_run_and_compiles_past_the_break_even(
     out = capsys.readouterr().out
     assert "train.compile auto: compiled (~" in out
     assert frames() - before == 2  # LoRA: the first block and the rest
+
+
+def test_auto_stays_eager_for_cpu_bf16_with_frozen_weights(tmp_path, capsys, monkeypatch):
+    """Measured slower compiled (benchmarks/NOTES.md): CPU bf16 LoRA stays eager under auto,
+    however long the run; full fine-tuning in bf16 is left to the break-even."""
+    monkeypatch.setitem(compiled_mod.BREAK_EVEN_S, "cpu", 0.0)
+    lora = compiled_mod.CompiledBlocks(model_for("gpt2", "lora"), "auto", CPU, "bfloat16")
+    full = compiled_mod.CompiledBlocks(model_for("gpt2", "full"), "auto", CPU, "bfloat16")
+    said = []
+    lora.start(said.append)
+    assert lora.decided and not lora.on
+    assert said == [
+        "train.compile auto: eager (bf16 on a CPU with frozen weights: compiled steps measured "
+        "slower, the graph casts each frozen weight at every call)"
+    ]
+    full.start(said.append)
+    assert not full.decided and len(said) == 1
 
 
 def test_false_never_compiles(tmp_path, capsys):

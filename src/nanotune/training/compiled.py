@@ -22,12 +22,13 @@ from nanotune.training.dist import all_reduce_sum, world_size
 BREAK_EVEN_S = {"cpu": 600.0, "cuda": 120.0}
 """Seconds of eager training left past which `auto` compiles, per device kind.
 
-CPU (2 shared cores, Xeon with AMX, torch 2.13; benchmarks/NOTES.md): a cold compile takes
-20-35 s per block graph (each of fp32/bf16, LoRA/full is its own); the steady step saves ~30% in
-float32 at toy widths (128) and nothing measurable in bf16 at width 256, so the break-even is
-~100 s at best and never at worst: 600 s keeps short and tiny runs eager. CUDA: not measured
-here (no GPU in reach); torch.compile's usual 30-60 s compile and 1.3-2x step put it near 120 s,
-and `benchmarks/gpu_check.py` prints the figures to set it from."""
+CPU (Xeon with AMX, 2 cores shared with other work at load 7-14, torch 2.13; NOTES.md
+2026-12-07), 4-layer 256-wide models through the Trainer: float32 compiled 1.7-3.9x faster for
+23-109 s of compile (break-even 55-146 s of eager steps); bf16 full fine-tuning 2.9x for 87 s
+(131 s), bf16 LoRA slower compiled (never: auto keeps it eager, see `CompiledBlocks`). 600 s
+keeps short runs eager and leaves room for a loaded machine's slower compile. CUDA: not
+measured (no GPU in reach); torch.compile's usual 30-60 s compile and 1.3-2x step put it near
+120 s; `python -m nanotune.bench.gpu_check` prints the figures to set it from."""
 
 AUTO_AFTER = 2
 """Eager steps `auto` times before it decides (the first one pays one-off allocation costs)."""
@@ -42,8 +43,17 @@ class CompiledBlocks:
     """Switches a model's blocks between eager and compiled per `train.compile` and says what it
     did and what it cost in the run log."""
 
-    def __init__(self, model: nn.Module, mode: bool | str, device: torch.device) -> None:
+    def __init__(
+        self, model: nn.Module, mode: bool | str, device: torch.device, precision: str = "float32"
+    ) -> None:
         self.targets = compile_targets(model)
+        # CPU bf16 with frozen weights (LoRA, last_n): measured slower compiled (NOTES.md) -
+        # eager linear layers cast a frozen weight to bf16 once, a compiled graph every call.
+        self.cpu_bf16_frozen = (
+            device.type == "cpu"
+            and precision == "bfloat16"
+            and any(not p.requires_grad for p in model.parameters())
+        )
         self.mode = mode
         self.device = device
         if mode is True and not self.targets:
@@ -69,6 +79,12 @@ class CompiledBlocks:
         elif self.device.type not in BREAK_EVEN_S:
             self.decided = True
             info(f"train.compile auto: eager (no measured break-even on {self.device.type})")
+        elif self.cpu_bf16_frozen:
+            self.decided = True
+            info(
+                "train.compile auto: eager (bf16 on a CPU with frozen weights: compiled steps "
+                "measured slower, the graph casts each frozen weight at every call)"
+            )
 
     def after_step(self, steps_here: int, step_s: float, steps_left: int, info) -> dict:
         """After each step of this process (`steps_here` of them, the last `step_s` seconds):

@@ -243,7 +243,8 @@ class Trainer:
         self.loss_fn = self.objective.loss_and_sums if self.step_sums else self.objective.loss_sum
         for m in check_trainable(model, config):
             m.gradient_checkpointing = True
-        self.compiled = CompiledBlocks(self.model, config.compile, self.device)
+        precision = compute_precision(config, self.device)[0]
+        self.compiled = CompiledBlocks(self.model, config.compile, self.device, precision)
         # A classifier's body keeps an LM head that takes no part in its loss.
         unused = isinstance(self.objective, ClassificationObjective) or getattr(
             self.objective, "scores_sequences", False
