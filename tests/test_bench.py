@@ -208,6 +208,35 @@ def test_dpo_step_counts_responses_and_the_reference_forward():
     assert all(c[-1] == eos and r[-1] == eos and eos not in p for p, c, r in pairs)
 
 
+def test_quick_grpo_case_runs_nanotune_and_trls_grpo_trainer(tmp_path):
+    """`--cases grpo`: our GRPO step (engine sampling with the live LoRA policy, then the loss)
+    and TRL's GRPOTrainer each run on the same prompts in their own worker; the row has rates,
+    memory and a ratio, and the targets are >= 5x and <= 50%."""
+    out = tmp_path / "BENCHMARKS.md"
+    assert main(["bench", "--quick", "--cases", "grpo", "--output", str(out)]) == 0
+    text = out.read_text()
+    rows = _rows(text)
+    assert set(rows) == {("grpo", side) for side in SIDES}, text
+    for side in SIDES:
+        tok_s, ms, mib, gflops = (_num(rows["grpo", side][i]) for i in (2, 4, 5, 6))
+        assert tok_s > 0 and ms > 0 and mib > 0 and gflops > 0, rows["grpo", side]
+    assert "| grpo | ≥ 5.0× peer tokens/s |" in text
+    assert "| grpo | peak memory ≤ 50% of peer |" in text
+    assert "`GRPOTrainer`" in text
+
+
+def test_grpo_step_counts_generated_tokens_sampling_and_training():
+    case = cases.CASES["grpo"]
+    cfg = cases.model_config(case, True)
+    new, G = cases.grpo_new(True), cases.GRPO_G
+    item = [[5] * 7, [6] * 3]
+    useful, flops = cases.step_stats(case, True, item)
+    assert useful == 2 * G * new
+    lengths = [7 + new] * G + [3 + new] * G
+    sample = cases.generate_flops(cfg, G, 7, new) + cases.generate_flops(cfg, G, 3, new)
+    assert flops == sample + cases.train_flops(case, cfg, lengths, useful)
+
+
 def test_unknown_case_is_one_clear_error():
     with pytest.raises(NanotuneError, match="unknown case 'nope'.*lora-sft"):
         select("lora-sft,nope")

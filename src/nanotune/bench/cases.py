@@ -28,7 +28,7 @@ class Case:
     """One workload. `kind` picks the data and the code on each side."""
 
     name: str
-    kind: str  # sft | lm | classify | generate | serve | dpo | data
+    kind: str  # sft | lm | classify | generate | serve | dpo | grpo | data
     model: str  # gpt2 | smollm2
     method: str  # lora | full | last_n | qlora | none
     description: str
@@ -50,6 +50,9 @@ class Case:
     peer: str = "transformers"
     extra: dict[str, Any] = field(default_factory=dict, hash=False)
 
+
+GRPO_G = 4  # completions per prompt (the group)
+GRPO_NEW = 32  # tokens per completion (QUICK: `Sizes.gen_new`)
 
 CASES: dict[str, Case] = {
     c.name: c
@@ -224,6 +227,22 @@ CASES: dict[str, Case] = {
             memory_ratio=0.6,
         ),
         Case(
+            "grpo",
+            "grpo",
+            "smollm2",
+            "lora",
+            "SmolLM2-135M (real weights), LoRA r16 on all linear layers, GRPO (loss dapo, beta 0) "
+            f"on 4 prompts of 20-60 tokens x {GRPO_G} sampled completions of exactly "
+            f"{GRPO_NEW} tokens each, a reward on their length; a step samples, scores and "
+            "trains once; tok/s = generated tokens (peer: TRL `GRPOTrainer`, transformers "
+            "generation)",
+            r=16,
+            targets=("all-linear",),
+            batch=4,
+            target_ratio=5.0,
+            memory_ratio=0.5,
+        ),
+        Case(
             "serve",
             "serve",
             "smollm2",
@@ -304,6 +323,10 @@ def sizes(quick: bool) -> Sizes:
     return QUICK if quick else FULL
 
 
+def grpo_new(quick: bool) -> int:
+    return sizes(quick).gen_new if quick else GRPO_NEW
+
+
 def model_config(case: Case, quick: bool) -> ModelConfig:
     """The architecture both sides build (SmolLM2 full size comes from the real checkpoint)."""
     if case.model == "smollm2":  # llama.cpp reads the real GGUF, --quick too
@@ -330,6 +353,7 @@ def items(case: Case, quick: bool) -> list[Any]:
     lm: list of token-id rows of equal length.
     classify: list of (ids, class).
     generate: list of prompts of equal length.
+    grpo: list of prompts (ids) of uneven length.
     """
     s, cfg, B = sizes(quick), model_config(case, quick), batch_size(case, quick)
     rng = random.Random(f"{case.kind}-{case.model}-{quick}")
@@ -363,6 +387,8 @@ def items(case: Case, quick: bool) -> list[Any]:
         ]
     if case.kind == "lm":
         return [[ids(s.chunk) for _ in range(B)] for _ in range(steps)]
+    if case.kind == "grpo":
+        return [[ids(rng.randint(*s.prompt)) for _ in range(B)] for _ in range(steps)]
     if case.kind == "classify" and case.epochs:  # the texts once, in a new order each epoch
         texts = [(ids(rng.randint(*s.run_text)), rng.randint(0, 1)) for _ in range(s.run_texts)]
         out = []
@@ -460,6 +486,14 @@ def step_stats(case: Case, quick: bool, item: Any) -> tuple[int, float]:
     if case.kind == "lm":
         lengths = [len(r) for r in item]
         return sum(lengths), train_flops(case, cfg, lengths, sum(n - 1 for n in lengths))
+    if case.kind == "grpo":
+        # Sampling G completions of every prompt, then one training pass over prompt +
+        # completion rows with the head at completion tokens; useful = generated tokens.
+        new = grpo_new(quick)
+        lengths = [len(p) + new for p in item for _ in range(GRPO_G)]
+        useful = len(lengths) * new
+        sample = sum(generate_flops(cfg, GRPO_G, len(p), new) for p in item)
+        return useful, sample + train_flops(case, cfg, lengths, useful)
     if case.kind == "classify":
         lengths = [len(ids) for ids, _ in item]
         return sum(lengths), train_flops(case, cfg, lengths, 0)

@@ -76,6 +76,66 @@ def _packed(examples: list[Any], pad: int, quick: bool) -> dict[str, torch.Tenso
     return collate_lm([[examples[i] for i in b] for b in bins], pad, packed=True)
 
 
+def _grpo(
+    case: Case,
+    quick: bool,
+    device: str,
+    items: list[Any],
+    source: str | None,
+    precision: str,
+    model: Any,
+) -> Workload:
+    """What `finetune` wires for `rl.algorithm: grpo` with LoRA: the engine over the live policy
+    (`route_adapters=False`), `GRPOObjective` (dapo, beta 0, one update per generation), the
+    trainer's optimizer, clipping and precision. A step samples G completions of each prompt
+    (no stop token: exactly `grpo_new` tokens, as the peer's min_new_tokens), scores them and
+    trains on them in one pass, as the trainer's step does."""
+    from nanotune.bench.cases import GRPO_G, grpo_new
+    from nanotune.decoding.engine import Engine
+    from nanotune.methods import apply_method
+    from nanotune.tokenizer import Tokenizer
+    from nanotune.training.config import TrainConfig
+    from nanotune.training.grpo import GRPOObjective, Prompt, Reward
+    from nanotune.training.trainer import autocast_for, build_optimizer
+
+    tokenizer = Tokenizer.from_dir(source)  # the HF folder both sides load (suite.py)
+    model = apply_method(model, _method(case, device)).to(device)
+    autocast = autocast_for(TrainConfig(dtype=precision), torch.device(device))
+    prompts = [
+        Prompt(p, "", "", f"prompt {i}") for i, p in enumerate(x for it in items for x in it)
+    ]
+    engine = Engine(model, tokenizer, max_batch=256, prefix_cache_mb=0, route_adapters=False)
+    objective = GRPOObjective(
+        engine,
+        prompts,
+        [Reward("length", lambda completions, **_: [float(len(c)) for c in completions])],
+        num_generations=GRPO_G,
+        max_new_tokens=grpo_new(quick),
+        loss_type="dapo",
+        stop_token_ids=(),
+        autocast=autocast,
+    )
+    model.train()
+    opt = build_optimizer(model, TrainConfig(lr=LR, weight_decay=0.0))
+    params = [p for g in opt.param_groups for p in g["params"]]
+    inputs, first = [], 0
+    for n, item in enumerate(items):
+        inputs.append((n + 1, torch.arange(first, first + len(item))))
+        first += len(item)
+
+    def step(x: tuple[int, torch.Tensor]) -> None:
+        batch, _ = objective.prepare(model, {"prompt_index": x[1]}, x[0])
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with autocast():
+            loss = objective.loss_sum(model, batch) / objective.count(batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return Workload(step, inputs)
+
+
 def build(
     case: Case, quick: bool, device: str, items: list[Any], source: str | None, precision: str
 ) -> Workload:
@@ -99,6 +159,8 @@ def build(
         gen = GenerationConfig(max_new_tokens=sizes(quick).gen_new, stop_token_ids=())
         return Workload(lambda prompts: generate_ids(model, prompts, gen), items)
 
+    if case.kind == "grpo":
+        return _grpo(case, quick, device, items, source, precision, model)
     if case.kind == "dpo":
         from nanotune.data.batching import collate_preference
         from nanotune.data.example import PreferenceExample

@@ -26,7 +26,7 @@ def import_libraries(case: Case) -> None:
     import peft  # noqa: F401
     import transformers  # noqa: F401
 
-    if case.kind == "dpo":
+    if case.kind in ("dpo", "grpo"):
         import datasets  # noqa: F401
         import trl  # noqa: F401
 
@@ -200,6 +200,76 @@ def _dpo(
     return Workload(step, batches)
 
 
+def _grpo(
+    case: Case, quick: bool, device: str, items: list[Any], source: str | None, precision: str
+) -> Workload:
+    """TRL's `GRPOTrainer` as its documentation sets up LoRA GRPO on one machine without vLLM:
+    a `peft_config`, transformers generation, beta 0 (its default: no reference model), loss
+    dapo (its default), one generation per optimizer step, the side's precision (`bf16`), no
+    gradient checkpointing, no eval, logging or saving. Completions are exactly `grpo_new`
+    tokens (`generation_kwargs={"min_new_tokens": ...}`, as our side samples with no stop
+    token). A step is its own `training_step` on the G copies of each prompt its sampler would
+    yield (it generates, scores, computes advantages and the loss, backward), then clipping, the
+    optimizer it creates and zeroed gradients. Its prompts are our token ids decoded to text."""
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    from nanotune.bench.cases import GRPO_G, grpo_new
+
+    model = _lm_model(case, quick, source)
+    tokenizer = _tokenizer(source)
+    new = grpo_new(quick)
+
+    def length(completions: list[str], **_: Any) -> list[float]:
+        return [float(len(c)) for c in completions]
+
+    with tempfile.TemporaryDirectory(prefix="nanotune-bench-trl-") as tmp:
+        args = GRPOConfig(
+            output_dir=tmp,
+            per_device_train_batch_size=batch_size(case, quick) * GRPO_G,
+            num_generations=GRPO_G,
+            max_completion_length=new,
+            generation_kwargs={"min_new_tokens": new},
+            temperature=1.0,
+            beta=0.0,
+            loss_type="dapo",
+            learning_rate=LR,
+            weight_decay=0.0,
+            max_grad_norm=1.0,
+            bf16=precision == "bfloat16",
+            gradient_checkpointing=False,
+            use_cpu=device == "cpu",
+            eval_strategy="no",
+            logging_strategy="no",
+            save_strategy="no",
+            report_to="none",
+            disable_tqdm=True,
+            seed=0,
+        )
+        placeholder = Dataset.from_list([{"prompt": "a"}])
+        trainer = GRPOTrainer(
+            model,
+            reward_funcs=[length],
+            args=args,
+            train_dataset=placeholder,
+            processing_class=tokenizer,
+            peft_config=_lora_config(case),
+        )
+    rows = [
+        [{"prompt": tokenizer.decode(p)} for p in item for _ in range(GRPO_G)] for item in items
+    ]
+    trainer.current_gradient_accumulation_steps = 1  # set by `train()`'s loop
+    opt = trainer.create_optimizer()
+
+    def step(batch: list[dict[str, str]]) -> None:
+        trainer.training_step(trainer.model, batch, None)
+        trainer.accelerator.clip_grad_norm_(trainer.model.parameters(), args.max_grad_norm)
+        opt.step()
+        trainer.model.zero_grad(set_to_none=True)
+
+    return Workload(step, rows)
+
+
 def build(
     case: Case, quick: bool, device: str, items: list[Any], source: str | None, precision: str
 ) -> Workload:
@@ -208,6 +278,8 @@ def build(
     pad = cfg.eos_token_id if cfg.eos_token_id is not None else 0
     if case.kind == "dpo":
         return _dpo(case, quick, device, items, source, precision)
+    if case.kind == "grpo":
+        return _grpo(case, quick, device, items, source, precision)
     if case.kind == "generate":
         model = _lm_model(case, quick, source).to(device).eval()
         new = sizes(quick).gen_new

@@ -233,6 +233,15 @@ def render(
         "responses attending to it) and `PreferenceObjective('dpo')` with the reference under "
         "`adapters_disabled`. Same pairs, same LoRA, beta 0.1 on both; FLOPs count both whole "
         "sequences of every pair, as the peer computes them.",
+        "- grpo: the peer is TRL's `GRPOTrainer` with a peft `LoraConfig`, transformers "
+        "generation (no vLLM), beta 0 and loss dapo (its defaults), one generation per step, "
+        "completions forced to the case's length (`min_new_tokens`); a step is its "
+        "`training_step` on the G copies of each prompt (generate, score, advantages, loss, "
+        "backward), then clipping and its optimizer. nanotune: `GRPOObjective.prepare` (the "
+        "decoding engine over the live LoRA policy, no stop token) and its loss, as the trainer "
+        "runs them. Same prompts (the peer gets them as decoded text), same G, lengths, LoRA and "
+        "reward; FLOPs count sampling (prefill and decode per completion) and the training "
+        "pass; useful tokens are the generated ones.",
         "- Useful tokens: supervised (answer) tokens for SFT cases, response tokens of chosen "
         "and rejected for dpo, non-pad tokens for full-lm "
         "and classify, generated tokens for generation. tokens/s is the median over timed steps "

@@ -135,7 +135,7 @@ def run(
         source = folder = None
         if any(CASES[c].model == "smollm2" for c in cases):
             source = _tiny_llama(Path(tmp) / "tiny-llama") if quick else smollm2_gguf()
-        if any(CASES[c].kind == "dpo" for c in cases):
+        if any(CASES[c].kind in ("dpo", "grpo") for c in cases):
             # transformers' Trainer (under TRL's DPOTrainer) refuses to train a model loaded
             # from GGUF, dequantized or not; so dpo gives both sides the GGUF dequantized once
             # into an fp32 HF folder: the same weights, from the same files.
@@ -149,7 +149,7 @@ def run(
             src = source if CASES[case].model == "smollm2" else None
             if CASES[case].peer == "llama.cpp":  # a GGUF for llama.cpp, --quick included
                 src = smollm2_gguf()
-            if CASES[case].kind == "dpo":
+            if CASES[case].kind in ("dpo", "grpo"):
                 src = folder
             r = run_side(case, side, quick, device, src, timeout)
             log(

@@ -295,6 +295,7 @@ class GRPOObjective:
         mask_truncated_completions: bool = False,
         seed: int = 0,
         pad_id: int = 0,
+        stop_token_ids: tuple[int, ...] | None = None,
         reference: Callable[[nn.Module], AbstractContextManager] | None = None,
         autocast: Callable[[], AbstractContextManager] = contextlib.nullcontext,
     ) -> None:
@@ -308,6 +309,7 @@ class GRPOObjective:
         self.num_iterations, self.loss_type = num_iterations, loss_type
         self.scale_rewards, self.mask_truncated = scale_rewards, mask_truncated_completions
         self.seed, self.pad_id = seed, pad_id
+        self.stop_token_ids = stop_token_ids  # None: the tokenizer's (EOS, end of turn)
         self.reference, self.autocast = reference, autocast
         self._rollout: dict[str, Any] | None = None  # {"step": first step, "batch", "stats"}
 
@@ -385,6 +387,7 @@ class GRPOObjective:
                 temperature=self.temperature,
                 top_p=self.top_p,
                 seed=self.sampling_seed(step, r),
+                stop_token_ids=self.stop_token_ids,
             )
             for r in range(len(prompt_rows) * self.G)
         ]
