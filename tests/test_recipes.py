@@ -23,6 +23,7 @@ RECIPES = [
     "demo-reward",
     "demo-tools",
     "eli5-full",
+    "grpo-arithmetic",
     "hh-rlhf-dpo",
     "hh-rlhf-lora",
     "hh-rlhf-reward",
@@ -310,6 +311,22 @@ def test_demo_reward_then_demo_dpo_judged_by_it(tmp_path, tiny_llama_dir):
         assert 0.0 <= result.after["preference_accuracy"] <= 1.0
         assert 0.0 <= result.after["reward_win_rate"] <= 1.0
         assert not (out / "reference_logps.safetensors").exists()  # no precomputed reference
+
+
+def test_grpo_arithmetic(tmp_path, tiny_llama_dir):
+    """The offline GRPO recipe on a tiny Llama: its rewards score the samples each step, and the
+    held-out prompts' mean reward and accuracy (numeric match of greedy answers) come before
+    and after, beside exact match."""
+    small = ["data.limit=40", "train.max_steps=2", "train.micro_batch_size=6", "train.grad_accum=1"]
+    small += ["eval.max_examples=4", "rl.max_new_tokens=3", "eval.max_new_tokens=3"]
+    result, out = run("grpo-arithmetic", tmp_path, tiny_llama_dir, *small)
+    for side in (result.before, result.after):
+        assert {"exact_match", "rl_reward", "rl_reward_numeric_match", "rl_reward_format"} <= set(
+            side
+        )
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert len(steps) == 2 and all("rewards/numeric_match/mean" in r for r in steps)
 
 
 def test_demo_dpo_before_demo_reward_says_to_train_it_first(tmp_path, monkeypatch, capsys):
