@@ -23,6 +23,7 @@ RECIPES = [
     "demo-reward",
     "demo-tools",
     "eli5-full",
+    "gemma3-270m-reverse",
     "grpo-arithmetic",
     "hh-rlhf-dpo",
     "hh-rlhf-lora",
@@ -311,6 +312,38 @@ def test_demo_reward_then_demo_dpo_judged_by_it(tmp_path, tiny_llama_dir):
         assert 0.0 <= result.after["preference_accuracy"] <= 1.0
         assert 0.0 <= result.after["reward_win_rate"] <= 1.0
         assert not (out / "reference_logps.safetensors").exists()  # no precomputed reference
+
+
+def test_gemma3_270m_reverse(tmp_path, smollm2_tokenizer_dir):
+    """The offline Gemma 3 recipe on a tiny random Gemma 3 (transformers' own class) in its
+    place: a base model's plain prompt + completion rows, LoRA on every linear, exact match."""
+    import transformers as tf
+    from conftest import _copy_files
+
+    assert yaml.safe_load(recipe_text("gemma3-270m-reverse"))["model"]["name"] == "gemma3-270m"
+    config = tf.Gemma3TextConfig(
+        vocab_size=49152,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=16,
+        sliding_window=8,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    model = tmp_path / "gemma3"
+    tf.Gemma3ForCausalLM(config).save_pretrained(model)
+    _copy_files(smollm2_tokenizer_dir, model)
+    small = ["data.limit=60", "train.max_steps=2", "train.eval_every=2"]
+    result, out = run("gemma3-270m-reverse", tmp_path, model, *small, "eval.max_examples=4")
+    assert (out / "final" / "adapter_config.json").is_file()
+    assert "exact_match" in result.before and "exact_match" in result.after
+    sample = result.samples[0]  # a plain prompt (no chat template), its reference the reversal
+    words = sample["prompt"].removeprefix("Reverse the words: ").removesuffix("\n").split()
+    assert sample["prompt"].startswith("Reverse the words: ") and sample["prompt"].endswith("\n")
+    assert sample["reference"] == " ".join(reversed(words)) and len(words) >= 3
 
 
 def test_grpo_arithmetic(tmp_path, tiny_llama_dir):
