@@ -355,6 +355,17 @@ def test_a_fine_tune_saves_the_template_it_trained_with(tmp_path, tiny_llama_dir
     result = nanotune.train(recipe, data={"train": rows}, progress=False)
     saved = json.loads((result.run_dir / "final" / "tokenizer_config.json").read_text())
     assert saved["chat_template"] == CHATML_TOOLS
+    # what generate and serve load from the run, and its GGUF export, render with it too
+    from nanotune.jobs.artifacts import load
+    from nanotune.methods.lora import merge
+    from nanotune.weights import load_model
+    from nanotune.weights.gguf_export import export_gguf
+
+    model, tokenizer = load(str(result.run_dir / "final"))
+    assert tokenizer.chat_template == CHATML_TOOLS
+    merge(model)
+    gguf = export_gguf(model, tokenizer, tmp_path / "tools.gguf", quant="f32")
+    assert load_model(gguf)[1].chat_template == CHATML_TOOLS
 
 
 def test_builtin_tool_calls_answers_are_one_call_scored_by_the_parsed_call(pairs):
