@@ -74,7 +74,9 @@ class DataConfig:
     chat: a conversation in any common layout, recognised from the row: OpenAI `messages`
     (content a string or text parts), ShareGPT `conversations` (from/value), an HH-RLHF
     `dialogue`, or user/assistant, question/answer, prompt/completion or Alpaca
-    instruction/input/output columns; content that is not text is a bad row.
+    instruction/input/output columns; content that is not text is a bad row. Tool calling: a
+    `tools` column (or data.tools), assistant `tool_calls` and `tool` results (ShareGPT:
+    function_call/observation), rendered by the chat template with tools (data.chat_template).
 
     preference: a prompt and a chosen and a rejected response (`prompt`/`chosen`/`rejected`,
     text or chat messages), or two HH-RLHF transcripts (`chosen`/`rejected` whole dialogues
@@ -83,7 +85,7 @@ class DataConfig:
     """Canonical field -> column in the data, e.g. {text: sms, label: category}.
 
     The canonical names are the ones the format reads (prompt/completion, messages,
-    conversations (ShareGPT), dialogue (an HH-RLHF "\n\nHuman: …\n\nAssistant: …"
+    conversations (ShareGPT), tools, dialogue (an HH-RLHF "\n\nHuman: …\n\nAssistant: …"
     transcript), system/user/assistant, context/question/answer, instruction/input/output, text,
     label, prompt/chosen/rejected). A
     dotted column name (answers.text) reads a field of a nested record. With header: false the
