@@ -141,6 +141,7 @@ def _expected(kind: str):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["model", "adapter", "checkpoint"])
 def test_sigkill_while_writing_leaves_a_whole_artifact(kind, tmp_path):
     """Killed at random moments while rewriting an export, a final/ adapter or a checkpoint, the

@@ -95,6 +95,7 @@ def cases():
                 )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family, messages, add_generation_prompt", list(cases()))
 def test_render_equals_transformers(family, messages, add_generation_prompt, tokenizers):
     hf, ours = tokenizers[family]

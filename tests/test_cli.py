@@ -93,6 +93,7 @@ def test_unknown_model_is_a_one_line_error(capsys, empty_cwd):
     assert "no-such-model-xyz" in one_line_error(capsys)
 
 
+@pytest.mark.slow
 def test_prompt_longer_than_context_is_a_one_line_error(tiny_gpt2_dir, capsys, empty_cwd):
     # The tiny model has 128 positions; 200 words is far over.
     argv = ["generate", "--model", str(tiny_gpt2_dir), "--prompt", "word " * 200]
@@ -101,6 +102,7 @@ def test_prompt_longer_than_context_is_a_one_line_error(tiny_gpt2_dir, capsys, e
     assert re.search(r"prompt of 2\d\d tokens .* context is 128 tokens .* leaves 120", err)
 
 
+@pytest.mark.slow
 def test_generate_prints_what_the_library_generates(tiny_gpt2, tiny_gpt2_dir, capsys):
     model, tok = tiny_gpt2
     cfg = GenerationConfig(max_new_tokens=12, temperature=0.9, top_k=20, seed=5)
@@ -126,6 +128,7 @@ def test_generate_prints_what_the_library_generates(tiny_gpt2, tiny_gpt2_dir, ca
     assert capsys.readouterr().out == expected + "\n"
 
 
+@pytest.mark.slow
 def test_generate_stop_option_trims(tiny_gpt2, tiny_gpt2_dir, capsys):
     model, tok = tiny_gpt2
     full = generate(model, tok, ["Hello"], GenerationConfig(max_new_tokens=16))[0]
@@ -145,6 +148,7 @@ def test_generate_stop_option_trims(tiny_gpt2, tiny_gpt2_dir, capsys):
     assert capsys.readouterr().out == full[: full.index(stop)] + "\n"
 
 
+@pytest.mark.slow
 def test_generate_applies_an_adapter(tiny_gpt2_dir, tmp_path, capsys):
     import torch
 
@@ -169,6 +173,7 @@ def test_generate_applies_an_adapter(tiny_gpt2_dir, tmp_path, capsys):
     assert capsys.readouterr().out == tuned + "\n"
 
 
+@pytest.mark.slow
 def test_generate_in_bfloat16_merges_the_adapter_and_decodes_in_bf16(
     tiny_gpt2_dir, tmp_path, capsys
 ):
@@ -202,6 +207,7 @@ def test_generate_in_bfloat16_merges_the_adapter_and_decodes_in_bf16(
     assert e.value.code == 2
 
 
+@pytest.mark.slow
 def test_generate_in_int8_decodes_from_int8_weights_and_agrees_with_float32(tiny_llama_dir, capsys):
     import torch
 
@@ -238,6 +244,7 @@ def test_serve_refuses_int8_with_adapters_before_loading_anything(tmp_path):
         serve(ServeCommand(model="./absent", adapter=(f"a={tmp_path / 'a'}",), dtype="int8"))
 
 
+@pytest.mark.slow
 def test_chat_repl_keeps_history_resets_and_exits_on_eof(tiny_llama_dir, monkeypatch, capsys):
     from nanotune.weights import load_model
 
@@ -293,6 +300,7 @@ def test_models_counts_a_chunked_package_offline_before_its_first_assembly(
     assert list(tmp_path.iterdir()) == []  # a listing writes nothing
 
 
+@pytest.mark.slow
 def test_export_round_trips_and_refuses_an_existing_dir(tiny_gpt2, tiny_gpt2_dir, tmp_path, capsys):
     from nanotune.weights import load_model
 
@@ -313,6 +321,7 @@ def test_export_round_trips_and_refuses_an_existing_dir(tiny_gpt2, tiny_gpt2_dir
     assert main(["export", "--model", str(tiny_gpt2_dir), str(out), "--overwrite"]) == 0
 
 
+@pytest.mark.slow
 def test_python_dash_m_nanotune_runs():
     done = subprocess.run(
         [sys.executable, "-m", "nanotune", "generate", "--help"],
@@ -413,6 +422,7 @@ def test_option_flags_come_from_the_config_dataclasses(capsys):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", SUBCOMMANDS)
 def test_every_option_is_a_field_of_the_commands_dataclass(command):
     """No option is declared by hand: each one's dest is a field of the command's dataclass (a

@@ -111,6 +111,7 @@ def recipe(tmp_path, tiny_gpt2_dir):
     return path
 
 
+@pytest.mark.slow
 def test_train_cli_guards_the_run_directory(recipe, tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", str(recipe)]) == 0
@@ -141,6 +142,7 @@ def test_train_cli_guards_the_run_directory(recipe, tmp_path, capsys):
     assert not (run / "checkpoints" / "step-4").exists()
 
 
+@pytest.mark.slow
 def test_import_is_light_and_nanotune_train_is_the_workflow():
     import subprocess
     import sys
@@ -396,6 +398,7 @@ def test_print_config_on_every_recipe(name, capsys, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", __import__("nanotune.recipes").recipes.recipe_names())
 def test_dry_run_on_every_recipe(name, capsys, tmp_path, tiny_gpt2_dir):
     from nanotune.recipes import load_recipe

@@ -51,6 +51,7 @@ def per_example_losses(model: Transformer, batch: dict) -> list[float]:
     return out
 
 
+@pytest.mark.slow
 def test_packed_losses_equal_padded(model):
     examples = lm_examples(24)
     padded = epoch_batches(examples, 4, seed=1, epoch=0, pad_id=PAD, shuffle=False)

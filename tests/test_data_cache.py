@@ -66,6 +66,7 @@ def test_the_store_refuses_a_label_that_is_not_its_token():
         ExampleStore.build([Example([1, 2], [1, 2]), Example([3], [7])])
 
 
+@pytest.mark.slow
 def test_a_second_build_reads_the_cache_and_replays_the_tokenizer_changes(tmp_path):
     cfg = DataConfig(
         source=_write(tmp_path / "chat.jsonl", _chat_rows(30)),
@@ -90,6 +91,7 @@ def test_a_second_build_reads_the_cache_and_replays_the_tokenizer_changes(tmp_pa
     assert fresh.chat_template == tok.chat_template and fresh.vocab_size == tok.vocab_size
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("change", ["file", "options", "tokenizer"])
 def test_any_change_to_data_options_or_tokenizer_builds_anew(tmp_path, change):
     source = tmp_path / "rows.jsonl"
@@ -110,6 +112,7 @@ def test_any_change_to_data_options_or_tokenizer_builds_anew(tmp_path, change):
         assert tok.decode(again.train[0].ids).startswith("R")
 
 
+@pytest.mark.slow
 def test_a_damaged_entry_is_rebuilt_and_the_off_switch_writes_nothing(tmp_path, monkeypatch):
     cfg = DataConfig(
         source=_write(tmp_path / "r.jsonl", [{"prompt": "Q", "completion": " A"}] * 5),
@@ -137,6 +140,7 @@ def test_a_damaged_entry_is_rebuilt_and_the_off_switch_writes_nothing(tmp_path, 
     ],
     ids=["fractions", "limit", "limit-no-split", "text"],
 )
+@pytest.mark.slow
 def test_lm_rows_are_formatted_as_read_and_split_as_the_rows_would_be(monkeypatch, options):
     """The streaming build never holds the rows: a source's Row objects die as they are
     formatted, and the splits, drops and counts equal splitting the rows first and formatting
@@ -195,6 +199,7 @@ def test_lm_rows_are_formatted_as_read_and_split_as_the_rows_would_be(monkeypatc
         assert cfg.format == "text" or dropped > 0
 
 
+@pytest.mark.slow
 def test_a_failing_row_is_counted_in_its_split_and_an_error_names_the_first_in_file_order(
     tmp_path,
 ):
@@ -231,6 +236,7 @@ def test_cacheable_says_what_cache_key_does(tmp_path):
         assert cacheable(cfg, tok) == (cache_key(cfg, tok) is not None), cfg
 
 
+@pytest.mark.slow
 def test_a_built_split_is_read_from_the_memory_mapped_entry_it_wrote(tmp_path):
     cfg = DataConfig(source=_write(tmp_path / "r.jsonl", _chat_rows(6)), format="chat")
     data = build_datasets(cfg, gpt2_tokenizer())
@@ -272,6 +278,7 @@ def test_store_take_and_chunked_equal_their_list_forms(monkeypatch, tmp_path):
         assert _same(store.chunked(9, block), want), block
 
 
+@pytest.mark.slow
 def test_batch_encoding_ahead_gives_the_examples_of_encoding_row_by_row(tmp_path, monkeypatch):
     fmt = "completion"
     from nanotune.data import pipeline
@@ -318,6 +325,7 @@ def _loss(model, examples) -> float:
     return perplexity(model, batches)["loss"]
 
 
+@pytest.mark.slow
 def test_token_ids_edited_in_the_entry_are_rebuilt_not_trained_on(tmp_path, capsys, tiny_gpt2_dir):
     from nanotune.data import cache as data_cache
     from nanotune.weights import load_model
@@ -350,6 +358,7 @@ def test_token_ids_edited_in_the_entry_are_rebuilt_not_trained_on(tmp_path, caps
     "damage",
     ["chat-template", "added-token", "empty-ids", "empty-offsets", "no-checksums"],
 )
+@pytest.mark.slow
 def test_a_damaged_entry_is_built_anew_with_a_note(tmp_path, capsys, damage):
     cfg = DataConfig(
         source=_write(tmp_path / "chat.jsonl", _chat_rows(10)),
@@ -387,6 +396,7 @@ def test_a_damaged_entry_is_built_anew_with_a_note(tmp_path, capsys, damage):
     assert build_datasets(cfg, gpt2_tokenizer()).cached == entry
 
 
+@pytest.mark.slow
 def test_an_emptied_entry_costs_a_dry_run_a_note_not_a_traceback(
     tmp_path, capsys, monkeypatch, tiny_gpt2_dir
 ):

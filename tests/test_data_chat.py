@@ -111,6 +111,7 @@ def smol_pair(smollm2_tokenizer_dir, tmp_path_factory):
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_every_layout_renders_and_supervises_as_transformers(layout, smol_pair):
     row, messages = LAYOUTS[layout]
@@ -325,6 +326,7 @@ def _recipe(tmp_path, model) -> dict:
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["list", "dataframe"])
 def test_train_from_python_rows(kind, tmp_path, tiny_llama_dir, monkeypatch):
     import nanotune

@@ -105,6 +105,7 @@ def test_alpaca_supervises_output_only(gpt2):
     assert supervised(gpt2, no_input) == "hi<|endoftext|>"
 
 
+@pytest.mark.slow
 def test_gpt2_chat_markers_multi_turn(gpt2):
     cfg = DataConfig(source="x", format="chat", system_prompt="Be brief.")
     assert required_special_tokens(cfg, gpt2) == [
@@ -156,6 +157,7 @@ MARKER_CHATS = [
 NASTY_SYSTEM = 'Say "hi" {{ x }} {% raw %} \\ é 😀\nthen stop.'
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("add_bos", [False, True])
 def test_markers_chat_template_renders_the_training_text(add_bos, tmp_path):
     from transformers import AutoTokenizer
@@ -182,6 +184,7 @@ def test_markers_chat_template_renders_the_training_text(add_bos, tmp_path):
         tok.apply_chat_template([{"role": "tool", "content": "x"}])
 
 
+@pytest.mark.slow
 def test_smollm2_chat_template_multi_turn(smol):
     cfg = DataConfig(source="x", format="chat")
     assert required_special_tokens(cfg, smol) == []
@@ -260,6 +263,7 @@ def test_generation_blocks_label_what_transformers_masks(name, smollm2_tokenizer
     assert train_all.labels == train_all.ids == ids
 
 
+@pytest.mark.slow
 def test_generation_blocks_on_the_tiktoken_bpe(tmp_path):
     from transformers import AutoTokenizer
 
@@ -341,6 +345,7 @@ def test_classification_labels_by_name_and_index(gpt2):
         )
 
 
+@pytest.mark.slow
 def test_truncation_never_cuts_the_answer(tmp_path, gpt2):
     long_prompt = "word " * 40
     rows = [

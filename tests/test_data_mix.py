@@ -40,6 +40,7 @@ def _mix(tmp_path: Path, **data) -> DataConfig:
     )
 
 
+@pytest.mark.slow
 def test_weights_are_the_shares_of_every_epoch(tmp_path):
     """0.75/0.25 over sources of 300 and 700 rows: every epoch's batches hold 750 apple and 250
     banana examples (apple repeated 2.5 times, banana sampled), a new seeded draw each epoch."""
@@ -74,6 +75,7 @@ def test_weights_are_the_shares_of_every_epoch(tmp_path):
     assert draws[0] != draws[1] != draws[2]  # each epoch draws anew (seeded: same run, same draw)
 
 
+@pytest.mark.slow
 def test_fraction_entries_and_counts_in_summary_cache_and_held_out(tmp_path):
     tok = gpt2_tokenizer()
     cfg = DataConfig(
@@ -272,6 +274,7 @@ def _order(run: Path) -> list[str]:
     return [x for x in path.read_text().splitlines() if len(x) == 16] if path.exists() else []
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_trains_the_same_mixed_order(tmp_path, tiny_gpt2_dir, monkeypatch):
     """A real SIGKILL (no warning, no checkpoint on the way out) after the first checkpoint,
     then --resume: the batches trained are exactly the uninterrupted run's, in order, and so
@@ -349,6 +352,7 @@ def test_streamed_sources_interleave_by_weight_and_resume_at_the_same_row(tmp_pa
         DataConfig(sources=[{"source": "a.jsonl", "fraction": 0.5}], streaming=True)
 
 
+@pytest.mark.slow
 def test_a_streamed_mix_trains_with_a_given_val_source(tmp_path, tiny_gpt2_dir):
     """nanotune.train on two streamed sources and a val_source: the model card and the report
     count each source's examples trained on (4 steps of 4 at 3:1 is 12 and 4)."""

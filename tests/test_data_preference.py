@@ -70,6 +70,7 @@ def test_hh_rlhf_transcripts_share_their_prompt_and_differ_in_the_last_reply(tmp
     assert tok.chat_template  # the markers template travels with the tokenizer
 
 
+@pytest.mark.slow
 def test_messages_pairs_render_with_the_models_template(smollm2_gguf):
     tok = load_gguf_tokenizer(smollm2_gguf)
     cfg = DataConfig(source="x", format="preference")
@@ -117,6 +118,7 @@ BAD = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("row,message", BAD, ids=[m for _, m in BAD])
 def test_bad_pairs_are_counted_skips_or_errors_naming_file_and_line(row, message, tmp_path):
     good = {"prompt": "Q?", "chosen": " yes", "rejected": " no"}

@@ -102,6 +102,7 @@ def _steps(run: Path) -> list[dict]:
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_training_from_an_iterable_dataset_and_a_resumed_stream(tmp_path, tiny_gpt2_dir):
     """nanotune.train on an IterableDataset trains on the same batches (same losses, the same
     adapter) as on the file's rows streamed; a run resumed from its step-3 checkpoint ends with

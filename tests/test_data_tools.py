@@ -235,6 +235,7 @@ def _assistant_spans(hf, messages: list[dict], tools) -> list[tuple[int, int]]:
     return spans
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("template", TEMPLATES)
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_every_layout_renders_and_supervises_as_transformers(layout, template, pairs):

@@ -238,6 +238,7 @@ def test_split_prompt_uses_the_label_mask():
         split_prompt(ids, ids)
 
 
+@pytest.mark.slow
 def test_generation_eval_prompts_as_trained_and_scores_exact_answers():
     from nanotune.generate import GenerationConfig, generate
 
@@ -324,6 +325,7 @@ def test_compare_rewards_means_and_win_rate():
     assert after == {"reward": pytest.approx(1 / 3), "reward_win_rate": pytest.approx(0.5)}
 
 
+@pytest.mark.slow
 def test_reward_model_scores_match_unbatched_hf_model(tmp_path, gpt2_tokenizer_dir):
     import shutil
 
@@ -487,6 +489,7 @@ def test_report_opens_with_the_result_then_curves_samples_and_folded_config(tmp_
     assert re.search(r"<details><summary>[^<]+</summary><pre class=config>[^<]*lr: 0.0001", page)
 
 
+@pytest.mark.slow
 def test_report_of_a_preference_run_plots_reward_accuracy_margin_and_logps(tmp_path):
     """Training steps of a DPO run log reward accuracy, margin and log-probs: each is drawn, the
     first two with their evaluation counterparts, the log-probs chosen beside rejected."""
@@ -653,6 +656,7 @@ def _lora_adapter(tiny_gpt2_dir, out):
     return model.eval()
 
 
+@pytest.mark.slow
 def test_eval_command_base_vs_adapter(tmp_path, tiny_gpt2_dir, capsys):
     from nanotune.cli import main
     from nanotune.data import DataConfig, build_datasets
@@ -718,6 +722,7 @@ def test_eval_command_errors_are_one_line(tmp_path, tiny_gpt2_dir, capsys):
     assert "accuracy needs format: classification" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_eval_command_classifier_adapter(tmp_path, tiny_gpt2_dir, capsys):
     from nanotune.cli import main
     from nanotune.data import DataConfig, build_datasets
@@ -767,6 +772,7 @@ def test_eval_command_classifier_adapter(tmp_path, tiny_gpt2_dir, capsys):
     assert {"macro_f1", "f1/ham", "f1/spam"} <= set(table)
 
 
+@pytest.mark.slow
 def test_eval_command_with_a_recipe_and_overrides(tmp_path, tiny_gpt2_dir, capsys):
     import yaml
 

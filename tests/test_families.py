@@ -212,6 +212,7 @@ def test_config_reads_the_family_flags(case, folders):
     assert windows == expected.get(case, [None] * 4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
 def test_logits_and_greedy_tokens_equal_transformers(case, folders):
     hf = tf.AutoModelForCausalLM.from_pretrained(folders[case]).eval()
@@ -425,6 +426,7 @@ def _logits(model, ids):
     return out if isinstance(out, torch.Tensor) else out.logits
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
 def test_lora_adapters_travel_both_ways_with_peft_and_merge_for_transformers(
     case, folders, tmp_path
@@ -545,6 +547,7 @@ def _longrope(config) -> tuple | None:
     return long[0], round(long[1], 6), [[round(f, 6) for f in fs] for fs in factors]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["qwen3", "mistral", "phi3-longrope", "gpt_neox"])
 def test_a_lora_runs_final_folder_loads_with_auto_peft(case, folders, tmp_path):
     """A real (short) fine-tune of the family, as a user runs it: its final/ is a PEFT folder
@@ -573,6 +576,7 @@ def test_a_lora_runs_final_folder_loads_with_auto_peft(case, folders, tmp_path):
     assert (_logits(hf, ids) - _logits(tuned, ids)).abs().max() < 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
 def test_gguf_export_reads_back_to_the_same_model(case, ggufs):
     model, paths = ggufs(case)
@@ -606,6 +610,7 @@ GGUF_UNREAD = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["qwen2", "mistral-v0.3", "gemma2", "gemma3", "phi3"])
 def test_transformers_reads_the_gguf_export(case, ggufs):
     model, paths = ggufs(case)
@@ -682,6 +687,7 @@ def mistral_engine(folders):
     engine.stop(timeout=30)
 
 
+@pytest.mark.slow
 def test_serve_engine_decodes_past_the_window_as_transformers(mistral_engine, folders):
     """The engine's decode rows sit at their own positions in the slot cache; its masks need no
     change for the window (the decoder counts distances by position)."""

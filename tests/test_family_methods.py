@@ -294,6 +294,7 @@ def test_a_reward_model_learns_the_preference(family, folders):
     assert (chosen > rejected).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", CASES)
 def test_dpo_with_lora_starts_at_log2_and_learns(family, folders):
     """Pair rows (prompt once, chosen and rejected as branches) give each sequence's own

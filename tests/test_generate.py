@@ -144,6 +144,7 @@ def hf_greedy(hf, prompts: list[list[int]], n: int, **kw) -> list[list[int]]:
     return out[:, T:].tolist()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_greedy_matches_transformers_single_and_left_padded_batch(family):
     hf, model = hf_pair(family)
@@ -152,6 +153,7 @@ def test_greedy_matches_transformers_single_and_left_padded_batch(family):
     assert generate_ids(model, PROMPTS, cfg) == hf_greedy(hf, PROMPTS, 32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_repetition_penalty_matches_transformers(family):
     hf, model = hf_pair(family)
@@ -165,6 +167,7 @@ def test_repetition_penalty_matches_transformers(family):
 # --- cache, padding, sampling ------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_kv_cache_equals_no_cache_and_batch_equals_one_by_one(family):
     model = tiny(family)
@@ -175,6 +178,7 @@ def test_kv_cache_equals_no_cache_and_batch_equals_one_by_one(family):
         assert generate_ids(model, [prompt], cfg) == [got]
 
 
+@pytest.mark.slow
 def test_seeded_sampling_is_reproducible_and_seed_matters():
     model = tiny("llama")
     cfg = GenerationConfig(
@@ -190,6 +194,7 @@ def test_seeded_sampling_is_reproducible_and_seed_matters():
     assert first != greedy
 
 
+@pytest.mark.slow
 def test_top_k_one_equals_greedy():
     model = tiny("gpt2")
     greedy = generate_ids(model, PROMPTS, GenerationConfig(24, stop_token_ids=()))
@@ -197,6 +202,7 @@ def test_top_k_one_equals_greedy():
     assert generate_ids(model, PROMPTS, sampled) == greedy
 
 
+@pytest.mark.slow
 def test_tiny_top_p_equals_greedy():
     model = tiny("gpt2")
     greedy = generate_ids(model, PROMPTS, GenerationConfig(24, stop_token_ids=()))
@@ -216,6 +222,7 @@ def test_training_mode_is_restored():
 # --- stopping ----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_stop_token_ends_each_row_on_its_own():
     model = tiny("gpt2")
     full = generate_ids(model, PROMPTS, GenerationConfig(20, stop_token_ids=()))
@@ -347,6 +354,7 @@ def test_cli_refuses_non_finite_sampling_flags(flag, value, capsys):
     assert err.endswith(f"{value} must be a finite number") and "\n" not in err
 
 
+@pytest.mark.slow
 def test_prompt_longer_than_context_names_both_lengths():
     model = tiny("gpt2")  # block_size 96
     with pytest.raises(NanotuneError, match=r"prompt of 90 tokens.*context is 96.*leaves 86"):
@@ -360,6 +368,7 @@ def test_empty_prompt_is_an_error():
         generate_ids(tiny("gpt2"), [[1], []], GenerationConfig(4))
 
 
+@pytest.mark.slow
 def test_text_stream_pieces_join_to_the_full_decode():
     """Incremental decoding (a window per token) gives exactly the whole-output decode, on real
     GPT-2 BPE with multi-byte characters split across tokens; with a stop string, the text up
@@ -382,6 +391,7 @@ def test_text_stream_pieces_join_to_the_full_decode():
     assert ts.stopped and "".join(pieces) + ts.finish() == text[: text.index("again:")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_a_bf16_model_on_cpu_caches_keys_in_float32_with_the_outputs_of_a_bf16_cache(family):
     """Attention runs in float32 on CPU for bf16 inputs, so a float32 cache holds the same

@@ -38,6 +38,7 @@ def test_cache_length_buckets():
     ],
     ids=["gpt2", "llama-window"],
 )
+@pytest.mark.slow
 def test_compiled_greedy_decode_equals_eager(config, on_device):
     torch._dynamo.reset()
     torch.manual_seed(0)

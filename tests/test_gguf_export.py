@@ -32,6 +32,7 @@ def types(path) -> dict[str, GGMLQuantizationType]:
     return {t.name: t.tensor_type for t in GGUFReader(path).tensors}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("quant", "tol"), [("f32", 1e-4), ("f16", 1e-2), ("bf16", 5e-2)])
 def test_tiny_gqa_llama_round_trips(tiny_llama_dir, tmp_path, quant, tol):
     source, tokenizer = load_model(tiny_llama_dir)
@@ -64,6 +65,7 @@ def test_tiny_gqa_llama_round_trips(tiny_llama_dir, tmp_path, quant, tol):
     assert fields["llama.attention.head_count_kv"].contents() == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("quant", "tol"), [("f32", 1e-4), ("f16", 1e-2)])
 def test_tiny_gpt2_round_trips(tiny_gpt2_dir, tmp_path, quant, tol):
     source, tokenizer = load_model(tiny_gpt2_dir)
@@ -93,6 +95,7 @@ def test_tiny_gpt2_round_trips(tiny_gpt2_dir, tmp_path, quant, tol):
     assert fields["tokenizer.ggml.pre"].contents() == "gpt-2"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("quant", "tol"), [("f32", 1e-4), ("f16", 1e-2)])
 def test_transformers_gguf_loader_reads_the_gpt2_export(tiny_gpt2_dir, tmp_path, quant, tol):
     from transformers import AutoModelForCausalLM
@@ -108,6 +111,7 @@ def test_transformers_gguf_loader_reads_the_gpt2_export(tiny_gpt2_dir, tmp_path,
         assert (got(ids).logits - want(ids).logits).abs().max() < tol
 
 
+@pytest.mark.slow
 def test_tied_embeddings_write_no_output_tensor(tiny_llama_tied_dir, tmp_path):
     source, _ = load_model(tiny_llama_tied_dir)
     out = tmp_path / "tied.gguf"
@@ -119,6 +123,7 @@ def test_tied_embeddings_write_no_output_tensor(tiny_llama_tied_dir, tmp_path):
     assert (logits(loaded, ids) - logits(source, ids)).abs().max() < 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("quant", "tol"), [("f32", 1e-4), ("f16", 1e-2)])
 def test_transformers_gguf_loader_reads_the_export(tiny_llama_dir, tmp_path, quant, tol):
     from transformers import AutoModelForCausalLM
@@ -132,6 +137,7 @@ def test_transformers_gguf_loader_reads_the_export(tiny_llama_dir, tmp_path, qua
         assert (got(ids).logits - want(ids).logits).abs().max() < tol
 
 
+@pytest.mark.slow
 def test_q8_0_keeps_rows_that_are_no_whole_block_at_f16(tiny_llama_factory, tmp_path):
     # hidden 48: attention and gate/up rows (48 values) are not a multiple of Q8_0's 32.
     folder = tiny_llama_factory(hidden_size=48, intermediate_size=64)
@@ -160,6 +166,7 @@ def test_q4_0_refuses_rows_that_are_no_whole_block_naming_the_tensor(
     assert list(tmp_path.iterdir()) == []  # refused before anything was written
 
 
+@pytest.mark.slow
 def test_a_chat_run_adapter_exports_merged_with_its_added_tokens(tiny_llama_dir, tmp_path, capsys):
     from nanotune.config import RunConfig
     from nanotune.jobs import artifacts
@@ -202,6 +209,7 @@ def test_a_chat_run_adapter_exports_merged_with_its_added_tokens(tiny_llama_dir,
     assert "--format gguf --adapter" in err and not (tmp_path / "l.gguf").exists()
 
 
+@pytest.mark.slow
 def test_a_classifier_is_refused_in_one_line(tmp_path, tiny_llama_dir, capsys):
     from nanotune.methods import SequenceClassifier
     from nanotune.weights.classifier import save_classifier
@@ -224,6 +232,7 @@ def test_a_classifier_is_refused_in_one_line(tmp_path, tiny_llama_dir, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["clf"]  # no temp file left either
 
 
+@pytest.mark.slow
 def test_an_existing_file_or_an_input_is_never_overwritten(tiny_llama_dir, tmp_path, capsys):
     out = tmp_path / "m.gguf"
     out.write_bytes(b"mine")

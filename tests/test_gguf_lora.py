@@ -68,6 +68,7 @@ def applied(base: dict[str, np.ndarray], lora_path) -> dict[str, np.ndarray]:
     ],
     ids=["llama-gqa-rslora", "gpt2-fused-qkv"],
 )
+@pytest.mark.slow
 def test_gguf_lora_on_the_base_gguf_is_the_merged_gguf(request, tmp_path, fixture, method, adapted):
     base_dir = request.getfixturevalue(fixture)
     trained_adapter(base_dir, tmp_path / "adapter", **method)
@@ -118,6 +119,7 @@ def refused(argv: list[str], capsys, tmp_path, *, keep: set[str]) -> str:
     return err
 
 
+@pytest.mark.slow
 def test_adapters_llama_cpp_cannot_apply_are_refused(tiny_llama_dir, tmp_path, capsys):
     trained_adapter(tiny_llama_dir, tmp_path / "dora", targets=["q_proj"], dora=True)
     out = str(tmp_path / "a.gguf")
@@ -164,6 +166,7 @@ def test_a_classifier_adapter_is_refused(tiny_llama_dir, tmp_path, capsys):
         assert "a classifier" in refused(argv, capsys, tmp_path, keep={"clf"})
 
 
+@pytest.mark.slow
 def test_an_existing_output_is_refused_before_anything_loads(tiny_llama_dir, tmp_path, capsys):
     trained_adapter(tiny_llama_dir, tmp_path / "adapter", targets=["q_proj"])
     (tmp_path / "a.gguf").write_bytes(b"mine")

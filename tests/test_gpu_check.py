@@ -53,6 +53,7 @@ def test_device_tests_are_found():
     assert {"test_precision.py", "test_compiled.py"} <= names
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: the check runs it")
 def test_without_cuda_every_part_is_skipped_with_the_reason(capsys):
     assert gpu_check.main(["--device", "cuda"]) == 0

@@ -140,6 +140,7 @@ def test_a_packed_bf16_linear_is_bit_identical_to_f_linear(rows):
     assert layer(x[:, :0]).shape == (2, 0, 96)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not lin.ONEDNN_BF16, reason="oneDNN is off or has no bf16 on this CPU")
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_pack_bf16_decodes_the_same_tokens_as_the_unpacked_bf16_model(arch):

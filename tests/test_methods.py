@@ -78,6 +78,7 @@ def randomise_adapters(model, seed: int = 3) -> None:
                 p.mul_(1 + 0.1 * torch.randn(p.shape, generator=g))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["full", "last_n", "lora", "dora", "qlora"])
 @pytest.mark.parametrize("config", [GPT2, LLAMA], ids=["gpt2", "llama"])
 def test_method_trains_exactly_its_parameters(name, config):
@@ -197,6 +198,7 @@ assert nf4.is_nf4(model.blocks[0].attn.qkv.weight)
 """
 
 
+@pytest.mark.slow
 def test_torchao_is_imported_only_for_nf4_and_quietly():
     """torchao logs failed CUDA extension loads and a torch deprecation when imported; users of
     the other methods never import it, and a QLoRA user sees none of that."""
@@ -216,6 +218,7 @@ def test_torchao_is_imported_only_for_nf4_and_quietly():
     assert done.stderr == ""
 
 
+@pytest.mark.slow
 def test_classifier_pools_last_real_token_and_combines_with_lora():
     body = make(GPT2)
     clf = SequenceClassifier(body, 3, ["neg", "neu", "pos"])
@@ -282,6 +285,7 @@ def test_overlapping_targets_and_too_many_blocks():
         apply_method(make(GPT2), MethodConfig(name="last_n", last_n=3))
 
 
+@pytest.mark.slow
 def test_dora_with_dropout_trains_and_dropout_is_off_in_eval():
     model = make(LLAMA)
     apply_method(

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import shutil
 
+import pytest
+
 from nanotune.cli import main
 from nanotune.jobs.ollama import CHATML_GO, translate_chat_template
 from nanotune.weights import load_model
@@ -41,6 +43,7 @@ def test_the_smollm2_chat_template_becomes_chatml_with_its_default_system(tiny_l
         assert ollama_render(t.template, t.system, messages) == want
 
 
+@pytest.mark.slow
 def test_export_writes_the_modelfile_beside_the_gguf(tiny_llama_dir, tmp_path, capsys):
     out = tmp_path / "tiny.gguf"
     argv = ["export", "--format", "gguf", "--ollama", "--model", str(tiny_llama_dir), str(out)]
@@ -82,6 +85,7 @@ def test_export_writes_the_modelfile_beside_the_gguf(tiny_llama_dir, tmp_path, c
     assert "FROM ./other.gguf\n" in (tmp_path / "Modelfile").read_text()
 
 
+@pytest.mark.slow
 def test_a_template_that_is_not_chatml_is_left_out_with_a_note(tiny_gpt2_dir, tmp_path, capsys):
     model_dir = tmp_path / "zephyr"
     shutil.copytree(tiny_gpt2_dir, model_dir)

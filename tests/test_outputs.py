@@ -64,6 +64,7 @@ def test_hub_id_of_presets_paths_and_ids(tmp_path, monkeypatch):
     assert hub_id_of("someone/model") == "someone/model"
 
 
+@pytest.mark.slow
 def test_full_run_names_its_base_in_config_json(tmp_path, tiny_gpt2_dir):
     final = train(_config(tmp_path, str(tiny_gpt2_dir), "full"), progress=False).final_dir
     saved = json.loads((final / "config.json").read_text())
@@ -76,6 +77,7 @@ def test_full_run_names_its_base_in_config_json(tmp_path, tiny_gpt2_dir):
 # --- the model card ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_lora_run_writes_a_model_card_inside_final(tmp_path, tiny_gpt2_dir):
     result = train(_config(tmp_path, str(tiny_gpt2_dir)), progress=False)
     final = result.final_dir
@@ -123,6 +125,7 @@ def run_dir(tmp_path_factory, tiny_gpt2_dir) -> Path:
     return train(_config(tmp, str(tiny_gpt2_dir)), progress=False).run_dir
 
 
+@pytest.mark.slow
 def test_push_offline_is_one_clear_line(run_dir, monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert main(["push", str(run_dir), "me/my-lora", "--token", "t"]) == 2
@@ -142,6 +145,7 @@ def test_push_without_a_token_is_one_clear_line(run_dir, monkeypatch, capsys):
     assert "no Hugging Face token; pass --token, set HF_TOKEN" in err and err.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_one_resolver_says_what_every_kind_of_output_is(run_dir, tiny_gpt2_dir, tmp_path):
     """inspect_output, which load, merge, export, push and serve all ask: a run directory reads
     as its final/, an adapter names its base, a lone .gguf in a folder is that file."""
@@ -218,6 +222,7 @@ def test_push_uploads_exactly_final_without_the_marker(run_dir, fake_hub, capsys
         artifacts.push(run_dir / "checkpoints", "me/my-lora", token="tok")
 
 
+@pytest.mark.slow
 def test_push_a_gguf_file_or_a_folder_holding_one_with_a_model_card(
     run_dir, fake_hub, tmp_path, capsys
 ):
@@ -359,6 +364,7 @@ def test_a_resumed_run_continues_its_tracker_runs_with_the_config_logged_once(
     assert json.loads((tmp_path / "trackers.json").read_text()) == saved
 
 
+@pytest.mark.slow
 def test_a_run_gives_the_trackers_its_resolved_config(
     tmp_path, tiny_gpt2_dir, fake_trackers, monkeypatch
 ):
@@ -376,6 +382,7 @@ def test_a_run_gives_the_trackers_its_resolved_config(
     importlib.util.find_spec("wandb") is None or importlib.util.find_spec("mlflow") is None,
     reason="needs wandb and mlflow (the dev extra)",
 )
+@pytest.mark.slow
 def test_a_resumed_run_continues_the_same_wandb_and_mlflow_runs(
     tmp_path, tiny_gpt2_dir, monkeypatch
 ):

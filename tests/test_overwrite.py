@@ -85,6 +85,7 @@ def test_overwrite_refuses_home_from_elsewhere(sandbox, tmp_path, monkeypatch, c
     assert tree(tmp_path) == before
 
 
+@pytest.mark.slow
 def test_overwrite_replaces_its_own_run_and_nothing_else(sandbox, capsys):
     assert train() == 0
     capsys.readouterr()
@@ -108,6 +109,7 @@ def test_overwrite_replaces_its_own_run_and_nothing_else(sandbox, capsys):
     assert sorted(p.name for p in (sandbox / "runs").iterdir()) == ["run"]  # no leftovers
 
 
+@pytest.mark.slow
 def test_a_failed_overwrite_puts_the_previous_run_back(sandbox, monkeypatch):
     from nanotune.training import Trainer
 
@@ -138,6 +140,7 @@ def test_a_failed_first_run_leaves_no_debris(sandbox, monkeypatch, capsys):
     assert list((sandbox / "runs").iterdir()) == []
 
 
+@pytest.mark.slow
 def test_export_and_merge_refuse_a_users_folder(sandbox, tiny_gpt2_dir, capsys):
     out = sandbox / "Documents"
     before = tree(sandbox)
@@ -180,6 +183,7 @@ def test_demo_output_dir_cannot_be_a_users_folder(sandbox, tiny_llama_dir, capsy
     assert tree(sandbox.parent) == before
 
 
+@pytest.mark.slow
 def test_an_output_dir_behind_a_link_is_replaced_where_it_leads(sandbox, capsys):
     assert train() == 0
     runs = sandbox / "runs"
@@ -200,6 +204,7 @@ def test_an_output_dir_behind_a_link_is_replaced_where_it_leads(sandbox, capsys)
     assert tree(sandbox) == before
 
 
+@pytest.mark.slow
 def test_export_replaces_only_files_it_wrote_and_writes_through_links(
     sandbox, tiny_gpt2_dir, capsys
 ):

@@ -126,6 +126,7 @@ EXPORT_CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(EXPORT_CASES))
 def test_nanotune_adapter_loads_in_peft_with_same_logits(case, tmp_path):
     family, method, labels = EXPORT_CASES[case]
@@ -206,6 +207,7 @@ PEFT_CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(PEFT_CASES))
 def test_peft_adapter_loads_in_nanotune_with_same_logits(case, tmp_path):
     family, kwargs, labels = PEFT_CASES[case]
@@ -327,6 +329,7 @@ def test_broken_adapter_files_are_one_clear_error(tmp_path, damage, message):
         load_adapter(nanotune_from(hf_model("gpt2")), d)
 
 
+@pytest.mark.slow
 def test_merge_cli_refuses_a_rank_mismatch_in_one_line(tmp_path, capsys):
     from nanotune.cli import main
 
@@ -354,6 +357,7 @@ def gpt2_folder(path) -> tuple:
     return model, tok
 
 
+@pytest.mark.slow
 def test_merge_cli_writes_a_folder_with_the_adapted_logits(tmp_path):
     from nanotune.cli import main
     from nanotune.weights import load_model
@@ -384,6 +388,7 @@ def test_merge_cli_writes_a_folder_with_the_adapted_logits(tmp_path):
     assert main(argv) == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["adapter", "full"])
 def test_classifier_save_load_and_classify_cli(fmt, tmp_path, capsys):
     from nanotune.classify import classify
@@ -434,6 +439,7 @@ def test_classifier_save_load_and_classify_cli(fmt, tmp_path, capsys):
         assert max(abs(want[k] - got[k]) for k in want) < 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["gpt2", "llama"])  # tied and untied LM head
 def test_trained_embeddings_travel_in_the_adapter(family, tmp_path):
     model = nanotune_from(hf_model(family))
@@ -485,6 +491,7 @@ def test_an_adapter_head_apart_from_a_tied_embedding_is_refused(tmp_path):
     assert not lora_layers(model)  # refused before touching the model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["lora", "qlora"])
 def test_run_with_added_chat_markers_saves_an_adapter_peft_loads(method, tmp_path, tiny_gpt2_dir):
     from peft import AutoPeftModelForCausalLM
@@ -535,6 +542,7 @@ def test_run_with_added_chat_markers_saves_an_adapter_peft_loads(method, tmp_pat
         assert (merged(ids) - ours).abs().max() < 1e-5
 
 
+@pytest.mark.slow
 def test_classifier_adapter_carries_trained_embeddings_and_added_tokens(tmp_path):
     from nanotune.weights.classifier import load_classifier, save_classifier
 
@@ -563,6 +571,7 @@ def test_classifier_adapter_carries_trained_embeddings_and_added_tokens(tmp_path
         assert (peft_model(input_ids=ids).logits - ours).abs().max() < 1e-4
 
 
+@pytest.mark.slow
 def test_classify_batches_and_the_cli_takes_several_texts_and_files(tmp_path, capsys):
     from nanotune.classify import classify, classify_batch
     from nanotune.cli import main
@@ -607,6 +616,7 @@ def test_classify_batches_and_the_cli_takes_several_texts_and_files(tmp_path, ca
     assert "--text" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_added_tokens_that_did_not_train_grow_as_in_training(tmp_path):
     from nanotune.weights import load_model
 

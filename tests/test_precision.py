@@ -119,6 +119,7 @@ def _run(tmp_path, dtype: str, device: str = "cpu", **cfg) -> tuple[Trainer, flo
     return trainer, trainer.fit().train_loss
 
 
+@pytest.mark.slow
 @pytest.mark.device
 def test_float16_with_grad_scaler_trains_within_3_percent_of_float32(tmp_path, capsys, on_device):
     """float16 autocast with a GradScaler, as a T4 trains (on CPU: torch's CPU float16

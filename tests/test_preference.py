@@ -119,6 +119,7 @@ def test_dpo_losses_have_their_closed_forms():
         dpo_loss(c, r, rc, rr, loss="ipo")
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:You are importing from .trl.experimental.")
 def test_simpo_and_orpo_equal_trls_cpo_and_orpo_losses():
     from trl.experimental.cpo.cpo_trainer import CPOTrainer
@@ -391,6 +392,7 @@ def hf_pair(request, tmp_path_factory):
     return make
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
 @pytest.mark.parametrize("loss", ["sigmoid", "ipo"])
 @pytest.mark.parametrize("fixture", ["tiny_gpt2_dir", "tiny_llama_dir"])

@@ -178,6 +178,7 @@ def run(tmp_path, capsys, name: str, **train) -> tuple[list[dict], str, dict]:
     )
 
 
+@pytest.mark.slow
 def test_a_run_with_the_cached_prefix_trains_as_one_that_recomputes_it(tmp_path, capsys):
     cached, said, weights = run(tmp_path, capsys, "cached")
     spilled, spill_said, spill_weights = run(tmp_path, capsys, "spilled", frozen_prefix_ram_mib=0)

@@ -78,6 +78,7 @@ INJECTIONS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("template", INJECTIONS)
 def test_chat_templates_from_model_files_run_sandboxed(gpt2_tokenizer_dir, tmp_path, template):
     marker = tmp_path / "pwned"

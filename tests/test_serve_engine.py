@@ -68,6 +68,7 @@ def test_a_sequence_whose_logits_overflow_fails_alone(served):
     assert engine.load["running"] == 0 and engine._active == []
 
 
+@pytest.mark.slow
 def test_the_stop_token_is_reported_with_its_logprob(served):
     engine, model, tok = served
     prompt = tok.encode("The quick brown fox")
@@ -131,6 +132,7 @@ def test_the_slot_cache_holds_rows_for_what_runs_and_keeps_them_when_it_grows(ti
 FAMILY_CASES = ("qwen3", "gemma3", "phi3", "gpt_neox")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", FAMILY_CASES)
 def test_batching_across_adapters_is_exact_for_other_families(
     case, tmp_path, smollm2_tokenizer_dir

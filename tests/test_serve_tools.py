@@ -83,6 +83,7 @@ def tool_server(tiny_llama_factory, tmp_path_factory):
     stop(running)
 
 
+@pytest.mark.slow
 def test_a_tool_call_comes_back_as_openai_tool_calls(tool_server):
     client = tool_server.client()
     out = client.chat.completions.create(
@@ -176,6 +177,7 @@ def test_tools_on_a_template_that_drops_them_are_refused_by_name(tool_server):
         assert e.value.body["param"] == param
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("step", [1, 2, 5, 1000])
 def test_a_streamed_reply_parses_as_the_whole_one(step):
     text = (

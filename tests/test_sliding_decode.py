@@ -52,6 +52,7 @@ def long_prompt() -> list[int]:
     return torch.randint(3, 49152, (41,), generator=torch.Generator().manual_seed(3)).tolist()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
 def test_the_engine_decodes_transformers_greedy_tokens_past_the_window(case, models, monkeypatch):
     hf, folder = models[case]
@@ -75,6 +76,7 @@ def test_the_engine_decodes_transformers_greedy_tokens_past_the_window(case, mod
     assert engine._prefixes.reused == sum(len(p) - 1 for p in prompts)
 
 
+@pytest.mark.slow
 def test_the_window_changes_what_the_engine_decodes(models):
     """The parity above means something: without the window the same weights decode otherwise
     past it."""

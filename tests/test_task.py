@@ -39,6 +39,7 @@ def qa_rows() -> list[dict]:
     return [{"prompt": f"Q: {i}+{i}?", "completion": f" {2 * i}"} for i in range(8)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["classification", "completion"])
 def test_the_task_flows_from_the_data_config_to_every_consumer(tmp_path, tiny_gpt2_dir, fmt):
     classify = fmt == "classification"
@@ -73,6 +74,7 @@ def test_objective_for_names_the_known_tasks():
         objective_for("regression")
 
 
+@pytest.mark.slow
 def test_prepare_grows_the_vocabulary_and_notes_untrained_embeddings_once(
     tmp_path, tiny_gpt2_dir, capsys
 ):
@@ -100,6 +102,7 @@ def test_prepare_grows_the_vocabulary_and_notes_untrained_embeddings_once(
     assert notes["full"] == notes[None] == ""  # full trains them; an evaluation trains nothing
 
 
+@pytest.mark.slow
 def test_prepare_classifier_head_depends_on_the_seed_alone(tmp_path, tiny_gpt2_dir):
     source = write_jsonl(tmp_path / "sms.jsonl", sms_rows())
     heads = []

@@ -124,6 +124,7 @@ def test_gpt2_has_no_chat_template_until_given():
         tok.apply_chat_template([{"role": "tool", "content": "x"}])
 
 
+@pytest.mark.slow
 def test_gpt2_save_loads_in_transformers_with_same_ids(tmp_path):
     tok = gpt2_tokenizer()
     tok.add_special_tokens(ADDED)
@@ -406,6 +407,7 @@ def test_smollm2_save_loads_in_transformers(smollm, tmp_path):
     assert again.encode_batch(CORPUS) == tok.encode_batch(CORPUS)
 
 
+@pytest.mark.slow
 def test_batch_encoding_ignores_a_padding_setting_in_tokenizer_json(tmp_path, gpt2):
     """tokenizers pads a batch when tokenizer.json says so; encode_batch gives encode's ids."""
     gpt2.save(tmp_path)

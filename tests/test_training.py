@@ -111,6 +111,7 @@ def test_same_seed_same_weights_with_dropout(tmp_path):
     assert any(not torch.equal(runs[0][n], runs[2][n]) for n in runs[0])  # dropout draws differ
 
 
+@pytest.mark.slow
 def test_loss_falls_and_metrics_written(tmp_path):
     batch = uneven_batch()
     cfg = TrainConfig(lr=3e-3, max_steps=30, micro_batch_size=4, grad_accum=2, warmup_steps=3)
@@ -235,6 +236,7 @@ class TinyClassifier(nn.Module):
         return self.score(h[torch.arange(len(h)), lengths - 1])
 
 
+@pytest.mark.slow
 def test_classification_trains_and_reports_accuracy(tmp_path):
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(1, V, (16, 6), generator=g)
@@ -322,6 +324,7 @@ def test_auto_precision_is_bf16_only_where_the_device_has_it(monkeypatch):
     assert compute_precision(TrainConfig(dtype="bfloat16"), cpu)[0] == "bfloat16"
 
 
+@pytest.mark.slow
 def test_bf16_autocast_trains_float32_masters_close_to_float32(tmp_path):
     """Mixed precision: bf16 products, float32 weights and optimizer state, the loss close to a
     float32 run's; the run's first metrics record says which precision it trained in."""

@@ -49,18 +49,21 @@ def test_gpt2_folder_parity(tiny_gpt2_dir):
     _assert_parity(tiny_gpt2_dir)
 
 
+@pytest.mark.slow
 def test_llama_gqa_untied_parity(tiny_llama_dir):
     model, _ = load_model(tiny_llama_dir)
     assert not model.config.tie_embeddings and model.config.kv_heads == 2
     _assert_parity(tiny_llama_dir)
 
 
+@pytest.mark.slow
 def test_llama_gqa_tied_parity(tiny_llama_tied_dir):
     model, _ = load_model(tiny_llama_tied_dir)
     assert model.lm_head.weight is model.wte.weight  # one tensor, so training keeps them tied
     _assert_parity(tiny_llama_tied_dir)
 
 
+@pytest.mark.slow
 def test_llama3_rope_scaling_parity(tiny_llama_factory):
     scaling = {
         "rope_type": "llama3",
@@ -77,6 +80,7 @@ def test_llama3_rope_scaling_parity(tiny_llama_factory):
     _assert_parity(path, ids)
 
 
+@pytest.mark.slow
 def test_sharded_safetensors_parity(tiny_gpt2_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -101,6 +105,7 @@ def test_dtype_and_tied_head(tiny_gpt2_dir):
     assert all(p.requires_grad for p in model.parameters())
 
 
+@pytest.mark.slow
 def test_gpt2_folder_without_tokenizer_uses_gpt2_bpe(tiny_gpt2_dir, tmp_path):
     for name in ("config.json", "model.safetensors"):
         shutil.copy(tiny_gpt2_dir / name, tmp_path / name)
@@ -146,6 +151,7 @@ def _assert_round_trip(model, tokenizer, out: Path) -> None:
     assert [p.name for p in out.parent.iterdir() if p.name.startswith(".")] == []
 
 
+@pytest.mark.slow
 def test_save_round_trip_gpt2(tiny_gpt2_dir, tmp_path):
     model, tokenizer = load_model(tiny_gpt2_dir)
     out = tmp_path / "saved"
@@ -157,6 +163,7 @@ def test_save_round_trip_gpt2(tiny_gpt2_dir, tmp_path):
         assert torch.equal(a, b), k
 
 
+@pytest.mark.slow
 def test_save_round_trip_untied_llama(tiny_llama_dir, tmp_path):
     model, tokenizer = load_model(tiny_llama_dir)
     _assert_round_trip(model, tokenizer, tmp_path / "saved")
@@ -168,6 +175,7 @@ def test_save_round_trip_smollm2(smollm2, tmp_path):
     _assert_round_trip(model, tokenizer, tmp_path / "smollm2")
 
 
+@pytest.mark.slow
 def test_save_refuses_non_empty_dir_and_leaves_it(tiny_gpt2_dir, tmp_path):
     model, tokenizer = load_model(tiny_gpt2_dir)
     out = tmp_path / "out"
@@ -447,6 +455,7 @@ def test_broken_tokenizer_files_name_the_file(tiny_gpt2_dir, tmp_path):
         load_model(d)
 
 
+@pytest.mark.slow
 def test_truncated_shard_names_the_shard(tiny_gpt2_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -593,6 +602,7 @@ def test_corrupt_gguf(tmp_path):
         load_model(path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["blk.1.ffn_down.weight", "output.weight"])  # F32 and F16
 def test_gguf_with_nan_is_refused_naming_the_tensor(tmp_path, name):
     from nanotune.weights.gguf import load_gguf_model
