@@ -1,9 +1,8 @@
-"""The Llama-derived families (Qwen2/2.5, Qwen3, Mistral, SmolLM3, Gemma 2 and 3, Phi-3) and GPT-NeoX
-(Pythia) through the one decoder: tiny
-random models built with transformers' own classes load with equal logits, decode the same greedy
-tokens (past a sliding window of 8 where the family has one), train with equal gradients, trade
-LoRA adapters with peft both ways, merge to a folder transformers loads, and export GGUF that
-llama.cpp decodes as nanotune does."""
+"""The Llama-derived families (Qwen2/2.5, Qwen3, Mistral, SmolLM3, Gemma 2 and 3, Phi-3) and
+GPT-NeoX (Pythia) through the one decoder: tiny random models built with transformers' own classes
+load with equal logits, decode the same greedy tokens (past a sliding window of 8 where the family
+has one), train with equal gradients, trade LoRA adapters with peft both ways, merge to a folder
+transformers loads, and export GGUF that llama.cpp decodes as nanotune does."""
 
 from __future__ import annotations
 
@@ -597,9 +596,9 @@ def test_gguf_export_reads_back_to_the_same_model(case, ggufs):
     assert (_logits(q8, ids) - _logits(model, ids)).abs().max() < tolerance
 
 
-# transformers' GGUF loader reads qwen2, llama, gemma2 and gemma3; its qwen3 mapping ignores key_length (head_dim
-# 128 assumed: right for the released Qwen3, not for this tiny one) and it has no smollm3; it
-# applies no window (as llama.cpp).
+# transformers' GGUF loader reads qwen2, llama, gemma2 and gemma3; its qwen3 mapping ignores
+# key_length (head_dim 128 assumed: right for the released Qwen3, not for this tiny one) and it has
+# no smollm3; it applies no window (as llama.cpp).
 # Its gemma2/gemma3 mappings read no soft-caps and no query scale (the released models' defaults
 # are assumed: caps 50 and 30, query_pre_attn_scalar 256), so these tiny ones pass their own.
 GGUF_UNREAD = {

@@ -1,13 +1,14 @@
 """Tokenized LM data kept on disk, so a second run on the same data starts without tokenizing.
 
 An entry is keyed by everything the examples depend on: the data options (`DataConfig`), each
-source's files (their content), the tokenizer (the files it saves) and the
-nanotune version. It holds each split's `ExampleStore` arrays as .npy files, opened memory-mapped,
-and the counts and tokenizer changes (added markers, chat template) the build made. Hub datasets
-(`hf:`) are not cached here (the hub's own cache keeps them), nor streams (data.streaming); neither are classification or
-preference sets, which are small. Nor are rows handed to `nanotune.train(data=...)`: a digest of
-Python rows would need a faithful serialization of any value a row may hold (numpy arrays print
-abbreviated, objects print their id), and a collision trains on another data set's tokens without
+source's files (their content), the tokenizer (the files it saves) and the nanotune version. It
+holds each split's `ExampleStore` arrays as .npy files, opened memory-mapped, and the counts and
+tokenizer changes (added markers, chat template) the build made. Hub datasets (`hf:`) are not
+cached here (the hub's own cache keeps them), nor streams (data.streaming); neither are
+classification or preference sets, which are small. Nor are rows handed to
+`nanotune.train(data=...)`: a digest of Python rows would need a faithful serialization of any
+value a row may hold (numpy arrays print abbreviated, objects print their id), and a collision
+trains on another data set's tokens without
 a word; the rows are in memory already, so only the tokenizing is repeated. Where:
 $NANOTUNE_DATA_CACHE, else ~/.cache/nanotune/data (`$XDG_CACHE_HOME`); `NANOTUNE_DATA_CACHE=off`
 turns it off.

@@ -133,7 +133,8 @@ class DataConfig:
     group_by_length: bool = False
     """Batch examples of similar length together (less padding); batch order still shuffled."""
     limit: int | None = None
-    """Keep at most this many rows per split (after splitting, so splits do not move); null = all."""
+    """Keep at most this many rows per split (after splitting, so splits do not move);
+    null = all."""
     prompt_template: str = "{prompt}"
     """completion: the prompt text, a str.format template over the row's fields."""
     separator: str = ""
@@ -338,7 +339,8 @@ def _source_entry(i: int, value: Any) -> DataSource:
         raise NanotuneError(f"{where}.source: name a file, folder, builtin:<name> or hf:<id>")
     if value.weight is not None and value.fraction is not None:
         raise NanotuneError(
-            f"{where}.weight: give weight (a share of the mix) or fraction (of this source), not both"
+            f"{where}.weight: give weight (a share of the mix) or fraction (of this source), "
+            "not both"
         )
     for name in ("weight", "fraction"):
         v = getattr(value, name)
@@ -387,7 +389,10 @@ def _template_problem(template: str) -> str | None:
     try:
         names = _field_names(template)
     except ValueError as e:
-        return f"not a valid template ({e}); write fields as {{column}} and literal braces as {{{{ }}}}"
+        return (
+            f"not a valid template ({e}); write fields as {{column}} and literal braces as "
+            "{{ }}"
+        )
     for name in names:
         if not name or "." in name or "[" in name:
             return (

@@ -1,4 +1,5 @@
-"""From a DataConfig and a tokenizer to the examples of each split, with counts of what was left out."""
+"""From a DataConfig and a tokenizer to the examples of each split, with counts of what was left
+out."""
 
 from __future__ import annotations
 
@@ -428,7 +429,8 @@ def _build_lm(cfg: DataConfig, tokenizer: TokenizerLike, objects: Objects) -> Da
 def _check_has_examples(cfg: DataConfig, name: str, n: int, problems: list[str]) -> None:
     if not n:
         raise NanotuneError(
-            f"{cfg.source}: no {name} examples left after formatting ({problems[0] if problems else 'no rows'})"
+            f"{cfg.source}: no {name} examples left after formatting "
+            f"({problems[0] if problems else 'no rows'})"
         )
 
 

@@ -1,4 +1,5 @@
-"""The decode loop behind `nanotune serve` and GRPO: continuous batching over one base and many adapters.
+"""The decode loop behind `nanotune serve` and GRPO: continuous batching over one base and many
+adapters.
 
 One thread owns the model. Each turn of its loop it admits waiting sequences (a prefill each,
 into a free slot of the KV cache), then runs ONE forward for every active sequence, whatever

@@ -1,4 +1,5 @@
-"""GRPO (Shao et al. 2024, DeepSeekMath): group-relative policy optimisation with verifiable rewards.
+"""GRPO (Shao et al. 2024, DeepSeekMath): group-relative policy optimisation with verifiable
+rewards.
 
 Each step samples `num_generations` (G) completions per prompt from the policy being trained,
 through the continuous-batching decoding engine on the live model (its LoRA layers included: no

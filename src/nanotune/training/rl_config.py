@@ -47,8 +47,9 @@ class RLConfig:
     """Completions cut by max_new_tokens take no part in the loss."""
     rewards: list[str] = field(default_factory=lambda: ["exact_match"])
     """Reward functions: built-ins (exact_match, numeric_match, contains, format, length,
-    reward_model) or path/to/file.py:function (fn(completions, prompts=, reference=, completion_ids=) -> floats;
-    loaded once); Python callables come through nanotune.train(config, rewards=[fn])."""
+    reward_model) or path/to/file.py:function (fn(completions, prompts=, reference=,
+    completion_ids=) -> floats; loaded once); Python callables come through
+    nanotune.train(config, rewards=[fn])."""
     reward_weights: list[float] | None = None
     """One weight per reward (null: 1 each); the reward is their weighted sum."""
     format_pattern: str = r"\s*\S.*"

@@ -1,6 +1,6 @@
 """llama.cpp GGUF files out (architectures `llama`, `qwen2`, `qwen3`, `smollm3`, `gemma2`, `gemma3`,
-`phi3`, `gptneox` and `gpt2`; Mistral as `llama`): a float Transformer and its tokenizer as one .gguf that llama.cpp and Ollama run, and
-that `weights.gguf` reads back to the same model.
+`phi3`, `gptneox` and `gpt2`; Mistral as `llama`): a float Transformer and its tokenizer as one
+.gguf that llama.cpp and Ollama run, and that `weights.gguf` reads back to the same model.
 
 The layout is the inverse of the reader's, as llama.cpp's convert_hf_to_gguf writes it: its name
 maps reversed, Llama's (and SmolLM3's) Q/K rows permuted back to llama.cpp's rotary order, GPT-2's
@@ -251,8 +251,8 @@ def _check_gemma(config: ModelConfig, arch: str, where: str) -> None:
         )
     if config.query_pre_attn_scalar not in (None, config.hd):
         raise NanotuneError(
-            f"{where}: llama.cpp's {arch} scales queries by 1/sqrt(head dim {config.hd}), this model "
-            f"by 1/sqrt({config.query_pre_attn_scalar}); use --format hf"
+            f"{where}: llama.cpp's {arch} scales queries by 1/sqrt(head dim {config.hd}), "
+            f"this model by 1/sqrt({config.query_pre_attn_scalar}); use --format hf"
         )
     if arch == "gemma3" and config.rope_local_theta != GEMMA3_LOCAL_THETA:
         raise NanotuneError(

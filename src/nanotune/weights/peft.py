@@ -131,7 +131,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model: str
     rslora, dora = all_ads[0].rslora, all_ads[0].dora
     if any(a.rslora != rslora or a.dora != dora for a in all_ads):
         raise NanotuneError(
-            "save_adapter: adapters mix LoRA/DoRA or rsLoRA scalings; PEFT needs one kind per folder"
+            "save_adapter: adapters mix LoRA/DoRA or rsLoRA scalings; PEFT needs one kind per "
+            "folder"
         )
     tensors: dict[str, Tensor] = {}
     ranks: dict[str, tuple[int, float]] = {}
@@ -204,7 +205,8 @@ def read_adapter_config(directory: str | os.PathLike) -> dict:
     cfg = read_json_object(path, "a PEFT adapter config", ADAPTER_FIX)
     if cfg.get("peft_type") != "LORA":
         raise NanotuneError(
-            f"{path}: peft_type {cfg.get('peft_type')!r} is not supported; nanotune loads LORA adapters"
+            f"{path}: peft_type {cfg.get('peft_type')!r} is not supported; nanotune loads LORA "
+            "adapters"
         )
 
     def bad(key: str, want: str) -> NanotuneError:
@@ -416,7 +418,8 @@ def _plan(model: nn.Module, directory: str | os.PathLike) -> _Plan:
         if not m or m.group(2) not in modules or int(m.group(1)) >= config.n_layer:
             raise NanotuneError(
                 f"{wpath}: tensor {key!r} targets no linear of this {config.family} model with "
-                f"{config.n_layer} blocks (adaptable: {', '.join(modules)}); is it the right base model?"
+                f"{config.n_layer} blocks (adaptable: {', '.join(modules)}); is it the right base "
+                "model?"
             )
         grouped.setdefault((int(m.group(1)), m.group(2)), {})[m.group(3).split(".")[0]] = t
     if not grouped:
@@ -451,8 +454,9 @@ def _plan(model: nn.Module, directory: str | os.PathLike) -> _Plan:
         r = A.shape[0] if A.dim() == 2 else -1  # -1: no rank, and the shapes below differ
         if A.shape != (r, base.in_features) or B.shape != (rows[1] - rows[0], r):
             raise NanotuneError(
-                f"{wpath}: {full} has lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)}, but this base "
-                f"model needs [r, {base.in_features}] and [{rows[1] - rows[0]}, r]; it was made for another base model"
+                f"{wpath}: {full} has lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)}, but "
+                f"this base model needs [r, {base.in_features}] and [{rows[1] - rows[0]}, r]; "
+                "it was made for another base model"
             )
         # The scale is alpha / r of the config: tensors of another rank would load with a
         # silently wrong scale (PEFT itself refuses such a folder).
