@@ -403,6 +403,24 @@ def test_adapters_load_and_unload_at_run_time(server, local, adapters):
         client.completions.create(model="gamma", prompt="x", max_tokens=2)
 
 
+def test_a_run_time_load_reads_paths_as_every_entrance_does(
+    server, adapters, tiny_llama_dir, tmp_path
+):
+    """The one resolver: a run directory loads its final/; a model folder is a 400 naming
+    lora_path and what it is, and the server goes on."""
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copytree(adapters["alpha"], run / "final")
+    r = server.post("/v1/load_lora_adapter", {"lora_name": "from-run", "lora_path": str(run)})
+    assert r.status_code == 200, r.text
+    server.post("/v1/unload_lora_adapter", {"lora_name": "from-run"})
+    r = server.post("/v1/load_lora_adapter", {"lora_name": "m", "lora_path": str(tiny_llama_dir)})
+    assert r.status_code == 400 and "lora_path" in r.json()["error"]["message"], r.text
+    assert "not an adapter folder" in r.json()["error"]["message"]
+    got = server.client().completions.create(model="base", prompt="x", max_tokens=2)
+    assert got.usage.completion_tokens >= 1
+
+
 def test_a_chat_template_that_fails_to_render_is_a_400_naming_messages(server, adapters, tmp_path):
     """`{% include %}` in an adapter's template: the sandbox has no loader (a TypeError, not a
     template error); /tokenize and chat both refuse the messages, and the server goes on."""

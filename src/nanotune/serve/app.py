@@ -20,12 +20,12 @@ import socket
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from nanotune.decoding.engine import BASE, Engine, Event, QueueFull, Sequence
 from nanotune.errors import NanotuneError
 from nanotune.generate import completion_text
+from nanotune.jobs.artifacts import inspect_output
 from nanotune.serve import protocol
 from nanotune.serve.limits import MAX_BODY
 from nanotune.serve.protocol import APIError, Parsed
@@ -216,7 +216,9 @@ def create_app(server: Server):
             raise protocol.bad("lora_path", "is required (an adapter folder on the server)")
         if name == server.base_name or name in server.engine.adapters:
             raise APIError(400, f"an adapter named {name!r} is already loaded", "lora_name")
-        await asyncio.to_thread(server.engine.load_adapter, name, Path(path))
+        # The resolver every entrance asks: a run directory is read as its final/.
+        folder = inspect_output(path).expect("adapter", "lora_path").path
+        await asyncio.to_thread(server.engine.load_adapter, name, folder)
         return Response(f"Success: LoRA adapter '{name}' added successfully.", 200)
 
     async def unload_lora(request) -> Response:
