@@ -507,7 +507,9 @@ def _fit(config: RunConfig, setup: _Setup, run_dir: Path, *, resume: bool, progr
     if config.rl.algorithm:  # the held-out prompts' mean reward joins the eval metrics
         from nanotune.jobs import grpo
 
-        rl_heldout = grpo.prompts_of(examples, tokenizer, config.eval.split)
+        # The examples the generation metrics use (eval.max_examples of the split).
+        heldout = examples[: config.eval.max_examples]
+        rl_heldout = grpo.prompts_of(heldout, tokenizer, config.eval.split)
         scored = grpo.heldout_reward(
             model, tokenizer, rl_heldout, setup.rl_rewards, config.rl.max_new_tokens
         )
