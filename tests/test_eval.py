@@ -794,3 +794,16 @@ def test_eval_command_with_a_recipe_and_overrides(tmp_path, tiny_gpt2_dir, capsy
     assert (int(three["tokens"]), int(one["tokens"])) == (9, 3)
     assert main(["eval", "--recipe", "no-such-recipe"]) == 2
     assert "no such config file or packaged recipe" in capsys.readouterr().err
+
+
+def test_eval_of_preference_pairs_measures_the_ranking_by_default(tmp_path, tiny_gpt2_dir, capsys):
+    """--format preference with no --metrics: the format's own default (FORMATS), how often
+    chosen ranks above rejected, not the generation metrics of an LM format."""
+    from nanotune.cli import main
+
+    rows = [{"prompt": f"Q{i}:", "chosen": " yes", "rejected": " no"} for i in range(4)]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = ["eval", "--model", str(tiny_gpt2_dir), "--data", str(tmp_path / "pairs.jsonl")]
+    assert main([*argv, "--format", "preference"]) == 0
+    table = dict(ln.split()[:2] for ln in capsys.readouterr().out.splitlines() if ln.strip())
+    assert "preference_accuracy" in table and "squad_f1" not in table, table

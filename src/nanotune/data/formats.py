@@ -878,7 +878,7 @@ FORMATS: dict[str, FormatSpec] = {
         "preference",
         format_preference,
         cacheable=False,
-        metrics=("perplexity", "squad"),
+        metrics=("preference",),  # how often chosen ranks above rejected; policies and rewards
         renders_chat=_any_conversation,
     ),
 }
