@@ -41,6 +41,22 @@ def _hf_config(case: Case, quick: bool, **extra: Any):
     return AutoConfig.for_model(hf.pop("model_type"), **{**hf, **extra})
 
 
+def _trl_quiet(precision: str, device: str) -> dict[str, Any]:
+    """What every TRL trainer of the bench is given alike: its precision flag, no gradient
+    checkpointing (nanotune recomputes nothing either), no eval, logging or saving, a fixed seed."""
+    return dict(
+        bf16=precision == "bfloat16",
+        gradient_checkpointing=False,
+        use_cpu=device == "cpu",
+        eval_strategy="no",
+        logging_strategy="no",
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        seed=0,
+    )
+
+
 def _lm_model(case: Case, quick: bool, source: str | None):
     from transformers import AutoModelForCausalLM
 
@@ -160,15 +176,7 @@ def _dpo(
             loss_type=["sigmoid"],
             max_length=None,  # no truncation, as on our side (the rows are far shorter anyway)
             precompute_ref_log_probs=False,
-            bf16=precision == "bfloat16",
-            gradient_checkpointing=False,
-            use_cpu=device == "cpu",
-            eval_strategy="no",
-            logging_strategy="no",
-            save_strategy="no",
-            report_to="none",
-            disable_tqdm=True,
-            seed=0,
+            **_trl_quiet(precision, device),
         )
         # DPOTrainer wants a text dataset to tokenize at start-up; the timed batches are the pairs'
         # token ids through the trainer's own collator, exactly what its dataloader yields from a
@@ -236,15 +244,7 @@ def _grpo(
             learning_rate=LR,
             weight_decay=0.0,
             max_grad_norm=1.0,
-            bf16=precision == "bfloat16",
-            gradient_checkpointing=False,
-            use_cpu=device == "cpu",
-            eval_strategy="no",
-            logging_strategy="no",
-            save_strategy="no",
-            report_to="none",
-            disable_tqdm=True,
-            seed=0,
+            **_trl_quiet(precision, device),
         )
         placeholder = Dataset.from_list([{"prompt": "a"}])
         trainer = GRPOTrainer(
