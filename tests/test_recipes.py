@@ -351,6 +351,7 @@ def test_grpo_arithmetic(tmp_path, tiny_llama_dir):
     held-out prompts' mean reward and accuracy (numeric match of greedy answers) come before
     and after, beside exact match."""
     small = ["data.limit=40", "train.max_steps=2", "train.micro_batch_size=6", "train.grad_accum=1"]
+    small += ["rl.num_generations=3"]  # 2 prompts a step, 3 answers each
     small += ["eval.max_examples=4", "rl.max_new_tokens=3", "eval.max_new_tokens=3"]
     result, out = run("grpo-arithmetic", tmp_path, tiny_llama_dir, *small)
     for side in (result.before, result.after):
