@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import importlib
 import sys
 import textwrap
@@ -47,6 +48,12 @@ def _comma_list(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    """A dataclass's field types, evaluated once (the annotations are strings)."""
+    return typing.get_type_hints(cls)
+
+
 def _value_type(tp: Any) -> Any:
     """An optional field's value type (`int | None` -> int)."""
     present = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -63,7 +70,7 @@ def _default(f: dataclasses.Field) -> Any:
 
 def _add_option(group, cls: type, f: dataclasses.Field, dest: str, default: Any, aliases=()):
     """`--field-name` for field `f` of `cls`: its type, default and attribute doc as help."""
-    tp = _value_type(typing.get_type_hints(cls)[f.name])
+    tp = _value_type(_hints(cls)[f.name])
     kw: dict[str, Any] = {}
     if tp is bool:
         kw["action"] = argparse.BooleanOptionalAction
@@ -90,9 +97,8 @@ def _add_option(group, cls: type, f: dataclasses.Field, dest: str, default: Any,
 def _add_options(parser: argparse.ArgumentParser, cls: type) -> None:
     """The options of dataclass `cls`: a positional per `positional` field, a group per section
     or nested dataclass, an option per other field."""
-    hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        meta, tp = f.metadata, _value_type(hints[f.name])
+        meta, tp = f.metadata, _value_type(_hints(cls)[f.name])
         if "positional" in meta:
             nargs = meta["positional"]
             kw = {} if nargs == 1 else {"nargs": nargs, "default": _default(f)}
@@ -117,7 +123,7 @@ def options(cls: type, args: argparse.Namespace) -> Any:
     """The `cls` object the parsed `args` describe (its checks run here, before any job)."""
     values, kw = vars(args), {}
     for f in dataclasses.fields(cls):
-        tp = _value_type(typing.get_type_hints(cls)[f.name])
+        tp = _value_type(_hints(cls)[f.name])
         if "section" in f.metadata:
             given = {n: values[f"{f.name}.{n}"] for n in f.metadata["only"]}
             kw[f.name] = {n: v for n, v in given.items() if v is not None}
