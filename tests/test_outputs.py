@@ -412,11 +412,18 @@ def test_a_resumed_run_continues_the_same_wandb_and_mlflow_runs(
     )
     import wandb
 
-    opened, real_init = [], wandb.init
+    opened, logged, real_init = [], [], wandb.init
 
-    def init(**kw):  # the real run, its config read back as W&B holds it
+    def init(**kw):  # the real run, its config read back as W&B holds it, its steps recorded
         run = real_init(**kw)
         opened.append((run.id, dict(run.config)))
+        real_log = run.log
+
+        def log(data, step=None, **more):
+            logged.append((len(opened), step))
+            return real_log(data, step=step, **more)
+
+        run.log = log
         return run
 
     monkeypatch.setattr(wandb, "init", init)
@@ -436,6 +443,9 @@ def test_a_resumed_run_continues_the_same_wandb_and_mlflow_runs(
     assert sorted({m.step for m in history}) == [1, 2, 3, 4]
 
     assert [run_id for run_id, _ in opened] == [ids["wandb"]] * 2
+    # The resumed session logs to the same run from step 3 on (after its checkpoint at step 2).
+    assert sorted({s for n, s in logged if n == 1}) == [1, 2, 3, 4]
+    assert sorted({s for n, s in logged if n == 2}) == [3, 4]
     assert opened[0][1]["train"]["lr"] == 1e-3 and opened[0][1]["method"]["r"] == 2
     runs = sorted((first.run_dir / "wandb").glob("offline-run-*"))  # in the run directory
     assert len(runs) == 2 and {r.name.rsplit("-", 1)[1] for r in runs} == {ids["wandb"]}
