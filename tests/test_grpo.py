@@ -387,6 +387,76 @@ def test_grpo_run_logs_rollout_metrics_and_heldout_reward(tiny_llama_dir, tmp_pa
     assert "grpo" in (tmp_path / "run" / "report.html").read_text()
 
 
+# ---- the batched sampler (one uniform per row, inverse CDF) ------------------------------------
+
+
+def test_batched_sampling_of_a_row_does_not_depend_on_the_rows_beside_it():
+    """Rows with different temperatures, top_k and top_p (and a greedy one), sampled together,
+    pick what each picks alone with the same uniform."""
+    from nanotune.generate import GenerationConfig, sample_rows
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 300, generator=g) * 3
+    configs = [
+        GenerationConfig(temperature=1.0),
+        GenerationConfig(temperature=0.7, top_k=5),
+        GenerationConfig(temperature=0.0),
+        GenerationConfig(temperature=1.3, top_p=0.8),
+        GenerationConfig(temperature=0.9, top_k=40, top_p=0.5),
+    ]
+    for trial in range(50):
+        u = torch.rand(5, generator=g)
+        together, ok = sample_rows(logits, configs, u)
+        assert ok.all()
+        alone = [
+            int(sample_rows(logits[i : i + 1], configs[i : i + 1], u[i : i + 1])[0])
+            for i in range(5)
+        ]
+        assert together.tolist() == alone
+        assert together[2] == logits[2].argmax()
+
+
+def test_inverse_cdf_sampling_draws_the_filtered_distribution():
+    """Over a grid of uniforms the picks' frequencies are the probabilities after temperature,
+    top_k and top_p (no filtered-out token is ever picked), as torch.multinomial's would be."""
+    from nanotune.generate import GenerationConfig, sample_rows
+
+    logits = torch.log(torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05, 0.0]]))
+    n = 20_000
+    u = (torch.arange(n) + 0.5) / n  # evenly spread: frequencies equal the probabilities
+    cases = [
+        (GenerationConfig(temperature=1.0), [0.5, 0.2, 0.15, 0.1, 0.05, 0.0]),
+        (GenerationConfig(temperature=1.0, top_k=2), [5 / 7, 2 / 7, 0, 0, 0, 0]),
+        (
+            GenerationConfig(temperature=1.0, top_p=0.8),
+            [0.5 / 0.85, 0.2 / 0.85, 0.15 / 0.85, 0, 0, 0],
+        ),
+    ]
+    for config, want in cases:
+        tokens, ok = sample_rows(logits.expand(n, -1), [config] * n, u)
+        assert ok.all()
+        freq = torch.bincount(tokens, minlength=6).double() / n
+        assert torch.allclose(freq, torch.tensor(want, dtype=torch.float64), atol=1e-3), config
+    hot = GenerationConfig(temperature=2.0)  # p ** (1/2), renormalised
+    tokens, _ = sample_rows(logits.expand(n, -1), [hot] * n, u)
+    want = torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05, 0.0]).sqrt()
+    freq = torch.bincount(tokens, minlength=6).float() / n
+    assert torch.allclose(freq, want / want.sum(), atol=1e-3)
+    # The largest uniform below 1 still picks a token with probability (never the zero one).
+    top = torch.tensor([1.0 - 2**-24])
+    assert int(sample_rows(logits, [GenerationConfig(temperature=1.0)], top)[0]) == 4
+
+
+def test_a_row_whose_probabilities_are_not_finite_is_flagged_alone():
+    from nanotune.generate import GenerationConfig, sample_rows
+
+    logits = torch.randn(3, 50)
+    logits[1, 7] = float("nan")
+    configs = [GenerationConfig(temperature=1.0)] * 3
+    _, ok = sample_rows(logits, configs, torch.rand(3))
+    assert ok.tolist() == [True, False, True]
+
+
 # ---- generation through the engine equals `nanotune generate` -----------------------------------
 
 

@@ -366,7 +366,7 @@ def _steps(
             if longrope is not None and bool((at == longrope).any()):
                 ids = torch.cat(history, dim=1)
                 S = ids.shape[1]
-                cache.length = 0
+                cache.reset()
                 if mask is not None:
                     positions = (mask[:, :S].cumsum(-1) - 1).clamp(min=0)
                 h = model.hidden(ids, positions=positions, attention_mask=mask, cache=cache)
@@ -392,24 +392,78 @@ def _pad_id(tokenizer: Any) -> int:
 def pick_next(
     logits: Tensor, seen: Tensor | None, config: GenerationConfig, generator: torch.Generator
 ) -> Tensor:
-    """Next token per row [B] from last-position logits [B, V]."""
+    """Next token per row [B] from last-position logits [B, V], every row by `config`, one
+    uniform per sampled row drawn from `generator`."""
     import torch
 
+    B = logits.shape[0]
     if seen is not None:
-        r = config.repetition_penalty
-        logits = torch.where(seen, torch.where(logits > 0, logits / r, logits * r), logits)
-    if config.temperature == 0:
-        return logits.argmax(-1)
-    logits = logits / config.temperature
-    if config.top_k:
-        kth = torch.topk(logits, min(config.top_k, logits.shape[-1])).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if config.top_p < 1.0:
-        sorted_logits, order = logits.sort(-1, descending=True)
+        logits = penalize(logits, seen, config.repetition_penalty)
+    uniforms = None
+    if config.temperature > 0:
+        uniforms = torch.rand(B, generator=generator, device=generator.device)
+    tokens, ok = sample_rows(logits, [config] * B, uniforms)
+    if not bool(ok.all()):
+        raise RuntimeError(
+            f"sampling probabilities are not finite (temperature={config.temperature}); "
+            "the logits overflowed"
+        )
+    return tokens
+
+
+def penalize(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
+    """Hugging Face's repetition penalty on the tokens marked in `seen` (same shape)."""
+    import torch
+
+    r = penalty
+    return torch.where(seen, torch.where(logits > 0, logits / r, logits * r), logits)
+
+
+def sample_rows(
+    logits: Tensor, configs: Sequence[GenerationConfig], uniforms: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """(next token, sampled from finite probabilities) per row [B] of logits [B, V] (float32),
+    each row by its own config's temperature (0: greedy), top_k and top_p, all rows at once.
+
+    A sampled row takes the token where its cumulative probability first passes
+    `uniforms[row]` (in [0, 1), drawn by the caller from that row's own generator): inverse-CDF
+    sampling, one uniform per row per token, so a row's token depends on its logits, settings
+    and generator alone, never on the rows beside it (every operation here works row by row).
+    `uniforms` may be None when no row samples."""
+    import torch
+
+    greedy = logits.argmax(-1)
+    temps = [c.temperature for c in configs]
+    sampled = [t > 0 for t in temps]
+    B, V = logits.shape
+    if not any(sampled):
+        return greedy, torch.ones(B, dtype=torch.bool, device=logits.device)
+    assert uniforms is not None, "sampled rows need their uniforms"
+    device = logits.device
+    t = torch.tensor([t if s else 1.0 for t, s in zip(temps, sampled, strict=True)], device=device)
+    x = logits / t[:, None]
+    ks = [c.top_k if s else 0 for c, s in zip(configs, sampled, strict=True)]
+    if any(ks):
+        k = torch.tensor(ks, device=device)
+        kth = torch.topk(x, min(max(ks), V)).values.gather(1, (k.clamp(1, V) - 1)[:, None])
+        x = x.masked_fill((x < kth) & (k[:, None] > 0), float("-inf"))
+    ps = [c.top_p if s else 1.0 for c, s in zip(configs, sampled, strict=True)]
+    if any(p < 1.0 for p in ps):
+        p = torch.tensor(ps, device=device)[:, None]
+        sorted_logits, order = x.sort(-1, descending=True)
         probs = sorted_logits.softmax(-1)
-        # Drop a token when the more likely ones already cover top_p; the first always stays.
-        drop = probs.cumsum(-1) - probs >= config.top_p
+        # Drop a token when the more likely ones already cover top_p; the first always stays
+        # (and a row without a nucleus keeps every token, whatever its rounded sums reach).
+        drop = (probs.cumsum(-1) - probs >= p) & (p < 1.0)
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        x = torch.empty_like(x).scatter_(-1, order, sorted_logits)
+    cdf = x.softmax(-1).cumsum(-1)
+    total = cdf[:, -1:]
+    # Strictly below the total, so the pick is a token whose probability is not zero.
+    target = torch.minimum(
+        uniforms.to(cdf.dtype)[:, None] * total, total.nextafter(cdf.new_zeros(()))
+    )
+    picked = torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp(max=V - 1)
+    is_sampled = torch.tensor(sampled, device=device)
+    ok = ~is_sampled | (torch.isfinite(total[:, 0]) & (total[:, 0] > 0))
+    return torch.where(is_sampled, picked, greedy), ok

@@ -33,7 +33,13 @@ from torch import Tensor
 from nanotune.decoding.limits import MAX_BATCH, MAX_QUEUE, PREFIX_CACHE_MB
 from nanotune.decoding.lora import Routing, serve_adapters, served_layers
 from nanotune.errors import NanotuneError
-from nanotune.generate import GenerationConfig, TextStream, default_stop_ids, pick_next
+from nanotune.generate import (
+    GenerationConfig,
+    TextStream,
+    default_stop_ids,
+    penalize,
+    sample_rows,
+)
 from nanotune.models.linear import Int8Linear
 from nanotune.models.transformer import Transformer
 from nanotune.tokenizer import Tokenizer
@@ -554,7 +560,7 @@ class Engine:
         if s.max_tokens == 0:  # echo only: the prompt scored, nothing generated
             self._finish(seq, "length")
             return
-        self._advance(seq, self.model.lm_head(h[-1]))
+        self._advance([seq], self.model.lm_head(h[-1:]))
 
     def _decode(self) -> None:
         """One forward for every active sequence: its last token, or, for one that just joined
@@ -591,21 +597,57 @@ class Engine:
                     self._prefixes.add(seq.adapter, seq.prompt, self._cache, seq.slot)
             else:
                 seq.pos += 1
+        self._advance(seqs, logits)
+
+    def _advance(self, seqs: list[Sequence], logits: Tensor) -> None:
+        """Pick each sequence's next token from its row of logits [n, V], all rows sampled at
+        once (`generate.sample_rows`: one uniform per sampled row from the sequence's own
+        generator), and hand the tokens over (or end the sequences). A row whose settings or
+        probabilities fail ends alone."""
+        logits = logits.float()
+        live, rows, scored, changed = [], [], [], False
         for row, seq in enumerate(seqs):
+            own = logits[row]
             try:
-                self._advance(seq, logits[row])
-            except Exception as e:  # its settings or its sampling: it fails alone
+                adjusted = self._adjust(seq, own)
+            except Exception as e:  # its settings: it fails alone
+                self._fail(seq, e)
+                continue
+            live.append(seq)
+            rows.append(adjusted)
+            changed |= adjusted is not own
+            scored.append(own.log_softmax(-1) if seq.sampling.logprobs is not None else None)
+        if not live:
+            return
+        batch = torch.stack(rows) if changed or len(live) < len(seqs) else logits
+        configs = [seq.config for seq in live]
+        uniforms = None
+        if any(c.temperature > 0 for c in configs):
+            uniforms = torch.cat(
+                [
+                    torch.rand(1, generator=seq.generator) if c.temperature > 0 else torch.zeros(1)
+                    for seq, c in zip(live, configs, strict=True)
+                ]
+            ).to(batch.device)
+        tokens, ok = sample_rows(batch, configs, uniforms)
+        for seq, token, fine, lp in zip(live, tokens.tolist(), ok.tolist(), scored, strict=True):
+            if not fine:
+                self._fail(
+                    seq,
+                    RuntimeError(
+                        "sampling probabilities are not finite (temperature="
+                        f"{seq.sampling.temperature}); the logits overflowed"
+                    ),
+                )
+                continue
+            try:
+                self._take(seq, token, lp)
+            except Exception as e:  # a bug in its own path: it fails alone
                 self._fail(seq, e)
 
-    def _advance(self, seq: Sequence, logits: Tensor) -> None:
-        """Pick the sequence's next token from its logits [V] and hand it over (or end it)."""
+    def _take(self, seq: Sequence, token: int, scored: Tensor | None) -> None:
+        """Hand the sequence its next token (or end it on a stop token or its length)."""
         s = seq.sampling
-        logits = logits.float()
-        scored = None
-        if s.logprobs is not None:
-            scored = logits.log_softmax(-1)
-        logits = self._adjust(seq, logits)
-        token = int(pick_next(logits[None], seq.seen, seq.config, seq.generator)[0])
         lp = _scored(scored, token, s.logprobs) if scored is not None else None
         if token in seq.stop_ids:
             # Reported with its logprob, as vLLM and OpenAI do: clients that score text
@@ -626,7 +668,9 @@ class Engine:
             self._finish(seq, "length")
 
     def _adjust(self, seq: Sequence, logits: Tensor) -> Tensor:
-        """OpenAI's logit bias and presence/frequency penalties (on output tokens)."""
+        """OpenAI's logit bias and presence/frequency penalties (on output tokens), then Hugging
+        Face's repetition penalty (on prompt and output tokens); `logits` itself when none is
+        set."""
         s = seq.sampling
         V = logits.shape[-1]
         if s.repetition_penalty != 1.0 and seq.seen is None:
@@ -641,6 +685,8 @@ class Engine:
                 seq.counts = torch.zeros(V, device=logits.device)
             c = seq.counts
             logits = logits - s.frequency_penalty * c - s.presence_penalty * (c > 0).float()
+        if seq.seen is not None:
+            logits = penalize(logits[None], seq.seen, s.repetition_penalty)[0]
         return logits
 
     def _fail(self, seq: Sequence, e: Exception) -> None:
