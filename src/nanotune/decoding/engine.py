@@ -41,7 +41,7 @@ from nanotune.generate import (
     sample_rows,
 )
 from nanotune.models.linear import Int8Linear
-from nanotune.models.transformer import Transformer
+from nanotune.models.transformer import NO_KEY, Transformer
 from nanotune.tokenizer import Tokenizer
 from nanotune.weights.peft import adapter_pairs, adapter_tokenizer
 
@@ -152,10 +152,15 @@ class Adapter:
 
 
 class _SlotCache:
-    """Keys and values of up to `max_rows` sequences, each in its own row from position 0."""
+    """Keys and values of up to `max_rows` sequences, each in its own row from position 0.
+
+    A sliding-window layer keeps a ring of `ring` columns per row instead of the row's length:
+    the key of position p at p % ring, its position in `key_pos` [rows, ring] (NO_KEY where
+    none). A decode forward writes up to MERGED_PREFILL keys of one row (a joining prompt)
+    before any is read, so the ring holds the window and MERGED_PREFILL - 1 more."""
 
     def __init__(self, model: Transformer, max_rows: int) -> None:
-        self.config = model.config
+        self.config = c = model.config
         self.max_rows = max_rows
         self.dtype = model.cache_dtype
         self.device = model.device
@@ -163,10 +168,16 @@ class _SlotCache:
         self.v: list[Tensor] = []
         self.rows = 0
         self.capacity = 0
+        self.windowed = [c.window(i) is not None for i in range(c.n_layer)]
+        self.ring = 0
+        if any(self.windowed):
+            self.ring = min(c.sliding_window + MERGED_PREFILL - 1, c.block_size)
+        self.key_pos: Tensor | None = None
 
     def reserve(self, length: int, rows: int) -> None:
         """Room for `rows` rows of `length` positions (each grown by doubling, up to `max_rows`
-        and the context). One layer at a time, so growing holds one layer twice, not all."""
+        and the context; a ring only by rows). One layer at a time, so growing holds one layer
+        twice, not all."""
         if length <= self.capacity and rows <= self.rows:
             return
         c = self.config
@@ -176,23 +187,41 @@ class _SlotCache:
         new_rows = self.rows
         if rows > self.rows:
             new_rows = min(self.max_rows, max(rows, 2 * self.rows))
-        shape = (new_rows, c.kv_heads, new_len, c.hd)
         for tensors in (self.k, self.v):
             if not tensors:
                 tensors.extend([None] * c.n_layer)  # type: ignore[list-item]
             for i, old in enumerate(tensors):
+                ring = self.windowed[i]
+                if ring and old is not None and new_rows == self.rows:
+                    continue
+                shape = (new_rows, c.kv_heads, self.ring if ring else new_len, c.hd)
                 fresh = torch.zeros(shape, dtype=self.dtype, device=self.device)
                 if old is not None:
-                    fresh[: self.rows, :, : self.capacity] = old
+                    fresh[: old.shape[0], :, : old.shape[2]] = old
                 tensors[i] = fresh
+        if self.ring and (self.key_pos is None or new_rows != self.rows):
+            fresh = torch.full((new_rows, self.ring), NO_KEY, device=self.device)
+            if self.key_pos is not None:
+                fresh[: self.rows] = self.key_pos
+            self.key_pos = fresh
         self.rows, self.capacity = new_rows, new_len
 
+    def clear(self, row: int) -> None:
+        """A row's rings hold no key (a new sequence starts there)."""
+        if self.key_pos is not None:
+            self.key_pos[row] = NO_KEY
+
     def move(self, src: int, dst: int, length: int) -> None:
-        for t in (*self.k, *self.v):
-            t[dst, :, :length] = t[src, :, :length]
+        for i, t in enumerate((*self.k, *self.v)):
+            if self.windowed[i % len(self.k)]:
+                t[dst] = t[src]
+            else:
+                t[dst, :, :length] = t[src, :, :length]
+        if self.key_pos is not None:
+            self.key_pos[dst] = self.key_pos[src]
 
     def release(self) -> None:
-        self.k, self.v, self.rows, self.capacity = [], [], 0, 0
+        self.k, self.v, self.rows, self.capacity, self.key_pos = [], [], 0, 0, None
 
 
 class _View:
@@ -202,6 +231,11 @@ class _View:
     per row, written at its own position in its slot (`rows`: slots 0..n-1, or the slot of each
     row when a joining prompt has several rows in one slot); keys up to the longest row are
     returned (gathered per row in the second case) and the attention mask hides the rest.
+
+    Sliding-window layers (`_SlotCache.ring`): a decode forward writes each row's key into its
+    slot's ring first and returns the rings whole; a prefill chunk gets the ring as it was (its
+    filled columns) followed by its own keys, and the ring keeps the last of them. The window
+    mask comes from the ring positions `window_keys` gives.
     """
 
     def __init__(
@@ -209,6 +243,8 @@ class _View:
     ):
         self.cache, self.rows, self.length, self.positions = cache, rows, length, positions
         self.max_len = cache.capacity
+        self._ring_at: Tensor | None = None  # a prefill chunk's ring columns
+        self._filled = 0  # ... and how many ring columns its keys follow
         if positions is not None:
             slots = (
                 rows
@@ -223,10 +259,38 @@ class _View:
             self.flat = (
                 (slots[:, None] * heads + head) * cache.capacity + positions[:, None]
             ).view(-1)
+            if cache.ring:  # the same in the rings, and in their positions
+                at = positions % cache.ring
+                self.ring_flat = ((slots[:, None] * heads + head) * cache.ring + at[:, None]).view(
+                    -1
+                )
+                self.pos_flat = slots * cache.ring + at
+
+    def window_keys(self, positions: Tensor, attention_mask: Tensor | None) -> Tensor | None:
+        """The positions [rows, S] of the keys the sliding-window layers attend over (see
+        `KVCache.window_keys`); None where plain causal attention over the new keys is exact."""
+        c = self.cache
+        if not c.ring:
+            return None
+        if self.positions is not None:
+            c.key_pos.view(-1).index_copy_(0, self.pos_flat, self.positions)
+            return c.key_pos[self.rows]
+        T, start = positions.shape[1], self.length
+        self._filled = min(start, c.ring)
+        row = c.key_pos[self.rows]  # a view: [1, ring]
+        keys = torch.cat((row[:, : self._filled], positions), dim=1)
+        keep = min(T, c.ring)
+        self._ring_at = torch.arange(start + T - keep, start + T, device=c.device) % c.ring
+        row[:, self._ring_at] = positions[:, T - keep :]
+        if start == 0 and T <= c.config.sliding_window:
+            return None
+        return keys
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         K, V = self.cache.k[layer], self.cache.v[layer]
         T = k.shape[2]
+        if self.cache.windowed[layer]:
+            return self._update_ring(K, V, k.to(K.dtype), v.to(V.dtype))
         if self.positions is None:
             K[self.rows, :, self.length : self.length + T] = k
             V[self.rows, :, self.length : self.length + T] = v
@@ -237,32 +301,65 @@ class _View:
         end = self.length + T
         return K[self.rows, :, :end], V[self.rows, :, :end]
 
+    def _update_ring(self, K: Tensor, V: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        if self.positions is not None:
+            D = K.shape[-1]
+            K.view(-1, D).index_copy_(0, self.ring_flat, k.reshape(-1, D))
+            V.view(-1, D).index_copy_(0, self.ring_flat, v.reshape(-1, D))
+            return K[self.rows], V[self.rows]
+        keys = torch.cat((K[self.rows, :, : self._filled], k), dim=2)
+        values = torch.cat((V[self.rows, :, : self._filled], v), dim=2)
+        keep = self._ring_at.shape[0]
+        K[self.rows, :, self._ring_at] = k[:, :, -keep:]
+        V[self.rows, :, self._ring_at] = v[:, :, -keep:]
+        return keys, values
+
+
+Entry = tuple[list[Tensor], list[Tensor], Tensor | None]
+"""A cached prompt's keys, values (per layer: its positions, or a sliding-window layer's ring)
+and the rings' positions (None without sliding-window layers)."""
+
 
 class _PrefixCache:
     """Keys and values of recent prompts, so that a prompt starting as one of them did (a chat's
     system prompt, a few-shot context, the context lm-eval scores each choice after) prefills
     only the rest: vLLM's automatic prefix caching, by whole prompts, least recently used first
     out, bounded by `max_bytes` of tensors. Entries are per adapter: its deltas change the keys.
+
+    Sliding-window layers: an entry holds what the prompt's rings held (the last window +
+    MERGED_PREFILL - 1 keys of the prompt), so it serves a shared prefix only where the `window`
+    - 1 keys before the prefix's end are among them (or the whole prompt fit): the same prompt
+    again, a conversation going on from it, a prompt of at most the ring's length; any other
+    match is declined (computed afresh), never served inexactly.
     """
 
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, window: int | None = None) -> None:
         self.max_bytes = max_bytes
-        self.entries: OrderedDict[tuple[int, tuple[int, ...]], tuple[list[Tensor], list[Tensor]]]
-        self.entries = OrderedDict()
+        self.window = window
+        self.entries: OrderedDict[tuple[int, tuple[int, ...]], Entry] = OrderedDict()
         self.bytes = 0
         self.hits = 0
         self.reused = 0  # prompt tokens not recomputed
 
     @staticmethod
-    def _size(kv: tuple[list[Tensor], list[Tensor]]) -> int:
-        return sum(t.numel() * t.element_size() for ts in kv for t in ts)
+    def _size(entry: Entry) -> int:
+        ks, vs, key_pos = entry
+        tensors = [*ks, *vs, *([] if key_pos is None else [key_pos])]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
-    def match(self, adapter: int, prompt: list[int]) -> tuple[int, tuple | None]:
+    def _covers(self, key_pos: Tensor | None, n: int) -> bool:
+        """Whether an entry's rings hold the keys a prompt sharing its first n tokens needs."""
+        if key_pos is None or n == 0:
+            return True
+        need = torch.arange(max(0, n - self.window + 1), n, device=key_pos.device)
+        return bool((key_pos[need % key_pos.shape[0]] == need).all())
+
+    def match(self, adapter: int, prompt: list[int]) -> tuple[int, Entry | None]:
         """(p, entry): the longest prefix of `prompt` a cached prompt shares, at most all but
         its last token (whose logits the prefill must give), and that entry's keys/values."""
         best, found = 0, None
         limit = len(prompt) - 1
-        for key in self.entries:
+        for key, entry in self.entries.items():
             if key[0] != adapter:
                 continue
             tokens = key[1]
@@ -271,7 +368,7 @@ class _PrefixCache:
                 if a != b:
                     break
                 n += 1
-            if n > best:
+            if n > best and self._covers(entry[2], n):
                 best, found = n, key
         if found is None:
             return 0, None
@@ -286,11 +383,19 @@ class _PrefixCache:
             self.entries.move_to_end(key)
             return
         n = len(prompt)
-        kv = ([k[slot, :, :n].clone() for k in cache.k], [v[slot, :, :n].clone() for v in cache.v])
-        size = self._size(kv)
+
+        def kept(layer: int, t: Tensor) -> Tensor:
+            return (t[slot] if cache.windowed[layer] else t[slot, :, :n]).clone()
+
+        entry = (
+            [kept(i, k) for i, k in enumerate(cache.k)],
+            [kept(i, v) for i, v in enumerate(cache.v)],
+            None if cache.key_pos is None else cache.key_pos[slot].clone(),
+        )
+        size = self._size(entry)
         if size > self.max_bytes:
             return
-        self.entries[key] = kv
+        self.entries[key] = entry
         self.bytes += size
         while self.bytes > self.max_bytes:
             self.bytes -= self._size(self.entries.popitem(last=False)[1])
@@ -341,7 +446,7 @@ class Engine:
         self._by_id: dict[int, Adapter] = {}
         self._next_id = BASE + 1
         self._cache = _SlotCache(model, max_batch)
-        self._prefixes = _PrefixCache(prefix_cache_mb * 2**20)
+        self._prefixes = _PrefixCache(prefix_cache_mb * 2**20, model.config.sliding_window)
         self._waiting: deque[Sequence] = deque()
         self._active: list[Sequence] = []
         self._cv = threading.Condition()
@@ -527,13 +632,19 @@ class Engine:
         prompt to compute (`pending`)."""
         seq.slot = len(self._active)
         self._active.append(seq)
-        self._cache.reserve(len(seq.prompt) + 1, len(self._active))
+        cache = self._cache
+        cache.reserve(len(seq.prompt) + 1, len(self._active))
+        cache.clear(seq.slot)
         p, kv = (0, None) if seq.scores_prompt else self._prefixes.match(seq.adapter, seq.prompt)
         if kv is not None:
-            for cached, kept in zip(
-                (*kv[0], *kv[1]), (*self._cache.k, *self._cache.v), strict=True
-            ):
-                kept[seq.slot, :, :p] = cached[:, :p]
+            ks, vs, key_pos = kv
+            for i, (cached, kept) in enumerate(zip((*ks, *vs), (*cache.k, *cache.v), strict=True)):
+                if cache.windowed[i % len(cache.k)]:  # a ring: its keys past the prefix unseen
+                    kept[seq.slot] = cached
+                else:
+                    kept[seq.slot, :, :p] = cached[:, :p]
+            if key_pos is not None:
+                cache.key_pos[seq.slot] = key_pos.masked_fill(key_pos >= p, NO_KEY)
         seq.pos, seq.pending = p, seq.prompt[p:]
 
     def _prefill(self, seq: Sequence) -> None:

@@ -8,6 +8,9 @@ every step of a generation, and every generation with the same batch size and ca
 `cache_len` rounds the cache up to a multiple of CACHE_BUCKET columns.
 
 The prompt (prefill) stays eager: its length differs per call and it runs once.
+
+Sliding-window layers keep a ring of their window's columns (`KVCache`), read whole each step
+too: a model with a window of 512 attends over 512 columns there, however long the generation.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from nanotune.models.transformer import KVCache
+from nanotune.models.transformer import KVCache, sliding_mask
 
 CACHE_BUCKET = 128
 """Cache lengths are rounded up to a multiple of this: generations of nearby lengths share a
@@ -29,14 +32,18 @@ def cache_len(needed: int, block_size: int) -> int:
 
 class _StaticCache:
     """The blocks' view of a KVCache during a compiled step: the new key and value go to column
-    `slot` (a tensor) and attention reads every column."""
+    `slot` (a tensor; in a sliding-window layer's ring, column slot % ring) and attention reads
+    every column (every ring column: those holding no key, or one out of the window, masked)."""
 
     def __init__(self, cache: KVCache, slot: Tensor) -> None:
         self.k, self.v, self.slot = cache.k, cache.v, slot
+        self.windowed, self.key_pos = cache.windowed, cache.key_pos
+        self.ring_slot = slot % cache.ring if cache.ring else None
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        self.k[layer].index_copy_(2, self.slot, k)
-        self.v[layer].index_copy_(2, self.slot, v)
+        at = self.ring_slot if self.windowed[layer] else self.slot
+        self.k[layer].index_copy_(2, at, k.to(self.k[layer].dtype))
+        self.v[layer].index_copy_(2, at, v.to(self.v[layer].dtype))
         return self.k[layer], self.v[layer]
 
 
@@ -51,11 +58,9 @@ def _step(
     allowed = keys.bool() & (cols <= view.slot)[None, :]  # [B, L]
     mask = allowed[:, None, None, :]
     window_mask = None
-    window = model.config.sliding_window
-    if window is not None:  # key positions count the real keys before them (left padding)
-        key_pos = keys.long().cumsum(-1) - 1
-        near = positions[:, :, None] - key_pos[:, None, :] < window  # [B, 1, L]
-        window_mask = (allowed[:, None, :] & near)[:, None]
+    if view.key_pos is not None:  # the rings: the new key's position recorded, then read whole
+        view.key_pos.index_copy_(1, view.ring_slot, positions)
+        window_mask = sliding_mask(positions, view.key_pos, model.config.sliding_window)
     x, rope = model.embed(tokens, positions)
     x = model.run_blocks(x, rope, mask, view, range(len(model.blocks)), window_mask=window_mask)
     return model.norm(x)

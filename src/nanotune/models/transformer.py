@@ -150,8 +150,21 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotated * sin
 
 
+NO_KEY = -(2**31)
+"""The position `KVCache.key_pos` records for a ring slot that holds no key (empty, or padding):
+further back than any window from every query."""
+
+
 class KVCache:
-    """Preallocated keys and values for every layer; `length` tokens are filled."""
+    """Preallocated keys and values for every layer; `length` columns are filled (left padding
+    included).
+
+    A sliding-window layer keeps a ring of `ring` columns (its window, at most `max_len`) instead
+    of `max_len`: the key of column c sits at c % ring, over the key `ring` columns back, which no
+    later query sees (a query sees `window` keys: itself and the ones before). Keys are kept
+    after RoPE with their positions (`key_pos` [B, ring], NO_KEY where none), so the window mask
+    is exact whatever the order of the ring. Global layers keep every column.
+    """
 
     def __init__(
         self,
@@ -161,17 +174,92 @@ class KVCache:
         device: torch.device | str,
         dtype: torch.dtype,
     ) -> None:
-        shape = (batch_size, config.kv_heads, max_len, config.hd)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.windowed = [config.window(i) is not None for i in range(config.n_layer)]
+        self.window = config.sliding_window
+        self.ring = min(self.window, max_len) if any(self.windowed) else 0
+
+        def columns(layer: int) -> tuple[int, ...]:
+            n = self.ring if self.windowed[layer] else max_len
+            return (batch_size, config.kv_heads, n, config.hd)
+
+        n_layer = config.n_layer
+        self.k = [torch.zeros(columns(i), device=device, dtype=dtype) for i in range(n_layer)]
+        self.v = [torch.zeros(columns(i), device=device, dtype=dtype) for i in range(n_layer)]
+        self.key_pos: Tensor | None = None
+        if self.ring:
+            self.key_pos = torch.full((batch_size, self.ring), NO_KEY, device=device)
         self.max_len = max_len
         self.length = 0
+        # This forward's ring columns, and how many ring columns its keys follow (None: the
+        # ring is written first and read whole).
+        self._write: tuple[Tensor, int | None] | None = None
+
+    def reset(self) -> None:
+        """Empty, to be filled again from column 0."""
+        self.length = 0
+        if self.key_pos is not None:
+            self.key_pos.fill_(NO_KEY)
+
+    def window_keys(self, positions: Tensor, attention_mask: Tensor | None) -> Tensor | None:
+        """The positions [B, S] of the keys the sliding-window layers attend over in a forward
+        of new tokens at `positions` [B, T] (attention_mask: [B, >= length + T], 0 at padding),
+        recorded in `key_pos`; None where plain causal attention over the new keys is exact
+        (nothing cached, no padding, no key out of the window).
+
+        One new token a row (decode): its key is written first and the ring read (up to its
+        last filled column). More (a prompt or a chunk of one): the ring as it was (its filled
+        columns), then the new keys, the last `ring` of which it keeps."""
+        if not self.ring:
+            return None
+        B, T = positions.shape
+        start, R = self.length, self.ring
+        cols = torch.arange(start, start + T, device=positions.device)
+        pos = positions
+        if attention_mask is not None:
+            pos = positions.masked_fill(attention_mask[:, start : start + T] == 0, NO_KEY)
+        if T == 1:
+            slots = cols % R
+            self.key_pos.index_copy_(1, slots, pos)
+            self._write = slots, None
+            return self.key_pos[:, : min(start + 1, R)]
+        filled = min(start, R)
+        keys = torch.cat((self.key_pos[:, :filled], pos), dim=1)
+        keep = min(T, R)
+        self.key_pos.index_copy_(1, cols[T - keep :] % R, pos[:, T - keep :])
+        self._write = cols[T - keep :] % R, filled
+        if filled == 0 and attention_mask is None and T <= self.window:
+            return None
+        return keys
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        K, V = self.k[layer], self.v[layer]
+        if self.windowed[layer]:
+            return self._update_ring(K, V, k.to(K.dtype), v.to(V.dtype))
         start, end = self.length, self.length + k.shape[2]
-        self.k[layer][:, :, start:end] = k
-        self.v[layer][:, :, start:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+        K[:, :, start:end] = k
+        V[:, :, start:end] = v
+        return K[:, :, :end], V[:, :, :end]
+
+    def _update_ring(self, K: Tensor, V: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        slots, filled = self._write
+        if filled is None:
+            K.index_copy_(2, slots, k)
+            V.index_copy_(2, slots, v)
+            n = min(self.length + 1, self.ring)
+            return K[:, :, :n], V[:, :, :n]
+        keys = torch.cat((K[:, :, :filled], k), dim=2)
+        values = torch.cat((V[:, :, :filled], v), dim=2)
+        keep = slots.shape[0]
+        K.index_copy_(2, slots, k[:, :, -keep:])
+        V.index_copy_(2, slots, v[:, :, -keep:])
+        return keys, values
+
+
+def sliding_mask(q_pos: Tensor, k_pos: Tensor, window: int) -> Tensor:
+    """[B, 1, T, S]: where queries at `q_pos` [B, T] see keys at `k_pos` [B, S] (a cache's,
+    in any order): at or before the query, less than `window` positions back (NO_KEY: never)."""
+    d = q_pos[:, None, :, None] - k_pos[:, None, None, :]
+    return (d >= 0) & (d < window)
 
 
 class Attention(nn.Module):
@@ -459,8 +547,13 @@ class Transformer(nn.Module):
         layout = (B, T, offset, attention_mask, doc_ids, branch_ids, input_ids.device)
         mask = self._mask(*layout)
         window_mask = None
-        if self.config.sliding_window is not None:
-            window_mask = self._mask(*layout, positions, self.config.sliding_window)
+        window = self.config.sliding_window
+        if window is not None and cache is not None:  # the keys the cache's rings hold
+            key_pos = cache.window_keys(positions, attention_mask)
+            if key_pos is not None:
+                window_mask = sliding_mask(positions, key_pos, window)
+        elif window is not None:
+            window_mask = self._mask(*layout, positions, window)
         x = self.run_blocks(x, rope, mask, cache, range(len(self.blocks)), window_mask=window_mask)
         if cache is not None:
             cache.length += T
@@ -554,10 +647,10 @@ class Transformer(nn.Module):
     ) -> Tensor | None:
         """Boolean [B, 1, T, S] mask (True = may attend), or None for plain causal attention.
 
-        window: each query also sees only keys less than `window` positions back. Distances are
-        positions (queries' `positions` [B, T]; keys' the same without a cache, else counted
-        over the real keys of `attention_mask`): right for packed documents, shared-prefix
-        branches, left padding, and a cache whose rows sit at their own positions (serve)."""
+        window (no cache, so offset 0): each query also sees only keys less than `window`
+        positions back, distances counted between `positions` [B, T]: right for packed
+        documents, shared-prefix branches and left padding. With a cache, sliding-window layers
+        see what its rings hold (`KVCache.window_keys`, `sliding_mask`)."""
         layout = doc_ids is not None or branch_ids is not None
         if window is not None and offset + T <= window:
             window = None  # no key can be out of the window
@@ -577,14 +670,8 @@ class Transformer(nn.Module):
         if branch_ids is not None:
             q, k = branch_ids[:, None, :, None], branch_ids[:, None, None, :]
             mask = mask & ((k == 0) | (k == q))
-        if window is not None:
-            if offset == 0:
-                k_pos = positions
-            elif attention_mask is not None:
-                k_pos = attention_mask[:, :S].long().cumsum(-1) - 1
-            else:
-                k_pos = torch.arange(S, device=device).expand(B, S)
-            mask = mask & (positions[:, None, :, None] - k_pos[:, None, None, :] < window)
+        if window is not None:  # no cache (its rings make their own: `KVCache.window_keys`)
+            mask = mask & (positions[:, None, :, None] - positions[:, None, None, :] < window)
         return mask
 
     def forward(self, input_ids: Tensor, **kwargs) -> Tensor:
