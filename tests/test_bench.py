@@ -32,26 +32,29 @@ def report(tmp_path_factory):
 
 
 SIDES = ("nanotune", "peer", "peer-bf16")
+ALL_SIDES = ("nanotune", "nanotune-compiled", "peer", "peer-bf16", "peer-compile")
 CELL = re.compile(r"(?<!\\)\|")  # a table's cell border: "|" not escaped as "\|"
 
 
-def _rows(text: str) -> dict[tuple[str, str], list[str]]:
-    """(case, side) -> its table cells, less the precision column (checked by `_precisions`)."""
-    rows = {}
+def _cells(text: str):
     for line in text.splitlines():
         cells = [c.strip() for c in CELL.split(line.strip("|"))]
-        if len(cells) == 10 and cells[1] in SIDES:
-            rows[(cells[0], cells[1])] = cells[:2] + cells[3:]
-    return rows
+        if len(cells) == 11 and cells[1] in ALL_SIDES:
+            yield cells
+
+
+def _rows(text: str) -> dict[tuple[str, str], list[str]]:
+    """(case, side) -> its table cells, less the precision and compile columns (checked by
+    `_precisions` and `_compiles`)."""
+    return {(c[0], c[1]): c[:2] + c[4:] for c in _cells(text)}
 
 
 def _precisions(text: str) -> dict[tuple[str, str], str]:
-    rows = {}
-    for line in text.splitlines():
-        cells = [c.strip() for c in CELL.split(line.strip("|"))]
-        if len(cells) == 10 and cells[1] in SIDES:
-            rows[(cells[0], cells[1])] = cells[2]
-    return rows
+    return {(c[0], c[1]): c[2] for c in _cells(text)}
+
+
+def _compiles(text: str) -> dict[tuple[str, str], str]:
+    return {(c[0], c[1]): c[3] for c in _cells(text)}
 
 
 def _num(cell: str) -> float:
@@ -68,7 +71,14 @@ def test_quick_bench_reports_every_case_on_every_side(report):
     rc, text = report
     assert rc == 0, text
     rows = _rows(text)
-    assert set(rows) == {(c, side) for c in cases.CASES for side in SIDES}
+    assert set(rows) == {(c, side) for c in cases.CASES for side in bench.sides(c, quick=True)}
+    compiled = {key for key, how in _compiles(text).items() if how != "eager"}
+    # --quick compiles one case's sides; a full run every case marked `compiled`.
+    assert compiled == {(bench.QUICK_COMPILED, s) for s in ("nanotune-compiled", "peer-compile")}
+    for side in ("nanotune-compiled", "peer-compile"):
+        how = _compiles(text)[bench.QUICK_COMPILED, side]
+        assert re.fullmatch(r"(compiled|torch_compile), [\d,]+ s", how), how
+    assert {s for c in cases.CASES for s in bench.sides(c, quick=False)} == set(ALL_SIDES)
     for (case, side), cells in rows.items():
         if side != "nanotune" and cells[8].startswith("FAILED: "):
             # A peer that died (llama.cpp's SIGSEGV on AMX CPUs, say) is a row saying how.
@@ -86,9 +96,6 @@ def test_quick_bench_reports_every_case_on_every_side(report):
                 )  # overflow refused
             continue
         if cases.CASES[case].peer == "llama.cpp" and side != "nanotune":
-            if side == "peer-bf16":
-                assert cells[8].startswith("n/a: llama.cpp computes in the GGUF's own"), cells
-                continue
             if importlib.util.find_spec("llama_cpp") is None:  # an optional extra
                 assert cells[8].startswith("n/a: llama-cpp-python is not installed"), cells
                 continue
@@ -104,8 +111,8 @@ def test_quick_bench_reports_every_case_on_every_side(report):
         tok_s, ms, mib, gflops, frac = (_num(cells[i]) for i in (2, 4, 5, 6, 7))
         assert tok_s > 0 and ms > 0 and mib > 0 and gflops > 0 and frac > 0, cells
         no_peer = case == "qlora" or rows[case, "peer"][2] == "–"  # n/a here
-        if side == "nanotune" and not no_peer:
-            assert _num(cells[3].split()[0]) > 0, cells  # ratio to the faster peer
+        if side in ("nanotune", "nanotune-compiled") and not no_peer:
+            assert _num(cells[3].split()[0]) > 0, cells  # ratio to the fastest peer
 
 
 def test_every_side_says_its_precision_and_ratios_are_against_the_faster_peer(report):
@@ -119,22 +126,22 @@ def test_every_side_says_its_precision_and_ratios_are_against_the_faster_peer(re
         if rows[case, side][2] == "–" or case == "data-100k":  # n/a here, or no arithmetic
             continue
         want = "bfloat16" if side == "peer-bf16" else "float32"
-        if side == "nanotune" and cases.CASES[case].decode:  # a generate case's `--dtype`
+        if side.startswith("nanotune") and cases.CASES[case].decode:  # a generate `--dtype`
             want = cases.CASES[case].decode
         if side == "peer" and cases.CASES[case].peer == "llama.cpp":  # the file's quantization
-            want = "GGUF Q4_1"
+            want = "GGUF Q8_0"
         assert precision == want, (case, side)
     assert "nanotune's precision here: float32 (train.dtype auto: " in text
     for case in ("lora-sft", "full-lm", "generate-b1"):
-        cells = {side: rows[case, side][2] for side in SIDES}
-        ours, fp32, bf16 = (_num(cells[side]) for side in SIDES)
-        faster = "peer" if fp32 >= bf16 else "peer-bf16"
+        peers = [s for s in bench.sides(case, quick=True) if s.startswith("peer")]
+        cells = {side: rows[case, side][2] for side in ["nanotune", *peers]}
+        ours = _num(cells["nanotune"])
+        faster = max(peers, key=lambda s: _num(cells[s]))
         ratio, against = rows[case, "nanotune"][3].split()
         # The ratio is taken from unrounded throughputs; the cells show them rounded.
-        shown = ours / max(fp32, bf16)
-        slack = shown * (
-            _half_ulp(cells["nanotune"]) / ours + _half_ulp(cells[faster]) / max(fp32, bf16)
-        )
+        best = _num(cells[faster])
+        shown = ours / best
+        slack = shown * (_half_ulp(cells["nanotune"]) / ours + _half_ulp(cells[faster]) / best)
         assert against == faster and abs(_num(ratio) - shown) <= slack + _half_ulp(ratio), rows
 
 
@@ -161,7 +168,13 @@ def test_a_peer_that_dies_is_a_row_saying_how_and_does_not_fail_the_run(monkeypa
     died = bench.how_it_ended(proc)
     assert died == "died of SIGSEGV (exit status -11); last on stderr: ggml: AMX = 1 | x"
     ran = SideResult(1.0, 10.0, 1e9, 2**20, "RSS", 4, precision="float32")
-    sides = {"nanotune": ran, "peer": SideResult(error=died), "peer-bf16": ran}
+    sides = {
+        "nanotune": ran,
+        "nanotune-compiled": ran,
+        "peer": SideResult(error=died),
+        "peer-bf16": ran,
+        "peer-compile": ran,
+    }
     monkeypatch.setattr(bench, "run_side", lambda case, side, *_: sides[side])
     out = tmp_path / "BENCHMARKS.md"
     assert main(["bench", "--quick", "--cases", "lora-sft", "--output", str(out)]) == 0
@@ -293,7 +306,7 @@ def test_llama_cpp_row_says_why_when_llama_cpp_python_is_missing(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import fails
     with pytest.raises(NotApplicable, match="llama-cpp-python is not installed"):
-        llamacpp.import_libraries(cases.CASES["generate-llama-cpp"])
+        llamacpp.import_libraries(cases.CASES["decode-q8-b1"])
     assert llamacpp.gguf_precision("/x/SmolLM2-135M-Instruct.Q4_1.gguf") == "GGUF Q4_1"
     assert llamacpp.gguf_precision("/x/model.gguf") == "GGUF"
 

@@ -48,6 +48,9 @@ class Case:
     # Who the peer is: transformers (+ peft, TRL), or llama.cpp on the SmolLM2 GGUF
     # (`bench.llamacpp`; its bf16 row does not apply).
     peer: str = "transformers"
+    # Also run nanotune compiled (`train.compile: true`; `generate --compile` for a generate
+    # case) and, for training, the peer with `TrainingArguments(torch_compile=True)`'s compile.
+    compiled: bool = False
     extra: dict[str, Any] = field(default_factory=dict, hash=False)
 
 
@@ -67,6 +70,7 @@ CASES: dict[str, Case] = {
             r=16,
             targets=("c_attn",),
             target_ratio=3.0,
+            compiled=True,
         ),
         Case(
             "lora-sft-packed",
@@ -86,6 +90,7 @@ CASES: dict[str, Case] = {
             "full",
             "GPT-2 124M full fine-tuning on 128-token chunks",
             target_ratio=2.0,
+            compiled=True,
         ),
         Case(
             "classify",
@@ -93,7 +98,8 @@ CASES: dict[str, Case] = {
             "gpt2",
             "last_n",
             "GPT-2 124M, last block + final norm + 2-class head, texts of 20-120 tokens",
-            target_ratio=1.3,
+            target_ratio=2.0,
+            compiled=True,
         ),
         Case(
             "classify-5ep",
@@ -132,10 +138,11 @@ CASES: dict[str, Case] = {
             "gpt2",
             "none",
             "GPT-2 124M, 32-token prompts, 128 new tokens, greedy, KV cache, batch 8; nanotune in "
-            "float32",
+            "float32; nanotune-compiled is `generate --compile`",
             batch=8,
             target_ratio=3.0,
             decode="float32",  # what `nanotune generate` decodes in by default
+            compiled=True,
         ),
         Case(
             "generate-b1-bf16",
@@ -181,14 +188,28 @@ CASES: dict[str, Case] = {
             decode="int8",
         ),
         Case(
-            "generate-llama-cpp",
+            "decode-q8-b1",
             "generate",
             "smollm2",
             "none",
-            "SmolLM2-135M from the embedded GGUF (Q4_1), 32-token prompt, 128 new tokens, greedy, "
-            "batch 1: nanotune dequantizes the file and decodes with `--dtype int8`; the peer is "
-            "llama.cpp (llama-cpp-python) on the same file, in its own Q4_1 kernels",
+            "SmolLM2-135M (real weights) as a Q8_0 GGUF that nanotune exports from the embedded "
+            "file, 32-token prompt, 128 new tokens, greedy, batch 1: nanotune loads the file and "
+            "decodes with `--dtype int8`; the peer is llama.cpp (llama-cpp-python's C API) on "
+            "the same file, in its own Q8_0 kernels",
             batch=1,
+            target_ratio=0.8,
+            decode="int8",
+            peer="llama.cpp",
+        ),
+        Case(
+            "decode-q8-b8",
+            "generate",
+            "smollm2",
+            "none",
+            "decode-q8-b1 with 8 prompts decoded together (llama.cpp: one batch of 8 sequences "
+            "per step, as its `batched` example does)",
+            batch=8,
+            target_ratio=2.0,
             decode="int8",
             peer="llama.cpp",
         ),
@@ -201,6 +222,7 @@ CASES: dict[str, Case] = {
             r=16,
             targets=("all-linear",),
             target_ratio=2.5,
+            compiled=True,
         ),
         Case(
             "smollm2-lora-packed",

@@ -1,8 +1,12 @@
-"""The llama.cpp peer of the generate-llama-cpp case: llama-cpp-python on the SmolLM2 GGUF.
+"""The llama.cpp peer of the decode-q8 cases: llama.cpp, through llama-cpp-python's C API, on
+the SmolLM2 GGUF both sides load.
 
-llama.cpp runs the file's own quantized weights (Q4_1 for the embedded SmolLM2) with its own
-CPU kernels, on as many threads as torch uses here; greedy (top-k 1), the prompt's token ids as
-given, exactly `gen_new` tokens (an EOS does not stop it), the KV cache cleared per prompt.
+llama.cpp runs the file's own quantized weights (Q8_0) with its own CPU kernels, on as many
+threads as torch uses here. A step decodes a batch of prompts the way llama.cpp's `batched`
+example does: one context with a sequence per prompt, the prompts prefilled in one
+`llama_decode`, then one `llama_decode` per new token for all sequences together; greedy (the
+argmax of each sequence's logits), exactly `gen_new` tokens (an EOS does not stop it), the
+KV cache cleared between steps.
 """
 
 from __future__ import annotations
@@ -57,28 +61,59 @@ def import_libraries(case: Case) -> None:
 
 
 def build(
-    case: Case, quick: bool, device: str, items: list[Any], source: str | None, precision: str
+    case: Case,
+    quick: bool,
+    device: str,
+    items: list[Any],
+    source: str | None,
+    precision: str,
+    compiled: bool = False,
 ) -> Workload:
-    import llama_cpp
+    import llama_cpp as ll
+    import numpy as np
 
     if device != "cpu":
         raise NotApplicable(f"n/a on {device}: the llama.cpp row is a CPU comparison")
-    new, prompt = sizes(quick).gen_new, len(items[0][0])
+    new, prompt, rows = sizes(quick).gen_new, len(items[0][0]), len(items[0])
     threads = torch.get_num_threads()
-    llm = llama_cpp.Llama(
-        model_path=str(source),
-        n_ctx=prompt + new + 8,
-        n_batch=prompt,
-        n_threads=threads,
-        n_threads_batch=threads,
-        verbose=False,
-    )
+    ll.llama_backend_init()
+    model = ll.llama_model_load_from_file(str(source).encode(), ll.llama_model_default_params())
+    if not model:
+        raise RuntimeError(f"llama.cpp could not load {source}")
+    params = ll.llama_context_default_params()
+    params.n_ctx = rows * (prompt + new + 8)
+    params.n_batch = params.n_ubatch = rows * prompt
+    params.n_seq_max = rows
+    params.n_threads = params.n_threads_batch = threads
+    ctx = ll.llama_init_from_model(model, params)
+    if not ctx:
+        raise RuntimeError("llama.cpp could not create a context")
+    vocab = ll.llama_vocab_n_tokens(ll.llama_model_get_vocab(model))
+    batch = ll.llama_batch_init(rows * prompt, 0, rows)
+
+    def fill(tokens: list[tuple[int, int, int, bool]]) -> None:
+        """(token, position, sequence, wants logits) per batch entry."""
+        batch.n_tokens = len(tokens)
+        for i, (token, pos, seq, logits) in enumerate(tokens):
+            batch.token[i], batch.pos[i], batch.logits[i] = token, pos, logits
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = seq
+        if ll.llama_decode(ctx, batch) != 0:
+            raise RuntimeError("llama_decode failed")
+
+    def greedy(index: int) -> int:
+        return int(np.ctypeslib.as_array(ll.llama_get_logits_ith(ctx, index), (vocab,)).argmax())
 
     def run(item: list[list[int]]) -> None:
-        (ids,) = item  # batch 1
-        llm.reset()  # no prefix of an earlier prompt is reused
-        for i, _ in enumerate(llm.generate(ids, top_k=1, temp=0.0, reset=True)):
-            if i + 1 == new:
-                break
+        ll.llama_memory_clear(ll.llama_get_memory(ctx), True)  # no earlier prompt is reused
+        fill(
+            [(t, i, s, i == len(ids) - 1) for s, ids in enumerate(item) for i, t in enumerate(ids)]
+        )
+        last = [(s + 1) * prompt - 1 for s in range(rows)]  # each prompt's last token
+        for t in range(new - 1):
+            nxt = [greedy(i) for i in last]
+            fill([(tok, prompt + t, s, True) for s, tok in enumerate(nxt)])
+            last = list(range(rows))
+        [greedy(i) for i in last]  # the last new token
 
     return Workload(run, items)

@@ -118,6 +118,7 @@ def _grpo(
     model.train()
     opt = build_optimizer(model, TrainConfig(lr=LR, weight_decay=0.0))
     params = [p for g in opt.param_groups for p in g["params"]]
+    scaler = torch.amp.GradScaler(device, enabled=precision == "float16")
     inputs, first = [], 0
     for n, item in enumerate(items):
         inputs.append((n + 1, torch.arange(first, first + len(item))))
@@ -128,17 +129,28 @@ def _grpo(
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast():
             loss = objective.loss_sum(model, batch) / objective.count(batch)
-        loss.backward()
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
-        opt.step()
+        scaler.step(opt)
+        scaler.update()
         opt.zero_grad(set_to_none=True)
 
     return Workload(step, inputs)
 
 
 def build(
-    case: Case, quick: bool, device: str, items: list[Any], source: str | None, precision: str
+    case: Case,
+    quick: bool,
+    device: str,
+    items: list[Any],
+    source: str | None,
+    precision: str,
+    compiled: bool = False,
 ) -> Workload:
+    """The case's step as nanotune runs it; `compiled`: as `train.compile: true` runs training
+    (each block's forward and backward through torch.compile, lengths as symbols) and
+    `generate --compile` decodes (one graph per step on a static KV cache)."""
     from nanotune.data.batching import collate_class, collate_lm
     from nanotune.data.example import ClassExample, Example
     from nanotune.methods import SequenceClassifier, apply_method
@@ -156,7 +168,9 @@ def build(
 
         model = for_decoding(model.eval(), precision)  # `--dtype` (int8 for the -int8 cases)
         # No stop tokens: every row generates exactly max_new_tokens, as on the peer side.
-        gen = GenerationConfig(max_new_tokens=sizes(quick).gen_new, stop_token_ids=())
+        gen = GenerationConfig(
+            max_new_tokens=sizes(quick).gen_new, stop_token_ids=(), compile=compiled
+        )
         return Workload(lambda prompts: generate_ids(model, prompts, gen), items)
 
     if case.kind == "grpo":
@@ -194,19 +208,28 @@ def build(
     model = apply_method(model, _method(case, device)).to(device).train()
     if case.kind == "classify" and case.epochs:
         model.cache_frozen_prefix(prefix)
+    if compiled:
+        from nanotune.training.compiled import compile_targets
+
+        for m in compile_targets(model):
+            m.compile_blocks(True)
     batches = [
         {k: v.to(device) for k, v in b.items() if isinstance(v, torch.Tensor)} for b in batches
     ]
     opt = build_optimizer(model, TrainConfig(lr=LR, weight_decay=0.0))
     params = [p for g in opt.param_groups for p in g["params"]]
     autocast = autocast_for(TrainConfig(dtype=precision), torch.device(device))
+    # float16 (a GPU without native bf16): the trainer's loss scaling, unscaled before clipping.
+    scaler = torch.amp.GradScaler(device, enabled=precision == "float16")
 
     def step(batch: dict[str, torch.Tensor]) -> None:
         with autocast():  # the trainer's: the forward (the loss) under autocast, backward after
             loss = objective.loss_sum(model, batch) / objective.count(batch)
-        loss.backward()
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
-        opt.step()
+        scaler.step(opt)
+        scaler.update()
         opt.zero_grad(set_to_none=True)
 
     return Workload(step, batches)

@@ -271,9 +271,17 @@ def _grpo(
 
 
 def build(
-    case: Case, quick: bool, device: str, items: list[Any], source: str | None, precision: str
+    case: Case,
+    quick: bool,
+    device: str,
+    items: list[Any],
+    source: str | None,
+    precision: str,
+    compiled: bool = False,
 ) -> Workload:
-    """The case's step; for bfloat16 under `torch.autocast` (TRL's own `bf16=True` for dpo)."""
+    """The case's step; for bfloat16 under `torch.autocast` (TRL's own `bf16=True` for dpo);
+    `compiled`: the model through `torch.compile` as `TrainingArguments(torch_compile=True)`
+    wraps it (inductor, default mode, the whole model's forward, so its backward too)."""
     cfg = model_config(case, quick)
     pad = cfg.eos_token_id if cfg.eos_token_id is not None else 0
     if case.kind == "dpo":
@@ -330,6 +338,8 @@ def build(
     model.to(device).train()
     batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
     params = [p for p in model.parameters() if p.requires_grad]
+    if compiled:
+        model = torch.compile(model)
     # transformers' Trainer defaults on torch >= 2.8: fused AdamW, gradients clipped to norm 1.
     try:
         opt = torch.optim.AdamW(params, lr=LR, fused=True)

@@ -17,12 +17,35 @@ import torch
 from nanotune.bench.cases import CASES, QUICK_LLAMA
 from nanotune.bench.config import BenchCommand
 from nanotune.bench.report import SideResult, render
-from nanotune.bench.workload import MARK, PEER_BF16, how_it_ended
+from nanotune.bench.workload import (
+    MARK,
+    OURS_COMPILED,
+    PEER_BF16,
+    PEER_COMPILED,
+    how_it_ended,
+)
 from nanotune.errors import NanotuneError
 from nanotune.files.atomic import atomic_write
 from nanotune.models.config import PRESETS
 
-SIDES = ("nanotune", "peer", PEER_BF16)
+SIDES = ("nanotune", OURS_COMPILED, "peer", PEER_BF16, PEER_COMPILED)
+QUICK_COMPILED = "full-lm"
+"""--quick runs the compiled sides of this case only: a compile takes tens of seconds even on
+tiny shapes, and one case of equal-length rows (no recompiles) exercises the whole path."""
+
+
+def sides(case: str, quick: bool) -> list[str]:
+    """The sides that run `case`: nanotune and the peer always; the peer's bf16 autocast where
+    the peer is transformers; the compiled sides where the case asks for them (the peer's only
+    for training: `torch_compile` is a `TrainingArguments` flag)."""
+    c = CASES[case]
+    compiled = c.compiled and (not quick or case == QUICK_COMPILED)
+    out = ["nanotune"] + [OURS_COMPILED] * compiled + ["peer"]
+    if c.peer != "llama.cpp":
+        out.append(PEER_BF16)
+    if compiled and c.kind != "generate":
+        out.append(PEER_COMPILED)
+    return out
 
 
 def select(cases: str | None) -> list[str]:
@@ -83,6 +106,19 @@ def _tiny_llama(directory: Path) -> Path:
     return save_model(Transformer(QUICK_LLAMA), load_gguf_tokenizer(smollm2_gguf()), directory)
 
 
+def smollm2_q8(directory: Path) -> Path:
+    """The embedded SmolLM2 exported by nanotune as a Q8_0 GGUF: the file both decode-q8 sides
+    load (nanotune dequantizes it, llama.cpp runs its Q8_0 kernels on it)."""
+    from nanotune.weights import load_model
+    from nanotune.weights.gguf_export import export_gguf
+
+    model, tokenizer = load_model(smollm2_gguf())
+    directory.mkdir(parents=True, exist_ok=True)
+    return export_gguf(
+        model, tokenizer, directory / "SmolLM2-135M-Instruct.Q8_0.gguf", quant="q8_0"
+    )
+
+
 def run_side(
     case: str, side: str, quick: bool, device: str, source: Path | None, timeout: float
 ) -> SideResult:
@@ -132,7 +168,9 @@ def run(
         log(f"llama.cpp: {llama_cpp}")
     results: dict[str, dict[str, SideResult]] = {}
     with tempfile.TemporaryDirectory(prefix="nanotune-bench-") as tmp:
-        source = folder = None
+        source = folder = q8 = None
+        if any(CASES[c].peer == "llama.cpp" for c in cases):
+            q8 = smollm2_q8(Path(tmp) / "smollm2-q8")
         if any(CASES[c].model == "smollm2" for c in cases):
             source = _tiny_llama(Path(tmp) / "tiny-llama") if quick else smollm2_gguf()
         if any(CASES[c].kind in ("dpo", "grpo") for c in cases):
@@ -142,18 +180,18 @@ def run(
             from nanotune.bench.serving import hf_folder
 
             folder = hf_folder(source, Path(tmp) / "smollm2-hf")
-        jobs = [(case, side) for case in cases for side in SIDES]
+        jobs = [(case, side) for case in cases for side in sides(case, quick)]
 
         def one(job: tuple[str, str]) -> SideResult:
             case, side = job
             src = source if CASES[case].model == "smollm2" else None
             if CASES[case].peer == "llama.cpp":  # a GGUF for llama.cpp, --quick included
-                src = smollm2_gguf()
+                src = q8
             if CASES[case].kind in ("dpo", "grpo"):
                 src = folder
             r = run_side(case, side, quick, device, src, timeout)
             log(
-                f"{case:19s} {side:9s} "
+                f"{case:19s} {side:17s} "
                 + (
                     f"{r.useful_per_s:10.1f} tok/s {r.ms_per_step:9.1f} ms/step "
                     f"{r.peak_bytes / 2**20:8.1f} MiB"

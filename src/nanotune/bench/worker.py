@@ -21,8 +21,11 @@ import torch
 
 from nanotune.bench import cases
 from nanotune.bench.workload import (
+    COMPILED_SIDES,
     MARK,
+    OURS_COMPILED,
     PEER_BF16,
+    PEER_COMPILED,
     NotApplicable,
     peak_since,
     reset_peak,
@@ -39,10 +42,17 @@ def _import_lazy_modules(device: str) -> None:
     torch.optim.AdamW([p], fused=True).step()
 
 
+def _graphs() -> int:
+    """Frames torch.compile has compiled in this process (a recompile counts again)."""
+    from torch._dynamo.utils import counters
+
+    return counters["frames"]["total"]
+
+
 def measure(case_name: str, side: str, quick: bool, device: str, source: str | None) -> dict:
     case = cases.CASES[case_name]
     precision = side_precision(side, device)
-    if side == "nanotune" and case.decode:  # `--dtype` for decoding, not the training precision
+    if side in ("nanotune", OURS_COMPILED) and case.decode:  # `--dtype`, not training's
         precision = case.decode
     if case.kind == "serve":  # a load test of two server processes, not a step loop
         from nanotune.bench import serving
@@ -57,7 +67,7 @@ def measure(case_name: str, side: str, quick: bool, device: str, source: str | N
         if side == PEER_BF16:
             return {"na": "n/a: tokenizing and batching compute nothing in either precision"}
         return datapipe.measure(side, quick)
-    if side == "nanotune":
+    if side in ("nanotune", OURS_COMPILED):
         from nanotune.bench import ours as impl
     elif case.peer == "llama.cpp":
         from nanotune.bench import llamacpp as impl
@@ -78,14 +88,20 @@ def measure(case_name: str, side: str, quick: bool, device: str, source: str | N
         baseline = torch.cuda.memory_allocated()
     items = cases.items(case, quick)
     try:
-        work = impl.build(case, quick, device, items, source, precision)
+        work = impl.build(
+            case, quick, device, items, source, precision, compiled=side in COMPILED_SIDES
+        )
     except NotApplicable as e:
         return {"na": str(e)}
     gc.collect()
     how = reset_peak(device)
     warmup = cases.sizes(quick).warmup
+    compiling = side in COMPILED_SIDES
+    frames = []  # graphs torch.compile has made, before each step (compiled sides)
     ms = []
     for x in work.inputs:
+        if compiling:
+            frames.append(_graphs())
         if device == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -108,7 +124,16 @@ def measure(case_name: str, side: str, quick: bool, device: str, source: str | N
             "note": f"{cases.epochs(case, quick)} epochs, {len(ms)} steps in {seconds:,.1f} s",
         }
     timed = list(zip(ms, stats, strict=True))[warmup:]
+    compiled = {}
+    if compiling:  # the warm-up steps compile: their time beyond a timed step's
+        median = statistics.median(t for t, _ in timed)
+        total, late = _graphs() - frames[0], _graphs() - frames[warmup]
+        compiled = {
+            "compile_s": max(0.0, sum(ms[:warmup]) - warmup * median) / 1e3,
+            "note": f"{total} graph(s) compiled, {late} of them in timed steps",
+        }
     return {
+        **compiled,
         "ms_per_step": statistics.median(t for t, _ in timed),
         # Median over steps of each step's rate: robust to a noisy step, fair to uneven batches.
         "useful_per_s": statistics.median(u / (t / 1e3) for t, (u, _) in timed),
@@ -123,7 +148,7 @@ def measure(case_name: str, side: str, quick: bool, device: str, source: str | N
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m nanotune.bench.worker")
     p.add_argument("case", choices=sorted(cases.CASES))
-    p.add_argument("side", choices=["nanotune", "peer", PEER_BF16])
+    p.add_argument("side", choices=["nanotune", OURS_COMPILED, "peer", PEER_BF16, PEER_COMPILED])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--device", default="cpu")
     p.add_argument("--source", help="SmolLM2 checkpoint (.gguf file or HF folder)")

@@ -23,10 +23,22 @@ PEER_BF16 = "peer-bf16"
 `TrainingArguments(bf16=True)` does on CPU): ratios are taken against the faster peer run."""
 
 
+OURS_COMPILED = "nanotune-compiled"
+"""nanotune again with its steps through torch.compile: `train.compile: true` (the blocks'
+forward and backward), `generate --compile` (the decode step)."""
+
+PEER_COMPILED = "peer-compile"
+"""The peer in float32 through `torch.compile(model)`, what `TrainingArguments(torch_compile=True)`
+does (inductor, its default mode): the third one-flag configuration ratios are taken against."""
+
+COMPILED_SIDES = (OURS_COMPILED, PEER_COMPILED)
+
+
 def side_precision(side: str, device: str) -> str:
-    """What a side computes in: nanotune what `train.dtype: auto` picks on this device (bf16
-    only where the hardware multiplies it natively), the peer float32, peer-bf16 bfloat16."""
-    if side == "nanotune":
+    """What a side computes in: nanotune (compiled or not) what `train.dtype: auto` picks on this
+    device (bf16 only where the hardware multiplies it natively), the peer float32 (compiled or
+    not), peer-bf16 bfloat16."""
+    if side in ("nanotune", OURS_COMPILED):
         from nanotune.training.config import TrainConfig
         from nanotune.training.trainer import compute_precision
 
