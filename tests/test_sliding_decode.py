@@ -23,6 +23,7 @@ from nanotune.generate import GenerationConfig, generate_ids
 from nanotune.models import PRESETS
 from nanotune.models.transformer import KVCache, Transformer
 from nanotune.weights import load_model
+from nanotune.weights.gguf_export import export_gguf
 
 warnings.filterwarnings("ignore")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -251,3 +252,25 @@ def test_the_prefix_cache_serves_a_windowed_prefix_only_when_its_rings_hold_it(m
     (got,) = engine.run([far], [greedy])
     assert got.output == hf_greedy(hf, far, N)
     assert engine._prefixes.hits == 1  # declined
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["mistral", "gemma3"])
+def test_a_gguf_loaded_model_decodes_past_the_window_keeping_its_window(case, models, tmp_path):
+    """The window read back from a GGUF export's metadata bounds decoding alike: generate and
+    the engine decode transformers' greedy tokens, the windowed layers' caches rings of 8."""
+    hf, folder = models[case]
+    model, tok = load_model(folder)
+    back, tok = load_model(export_gguf(model, tok, tmp_path / "model.gguf", quant="f32"))
+    c = back.config
+    assert [c.window(i) for i in range(c.n_layer)] == [
+        model.config.window(i) for i in range(c.n_layer)
+    ]
+    prompt = long_prompt()
+    want = hf_greedy(hf, prompt, N)
+    assert decoded_cache_bytes(back, tok, N) == decoded_cache_bytes(model, tok, N)
+    assert generate_ids(back, [prompt], GenerationConfig(max_new_tokens=N, stop_token_ids=())) == [
+        want
+    ]
+    greedy = Sampling(max_tokens=N, temperature=0.0, stop_token_ids=())
+    assert [s.output for s in Engine(back, tok).run([prompt], [greedy])] == [want]
