@@ -32,6 +32,7 @@ class Tokenizer:
         chat_template: str | None = None,
         add_bos: bool = False,
         gguf_pre: str | None = None,
+        gguf_scores: list[float] | None = None,
         name: str = "tokenizer",
     ):
         self._backend = backend
@@ -42,6 +43,9 @@ class Tokenizer:
         # llama.cpp's pre-tokenizer name (`tokenizer.ggml.pre`) when the vocabulary came from a
         # GGUF (kept in tokenizer_config.json by `save`); None: implied by the pre-tokenizer.
         self.gguf_pre = gguf_pre
+        # A SentencePiece GGUF's token scores, which a GGUF export writes back as they were (the
+        # BPE keeps only their order); not saved: a tokenizer.json's export derives them.
+        self.gguf_scores = gguf_scores
         self.name = name
 
     # --- constructors -------------------------------------------------------------------------
@@ -60,8 +64,9 @@ class Tokenizer:
 
     @classmethod
     def from_gguf_metadata(cls, fields: Mapping[str, Any], where: str) -> Tokenizer:
-        """The byte-level BPE described by a GGUF's decoded `tokenizer.*` metadata (the keys in
-        `GGUF_KEYS`); `where` names the file in errors. `weights.gguf` reads the file."""
+        """The vocabulary (byte-level BPE or SentencePiece) described by a GGUF's decoded
+        `tokenizer.*` metadata (the keys in `GGUF_KEYS`); `where` names the file in errors.
+        `weights.gguf` reads the file."""
         backend, settings = read_gguf_vocab(fields, where)
         return cls(backend, **settings)
 
@@ -75,6 +80,7 @@ class Tokenizer:
             "add_bos": self.add_bos,
             "chat_template": self.chat_template,
             "gguf_pre": self.gguf_pre,
+            "gguf_scores": self.gguf_scores,
         }
         return gguf_vocab_metadata(self._backend, settings, n_vocab, self.name)
 

@@ -9,6 +9,7 @@ gives them; the GGUF exporter gets the same values back from `gguf_vocab_metadat
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -64,7 +65,14 @@ GGUF_PRE_SPLITS: dict[str, str | None] = {
     "qwen2": _QWEN2_SPLIT,
 }
 _LLAMA_CPP_PRE = {"gpt2": "gpt-2"}  # names llama.cpp does not know -> the one it uses
-_GGUF_NORMAL, _GGUF_CONTROL, _GGUF_USER_DEFINED = 1, 3, 4
+# llama.cpp's token types (gguf.TokenType).
+_GGUF_NORMAL, _GGUF_UNKNOWN, _GGUF_CONTROL = 1, 2, 3
+_GGUF_USER_DEFINED, _GGUF_UNUSED, _GGUF_BYTE = 4, 5, 6
+# The scores convert_hf_to_gguf gives SentencePiece tokens that have none of their own: added
+# tokens (tokenizer_config.json's added_tokens_decoder) and ids past the vocabulary.
+_SPM_ADDED_SCORE = -1000.0
+_SPM_UNUSED_SCORE = -10000.0
+_SPM_BYTE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
 def read_gguf_vocab(fields: Mapping[str, Any], where: str) -> tuple[Backend, dict[str, Any]]:
@@ -170,7 +178,9 @@ def _sentencepiece(fields: Mapping[str, Any], where: str) -> tuple[Backend, dict
         [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
         + ([decoders.Strip(" ", 1, 0)] if fields.get("tokenizer.ggml.add_space_prefix") else [])
     )
-    return _with_added(hf, tokens, types, None), _settings(fields, where, None)
+    # The scores themselves, for a GGUF export: the merges keep only their order.
+    settings = _settings(fields, where, None) | {"gguf_scores": [float(x) for x in scores]}
+    return _with_added(hf, tokens, types, None), settings
 
 
 def _vocab(tokens: list[str]) -> dict[str, int]:
@@ -183,41 +193,34 @@ def gguf_vocab_metadata(
     backend: Backend, settings: Mapping[str, Any], n_vocab: int, where: str
 ) -> dict[str, Any]:
     """The `tokenizer.*` metadata (keys of `GGUF_KEYS`) that `read_gguf_vocab` reads back to this
-    vocabulary, laid out as llama.cpp's convert_hf_to_gguf writes a byte-level BPE.
+    vocabulary, laid out as llama.cpp's convert_hf_to_gguf writes it: a byte-level BPE as its
+    'gpt2' model, a SentencePiece-style one (BPE with byte fallback, Unigram) as its 'llama' model.
 
-    `n_vocab`: the embedding's rows; ids the vocabulary leaves unused become `[PAD<id>]`
-    user-defined tokens, as llama.cpp pads them. `settings`: bos_id, eos_id, pad_id, add_bos,
-    chat_template, gguf_pre (those of `Tokenizer`). The pre-tokenizer name is `gguf_pre` when the
-    vocabulary came from a GGUF (its file knows best: SmolLM2's says 'smollm', though transformers
-    and nanotune read it as GPT-2's split), else the one tokenizer.json's pre-tokenizer implies.
+    `n_vocab`: the embedding's rows; ids the vocabulary leaves unused are padded with `[PAD<id>]`
+    tokens, as llama.cpp pads them. `settings`: bos_id, eos_id, pad_id, add_bos, chat_template,
+    gguf_pre, gguf_scores (those of `Tokenizer`).
     """
     hf = backend.to_tokenizers()
     spec = json.loads(hf.to_str())
-    if spec["model"].get("type") != "BPE" or (spec.get("decoder") or {}).get("type") != "ByteLevel":
-        raise NanotuneError(
-            f"{where}: only byte-level BPE vocabularies can be written to GGUF (this one is a "
-            f"{spec['model'].get('type')} model); export it as an HF folder instead"
-        )
     vocab = hf.get_vocab(with_added_tokens=True)
     if max(vocab.values()) >= n_vocab:
         raise NanotuneError(
             f"{where}: the tokenizer has {max(vocab.values()) + 1} ids but the model's embedding "
             f"only {n_vocab} rows; resize the embedding to the tokenizer (train with it) first"
         )
-    tokens = [f"[PAD{i}]" for i in range(n_vocab)]
-    types = [_GGUF_USER_DEFINED] * n_vocab
-    for token, i in vocab.items():
-        tokens[i], types[i] = token, _GGUF_NORMAL
-    for i, added in hf.get_added_tokens_decoder().items():
-        types[i] = _GGUF_CONTROL if added.special else _GGUF_USER_DEFINED
-    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
-    fields = {
-        "tokenizer.ggml.model": "gpt2",
-        "tokenizer.ggml.pre": settings.get("gguf_pre")
-        or _gguf_pre(spec.get("pre_tokenizer"), where),
-        "tokenizer.ggml.tokens": tokens,
-        "tokenizer.ggml.merges": merges,
-        "tokenizer.ggml.token_type": types,
+    if _is_sentencepiece(spec):
+        fields = _sentencepiece_metadata(hf, spec, vocab, n_vocab, settings.get("gguf_scores"))
+    elif spec["model"].get("type") == "BPE" and (spec.get("decoder") or {}).get("type") == (
+        "ByteLevel"
+    ):
+        fields = _byte_level_metadata(hf, spec, vocab, n_vocab, settings, where)
+    else:
+        raise NanotuneError(
+            f"{where}: a {spec['model'].get('type')} vocabulary that is neither byte-level BPE nor "
+            "SentencePiece-style (BPE with byte fallback, or Unigram) has no GGUF tokenizer model; "
+            "export it as an HF folder instead"
+        )
+    fields |= {
         "tokenizer.ggml.bos_token_id": settings.get("bos_id"),
         "tokenizer.ggml.eos_token_id": settings.get("eos_id"),
         "tokenizer.ggml.padding_token_id": settings.get("pad_id"),
@@ -225,6 +228,154 @@ def gguf_vocab_metadata(
         "tokenizer.chat_template": settings.get("chat_template"),
     }
     return {key: value for key, value in fields.items() if value is not None}
+
+
+def _byte_level_metadata(
+    hf: HFTokenizer,
+    spec: dict[str, Any],
+    vocab: dict[str, int],
+    n_vocab: int,
+    settings: Mapping[str, Any],
+    where: str,
+) -> dict[str, Any]:
+    """llama.cpp's 'gpt2' model. The pre-tokenizer name is `gguf_pre` when the vocabulary came
+    from a GGUF (its file knows best: SmolLM2's says 'smollm', though transformers and nanotune
+    read it as GPT-2's split), else the one tokenizer.json's pre-tokenizer implies."""
+    tokens = [f"[PAD{i}]" for i in range(n_vocab)]
+    types = [_GGUF_USER_DEFINED] * n_vocab
+    for token, i in vocab.items():
+        tokens[i], types[i] = token, _GGUF_NORMAL
+    for i, added in hf.get_added_tokens_decoder().items():
+        types[i] = _GGUF_CONTROL if added.special else _GGUF_USER_DEFINED
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    return {
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": settings.get("gguf_pre")
+        or _gguf_pre(spec.get("pre_tokenizer"), where),
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.merges": merges,
+        "tokenizer.ggml.token_type": types,
+    }
+
+
+def _is_sentencepiece(spec: dict[str, Any]) -> bool:
+    """Whether a tokenizer.json describes a SentencePiece-style model: Unigram, or BPE over
+    characters that falls back to <0xNN> byte pieces (Llama 2's, Mistral's, Phi-3's, Gemma's)."""
+    model = spec["model"]
+    if model.get("type") == "Unigram":
+        return True
+    return model.get("type") == "BPE" and bool(model.get("byte_fallback"))
+
+
+def _sentencepiece_metadata(
+    hf: HFTokenizer,
+    spec: dict[str, Any],
+    vocab: dict[str, int],
+    n_vocab: int,
+    source_scores: list[float] | None = None,
+) -> dict[str, Any]:
+    """llama.cpp's 'llama' model, as convert_hf_to_gguf's `_create_vocab_sentencepiece` writes it
+    from tokenizer.model and tokenizer_config.json: every id a piece, a score and a type.
+
+    Types: added special tokens are control, other added tokens user-defined (their '▁' written
+    as spaces: llama.cpp matches them in the raw text), <0xNN> pieces bytes, the model's unknown
+    piece unknown (control when it is an added special token, as Gemma's), the rest normal.
+    Scores: added tokens -1000; ids past the vocabulary (and llama.cpp's `[PAD<id>]` padding of a
+    GGUF read back) -10000, type unused; byte and unknown pieces 0; normal pieces a Unigram's own
+    log-probabilities, a BPE's the priority llama.cpp merges by (see `_bpe_scores`).
+    `source_scores`: the scores of the GGUF the vocabulary was read from, written back as they
+    were for the ids it had."""
+    model = spec["model"]
+    added = hf.get_added_tokens_decoder()
+    tokens = [f"[PAD{i}]" for i in range(n_vocab)]
+    scores = [_SPM_UNUSED_SCORE] * n_vocab
+    types = [_GGUF_UNUSED] * n_vocab
+    if model["type"] == "Unigram":
+        unk = model.get("unk_id")
+        own = {i: float(score) for i, (_, score) in enumerate(model["vocab"])}
+    else:
+        unk = vocab.get(model.get("unk_token") or "")
+        own = {}
+    normal = []
+    for token, i in sorted(vocab.items(), key=lambda kv: kv[1]):
+        tokens[i] = token
+        if i in added:
+            kind = _GGUF_CONTROL if added[i].special else _GGUF_USER_DEFINED
+            if kind == _GGUF_USER_DEFINED:
+                tokens[i] = token.replace("▁", " ")
+            types[i], scores[i] = kind, _SPM_ADDED_SCORE
+        elif token == f"[PAD{i}]":  # llama.cpp's padding, read back from a GGUF
+            continue
+        elif i == unk:
+            types[i], scores[i] = _GGUF_UNKNOWN, own.get(i, 0.0)
+        elif model.get("byte_fallback") and _SPM_BYTE.fullmatch(token):
+            types[i], scores[i] = _GGUF_BYTE, own.get(i, 0.0)
+        else:
+            types[i] = _GGUF_NORMAL
+            normal.append(i)
+    if model["type"] == "BPE":
+        own = _bpe_scores(vocab, model["merges"], normal)
+    for i in normal:
+        scores[i] = own[i]
+    if source_scores is not None:
+        scores[: len(source_scores)] = source_scores[:n_vocab]
+    return {
+        "tokenizer.ggml.model": "llama",
+        "tokenizer.ggml.pre": "default",
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.scores": scores,
+        "tokenizer.ggml.token_type": types,
+        "tokenizer.ggml.unknown_token_id": unk,
+        "tokenizer.ggml.add_eos_token": False,
+        "tokenizer.ggml.add_space_prefix": _adds_space_prefix(spec),
+    }
+
+
+def _bpe_scores(
+    vocab: dict[str, int], merges: list[str] | list[list[str]], normal: list[int]
+) -> dict[int, float]:
+    """Scores for a BPE's normal pieces under which llama.cpp's SentencePiece tokenizer (merge the
+    adjacent pair whose joined piece scores highest) merges in the BPE's order.
+
+    A SentencePiece BPE numbers its pieces in the order it learned them and scores each minus
+    its rank (Gemma's first normal piece, id 494, scores 0, the next -1, ...), and transformers'
+    converter ranks the merges by that score: when the ids follow the merges so, each normal
+    piece scores minus its rank among the normal pieces, in the order of the model's own scores
+    (equal to them where no piece was moved out of its place). Otherwise a piece scores minus the
+    rank of the first merge that makes it, and pieces no merge makes (single characters, which
+    llama.cpp never merges into) score below all of those. Only the order matters to llama.cpp."""
+    first: dict[int, int] = {}
+    for rank, merge in enumerate(merges):
+        a, b = merge.split(" ", 1) if isinstance(merge, str) else merge
+        i = vocab.get(a + b)
+        if i is not None:
+            first.setdefault(i, rank)
+    made = [i for i in normal if i in first]
+    if all(first[x] < first[y] for x, y in zip(made, made[1:], strict=False)):
+        return {i: -float(k) for k, i in enumerate(normal)}
+    return {i: -float(first.get(i, len(merges) + k)) for k, i in enumerate(normal)}
+
+
+def _adds_space_prefix(spec: dict[str, Any]) -> bool:
+    """Whether the tokenizer puts '▁' before the text (SentencePiece's add_dummy_prefix): a
+    Prepend('▁') normalizer (transformers' older Llama conversion, nanotune's GGUF reader) or a
+    Metaspace pre-tokenizer that prepends (its newer one)."""
+
+    def steps(part: dict[str, Any] | None, key: str) -> list[dict[str, Any]]:
+        part = part or {}
+        return part.get(key) or [part]
+
+    if any(
+        s.get("type") == "Prepend" and s.get("prepend") == "▁"
+        for s in steps(spec.get("normalizer"), "normalizers")
+    ):
+        return True
+    return any(
+        s.get("type") == "Metaspace"
+        and s.get("prepend_scheme", "always" if s.get("add_prefix_space", True) else "never")
+        != "never"
+        for s in steps(spec.get("pre_tokenizer"), "pretokenizers")
+    )
 
 
 def _gguf_pre(pre: dict[str, Any] | None, where: str) -> str:
