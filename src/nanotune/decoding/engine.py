@@ -447,6 +447,8 @@ class Engine:
         self._next_id = BASE + 1
         self._cache = _SlotCache(model, max_batch)
         self._prefixes = _PrefixCache(prefix_cache_mb * 2**20, model.config.sliding_window)
+        # Longrope (Phi-3): the original context, past which a sequence turns by the long factors.
+        self.longrope = model.longrope[0] if model.longrope is not None else None
         self._waiting: deque[Sequence] = deque()
         self._active: list[Sequence] = []
         self._cv = threading.Condition()
@@ -612,6 +614,12 @@ class Engine:
                     self._fail(seq, e)
         for seq in [s for s in self._active if s.cancelled]:
             self._finish(seq, "cancelled")
+        if self.longrope is not None:  # its next token reaches past the original context
+            for seq in [s for s in self._active if not s.pending and s.pos == self.longrope]:
+                try:
+                    self._recompute(seq)
+                except Exception as e:  # its own forward: it fails alone
+                    self._fail(seq, e)
         if self._active:
             self._decode()
 
@@ -635,7 +643,9 @@ class Engine:
         cache = self._cache
         cache.reserve(len(seq.prompt) + 1, len(self._active))
         cache.clear(seq.slot)
-        p, kv = (0, None) if seq.scores_prompt else self._prefixes.match(seq.adapter, seq.prompt)
+        p, kv = 0, None
+        if not seq.scores_prompt and self._cacheable(seq):
+            p, kv = self._prefixes.match(seq.adapter, seq.prompt)
         if kv is not None:
             ks, vs, key_pos = kv
             for i, (cached, kept) in enumerate(zip((*ks, *vs), (*cache.k, *cache.v), strict=True)):
@@ -654,23 +664,54 @@ class Engine:
         s = seq.sampling
         if seq.scores_prompt:
             seq.prompt_logprobs = [None]
+        h = self._compute(seq, score=seq.scores_prompt)
+        if self._prefixes.max_bytes and self._cacheable(seq):
+            self._prefixes.add(seq.adapter, seq.prompt, self._cache, seq.slot)
+        if s.max_tokens == 0:  # echo only: the prompt scored, nothing generated
+            self._finish(seq, "length")
+            return
+        self._advance([seq], self.model.lm_head(h[-1:]))
+
+    def _compute(self, seq: Sequence, score: bool) -> Tensor:
+        """Compute the sequence's pending tokens into its slot, `PREFILL_CHUNK` at a time (with
+        score, each position's logprob of the prompt's next token); the last hidden states."""
+        s = seq.sampling
+        long = self._long_rope([seq.pos + len(seq.pending)])
         while seq.pending:
             chunk, seq.pending = seq.pending[:PREFILL_CHUNK], seq.pending[PREFILL_CHUNK:]
             ids = torch.tensor([chunk], dtype=torch.long, device=self.model.device)
             view = _View(self._cache, slice(seq.slot, seq.slot + 1), seq.pos, None)
-            h = self.model.hidden(ids, cache=view)[0]
+            h = self.model.hidden(ids, cache=view, long_rope=long)[0]
             seq.pos += len(chunk)
-            if seq.scores_prompt:  # each position scores the prompt's next token
+            if score:  # each position scores the prompt's next token
                 targets = seq.prompt[seq.pos - len(chunk) + 1 : seq.pos + 1]
                 logprobs = self.model.lm_head(h[: len(targets)]).float().log_softmax(-1)
                 seq.prompt_logprobs += [
                     _scored(lp, t, s.logprobs) for lp, t in zip(logprobs, targets, strict=True)
                 ]
-        if self._prefixes.max_bytes:
-            self._prefixes.add(seq.adapter, seq.prompt, self._cache, seq.slot)
-        if s.max_tokens == 0:  # echo only: the prompt scored, nothing generated
-            self._finish(seq, "length")
-            return
+        return h
+
+    def _long_rope(self, lengths: list[int]) -> Tensor | None:
+        """Longrope: per row, whether its sequence, `lengths` tokens long once the forward is
+        done, is past the original context (so turns by the long factors at every position)."""
+        if self.longrope is None:
+            return None
+        return torch.tensor([n > self.longrope for n in lengths], device=self.model.device)
+
+    def _cacheable(self, seq: Sequence) -> bool:
+        """Whether the prefix cache serves and keeps its prompt: not a longrope prompt past the
+        original context, whose keys (long-turned) no shorter prompt shares."""
+        return self.longrope is None or len(seq.prompt) <= self.longrope
+
+    def _recompute(self, seq: Sequence) -> None:
+        """Longrope (Phi-3): a sequence whose next token passes the original context turns by
+        the long factors at every position from then on; its keys so far, short-turned, are
+        computed again (as transformers' Phi-3 drops its cache there, and `generate` does), and
+        its next token comes from the last of them."""
+        self._route([seq.adapter])
+        self._cache.clear(seq.slot)
+        seq.pos, seq.pending = 0, [*seq.prompt, *seq.output]
+        h = self._compute(seq, score=False)
         self._advance([seq], self.model.lm_head(h[-1:]))
 
     def _decode(self) -> None:
@@ -679,13 +720,14 @@ class Engine:
         a joining request costs no pass over the weights of its own)."""
         seqs = list(self._active)
         self.peak_running = max(self.peak_running, len(seqs))
-        tokens, positions, slots, adapters, last = [], [], [], [], []
+        tokens, positions, slots, adapters, last, lengths = [], [], [], [], [], []
         for seq in seqs:
             new = seq.pending or [seq.output[-1]]
             tokens += new
             positions += range(seq.pos, seq.pos + len(new))
             slots += [seq.slot] * len(new)
             adapters += [seq.adapter] * len(new)
+            lengths += [seq.pos + len(new)] * len(new)
             last.append(len(tokens) - 1)
         device = self.model.device
         pos = torch.tensor(positions, device=device)
@@ -699,12 +741,15 @@ class Engine:
         )
         view = _View(self._cache, rows, S - 1, pos)
         ids = torch.tensor(tokens, device=device)[:, None]
-        h = self.model.hidden(ids, positions=pos[:, None], attention_mask=mask, cache=view)
+        long = self._long_rope(lengths)
+        h = self.model.hidden(
+            ids, positions=pos[:, None], attention_mask=mask, cache=view, long_rope=long
+        )
         logits = self.model.lm_head(h[last, -1])
         for seq in seqs:  # every row's new tokens are in the cache before any row moves
             if seq.pending:
                 seq.pos, seq.pending = len(seq.prompt), []
-                if self._prefixes.max_bytes:
+                if self._prefixes.max_bytes and self._cacheable(seq):
                     self._prefixes.add(seq.adapter, seq.prompt, self._cache, seq.slot)
             else:
                 seq.pos += 1

@@ -525,6 +525,7 @@ class Transformer(nn.Module):
         doc_ids: Tensor | None = None,
         branch_ids: Tensor | None = None,
         cache: KVCache | None = None,
+        long_rope: Tensor | None = None,
     ) -> Tensor:
         """Final-normed hidden states [B, T, C].
 
@@ -536,6 +537,10 @@ class Transformer(nn.Module):
             attends to branch 0 (the shared prefix) and to its own branch only, so a prompt
             followed by several responses computes the prompt once (positions restart each
             branch where the prefix ends).
+        long_rope: [B] bool, longrope models (Phi-3): the rows turned by the long factors,
+            where a row's positions here do not say it (default: those reaching the original
+            context): a sequence computed in several forwards (chunks, a row per token) turns
+            by the factors of its whole length, as when computed in one.
         """
         B, T = input_ids.shape
         offset = cache.length if cache is not None else 0
@@ -543,7 +548,7 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence of {offset + T} tokens exceeds the cache ({cache.max_len})")
         if positions is None:
             positions = torch.arange(offset, offset + T, device=input_ids.device).expand(B, T)
-        x, rope = self.embed(input_ids, positions)
+        x, rope = self.embed(input_ids, positions, long_rope)
         layout = (B, T, offset, attention_mask, doc_ids, branch_ids, input_ids.device)
         mask = self._mask(*layout)
         window_mask = None
@@ -559,22 +564,25 @@ class Transformer(nn.Module):
             cache.length += T
         return self.norm(x)
 
-    def embed(self, input_ids: Tensor, positions: Tensor) -> tuple[Tensor, RoPE]:
-        """The input to block 0 [B, T, C], and the rotary angles every block uses (RoPE models)."""
+    def embed(
+        self, input_ids: Tensor, positions: Tensor, long_rope: Tensor | None = None
+    ) -> tuple[Tensor, RoPE]:
+        """The input to block 0 [B, T, C], and the rotary angles every block uses (RoPE models;
+        long_rope: see `hidden`)."""
         x = self.wte(input_ids)
         if self.config.embed_scale:  # the scale rounded to the table's dtype, as Gemma does
             x = x * torch.tensor(self.config.n_embd**0.5, dtype=x.dtype)
-        rope = self.rope(positions, x.dtype)
+        rope = self.rope(positions, x.dtype, long_rope)
         if self.wpe is not None:
             x = x + self.wpe(positions)
         return self.drop(x), rope
 
-    def rope(self, positions: Tensor, dtype: torch.dtype) -> RoPE:
+    def rope(self, positions: Tensor, dtype: torch.dtype, long: Tensor | None = None) -> RoPE:
         """cos, sin [B, 1, T, D] of `positions` [B, T]; None for learned positions."""
         if self.wpe is not None:
             return None
         if self.longrope is not None:
-            return self._longrope(positions, dtype)
+            return self._longrope(positions, dtype, long)
         if self.inv_freq.dim() == 2:  # global and local bases: [2, B, 1, T, D/2]
             angles = positions[None, :, None, :, None].float() * self.inv_freq[:, None, None, None]
         else:
@@ -582,13 +590,18 @@ class Transformer(nn.Module):
         angles = torch.cat((angles, angles), dim=-1)
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
-    def _longrope(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    def _longrope(
+        self, positions: Tensor, dtype: torch.dtype, long: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Phi-3's longrope: a row whose furthest position reaches past the original context
         turns by the long factors, else by the short ones, as transformers chooses per forward
         (by the whole batch's furthest position there; per row here, so that rows batched
-        together compute what each computes alone); cos and sin scaled by the attention factor."""
+        together compute what each computes alone), or as `long` [B] says; cos and sin scaled
+        by the attention factor."""
         original, attention = self.longrope
-        long = (positions.amax(-1) >= original)[:, None, None, None]  # [B, 1, 1, 1]
+        if long is None:
+            long = positions.amax(-1) >= original
+        long = long[:, None, None, None]  # [B, 1, 1, 1]
         inv_freq = torch.where(long, self.long_inv_freq, self.inv_freq)  # [B, 1, 1, D/2]
         angles = positions[:, None, :, None].float() * inv_freq
         angles = torch.cat((angles, angles), dim=-1)
