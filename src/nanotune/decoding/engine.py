@@ -11,8 +11,9 @@ active sequences always sit in rows 0..n-1 and the batch is a view, never a gath
 The slot cache holds a row per active sequence (at most `max_batch`) and its length follows the
 longest active sequence (both grown by doubling, released when the server is idle), so memory
 follows what is running, not the longest request that could come: at most
-`max_batch x context x kv_bytes_per_token`. A long prompt is computed `PREFILL_CHUNK` tokens at
-a time, so what one prefill allocates besides the cache is bounded too. Requests past
+`max_batch x context x kv_bytes_per_token`, where a sliding-window layer's share is a ring of
+its window (`_SlotCache`), however long the sequence. A long prompt is computed `PREFILL_CHUNK`
+tokens at a time, so what one prefill allocates besides the cache is bounded too. Requests past
 `max_queue` waiting are refused, not queued.
 
 One sequence's failure (a sampling setting that makes its logits non-finite, a bug in its
