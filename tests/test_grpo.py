@@ -404,7 +404,7 @@ def test_batched_sampling_of_a_row_does_not_depend_on_the_rows_beside_it():
         GenerationConfig(temperature=1.3, top_p=0.8),
         GenerationConfig(temperature=0.9, top_k=40, top_p=0.5),
     ]
-    for trial in range(50):
+    for _ in range(50):
         u = torch.rand(5, generator=g)
         together, ok = sample_rows(logits, configs, u)
         assert ok.all()
@@ -515,6 +515,56 @@ def test_engine_generation_with_live_adapters_equals_generate(tiny_llama_dir, te
         assert truncated[r] == (len(want) == 8)
     if temperature:  # the seeds differ per completion, so a group is not 3 copies
         assert ids[0] != ids[1] or ids[1] != ids[2]
+
+
+def test_decode_copies_are_exact_in_float32_and_put_the_layers_back(tiny_llama_dir):
+    """float32: the LoRA layers' decode copies (scaled B computed once) give bit-identical
+    logits; on exit the model has its own modules again (the trainable parameters included)."""
+    from nanotune.decoding.lora import decode_copies
+
+    model, tok = _lora_model(tiny_llama_dir)
+    model.eval()
+    ids = torch.tensor([tok.encode("the cat sat on the mat")])
+    before = dict(model.named_modules())
+    with torch.no_grad():
+        want = model(ids)
+        with decode_copies(model):
+            assert "ScaledB" in type(model.blocks[0].attn.qkv).__name__
+            got = model(ids)
+    assert torch.equal(got, want)
+    assert dict(model.named_modules()) == before
+
+
+@pytest.mark.skipif(
+    not __import__("nanotune.models.linear", fromlist=["x"]).ONEDNN_BF16,
+    reason="oneDNN does not multiply bf16 on this CPU",
+)
+def test_decode_copies_under_bf16_autocast_are_the_merged_weights_packed(tiny_llama_dir):
+    """bf16 autocast: every LoRA layer decodes through its merged weight rounded to bf16 (and
+    the head through its bf16 weight), packed. Their logits are as close to the float32 model's
+    as the live layers' bf16 ones are (and far from the model without its adapters); the copies
+    are gone on exit."""
+    from nanotune.decoding.lora import decode_copies
+    from nanotune.methods.lora import adapters_disabled
+    from nanotune.models.linear import PackedLinear
+
+    model, tok = _lora_model(tiny_llama_dir)
+    model.eval()
+    ids = torch.tensor([tok.encode("the cat sat on the mat")])
+    with torch.no_grad():
+        exact = model(ids)
+        with adapters_disabled(model):
+            bare = model(ids)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            live = model(ids).float()
+            with decode_copies(model):
+                packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
+                assert len(packed) == 4 * len(model.blocks) + 1  # block linears and the head
+                got = model(ids).float()
+    assert not any(isinstance(m, PackedLinear) for m in model.modules())
+    err = (got - exact).abs().max()
+    assert err <= 1.5 * (live - exact).abs().max()
+    assert (bare - exact).abs().max() > 5 * err
 
 
 def test_generation_in_bf16_autocast_then_training(tiny_llama_dir):

@@ -1,4 +1,5 @@
-"""Many LoRA adapters over one base model, chosen per row of a batch.
+"""Many LoRA adapters over one base model, chosen per row of a batch; and frozen decode copies of
+a model's own LoRA layers for a sampling phase (GRPO).
 
 `ServedLinear` wraps one block linear of the base. Every forward runs the base matmul once for
 the whole batch, then adds each adapter's delta `(x @ A.T) @ (scale * B).T` to the rows that use
@@ -8,9 +9,13 @@ the other rows use. Which rows use which adapter is set once per forward on the 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
+import torch
 from torch import Tensor, nn
 
-from nanotune.models.linear import linear
+from nanotune.models.linear import ONEDNN_BF16, PackedLinear, linear
 from nanotune.models.transformer import Transformer
 
 # The block linears an adapter may target (see models.names.HF_MODULES).
@@ -74,3 +79,91 @@ def serve_adapters(model: Transformer) -> Routing:
 def served_layers(model: Transformer) -> dict[str, ServedLinear]:
     """The wrapped linears by their path in the unwrapped model (`blocks.3.attn.qkv`)."""
     return {name: m for name, m in model.named_modules() if isinstance(m, ServedLinear)}
+
+
+# ---- decode copies for a sampling phase ---------------------------------------------------------
+
+
+def _is_lora(module: nn.Module) -> bool:
+    """A LoRA layer (`methods.lora.LoRALinear`, read by its interface: decoding sits below
+    methods) with adapters switched on."""
+    return (
+        bool(getattr(module, "adapters", None))
+        and getattr(module, "enabled", False)
+        and (callable(getattr(module, "merged_weight", None)))
+    )
+
+
+class _ScaledB(nn.Module):
+    """A float LoRA layer's forward with its scaled B computed once: the same products on the
+    same values as the layer's own (bit-identical), without `scaled_b` at every call."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.weight, self.bias, self.a = layer.weight, layer.bias, layer.lora_A
+        self.b = layer.scaled_b().detach()
+        self.lora_dtype = layer.lora_dtype
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = linear(x, self.weight, self.bias)
+        return out + linear(linear(x.to(self.lora_dtype), self.a), self.b).to(out.dtype)
+
+
+def _bf16_packed(layer: nn.Module) -> PackedLinear:
+    """A frozen bf16 copy of a LoRA layer (W + scale * B @ A, DoRA's rescale and NF4's
+    dequantization included) or of a plain float linear, packed for oneDNN."""
+    w = layer.merged_weight() if _is_lora(layer) else layer.weight.detach()
+    bias = None if layer.bias is None else layer.bias.detach().to(torch.bfloat16)
+    packed = PackedLinear(w.to(torch.bfloat16), bias)
+    packed._forward_hooks.update(layer._forward_hooks)  # Gemma 2's logit soft-cap on the head
+    return packed
+
+
+def _plain_float(module: nn.Module) -> bool:
+    w = getattr(module, "weight", None)
+    return type(w) in (Tensor, nn.Parameter) and w.dtype == torch.float32
+
+
+@contextlib.contextmanager
+def decode_copies(model: nn.Module) -> Iterator[nn.Module]:
+    """While inside, `model` decodes through frozen copies of its linear layers made once, for a
+    sampling phase during training (GRPO's), when no weight changes between tokens; on exit
+    the layers are put back and the copies freed.
+
+    Under CPU bfloat16 autocast where oneDNN multiplies bf16: each LoRA layer becomes its
+    merged weight rounded to bf16 and each other float linear (the head included) its bf16
+    weight, both packed into oneDNN's layout (`models.linear.PackedLinear`): one product per
+    layer instead of three, and no cast of A, B or the weights, nor a reorder of the weight, at
+    each call. This is how `nanotune generate --dtype bfloat16` decodes an adapter (merged in
+    float32, then rounded); a step's logits differ from the live layers' bf16 ones by rounding.
+    Otherwise (float32): LoRA layers keep their exact products with the scaled B computed once
+    (bit-identical to the live layers, so sampling equals `nanotune generate`'s)."""
+    packed = (
+        ONEDNN_BF16
+        and torch.is_autocast_enabled("cpu")
+        and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    )
+    swapped: list[tuple[nn.Module, str, nn.Module]] = []
+    try:
+        with torch.no_grad():
+            for module in list(model.modules()):
+                if _is_lora(module):
+                    continue  # its own children are its parameters' holders
+                for name, child in list(module.named_children()):
+                    copy: nn.Module | None = None
+                    if packed and getattr(child, "weight", None) is not None:
+                        if child.weight.device.type == "cpu" and (
+                            _is_lora(child)
+                            or (isinstance(child, nn.Linear) and _plain_float(child))
+                        ):
+                            copy = _bf16_packed(child)
+                    elif _is_lora(child) and _plain_float(child):
+                        if not any(a.dora for a in child.adapters):
+                            copy = _ScaledB(child)
+                    if copy is not None:
+                        setattr(module, name, copy)
+                        swapped.append((module, name, child))
+        yield model
+    finally:
+        for module, name, child in reversed(swapped):
+            setattr(module, name, child)

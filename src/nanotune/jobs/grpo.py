@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from nanotune.decoding.engine import Engine, Sampling
+from nanotune.decoding.lora import decode_copies
 from nanotune.errors import NanotuneError
 from nanotune.eval.evaluate import split_prompt
 from nanotune.training.grpo import GRPOObjective, Prompt, Reward, score
@@ -143,9 +144,11 @@ def heldout_reward(
         prefix_cache_mb=0,
         route_adapters=False,
     )
-    done = engine.run(
-        [p.ids for p in prompts], [Sampling(max_tokens=max_new, temperature=0.0)] * len(prompts)
-    )
+    with decode_copies(model):
+        done = engine.run(
+            [p.ids for p in prompts],
+            [Sampling(max_tokens=max_new, temperature=0.0)] * len(prompts),
+        )
     model.train(was_training)
     ids = [s.output for s in done]
     texts = [tokenizer.decode(i, skip_special=True) for i in ids]

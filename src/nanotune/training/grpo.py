@@ -381,6 +381,7 @@ class GRPOObjective:
         """G completions of each prompt (ids, the stop token included) and whether each ran
         out of `max_new_tokens`, through the engine on the live model."""
         from nanotune.decoding.engine import Sampling
+        from nanotune.decoding.lora import decode_copies
 
         sampling = [
             Sampling(
@@ -393,7 +394,9 @@ class GRPOObjective:
             for r in range(len(prompt_rows) * self.G)
         ]
         prompts = [self.prompts[i].ids for i in prompt_rows for _ in range(self.G)]
-        with _eval_mode(model), self.autocast():  # sampled in the precision it trains in
+        # Sampled in the precision it trains in, through decode copies of the weights made once
+        # for the whole batch (they change only after it) and freed with the KV cache on return.
+        with _eval_mode(model), self.autocast(), decode_copies(model):
             done = self.engine.run(prompts, sampling)
         ids = [s.output + ([s.stop_token] if s.stop_token is not None else []) for s in done]
         return ids, [s.finish_reason == "length" for s in done]
