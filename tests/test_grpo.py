@@ -584,6 +584,53 @@ def test_generation_in_bf16_autocast_then_training(tiny_llama_dir):
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
 
 
+def test_nothing_the_sampling_allocates_outlives_it(tiny_llama_dir, monkeypatch):
+    """Before the loss and its backward run, the sampling phase's KV cache and its decode copies
+    of the weights (bf16 packed under autocast) are freed: a weak reference to each is dead once
+    the rollout returns, as it is when decoding fails halfway."""
+    import weakref
+
+    from nanotune.decoding import engine as engine_mod
+    from nanotune.models import linear as linear_mod
+
+    made = []
+    reserve, packed_init = engine_mod._SlotCache.reserve, linear_mod.PackedLinear.__init__
+
+    def recording_reserve(self, *a, **kw):
+        reserve(self, *a, **kw)
+        made.extend(weakref.ref(t) for t in (*self.k, *self.v))
+
+    def recording_init(self, *a, **kw):
+        packed_init(self, *a, **kw)
+        made.append(weakref.ref(self.weight))
+
+    monkeypatch.setattr(engine_mod._SlotCache, "reserve", recording_reserve)
+    monkeypatch.setattr(linear_mod.PackedLinear, "__init__", recording_init)
+    model, tok = _lora_model(tiny_llama_dir)
+    prompts = [tok.encode(t) for t in ("2+3=", "x")]
+    obj = _engine_objective(model, tok, prompts, 1.0)
+    obj.autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+    obj.rewards = [Reward("len", lambda c, completion_ids, **kw: [len(i) for i in completion_ids])]
+    obj.rollout(model, torch.tensor([0, 1]), step=1)
+    assert made and all(r() is None for r in made)
+    assert obj.engine._cache.k == [] and obj.engine._active == []
+
+    made.clear()  # a forward that fails halfway leaves no cache behind either
+    real = model.hidden
+
+    def failing(*a, **kw):
+        if made:
+            raise RuntimeError("out of memory")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(model, "hidden", failing)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        obj.rollout(model, torch.tensor([0, 1]), step=2)
+    monkeypatch.undo()
+    assert made and all(r() is None for r in made)
+    assert obj.engine._cache.k == [] and obj.engine._active == []
+
+
 def test_engine_generation_during_training_equals_nanotune_generate(
     tiny_llama_dir, tmp_path, monkeypatch
 ):

@@ -546,17 +546,23 @@ class Engine:
             Sequence(list(p), BASE, s, self.tokenizer, sink)
             for p, s in zip(prompts, sampling, strict=True)
         ]
-        for lo in range(0, len(seqs), self.max_queue):
-            self.submit(seqs[lo : lo + self.max_queue])
-            # no_grad, not inference_mode: the caller's model goes on training, and tensors
-            # its layers derive here (LoRA slices, bf16 weight copies) must stay ordinary ones.
-            with torch.no_grad(), self._model_lock:
-                while self._waiting or self._active:
-                    room = self.max_batch - len(self._active)
-                    self._step(
-                        [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
-                    )
-        self._cache.release()
+        try:
+            for lo in range(0, len(seqs), self.max_queue):
+                self.submit(seqs[lo : lo + self.max_queue])
+                # no_grad, not inference_mode: the caller's model goes on training, and tensors
+                # its layers derive here (LoRA slices, bf16 weight copies) must stay ordinary.
+                with torch.no_grad(), self._model_lock:
+                    while self._waiting or self._active:
+                        room = self.max_batch - len(self._active)
+                        self._step(
+                            [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+                        )
+        finally:
+            # The caller trains next (GRPO's backward): no cache row outlives the sampling, nor
+            # a sequence left half done by a failed forward.
+            self._waiting.clear()
+            self._active.clear()
+            self._cache.release()
         if errors:
             raise RuntimeError(f"decoding failed: {errors[0]}")
         return seqs
