@@ -47,7 +47,18 @@ def rewards(config: Any, functions: Sequence[Callable[..., Any]] = ()) -> list[R
             return model.score(prompts, completions)
 
         scorer = reward_model
-    return build_rewards(config.rl, functions, scorer)
+    return build_rewards(config.rl, functions, scorer, parsed_calls)
+
+
+def parsed_calls(text: str) -> list[tuple[str, Any]]:
+    """(name, arguments) of each tool call in a text, in order, read as the eval metric
+    `tool_call` reads them (`data.tools.parse_tool_calls`: Hermes/Qwen `<tool_call>` blocks)."""
+    import json
+
+    from nanotune.data.tools import parse_tool_calls
+
+    _, calls = parse_tool_calls(text)
+    return [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls]
 
 
 def check(config: Any, model: nn.Module) -> None:

@@ -78,6 +78,54 @@ def length_penalty(max_new_tokens: int) -> Callable[..., list[float]]:
     return length
 
 
+Call = tuple[str, Any]
+"""A parsed tool call: (function name, arguments as JSON values)."""
+
+
+def _call_credit(got: Call, want: Call) -> float:
+    """0 for another function; else 0.5 for the name plus 0.5 x the share of argument keys (of
+    both calls' together) whose values are equal: 1 exactly when name and arguments equal."""
+    (name, args), (want_name, want_args) = got, want
+    if name != want_name:
+        return 0.0
+    if not isinstance(args, dict) or not isinstance(want_args, dict):
+        return float(args == want_args)
+    keys = set(args) | set(want_args)
+    if not keys:
+        return 1.0
+    same = sum(k in args and k in want_args and args[k] == want_args[k] for k in keys)
+    return 0.5 + 0.5 * same / len(keys)
+
+
+def tool_call_reward(parse: Callable[[str], list[Call]]) -> Callable[..., list[float]]:
+    """The `tool_call` reward over `parse` (text -> its tool calls, in order; the job passes
+    `data.tools.parse_tool_calls`' reading, as the eval metric `tool_call` uses).
+
+    1 when the completion's calls equal the reference's (names and arguments as JSON values, in
+    order: the eval metric's match). A reference without calls: 1 when the completion makes
+    none either, else 0 (its text is left to other rewards). Otherwise partial credit, so a
+    group that gets the function right but not all its arguments still ranks above one that
+    calls nothing: each reference call is paired with the completion's call at its position and
+    earns 0.5 for the function's name plus 0.5 x the share of argument keys with equal values,
+    and the sum is divided by the larger count of calls (extra or missing calls earn 0). A
+    completion whose call does not parse has no call."""
+
+    def tool_call(completions: list[str], reference: list[str], **_: Any) -> list[float]:
+        out = []
+        for c, r in zip(completions, reference, strict=True):
+            got, want = parse(c), parse(r)
+            if not want:
+                out.append(float(not got))
+            elif got == want:
+                out.append(1.0)
+            else:
+                credit = sum(_call_credit(g, w) for g, w in zip(got, want, strict=False))
+                out.append(credit / max(len(got), len(want)))
+        return out
+
+    return tool_call
+
+
 def load_function(spec: str) -> Callable[..., Sequence[float]]:
     """The function `name` of `path/to/file.py:name`, the file run once as its own module."""
     path_text, _, name = spec.rpartition(":")
@@ -108,10 +156,12 @@ def build_rewards(
     cfg: RLConfig,
     extra: Sequence[Callable[..., Any]] = (),
     reward_model: Callable[..., Sequence[float]] | None = None,
+    parse_calls: Callable[[str], list[Call]] | None = None,
 ) -> list[Reward]:
     """The rewards of `rl.rewards` (weighted by `rl.reward_weights`), then the Python callables
     given to `nanotune.train(..., rewards=[...])` (weight 1 each). `reward_model` scores the
-    `reward_model` reward (the job loads it: `jobs/grpo.py`)."""
+    `reward_model` reward and `parse_calls` reads the tool calls of the `tool_call` one (the job
+    gives both: `jobs/grpo.py`; training/ knows no model loading and no data formats)."""
     weights = cfg.reward_weights or [1.0] * len(cfg.rewards)
     out = []
     for spec, weight in zip(cfg.rewards, weights, strict=True):
@@ -123,6 +173,10 @@ def build_rewards(
             if reward_model is None:
                 raise ValueError("the reward_model reward needs its scorer")
             fn = reward_model
+        elif spec == "tool_call":
+            if parse_calls is None:
+                raise ValueError("the tool_call reward needs its parser")
+            fn = tool_call_reward(parse_calls)
         elif spec in BUILTIN_REWARDS:
             fn = {"exact_match": exact_match, "numeric_match": numeric_match, "contains": contains}[
                 spec

@@ -7,7 +7,15 @@ from typing import Literal
 
 from nanotune.errors import NanotuneError
 
-BUILTIN_REWARDS = ("exact_match", "numeric_match", "contains", "format", "length", "reward_model")
+BUILTIN_REWARDS = (
+    "exact_match",
+    "numeric_match",
+    "contains",
+    "format",
+    "length",
+    "tool_call",
+    "reward_model",
+)
 
 
 @dataclass
@@ -47,7 +55,9 @@ class RLConfig:
     """Completions cut by max_new_tokens take no part in the loss."""
     rewards: list[str] = field(default_factory=lambda: ["exact_match"])
     """Reward functions: built-ins (exact_match, numeric_match, contains, format, length,
-    reward_model) or path/to/file.py:function (fn(completions, prompts=, reference=,
+    tool_call: the completion's parsed tool calls against the reference's, 1 when equal, partial
+    credit for the right function with some arguments right; reward_model) or
+    path/to/file.py:function (fn(completions, prompts=, reference=,
     completion_ids=) -> floats; loaded once); Python callables come through
     nanotune.train(config, rewards=[fn])."""
     reward_weights: list[float] | None = None
