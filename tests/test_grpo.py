@@ -387,6 +387,45 @@ def test_grpo_run_logs_rollout_metrics_and_heldout_reward(tiny_llama_dir, tmp_pa
     assert "grpo" in (tmp_path / "run" / "report.html").read_text()
 
 
+def test_full_fine_tuning_with_beta_keeps_a_frozen_reference_copy(tiny_llama_dir, tmp_path):
+    """beta > 0 without adapters to switch off: the reference is a frozen copy of the model as
+    it was before training, made only then (LoRA's is the model with its adapters off). The KL
+    to it is 0 at the first step and grows once the policy moves."""
+    import json
+
+    import nanotune
+    from nanotune.jobs.grpo import reference_policy
+    from nanotune.methods import MethodConfig, adapters_disabled, apply_method
+    from nanotune.weights import load_model
+
+    lora, _ = _lora_model(tiny_llama_dir)
+    assert reference_policy(lora) is adapters_disabled  # no copy
+    model, _ = load_model(tiny_llama_dir)
+    model = apply_method(model, MethodConfig(name="full"))
+    reference = reference_policy(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)  # training moves the policy...
+    with reference(model) as ref:
+        assert ref is not model and not any(p.requires_grad for p in ref.parameters())
+        for k, v in ref.state_dict().items():  # ...not its reference
+            assert torch.equal(v, before[k]), k
+
+    cfg = grpo_config(tiny_llama_dir, tmp_path / "run", num_iterations=1, beta=0.5)
+    cfg["method"] = {"name": "full"}
+    cfg["train"] |= {"max_steps": 3, "lr": 1e-3, "save_every": 0}
+    cfg["eval"]["max_examples"] = 1
+
+    def first_token_parity(completions, completion_ids, **kw):
+        return [float(ids[0] % 2) if ids else 0.0 for ids in completion_ids]
+
+    nanotune.train(cfg, data={"train": ROWS}, rewards=[first_token_parity], progress=False)
+    rows = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    kl = [r["kl"] for r in rows if "kl" in r]
+    assert len(kl) == 3 and kl[0] == pytest.approx(0.0, abs=1e-7) and kl[-1] > 1e-6
+
+
 # ---- the batched sampler (one uniform per row, inverse CDF) ------------------------------------
 
 
@@ -643,8 +682,8 @@ def test_engine_generation_during_training_equals_nanotune_generate(
     recorded = {}
     real = GRPOObjective.generate
 
-    def recording(self, model, rows, step):
-        out = real(self, model, rows, step)
+    def recording(self, model, rows, step, first=0):
+        out = real(self, model, rows, step, first)
         recorded[step] = ([self.prompts[i].ids for i in rows for _ in range(self.G)], out[0])
         return out
 

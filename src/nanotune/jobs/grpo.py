@@ -4,7 +4,10 @@ batches per step, and the held-out mean reward before and after training."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import copy
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -63,31 +66,27 @@ def parsed_calls(text: str) -> list[tuple[str, Any]]:
 
 def check(config: Any, model: nn.Module) -> None:
     """What a GRPO run refuses before its run directory exists."""
-    from nanotune.jobs.reference import reference_context
-    from nanotune.training.dist import world_size
+    from nanotune.training.dist import resolve_strategy, world_size
 
     rl, tc = config.rl, config.train
-    if tc.batch_size % rl.num_generations:
+    W = world_size()
+    if tc.batch_size * W % rl.num_generations:
+        ranks = f" x {W} processes" if W > 1 else ""
         raise NanotuneError(
             f"rl.num_generations: {rl.num_generations} must divide the completions per step "
-            f"(train.micro_batch_size x train.grad_accum = {tc.batch_size}); a step trains "
-            f"{tc.batch_size} // {rl.num_generations} prompts"
+            f"(train.micro_batch_size x train.grad_accum{ranks} = {tc.batch_size * W}); a step "
+            f"trains {tc.batch_size * W} // {rl.num_generations} prompts"
         )
-    if rl.beta and reference_context(model) is None:
+    if W > 1 and resolve_strategy(tc.strategy) != "ddp":
         raise NanotuneError(
-            f"rl.beta: {rl.beta} needs the reference policy, which is the model with its LoRA "
-            "adapters off; train with method.name: lora, or set rl.beta: 0"
-        )
-    if world_size() > 1:
-        raise NanotuneError(
-            "rl.algorithm: grpo runs in one process for now; run it without torchrun"
+            f"train.strategy: {tc.strategy} shards the weights, and GRPO's ranks each decode "
+            "with the whole model; use train.strategy: ddp (or auto) under torchrun"
         )
 
 
 def objective(
     config: Any, model: nn.Module, tokenizer: Any, prompts: list[Prompt], rewards: list[Reward]
 ) -> GRPOObjective:
-    from nanotune.jobs.reference import reference_context
     from nanotune.training import autocast_for
     from nanotune.training.dist import device_for
 
@@ -118,16 +117,38 @@ def objective(
         mask_truncated_completions=rl.mask_truncated_completions,
         seed=tc.seed,
         pad_id=tokenizer.pad_id if tokenizer.pad_id is not None else 0,
-        reference=reference_context(model) if rl.beta else None,
+        reference=reference_policy(model) if rl.beta else None,
         autocast=autocast_for(tc, device_for(tc.device)),
     )
 
 
+def reference_policy(model: nn.Module) -> Callable[[nn.Module], AbstractContextManager]:
+    """What GRPO's KL is measured against: the model with its adapters off where that gives
+    back the model before training (LoRA), else a frozen copy of the model made now, before the
+    first step (full fine-tuning, trained embeddings): the only case that holds a second copy.
+    A resumed run builds it from the same initial weights, before the checkpoint loads."""
+    from nanotune.jobs.reference import reference_context
+
+    adapters_off = reference_context(model)
+    if adapters_off is not None:
+        return adapters_off
+    frozen = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @contextlib.contextmanager
+    def frozen_copy(_: nn.Module) -> Iterator[nn.Module]:
+        yield frozen
+
+    return frozen_copy
+
+
 def prompt_batches(config: Any, n_prompts: int) -> Callable[[int], list[dict]]:
     """epoch -> its steps' batches of prompt indices (shuffled by the seed and the epoch), each
-    repeated num_iterations times: those steps train on one generation batch."""
+    repeated num_iterations times: those steps train on one generation batch. A step's prompts
+    are the global batch's (under torchrun each rank samples its share of them)."""
+    from nanotune.training.dist import world_size
+
     rl, tc = config.rl, config.train
-    per_step = tc.batch_size // rl.num_generations
+    per_step = tc.batch_size * world_size() // rl.num_generations
 
     def batches(epoch: int) -> list[dict]:
         order = torch.randperm(n_prompts, generator=torch.Generator().manual_seed(tc.seed + epoch))

@@ -6,7 +6,8 @@ through the continuous-batching decoding engine on the live model (its LoRA laye
 weight copy, no second model), scores them with the reward functions, and turns each group's
 rewards into advantages (reward minus the group mean, divided by the group or batch std). The
 loss is PPO's clipped surrogate per completion token plus beta times the k3 estimate of the KL to
-the reference policy (the model with its adapters switched off), reduced as TRL's `loss_type`s:
+the reference policy (the model with its adapters switched off; a frozen copy of the initial model
+only where nothing else gives it back: full fine-tuning), reduced as TRL's `loss_type`s:
 
     grpo     each completion's token mean, then the mean over completions (Shao et al.)
     dr_grpo  the token sum over the batch / (completions * max_new_tokens) (Liu et al., Dr. GRPO)
@@ -20,7 +21,9 @@ from the second on, the probabilities it was sampled with (`old`, computed once,
 first update) make the importance ratio differ from 1 and the clipping act.
 
 Sampling is seeded per completion from (train seed, step, row), so a resumed run draws what an
-uninterrupted one draws; the generation batch being reused is kept in each checkpoint.
+uninterrupted one draws; the generation batch being reused is kept in each checkpoint. Under
+torchrun (DDP) each rank samples its share of a step's prompts, by the same seeds, and the
+ranks gather the whole batch; the trainer then splits it over them as any global batch.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from nanotune.errors import NanotuneError
+from nanotune.training.dist import gather_objects, rank, world_size
 from nanotune.training.losses import IGNORE, Batch, token_logprobs
 
 LossType = Literal["grpo", "dr_grpo", "dapo", "bnpo"]
@@ -271,8 +275,9 @@ class GRPOObjective:
 
     engine: a `decoding.engine.Engine` over the policy built with `route_adapters=False`, so it
         decodes the model as it is now, trained adapters included.
-    reference: a context manager factory under which the model is the reference (adapters off);
-        needed when beta > 0.
+    reference: reference(model) is a context manager giving the reference policy: the model
+        itself with its adapters off (LoRA), or a frozen copy of the model as it was before
+        training (full fine-tuning); needed when beta > 0.
     """
 
     name = "grpo"
@@ -376,10 +381,11 @@ class GRPOObjective:
         return (self.seed * 1_000_003 + step) * 100_003 + row
 
     def generate(
-        self, model: nn.Module, prompt_rows: list[int], step: int
+        self, model: nn.Module, prompt_rows: list[int], step: int, first: int = 0
     ) -> tuple[list[list[int]], list[bool]]:
         """G completions of each prompt (ids, the stop token included) and whether each ran
-        out of `max_new_tokens`, through the engine on the live model."""
+        out of `max_new_tokens`, through the engine on the live model; the completions are
+        rows `first`, `first + 1`, ... of the step (each row's own seed)."""
         from nanotune.decoding.engine import Sampling
         from nanotune.decoding.lora import decode_copies
 
@@ -388,7 +394,7 @@ class GRPOObjective:
                 max_tokens=self.max_new_tokens,
                 temperature=self.temperature,
                 top_p=self.top_p,
-                seed=self.sampling_seed(step, r),
+                seed=self.sampling_seed(step, first + r),
                 stop_token_ids=self.stop_token_ids,
             )
             for r in range(len(prompt_rows) * self.G)
@@ -403,31 +409,55 @@ class GRPOObjective:
 
     @torch.no_grad()
     def rollout(self, model: nn.Module, index: Tensor, step: int) -> dict[str, Any]:
+        """The step's generation batch. Under torchrun each rank samples and scores its share
+        of the prompts (whole groups, each completion with the seed of its row in the step, so
+        the completions are a single process's) and every rank gathers the whole batch: the
+        trainer splits a global batch over the ranks, and advantages need every group."""
         rows = [int(i) for i in index]
-        completion_ids, truncated = self.generate(model, rows, step)
-        prompts = [self.prompts[i] for i in rows for _ in range(self.G)]
+        W, me = world_size(), rank()
+        lo, hi = me * len(rows) // W, (me + 1) * len(rows) // W
+        mine = rows[lo:hi]
+        ids_mine, truncated_mine = self.generate(model, mine, step, first=lo * self.G)
+        prompts_mine = [self.prompts[i] for i in mine for _ in range(self.G)]
         tokenizer = self.engine.tokenizer
-        texts = [tokenizer.decode(c, skip_special=True) for c in completion_ids]
-        per_func = score(
-            self.rewards,
-            texts,
-            [p.text for p in prompts],
-            [p.reference for p in prompts],
-            completion_ids,
-            [p.where for p in prompts],
-        )
+        texts = [tokenizer.decode(c, skip_special=True) for c in ids_mine]
+        try:
+            scored: Tensor | str = score(
+                self.rewards,
+                texts,
+                [p.text for p in prompts_mine],
+                [p.reference for p in prompts_mine],
+                ids_mine,
+                [p.where for p in prompts_mine],
+            )
+        except NanotuneError as e:  # every rank raises it, none waits for the failed one
+            scored = str(e)
+        shares = gather_objects((ids_mine, truncated_mine, scored))
+        failed = [s for _, _, s in shares if isinstance(s, str)]
+        if failed:
+            raise NanotuneError(failed[0])
+        completion_ids = [c for ids, _, _ in shares for c in ids]
+        truncated = [t for _, ts, _ in shares for t in ts]
+        per_func = torch.cat([s for _, _, s in shares])
+        prompts = [self.prompts[i] for i in rows for _ in range(self.G)]
         weights = torch.tensor([r.weight for r in self.rewards], dtype=torch.float64)
         total = (per_func * weights).sum(1)
         advantages, zero_std = group_advantages(total, self.G, self.scale_rewards)
         batch = self._batch(prompts, completion_ids, truncated, advantages.float())
         device = next(model.parameters()).device
-        on_device = {k: v.to(device) for k, v in batch.items()}
+        own = {k: v[lo * self.G : hi * self.G].to(device) for k, v in batch.items()}
+
+        def logps(policy: nn.Module) -> Tensor:  # of this rank's rows (a rank may have none)
+            if not mine:
+                return torch.zeros(0, batch["targets"].shape[1])
+            return completion_logps(policy, own, self.temperature).cpu()
+
         if self.num_iterations > 1:
             with _eval_mode(model), self.autocast():
-                batch["old_logps"] = completion_logps(model, on_device, self.temperature).cpu()
+                batch["old_logps"] = torch.cat(gather_objects(logps(model)))
         if self.beta:
-            with _eval_mode(model), self.autocast(), self.reference(model):
-                batch["ref_logps"] = completion_logps(model, on_device, self.temperature).cpu()
+            with _eval_mode(model), self.autocast(), self.reference(model) as reference:
+                batch["ref_logps"] = torch.cat(gather_objects(logps(reference)))
         lengths = torch.tensor([len(c) for c in completion_ids], dtype=torch.float64)
         stats = {
             "reward": float(total.mean()),
