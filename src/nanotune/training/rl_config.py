@@ -36,8 +36,9 @@ class RLConfig:
     max_new_tokens: int = 32
     """Most tokens per completion; one that reaches it is truncated."""
     beta: float = 0.0
-    """Weight of the KL to the reference (the model with its LoRA adapters off); 0 skips the
-    reference pass."""
+    """Weight of the KL to the reference (the model with its LoRA adapters off; under full
+    fine-tuning a frozen copy of the initial model, held only then); 0 skips the reference
+    pass."""
     epsilon: float = 0.2
     """Clip range below 1 of the importance ratio."""
     epsilon_high: float | None = None
