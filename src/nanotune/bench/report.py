@@ -206,7 +206,8 @@ def render(
         f"- ISA: {isa(device)}",
         f"- software: {_versions()}",
         *([f"- llama.cpp: {llama_cpp}"] if llama_cpp else []),
-        "- matmul peak (best GEMM of torch.mm and oneDNN, measured in this run): fp32 "
+        "- matmul peak (best GEMM of torch.mm and oneDNN, measured before and after the cases "
+        "of this run, the better kept): fp32 "
         f"{peak / 1e9:,.1f} GFLOP/s"
         + (f", bf16 {bf16_peak / 1e9:,.1f} GFLOP/s" if bf16_peak else "")
         + "; a row's fraction of peak is of its own precision's peak (int8 decoding: bf16's, "
