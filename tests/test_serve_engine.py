@@ -127,8 +127,8 @@ def test_the_slot_cache_holds_rows_for_what_runs_and_keeps_them_when_it_grows(ti
 
 
 # issue 31: a Qwen3 and a Gemma 3 served with two adapters; Phi-3 (fused qkv_proj/gate_up_proj,
-# partial rotary) and GPT-NeoX (per-head fused query_key_value) too. Not Phi-3's longrope: the
-# engine does not yet recompute a sequence's cache where it grows past the original context.
+# partial rotary) and GPT-NeoX (per-head fused query_key_value) too. Phi-3's longrope past the
+# original context has its own tests (tests/test_longrope_decode.py).
 FAMILY_CASES = ("qwen3", "gemma3", "phi3", "gpt_neox")
 
 
