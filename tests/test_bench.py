@@ -335,3 +335,28 @@ def test_a_servers_peak_memory_counts_its_child_processes():
     finally:
         child.kill()
         child.wait()
+
+
+@pytest.mark.llama_cpp
+def test_llama_cpp_decodes_a_batch_as_it_decodes_each_prompt(tmp_path):
+    """The decode-q8 peer does the work it is timed for: its batch of sequences decodes the
+    greedy tokens each prompt decodes alone, and the first new token of each is nanotune's on
+    the same Q8_0 file (later ones may part: llama.cpp quantizes activations at Q8_0)."""
+    pytest.importorskip("llama_cpp")
+    from nanotune.bench import llamacpp
+    from nanotune.generate import GenerationConfig, generate_ids
+    from nanotune.weights import load_model
+
+    q8 = bench.smollm2_q8(tmp_path)
+    batch = cases.items(cases.CASES["decode-q8-b8"], True)[0]
+    assert len(batch) == 2
+    both = llamacpp.build(cases.CASES["decode-q8-b8"], True, "cpu", [batch], str(q8), "")
+    together = both.step(batch)
+    alone = [
+        llamacpp.build(cases.CASES["decode-q8-b1"], True, "cpu", [[p]], str(q8), "").step([p])[0]
+        for p in batch
+    ]
+    assert together == alone and all(len(t) == cases.QUICK.gen_new for t in together)
+    model, _ = load_model(q8)
+    ours = generate_ids(model.eval(), batch, GenerationConfig(max_new_tokens=1, stop_token_ids=()))
+    assert [o[-1] for o in ours] == [t[0] for t in together]

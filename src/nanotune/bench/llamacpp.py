@@ -104,16 +104,20 @@ def build(
     def greedy(index: int) -> int:
         return int(np.ctypeslib.as_array(ll.llama_get_logits_ith(ctx, index), (vocab,)).argmax())
 
-    def run(item: list[list[int]]) -> None:
+    def run(item: list[list[int]]) -> list[list[int]]:
+        """Greedy-decode the batch `item`; each prompt's new tokens."""
         ll.llama_memory_clear(ll.llama_get_memory(ctx), True)  # no earlier prompt is reused
         fill(
             [(t, i, s, i == len(ids) - 1) for s, ids in enumerate(item) for i, t in enumerate(ids)]
         )
+        out: list[list[int]] = [[] for _ in item]
         last = [(s + 1) * prompt - 1 for s in range(rows)]  # each prompt's last token
-        for t in range(new - 1):
-            nxt = [greedy(i) for i in last]
-            fill([(tok, prompt + t, s, True) for s, tok in enumerate(nxt)])
-            last = list(range(rows))
-        [greedy(i) for i in last]  # the last new token
+        for t in range(new):
+            for row, i in zip(out, last, strict=True):
+                row.append(greedy(i))
+            if t + 1 < new:
+                fill([(row[-1], prompt + t, s, True) for s, row in enumerate(out)])
+                last = list(range(rows))
+        return out
 
     return Workload(run, items)

@@ -66,7 +66,7 @@ class NotApplicable(Exception):
 class Workload:
     """`step(inputs[i])` is step i; inputs are prepared before timing starts."""
 
-    step: Callable[[Any], None]
+    step: Callable[[Any], Any]
     inputs: list[Any]
 
 
