@@ -65,6 +65,17 @@ def _method(case: Case, device: str):
     )
 
 
+def _update(loss: torch.Tensor, scaler, opt, params: list) -> None:
+    """The trainer's update: backward (through the loss scaler under float16, a GPU without
+    native bf16; disabled otherwise), gradients unscaled then clipped, the optimizer step."""
+    scaler.scale(loss).backward()
+    scaler.unscale_(opt)
+    torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad(set_to_none=True)
+
+
 def _packed(examples: list[Any], pad: int, quick: bool) -> dict[str, torch.Tensor]:
     """The step's examples packed into rows, as `data.pack: true` batches them."""
     from nanotune.bench.cases import PACK_LENGTH
@@ -96,6 +107,7 @@ def _grpo(
     from nanotune.tokenizer import Tokenizer
     from nanotune.training.config import TrainConfig
     from nanotune.training.grpo import GRPOObjective, Prompt, Reward
+    from nanotune.training.precision import grad_scaler_for
     from nanotune.training.trainer import autocast_for, build_optimizer
 
     tokenizer = Tokenizer.from_dir(source)  # the HF folder both sides load (suite.py)
@@ -118,7 +130,7 @@ def _grpo(
     model.train()
     opt = build_optimizer(model, TrainConfig(lr=LR, weight_decay=0.0))
     params = [p for g in opt.param_groups for p in g["params"]]
-    scaler = torch.amp.GradScaler(device, enabled=precision == "float16")
+    scaler = grad_scaler_for(TrainConfig(dtype=precision), torch.device(device), params)
     inputs, first = [], 0
     for n, item in enumerate(items):
         inputs.append((n + 1, torch.arange(first, first + len(item))))
@@ -129,12 +141,7 @@ def _grpo(
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast():
             loss = objective.loss_sum(model, batch) / objective.count(batch)
-        scaler.scale(loss).backward()
-        scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
+        _update(loss, scaler, opt, params)
 
     return Workload(step, inputs)
 
@@ -156,6 +163,7 @@ def build(
     from nanotune.methods import SequenceClassifier, apply_method
     from nanotune.training.config import TrainConfig
     from nanotune.training.losses import ClassificationObjective, LMObjective
+    from nanotune.training.precision import grad_scaler_for
     from nanotune.training.prefix import PrefixStore, available_memory
     from nanotune.training.trainer import autocast_for, build_optimizer
 
@@ -219,17 +227,11 @@ def build(
     opt = build_optimizer(model, TrainConfig(lr=LR, weight_decay=0.0))
     params = [p for g in opt.param_groups for p in g["params"]]
     autocast = autocast_for(TrainConfig(dtype=precision), torch.device(device))
-    # float16 (a GPU without native bf16): the trainer's loss scaling, unscaled before clipping.
-    scaler = torch.amp.GradScaler(device, enabled=precision == "float16")
+    scaler = grad_scaler_for(TrainConfig(dtype=precision), torch.device(device), params)
 
     def step(batch: dict[str, torch.Tensor]) -> None:
         with autocast():  # the trainer's: the forward (the loss) under autocast, backward after
             loss = objective.loss_sum(model, batch) / objective.count(batch)
-        scaler.scale(loss).backward()
-        scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
+        _update(loss, scaler, opt, params)
 
     return Workload(step, batches)
