@@ -710,6 +710,45 @@ def test_engine_generation_during_training_equals_nanotune_generate(
         assert (model(ids) - base(ids)).abs().max() > 1e-6
 
 
+@pytest.mark.slow
+def test_compiled_sampling_draws_the_eager_completions_as_the_weights_change(
+    tiny_llama_dir, tmp_path, monkeypatch
+):
+    """rl.compile: three steps of a run sample through compiled decode steps exactly the
+    completions eager steps sample (float32), though the adapter changes after every step: the
+    graphs read the live weights. Steps after the first compile nothing new."""
+    from torch._dynamo.utils import counters
+
+    import nanotune
+
+    recorded: dict[bool, list] = {False: [], True: []}
+    real = GRPOObjective.generate
+
+    def recording(self, model, rows, step, first=0):
+        out = real(self, model, rows, step, first)
+        graphs = counters["stats"]["unique_graphs"]
+        recorded[self.engine.compiles].append((out[0], graphs, self.engine.compiled_steps))
+        return out
+
+    def first_token_parity(completions, completion_ids, **kw):  # varies within a group
+        return [float(ids[0] % 2) if ids else 0.0 for ids in completion_ids]
+
+    monkeypatch.setattr(GRPOObjective, "generate", recording)
+    torch._dynamo.reset()
+    for compile in (False, True):
+        cfg = grpo_config(tiny_llama_dir, tmp_path / f"run-{compile}", num_iterations=1)
+        cfg["rl"] |= {"compile": compile, "beta": 0.0}
+        cfg["train"] |= {"max_steps": 3, "schedule": "constant", "lr": 5e-2}
+        cfg["eval"]["max_examples"] = 1
+        nanotune.train(cfg, data={"train": ROWS}, rewards=[first_token_parity], progress=False)
+    eager, compiled = recorded[False], recorded[True]
+    assert len(eager) == len(compiled) == 3
+    assert [ids for ids, _, _ in compiled] == [ids for ids, _, _ in eager]
+    assert len({str(ids) for ids, _, _ in eager}) == 3  # the steps sampled differently
+    assert compiled[-1][2] > 0  # steps did run compiled
+    assert compiled[1][1] == compiled[2][1]  # and the third compiled nothing new
+
+
 # ---- SIGKILL and --resume ------------------------------------------------------------------------
 
 RESUME_SCRIPT = """

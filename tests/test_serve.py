@@ -831,6 +831,30 @@ def test_bfloat16_serving_answers(tiny_llama_dir, adapters):
         stop(running)
 
 
+@pytest.mark.slow
+def test_compiled_serving_answers_as_generate(tiny_llama_dir, local):
+    """--compile: two concurrent requests decode through the compiled steps the tokens
+    `nanotune generate` gives each."""
+    import concurrent.futures
+
+    running = start(tiny_llama_dir, "--compile", "--max-batch", "2", "--api-key", KEY)
+    try:
+        client = running.client()
+        prompts = ["Once upon a time", "The quick brown fox"]
+
+        def ask(prompt: str) -> str:
+            r = client.completions.create(
+                model=str(tiny_llama_dir), prompt=prompt, max_tokens=12, temperature=0
+            )
+            return r.choices[0].text
+
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            answers = list(pool.map(ask, prompts))
+        assert answers == [expected(local, "base", p, 12) for p in prompts]
+    finally:
+        stop(running)
+
+
 def test_the_prefix_cache_keeps_the_longest_match_within_its_bound(tiny_llama_dir):
     from nanotune.decoding.engine import _PrefixCache, _SlotCache
     from nanotune.weights import load_model

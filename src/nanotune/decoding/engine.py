@@ -16,6 +16,11 @@ its window (`_SlotCache`), however long the sequence. A long prompt is computed 
 tokens at a time, so what one prefill allocates besides the cache is bounded too. Requests past
 `max_queue` waiting are refused, not queued.
 
+With `compile` (serve --compile, rl.compile) a decode step where every row decodes one token
+on the same weights runs as one compiled graph (`models.compiled_decode`): the rows padded to a
+batch bucket (a power of two) with free slots, which is also how many rows the cache then holds;
+the cache's length stays a dynamic dimension, so a bucket compiles once.
+
 One sequence's failure (a sampling setting that makes its logits non-finite, a bug in its
 path) ends that sequence alone; only a failure of the batched forward itself ends them all.
 """
@@ -41,6 +46,7 @@ from nanotune.generate import (
     penalize,
     sample_rows,
 )
+from nanotune.models.compiled_decode import CompiledDecoder, StaticCache, batch_bucket
 from nanotune.models.linear import Int8Linear
 from nanotune.models.transformer import NO_KEY, Transformer
 from nanotune.tokenizer import Tokenizer
@@ -429,10 +435,16 @@ class Engine:
         max_queue: int = MAX_QUEUE,
         prefix_cache_mb: int = PREFIX_CACHE_MB,
         route_adapters: bool = True,
+        compile: bool = False,
     ) -> None:
         """route_adapters: wrap the block linears (in place) so adapter folders can be loaded
         and chosen per row (serving); False leaves the model's modules as they are, so a model
-        being trained decodes as it is, its own LoRA layers included (GRPO)."""
+        being trained decodes as it is, its own LoRA layers included (GRPO).
+
+        compile: decode steps through torch.compile (`models.compiled_decode`): a graph per
+        batch bucket (powers of two up to max_batch), for steps where every row decodes one
+        token on the base (or, unrouted, on the model as it is). A step with a joining prompt's
+        rows or with adapters routed per row runs eager, as do prompts."""
         if max_batch < 1 or max_queue < 1:
             raise NanotuneError("--max-batch and --max-queue must be at least 1")
         if prefix_cache_mb < 0:
@@ -447,6 +459,9 @@ class Engine:
         self._by_id: dict[int, Adapter] = {}
         self._next_id = BASE + 1
         self._cache = _SlotCache(model, max_batch)
+        self._decoder = CompiledDecoder(model) if compile else None
+        self.compiles = compile
+        self.compiled_steps = 0  # decode steps that ran compiled
         self._prefixes = _PrefixCache(prefix_cache_mb * 2**20, model.config.sliding_window)
         # Longrope (Phi-3): the original context, past which a sequence turns by the long factors.
         self.longrope = model.longrope[0] if model.longrope is not None else None
@@ -736,22 +751,11 @@ class Engine:
             adapters += [seq.adapter] * len(new)
             lengths += [seq.pos + len(new)] * len(new)
             last.append(len(tokens) - 1)
-        device = self.model.device
-        pos = torch.tensor(positions, device=device)
-        S = int(pos.max()) + 1
-        self._cache.reserve(S, len(seqs))
-        mask = torch.arange(S, device=device)[None, :] <= pos[:, None]
         self._route(adapters)
-        # Rows are slots 0..n-1 unless a prompt spreads over several rows of one slot.
-        rows = (
-            slice(0, len(seqs)) if len(tokens) == len(seqs) else torch.tensor(slots, device=device)
-        )
-        view = _View(self._cache, rows, S - 1, pos)
-        ids = torch.tensor(tokens, device=device)[:, None]
-        long = self._long_rope(lengths)
-        h = self.model.hidden(
-            ids, positions=pos[:, None], attention_mask=mask, cache=view, long_rope=long
-        )
+        if self._decoder is not None and len(tokens) == len(seqs) and not self.routing.groups:
+            h = self._compiled_step(tokens, positions, lengths)
+        else:
+            h = self._eager_step(tokens, positions, slots, lengths, len(seqs))
         logits = self.model.lm_head(h[last, -1])
         for seq in seqs:  # every row's new tokens are in the cache before any row moves
             if seq.pending:
@@ -761,6 +765,52 @@ class Engine:
             else:
                 seq.pos += 1
         self._advance(seqs, logits)
+
+    def _eager_step(
+        self, tokens: list[int], positions: list[int], slots: list[int], lengths: list[int], n: int
+    ) -> Tensor:
+        """The decode forward [rows, 1, C]: attention over the columns up to the longest row."""
+        device = self.model.device
+        pos = torch.tensor(positions, device=device)
+        S = int(pos.max()) + 1
+        self._cache.reserve(S, n)
+        mask = torch.arange(S, device=device)[None, :] <= pos[:, None]
+        # Rows are slots 0..n-1 unless a prompt spreads over several rows of one slot.
+        rows = slice(0, n) if len(tokens) == n else torch.tensor(slots, device=device)
+        view = _View(self._cache, rows, S - 1, pos)
+        ids = torch.tensor(tokens, device=device)[:, None]
+        return self.model.hidden(
+            ids,
+            positions=pos[:, None],
+            attention_mask=mask,
+            cache=view,
+            long_rope=self._long_rope(lengths),
+        )
+
+    def _compiled_step(self, tokens: list[int], positions: list[int], lengths: list[int]) -> Tensor:
+        """The decode forward of slots 0..n-1, a token each, through the compiled step on the
+        batch bucket's first B slots: rows n..B-1 are free slots, decoding token 0 at position
+        0 into their own (unread) columns; their states are dropped."""
+        n = len(tokens)
+        B = batch_bucket(n, self.max_batch)
+        cache = self._cache
+        cache.reserve(max(positions) + 1, B)
+        pad = B - n
+        device = self.model.device
+        ids = torch.tensor([*tokens, *[0] * pad], device=device)[:, None]
+        pos = torch.tensor([*positions, *[0] * pad], device=device)
+        long = self._long_rope([*lengths, *[1] * pad])
+        key_pos = None if cache.key_pos is None else cache.key_pos[:B]
+        view = StaticCache(
+            [t[:B] for t in cache.k],
+            [t[:B] for t in cache.v],
+            cache.windowed,
+            cache.ring,
+            key_pos,
+            pos,
+        )
+        self.compiled_steps += 1
+        return self._decoder.step(view, ids, pos[:, None], long)[:n]
 
     def _advance(self, seqs: list[Sequence], logits: Tensor) -> None:
         """Pick each sequence's next token from its row of logits [n, V], all rows sampled at

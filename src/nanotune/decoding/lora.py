@@ -109,14 +109,27 @@ class _ScaledB(nn.Module):
         return out + linear(linear(x.to(self.lora_dtype), self.a), self.b).to(out.dtype)
 
 
-def _bf16_packed(layer: nn.Module) -> PackedLinear:
+class _Bf16Linear(nn.Module):
+    """A frozen bf16 linear with a plain weight: what a compiled decode step multiplies
+    (inductor cannot run oneDNN's packed layout, `models.decoding.for_decoding`)."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.weight, self.bias = weight, bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.nn.functional.linear(x.to(torch.bfloat16), self.weight, self.bias)
+
+
+def _bf16_copy(layer: nn.Module, packed: bool) -> nn.Module:
     """A frozen bf16 copy of a LoRA layer (W + scale * B @ A, DoRA's rescale and NF4's
-    dequantization included) or of a plain float linear, packed for oneDNN."""
+    dequantization included) or of a plain float linear, packed for oneDNN or plain."""
     w = layer.merged_weight() if _is_lora(layer) else layer.weight.detach()
     bias = None if layer.bias is None else layer.bias.detach().to(torch.bfloat16)
-    packed = PackedLinear(w.to(torch.bfloat16), bias)
-    packed._forward_hooks.update(layer._forward_hooks)  # Gemma 2's logit soft-cap on the head
-    return packed
+    copy = (PackedLinear if packed else _Bf16Linear)(w.to(torch.bfloat16), bias)
+    copy._forward_hooks.update(layer._forward_hooks)  # Gemma 2's logit soft-cap on the head
+    return copy
 
 
 def _plain_float(module: nn.Module) -> bool:
@@ -125,7 +138,7 @@ def _plain_float(module: nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def decode_copies(model: nn.Module) -> Iterator[nn.Module]:
+def decode_copies(model: nn.Module, compiled: bool = False) -> Iterator[nn.Module]:
     """While inside, `model` decodes through frozen copies of its linear layers made once, for a
     sampling phase during training (GRPO's), when no weight changes between tokens; on exit
     the layers are put back and the copies freed.
@@ -137,8 +150,11 @@ def decode_copies(model: nn.Module) -> Iterator[nn.Module]:
     each call. This is how `nanotune generate --dtype bfloat16` decodes an adapter (merged in
     float32, then rounded); a step's logits differ from the live layers' bf16 ones by rounding.
     Otherwise (float32): LoRA layers keep their exact products with the scaled B computed once
-    (bit-identical to the live layers, so sampling equals `nanotune generate`'s)."""
-    packed = (
+    (bit-identical to the live layers, so sampling equals `nanotune generate`'s).
+
+    compiled: the copies run in compiled decode steps (`Engine(compile=True)`): the bf16 copies
+    keep plain weights, which inductor multiplies itself, instead of oneDNN's packed layout."""
+    bf16 = (
         ONEDNN_BF16
         and torch.is_autocast_enabled("cpu")
         and torch.get_autocast_dtype("cpu") == torch.bfloat16
@@ -151,12 +167,12 @@ def decode_copies(model: nn.Module) -> Iterator[nn.Module]:
                     continue  # its own children are its parameters' holders
                 for name, child in list(module.named_children()):
                     copy: nn.Module | None = None
-                    if packed and getattr(child, "weight", None) is not None:
+                    if bf16 and getattr(child, "weight", None) is not None:
                         if child.weight.device.type == "cpu" and (
                             _is_lora(child)
                             or (isinstance(child, nn.Linear) and _plain_float(child))
                         ):
-                            copy = _bf16_packed(child)
+                            copy = _bf16_copy(child, packed=not compiled)
                     elif _is_lora(child) and _plain_float(child):
                         if not any(a.dora for a in child.adapters):
                             copy = _ScaledB(child)

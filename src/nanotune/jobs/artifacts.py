@@ -218,18 +218,20 @@ def load(
     model: str | None = None,
     adapter: str | os.PathLike | None = None,
     dtype: DecodeDtype = "float32",
+    compile: bool = False,
 ) -> Loaded:
     """Any nanotune output, ready for inference: a model name or folder, a run's `final/`
     (adapter or classifier folder), or a base with `adapter`; in `dtype` for decoding
     (`models.decoding`), adapters merged first (in float32) for a reduced dtype, so a step costs
-    one matmul per layer and rounds once.
+    one matmul per layer and rounds once. compile: it will decode through compiled steps (its
+    bf16 weights are not packed for eager oneDNN).
 
     Without `model`, the base comes from the adapter's config (else the default model).
     """
     loaded, tokenizer = _load(model, adapter)
     if dtype != "float32":
         merge_lora(loaded)
-    return for_decoding(loaded, dtype), tokenizer
+    return for_decoding(loaded, dtype, pack=not compile), tokenizer
 
 
 def _load(model: str | None, adapter: str | os.PathLike | None) -> Loaded:

@@ -14,7 +14,7 @@ from nanotune.jobs.config import ChatCommand, GenerateCommand
 
 def generate_command(c: GenerateCommand) -> int:
     """Print the continuation of --prompt, or the reply to --chat."""
-    model, tokenizer = artifacts.load(c.model, c.adapter, c.dtype)
+    model, tokenizer = artifacts.load(c.model, c.adapter, c.dtype, c.sampling.compile)
     text = c.prompt
     if c.chat is not None:
         system = [{"role": "system", "content": c.system}] if c.system else []
@@ -32,7 +32,7 @@ def chat_command(c: ChatCommand, read: Callable[[str], str] | None = None) -> in
     """A conversation on the terminal: /reset clears the history, /exit (or end of input)
     quits; the oldest exchanges are forgotten rather than overflow the context."""
     read = read or input  # looked up now: tests replace builtins.input
-    model, tokenizer = artifacts.load(c.model, c.adapter, c.dtype)
+    model, tokenizer = artifacts.load(c.model, c.adapter, c.dtype, c.sampling.compile)
     chat_prompt(tokenizer, [{"role": "user", "content": ""}])  # fail now if it has no template
     system = [{"role": "system", "content": c.system}] if c.system else []
     room = model.config.block_size - c.sampling.max_new_tokens

@@ -99,6 +99,7 @@ def objective(
         # Weights change between steps, so no cached keys/values may outlive one.
         prefix_cache_mb=0,
         route_adapters=False,
+        compile=rl.compile,
     )
     return GRPOObjective(
         engine,
@@ -176,7 +177,7 @@ def heldout_reward(
         prefix_cache_mb=0,
         route_adapters=False,
     )
-    with decode_copies(model):
+    with decode_copies(model, engine.compiles):
         done = engine.run(
             [p.ids for p in prompts],
             [Sampling(max_tokens=max_new, temperature=0.0)] * len(prompts),

@@ -1,11 +1,22 @@
 """A decode step (one new token per row) through torch.compile, on static shapes.
 
 Eager decoding runs hundreds of small ops per token, each dispatched alone; compiled, a step is
-one graph. That needs shapes that do not change from token to token: the KV cache is read whole
-(its `max_len` columns, those not written yet masked out), the new keys and values are written
-at a column given as a tensor, and positions and masks are tensors too. So one graph serves
-every step of a generation, and every generation with the same batch size and cache length:
-`cache_len` rounds the cache up to a multiple of CACHE_BUCKET columns.
+one graph. That needs shapes that do not change from token to token: each row's KV cache is
+read whole (the columns holding no key of it masked out), the new key and value are written at
+a column given as a tensor, and positions and masks are tensors too.
+
+Two callers, one step:
+- `generate --compile` (and chat): one cache per call, `cache_len` columns (a multiple of
+  CACHE_BUCKET), every row writing the same column. A graph per batch size and cache length.
+- The serve and GRPO engine (`decoding.engine`): rows are the first `batch_bucket(n)` slots of
+  its slot cache, each writing its own position; rows past the n live ones are free slots whose
+  keys nobody reads. The batch is bucketed (powers of two), the cache's length is a dynamic
+  dimension (it grows by doubling), so an engine compiles one graph per bucket, a handful
+  (`torch._dynamo`'s recompile limit is 8).
+
+On CUDA the step runs as a CUDA graph (`mode="reduce-overhead"`): one launch per token instead
+of one per kernel; the cache tensors are marked static addresses, so the graph writes them in
+place.
 
 The prompt (prefill) stays eager: its length differs per call and it runs once.
 
@@ -30,48 +41,89 @@ def cache_len(needed: int, block_size: int) -> int:
     return min(-(-needed // CACHE_BUCKET) * CACHE_BUCKET, block_size)
 
 
-class _StaticCache:
-    """The blocks' view of a KVCache during a compiled step: the new key and value go to column
-    `slot` (a tensor; in a sliding-window layer's ring, column slot % ring) and attention reads
-    every column (every ring column: those holding no key, or one out of the window, masked)."""
+def batch_bucket(rows: int, most: int) -> int:
+    """The batch a compiled engine step runs for `rows` live rows: the next power of two, at
+    most `most` (the engine's max batch, itself a bucket)."""
+    return min(1 << (rows - 1).bit_length(), most)
 
-    def __init__(self, cache: KVCache, slot: Tensor) -> None:
-        self.k, self.v, self.slot = cache.k, cache.v, slot
-        self.windowed, self.key_pos = cache.windowed, cache.key_pos
-        self.ring_slot = slot % cache.ring if cache.ring else None
+
+class StaticCache:
+    """The blocks' view of a cache during a compiled step. Row r of `k[layer]`, `v[layer]`
+    [B, heads, columns, head dim] takes its new key and value at column `cols[r]` (in a
+    sliding-window layer's ring, `cols[r] % ring`, its position recorded in `key_pos`
+    [B, ring]); attention reads every column."""
+
+    def __init__(
+        self,
+        k: list[Tensor],
+        v: list[Tensor],
+        windowed: list[bool],
+        ring: int,
+        key_pos: Tensor | None,
+        cols: Tensor,
+    ) -> None:
+        self.k, self.v, self.windowed, self.key_pos, self.cols = k, v, windowed, key_pos, cols
+        self.ring_cols = cols % ring if ring else None
+        if cols.is_cuda:  # a CUDA graph writes them in place (else it is skipped, not wrong)
+            for t in (*k, *v, *([] if key_pos is None else [key_pos])):
+                torch._dynamo.mark_static_address(t)
+
+    @classmethod
+    def of(cls, cache: KVCache, cols: Tensor) -> StaticCache:
+        return cls(cache.k, cache.v, cache.windowed, cache.ring, cache.key_pos, cols)
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        at = self.ring_slot if self.windowed[layer] else self.slot
-        self.k[layer].index_copy_(2, at, k.to(self.k[layer].dtype))
-        self.v[layer].index_copy_(2, at, v.to(self.v[layer].dtype))
-        return self.k[layer], self.v[layer]
+        K, V = self.k[layer], self.v[layer]
+        at = self.ring_cols if self.windowed[layer] else self.cols
+        B, H, L, D = K.shape
+        # Row r, head h, column at[r] of K flattened to [B * H * L, D]: one index_copy_.
+        flat = (
+            (torch.arange(B, device=at.device)[:, None] * H + torch.arange(H, device=at.device)) * L
+            + at[:, None]
+        ).view(-1)
+        K.view(-1, D).index_copy_(0, flat, k.reshape(-1, D).to(K.dtype))
+        V.view(-1, D).index_copy_(0, flat, v.reshape(-1, D).to(V.dtype))
+        return K, V
 
 
 def _step(
-    model: nn.Module, view: _StaticCache, tokens: Tensor, positions: Tensor, keys: Tensor
+    model: nn.Module,
+    view: StaticCache,
+    tokens: Tensor,
+    positions: Tensor,
+    keys: Tensor,
+    long_rope: Tensor | None,
 ) -> Tensor:
     """Final-normed hidden states [B, 1, C] of `tokens` [B, 1] at `positions` [B, 1]; keys
-    [B, L]: 1 where a cache column holds a real token (left padding 0). Columns past
-    `view.slot` are masked too."""
+    [B, L]: 1 where a cache column may hold a real token (left padding 0); columns past each
+    row's `view.cols` are masked too."""
     L = keys.shape[1]
-    cols = torch.arange(L, device=tokens.device)
-    allowed = keys.bool() & (cols <= view.slot)[None, :]  # [B, L]
+    columns = torch.arange(L, device=tokens.device)
+    allowed = keys.bool() & (columns[None, :] <= view.cols[:, None])  # [B, L]
     mask = allowed[:, None, None, :]
     window_mask = None
     if view.key_pos is not None:  # the rings: the new key's position recorded, then read whole
-        view.key_pos.index_copy_(1, view.ring_slot, positions)
+        B, ring = view.key_pos.shape
+        flat = torch.arange(B, device=tokens.device) * ring + view.ring_cols
+        view.key_pos.view(-1).index_copy_(0, flat, positions[:, 0])
         window_mask = sliding_mask(positions, view.key_pos, model.config.sliding_window)
-    x, rope = model.embed(tokens, positions)
+    x, rope = model.embed(tokens, positions, long_rope)
     x = model.run_blocks(x, rope, mask, view, range(len(model.blocks)), window_mask=window_mask)
     return model.norm(x)
 
 
+def _compile_step():
+    if torch.cuda.is_available():  # CUDA graphs; a CPU step compiles without them alike
+        return torch.compile(_step, dynamic=False, mode="reduce-overhead")
+    return torch.compile(_step, dynamic=False)
+
+
 class CompiledDecoder:
-    """Decode steps of `model` through one compiled graph per (batch size, cache length)."""
+    """Decode steps of `model` through compiled graphs (see the module's docstring)."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self._compiled = torch.compile(_step, dynamic=False)
+        self._compiled = _compile_step()
 
     def hidden(
         self,
@@ -91,9 +143,9 @@ class CompiledDecoder:
         B, L = tokens.shape[0], cache.max_len
         if cache.length >= L:
             raise ValueError(f"sequence of {cache.length + 1} tokens exceeds the cache ({L})")
-        slot = torch.tensor([cache.length], device=tokens.device)
+        cols = torch.full((B,), cache.length, device=tokens.device)
         if positions is None:
-            positions = slot.expand(B, 1)
+            positions = cols[:, None]
         if mask is None:
             keys = torch.ones((B, L), dtype=torch.long, device=tokens.device)
         else:  # the caller's mask may be longer than the cache (it is read up to L)
@@ -103,6 +155,25 @@ class CompiledDecoder:
         # Contiguous: a stride differing between calls (an expanded tensor, a slice of a wider
         # mask) would be a graph of its own.
         positions, keys = positions.contiguous(), keys.contiguous()
-        h = self._compiled(self.model, _StaticCache(cache, slot), tokens, positions, keys)
+        h = self._compiled(self.model, StaticCache.of(cache, cols), tokens, positions, keys, None)
         cache.length += 1
         return h
+
+    def step(
+        self,
+        view: StaticCache,
+        tokens: Tensor,
+        positions: Tensor,
+        long_rope: Tensor | None = None,
+    ) -> Tensor:
+        """One engine step: `tokens`, `positions` [B, 1] written at `view.cols` (= positions)
+        of rows 0..B-1 of `view`'s tensors, each row attending over its columns up to there.
+        The cache's length (the columns of its non-ring layers) is a dynamic dimension."""
+        full = [t for i, t in enumerate((*view.k, *view.v)) if not view.windowed[i % len(view.k)]]
+        L = full[0].shape[2] if full else view.key_pos.shape[1]
+        keys = torch.ones((tokens.shape[0], L), dtype=torch.long, device=tokens.device)
+        if full:  # no global layer (every layer slides): the rings' length is fixed anyway
+            for t in full:
+                torch._dynamo.mark_dynamic(t, 2)
+            torch._dynamo.mark_dynamic(keys, 1)
+        return self._compiled(self.model, view, tokens, positions, keys, long_rope)

@@ -24,9 +24,14 @@ bytes a decode step streams (on CPU its linear weights are prepacked for oneDNN,
 and answers are no longer bit-equal to float32's."""
 
 
-def for_decoding(model: nn.Module, dtype: str) -> nn.Module:
+def for_decoding(model: nn.Module, dtype: str, *, pack: bool = True) -> nn.Module:
     """`model` (in place) in `dtype` for generation. A model holding LoRA adapters has them
-    merged first (`jobs.artifacts.load(..., dtype=)` does), so they round once with the base."""
+    merged first (`jobs.artifacts.load(..., dtype=)` does), so they round once with the base.
+
+    pack False leaves bfloat16 linear weights plain, for compiled decoding
+    (`models.compiled_decode`): inductor cannot run oneDNN's opaque layout, and its own product
+    on plain bf16 weights measured as fast compiled as the packed one eager (SmolLM2, batch 1:
+    54 vs 52 tokens/s; batch 8: 368 vs 341; benchmarks/NOTES.md)."""
     import torch
 
     from nanotune.models.linear import pack_bf16, quantize_int8
@@ -38,7 +43,7 @@ def for_decoding(model: nn.Module, dtype: str) -> nn.Module:
     if dtype == "int8":  # quantized from the float32 weights, before the rest goes to bf16
         quantize_int8(model)
     model = model.to(torch.bfloat16)
-    if dtype == "bfloat16":  # oneDNN's layout, once, where it multiplies (CPU)
+    if dtype == "bfloat16" and pack:  # oneDNN's layout, once, where it multiplies (CPU)
         pack_bf16(model)
     _return_freed_memory()
     return model

@@ -42,6 +42,10 @@ class ServeCommand:
     no longer bit-equal to float32's."""
     max_batch: int = MAX_BATCH
     """Sequences decoded together."""
+    compile: bool = False
+    """Decode through torch.compile: a graph per batch bucket (powers of two up to
+    --max-batch), each compiled on first use (tens of seconds on a CPU), CUDA graphs on a GPU.
+    Steps that carry a joining prompt or rows on different adapters run eager."""
     max_queue: int = MAX_QUEUE
     """Sequences waiting before new requests get 429."""
     max_body_kb: int = MAX_BODY // 1024

@@ -54,13 +54,14 @@ def serve(c: ServeCommand) -> None:
     base_name = c.served_model_name or model or DEFAULT_MODEL
     if base_name in names:
         raise NanotuneError(f"--adapter name {base_name!r} is the base model's name; rename it")
-    base, tokenizer = artifacts.load(model, dtype=c.dtype)
+    base, tokenizer = artifacts.load(model, dtype=c.dtype, compile=c.compile)
     engine = Engine(
         base,
         tokenizer,
         max_batch=c.max_batch,
         max_queue=c.max_queue,
         prefix_cache_mb=c.prefix_cache_mb,
+        compile=c.compile,
     )
     for name, path in specs:
         engine.load_adapter(name, path)

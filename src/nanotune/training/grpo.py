@@ -402,7 +402,7 @@ class GRPOObjective:
         prompts = [self.prompts[i].ids for i in prompt_rows for _ in range(self.G)]
         # Sampled in the precision it trains in, through decode copies of the weights made once
         # for the whole batch (they change only after it) and freed with the KV cache on return.
-        with _eval_mode(model), self.autocast(), decode_copies(model):
+        with _eval_mode(model), self.autocast(), decode_copies(model, self.engine.compiles):
             done = self.engine.run(prompts, sampling)
         ids = [s.output + ([s.stop_token] if s.stop_token is not None else []) for s in done]
         return ids, [s.finish_reason == "length" for s in done]

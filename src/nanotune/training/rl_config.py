@@ -35,6 +35,9 @@ class RLConfig:
     """Nucleus sampling of the completions."""
     max_new_tokens: int = 32
     """Most tokens per completion; one that reaches it is truncated."""
+    compile: bool = False
+    """Sample the completions through compiled decode steps (a graph per batch bucket,
+    compiled in the first steps: tens of seconds on a CPU, won back over long runs)."""
     beta: float = 0.0
     """Weight of the KL to the reference (the model with its LoRA adapters off; under full
     fine-tuning a frozen copy of the initial model, held only then); 0 skips the reference
