@@ -49,7 +49,8 @@ class Case:
     # (`bench.llamacpp`; its bf16 row does not apply).
     peer: str = "transformers"
     # Also run nanotune compiled (`train.compile: true`; `generate --compile` for a generate
-    # case) and, for training, the peer with `TrainingArguments(torch_compile=True)`'s compile.
+    # case, `serve --compile`, `rl.compile: true`) and, for training, the peer with
+    # `TrainingArguments(torch_compile=True)`'s compile.
     compiled: bool = False
     extra: dict[str, Any] = field(default_factory=dict, hash=False)
 
@@ -200,6 +201,7 @@ CASES: dict[str, Case] = {
             target_ratio=0.8,
             decode="int8",
             peer="llama.cpp",
+            compiled=True,
         ),
         Case(
             "decode-q8-b8",
@@ -212,6 +214,7 @@ CASES: dict[str, Case] = {
             target_ratio=2.0,
             decode="int8",
             peer="llama.cpp",
+            compiled=True,
         ),
         Case(
             "smollm2-lora",
@@ -263,6 +266,7 @@ CASES: dict[str, Case] = {
             batch=4,
             target_ratio=5.0,
             memory_ratio=0.5,
+            compiled=True,
         ),
         Case(
             "serve",
@@ -276,6 +280,7 @@ CASES: dict[str, Case] = {
             "each server process's peak RSS, children included",
             batch=16,
             target_ratio=3.0,
+            compiled=True,
         ),
         Case(
             "data-100k",

@@ -95,12 +95,13 @@ def _grpo(
     source: str | None,
     precision: str,
     model: Any,
+    compiled: bool,
 ) -> Workload:
     """What `finetune` wires for `rl.algorithm: grpo` with LoRA: the engine over the live policy
-    (`route_adapters=False`), `GRPOObjective` (dapo, beta 0, one update per generation), the
-    trainer's optimizer, clipping and precision. A step samples G completions of each prompt
-    (no stop token: exactly `grpo_new` tokens, as the peer's min_new_tokens), scores them and
-    trains on them in one pass, as the trainer's step does."""
+    (`route_adapters=False`; compiled: `rl.compile: true`), `GRPOObjective` (dapo, beta 0, one
+    update per generation), the trainer's optimizer, clipping and precision. A step samples G
+    completions of each prompt (no stop token: exactly `grpo_new` tokens, as the peer's
+    min_new_tokens), scores them and trains on them in one pass, as the trainer's step does."""
     from nanotune.bench.cases import GRPO_G, grpo_new
     from nanotune.decoding.engine import Engine
     from nanotune.methods import apply_method
@@ -116,7 +117,14 @@ def _grpo(
     prompts = [
         Prompt(p, "", "", f"prompt {i}") for i, p in enumerate(x for it in items for x in it)
     ]
-    engine = Engine(model, tokenizer, max_batch=256, prefix_cache_mb=0, route_adapters=False)
+    engine = Engine(
+        model,
+        tokenizer,
+        max_batch=256,
+        prefix_cache_mb=0,
+        route_adapters=False,
+        compile=compiled,
+    )
     objective = GRPOObjective(
         engine,
         prompts,
@@ -174,7 +182,8 @@ def build(
         from nanotune.generate import GenerationConfig, generate_ids
         from nanotune.models.decoding import for_decoding
 
-        model = for_decoding(model.eval(), precision)  # `--dtype` (int8 for the -int8 cases)
+        # `--dtype` (int8 for the -int8 cases); compiled, bf16 weights are left plain
+        model = for_decoding(model.eval(), precision, pack=not compiled)
         # No stop tokens: every row generates exactly max_new_tokens, as on the peer side.
         gen = GenerationConfig(
             max_new_tokens=sizes(quick).gen_new, stop_token_ids=(), compile=compiled
@@ -182,7 +191,7 @@ def build(
         return Workload(lambda prompts: generate_ids(model, prompts, gen), items)
 
     if case.kind == "grpo":
-        return _grpo(case, quick, device, items, source, precision, model)
+        return _grpo(case, quick, device, items, source, precision, model, compiled)
     if case.kind == "dpo":
         from nanotune.data.batching import collate_preference
         from nanotune.data.example import PreferenceExample

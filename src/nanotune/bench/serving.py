@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from nanotune.bench.workload import NotApplicable
+from nanotune.bench.workload import OURS_COMPILED, NotApplicable
 
 CLIENTS, REQUESTS, MAX_TOKENS = 16, 200, 32
 QUICK_CLIENTS, QUICK_REQUESTS, QUICK_MAX_TOKENS = 4, 16, 8
@@ -88,7 +88,7 @@ def hf_folder(source: Path, out: Path) -> Path:
 
 def _start(side: str, folder: Path, port: int, precision: str) -> tuple[subprocess.Popen, str]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    if side == "nanotune":
+    if side in ("nanotune", OURS_COMPILED):
         cmd = [
             sys.executable,
             "-m",
@@ -104,6 +104,7 @@ def _start(side: str, folder: Path, port: int, precision: str) -> tuple[subproce
             str(CLIENTS),
             "--dtype",
             precision,
+            *(["--compile"] if side == OURS_COMPILED else []),
         ]
         model = "m"
     else:
@@ -203,7 +204,8 @@ async def _overflow(url: str, model: str, pid: int, n: int) -> tuple[int, int, d
 
 
 def measure(side: str, quick: bool, source: str | None, precision: str) -> dict[str, Any]:
-    if side != "nanotune":
+    ours = side in ("nanotune", OURS_COMPILED)
+    if not ours:
         exe = Path(sys.executable).with_name("transformers")
         try:
             import fastapi  # noqa: F401  (transformers serve needs it)
@@ -222,6 +224,11 @@ def measure(side: str, quick: bool, source: str | None, precision: str) -> dict[
         try:
             asyncio.run(_wait_ready(url, proc))
             asyncio.run(_load(url, model, 2, 4, 4))  # warm-up: load, first allocations
+            compiled = {}
+            if side == OURS_COMPILED:  # the load's batch sizes compile their graphs here
+                warm = [asyncio.run(_load(url, model, clients, clients, max_tokens))[3]]
+                warm.append(asyncio.run(_load(url, model, clients, clients, max_tokens))[3])
+                compiled = {"compile_s": max(0.0, warm[0] - warm[1])}
             lat, tokens, errors, wall = asyncio.run(
                 _load(url, model, clients, requests, max_tokens)
             )
@@ -229,7 +236,7 @@ def measure(side: str, quick: bool, source: str | None, precision: str) -> dict[
             # (nanotune's grows with the batch and is freed when idle; the peer's is reserved).
             peak = _tree_peak(proc.pid)
             note = ""
-            if side == "nanotune":
+            if ours:
                 before, after, codes = asyncio.run(_overflow(url, model, proc.pid, 2 * 256 + 64))
                 note = (
                     f"; queue overflow ({2 * 256 + 64} at once, --max-queue 256): "
@@ -247,6 +254,7 @@ def measure(side: str, quick: bool, source: str | None, precision: str) -> dict[
     p50 = statistics.median(lat)
     p95 = statistics.quantiles(lat, n=20)[-1] if len(lat) >= 2 else lat[0]
     return {
+        **compiled,
         "ms_per_step": p50 * 1e3,
         "useful_per_s": tokens / wall,
         "flops_per_s": 0.0,

@@ -30,6 +30,9 @@ from nanotune.models.config import PRESETS
 
 SIDES = ("nanotune", OURS_COMPILED, "peer", PEER_BF16, PEER_COMPILED)
 QUICK_COMPILED = "full-lm"
+TRAINING = ("sft", "lm", "classify")
+"""The kinds the peer runs compiled too (`TrainingArguments(torch_compile=True)`); its
+generation, serving and GRPO sampling have no such flag."""
 """--quick runs the compiled sides of this case only: a compile takes tens of seconds even on
 tiny shapes, and one case of equal-length rows (no recompiles) exercises the whole path."""
 
@@ -37,13 +40,13 @@ tiny shapes, and one case of equal-length rows (no recompiles) exercises the who
 def sides(case: str, quick: bool) -> list[str]:
     """The sides that run `case`: nanotune and the peer always; the peer's bf16 autocast where
     the peer is transformers; the compiled sides where the case asks for them (the peer's only
-    for training: `torch_compile` is a `TrainingArguments` flag)."""
+    for `TRAINING`)."""
     c = CASES[case]
     compiled = c.compiled and (not quick or case == QUICK_COMPILED)
     out = ["nanotune"] + [OURS_COMPILED] * compiled + ["peer"]
     if c.peer != "llama.cpp":
         out.append(PEER_BF16)
-    if compiled and c.kind != "generate":
+    if compiled and c.kind in TRAINING:
         out.append(PEER_COMPILED)
     return out
 
