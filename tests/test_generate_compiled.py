@@ -1,5 +1,5 @@
 """Compiled decoding (GenerationConfig.compile): the same greedy tokens as eager decoding, one
-graph for every step and for another generation of the same batch size and cache bucket.
+graph for every step and for another generation of the same batch size, whatever its length.
 
 A compile costs ~1 minute of this CPU: one tiny model per family, two families."""
 
@@ -10,7 +10,6 @@ import torch
 
 from nanotune.generate import GenerationConfig, generate_ids
 from nanotune.models import Transformer
-from nanotune.models.compiled_decode import CACHE_BUCKET, cache_len
 from tests.tiny import tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -22,12 +21,6 @@ def frames() -> int:
     return counters["frames"]["total"]
 
 
-def test_cache_length_buckets():
-    assert cache_len(1, 4096) == CACHE_BUCKET
-    assert cache_len(CACHE_BUCKET + 1, 4096) == 2 * CACHE_BUCKET
-    assert cache_len(300, 200) == 200  # never past the context
-
-
 @pytest.mark.device
 @pytest.mark.parametrize(
     "config",
@@ -35,8 +28,10 @@ def test_cache_length_buckets():
         tiny_config("gpt2", vocab_size=96),
         # RoPE, grouped-query attention, and a window of 8 that 20 new tokens slide past
         tiny_config("llama", vocab_size=96, sliding_window=8),
+        # A window of 40: rings as long as the generations below it (25, 23), then 40 (42)
+        tiny_config("llama", vocab_size=96, sliding_window=40),
     ],
-    ids=["gpt2", "llama-window"],
+    ids=["gpt2", "llama-window", "llama-long-window"],
 )
 @pytest.mark.slow
 def test_compiled_greedy_decode_equals_eager(config, on_device):
@@ -57,7 +52,17 @@ def test_compiled_greedy_decode_equals_eager(config, on_device):
     before = frames()
     assert generate_ids(model, left_padded, compiled) == want
     assert frames() - before == 1
-    # Another generation, unpadded, of the same batch size and cache bucket: the same graph.
-    same_length = [[1, 2, 3], [4, 5, 6], [7, 8, 9]]
-    assert generate_ids(model, same_length, compiled) == generate_ids(model, same_length, eager)
+    # Other generations of the same batch size, unpadded, of other lengths (a cache of 3 + 20
+    # and of 12 + 30 columns, against 25 above): the same graph.
+    for prompts, n in (
+        ([[1, 2, 3], [4, 5, 6], [7, 8, 9]], 20),
+        ([[1] * 12, [2] * 12, [3] * 12], 30),
+    ):
+        again, want = (
+            generate_ids(
+                model, prompts, GenerationConfig(max_new_tokens=n, stop_token_ids=(), compile=c)
+            )
+            for c in (True, False)
+        )
+        assert again == want
     assert frames() - before == 1

@@ -175,3 +175,30 @@ def test_pack_bf16_leaves_layers_alone_where_onednn_has_no_bf16(monkeypatch):
     assert not [m for m in model.modules() if isinstance(m, lin.PackedLinear)]
     with torch.no_grad():
         assert model(torch.tensor([[1, 2, 3]])).shape == (1, 3, model.config.vocab_size)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not lin.ONEDNN, reason="no oneDNN in this torch build")
+def test_a_compiled_decode_product_takes_onednn_from_enough_rows(monkeypatch):
+    """Inside a compiled graph, a float32 product without gradients of at least
+    COMPILED_ONEDNN_ROWS rows is oneDNN's own call (bit-equal to eager `linear`), fewer rows
+    and products needing gradients are inductor's (F.linear's values, to rounding)."""
+    calls = []
+    real = lin._mm
+    monkeypatch.setattr(lin, "_mm", lambda *a: calls.append(a[0].shape) or real(*a))
+    torch.manual_seed(0)
+    w, b = torch.randn(48, 64), torch.randn(48)
+    step = torch.compile(lambda x: lin.linear(x, w, b), dynamic=False)
+    for rows in (lin.COMPILED_ONEDNN_ROWS, 1):
+        x = torch.randn(rows, 1, 64)
+        calls.clear()
+        with torch.no_grad():
+            got = step(x)
+        assert bool(calls) == (rows >= lin.COMPILED_ONEDNN_ROWS)
+        if calls:
+            assert torch.equal(got, real(x, w, b))
+        torch.testing.assert_close(got, F.linear(x, w, b))
+    x = torch.randn(8, 1, 64, requires_grad=True)
+    calls.clear()
+    step(x).sum().backward()
+    assert not calls and x.grad is not None

@@ -331,12 +331,10 @@ def _steps(
     try:
         hidden = model.hidden
         if config.compile:  # the prompt eager, each new token through one compiled graph
-            from nanotune.models.compiled_decode import CompiledDecoder, cache_len
+            from nanotune.models.compiled_decode import CompiledDecoder
 
-            cache = model.init_cache(B, cache_len(T0 + n_new, model.config.block_size))
             hidden = CompiledDecoder(model).hidden
-        else:
-            cache = model.init_cache(B, T0 + n_new)
+        cache = model.init_cache(B, T0 + n_new)
         h = model.hidden(ids, positions=positions, attention_mask=mask, cache=cache)
         logits = model.lm_head(h[:, -1])
         out: list[list[int]] = [[] for _ in range(B)]

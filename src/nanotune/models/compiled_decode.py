@@ -5,14 +5,13 @@ one graph. That needs shapes that do not change from token to token: each row's 
 read whole (the columns holding no key of it masked out), the new key and value are written at
 a column given as a tensor, and positions and masks are tensors too.
 
-Two callers, one step:
-- `generate --compile` (and chat): one cache per call, `cache_len` columns (a multiple of
-  CACHE_BUCKET), every row writing the same column. A graph per batch size and cache length.
+The cache's length is a dynamic dimension (a symbol in the graph), the batch a static one:
+- `generate --compile` (and chat): one cache per call, as long as the prompt and the new
+  tokens, every row writing the same column. A graph per batch size, whatever the lengths.
 - The serve and GRPO engine (`decoding.engine`): rows are the first `batch_bucket(n)` slots of
   its slot cache, each writing its own position; rows past the n live ones are free slots whose
-  keys nobody reads. The batch is bucketed (powers of two), the cache's length is a dynamic
-  dimension (it grows by doubling), so an engine compiles one graph per bucket, a handful
-  (`torch._dynamo`'s recompile limit is 8).
+  keys nobody reads. The batch is bucketed (powers of two), so an engine compiles one graph per
+  bucket, a handful (`torch._dynamo`'s recompile limit is 8).
 
 On CUDA the step runs as a CUDA graph (`mode="reduce-overhead"`): one launch per token instead
 of one per kernel; the cache tensors are marked static addresses, so the graph writes them in
@@ -30,15 +29,6 @@ import torch
 from torch import Tensor, nn
 
 from nanotune.models.transformer import KVCache, sliding_mask
-
-CACHE_BUCKET = 128
-"""Cache lengths are rounded up to a multiple of this: generations of nearby lengths share a
-graph, at the price of attending over at most this many masked columns more."""
-
-
-def cache_len(needed: int, block_size: int) -> int:
-    """The cache length a compiled decode allocates for `needed` tokens (prompt + new)."""
-    return min(-(-needed // CACHE_BUCKET) * CACHE_BUCKET, block_size)
 
 
 def batch_bucket(rows: int, most: int) -> int:
@@ -146,7 +136,9 @@ class CompiledDecoder:
         cols = torch.full((B,), cache.length, device=tokens.device)
         if positions is None:
             positions = cols[:, None]
-        if mask is None:
+        if all(cache.windowed):  # keys are read by global layers only: a stand-in of a ring's
+            keys = torch.ones((B, cache.ring), dtype=torch.long, device=tokens.device)
+        elif mask is None:
             keys = torch.ones((B, L), dtype=torch.long, device=tokens.device)
         else:  # the caller's mask may be longer than the cache (it is read up to L)
             keys = mask[:, :L]
@@ -155,7 +147,9 @@ class CompiledDecoder:
         # Contiguous: a stride differing between calls (an expanded tensor, a slice of a wider
         # mask) would be a graph of its own.
         positions, keys = positions.contiguous(), keys.contiguous()
-        h = self._compiled(self.model, StaticCache.of(cache, cols), tokens, positions, keys, None)
+        view = StaticCache.of(cache, cols)
+        _dynamic_length(view, keys)
+        h = self._compiled(self.model, view, tokens, positions, keys, None)
         cache.length += 1
         return h
 
@@ -169,11 +163,19 @@ class CompiledDecoder:
         """One engine step: `tokens`, `positions` [B, 1] written at `view.cols` (= positions)
         of rows 0..B-1 of `view`'s tensors, each row attending over its columns up to there.
         The cache's length (the columns of its non-ring layers) is a dynamic dimension."""
-        full = [t for i, t in enumerate((*view.k, *view.v)) if not view.windowed[i % len(view.k)]]
+        full = [t for t, w in zip(view.k, view.windowed, strict=True) if not w]
         L = full[0].shape[2] if full else view.key_pos.shape[1]
         keys = torch.ones((tokens.shape[0], L), dtype=torch.long, device=tokens.device)
-        if full:  # no global layer (every layer slides): the rings' length is fixed anyway
-            for t in full:
-                torch._dynamo.mark_dynamic(t, 2)
-            torch._dynamo.mark_dynamic(keys, 1)
+        _dynamic_length(view, keys)
         return self._compiled(self.model, view, tokens, positions, keys, long_rope)
+
+
+def _dynamic_length(view: StaticCache, keys: Tensor) -> None:
+    """Trace the cache's lengths as symbols (every layer's columns, the rings' included: a ring
+    is as long as a generation shorter than its window), so caches of any length share a
+    graph."""
+    for t in (*view.k, *view.v):
+        torch._dynamo.mark_dynamic(t, 2)
+    if view.key_pos is not None:
+        torch._dynamo.mark_dynamic(view.key_pos, 1)
+    torch._dynamo.mark_dynamic(keys, 1)

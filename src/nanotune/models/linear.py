@@ -14,6 +14,13 @@ copy kept (autocast casts it again at every call: ~270 ms of a GPT-2 LoRA step),
 still keeps only what it needs. Trainable weights stay float32 masters; their bf16 casts are per
 call.
 
+Inside a compiled graph a float32 product without gradients of at least `COMPILED_ONEDNN_ROWS`
+rows (a compiled decode step's batch) is the same oneDNN call as an opaque op
+(`nanotune::onednn_linear`); inductor cannot lower the oneDNN op itself on unpacked weights.
+Fewer rows, and products that need gradients, take `F.linear` there (MKL's addmm). Measured in
+compiled engine steps on the AMX Xeon (benchmarks/NOTES.md): at batch 8 oneDNN 1.2x addmm for
+GPT-2 (even for SmolLM2), at batch 1 addmm 1.3x (GPT-2) and 1.5x (SmolLM2) oneDNN.
+
 `NANOTUNE_ONEDNN=0` turns the oneDNN path off (read once, at import).
 """
 
@@ -45,6 +52,21 @@ def _onednn_available() -> bool:
 def _mm(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """x @ weight.T (+ bias) by oneDNN; x [..., in], weight [out, in] (any strides)."""
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+COMPILED_ONEDNN_ROWS = 8
+"""Rows from which a compiled float32 product goes to oneDNN rather than inductor's addmm."""
+
+
+@torch.library.custom_op("nanotune::onednn_linear", mutates_args=())
+def _compiled_mm(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """`_mm` as one opaque op of a compiled graph (float32, no gradients)."""
+    return _mm(x.contiguous(), weight, bias)
+
+
+@_compiled_mm.register_fake
+def _(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 class _OneDNNLinear(torch.autograd.Function):
@@ -91,9 +113,13 @@ def _onednn_dtype(x: Tensor, weight: Tensor, bias: Tensor | None) -> torch.dtype
         and type(x) is Tensor
         and (bias is None or bias.dtype == torch.float32)
         and x.numel() > 0
-        and not torch.compiler.is_compiling()
     ):
         return None
+    if torch.compiler.is_compiling():  # the opaque op: float32, no gradients, enough rows
+        plain = x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+        rows = x.numel() // x.shape[-1]
+        use = plain and not torch.is_grad_enabled() and rows >= COMPILED_ONEDNN_ROWS
+        return torch.float32 if use else None
     if not torch.is_autocast_enabled("cpu"):
         return torch.float32 if x.dtype == torch.float32 else None
     if torch.get_autocast_dtype("cpu") == torch.bfloat16 and x.dtype in (
@@ -134,6 +160,8 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     )
     if needs_grad:
         return _OneDNNLinear.apply(x, weight, bias)
+    if torch.compiler.is_compiling():
+        return _compiled_mm(x, weight, bias)
     return _mm(x, weight, bias)
 
 
