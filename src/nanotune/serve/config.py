@@ -45,7 +45,9 @@ class ServeCommand:
     compile: bool = False
     """Decode through torch.compile: a graph per batch bucket (powers of two up to
     --max-batch), each compiled on first use (tens of seconds on a CPU), CUDA graphs on a GPU.
-    Steps that carry a joining prompt or rows on different adapters run eager."""
+    Steps that carry a joining prompt or adapter rows run eager, on bf16 weights left unpacked:
+    on a CPU it pays for long answers at a steady batch, not for many short chats (measured
+    0.54x eager on the bench's chat load, benchmarks/NOTES.md)."""
     max_queue: int = MAX_QUEUE
     """Sequences waiting before new requests get 429."""
     max_body_kb: int = MAX_BODY // 1024

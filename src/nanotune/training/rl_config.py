@@ -37,7 +37,9 @@ class RLConfig:
     """Most tokens per completion; one that reaches it is truncated."""
     compile: bool = False
     """Sample the completions through compiled decode steps (a graph per batch bucket,
-    compiled in the first steps: tens of seconds on a CPU, won back over long runs)."""
+    compiled in the first steps: tens of seconds on a CPU). On the CPU bench's GRPO case it
+    measured even with eager (0.97x, bf16); it pays where decoding is most of a step (long
+    completions, float32, a GPU)."""
     beta: float = 0.0
     """Weight of the KL to the reference (the model with its LoRA adapters off; under full
     fine-tuning a frozen copy of the initial model, held only then); 0 skips the reference
