@@ -182,13 +182,13 @@ def _torchrun(*args: str) -> subprocess.Popen:
     )
 
 
-def _finish(proc: subprocess.Popen) -> tuple[int, str]:
+def _finish(proc: subprocess.Popen, limit_s: float = LIMIT_S) -> tuple[int, str]:
     try:
-        out, _ = proc.communicate(timeout=LIMIT_S)
+        out, _ = proc.communicate(timeout=limit_s)
     except subprocess.TimeoutExpired:
         proc.kill()
         out, _ = proc.communicate()
-        pytest.fail(f"the distributed job hung (killed after {LIMIT_S}s):\n{out[-3000:]}")
+        pytest.fail(f"the distributed job hung (killed after {limit_s}s):\n{out[-3000:]}")
     return proc.returncode, out
 
 

@@ -12,6 +12,8 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from test_distributed import _finish
+from test_grpo import grpo_config
 
 LIMIT_S = 300  # a launch that takes longer has hung
 
@@ -21,34 +23,20 @@ ROWS = [{"prompt": f"{a}+{b}=", "completion": str(a + b)} for a in range(5) for 
 
 
 def config(folder, out, micro_batch_size: int) -> dict:
-    return {
-        "model": str(folder),
-        "data": {"format": "completion", "val_fraction": 0.2},
-        "method": {"name": "lora", "r": 4, "alpha": 8},
-        "train": {
-            "max_steps": 3,
-            "micro_batch_size": micro_batch_size,
-            "grad_accum": 2,
-            "lr": 1e-2,
-            "seed": 3,
-            "dtype": "float32",
-            "device": "cpu",
-            "strategy": "auto",
-            "dist_timeout": 120,
-        },
-        "rl": {
-            "algorithm": "grpo",
-            "num_generations": 2,
-            "max_new_tokens": 5,
-            "beta": 0.05,  # the reference log-probs, gathered from each rank's share
-            "num_iterations": 2,  # and the old ones
-            # The tiny random model never answers right: parity varies within a group.
-            "rewards": ["numeric_match", f"{out.parent / 'parity.py'}:first_token_parity"],
-            "reward_weights": [1.0, 0.5],
-        },
-        "eval": {"metrics": ["exact_match"], "max_new_tokens": 4, "max_examples": 2},
-        "output_dir": str(out),
-    }
+    cfg = grpo_config(
+        folder,
+        out,
+        num_generations=2,
+        max_new_tokens=5,  # beta 0.05 and 2 iterations: reference and old log-probs gathered
+        # The tiny random model never answers right: parity varies within a group.
+        rewards=["numeric_match", f"{out.parent / 'parity.py'}:first_token_parity"],
+        reward_weights=[1.0, 0.5],
+    )
+    cfg["train"] |= {"max_steps": 3, "micro_batch_size": micro_batch_size, "device": "cpu"}
+    cfg["train"] |= {"strategy": "auto", "dist_timeout": 120}
+    del cfg["train"]["save_every"]
+    cfg["eval"] |= {"max_new_tokens": 4, "max_examples": 2}
+    return cfg
 
 
 def test_two_ranks_sample_their_share_and_equal_one_process(tiny_llama_dir, tmp_path):
@@ -77,13 +65,8 @@ def test_two_ranks_sample_their_share_and_equal_one_process(tiny_llama_dir, tmp_
     )
     one = config(tiny_llama_dir, tmp_path / "one", 4)
     nanotune.train(one, data={"train": ROWS}, progress=False)
-    try:
-        log, _ = proc.communicate(timeout=LIMIT_S)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        log, _ = proc.communicate()
-        pytest.fail(f"the distributed GRPO run hung:\n{log[-3000:]}")
-    assert proc.returncode == 0, log[-3000:]
+    code, log = _finish(proc, LIMIT_S)
+    assert code == 0, log[-3000:]
 
     def generated(run):
         rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
