@@ -165,7 +165,8 @@ def build(
 ) -> Workload:
     """The case's step as nanotune runs it; `compiled`: as `train.compile: true` runs training
     (each block's forward and backward through torch.compile, lengths as symbols) and
-    `generate --compile` decodes (one graph per step on a static KV cache)."""
+    `generate --compile` decodes (one graph per step, the cache's length a symbol) and, for
+    grpo, as `rl.compile: true` samples."""
     from nanotune.data.batching import collate_class, collate_lm
     from nanotune.data.example import ClassExample, Example
     from nanotune.methods import SequenceClassifier, apply_method

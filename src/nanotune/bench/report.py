@@ -219,7 +219,8 @@ def render(
         "them (the decode-q8 cases' peer is llama.cpp on the same Q8_0 GGUF, in its own "
         "kernels)",
         "- compile: `nanotune-compiled` is nanotune with `train.compile: true` (each block's "
-        "forward and backward through torch.compile, lengths as symbols) or `generate --compile`; "
+        "forward and backward through torch.compile, lengths as symbols), `generate --compile`, "
+        "`serve --compile` or `rl.compile: true` (decode steps through torch.compile); "
         "its compile seconds are the warm-up steps' time beyond timed steps', and are not in "
         "ms/step (a run pays them once; `train.compile: auto` compiles only runs long enough to "
         "win them back). The targets take nanotune's faster row, eager or compiled",

@@ -25,7 +25,8 @@ PEER_BF16 = "peer-bf16"
 
 OURS_COMPILED = "nanotune-compiled"
 """nanotune again with its steps through torch.compile: `train.compile: true` (the blocks'
-forward and backward), `generate --compile` (the decode step)."""
+forward and backward), `generate --compile`, `serve --compile`, `rl.compile: true` (the decode
+step)."""
 
 PEER_COMPILED = "peer-compile"
 """The peer in float32 through `torch.compile(model)`, what `TrainingArguments(torch_compile=True)`

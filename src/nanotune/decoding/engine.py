@@ -460,7 +460,6 @@ class Engine:
         self._next_id = BASE + 1
         self._cache = _SlotCache(model, max_batch)
         self._decoder = CompiledDecoder(model) if compile else None
-        self.compiles = compile
         self.compiled_steps = 0  # decode steps that ran compiled
         self._prefixes = _PrefixCache(prefix_cache_mb * 2**20, model.config.sliding_window)
         # Longrope (Phi-3): the original context, past which a sequence turns by the long factors.
@@ -472,6 +471,11 @@ class Engine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.peak_running = 0  # the largest decode batch so far
+
+    @property
+    def compiles(self) -> bool:
+        """Whether decode steps run compiled (`compile=`)."""
+        return self._decoder is not None
 
     # ---- adapters -------------------------------------------------------------------------
 

@@ -102,8 +102,8 @@ def _step(
     return model.norm(x)
 
 
-def _compile_step():
-    if torch.cuda.is_available():  # CUDA graphs; a CPU step compiles without them alike
+def _compile_step(device: torch.device):
+    if device.type == "cuda":  # as CUDA graphs: one launch per step
         return torch.compile(_step, dynamic=False, mode="reduce-overhead")
     return torch.compile(_step, dynamic=False)
 
@@ -113,7 +113,7 @@ class CompiledDecoder:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self._compiled = _compile_step()
+        self._compiled = _compile_step(next(model.parameters()).device)
 
     def hidden(
         self,
